@@ -1,0 +1,121 @@
+"""Overhead of slurmctl over raw dask.distributed for a no-op (echo) job on the embedded default.
+
+    .venv/bin/python benchmarks/overhead.py --items 1000000 --batch-size 1000 --json
+
+Runs, in one process and on the same generated JSONL input:
+
+* the product: the ``slurmctl-job`` flow (partition -> process on a 2-worker LocalCluster through
+  ``DaskTaskRunner`` -> aggregate), with manifests in a local store and Prefect recording every task run;
+* the baseline: the same partitioning, the same per-batch slice reads, handler calls and Parquet writes through
+  ``client.map`` on an identical LocalCluster, and the same final merge, without Prefect or manifests.
+
+Prints one JSON object: items, seconds, items_per_s, baseline_seconds, ratio (+ a few details).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def make_input(path: Path, n: int) -> None:
+    with path.open("w") as f:
+        for start in range(0, n, 10_000):
+            f.write("".join(f'{{"id": {i}, "name": "user-{i}", "score": {i % 97}}}\n'
+                            for i in range(start, min(n, start + 10_000))))
+
+
+def baseline_batch(uri: str, spec: dict, out_dir: str) -> int:
+    """What one batch costs without Prefect or manifests: read the slice, call the handler, write Parquet."""
+    from blocks.manifest_store import LocalManifestStore
+    from handlers.echo import handle
+    from slurmctl.records import BatchSpec, read_batch
+    from tasks.process_batch import rows_to_parquet
+
+    store = LocalManifestStore(root=out_dir)
+    spec_ = BatchSpec.from_dict(spec)
+    sliced = read_batch(store.open_uri, store.read_range, uri, "jsonl", spec_, "id")
+    rows = [handle(item, None) for _, item in sliced.items]
+    store.put_bytes(f"outputs/{spec_.batch_id}.parquet", rows_to_parquet(rows))
+    return len(rows)
+
+
+def run_baseline(uri: str, batch_size: int, work: Path, workers: int) -> float:
+    from distributed import Client, LocalCluster
+
+    from blocks.manifest_store import LocalManifestStore
+    from slurmctl.records import partition
+    from tasks.merge_outputs import merge_parquet
+
+    t0 = time.perf_counter()  # cluster start-up counts on both sides: the product starts its cluster per run
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.run(lambda: sys.path.insert(0, str(ROOT)))
+        with open(uri, "rb") as f:
+            plan = partition(f, "jsonl", batch_size)
+        futures = client.map(baseline_batch, [uri] * len(plan.batches), [b.to_dict() for b in plan.batches],
+                             [str(work)] * len(plan.batches), pure=False)
+        rows = sum(client.gather(futures))
+        store = LocalManifestStore(root=str(work))
+        merge_parquet(store, [f"outputs/{b.batch_id}.parquet" for b in plan.batches], "output/data.parquet")
+        elapsed = time.perf_counter() - t0
+    assert rows == plan.records, (rows, plan.records)
+    return elapsed
+
+
+def run_product(uri: str, batch_size: int, work: Path, workers: int) -> tuple[float, dict]:
+    from flows.job import run_job
+    from slurmctl.config import parse_config
+    from slurmctl.coordinator import prefect_api_for_workers
+    from slurmctl.jobs import new_job_manifest, save_job, store_for
+
+    cfg = parse_config({"job_id": "overhead-bench", "handler": "handlers.echo:handle",
+                        "input": {"uri": uri, "format": "jsonl"}, "batch_size": batch_size,
+                        "cluster": {"kind": "local", "n_workers": workers},
+                        "storage": {"uri": f"file://{work}"}, "max_in_flight": 4 * workers})
+    store = store_for(cfg.storage)
+    save_job(store, new_job_manifest(cfg, None))
+    with prefect_api_for_workers():
+        t0 = time.perf_counter()
+        run_job(cfg.job_id, cfg.storage.model_dump())
+        elapsed = time.perf_counter() - t0
+    return elapsed, store.get_json("jobs/overhead-bench/result.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--batch-size", type=int, default=1_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="slurmctl-bench-"))
+    try:
+        uri = str(tmp / "input.jsonl")
+        make_input(Path(uri), args.items)
+        baseline = run_baseline(uri, args.batch_size, tmp / "baseline", args.workers)
+        seconds, result = run_product(uri, args.batch_size, tmp / "product", args.workers)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert result["rows"] == args.items, result
+    out = {"items": args.items, "batch_size": args.batch_size, "batches": result["batches"],
+           "workers": args.workers, "seconds": round(seconds, 2), "items_per_s": round(args.items / seconds),
+           "baseline_seconds": round(baseline, 2), "baseline_items_per_s": round(args.items / baseline),
+           "ratio": round(seconds / baseline, 2)}
+    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":  # required: LocalCluster spawns worker processes
+    main()

@@ -1,0 +1,313 @@
+"""The manifest store: where a job's manifests, batch outputs and final dataset live.
+
+Two blocks share one interface (``ManifestStore``): ``LocalManifestStore`` for the embedded default (a directory on
+this machine, or a shared filesystem on a cluster) and ``S3ManifestStore`` built on prefect-aws ``AwsCredentials``
+(whose ``aws_client_parameters.endpoint_url`` points it at a moto server in tests).
+
+Following prefect-aws, a block is a small pydantic model: boto3 clients are created lazily through
+``AwsCredentials.get_client`` (cached per process by prefect-aws) and never stored on the block, so a store pickles
+cheaply to Dask workers.
+
+Guarantees every caller relies on:
+
+* ``put_bytes`` is atomic: a reader sees the old object, or the whole new one, never a partial write.
+* ``put_bytes(..., if_absent=True)`` creates the object only if no object exists under the key, and says whether it
+  did (S3 ``If-None-Match: *``; a hard link on a filesystem). This is the primitive a commit is built on.
+* ``put_json``/``get_json`` write and verify a sha256 checksum over the canonical JSON body.
+
+Input data may live anywhere (``s3://`` or a local path) independently of where the store keeps manifests;
+``open_uri`` returns a seekable binary stream for either, reading S3 in ranged GETs so a large input is never held in
+memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+from botocore.exceptions import ClientError
+from prefect.blocks.core import Block
+from prefect_aws import AwsClientParameters, AwsCredentials
+from pydantic import Field
+
+CHECKSUM_FIELD = "checksum"
+
+
+class ManifestCorrupt(ValueError):
+    """A manifest whose checksum does not match its body (torn or hand-edited)."""
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def checksum_of(body: dict[str, Any]) -> str:
+    """sha256 over the canonical JSON of a manifest body without its checksum field."""
+    data = {k: v for k, v in body.items() if k != CHECKSUM_FIELD}
+    return "sha256:" + hashlib.sha256(canonical_json(data)).hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def default_aws_credentials() -> AwsCredentials:
+    """Credentials from the usual AWS environment, with botocore's adaptive retry mode for throttling/5xx."""
+    return AwsCredentials(aws_client_parameters=AwsClientParameters(
+        config={"retries": {"mode": "adaptive", "max_attempts": 8}}))
+
+
+class ManifestStore(Block, ABC):
+    """Base class: key/value objects under a root, JSON manifests with checksums, input streams."""
+
+    _block_schema_capabilities = ["manifest-store"]
+
+    aws_credentials: AwsCredentials = Field(
+        default_factory=default_aws_credentials,
+        description="Used for s3:// URIs (the S3 store's own bucket, and any s3:// input).")
+
+    # --- the primitives each backend implements -------------------------------------------------------------
+    @abstractmethod
+    def uri(self, key: str) -> str:
+        """The full URI of a key (what users see in status output)."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Atomically write ``data``. With ``if_absent`` write only when no object exists; return whether written."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, or None when absent."""
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """Keys under ``prefix`` (relative to the store root), in lexical order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove a key; absent keys are fine."""
+
+    # --- shared behaviour -----------------------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        return self.get_bytes(key) is not None
+
+    def put_json(self, key: str, body: dict[str, Any], *, if_absent: bool = False) -> bool:
+        body = {k: v for k, v in body.items() if k != CHECKSUM_FIELD}
+        body[CHECKSUM_FIELD] = checksum_of(body)
+        return self.put_bytes(key, json.dumps(body, sort_keys=True, indent=1, default=str).encode(),
+                              if_absent=if_absent)
+
+    def get_json(self, key: str) -> dict[str, Any] | None:
+        data = self.get_bytes(key)
+        if data is None:
+            return None
+        try:
+            body = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise ManifestCorrupt(f"{self.uri(key)}: not JSON ({exc})") from None
+        if CHECKSUM_FIELD in body and body[CHECKSUM_FIELD] != checksum_of(body):
+            raise ManifestCorrupt(f"{self.uri(key)}: checksum mismatch")
+        return body
+
+    def open_uri(self, uri: str) -> BinaryIO:
+        """A seekable binary stream over a local path, ``file://`` URI or ``s3://`` URI."""
+        if uri.startswith("s3://"):
+            bucket, _, key = uri[5:].partition("/")
+            return io.BufferedReader(_S3RangeReader(self._s3(), bucket, key), buffer_size=8 << 20)
+        return open(uri[7:] if uri.startswith("file://") else uri, "rb")
+
+    def read_range(self, uri: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of an input, in one ranged read."""
+        if end <= start:
+            return b""
+        if uri.startswith("s3://"):
+            bucket, _, key = uri[5:].partition("/")
+            resp = self._s3().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+            return resp["Body"].read()
+        with self.open_uri(uri) as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    def _s3(self) -> Any:
+        return self.aws_credentials.get_client("s3")
+
+
+class LocalManifestStore(ManifestStore):
+    """A directory on this machine (embedded default) or on a filesystem shared by all cluster nodes."""
+
+    _block_type_name = "slurmctl Local Manifest Store"
+    _block_type_slug = "slurmctl-local-manifest-store"
+
+    root: str = Field(description="Absolute directory path holding the store.")
+
+    def _path(self, key: str) -> Path:
+        return Path(self.root) / key
+
+    def uri(self, key: str) -> str:
+        return "file://" + str(self._path(key))
+
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if if_absent:
+                try:
+                    os.link(tmp, path)  # atomic create-if-absent, even between hosts on NFS
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(tmp, path)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        base = self._path(prefix)
+        directory = base if prefix.endswith("/") else base.parent
+        if not directory.is_dir():
+            return iter(())
+        root = Path(self.root)
+        found = (str(p.relative_to(root)) for p in directory.rglob("*")
+                 if p.is_file() and not p.name.startswith("."))
+        return iter(sorted(k for k in found if k.startswith(prefix)))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3ManifestStore(ManifestStore):
+    """``s3://bucket/prefix`` through prefect-aws credentials (endpoint overridable for moto or other S3s)."""
+
+    _block_type_name = "slurmctl S3 Manifest Store"
+    _block_type_slug = "slurmctl-s3-manifest-store"
+
+    bucket: str = Field(min_length=3)
+    prefix: str = Field(default="", description="Key prefix for everything this store writes.")
+
+    def _key(self, key: str) -> str:
+        p = self.prefix.strip("/")
+        return f"{p}/{key}" if p else key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        kwargs: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            self._s3().put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **kwargs)
+        except ClientError as exc:
+            if if_absent and exc.response.get("Error", {}).get("Code") in ("PreconditionFailed",
+                                                                           "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._s3().get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._s3().head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        strip = len(self._key(""))
+        pages = self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield obj["Key"][strip:]
+
+    def delete(self, key: str) -> None:
+        self._s3().delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (convenient for moto and first runs)."""
+        s3 = self._s3()
+        try:
+            s3.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            region = s3.meta.region_name
+            kwargs = ({} if region in (None, "us-east-1")
+                      else {"CreateBucketConfiguration": {"LocationConstraint": region}})
+            s3.create_bucket(Bucket=self.bucket, **kwargs)
+
+
+class _S3RangeReader(io.RawIOBase):
+    """A seekable raw stream over one S3 object; each ``readinto`` is one ranged GET (wrap in BufferedReader)."""
+
+    def __init__(self, client: Any, bucket: str, key: str):
+        self._client, self._bucket, self._key = client, bucket, key
+        self._pos = 0
+        self._size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        if self._pos >= self._size:
+            return 0
+        end = min(self._pos + len(buf), self._size)
+        data = self._client.get_object(Bucket=self._bucket, Key=self._key,
+                                       Range=f"bytes={self._pos}-{end - 1}")["Body"].read()
+        buf[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def store_from_uri(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> ManifestStore:
+    """Build the store a config's ``storage.uri`` names: ``s3://bucket/prefix`` or a local path / ``file://``."""
+    creds = default_aws_credentials()
+    if endpoint_url or region:
+        creds = AwsCredentials(region_name=region, aws_client_parameters=AwsClientParameters(
+            endpoint_url=endpoint_url, config={"retries": {"mode": "adaptive", "max_attempts": 8}}))
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[5:].partition("/")
+        return S3ManifestStore(bucket=bucket, prefix=prefix, aws_credentials=creds)
+    path = uri[7:] if uri.startswith("file://") else uri
+    return LocalManifestStore(root=str(Path(path).resolve()), aws_credentials=creds)
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex

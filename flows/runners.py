@@ -1,0 +1,51 @@
+"""The Dask task runner for a job's cluster config: a LocalCluster (embedded default) or dask-jobqueue SLURMCluster.
+
+Both go through prefect-dask's ``DaskTaskRunner`` so the process phase is the same code on a laptop and on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from prefect_dask import DaskTaskRunner
+
+from slurmctl.config import LocalClusterConfig, SlurmClusterConfig
+
+# Environment a Slurm-started worker needs to find the project, the Prefect API and AWS endpoints. sbatch exports
+# the submitting environment by default, but sites often set --export=NONE, so we state what matters.
+_FORWARDED_ENV = ("PYTHONPATH", "PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_KEY", "AWS_ACCESS_KEY_ID",
+                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+                  "SLURMCTL_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")
+
+
+def slurm_prologue(cfg: SlurmClusterConfig) -> list[str]:
+    cwd = Path.cwd()
+    pythonpath = os.pathsep.join(dict.fromkeys([str(cwd), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
+    lines = [f"cd {shlex.quote(str(cwd))}", f"export PYTHONPATH={shlex.quote(pythonpath)}"]
+    lines += [f"export {k}={shlex.quote(os.environ[k])}" for k in _FORWARDED_ENV
+              if k in os.environ and k != "PYTHONPATH"]
+    return lines + list(cfg.job_script_prologue)
+
+
+def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig) -> DaskTaskRunner:
+    if isinstance(cluster, LocalClusterConfig):
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
+            "n_workers": cluster.n_workers, "threads_per_worker": cluster.threads_per_worker,
+            "processes": cluster.processes, "dashboard_address": None})
+    kwargs = {
+        "queue": cluster.queue, "account": cluster.account, "cores": cluster.cores, "processes": cluster.processes,
+        "memory": cluster.memory, "walltime": cluster.walltime,
+        "job_extra_directives": list(cluster.job_extra_directives),
+        "job_script_prologue": slurm_prologue(cluster), "python": sys.executable,
+        "scheduler_options": {"dashboard_address": None},
+    }
+    if cluster.local_directory:
+        kwargs["local_directory"] = cluster.local_directory
+    if cluster.log_directory:
+        kwargs["log_directory"] = cluster.log_directory
+    kwargs = {k: v for k, v in kwargs.items() if v is not None} | cluster.options
+    return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs=kwargs,
+                          adapt_kwargs={"minimum_jobs": cluster.min_jobs, "maximum_jobs": cluster.max_jobs})

@@ -1,0 +1,291 @@
+"""``slurmctl``: submit a job, watch it, check its status, resume it.
+
+Exit codes: 0 the job completed; 1 it failed (or its coordinator died); 2 bad config or arguments (nothing was
+submitted); 130 you stopped watching with Ctrl-C (the job keeps running).
+
+The job's coordinator (the Prefect flow) runs in its own process, so closing the terminal or Ctrl-C while watching
+does not stop the job; ``--wait`` just follows its progress from the job manifest, exactly as ``status`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from slurmctl.config import ConfigError, JobConfig, StorageConfig, load_config
+from slurmctl.handler import HandlerError, load_handler
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DETACHED = 0, 1, 2, 130
+
+
+def home() -> Path:
+    """Local pointers (job -> store) and coordinator logs; never job state (that is in the manifests)."""
+    return Path(os.environ.get("SLURMCTL_HOME", Path.home() / ".slurmctl"))
+
+
+def _err(msg: str) -> None:
+    print(f"slurmctl: {msg}", file=sys.stderr)
+
+
+# --- finding a job's store ---------------------------------------------------------------------------------------
+def remember(job_id: str, storage: StorageConfig) -> None:
+    path = home() / "jobs" / f"{job_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"job_id": job_id, "storage": storage.model_dump()}))
+
+
+def storage_for_job(job_id: str, args: argparse.Namespace) -> StorageConfig:
+    """--storage wins; then the pointer submit left on this machine; then $SLURMCTL_STORAGE; then ./.slurmctl."""
+    if getattr(args, "storage", None):
+        return StorageConfig(uri=args.storage, endpoint_url=args.endpoint_url, region=args.region)
+    pointer = home() / "jobs" / f"{job_id}.json"
+    if pointer.exists():
+        return StorageConfig.model_validate(json.loads(pointer.read_text())["storage"])
+    uri = os.environ.get("SLURMCTL_STORAGE", "file://" + str(Path(".slurmctl").resolve()))
+    return StorageConfig(uri=uri, endpoint_url=os.environ.get("SLURMCTL_ENDPOINT_URL"))
+
+
+# --- checks before anything is submitted ------------------------------------------------------------------------
+def preflight(cfg: JobConfig) -> list[tuple[str, str]]:
+    """Everything that can be known wrong before submitting, as (field, message) pairs."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from slurmctl.jobs import store_for
+
+    problems: list[tuple[str, str]] = []
+    try:
+        load_handler(cfg.handler)
+    except HandlerError as exc:
+        problems.append(("handler", str(exc)))
+    store = store_for(cfg.storage)
+    uri = cfg.input.uri
+    try:
+        if uri.startswith("s3://"):
+            bucket, _, key = uri[5:].partition("/")
+            store._s3().head_object(Bucket=bucket, Key=key)
+        elif not Path(uri).is_file():
+            problems.append(("input.uri", f"no such file: {uri}"))
+    except (ClientError, BotoCoreError) as exc:
+        problems.append(("input.uri", f"cannot read {uri}: {exc}"))
+    if cfg.storage.uri.startswith("s3://"):
+        try:
+            store._s3().head_bucket(Bucket=store.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            problems.append(("storage.uri", f"bucket {store.bucket!r} is not reachable: {exc}"))
+    return problems
+
+
+# --- running and watching the coordinator ---------------------------------------------------------------------
+def spawn_coordinator(job_id: str, storage: StorageConfig) -> tuple[subprocess.Popen, Path]:
+    log = home() / "logs" / f"{job_id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *filter(None, env.get("PYTHONPATH", "").split(
+        os.pathsep))]))
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slurmctl.coordinator", job_id, "--storage-json", storage.model_dump_json()],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    return proc, log
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def progress_line(view: dict[str, Any], started: float, first_done: int) -> str:
+    done, total = view["batches_done"], view["batches_total"]
+    items = view["items_succeeded"] + view["items_failed"] + view["items_rejected"]
+    elapsed = max(time.monotonic() - started, 1e-6)
+    rate = items / elapsed if items else 0.0
+    pct = 100.0 * done / total if total else 0.0
+    width = 24
+    bar = "#" * int(width * pct / 100) + "-" * (width - int(width * pct / 100))
+    eta = ""
+    batch_rate = (done - first_done) / elapsed
+    if total and done < total and batch_rate > 0:
+        eta = f" ETA {_fmt_duration((total - done) / batch_rate)}"
+    return (f"[{bar}] {pct:5.1f}% {view['phase']:<9} batches {done}/{total} failed {view['batches_failed']} "
+            f"items ok {view['items_succeeded']} failed {view['items_failed']} rejected {view['items_rejected']} "
+            f"{rate:,.0f} items/s{eta}")
+
+
+def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, log: Path | None) -> int:
+    """Follow a job from its manifest until it ends; return the exit code for its final status."""
+    from slurmctl.jobs import load_job, store_for
+    from slurmctl.manifests import TERMINAL_STATUSES, status_view
+
+    store = store_for(storage)
+    tty = sys.stderr.isatty()
+    started, first_done, last_print, view = time.monotonic(), None, 0.0, None
+    try:
+        while True:
+            job = load_job(store, job_id)
+            view = status_view(job.model_dump(mode="json"))
+            if first_done is None:
+                first_done = view["batches_done"]
+            if view["status"] in TERMINAL_STATUSES:
+                break
+            if proc is not None and proc.poll() is not None:
+                job = load_job(store, job_id)  # it may have finished between our two reads
+                view = status_view(job.model_dump(mode="json"))
+                if view["status"] not in TERMINAL_STATUSES:
+                    print(file=sys.stderr)
+                    _err(f"the coordinator exited (code {proc.returncode}) before the job finished; "
+                         f"see {log}; `slurmctl resume {job_id}` continues it")
+                    return EXIT_FAILED
+                break
+            line = progress_line(view, started, first_done)
+            if tty:
+                print("\r" + line[:160], end="", file=sys.stderr, flush=True)
+            elif time.monotonic() - last_print >= 10:
+                print(line, file=sys.stderr, flush=True)
+                last_print = time.monotonic()
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        _err(f"stopped watching; job {job_id} keeps running. `slurmctl status {job_id}` shows where it is")
+        return EXIT_DETACHED
+    print(("\r" if tty else "") + progress_line(view, started, first_done or 0)[:160], file=sys.stderr)
+    if proc is not None:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    if view["status"] == "completed":
+        print(f"job {job_id} completed: {view['items_succeeded']} items ok, {view['items_failed']} failed, "
+              f"{view['items_rejected']} rejected; output {view['output']}", file=sys.stderr)
+        return EXIT_OK
+    _err(f"job {job_id} {view['status']}: {view['error']}" + (f" (log: {log})" if log else ""))
+    return EXIT_FAILED
+
+
+# --- commands -----------------------------------------------------------------------------------------------------
+def cmd_submit(args: argparse.Namespace) -> int:
+    from slurmctl.jobs import new_job_manifest, save_job, store_for
+    from slurmctl.manifests import Keys
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    if args.job_id:
+        try:
+            cfg = JobConfig.model_validate({**cfg.model_dump(mode="json"), "job_id": args.job_id})
+        except Exception:
+            _err("--job-id: must match [a-z0-9][a-z0-9-]{0,62}")
+            return EXIT_USAGE
+    problems = preflight(cfg)
+    store = store_for(cfg.storage)
+    existing = None if problems else store.get_json(Keys(cfg.job_id).job)
+    if existing:
+        problems.append(("job_id", f"job {cfg.job_id!r} already exists in {store.uri('jobs/')} (status "
+                                   f"{existing.get('status')}); `slurmctl resume {cfg.job_id}` continues it, or "
+                                   f"choose another job_id"))
+    if problems:
+        _err(f"{args.config}: cannot submit\n" + "\n".join(f"  {f}: {m}" for f, m in problems))
+        return EXIT_USAGE
+    save_job(store, new_job_manifest(cfg, str(Path(args.config).resolve())))
+    remember(cfg.job_id, cfg.storage)
+    proc, log = spawn_coordinator(cfg.job_id, cfg.storage)
+    print(cfg.job_id)
+    print(f"submitted {cfg.job_id} (store {store.uri(Keys(cfg.job_id).root)}, log {log})", file=sys.stderr)
+    if not args.wait:
+        print(f"follow it with `slurmctl status {cfg.job_id}`", file=sys.stderr)
+        return EXIT_OK
+    return watch(cfg.job_id, cfg.storage, proc, log)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from slurmctl.jobs import JobNotFound, load_job, store_for
+
+    storage = storage_for_job(args.job_id, args)
+    try:
+        job = load_job(store_for(storage), args.job_id)
+    except JobNotFound as exc:
+        _err(f"{exc}; pass --storage URI if the job lives elsewhere")
+        return EXIT_USAGE
+    if job.status == "completed" and not args.force:
+        print(f"job {args.job_id} already completed; output {job.output}", file=sys.stderr)
+        return EXIT_OK
+    remember(args.job_id, storage)
+    proc, log = spawn_coordinator(args.job_id, storage)
+    print(f"resuming {args.job_id} (log {log})", file=sys.stderr)
+    return watch(args.job_id, storage, proc, log) if args.wait else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from flows.process import recount
+    from slurmctl.jobs import JobNotFound, load_job, store_for
+    from slurmctl.manifests import status_view
+
+    storage = storage_for_job(args.job_id, args)
+    store = store_for(storage)
+    try:
+        job = load_job(store, args.job_id)
+    except JobNotFound as exc:
+        _err(f"{exc}; pass --storage URI if the job lives elsewhere")
+        return EXIT_USAGE
+    if args.scan:
+        job.counts = recount(store, args.job_id, job.counts.batches_total, job.counts.items_total)
+    view = status_view(job.model_dump(mode="json"))
+    if args.json:
+        print(json.dumps(view))
+        return EXIT_OK
+    width = max(len(k) for k in view)
+    for k, v in view.items():
+        if v is not None:
+            print(f"{k:<{width}}  {v}")
+    if view["stale"]:
+        print(f"\nno heartbeat for a while: the coordinator may have died; `slurmctl resume {args.job_id}`")
+    return EXIT_OK
+
+
+def _storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", help="store URI (file://… or s3://bucket/prefix) if not the one submit recorded")
+    p.add_argument("--endpoint-url", help="S3 endpoint for --storage (e.g. a moto server)")
+    p.add_argument("--region", help="AWS region for --storage")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slurmctl", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("submit", help="validate a job config and start the job")
+    p.add_argument("config", help="path to the job's YAML config")
+    p.add_argument("--wait", action="store_true", help="follow progress until the job ends; exit 0 if it completed")
+    p.add_argument("--job-id", help="override the config's job_id")
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("status", help="a job's status, from its manifests")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--scan", action="store_true", help="recount from the task manifests instead of the job's counters")
+    _storage_args(p)
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("resume", help="make a stopped or failed job go again; committed batches are not re-run")
+    p.add_argument("job_id")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--force", action="store_true", help="run even if the job completed (re-aggregates)")
+    _storage_args(p)
+    p.set_defaults(func=cmd_resume)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse exits 2 on bad arguments
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Job configuration: the YAML a user writes, validated before anything is submitted.
+
+Every model forbids unknown keys, so a typo (``batchsize:``) is an error that names the field rather than a
+setting silently ignored. ``load_config`` turns pydantic's errors into ``ConfigError`` whose message lists each
+bad field by its dotted path (``cluster.max_jobs: must be >= cluster.min_jobs``), which the CLI prints before
+exiting 2.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+FORMATS = ("jsonl", "csv", "parquet")
+_SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet",
+                   ".pq": "parquet"}
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run. ``errors`` is a list of ``(field_path, message)``."""
+
+    def __init__(self, errors: list[tuple[str, str]], source: str | None = None):
+        self.errors = errors
+        self.source = source
+        where = f"{source}: " if source else ""
+        lines = "\n".join(f"  {path}: {msg}" for path, msg in errors)
+        super().__init__(f"{where}invalid job config\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(_Strict):
+    """Where the items come from. ``format`` is inferred from the suffix when absent."""
+
+    uri: str = Field(min_length=1)
+    format: Literal["jsonl", "csv", "parquet"] | None = None
+    id_field: str = Field(default="id", min_length=1)
+
+    @model_validator(mode="after")
+    def _infer_format(self) -> "InputConfig":
+        if self.format is None:
+            suffix = Path(self.uri.split("?", 1)[0]).suffix.lower()
+            fmt = _SUFFIX_FORMATS.get(suffix)
+            if fmt is None:
+                raise ValueError(f"cannot infer format from suffix {suffix!r}; set input.format to one of "
+                                 f"{', '.join(FORMATS)}")
+            self.format = fmt
+        return self
+
+
+class LocalClusterConfig(_Strict):
+    """The embedded default: a dask ``LocalCluster`` on this machine."""
+
+    kind: Literal["local"] = "local"
+    n_workers: int = Field(default=2, gt=0)
+    threads_per_worker: int = Field(default=1, gt=0)
+    processes: bool = True
+
+
+class SlurmClusterConfig(_Strict):
+    """Options for dask-jobqueue's ``SLURMCluster``; each Slurm job runs ``processes`` Dask workers."""
+
+    kind: Literal["slurm"]
+    queue: str | None = None
+    account: str | None = None
+    cores: int = Field(default=1, gt=0)
+    processes: int = Field(default=1, gt=0)
+    memory: str = "1GB"
+    walltime: str = "01:00:00"
+    job_extra_directives: list[str] = Field(default_factory=list)
+    job_script_prologue: list[str] = Field(default_factory=list)
+    min_jobs: int = Field(default=1, ge=0)
+    max_jobs: int = Field(default=4, gt=0)
+    local_directory: str | None = None
+    log_directory: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="Other SLURMCluster keyword arguments, passed through unchanged.")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|[KMGT])?", v.strip(), flags=re.I):
+            raise ValueError("must look like '1GB', '512MB' or '4GiB'")
+        return v
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, v: str) -> str:
+        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}(:\d{2})?", v):
+            raise ValueError("must be HH:MM:SS or D-HH:MM:SS")
+        return v
+
+    @model_validator(mode="after")
+    def _jobs(self) -> "SlurmClusterConfig":
+        if self.max_jobs < self.min_jobs:
+            raise ValueError("max_jobs must be >= min_jobs")
+        return self
+
+
+ClusterConfig = Annotated[Union[LocalClusterConfig, SlurmClusterConfig], Field(discriminator="kind")]
+
+
+class StorageConfig(_Strict):
+    """Where manifests and outputs live: ``file://`` path (or plain path) or ``s3://bucket/prefix``.
+
+    ``endpoint_url``/``region`` reach S3-compatible endpoints (the moto server in tests); credentials come from
+    the usual AWS environment, like any prefect-aws ``AwsCredentials``.
+    """
+
+    uri: str = Field(default="file://./.slurmctl", min_length=1)
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("file://", "s3://")):
+            raise ValueError("must be a file:// or s3:// URI, or a local path")
+        if v.startswith("s3://") and len(v[5:].split("/", 1)[0]) < 3:
+            raise ValueError("s3 bucket name must have at least 3 characters")
+        return v
+
+
+class JobConfig(_Strict):
+    """One job: which handler runs over which items, in what batches, on which cluster, stored where."""
+
+    job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN)
+    name: str = Field(default="job", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
+    handler: str
+    input: InputConfig
+    batch_size: int = Field(default=100, gt=0)
+    cluster: ClusterConfig = Field(default_factory=LocalClusterConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    max_in_flight: int = Field(default=64, gt=0, description="Batch tasks submitted but not finished, at most.")
+    batch_retries: int = Field(default=2, ge=0, description="Prefect task retries for a whole batch (infra faults).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Free-form values handed to the handler as ctx.params.")
+
+    @field_validator("handler")
+    @classmethod
+    def _handler(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            raise ValueError("must be 'module:function', e.g. handlers.echo:handle")
+        return v
+
+    @model_validator(mode="after")
+    def _default_job_id(self) -> "JobConfig":
+        if self.job_id is None:
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+            self.job_id = f"{self.name}-{stamp}"
+        return self
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    # Drop the discriminator tag pydantic inserts for tagged unions (cluster.slurm.max_jobs -> cluster.max_jobs).
+    parts = [str(p) for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "cluster" and p in ("local", "slurm"))]
+    return ".".join(parts) or "(root)"
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind, msg, ctx = err["type"], err["msg"], err.get("ctx") or {}
+    if kind == "greater_than":
+        return f"must be > {ctx.get('gt')}"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx.get('ge')}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx.get('pattern')}"
+    if kind == "union_tag_invalid":
+        return f"must be one of {ctx.get('expected_tags')}"
+    return msg.removeprefix("Value error, ")
+
+
+def parse_config(data: Any, source: str | None = None) -> JobConfig:
+    """Validate a config mapping; raise ``ConfigError`` listing every bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError([("(root)", "must be a mapping of keys to values")], source)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([(_field_path(e["loc"]), _message(e)) for e in exc.errors()], source) from None
+
+
+def load_config(path: str | Path) -> JobConfig:
+    """Read and validate a YAML job config. Relative local paths resolve against the config's directory."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([("(file)", f"no such file: {path}")], str(path)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([("(file)", f"not valid YAML: {exc}")], str(path)) from None
+    cfg = parse_config(data, str(path))
+    return resolve_paths(cfg, path.resolve().parent)
+
+
+def resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:
+    """Make local input and storage paths absolute, so workers started elsewhere (Slurm) find them."""
+    def absolute(p: str) -> str:
+        return p if Path(p).is_absolute() else str((base / p).resolve())
+
+    if "://" not in cfg.input.uri:
+        cfg.input.uri = absolute(cfg.input.uri)
+    elif cfg.input.uri.startswith("file://"):
+        cfg.input.uri = absolute(cfg.input.uri[len("file://"):])
+    s = cfg.storage.uri
+    if not s.startswith("s3://"):
+        cfg.storage.uri = "file://" + absolute(s[len("file://"):] if s.startswith("file://") else s)
+    return cfg

@@ -1,0 +1,87 @@
+"""Loading a user's handler and the ``ctx`` it receives.
+
+A handler is plain Python: ``def handle(item: dict, ctx) -> dict | list[dict] | None``. It knows nothing of Prefect,
+Dask or AWS, so a user unit-tests it with ``BatchContext(job_id="t", batch_id="b")``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+Handler = Callable[[dict[str, Any], "BatchContext"], Any]
+
+
+class HandlerError(ValueError):
+    """The handler spec cannot be turned into a callable; the message says what to fix."""
+
+
+def ensure_import_path(paths: list[str] | None = None) -> None:
+    """Put the working directory (and any extra paths) on ``sys.path`` so ``handlers.x`` imports as documented."""
+    for p in [str(Path.cwd()), *(paths or [])]:
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+def load_handler(spec: str) -> Handler:
+    """Import ``module:function`` and check it can take ``(item, ctx)``."""
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise HandlerError(f"handler {spec!r}: must be 'module:function', e.g. handlers.echo:handle")
+    ensure_import_path()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise HandlerError(f"handler {spec!r}: cannot import module {module_name!r} ({exc}); run from the "
+                           f"directory that contains it or add it to PYTHONPATH") from None
+    except Exception as exc:  # the module itself is broken: show why
+        raise HandlerError(f"handler {spec!r}: importing {module_name!r} raised "
+                           f"{type(exc).__name__}: {exc}") from None
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise HandlerError(f"handler {spec!r}: module {module_name!r} has no attribute {func_name!r}")
+    if not callable(func):
+        raise HandlerError(f"handler {spec!r}: {func_name!r} is not callable")
+    try:
+        inspect.signature(func).bind(None, None)
+    except TypeError:
+        raise HandlerError(f"handler {spec!r}: must accept two arguments (item, ctx)") from None
+    except ValueError:
+        pass  # builtins without signatures: trust them
+    return func
+
+
+class BatchContext:
+    """What a handler sees besides the item: identity, a logger, counters, free-form params."""
+
+    def __init__(self, job_id: str, batch_id: str, *, params: dict[str, Any] | None = None,
+                 logger: logging.Logger | logging.LoggerAdapter | None = None):
+        self.job_id = job_id
+        self.batch_id = batch_id
+        self.params = dict(params or {})
+        self.logger = logger or logging.getLogger(f"slurmctl.handler.{job_id}")
+        self.metrics: Counter[str] = Counter()
+
+    def count(self, name: str, n: float = 1) -> None:
+        """Add ``n`` to the counter ``name``; counters land in the batch's task manifest ``metrics``."""
+        self.metrics[name] += n
+
+
+def normalise_output(result: Any, item: dict[str, Any], id_field: str) -> list[dict[str, Any]]:
+    """A handler's return value as output rows, each carrying the input's id."""
+    if result is None:
+        return []
+    rows = [result] if isinstance(result, dict) else list(result)
+    out = []
+    for row in rows:
+        if not isinstance(row, dict):
+            raise TypeError(f"handler must return a dict, a list of dicts or None, got {type(row).__name__}")
+        if id_field not in row:
+            row = {id_field: item[id_field], **row}
+        out.append(row)
+    return out

@@ -1,0 +1,45 @@
+"""Reading and updating one job's manifest in its store; building the store a config names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blocks.manifest_store import ManifestStore, store_from_uri
+from slurmctl.config import JobConfig, StorageConfig
+from slurmctl.manifests import JobManifest, Keys, now
+
+
+def store_for(storage: StorageConfig | dict[str, Any]) -> ManifestStore:
+    s = storage if isinstance(storage, StorageConfig) else StorageConfig.model_validate(storage)
+    return store_from_uri(s.uri, endpoint_url=s.endpoint_url, region=s.region)
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+def load_job(store: ManifestStore, job_id: str) -> JobManifest:
+    body = store.get_json(Keys(job_id).job)
+    if body is None:
+        raise JobNotFound(f"no job {job_id!r} in {store.uri('jobs/')}")
+    return JobManifest.model_validate(body)
+
+
+def save_job(store: ManifestStore, job: JobManifest) -> None:
+    job.updated_at = now()
+    store.put_json(Keys(job.job_id).job, job.model_dump(mode="json"))
+
+
+def update_job(store: ManifestStore, job_id: str, **changes: Any) -> JobManifest:
+    """Read-modify-write of the job manifest. Only the coordinator writes it, so no lost updates."""
+    job = load_job(store, job_id)
+    for k, v in changes.items():
+        setattr(job, k, v)
+    save_job(store, job)
+    return job
+
+
+def new_job_manifest(cfg: JobConfig, config_file: str | None) -> JobManifest:
+    return JobManifest(job_id=cfg.job_id, handler=cfg.handler, input=cfg.input.model_dump(),
+                       batch_size=cfg.batch_size, cluster=cfg.cluster.model_dump(), storage=cfg.storage.uri,
+                       config=cfg.model_dump(mode="json"), config_file=config_file)

@@ -1,0 +1,228 @@
+"""Manifests: the source of truth for what a job is, what each batch did, and what the job produced.
+
+All manifests are JSON with ``schema_version`` and a ``checksum`` (added by ``ManifestStore.put_json``). Layout of a
+job under the store root::
+
+    jobs/<job_id>/job.json                 JobManifest: config, phase, status, counters, heartbeat
+    jobs/<job_id>/plan.jsonl               one BatchSpec per line (written once by partition)
+    jobs/<job_id>/tasks/<batch_id>.json    TaskManifest of the committed attempt: written create-if-absent, it *is*
+                                           the batch's commit (exactly one attempt wins)
+    jobs/<job_id>/tasks/<batch_id>.failed.json  the last failure of a batch that has not committed
+    jobs/<job_id>/outputs/<batch_id>.<attempt>.parquet  an attempt's rows (only the committed one is ever read)
+    jobs/<job_id>/rejects/<batch_id>.<attempt>.jsonl malformed records of that batch (line, reason, raw)
+    jobs/<job_id>/failures/<batch_id>.<attempt>.jsonl items whose handler raised (id, line, class, message)
+    jobs/<job_id>/output/data.parquet      the final dataset
+    jobs/<job_id>/rejects.jsonl            all rejects, merged by aggregate
+    jobs/<job_id>/result.json              ResultManifest: final outputs, row counts, sha256
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import socket
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+Phase = Literal["submitted", "partition", "process", "aggregate", "done"]
+BatchStatus = Literal["succeeded", "failed"]
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+STALE_AFTER_S = 120  # a running job whose heartbeat is older than this is reported as stale
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(s: str) -> _dt.datetime:
+    return _dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+class Keys:
+    """Where each manifest and file of one job lives in the store."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self.root = f"jobs/{job_id}/"
+
+    @property
+    def job(self) -> str:
+        return self.root + "job.json"
+
+    @property
+    def plan(self) -> str:
+        return self.root + "plan.jsonl"
+
+    @property
+    def tasks_prefix(self) -> str:
+        return self.root + "tasks/"
+
+    def task(self, batch_id: str) -> str:
+        return f"{self.root}tasks/{batch_id}.json"
+
+    def failed_task(self, batch_id: str) -> str:
+        return f"{self.root}tasks/{batch_id}.failed.json"
+
+    @staticmethod
+    def committed_batch(key: str) -> str | None:
+        """The batch id a key under tasks/ commits, or None for failure records."""
+        name = key.rsplit("/", 1)[-1]
+        return None if name.endswith(".failed.json") or not name.endswith(".json") else name[: -len(".json")]
+
+    def batch_output(self, batch_id: str, attempt: str) -> str:
+        return f"{self.root}outputs/{batch_id}.{attempt}.parquet"
+
+    def batch_rejects(self, batch_id: str, attempt: str) -> str:
+        return f"{self.root}rejects/{batch_id}.{attempt}.jsonl"
+
+    def batch_failures(self, batch_id: str, attempt: str) -> str:
+        return f"{self.root}failures/{batch_id}.{attempt}.jsonl"
+
+    @property
+    def output(self) -> str:
+        return self.root + "output/data.parquet"
+
+    @property
+    def rejects(self) -> str:
+        return self.root + "rejects.jsonl"
+
+    @property
+    def failures(self) -> str:
+        return self.root + "failures.jsonl"
+
+    @property
+    def result(self) -> str:
+        return self.root + "result.json"
+
+
+class _Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    schema_version: int = SCHEMA_VERSION
+
+
+class Counts(BaseModel):
+    """Item and batch counters; the job manifest carries the coordinator's running totals."""
+
+    batches_total: int = 0
+    batches_done: int = 0
+    batches_failed: int = 0
+    items_total: int = 0
+    items_succeeded: int = 0
+    items_failed: int = 0
+    items_rejected: int = 0
+    rows_written: int = 0
+
+
+class JobManifest(_Manifest):
+    kind: Literal["job"] = "job"
+    job_id: str
+    handler: str
+    input: dict[str, Any]
+    batch_size: int
+    cluster: dict[str, Any]
+    storage: str
+    config: dict[str, Any] = Field(description="The validated config, so resume needs nothing else.")
+    config_file: str | None = None
+    status: JobStatus = "pending"
+    phase: Phase = "submitted"
+    counts: Counts = Field(default_factory=Counts)
+    submitted_at: str = Field(default_factory=now)
+    started_at: str | None = None
+    updated_at: str = Field(default_factory=now)
+    finished_at: str | None = None
+    error: str | None = None
+    coordinator_host: str = Field(default_factory=socket.gethostname)
+    flow_run_id: str | None = None
+    output: str | None = None
+
+
+class TaskManifest(_Manifest):
+    kind: Literal["task"] = "task"
+    job_id: str
+    batch_id: str
+    task_id: str
+    phase: str = "process"
+    group: str = "initial_batch"
+    status: BatchStatus
+    input_digest: str | None = None
+    started_at: str
+    finished_at: str
+    items: int = 0
+    items_succeeded: int = 0
+    items_failed: int = 0
+    items_rejected: int = 0
+    rows_written: int = 0
+    output: str | None = None
+    output_sha256: str | None = None
+    rejects: str | None = None
+    failures: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    error: str | None = None
+    attempt: str | None = None
+    host: str = Field(default_factory=socket.gethostname)
+    slurm_job_id: str | None = None
+    flow_run_id: str | None = None
+    task_run_id: str | None = None
+
+
+class OutputFile(BaseModel):
+    uri: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+class ResultManifest(_Manifest):
+    kind: Literal["result"] = "result"
+    job_id: str
+    outputs: list[OutputFile]
+    rejects: OutputFile | None = None
+    failures: OutputFile | None = None
+    rows: int
+    items_succeeded: int
+    items_failed: int
+    items_rejected: int
+    batches: int
+    created_at: str = Field(default_factory=now)
+
+
+def status_view(job: dict[str, Any], *, stale_after_s: int = STALE_AFTER_S) -> dict[str, Any]:
+    """The flat JSON object ``slurmctl status --json`` prints, from a job manifest body."""
+    counts = job.get("counts", {})
+    view = {
+        "job_id": job["job_id"],
+        "status": job["status"],
+        "phase": job["phase"],
+        **{k: counts.get(k, 0) for k in Counts.model_fields},
+        "output": job.get("output"),
+        "submitted_at": job.get("submitted_at"),
+        "started_at": job.get("started_at"),
+        "updated_at": job.get("updated_at"),
+        "finished_at": job.get("finished_at"),
+        "error": job.get("error"),
+        "flow_run_id": job.get("flow_run_id"),
+    }
+    stale = False
+    if job["status"] not in TERMINAL_STATUSES and job.get("updated_at"):
+        age = (_dt.datetime.now(_dt.timezone.utc) - parse_time(job["updated_at"])).total_seconds()
+        stale = age > stale_after_s
+    view["stale"] = stale
+    return view
+
+
+def counts_from_tasks(tasks: list[dict[str, Any]], batches_total: int, items_total: int) -> Counts:
+    """Recount from task manifests alone (``slurmctl status --scan``, and resume)."""
+    c = Counts(batches_total=batches_total, items_total=items_total)
+    for t in tasks:
+        if t["status"] == "succeeded":
+            c.batches_done += 1
+            c.items_succeeded += t.get("items_succeeded", 0)
+            c.items_failed += t.get("items_failed", 0)
+            c.items_rejected += t.get("items_rejected", 0)
+            c.rows_written += t.get("rows_written", 0)
+        else:
+            c.batches_failed += 1
+    return c

@@ -1,0 +1,81 @@
+"""Merge committed batch outputs into the job's final Parquet dataset, streaming one part at a time.
+
+This is the plain merge of the walking skeleton; the hierarchical, restartable version replaces it in a later
+phase. Only parts named by committed task manifests are read, so orphaned attempts (a zombie's output) never leak
+into the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NONE
+
+from blocks.manifest_store import ManifestStore
+from slurmctl.manifests import Keys, OutputFile
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def unify(schemas: list[pa.Schema]) -> pa.Schema:
+    """One schema for all parts: union of columns, null-typed columns promoted to their typed counterparts."""
+    return pa.unify_schemas(schemas, promote_options="permissive")
+
+
+def merge_parquet(store: ManifestStore, part_keys: list[str], out_key: str) -> OutputFile:
+    """Concatenate parts (in the given order) into ``out_key``; memory holds one part at a time."""
+    parts = [(k, store.get_bytes(k)) for k in part_keys]
+    schemas = [pq.read_schema(io.BytesIO(data)) for _, data in parts if data is not None]
+    schema = unify(schemas) if schemas else pa.schema([])
+    rows = 0
+    fd, tmp = tempfile.mkstemp(suffix=".parquet")
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for key, data in parts:
+                if data is None:
+                    raise FileNotFoundError(f"committed output {store.uri(key)} is missing")
+                table = pq.read_table(io.BytesIO(data))
+                table = pa.table({f.name: (table[f.name].cast(f.type) if f.name in table.column_names
+                                           else pa.nulls(len(table), f.type)) for f in schema}, schema=schema)
+                writer.write_table(table)
+                rows += len(table)
+        size, digest = os.path.getsize(tmp), _file_digest(tmp)
+        with open(tmp, "rb") as f:
+            store.put_bytes(out_key, f.read())
+    finally:
+        os.unlink(tmp)
+    return OutputFile(uri=store.uri(out_key), rows=rows, bytes=size, sha256=digest)
+
+
+def concat_jsonl(store: ManifestStore, keys: list[str], out_key: str) -> OutputFile | None:
+    if not keys:
+        return None
+    data = b"".join(store.get_bytes(k) or b"" for k in keys)
+    store.put_bytes(out_key, data)
+    return OutputFile(uri=store.uri(out_key), rows=data.count(b"\n"), bytes=len(data),
+                      sha256="sha256:" + hashlib.sha256(data).hexdigest())
+
+
+@task(name="merge-outputs", cache_policy=NONE, persist_result=False, retries=2, retry_delay_seconds=5)
+def merge_outputs(store: ManifestStore, job_id: str, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = Keys(job_id)
+    tasks = sorted(tasks, key=lambda t: t["batch_id"])
+    output = merge_parquet(store, [t["output"] for t in tasks if t.get("output")], keys.output)
+    rejects = concat_jsonl(store, [t["rejects"] for t in tasks if t.get("rejects")], keys.rejects)
+    failures = concat_jsonl(store, [t["failures"] for t in tasks if t.get("failures")], keys.failures)
+    return {"output": output.model_dump(), "rejects": rejects and rejects.model_dump(),
+            "failures": failures and failures.model_dump()}

@@ -1,0 +1,121 @@
+"""The embedded default end to end: a real `slurmctl submit --wait` on a LocalCluster with a real Prefect server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_cli, write_config, write_jsonl
+
+pytestmark = pytest.mark.integration
+
+
+def task_runs_of(api_url: str, flow_run_ids: set[str]) -> list:
+    """Task runs recorded in the Prefect database for the given flow runs, read through the Prefect client."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read() -> list:
+        async with get_client() as client:
+            runs, offset = [], 0
+            while True:
+                page = await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids))),
+                    offset=offset, limit=200)
+                runs += page
+                offset += len(page)
+                if len(page) < 200:
+                    return runs
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return asyncio.run(read())
+
+
+def status_json(job_id: str, *extra: str) -> dict:
+    result = run_cli("status", job_id, "--json", *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_echo_job_end_to_end(tmp_path: Path, prefect_api: str, slurmctl_home: Path):
+    records = [{"id": i, "name": f"u{i}"} for i in range(1, 1001)]
+    records.insert(500, "{oops")  # line 501
+    records.insert(800, {"name": "anonymous"})  # line 801
+    write_jsonl(tmp_path / "users.jsonl", records)
+    cfg = write_config(tmp_path / "job.yaml", job_id="echo-e2e", handler="handlers.echo:handle",
+                       input={"uri": "users.jsonl", "id_field": "id"}, batch_size=100,
+                       cluster={"kind": "local", "n_workers": 2}, storage={"uri": "file://./state"})
+    result = run_cli("submit", str(cfg), "--wait")
+    assert result.returncode == 0, result.stderr + (slurmctl_home / "logs" / "echo-e2e.log").read_text()[-5000:]
+
+    view = status_json("echo-e2e")
+    assert view["status"] == "completed" and view["phase"] == "done"
+    assert view["batches_total"] == view["batches_done"] == 11 and view["batches_failed"] == 0
+    assert (view["items_total"], view["items_succeeded"], view["items_failed"], view["items_rejected"]) == (
+        1002, 1000, 0, 2)
+    assert view["output"].startswith("file://") and view["started_at"] and view["updated_at"]
+
+    # The output holds every good input id exactly once, with the id column preserved.
+    table = pq.read_table(view["output"][len("file://"):])
+    assert sorted(table.column("id").to_pylist()) == list(range(1, 1001))
+    assert set(table.column_names) == {"id", "name"}
+
+    store = tmp_path / "state" / "jobs" / "echo-e2e"
+    rejects = [json.loads(line) for line in (store / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"].split(":")[0]) for r in rejects] == [(501, "invalid JSON"),
+                                                                        (801, "missing id field 'id'")]
+    result_manifest = json.loads((store / "result.json").read_text())
+    assert result_manifest["rows"] == 1000 and result_manifest["outputs"][0]["sha256"].startswith("sha256:")
+
+    # The same counts come from a scan of the task manifests alone.
+    scanned = status_json("echo-e2e", "--scan")
+    assert {k: scanned[k] for k in ("batches_done", "items_succeeded", "items_rejected")} == {
+        "batches_done": 11, "items_succeeded": 1000, "items_rejected": 2}
+
+    # Every batch task run is recorded, Completed, in the Prefect database the run used.
+    tasks = [json.loads(p.read_text()) for p in sorted((store / "tasks").glob("batch-*.json"))]
+    assert len(tasks) == 11 and all(t["status"] == "succeeded" and t["slurm_job_id"] is None for t in tasks)
+    runs = task_runs_of(prefect_api, {t["flow_run_id"] for t in tasks})
+    batch_runs = {r.name: r for r in runs if r.name.startswith("batch-")}
+    assert sorted(batch_runs) == sorted(t["batch_id"] for t in tasks)
+    assert all(r.state.is_completed() for r in batch_runs.values())
+    assert {str(r.id) for r in batch_runs.values()} == {t["task_run_id"] for t in tasks}
+
+    # Submitting the same job id again is refused; resume of a completed job is a no-op.
+    again = run_cli("submit", str(cfg))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert run_cli("resume", "echo-e2e", "--wait").returncode == 0
+
+
+def test_http_handler_job_counts_api_requests_and_records_failures(tmp_path: Path, prefect_api: str,
+                                                                   slurmctl_home: Path, item_api):
+    url, api = item_api
+    write_jsonl(tmp_path / "items.jsonl", [{"id": i} for i in range(-2, 40)])  # ids -2, -1 get 404s
+    cfg = write_config(tmp_path / "job.yaml", job_id="http-e2e", handler="handlers.http_json:handle",
+                       input={"uri": "items.jsonl"}, batch_size=10, storage={"uri": "state"},
+                       params={"base_url": url})
+    result = run_cli("submit", str(cfg), "--wait")
+    assert result.returncode == 0, result.stderr
+    view = status_json("http-e2e")
+    assert (view["items_total"], view["items_succeeded"], view["items_failed"]) == (42, 40, 2)
+    assert api.requests == 42
+
+    store = tmp_path / "state" / "jobs" / "http-e2e"
+    table = pq.read_table(view["output"][len("file://"):])
+    assert sorted(zip(table.column("id").to_pylist(), table.column("value").to_pylist())) == [
+        (i, 2 * i) for i in range(40)]
+    failures = [json.loads(line) for line in (store / "failures.jsonl").read_text().splitlines()]
+    assert sorted(f["id"] for f in failures) == [-2, -1]
+    assert all(f["error_type"] == "HTTPError" and "404" in f["message"] for f in failures)
+    metrics = [json.loads(p.read_text())["metrics"] for p in (store / "tasks").glob("batch-*.json")]
+    assert sum(m.get("api_requests", 0) for m in metrics) == 40
+
+
+def test_status_of_unknown_job_says_where_it_looked(tmp_path: Path, slurmctl_home: Path):
+    result = run_cli("status", "no-such-job", "--storage", f"file://{tmp_path}")
+    assert result.returncode == 2 and "no job 'no-such-job'" in result.stderr and "--storage" in result.stderr

@@ -1,0 +1,72 @@
+"""Handler loading errors say what to fix; handlers are plain Python, testable without Prefect or Dask."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from handlers import echo, http_json
+from slurmctl.handler import BatchContext, HandlerError, load_handler, normalise_output
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    def make(name: str, source: str) -> str:
+        (tmp_path / f"{name}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        sys.modules.pop(name, None)
+        return name
+    return make
+
+
+def test_loads_the_echo_handler():
+    assert load_handler("handlers.echo:handle") is echo.handle
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("handlers.does_not_exist:handle", "cannot import module 'handlers.does_not_exist'"),
+    ("handlers.echo:nope", "has no attribute 'nope'"),
+    ("handlers.echo", "must be 'module:function'"),
+])
+def test_load_errors(spec, message):
+    with pytest.raises(HandlerError, match=message):
+        load_handler(spec)
+
+
+def test_not_callable_and_wrong_arity(user_module):
+    mod = user_module("h_bad", "value = 3\ndef one(item):\n    return item\n")
+    with pytest.raises(HandlerError, match="not callable"):
+        load_handler(f"{mod}:value")
+    with pytest.raises(HandlerError, match=r"two arguments \(item, ctx\)"):
+        load_handler(f"{mod}:one")
+
+
+def test_module_that_raises_on_import_shows_why(user_module):
+    mod = user_module("h_boom", "raise RuntimeError('missing API key')\n")
+    with pytest.raises(HandlerError, match="RuntimeError: missing API key"):
+        load_handler(f"{mod}:handle")
+
+
+def test_context_counts_metrics():
+    ctx = BatchContext(job_id="j", batch_id="b", params={"x": 1})
+    ctx.count("api_requests")
+    ctx.count("api_requests", 2)
+    assert ctx.metrics == {"api_requests": 3} and ctx.params == {"x": 1}
+
+
+def test_output_normalisation_keeps_the_id():
+    item = {"id": 7, "name": "a"}
+    assert normalise_output(None, item, "id") == []
+    assert normalise_output({"score": 1}, item, "id") == [{"id": 7, "score": 1}]
+    assert normalise_output([{"x": 1}, {"id": 7, "x": 2}], item, "id") == [{"id": 7, "x": 1}, {"id": 7, "x": 2}]
+    with pytest.raises(TypeError, match="must return a dict"):
+        normalise_output(["nope"], item, "id")
+
+
+def test_http_handler_against_a_local_api(item_api):
+    url, state = item_api
+    ctx = BatchContext("j", "b", params={"base_url": url})
+    assert http_json.handle({"id": 21}, ctx) == {"id": 21, "value": 42}
+    assert ctx.metrics["api_requests"] == 1 and state.requests == 1

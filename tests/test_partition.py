@@ -1,0 +1,95 @@
+"""Partitioning streams the input into slice descriptions; reading the slices back gives every record once."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from blocks.manifest_store import LocalManifestStore
+from conftest import write_jsonl
+from slurmctl.records import BatchSpec, partition, read_batch
+
+
+def read_all(path: Path, fmt: str, batch_size: int, id_field: str = "id"):
+    store = LocalManifestStore(root=str(path.parent))
+    with open(path, "rb") as f:
+        plan = partition(f, fmt, batch_size)
+    items, rejects = [], []
+    for spec in plan.batches:
+        got = read_batch(store.open_uri, store.read_range, str(path), fmt, spec, id_field)
+        assert len(got.items) + len(got.rejects) == spec.records
+        assert got.digest.startswith("sha256:")
+        items += got.items
+        rejects += got.rejects
+    return plan, items, rejects
+
+
+@pytest.mark.parametrize("n, batch_size, expected_batches", [(10, 3, 4), (9, 3, 3), (1, 100, 1), (0, 5, 0)])
+def test_jsonl_batch_boundaries(tmp_path, n, batch_size, expected_batches):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
+    plan, items, rejects = read_all(path, "jsonl", batch_size)
+    assert len(plan.batches) == expected_batches and plan.records == n
+    assert [spec.records for spec in plan.batches][:-1] == [batch_size] * (expected_batches - 1) if n else True
+    assert [item["id"] for _, item in items] == list(range(n))
+    assert [line for line, _ in items] == list(range(1, n + 1))
+    assert rejects == []
+    # slices tile the file: each starts where the previous ended
+    for a, b in zip(plan.batches, plan.batches[1:]):
+        assert a.end == b.start
+
+
+def test_jsonl_rejects_carry_line_numbers_and_blank_lines_are_not_records(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": 1}, "{broken json", "", {"name": "no id"}, "[1, 2]", {"id": None}, {"id": 2}, "   ", {"id": 3}])
+    plan, items, rejects = read_all(path, "jsonl", 2)
+    assert plan.records == 7
+    assert [item["id"] for _, item in items] == [1, 2, 3]
+    assert [(r["line"], r["reason"].split(":")[0]) for r in rejects] == [
+        (2, "invalid JSON"), (4, "missing id field 'id'"), (5, "not a JSON object (list)"), (6, "missing id field 'id'")]
+    assert rejects[0]["raw"] == "{broken json"
+
+
+def test_csv_with_header_quoted_newlines_and_bad_rows(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text('id,name,note\n1,a,plain\n2,b,"two\nlines"\n3,c\n4,d,"has ""quotes"", ok"\n,e,no id\n5,f,x\n')
+    plan, items, rejects = read_all(path, "csv", 2)
+    assert plan.records == 6
+    assert [item["id"] for _, item in items] == ["1", "2", "4", "5"]
+    assert items[1][1]["note"] == "two\nlines"
+    assert items[2][1]["note"] == 'has "quotes", ok'
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        (5, "expected 3 columns, found 2"), (7, "missing id field 'id'")]
+    assert [line for line, _ in items] == [2, 3, 6, 8]
+
+
+def test_parquet_row_ranges_across_row_groups(tmp_path):
+    path = tmp_path / "in.parquet"
+    ids = list(range(25)) + [None]
+    pq.write_table(pa.table({"id": ids, "v": [str(i) for i in range(26)]}), path, row_group_size=7)
+    plan, items, rejects = read_all(path, "parquet", 4)
+    assert len(plan.batches) == 7 and plan.records == 26
+    assert [item["id"] for _, item in items] == list(range(25))
+    assert [r["line"] for r in rejects] == [26]
+
+
+def test_partition_streams_and_keeps_only_descriptions(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "pad": "x" * 100} for i in range(2000)])
+    seen = []
+    with open(path, "rb") as f:
+        plan = partition(f, "jsonl", 500, on_batch=seen.append)
+    assert seen == plan.batches
+    spec = plan.batches[1]
+    assert spec == BatchSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert spec.first_line == 501 and spec.end - spec.start == sum(
+        len(line) for line in path.read_bytes().splitlines(keepends=True)[500:1000])
+
+
+def test_partition_works_on_any_binary_stream():
+    data = b"".join(json.dumps({"id": i}).encode() + b"\n" for i in range(5))
+    plan = partition(io.BytesIO(data), "jsonl", 2)
+    assert [b.records for b in plan.batches] == [2, 2, 1] and plan.input_bytes == len(data)
