@@ -78,14 +78,14 @@ def run_product(uri: str, batch_size: int, work: Path, workers: int) -> tuple[fl
     from flows.job import run_job
     from slurmctl.config import parse_config
     from slurmctl.coordinator import prefect_api_for_workers
-    from slurmctl.jobs import new_job_manifest, save_job, store_for
+    from slurmctl.jobs import create_job, store_for
 
     cfg = parse_config({"job_id": "overhead-bench", "handler": "handlers.echo:handle",
                         "input": {"uri": uri, "format": "jsonl"}, "batch_size": batch_size,
                         "cluster": {"kind": "local", "n_workers": workers},
                         "storage": {"uri": f"file://{work}"}, "max_in_flight": 4 * workers})
     store = store_for(cfg.storage)
-    save_job(store, new_job_manifest(cfg, None))
+    create_job(cfg, None)
     with prefect_api_for_workers():
         t0 = time.perf_counter()
         run_job(cfg.job_id, cfg.storage.model_dump())

@@ -6,6 +6,7 @@ The flow takes only the job id and where its store is: everything else comes fro
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -15,8 +16,8 @@ from flows.aggregate import aggregate_phase
 from flows.partition import partition_phase
 from flows.process import process_phase
 from flows.runners import task_runner_for
-from slurmctl.config import parse_config
-from slurmctl.jobs import load_job, store_for, update_job
+from slurmctl.config import load_config, parse_config
+from slurmctl.jobs import JobExists, create_job, load_job, store_for, update_job
 from slurmctl.manifests import Keys, now
 
 
@@ -25,7 +26,22 @@ class JobFailed(RuntimeError):
 
 
 @flow(name="slurmctl-job", log_prints=True)
-def run_job(job_id: str, storage: dict[str, Any]) -> dict[str, Any]:
+def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None,
+            config_path: str | None = None) -> dict[str, Any]:
+    """Run (or continue) a job. ``job_id`` + ``storage`` name an existing job; ``config_path`` creates it first if
+    needed (how a Prefect deployment starts one from the UI or ``prefect deployment run``)."""
+    if config_path:
+        cfg = load_config(config_path)
+        if job_id:
+            cfg = parse_config({**cfg.model_dump(mode="json"), "job_id": job_id})
+        storage = cfg.storage.model_dump()
+        job_id = cfg.job_id
+        try:
+            create_job(cfg, str(Path(config_path).resolve()))
+        except JobExists:
+            pass  # a re-run of the deployment continues the same job
+    if not job_id or storage is None:
+        raise ValueError("run_job needs config_path, or job_id and storage")
     store = store_for(storage)
     job = load_job(store, job_id)
     cfg = parse_config(job.config)

@@ -172,7 +172,7 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
 
 # --- commands -----------------------------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
-    from slurmctl.jobs import new_job_manifest, save_job, store_for
+    from slurmctl.jobs import JobExists, create_job, store_for
     from slurmctl.manifests import Keys
 
     try:
@@ -187,16 +187,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
             _err("--job-id: must match [a-z0-9][a-z0-9-]{0,62}")
             return EXIT_USAGE
     problems = preflight(cfg)
-    store = store_for(cfg.storage)
-    existing = None if problems else store.get_json(Keys(cfg.job_id).job)
-    if existing:
-        problems.append(("job_id", f"job {cfg.job_id!r} already exists in {store.uri('jobs/')} (status "
-                                   f"{existing.get('status')}); `slurmctl resume {cfg.job_id}` continues it, or "
-                                   f"choose another job_id"))
+    if not problems:
+        try:
+            create_job(cfg, str(Path(args.config).resolve()))
+        except JobExists as exc:
+            problems.append(("job_id", str(exc)))
     if problems:
         _err(f"{args.config}: cannot submit\n" + "\n".join(f"  {f}: {m}" for f, m in problems))
         return EXIT_USAGE
-    save_job(store, new_job_manifest(cfg, str(Path(args.config).resolve())))
+    store = store_for(cfg.storage)
     remember(cfg.job_id, cfg.storage)
     proc, log = spawn_coordinator(cfg.job_id, cfg.storage)
     print(cfg.job_id)

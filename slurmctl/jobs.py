@@ -18,6 +18,10 @@ class JobNotFound(LookupError):
     pass
 
 
+class JobExists(ValueError):
+    pass
+
+
 def load_job(store: ManifestStore, job_id: str) -> JobManifest:
     body = store.get_json(Keys(job_id).job)
     if body is None:
@@ -43,3 +47,16 @@ def new_job_manifest(cfg: JobConfig, config_file: str | None) -> JobManifest:
     return JobManifest(job_id=cfg.job_id, handler=cfg.handler, input=cfg.input.model_dump(),
                        batch_size=cfg.batch_size, cluster=cfg.cluster.model_dump(), storage=cfg.storage.uri,
                        config=cfg.model_dump(mode="json"), config_file=config_file)
+
+
+def create_job(cfg: JobConfig, config_file: str | None) -> JobManifest:
+    """Write a new job's manifest, refusing to overwrite an existing job (that is what resume is for)."""
+    store = store_for(cfg.storage)
+    job = new_job_manifest(cfg, config_file)
+    job.updated_at = now()
+    if not store.put_json(Keys(cfg.job_id).job, job.model_dump(mode="json"), if_absent=True):
+        existing = store.get_json(Keys(cfg.job_id).job) or {}
+        raise JobExists(f"job {cfg.job_id!r} already exists in {store.uri('jobs/')} (status "
+                        f"{existing.get('status')}); `slurmctl resume {cfg.job_id}` continues it, or choose "
+                        f"another job_id")
+    return job
