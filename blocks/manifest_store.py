@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from botocore.exceptions import ClientError
-from prefect.blocks.core import Block
+from prefect.filesystems import WritableFileSystem
 from prefect_aws import AwsClientParameters, AwsCredentials
 from pydantic import Field
 
@@ -64,8 +64,12 @@ def default_aws_credentials() -> AwsCredentials:
         config={"retries": {"mode": "adaptive", "max_attempts": 8}}))
 
 
-class ManifestStore(Block, ABC):
-    """Base class: key/value objects under a root, JSON manifests with checksums, input streams."""
+class ManifestStore(WritableFileSystem, ABC):
+    """Base class: key/value objects under a root, JSON manifests with checksums, input streams.
+
+    It is also a Prefect ``WritableFileSystem``, so batch tasks persist their (small) results and cache records in
+    the job's own store: a cache hit survives the coordinator, the Prefect server and the machine.
+    """
 
     _block_schema_capabilities = ["manifest-store"]
 
@@ -93,6 +97,24 @@ class ManifestStore(Block, ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove a key; absent keys are fine."""
+
+    # --- Prefect WritableFileSystem (result storage) ----------------------------------------------------------
+    # Prefect calls these with ``_sync=True`` from sync code and looks for ``a``-prefixed async twins.
+    def read_path(self, path: str, _sync: bool | None = None) -> bytes:
+        data = self.get_bytes(path)
+        if data is None:
+            raise FileNotFoundError(self.uri(path))
+        return data
+
+    def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
+        self.put_bytes(path, content)
+        return path
+
+    async def aread_path(self, path: str) -> bytes:
+        return self.read_path(path)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        return self.write_path(path, content)
 
     # --- shared behaviour -----------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:

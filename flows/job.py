@@ -1,35 +1,49 @@
-"""The job flow: partition -> process -> aggregate, each a subflow, with the job manifest tracking the phase.
+"""The job flow: partition -> process -> retry -> aggregate, each a subflow, the job manifest tracking the phase.
 
-The flow takes only the job id and where its store is: everything else comes from the job manifest that
-``slurmctl submit`` wrote, so a deployment run, a scheduled run and ``slurmctl resume`` all start the same way.
+The flow takes the job id and where its store is (or a config path, for deployments): everything else comes from
+the job manifest, so a deployment run, a scheduled run, ``slurmctl resume`` and ``slurmctl retry`` all start the
+same way, and each continues from what the manifests say is committed.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
+import dask
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
 from flows.aggregate import aggregate_phase
 from flows.partition import partition_phase
 from flows.process import process_phase
+from flows.retry import retry_phase
 from flows.runners import task_runner_for
 from slurmctl.config import load_config, parse_config
+from slurmctl.failures import committed_batch_ids, round_of
 from slurmctl.jobs import JobExists, create_job, load_job, store_for, update_job
 from slurmctl.manifests import Keys, now
+
+# Notice a silent worker (network partition, frozen node) within 10 s; a killed one is noticed at once.
+DASK_SETTINGS = {"distributed.scheduler.worker-ttl": "10s"}
 
 
 class JobFailed(RuntimeError):
     pass
 
 
+def _runner(cfg: Any) -> Any:
+    return task_runner_for(cfg.cluster, job_id=cfg.job_id)
+
+
 @flow(name="slurmctl-job", log_prints=True)
-def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None,
-            config_path: str | None = None) -> dict[str, Any]:
-    """Run (or continue) a job. ``job_id`` + ``storage`` name an existing job; ``config_path`` creates it first if
-    needed (how a Prefect deployment starts one from the UI or ``prefect deployment run``)."""
+def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, config_path: str | None = None,
+            retry_errors: list[str] | None = None) -> dict[str, Any]:
+    """Run or continue a job. ``job_id`` + ``storage`` name an existing job; ``config_path`` creates it first if
+    needed (how a Prefect deployment starts one). ``retry_errors`` adds a retry round over the items that failed
+    with those error classes (``slurmctl retry``)."""
     if config_path:
         cfg = load_config(config_path)
         if job_id:
@@ -48,16 +62,22 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None,
     config = cfg.model_dump(mode="json")
     logger = get_run_logger()
     update_job(store, job_id, status="running", phase="partition", started_at=job.started_at or now(),
-               finished_at=None, error=None, flow_run_id=str(get_run_context().flow_run.id))
+               finished_at=None, error=None, flow_run_id=str(get_run_context().flow_run.id),
+               coordinator_pid=os.getpid())
     try:
-        partition_phase(job_id, config)
-        update_job(store, job_id, phase="process")
-        runner = task_runner_for(cfg.cluster)
-        processed = process_phase.with_options(task_runner=runner)(job_id, config)
-        if processed["batches_failed"]:
-            raise JobFailed(f"{processed['batches_failed']} batch(es) failed: {', '.join(processed['failed'][:10])}"
-                            f" — see the task manifests under {store.uri(Keys(job_id).tasks_prefix)}; "
-                            f"`slurmctl resume {job_id}` runs them again")
+        with dask.config.set(DASK_SETTINGS):
+            total = partition_phase(job_id, config)
+            update_job(store, job_id, phase="process")
+            initial_done = sum(1 for b in committed_batch_ids(store, job_id) if round_of(b) == 0)
+            if initial_done < total:  # else no cluster is started at all
+                processed = process_phase.with_options(task_runner=_runner(cfg))(job_id, config)
+            else:
+                processed = {"batches_failed": 0, "failed": []}
+            if processed["batches_failed"]:
+                raise JobFailed(f"{processed['batches_failed']} batch(es) failed: "
+                                f"{', '.join(processed['failed'][:10])} — see the task manifests under "
+                                f"{store.uri(Keys(job_id).tasks_prefix)}; `slurmctl resume {job_id}` runs them again")
+            run_retry_rounds(store, job_id, cfg, config, retry_errors or [])
         update_job(store, job_id, phase="aggregate")
         result = aggregate_phase(job_id, config)
     except BaseException as exc:
@@ -66,3 +86,33 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None,
     update_job(store, job_id, status="completed", phase="done", finished_at=now(), output=result["output"])
     logger.info("job %s completed: %s rows in %s", job_id, result["rows"], result["output"])
     return result
+
+
+def run_retry_rounds(store: Any, job_id: str, cfg: Any, config: dict[str, Any], retry_errors: list[str]) -> None:
+    """Finish an interrupted round; retry deferred items (automatic rounds); then the requested classes."""
+    logger = get_run_logger()
+    job = load_job(store, job_id)
+
+    def run_round(round_no: int, classes: list[str]) -> dict[str, Any]:
+        update_job(store, job_id, phase="retry")
+        result = retry_phase.with_options(task_runner=_runner(cfg))(job_id, config, round_no, classes)
+        if result["batches_failed"]:
+            raise JobFailed(f"retry round {round_no}: {result['batches_failed']} batch(es) failed: "
+                            f"{', '.join(result['failed'][:10])}; `slurmctl resume {job_id}` runs them again")
+        return result
+
+    unfinished = [r for r in job.retry_rounds if not r.get("finished_at")]
+    for r in unfinished:
+        run_round(r["round"], r["classes"])
+    next_round = max([r["round"] for r in job.retry_rounds], default=0) + 1
+    automatic = sum(1 for r in job.retry_rounds if not r["classes"])
+    while load_job(store, job_id).counts.items_deferred > 0 and automatic < cfg.errors.auto_retry_rounds:
+        wait = cfg.errors.retry_cooldown_s * (2 ** automatic)
+        logger.info("%s items deferred by the circuit breaker; retry round %s in %.0f s",
+                    load_job(store, job_id).counts.items_deferred, next_round, wait)
+        time.sleep(wait)
+        run_round(next_round, [])
+        next_round += 1
+        automatic += 1
+    if retry_errors:
+        run_round(next_round, sorted(set(retry_errors)))

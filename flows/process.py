@@ -1,73 +1,78 @@
 """Phase 2: map ``process_batch`` over the plan on the job's Dask cluster, with a bounded number in flight.
 
-The coordinator keeps only small summaries, writes running counts to the job manifest every couple of seconds (the
-heartbeat ``slurmctl status`` reads), and skips batches that already committed, so a resumed job picks up where the
-last coordinator stopped.
+``run_batches`` is shared with the retry phase: it keeps at most ``max_in_flight`` futures, folds each finished
+batch's small summary into the job's counters, writes them to the job manifest every couple of seconds (the
+heartbeat ``slurmctl status`` reads), and runs a batch again — without touching its retry budget — when the worker
+running it died. Batches already committed are skipped, so a resumed job picks up where the last coordinator stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger
 
+from blocks.manifest_store import ManifestStore
 from flows.partition import read_plan
-from slurmctl.config import parse_config
+from slurmctl.config import JobConfig, parse_config
+from slurmctl.failures import committed_batch_ids, committed_tasks
 from slurmctl.jobs import load_job, save_job, store_for
-from slurmctl.manifests import Counts, Keys, TaskManifest, counts_from_tasks, now
+from slurmctl.manifests import Counts, JobManifest, Keys, TaskManifest, counts_from_tasks, now
+from slurmctl.records import BatchSpec
 from tasks.process_batch import process_batch
 
 HEARTBEAT_S = 2.0
+# Exceptions that mean "the worker (or its Slurm job) running this batch went away", not "the batch failed".
+WORKER_LOSS = ("KilledWorker", "FutureCancelledError", "CancelledError", "CommClosedError", "StreamClosedError",
+               "WorkerLost")
 
 
-def committed_batches(store, job_id: str) -> list[str]:
-    """Batch ids with a committed task manifest: one LIST per 1,000 batches, no GETs."""
-    keys = Keys(job_id)
-    return [b for b in map(Keys.committed_batch, store.list_keys(keys.tasks_prefix)) if b]
+def recount(store: ManifestStore, job_id: str, batches_total: int, items_total: int) -> Counts:
+    """Counts from the committed task manifests alone (resume, ``status --scan``)."""
+    return counts_from_tasks(committed_tasks(store, job_id), batches_total, items_total)
 
 
-def recount(store, job_id: str, batches_total: int, items_total: int) -> Counts:
-    """Counts from the committed task manifests (resume, ``status --scan``)."""
-    keys = Keys(job_id)
-    tasks = [store.get_json(keys.task(b)) for b in committed_batches(store, job_id)]
-    return counts_from_tasks([t for t in tasks if t], batches_total, items_total)
+def saved_store(store: ManifestStore) -> ManifestStore:
+    """The store saved as a Prefect block (Prefect requires saved blocks for result storage); one per store URI."""
+    name = "slurmctl-" + hashlib.sha256(store.uri("").encode()).hexdigest()[:16]
+    store.save(name, overwrite=True)
+    return store
 
 
-@flow(name="process", log_prints=True)
-def process_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
-    cfg = parse_config(config)
-    store = store_for(cfg.storage)
+def is_worker_loss(exc: BaseException) -> bool:
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & set(WORKER_LOSS)) or "worker" in str(exc).lower() and "died" in str(exc).lower()
+
+
+def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: list[BatchSpec],
+                on_progress: Callable[[], None] | None = None) -> list[str]:
+    """Run ``specs`` (already-committed ones skipped) and keep ``job.counts`` current; return failed batch ids."""
     logger = get_run_logger()
-    job = load_job(store, job_id)
-    plan = read_plan(store, job_id)
-    done = set(committed_batches(store, job_id))
-    counts = recount(store, job_id, len(plan), job.counts.items_total) if done else job.counts.model_copy(
-        update={"batches_done": 0, "batches_failed": 0, "items_succeeded": 0, "items_failed": 0,
-                "items_rejected": 0, "rows_written": 0})
-    todo = deque(b for b in plan if b.batch_id not in done)
-    if done:
-        logger.info("resuming: %s of %s batches already committed, %s to run", len(done), len(plan), len(todo))
-
-    task = process_batch.with_options(retries=cfg.batch_retries)
+    done = set(committed_batch_ids(store, job.job_id))
+    todo = deque(b for b in specs if b.batch_id not in done)
+    task = process_batch.with_options(retries=cfg.batch_retries, result_storage=saved_store(store))
     finished: queue.Queue = queue.Queue()
-    in_flight: dict[Any, Any] = {}
+    in_flight: dict[Any, BatchSpec] = {}
+    requeues: dict[str, int] = {}
     failed: list[str] = []
     last_beat = 0.0
 
     def beat(force: bool = False) -> None:
         nonlocal last_beat
         if force or time.monotonic() - last_beat >= HEARTBEAT_S:
-            job.counts = counts
             save_job(store, job)
             last_beat = time.monotonic()
+            if on_progress:
+                on_progress()
 
     while todo or in_flight:
         while todo and len(in_flight) < cfg.max_in_flight:
             spec = todo.popleft()
-            future = task.submit(cfg, store, spec.to_dict())
+            future = task.submit(cfg, store, spec.to_dict(), handler_version=job.handler_version or "")
             in_flight[future] = spec
             future.add_done_callback(finished.put)
         try:
@@ -78,19 +83,41 @@ def process_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
         spec = in_flight.pop(future)
         try:
             summary = future.result()
-        except BaseException as exc:  # retries exhausted, or the worker running it died
+        except BaseException as exc:
+            if is_worker_loss(exc) and requeues.get(spec.batch_id, 0) < cfg.worker_loss_requeues:
+                requeues[spec.batch_id] = requeues.get(spec.batch_id, 0) + 1
+                logger.warning("batch %s lost its worker (%s: %s); running it again (%s/%s)", spec.batch_id,
+                               type(exc).__name__, exc, requeues[spec.batch_id], cfg.worker_loss_requeues)
+                todo.appendleft(spec)
+                continue
             failed.append(spec.batch_id)
-            counts.batches_failed += 1
+            job.counts.batches_failed += 1
             error = f"{type(exc).__name__}: {exc}"
             logger.error("batch %s failed: %s", spec.batch_id, error)
-            store.put_json(Keys(job_id).failed_task(spec.batch_id), TaskManifest(
-                job_id=job_id, batch_id=spec.batch_id, task_id=f"task-{spec.index:06d}", status="failed",
+            store.put_json(Keys(job.job_id).failed_task(spec.batch_id), TaskManifest(
+                job_id=job.job_id, batch_id=spec.batch_id, task_id=spec.batch_id, group=spec.group, status="failed",
                 started_at=now(), finished_at=now(), items=spec.records, error=error[:2000],
             ).model_dump(mode="json"))
         else:
-            counts.batches_done += 1
-            for k in ("items_succeeded", "items_failed", "items_rejected", "rows_written"):
-                setattr(counts, k, getattr(counts, k) + (summary.get(k) or 0))
+            job.counts.add(summary)
         beat()
     beat(force=True)
-    return {"batches_done": counts.batches_done, "batches_failed": len(failed), "failed": failed[:100]}
+    return failed
+
+
+@flow(name="process", log_prints=True)
+def process_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
+    cfg = parse_config(config)
+    store = store_for(cfg.storage)
+    logger = get_run_logger()
+    job = load_job(store, job_id)
+    plan = read_plan(store, job_id)
+    done = committed_batch_ids(store, job_id)
+    if done:
+        job.counts = recount(store, job_id, max(len(plan), job.counts.batches_total), job.counts.items_total)
+        logger.info("resuming: %s batches already committed, %s in the plan", len(done), len(plan))
+    else:
+        job.counts = Counts(batches_total=len(plan), items_total=job.counts.items_total)
+    failed = run_batches(cfg, store, job, plan)
+    return {"batches_done": job.counts.batches_done, "batches_failed": len(failed), "failed": failed[:100],
+            "items_deferred": job.counts.items_deferred}

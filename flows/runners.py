@@ -30,7 +30,12 @@ def slurm_prologue(cfg: SlurmClusterConfig) -> list[str]:
     return lines + list(cfg.job_script_prologue)
 
 
-def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig) -> DaskTaskRunner:
+def slurm_job_name(job_id: str) -> str:
+    """The Slurm job name of every worker job of one slurmctl job: how resume and cancel find orphans."""
+    return f"slurmctl-{job_id}"[:64]
+
+
+def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: str = "job") -> DaskTaskRunner:
     if isinstance(cluster, LocalClusterConfig):
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
             "n_workers": cluster.n_workers, "threads_per_worker": cluster.threads_per_worker,
@@ -40,7 +45,9 @@ def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig) -> DaskTas
         "memory": cluster.memory, "walltime": cluster.walltime,
         "job_extra_directives": list(cluster.job_extra_directives),
         "job_script_prologue": slurm_prologue(cluster), "python": sys.executable,
-        "scheduler_options": {"dashboard_address": None},
+        "scheduler_options": {"dashboard_address": None}, "job_name": slurm_job_name(job_id),
+        # Workers orphaned by a dead coordinator exit by themselves instead of holding Slurm allocations.
+        "death_timeout": 60,
     }
     if cluster.local_directory:
         kwargs["local_directory"] = cluster.local_directory

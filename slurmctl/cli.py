@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -82,7 +83,8 @@ def preflight(cfg: JobConfig) -> list[tuple[str, str]]:
 
 
 # --- running and watching the coordinator ---------------------------------------------------------------------
-def spawn_coordinator(job_id: str, storage: StorageConfig) -> tuple[subprocess.Popen, Path]:
+def spawn_coordinator(job_id: str, storage: StorageConfig, retry_errors: list[str] | None = None,
+                      ) -> tuple[subprocess.Popen, Path]:
     log = home() / "logs" / f"{job_id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -91,7 +93,8 @@ def spawn_coordinator(job_id: str, storage: StorageConfig) -> tuple[subprocess.P
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "slurmctl.coordinator", job_id, "--storage-json", storage.model_dump_json()],
+            [sys.executable, "-m", "slurmctl.coordinator", job_id, "--storage-json", storage.model_dump_json(),
+             "--retry-errors", ",".join(retry_errors or [])],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     return proc, log
 
@@ -206,8 +209,65 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return watch(cfg.job_id, cfg.storage, proc, log)
 
 
-def cmd_resume(args: argparse.Namespace) -> int:
-    from slurmctl.jobs import JobNotFound, load_job, store_for
+def coordinator_alive(job: Any) -> bool:
+    """Is the job's coordinator still running? Certain on this host (its pid); elsewhere, a fresh heartbeat."""
+    import socket
+
+    from slurmctl.manifests import TERMINAL_STATUSES, status_view
+
+    if job.status in TERMINAL_STATUSES:
+        return False
+    if job.coordinator_host == socket.gethostname() and job.coordinator_pid:
+        try:
+            os.kill(job.coordinator_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return _is_coordinator(job.coordinator_pid, job.job_id)
+    return not status_view(job.model_dump(mode="json"))["stale"]
+
+
+def _is_coordinator(pid: int, job_id: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # cannot tell: assume it is
+    return b"slurmctl.coordinator" in cmdline and job_id.encode() in cmdline
+
+
+def _take_over(job: Any, storage: StorageConfig) -> None:
+    """Before a new coordinator starts: cancel Slurm workers the dead one left, mark its flow run Crashed."""
+    from flows.runners import slurm_job_name
+
+    if job.cluster.get("kind") == "slurm" and shutil.which("scancel"):
+        subprocess.run(["scancel", "--name", slurm_job_name(job.job_id)], capture_output=True, timeout=60)
+    if job.flow_run_id:
+        try:
+            mark_flow_run_crashed(job.flow_run_id, "its coordinator died; continued by `slurmctl resume`")
+        except Exception as exc:  # the Prefect API may be down: the manifests are what matter
+            print(f"note: could not mark flow run {job.flow_run_id} crashed ({exc})", file=sys.stderr)
+
+
+def mark_flow_run_crashed(flow_run_id: str, message: str) -> None:
+    import asyncio
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    async def mark() -> None:
+        async with get_client() as client:
+            run = await client.read_flow_run(UUID(flow_run_id))
+            if run.state and not run.state.is_final():
+                await client.set_flow_run_state(UUID(flow_run_id), Crashed(message=message), force=True)
+
+    asyncio.run(mark())
+
+
+def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> int:
+    """Start a coordinator for an existing job (resume, retry), unless one is still running."""
+    from slurmctl.jobs import JobNotFound, load_job, store_for, update_job
 
     storage = storage_for_job(args.job_id, args)
     try:
@@ -215,13 +275,65 @@ def cmd_resume(args: argparse.Namespace) -> int:
     except JobNotFound as exc:
         _err(f"{exc}; pass --storage URI if the job lives elsewhere")
         return EXIT_USAGE
-    if job.status == "completed" and not args.force:
+    if coordinator_alive(job):
+        _err(f"job {args.job_id} is running (coordinator pid {job.coordinator_pid} on {job.coordinator_host}, "
+             f"heartbeat {job.updated_at}); `slurmctl status {args.job_id}` follows it")
+        return EXIT_USAGE
+    if job.status == "completed" and not retry_errors and not getattr(args, "force", False):
         print(f"job {args.job_id} already completed; output {job.output}", file=sys.stderr)
         return EXIT_OK
+    if job.status == "running":
+        _take_over(job, storage)
+    # Not terminal any more: a watcher must wait for the new coordinator rather than read the old outcome.
+    update_job(store_for(storage), args.job_id, status="pending", phase="submitted", error=None, finished_at=None)
     remember(args.job_id, storage)
-    proc, log = spawn_coordinator(args.job_id, storage)
-    print(f"resuming {args.job_id} (log {log})", file=sys.stderr)
+    proc, log = spawn_coordinator(args.job_id, storage, retry_errors)
+    what = f"retrying {','.join(retry_errors)} of" if retry_errors else "resuming"
+    print(f"{what} {args.job_id} (log {log})", file=sys.stderr)
     return watch(args.job_id, storage, proc, log) if args.wait else EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return restart(args)
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    classes = sorted({c.strip() for c in args.errors.split(",") if c.strip()})
+    if not classes:
+        _err("--errors: give one or more error classes, e.g. --errors=network,throttle")
+        return EXIT_USAGE
+    return restart(args, classes)
+
+
+def cmd_analyze_errors(args: argparse.Namespace) -> int:
+    from slurmctl.failures import analyze, committed_tasks, failure_state
+    from slurmctl.jobs import JobNotFound, load_job, store_for
+
+    store = store_for(storage_for_job(args.job_id, args))
+    try:
+        load_job(store, args.job_id)
+    except JobNotFound as exc:
+        _err(f"{exc}; pass --storage URI if the job lives elsewhere")
+        return EXIT_USAGE
+    report = analyze(args.job_id, failure_state(store, committed_tasks(store, args.job_id)), top=args.top)
+    if args.json:
+        print(json.dumps(report, default=str))
+        return EXIT_OK
+    print(f"job {args.job_id}: {report['items_failed']} items failed, {report['items_deferred']} deferred")
+    if not report["classes"]:
+        return EXIT_OK
+    print("\nby class:")
+    for cls, n in report["classes"].items():
+        print(f"  {cls:<12} {n}")
+    print("\ntop messages:")
+    for m in report["top_messages"]:
+        print(f"  {m['count']:>6}  [{m['error_class']}] {m['message'][:100]}  e.g. ids {m['example_ids']}")
+    print("\nhot batches: " + ", ".join(f"{b} ({n})" for b, n in report["batches"].items()))
+    print("hot hosts:   " + ", ".join(f"{h} ({n})" for h, n in report["hosts"].items()))
+    transient = [c for c in report["classes"] if c in ("network", "timeout", "throttle", "server")]
+    if transient:
+        print(f"\nretry them with: slurmctl retry {args.job_id} --errors={','.join(transient)} --wait")
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -277,6 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="run even if the job completed (re-aggregates)")
     _storage_args(p)
     p.set_defaults(func=cmd_resume)
+    p = sub.add_parser("retry", help="a retry round over the items that failed with the given error classes")
+    p.add_argument("job_id")
+    p.add_argument("--errors", required=True, help="comma-separated classes, e.g. network,throttle,server")
+    p.add_argument("--wait", action="store_true")
+    _storage_args(p)
+    p.set_defaults(func=cmd_retry)
+    p = sub.add_parser("analyze-errors", help="failed items by class, top messages, hot batches and hosts")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--top", type=int, default=10)
+    _storage_args(p)
+    p.set_defaults(func=cmd_analyze_errors)
     return parser
 
 

@@ -105,6 +105,43 @@ class SlurmClusterConfig(_Strict):
         return self
 
 
+ERROR_CLASS_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+ErrorClass = Annotated[str, Field(pattern=ERROR_CLASS_PATTERN)]
+
+
+class CircuitBreakerConfig(_Strict):
+    """Stop a batch when one transient class dominates its last ``window`` attempts; defer the rest."""
+
+    enabled: bool = True
+    window: int = Field(default=20, gt=0)
+    threshold: float = Field(default=0.8, gt=0, le=1)
+    min_attempts: int = Field(default=10, gt=0)
+
+
+class ErrorsConfig(_Strict):
+    """How item errors are classified and retried (see ``slurmctl.errors``)."""
+
+    max_attempts: int = Field(default=3, ge=1, description="Attempts per item inside its batch.")
+    backoff_base_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    retry_after_max_s: float = Field(default=120.0, ge=0, description="Longest Retry-After honoured.")
+    exceptions: dict[str, ErrorClass] = Field(default_factory=dict,
+                                              description="Exception type (qualified or bare name) -> class.")
+    http_status: dict[int, ErrorClass] = Field(default_factory=dict, description="HTTP status -> class.")
+    transient: list[ErrorClass] = Field(default_factory=lambda: ["network", "timeout", "throttle", "server"])
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    auto_retry_rounds: int = Field(default=3, ge=0, description="Rounds that retry items deferred by the breaker.")
+    retry_cooldown_s: float = Field(default=10.0, ge=0, description="Wait before a round of deferred items.")
+
+    @field_validator("http_status")
+    @classmethod
+    def _codes(cls, v: dict[int, str]) -> dict[int, str]:
+        bad = [c for c in v if not 100 <= c <= 599]
+        if bad:
+            raise ValueError(f"not HTTP status codes: {bad}")
+        return v
+
+
 ClusterConfig = Annotated[Union[LocalClusterConfig, SlurmClusterConfig], Field(discriminator="kind")]
 
 
@@ -141,6 +178,9 @@ class JobConfig(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     max_in_flight: int = Field(default=64, gt=0, description="Batch tasks submitted but not finished, at most.")
     batch_retries: int = Field(default=2, ge=0, description="Prefect task retries for a whole batch (infra faults).")
+    worker_loss_requeues: int = Field(default=5, ge=0,
+                                      description="Times a batch whose worker died is run again (not a retry).")
+    errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     params: dict[str, Any] = Field(default_factory=dict, description="Free-form values handed to the handler as ctx.params.")
 
     @field_validator("handler")

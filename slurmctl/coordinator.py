@@ -41,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slurmctl.coordinator")
     parser.add_argument("job_id")
     parser.add_argument("--storage-json", required=True)
+    parser.add_argument("--retry-errors", default="", help="comma-separated error classes for a retry round")
     args = parser.parse_args(argv)
     ensure_import_path()
     from flows.job import run_job
 
     try:
         with prefect_api_for_workers():
-            run_job(args.job_id, json.loads(args.storage_json))
+            run_job(args.job_id, json.loads(args.storage_json),
+                    retry_errors=[c for c in args.retry_errors.split(",") if c] or None)
     except Exception as exc:  # the job manifest already records the failure; the log has the traceback
         print(f"job {args.job_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

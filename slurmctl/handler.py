@@ -6,6 +6,7 @@ Dask or AWS, so a user unit-tests it with ``BatchContext(job_id="t", batch_id="b
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import logging
@@ -54,6 +55,20 @@ def load_handler(spec: str) -> Handler:
     except ValueError:
         pass  # builtins without signatures: trust them
     return func
+
+
+def handler_version(spec: str) -> str:
+    """Identity of the handler's code: its module's source hash (or ``__version__``), for cache keys."""
+    func = load_handler(spec)
+    module = inspect.getmodule(func)
+    version = getattr(module, "__version__", None)
+    if version:
+        return f"{spec}@{version}"
+    try:
+        source = inspect.getsource(module) if module else spec
+    except (OSError, TypeError):
+        source = spec
+    return f"{spec}@sha256:{hashlib.sha256(source.encode()).hexdigest()[:16]}"
 
 
 class BatchContext:

@@ -6,6 +6,7 @@ from typing import Any
 
 from blocks.manifest_store import ManifestStore, store_from_uri
 from slurmctl.config import JobConfig, StorageConfig
+from slurmctl.handler import handler_version
 from slurmctl.manifests import JobManifest, Keys, now
 
 
@@ -53,6 +54,7 @@ def create_job(cfg: JobConfig, config_file: str | None) -> JobManifest:
     """Write a new job's manifest, refusing to overwrite an existing job (that is what resume is for)."""
     store = store_for(cfg.storage)
     job = new_job_manifest(cfg, config_file)
+    job.handler_version = handler_version(cfg.handler)
     job.updated_at = now()
     if not store.put_json(Keys(cfg.job_id).job, job.model_dump(mode="json"), if_absent=True):
         existing = store.get_json(Keys(cfg.job_id).job) or {}

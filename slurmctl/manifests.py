@@ -10,7 +10,9 @@ job under the store root::
     jobs/<job_id>/tasks/<batch_id>.failed.json  the last failure of a batch that has not committed
     jobs/<job_id>/outputs/<batch_id>.<attempt>.parquet  an attempt's rows (only the committed one is ever read)
     jobs/<job_id>/rejects/<batch_id>.<attempt>.jsonl malformed records of that batch (line, reason, raw)
-    jobs/<job_id>/failures/<batch_id>.<attempt>.jsonl items whose handler raised (id, line, class, message)
+    jobs/<job_id>/retry/<batch_id>.<attempt>.json  retry manifest: failed items (id, line, class, message,
+                                           attempts, the item) and items deferred by the circuit breaker
+    jobs/<job_id>/retry/round-NN.plan.jsonl  the items a retry round takes (its batches are slices of it)
     jobs/<job_id>/output/data.parquet      the final dataset
     jobs/<job_id>/rejects.jsonl            all rejects, merged by aggregate
     jobs/<job_id>/result.json              ResultManifest: final outputs, row counts, sha256
@@ -27,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 SCHEMA_VERSION = 1
 
 JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
-Phase = Literal["submitted", "partition", "process", "aggregate", "done"]
-BatchStatus = Literal["succeeded", "failed"]
+Phase = Literal["submitted", "partition", "process", "retry", "aggregate", "done"]
+BatchStatus = Literal["succeeded", "throttled", "failed"]
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 STALE_AFTER_S = 120  # a running job whose heartbeat is older than this is reported as stale
 
@@ -78,8 +80,11 @@ class Keys:
     def batch_rejects(self, batch_id: str, attempt: str) -> str:
         return f"{self.root}rejects/{batch_id}.{attempt}.jsonl"
 
-    def batch_failures(self, batch_id: str, attempt: str) -> str:
-        return f"{self.root}failures/{batch_id}.{attempt}.jsonl"
+    def batch_retry(self, batch_id: str, attempt: str) -> str:
+        return f"{self.root}retry/{batch_id}.{attempt}.json"
+
+    def retry_plan(self, round_no: int) -> str:
+        return f"{self.root}retry/round-{round_no:02d}.plan.jsonl"
 
     @property
     def output(self) -> str:
@@ -112,8 +117,18 @@ class Counts(BaseModel):
     items_total: int = 0
     items_succeeded: int = 0
     items_failed: int = 0
+    items_deferred: int = 0
     items_rejected: int = 0
     rows_written: int = 0
+
+    def add(self, summary: dict[str, Any]) -> None:
+        """Fold one committed batch's summary in. A retry batch takes items out of failed/deferred."""
+        self.batches_done += 1
+        self.items_succeeded += summary.get("items_succeeded") or 0
+        self.items_failed += (summary.get("items_failed") or 0) - (summary.get("retried_failed") or 0)
+        self.items_deferred += (summary.get("items_deferred") or 0) - (summary.get("retried_deferred") or 0)
+        self.items_rejected += summary.get("items_rejected") or 0
+        self.rows_written += summary.get("rows_written") or 0
 
 
 class JobManifest(_Manifest):
@@ -134,7 +149,10 @@ class JobManifest(_Manifest):
     updated_at: str = Field(default_factory=now)
     finished_at: str | None = None
     error: str | None = None
+    retry_rounds: list[dict[str, Any]] = Field(default_factory=list)
+    handler_version: str | None = None
     coordinator_host: str = Field(default_factory=socket.gethostname)
+    coordinator_pid: int | None = None
     flow_run_id: str | None = None
     output: str | None = None
 
@@ -153,12 +171,18 @@ class TaskManifest(_Manifest):
     items: int = 0
     items_succeeded: int = 0
     items_failed: int = 0
+    items_deferred: int = 0
     items_rejected: int = 0
     rows_written: int = 0
+    retried_failed: int = 0  # retry batches: how many of its items were failed / deferred before
+    retried_deferred: int = 0
+    retried_ids: list[Any] = Field(default_factory=list)
+    error_classes: dict[str, int] = Field(default_factory=dict)
+    tripped_by: str | None = None
     output: str | None = None
     output_sha256: str | None = None
     rejects: str | None = None
-    failures: str | None = None
+    retry: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     error: str | None = None
     attempt: str | None = None
@@ -217,12 +241,8 @@ def counts_from_tasks(tasks: list[dict[str, Any]], batches_total: int, items_tot
     """Recount from task manifests alone (``slurmctl status --scan``, and resume)."""
     c = Counts(batches_total=batches_total, items_total=items_total)
     for t in tasks:
-        if t["status"] == "succeeded":
-            c.batches_done += 1
-            c.items_succeeded += t.get("items_succeeded", 0)
-            c.items_failed += t.get("items_failed", 0)
-            c.items_rejected += t.get("items_rejected", 0)
-            c.rows_written += t.get("rows_written", 0)
+        if t["status"] in ("succeeded", "throttled"):
+            c.add(t)
         else:
             c.batches_failed += 1
     return c

@@ -33,6 +33,9 @@ class BatchSpec:
     first_line: int  # physical 1-based line (JSONL/CSV) or 1-based row (Parquet) of the first record
     records: int
     header_end: int = 0  # CSV: bytes [0, header_end) hold the header line
+    digest: str = ""  # sha256 of the slice's bytes (JSONL/CSV) or of its identity in the file (Parquet)
+    source: str = "input"  # "input", or the store key of a retry plan whose lines this batch takes
+    group: str = "initial_batch"  # Prefect task group / PRD TaskGroup: initial_batch, retry_batch_1, ...
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,6 +61,7 @@ class SliceRead:
     items: list[tuple[int, dict[str, Any]]]
     rejects: list[dict[str, Any]]
     digest: str  # sha256 of the raw slice: the batch's input identity
+    previous: dict[str, int] = field(default_factory=dict)  # retry batches: how many items were failed/deferred
 
 
 def batch_id_for(index: int) -> str:
@@ -74,9 +78,9 @@ def partition(stream: BinaryIO, fmt: str, batch_size: int, on_batch: Callable[[B
     """
     plan = Plan()
 
-    def emit(start: int, end: int, first_line: int, records: int, header_end: int = 0) -> None:
+    def emit(start: int, end: int, first_line: int, records: int, header_end: int = 0, digest: str = "") -> None:
         spec = BatchSpec(batch_id_for(len(plan.batches)), len(plan.batches), start, end, first_line, records,
-                         header_end)
+                         header_end, digest)
         plan.batches.append(spec)
         plan.records += records
         if on_batch:
@@ -86,7 +90,7 @@ def partition(stream: BinaryIO, fmt: str, batch_size: int, on_batch: Callable[[B
         meta = pq.ParquetFile(stream).metadata
         for start in range(0, meta.num_rows, batch_size):
             end = min(start + batch_size, meta.num_rows)
-            emit(start, end, start + 1, end - start)
+            emit(start, end, start + 1, end - start, digest=parquet_slice_digest(meta, start, end))
         return plan
 
     pos = 0
@@ -100,27 +104,38 @@ def partition(stream: BinaryIO, fmt: str, batch_size: int, on_batch: Callable[[B
             plan.input_bytes = pos
             return plan
     batch_start, batch_first_line, batch_records = pos, line_no + 1, 0
+    digest = hashlib.sha256()  # of exactly the bytes [batch_start, pos): what a worker will read back
     pending_quote = False  # CSV: inside a quoted field that spans lines
     for line in stream:
         line_no += 1
         pos += len(line)
-        if fmt == "csv":
-            if line.count(b'"') % 2 == 1:
-                pending_quote = not pending_quote
-            if pending_quote:
-                continue  # the record goes on in the next physical line
-        if not line.strip():
-            if batch_records == 0:  # blank lines between batches belong to no record
-                batch_start, batch_first_line = pos, line_no + 1
+        if fmt == "csv" and line.count(b'"') % 2 == 1:
+            pending_quote = not pending_quote
+        if pending_quote:  # the record goes on in the next physical line
+            digest.update(line)
             continue
+        if not line.strip():
+            if batch_records == 0 and pos - len(line) == batch_start:  # blank lines between batches: no record
+                batch_start, batch_first_line = pos, line_no + 1
+            else:
+                digest.update(line)
+            continue
+        digest.update(line)
         batch_records += 1
         if batch_records == batch_size:
-            emit(batch_start, pos, batch_first_line, batch_records, header_end)
+            emit(batch_start, pos, batch_first_line, batch_records, header_end, "sha256:" + digest.hexdigest())
             batch_start, batch_first_line, batch_records = pos, line_no + 1, 0
+            digest = hashlib.sha256()
     if batch_records:
-        emit(batch_start, pos, batch_first_line, batch_records, header_end)
+        emit(batch_start, pos, batch_first_line, batch_records, header_end, "sha256:" + digest.hexdigest())
     plan.input_bytes = pos
     return plan
+
+
+def parquet_slice_digest(meta: Any, start: int, end: int) -> str:
+    """Identity of a Parquet row range: the file's shape plus the range (hashing rows would mean reading them)."""
+    ident = f"parquet:{meta.num_rows}:{meta.num_row_groups}:{meta.serialized_size}:{meta.created_by}:{start}:{end}"
+    return "sha256:" + hashlib.sha256(ident.encode()).hexdigest()
 
 
 # --- reading one batch ------------------------------------------------------------------------------------------
@@ -182,9 +197,8 @@ def read_csv(header: bytes, data: bytes, first_line: int, id_field: str) -> Slic
     return SliceRead(items, rejects, "")
 
 
-def read_parquet_rows(stream: BinaryIO, start: int, end: int, id_field: str) -> SliceRead:
+def read_parquet_rows(pf: pq.ParquetFile, start: int, end: int, id_field: str) -> SliceRead:
     """Rows ``[start, end)``, reading only the row groups that overlap them."""
-    pf = pq.ParquetFile(stream)
     meta = pf.metadata
     groups, first_row_of_first_group, row = [], None, 0
     for g in range(meta.num_row_groups):
@@ -211,12 +225,17 @@ def read_parquet_rows(stream: BinaryIO, start: int, end: int, id_field: str) -> 
 
 def read_batch(open_uri: Callable[[str], BinaryIO], read_range: Callable[[str, int, int], bytes], uri: str,
                fmt: str, spec: BatchSpec, id_field: str) -> SliceRead:
-    """Read and parse one batch's slice of the input; ``digest`` fingerprints exactly the bytes/rows read."""
+    """Read and parse one batch's slice of the input; ``digest`` fingerprints exactly the bytes/rows read.
+
+    For a retry batch (``spec.source`` is a retry plan), ``uri`` is that plan's URI and the slice holds items.
+    """
+    if spec.source != "input":
+        return read_retry_lines(read_range(uri, spec.start, spec.end))
     if fmt == "parquet":
         with open_uri(uri) as f:
-            result = read_parquet_rows(f, spec.start, spec.end, id_field)
-        h = hashlib.sha256(json.dumps([i for _, i in result.items], sort_keys=True, default=str).encode())
-        result.digest = "sha256:" + h.hexdigest()
+            pf = pq.ParquetFile(f)
+            result = read_parquet_rows(pf, spec.start, spec.end, id_field)
+            result.digest = parquet_slice_digest(pf.metadata, spec.start, spec.end)
         return result
     data = read_range(uri, spec.start, spec.end)
     if fmt == "jsonl":
@@ -226,3 +245,15 @@ def read_batch(open_uri: Callable[[str], BinaryIO], read_range: Callable[[str, i
         result = read_csv(header, data, spec.first_line, id_field)
     result.digest = "sha256:" + hashlib.sha256(data).hexdigest()
     return result
+
+
+def read_retry_lines(data: bytes) -> SliceRead:
+    """A slice of a retry plan: one ``{"line", "item", "previous"}`` JSON object per line (see flows/retry.py)."""
+    items: list[tuple[int, dict[str, Any]]] = []
+    previous: dict[str, int] = {}
+    for raw in data.splitlines():
+        if raw.strip():
+            entry = json.loads(raw)
+            items.append((entry["line"], entry["item"]))
+            previous[entry["previous"]] = previous.get(entry["previous"], 0) + 1
+    return SliceRead(items, [], "sha256:" + hashlib.sha256(data).hexdigest(), previous)

@@ -64,7 +64,10 @@ def merge_parquet(store: ManifestStore, part_keys: list[str], out_key: str) -> O
 def concat_jsonl(store: ManifestStore, keys: list[str], out_key: str) -> OutputFile | None:
     if not keys:
         return None
-    data = b"".join(store.get_bytes(k) or b"" for k in keys)
+    return put_jsonl(store, out_key, b"".join(store.get_bytes(k) or b"" for k in keys))
+
+
+def put_jsonl(store: ManifestStore, out_key: str, data: bytes) -> OutputFile:
     store.put_bytes(out_key, data)
     return OutputFile(uri=store.uri(out_key), rows=data.count(b"\n"), bytes=len(data),
                       sha256="sha256:" + hashlib.sha256(data).hexdigest())
@@ -73,9 +76,7 @@ def concat_jsonl(store: ManifestStore, keys: list[str], out_key: str) -> OutputF
 @task(name="merge-outputs", cache_policy=NONE, persist_result=False, retries=2, retry_delay_seconds=5)
 def merge_outputs(store: ManifestStore, job_id: str, tasks: list[dict[str, Any]]) -> dict[str, Any]:
     keys = Keys(job_id)
-    tasks = sorted(tasks, key=lambda t: t["batch_id"])
+    # tasks come in commit order (initial batches, then retry rounds): the output keeps that order
     output = merge_parquet(store, [t["output"] for t in tasks if t.get("output")], keys.output)
     rejects = concat_jsonl(store, [t["rejects"] for t in tasks if t.get("rejects")], keys.rejects)
-    failures = concat_jsonl(store, [t["failures"] for t in tasks if t.get("failures")], keys.failures)
-    return {"output": output.model_dump(), "rejects": rejects and rejects.model_dump(),
-            "failures": failures and failures.model_dump()}
+    return {"output": output.model_dump(), "rejects": rejects and rejects.model_dump()}

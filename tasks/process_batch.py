@@ -1,37 +1,53 @@
-"""The unit of work: run the handler over one batch's items and commit the batch's output and task manifest.
+"""The unit of work: run the handler over one batch's items and commit the batch exactly once.
 
-The task returns a small summary (counts and keys), never the data: at 50k batches the coordinator holds only these.
-Item-level exceptions never fail the batch; they become failure records. Only infrastructure faults (store
-unreachable, unreadable input) raise, and Prefect's task ``retries`` cover those.
+* Before any handler call the task checks whether the batch already committed (a zombie worker, a Dask re-run of a
+  finished task after a worker died, a resumed job): then it returns the committed summary and calls nothing.
+* Each item runs with in-batch retries for transient error classes (backoff with jitter, ``Retry-After``), and a
+  circuit breaker that defers the rest of the batch when one transient class dominates.
+* A failing item never fails its batch: the batch commits its successes and records failures and deferred items in
+  its retry manifest. Only infrastructure faults (store unreachable, input changed) raise; Prefect task ``retries``
+  cover those.
+* The commit is the task manifest, written create-if-absent after everything it points to.
+
+The task returns a small summary (counts and keys), never the data.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
 import socket
 import time
 import uuid
-from typing import Any
+from collections import Counter
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
-from prefect.cache_policies import NONE
 from prefect.context import get_run_context
 from prefect.logging import get_run_logger
 
 from blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.config import JobConfig
+from slurmctl.errors import Backoff, CircuitBreaker, ErrorPolicy, call_with_retries
 from slurmctl.handler import BatchContext, load_handler, normalise_output
 from slurmctl.manifests import Keys, TaskManifest, now
 from slurmctl.records import BatchSpec, read_batch
 
+SUMMARY_FIELDS = ("batch_id", "status", "items_succeeded", "items_failed", "items_deferred", "items_rejected",
+                  "rows_written", "retried_failed", "retried_deferred", "slurm_job_id", "host")
+
+
+class InputChanged(RuntimeError):
+    """The bytes of a batch's slice are not those partitioned: the input was modified under a running job."""
+
 
 @functools.lru_cache(maxsize=16)
-def _handler(spec: str):
+def _handler(spec: str) -> Callable[..., Any]:
     # One import per worker process, not one per batch.
     return load_handler(spec)
 
@@ -54,37 +70,82 @@ def jsonl_bytes(records: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(r, default=str).encode() + b"\n" for r in records)
 
 
-def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: Any = None,
-              run_ids: tuple[str | None, str | None] = (None, None)) -> dict[str, Any]:
-    """Process one batch and write its output, rejects, failures and task manifest; return the summary.
+def summary_of(task_manifest: dict[str, Any]) -> dict[str, Any]:
+    """The few fields of a task manifest the coordinator keeps (a task's return value: keys and counts, not data)."""
+    return {k: task_manifest.get(k) for k in SUMMARY_FIELDS}
 
-    Plain function (no Prefect) so benchmarks and unit tests can call it; ``process_batch`` wraps it as a task.
-    """
-    started, t0 = now(), time.perf_counter()
+
+def error_policy(cfg: JobConfig) -> ErrorPolicy:
+    e = cfg.errors
+    return ErrorPolicy(exceptions=e.exceptions, http_status=e.http_status, transient=e.transient)
+
+
+def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: Any = None,
+              run_ids: tuple[str | None, str | None] = (None, None),
+              sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """Process one batch and commit it; return its summary. Plain function: benchmarks and tests call it directly."""
     keys = Keys(cfg.job_id)
+    committed = store.get_json(keys.task(spec.batch_id))
+    if committed is not None:
+        return {**summary_of(committed), "already_committed": True}
+
+    started, t0 = now(), time.perf_counter()
     attempt = uuid.uuid4().hex[:12]
     handler = _handler(cfg.handler)
     id_field = cfg.input.id_field
-    sliced = read_batch(store.open_uri, store.read_range, cfg.input.uri, cfg.input.format, spec, id_field)
+    uri = cfg.input.uri if spec.source == "input" else store.uri(spec.source)
+    sliced = read_batch(store.open_uri, store.read_range, uri, cfg.input.format, spec, id_field)
+    if spec.digest and sliced.digest != spec.digest:
+        raise InputChanged(f"{spec.batch_id}: input slice digest {sliced.digest} differs from the partitioned "
+                           f"{spec.digest}; the input changed while the job ran — submit it as a new job")
     ctx = BatchContext(cfg.job_id, spec.batch_id, params=cfg.params, logger=logger)
+    e = cfg.errors
+    policy = error_policy(cfg)
+    backoff = Backoff(e.backoff_base_s, e.backoff_max_s, e.retry_after_max_s)
+    breaker = (CircuitBreaker(e.circuit_breaker.window, e.circuit_breaker.threshold, e.circuit_breaker.min_attempts,
+                              policy.transient) if e.circuit_breaker.enabled else None)
+    item_retries: Counter[str] = Counter()
+
+    def on_retry(err: Any, attempt_no: int, wait: float) -> None:
+        item_retries[err.error_class] += 1
+        ctx.count("item_retry_wait_s", wait)
 
     rows: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    deferred: list[dict[str, Any]] = []
+    succeeded = 0
     for line, item in sliced.items:
-        try:
-            rows.extend(normalise_output(handler(item, ctx), item, id_field))
-        except Exception as exc:  # an item's failure is recorded, never the batch's
-            failures.append({"id": item.get(id_field), "line": line, "batch_id": spec.batch_id,
-                             "error_class": "handler", "error_type": type(exc).__name__,
-                             "message": str(exc)[:1000], "attempts": 1})
+        if breaker is not None and breaker.open:
+            deferred.append({"id": item.get(id_field), "line": line, "item": item})
+            continue
+
+        def call(item: dict[str, Any] = item) -> list[dict[str, Any]]:
+            return normalise_output(handler(item, ctx), item, id_field)
+
+        outcome = call_with_retries(call, policy, backoff, e.max_attempts, breaker, sleep=sleep, on_retry=on_retry)
+        if outcome.ok:
+            rows.extend(outcome.result)
+            succeeded += 1
+        elif breaker is not None and breaker.open and outcome.error.transient:
+            deferred.append({"id": item.get(id_field), "line": line, "item": item})
+        else:
+            err = outcome.error
+            failed.append({"id": item.get(id_field), "line": line, "batch_id": spec.batch_id,
+                           "error_class": err.error_class, "error_type": err.error_type, "message": err.message,
+                           "status": err.status, "attempts": outcome.attempts, "item": item})
 
     manifest = TaskManifest(
-        job_id=cfg.job_id, batch_id=spec.batch_id, task_id=f"task-{spec.index:06d}", status="succeeded",
+        job_id=cfg.job_id, batch_id=spec.batch_id, task_id=spec.batch_id.replace("batch", "task", 1),
+        group=spec.group, phase="process" if spec.source == "input" else "retry",
+        status="throttled" if breaker is not None and breaker.open else "succeeded",
         input_digest=sliced.digest, started_at=started, finished_at=started, items=spec.records,
-        items_succeeded=len(sliced.items) - len(failures), items_failed=len(failures),
-        items_rejected=len(sliced.rejects), rows_written=len(rows), host=socket.gethostname(),
-        slurm_job_id=os.environ.get("SLURM_JOB_ID"), flow_run_id=run_ids[0], task_run_id=run_ids[1],
-        attempt=attempt)
+        items_succeeded=succeeded, items_failed=len(failed), items_deferred=len(deferred),
+        items_rejected=len(sliced.rejects), rows_written=len(rows),
+        retried_failed=sliced.previous.get("failed", 0), retried_deferred=sliced.previous.get("deferred", 0),
+        retried_ids=[item[id_field] for _, item in sliced.items] if spec.source != "input" else [],
+        error_classes=dict(Counter(f["error_class"] for f in failed)), tripped_by=breaker and breaker.tripped_by,
+        host=socket.gethostname(), slurm_job_id=os.environ.get("SLURM_JOB_ID"), flow_run_id=run_ids[0],
+        task_run_id=run_ids[1], attempt=attempt)
     written: list[str] = []
     if rows:
         data = rows_to_parquet(rows)
@@ -97,16 +158,18 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         manifest.rejects = keys.batch_rejects(spec.batch_id, attempt)
         store.put_bytes(manifest.rejects, jsonl_bytes(sliced.rejects))
         written.append(manifest.rejects)
-    if failures:
-        manifest.failures = keys.batch_failures(spec.batch_id, attempt)
-        store.put_bytes(manifest.failures, jsonl_bytes(failures))
-        written.append(manifest.failures)
+    if failed or deferred:
+        manifest.retry = keys.batch_retry(spec.batch_id, attempt)
+        store.put_json(manifest.retry, {"schema_version": 1, "kind": "retry", "job_id": cfg.job_id,
+                                        "batch_id": spec.batch_id, "attempt": attempt, "failed": failed,
+                                        "deferred": deferred, "tripped_by": manifest.tripped_by})
+        written.append(manifest.retry)
 
     elapsed = time.perf_counter() - t0
-    manifest.metrics = {**dict(ctx.metrics), "seconds": round(elapsed, 4)}
+    manifest.metrics = {**dict(ctx.metrics), **{f"item_retries_{k}": v for k, v in item_retries.items()},
+                        "seconds": round(elapsed, 4)}
     manifest.finished_at = now()
-    # The task manifest is the batch's commit: written last, create-if-absent, after everything it points to.
-    # If another attempt (a zombie worker, a duplicate submission) committed first, ours is discarded.
+    # The commit: create-if-absent, last. If another attempt committed first, ours is discarded.
     if not store.put_json(keys.task(spec.batch_id), manifest.model_dump(mode="json"), if_absent=True):
         for key in written:
             store.delete(key)
@@ -115,17 +178,18 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     return summary_of(manifest.model_dump(mode="json"))
 
 
-SUMMARY_FIELDS = ("batch_id", "status", "items_succeeded", "items_failed", "items_rejected", "rows_written",
-                  "slurm_job_id", "host")
+def batch_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """A batch's identity: job, batch, digest of its input slice, handler version. Never the flow run id, so a
+    re-run in any later flow run (resume, a Dask re-execution after worker loss) hits the cache."""
+    cfg, spec = parameters["cfg"], parameters["spec"]
+    ident = f"{cfg.job_id}|{spec['batch_id']}|{spec.get('digest', '')}|{parameters.get('handler_version', '')}"
+    return f"jobs/{cfg.job_id}/cache/{spec['batch_id']}-{hashlib.sha256(ident.encode()).hexdigest()[:24]}"
 
 
-def summary_of(task_manifest: dict[str, Any]) -> dict[str, Any]:
-    """The few fields of a task manifest the coordinator keeps (a task's return value: keys and counts, not data)."""
-    return {k: task_manifest.get(k) for k in SUMMARY_FIELDS}
-
-
-@task(name="process-batch", task_run_name="{spec[batch_id]}", cache_policy=NONE, persist_result=False, retry_delay_seconds=[2, 10, 30])
-def process_batch(cfg: JobConfig, store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
+@task(name="process-batch", task_run_name="{spec[batch_id]}", cache_key_fn=batch_cache_key, persist_result=True,
+      result_serializer="json", retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5)
+def process_batch(cfg: JobConfig, store: ManifestStore, spec: dict[str, Any], handler_version: str = "",
+                  ) -> dict[str, Any]:
     ctx = get_run_context()
     ids = (str(ctx.task_run.flow_run_id), str(ctx.task_run.id))
     return run_batch(cfg, store, BatchSpec.from_dict(spec), logger=get_run_logger(), run_ids=ids)

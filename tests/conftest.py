@@ -182,7 +182,9 @@ def slurmctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def run_cli(*args: str, timeout: float = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run the real ``slurmctl`` command as a user would (a subprocess, environment inherited)."""
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           # tests/ on the path: jobs may use the handlers in tests/support (workers inherit it)
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "slurmctl.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
 def our_slurm_jobs() -> list[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=30).stdout
-    return [line for line in out.splitlines() if "dask-worker" in line]
+    return [line for line in out.splitlines() if line.endswith(" slurmctl-on-slurm")]
 
 
 def test_job_runs_on_slurm_workers(tmp_path: Path, prefect_api: str, slurmctl_home: Path, slurm: None):

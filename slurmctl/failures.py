@@ -1,0 +1,76 @@
+"""The job's current failures, from its manifests: which items are failed (and why) or deferred right now.
+
+Initial batches record failed and deferred items in their retry manifests. A retry round takes some of them (its
+plan), and each of its batches records which items it took (``retried_ids``) and which failed again. Replaying the
+committed manifests in order — initial batches, then round 1, round 2, ... — gives the current state. Retry
+planning, ``slurmctl analyze-errors`` and the final ``failures.jsonl`` all read it from here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from typing import Any, Iterable
+
+from blocks.manifest_store import ManifestStore
+from slurmctl.manifests import Keys
+
+_ROUND = re.compile(r"^r(\d+)-")
+
+
+def round_of(batch_id: str) -> int:
+    """0 for an initial batch, N for a batch of retry round N (``rNN-batch-...``)."""
+    m = _ROUND.match(batch_id)
+    return int(m.group(1)) if m else 0
+
+
+def id_key(value: Any) -> str:
+    """Items ids as exact keys (1 and "1" stay different)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def committed_batch_ids(store: ManifestStore, job_id: str) -> list[str]:
+    """Batch ids with a committed task manifest: one LIST per 1,000 batches, no GETs."""
+    return [b for b in map(Keys.committed_batch, store.list_keys(Keys(job_id).tasks_prefix)) if b]
+
+
+def committed_tasks(store: ManifestStore, job_id: str) -> list[dict[str, Any]]:
+    keys = Keys(job_id)
+    tasks = [store.get_json(keys.task(b)) for b in committed_batch_ids(store, job_id)]
+    return sorted((t for t in tasks if t), key=lambda t: (round_of(t["batch_id"]), t["batch_id"]))
+
+
+def failure_state(store: ManifestStore, tasks: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """id key -> the item's latest failure record, with ``state`` "failed" or "deferred" (tasks in commit order)."""
+    state: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        for item_id in t.get("retried_ids") or []:
+            state.pop(id_key(item_id), None)
+        if not t.get("retry"):
+            continue
+        retry = store.get_json(t["retry"]) or {}
+        for rec in retry.get("failed", []):
+            state[id_key(rec["id"])] = {**rec, "state": "failed", "batch_id": t["batch_id"], "host": t.get("host")}
+        for rec in retry.get("deferred", []):
+            cls = retry.get("tripped_by") or "throttle"
+            state[id_key(rec["id"])] = {**rec, "state": "deferred", "batch_id": t["batch_id"], "host": t.get("host"),
+                                        "error_class": cls, "error_type": "Deferred",
+                                        "message": f"deferred: circuit breaker opened on {cls}", "attempts": 0}
+    return state
+
+
+def analyze(job_id: str, state: dict[str, dict[str, Any]], top: int = 10) -> dict[str, Any]:
+    """Counts by class, top messages with example ids, hot batches and hosts."""
+    classes = Counter(r["error_class"] for r in state.values())
+    by_message: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for r in state.values():
+        by_message[(r["error_class"], (r.get("message") or "")[:200])].append(r["id"])
+    top_messages = [{"error_class": cls, "message": msg, "count": len(ids), "example_ids": ids[:5]}
+                    for (cls, msg), ids in sorted(by_message.items(), key=lambda kv: -len(kv[1]))[:top]]
+    batches = Counter(r["batch_id"] for r in state.values())
+    hosts = Counter(r.get("host") or "?" for r in state.values())
+    return {"job_id": job_id, "items_failed": sum(1 for r in state.values() if r["state"] == "failed"),
+            "items_deferred": sum(1 for r in state.values() if r["state"] == "deferred"),
+            "classes": dict(classes.most_common()), "top_messages": top_messages,
+            "batches": dict(batches.most_common(top)), "hosts": dict(hosts.most_common(top))}

@@ -1,0 +1,97 @@
+"""One batch, run directly (no Prefect, no Dask): commit once, retry transient items, defer under throttling."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from blocks.manifest_store import LocalManifestStore
+from conftest import write_jsonl
+from slurmctl.config import parse_config
+from slurmctl.failures import analyze, committed_tasks, failure_state
+from slurmctl.manifests import Keys
+from slurmctl.records import partition
+from support.sample_handlers import calls
+from tasks.process_batch import InputChanged, run_batch
+
+
+@pytest.fixture
+def job(tmp_path: Path):
+    def make(n: int = 20, batch_size: int = 20, **params):
+        write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
+        cfg = parse_config({"job_id": "unit", "handler": "support.sample_handlers:counting",
+                            "input": {"uri": str(tmp_path / "in.jsonl")}, "batch_size": batch_size,
+                            "storage": {"uri": f"file://{tmp_path / 'store'}"},
+                            "params": {"calls_file": str(tmp_path / "calls"), **params},
+                            "errors": {"backoff_base_s": 0, "backoff_max_s": 0,
+                                       "circuit_breaker": {"window": 6, "min_attempts": 6, "threshold": 0.8}}})
+        store = LocalManifestStore(root=str(tmp_path / "store"))
+        with open(tmp_path / "in.jsonl", "rb") as f:
+            specs = partition(f, "jsonl", batch_size).batches
+        return cfg, store, specs, tmp_path / "calls"
+    return make
+
+
+def test_item_failures_are_recorded_not_fatal(job):
+    cfg, store, [spec], calls_file = job(fail={"3": "not_found", "7": "handler"})
+    summary = run_batch(cfg, store, spec, sleep=lambda s: None)
+    assert (summary["status"], summary["items_succeeded"], summary["items_failed"]) == ("succeeded", 18, 2)
+    state = failure_state(store, committed_tasks(store, "unit"))
+    assert {r["id"]: r["error_class"] for r in state.values()} == {3: "not_found", 7: "handler"}
+    assert all(r["attempts"] == 1 for r in state.values())  # permanent: not retried
+    report = analyze("unit", state)
+    assert report["classes"] == {"not_found": 1, "handler": 1} and report["batches"] == {spec.batch_id: 2}
+
+
+def test_transient_items_are_retried_within_the_batch(job):
+    cfg, store, [spec], calls_file = job(fail={"5": "throttle"})
+    summary = run_batch(cfg, store, spec, sleep=lambda s: None)
+    # throttle is transient: 3 attempts (the default budget), then recorded with its class
+    assert [i for _, i in calls(str(calls_file))].count(5) == 3
+    assert summary["items_failed"] == 1
+    state = failure_state(store, committed_tasks(store, "unit"))
+    assert [(r["error_class"], r["attempts"]) for r in state.values()] == [("throttle", 3)]
+
+
+def test_a_committed_batch_never_calls_the_handler_again(job):
+    cfg, store, [spec], calls_file = job()
+    first = run_batch(cfg, store, spec)
+    again = run_batch(cfg, store, spec)
+    assert len(calls(str(calls_file))) == 20
+    assert again["already_committed"] and again["items_succeeded"] == first["items_succeeded"] == 20
+
+
+def test_two_attempts_racing_commit_exactly_once(job):
+    cfg, store, [spec], calls_file = job(sleep_s=0.01)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(run_batch(cfg, store, spec))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    task = json.loads(store.get_bytes(Keys("unit").task(spec.batch_id)))
+    outputs = list(store.list_keys("jobs/unit/outputs/"))
+    assert outputs == [task["output"]]  # the loser deleted its output; only the committed attempt's remains
+    assert sum(1 for r in results if r.get("duplicate")) <= 1
+
+
+def test_breaker_defers_the_rest_of_a_throttled_batch(job):
+    cfg, store, [spec], calls_file = job(fail={str(i): "throttle" for i in range(20)})
+    summary = run_batch(cfg, store, spec, sleep=lambda s: None)
+    assert summary["status"] == "throttled"
+    # 6 attempts fill the breaker's window (items 0 and 1, 3 attempts each), the rest are not even tried
+    assert len(calls(str(calls_file))) == 6
+    assert (summary["items_failed"], summary["items_deferred"]) == (1, 19)
+    state = failure_state(store, committed_tasks(store, "unit"))
+    assert sum(r["state"] == "deferred" for r in state.values()) == 19
+
+
+def test_input_changed_under_the_job_fails_the_batch_loudly(job, tmp_path):
+    cfg, store, [spec], calls_file = job()
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i + 100} for i in range(20)])
+    with pytest.raises(InputChanged, match="input changed"):
+        run_batch(cfg, store, spec)
+    assert not calls_file.exists()
