@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import shutil
+import subprocess
 import time
 from collections import deque
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger
+from prefect.context import get_run_context
 
 from blocks.manifest_store import ManifestStore
 from flows.partition import read_plan
@@ -34,6 +37,44 @@ WORKER_LOSS = ("KilledWorker", "FutureCancelledError", "CancelledError", "CommCl
 def recount(store: ManifestStore, job_id: str, batches_total: int, items_total: int) -> Counts:
     """Counts from the committed task manifests alone (resume, ``status --scan``)."""
     return counts_from_tasks(committed_tasks(store, job_id), batches_total, items_total)
+
+
+class NoWorkers(RuntimeError):
+    """Batches are waiting and no Dask worker has been alive for ``no_workers_timeout_s``: the cluster is lost."""
+
+
+class WorkerWatch:
+    """Notices a cluster that has lost all its workers (Slurm walltime, scancel, a partition taken down)."""
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.since: float | None = None
+        try:
+            self.client = get_run_context().task_runner.client
+        except Exception:  # not on a Dask task runner (unit tests): nothing to watch
+            self.client = None
+
+    def check(self, waiting: bool) -> None:
+        if self.client is None:
+            return
+        alive = len(self.client.nthreads())
+        if alive or not waiting:
+            self.since = None
+            return
+        self.since = self.since or time.monotonic()
+        if time.monotonic() - self.since > self.cfg.no_workers_timeout_s:
+            raise NoWorkers(f"no Dask worker alive for {self.cfg.no_workers_timeout_s:.0f} s while batches wait"
+                            f"{self.slurm_diagnosis()}; the cluster is lost — `slurmctl resume {self.cfg.job_id}` "
+                            f"continues the job when workers can start again")
+
+    def slurm_diagnosis(self) -> str:
+        if self.cfg.cluster.kind != "slurm" or not shutil.which("squeue"):
+            return ""
+        from flows.runners import slurm_job_name
+
+        out = subprocess.run(["squeue", "-h", "--name", slurm_job_name(self.cfg.job_id), "-o", "%i %T %r"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        return f" (Slurm worker jobs: {out.replace(chr(10), '; ') or 'none'})"
 
 
 def saved_store(store: ManifestStore) -> ManifestStore:
@@ -60,12 +101,14 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
     requeues: dict[str, int] = {}
     failed: list[str] = []
     last_beat = 0.0
+    watch = WorkerWatch(cfg)
 
     def beat(force: bool = False) -> None:
         nonlocal last_beat
         if force or time.monotonic() - last_beat >= HEARTBEAT_S:
             save_job(store, job)
             last_beat = time.monotonic()
+            watch.check(waiting=bool(in_flight))
             if on_progress:
                 on_progress()
 

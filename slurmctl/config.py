@@ -180,6 +180,8 @@ class JobConfig(_Strict):
     batch_retries: int = Field(default=2, ge=0, description="Prefect task retries for a whole batch (infra faults).")
     worker_loss_requeues: int = Field(default=5, ge=0,
                                       description="Times a batch whose worker died is run again (not a retry).")
+    no_workers_timeout_s: float = Field(default=600, gt=0, description=(
+        "Fail the run (clearly, not stuck Running) when batches wait this long with no Dask worker alive."))
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     params: dict[str, Any] = Field(default_factory=dict, description="Free-form values handed to the handler as ctx.params.")
 

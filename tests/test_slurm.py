@@ -47,3 +47,91 @@ def test_job_runs_on_slurm_workers(tmp_path: Path, prefect_api: str, slurmctl_ho
     while our_slurm_jobs() and time.monotonic() < deadline:
         time.sleep(2)
     assert our_slurm_jobs() == []
+
+
+def slurm_config(tmp_path: Path, job_id: str, n: int, **extra) -> Path:
+    write_jsonl(tmp_path / "users.jsonl", [{"id": i} for i in range(n)])
+    return write_config(tmp_path / "job.yaml", job_id=job_id, handler="support.sample_handlers:counting",
+                        input={"uri": "users.jsonl"}, batch_size=10, storage={"uri": "state"}, batch_retries=0,
+                        max_in_flight=4, params={"calls_file": str(tmp_path / "calls"), "sleep_s": 0.05},
+                        cluster={"kind": "slurm", "queue": "debug", "cores": 1, "memory": "1GB",
+                                 "walltime": "00:10:00", "min_jobs": 2, "max_jobs": 2}, **extra)
+
+
+def worker_jobs(job_id: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "--name", f"slurmctl-{job_id}", "-t", "RUNNING", "-o", "%i"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return out.split()
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.chaos
+def test_scancel_of_a_worker_job_mid_run_loses_nothing(tmp_path: Path, prefect_api: str, slurmctl_home: Path,
+                                                       slurm: None):
+    from support.sample_handlers import calls
+
+    n = 300
+    cfg = slurm_config(tmp_path, "scancel-one", n)
+    assert run_cli("submit", str(cfg)).returncode == 0
+    wait_until(lambda: len(calls(str(tmp_path / "calls"))) >= 40, 300, "batches running on Slurm workers")
+    victim = worker_jobs("scancel-one")[0]
+    subprocess.run(["scancel", victim], check=True, timeout=30)
+
+    view = wait_until(lambda: (v := json.loads(run_cli("status", "scancel-one", "--json").stdout))["status"]
+                      in ("completed", "failed") and v, 600, "the job to end")
+    assert view["status"] == "completed", view["error"] + (slurmctl_home / "logs/scancel-one.log").read_text()[-5000:]
+    ids = pq.read_table(view["output"][len("file://"):]).column("id").to_pylist()
+    assert sorted(ids) == list(range(n)) and len(ids) == len(set(ids))
+    tasks = [json.loads(p.read_text()) for p in (tmp_path / "state/jobs/scancel-one/tasks").glob("batch-*.json")]
+    assert len({t["slurm_job_id"] for t in tasks}) >= 2  # batches ran in more than one Slurm job
+
+
+@pytest.mark.chaos
+def test_lost_cluster_fails_the_run_clearly_and_resume_finishes_it(tmp_path: Path, prefect_api: str,
+                                                                   slurmctl_home: Path, slurm: None):
+    n = 300
+    cfg = slurm_config(tmp_path, "lost-cluster", n, no_workers_timeout_s=15)
+    assert run_cli("submit", str(cfg)).returncode == 0
+    from support.sample_handlers import calls
+
+    wait_until(lambda: len(calls(str(tmp_path / "calls"))) >= 30, 300, "batches running on Slurm workers")
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], check=True, timeout=30)
+    try:
+        subprocess.run(["scancel", "--name", "slurmctl-lost-cluster"], check=True, timeout=30)
+        started = time.monotonic()
+        view = wait_until(lambda: (v := json.loads(run_cli("status", "lost-cluster", "--json").stdout))["status"]
+                          in ("completed", "failed") and v, 180, "the run to end")
+        assert view["status"] == "failed" and "NoWorkers" in view["error"] and "cluster is lost" in view["error"]
+        assert time.monotonic() - started < 120
+        flow_state = flow_run_state(prefect_api, view["flow_run_id"])
+        assert flow_state in ("FAILED", "CRASHED"), flow_state  # never left Running (prefect#12969)
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], check=True, timeout=30)
+    result = run_cli("resume", "lost-cluster", "--wait", timeout=900)
+    assert result.returncode == 0, result.stderr + (slurmctl_home / "logs/lost-cluster.log").read_text()[-5000:]
+    view = json.loads(run_cli("status", "lost-cluster", "--json").stdout)
+    ids = pq.read_table(view["output"][len("file://"):]).column("id").to_pylist()
+    assert sorted(ids) == list(range(n)) and len(ids) == len(set(ids))
+
+
+def flow_run_state(api_url: str, flow_run_id: str) -> str:
+    import asyncio
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read() -> str:
+        async with get_client() as client:
+            return (await client.read_flow_run(UUID(flow_run_id))).state.type.value
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return asyncio.run(read())
