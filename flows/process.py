@@ -86,7 +86,7 @@ def saved_store(store: ManifestStore) -> ManifestStore:
 
 def is_worker_loss(exc: BaseException) -> bool:
     names = {c.__name__ for c in type(exc).__mro__}
-    return bool(names & set(WORKER_LOSS)) or "worker" in str(exc).lower() and "died" in str(exc).lower()
+    return bool(names & set(WORKER_LOSS))
 
 
 def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: list[BatchSpec],

@@ -265,9 +265,22 @@ def mark_flow_run_crashed(flow_run_id: str, message: str) -> None:
     asyncio.run(mark())
 
 
+def set_paused(job: Any, paused: bool) -> list[str]:
+    """Pause or unpause every rate limit of a job (workers stop taking tokens within ~1 s); return their names."""
+    from slurmctl.config import parse_config
+    from slurmctl.limits import backend_for, limit_key, limit_spec
+
+    cfg = parse_config(job.config)
+    backend = backend_for(cfg)
+    for name in cfg.rate_limits:
+        backend.set_paused(limit_key(cfg, name), limit_spec(cfg, name), paused)
+    return list(cfg.rate_limits)
+
+
 def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> int:
-    """Start a coordinator for an existing job (resume, retry), unless one is still running."""
+    """Make a job go again: unpause it, and start a coordinator unless one is still running (resume, retry)."""
     from slurmctl.jobs import JobNotFound, load_job, store_for, update_job
+    from slurmctl.manifests import Keys, now
 
     storage = storage_for_job(args.job_id, args)
     try:
@@ -275,6 +288,13 @@ def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> 
     except JobNotFound as exc:
         _err(f"{exc}; pass --storage URI if the job lives elsewhere")
         return EXIT_USAGE
+    store = store_for(storage)
+    if (store.get_json(Keys(args.job_id).control) or {}).get("paused"):
+        names = set_paused(job, False)
+        store.put_json(Keys(args.job_id).control, {"schema_version": 1, "paused": False, "at": now()})
+        print(f"unpaused {args.job_id} ({', '.join(names)})", file=sys.stderr)
+        if coordinator_alive(job) and not retry_errors:
+            return watch(args.job_id, storage, None, None) if args.wait else EXIT_OK
     if coordinator_alive(job):
         _err(f"job {args.job_id} is running (coordinator pid {job.coordinator_pid} on {job.coordinator_host}, "
              f"heartbeat {job.updated_at}); `slurmctl status {args.job_id}` follows it")
@@ -297,6 +317,56 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return restart(args)
 
 
+def _job_or_exit(args: argparse.Namespace) -> tuple[Any, Any] | None:
+    from slurmctl.jobs import JobNotFound, load_job, store_for
+
+    store = store_for(storage_for_job(args.job_id, args))
+    try:
+        return load_job(store, args.job_id), store
+    except JobNotFound as exc:
+        _err(f"{exc}; pass --storage URI if the job lives elsewhere")
+        return None
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from slurmctl.manifests import Keys, now
+
+    found = _job_or_exit(args)
+    if found is None:
+        return EXIT_USAGE
+    job, store = found
+    if not job.config.get("rate_limits"):
+        _err(f"job {args.job_id} declares no rate_limits: pause stops token issuance, so there is nothing to pause")
+        return EXIT_USAGE
+    names = set_paused(job, True)
+    store.put_json(Keys(args.job_id).control, {"schema_version": 1, "paused": True, "at": now()})
+    print(f"paused {args.job_id}: workers take no more tokens of {', '.join(names)} (in-flight requests finish; "
+          f"batches wait). `slurmctl resume {args.job_id}` continues", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_rate(args: argparse.Namespace) -> int:
+    from slurmctl.config import parse_config
+    from slurmctl.limits import backend_for, limit_key, limit_spec
+
+    found = _job_or_exit(args)
+    if found is None:
+        return EXIT_USAGE
+    cfg = parse_config(found[0].config)
+    if args.limit not in cfg.rate_limits:
+        _err(f"--limit: job {args.job_id} has no rate limit {args.limit!r} "
+             f"(it has: {', '.join(cfg.rate_limits) or 'none'})")
+        return EXIT_USAGE
+    try:
+        state = backend_for(cfg).set_rate(limit_key(cfg, args.limit), limit_spec(cfg, args.limit), args.per_second)
+    except ValueError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    print(f"{args.job_id}: limit {args.limit} now {state.target:g}/s (workers pick it up with their next lease, "
+          f"within about a second)", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     classes = sorted({c.strip() for c in args.errors.split(",") if c.strip()})
     if not classes:
@@ -307,14 +377,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_analyze_errors(args: argparse.Namespace) -> int:
     from slurmctl.failures import analyze, committed_tasks, failure_state
-    from slurmctl.jobs import JobNotFound, load_job, store_for
 
-    store = store_for(storage_for_job(args.job_id, args))
-    try:
-        load_job(store, args.job_id)
-    except JobNotFound as exc:
-        _err(f"{exc}; pass --storage URI if the job lives elsewhere")
+    found = _job_or_exit(args)
+    if found is None:
         return EXIT_USAGE
+    store = found[1]
     report = analyze(args.job_id, failure_state(store, committed_tasks(store, args.job_id)), top=args.top)
     if args.json:
         print(json.dumps(report, default=str))
@@ -338,19 +405,23 @@ def cmd_analyze_errors(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from flows.process import recount
-    from slurmctl.jobs import JobNotFound, load_job, store_for
-    from slurmctl.manifests import status_view
+    from slurmctl.manifests import Keys, status_view
 
-    storage = storage_for_job(args.job_id, args)
-    store = store_for(storage)
-    try:
-        job = load_job(store, args.job_id)
-    except JobNotFound as exc:
-        _err(f"{exc}; pass --storage URI if the job lives elsewhere")
+    found = _job_or_exit(args)
+    if found is None:
         return EXIT_USAGE
+    job, store = found
     if args.scan:
         job.counts = recount(store, args.job_id, job.counts.batches_total, job.counts.items_total)
-    view = status_view(job.model_dump(mode="json"))
+    view = status_view(job.model_dump(mode="json"), store.get_json(Keys(args.job_id).control))
+    if job.config.get("rate_limits"):
+        try:
+            from slurmctl.config import parse_config
+            from slurmctl.limits import limits_status
+
+            view["rate_limits"] = limits_status(parse_config(job.config))
+        except Exception as exc:  # the limiter backend is optional for status: manifests come first
+            view["rate_limits"] = {"error": f"{type(exc).__name__}: {exc}"}
     if args.json:
         print(json.dumps(view))
         return EXIT_OK
@@ -383,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan", action="store_true", help="recount from the task manifests instead of the job's counters")
     _storage_args(p)
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("resume", help="make a stopped or failed job go again; committed batches are not re-run")
+    p = sub.add_parser("resume", help="make a paused, stopped or failed job go again; committed batches are not "
+                                      "re-run")
     p.add_argument("job_id")
     p.add_argument("--wait", action="store_true")
     p.add_argument("--force", action="store_true", help="run even if the job completed (re-aggregates)")
@@ -395,6 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true")
     _storage_args(p)
     p.set_defaults(func=cmd_retry)
+    p = sub.add_parser("pause", help="stop workers taking rate-limit tokens (in-flight requests finish)")
+    p.add_argument("job_id")
+    _storage_args(p)
+    p.set_defaults(func=cmd_pause)
+    p = sub.add_parser("rate", help="change a rate limit while the job runs")
+    p.add_argument("job_id")
+    p.add_argument("--limit", required=True, help="the limit's name in the job config's rate_limits")
+    p.add_argument("--per-second", type=float, required=True)
+    _storage_args(p)
+    p.set_defaults(func=cmd_rate)
     p = sub.add_parser("analyze-errors", help="failed items by class, top messages, hot batches and hosts")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")

@@ -142,6 +142,39 @@ class ErrorsConfig(_Strict):
         return v
 
 
+class RateLimitConfig(_Strict):
+    """One limit (one API or endpoint): handlers spend it with ``with ctx.limit("name"):``."""
+
+    per_second: float = Field(gt=0)
+    burst: int = Field(default=1, ge=1, description="Requests an idle limit may send at once.")
+    floor: float | None = Field(default=None, gt=0, description="Lowest rate after 429s (default per_second/10).")
+    ceiling: float | None = Field(default=None, gt=0, description="Highest rate `slurmctl rate` may set "
+                                                                 "(default per_second*10).")
+    lease_size: int = Field(default=20, gt=0, description="Slots a worker leases in one backend write.")
+    recovery_s: float = Field(default=30, gt=0, description="Time to recover from floor to target after 429s.")
+    key: str | None = Field(default=None, min_length=1, description="Share this limit's state across jobs "
+                                                                    "(default: private to the job).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "RateLimitConfig":
+        if self.floor is not None and self.floor > self.per_second:
+            raise ValueError("floor must be <= per_second")
+        if self.ceiling is not None and self.ceiling < self.per_second:
+            raise ValueError("ceiling must be >= per_second")
+        return self
+
+
+class RateLimiterConfig(_Strict):
+    """Where limit state lives: ``local`` (SQLite, processes of one machine) or ``dynamodb`` (any number of nodes)."""
+
+    kind: Literal["local", "dynamodb"] = "local"
+    path: str | None = Field(default=None, description="local: SQLite file (default: in the local store, or "
+                                                       "$SLURMCTL_HOME)")
+    table: str = Field(default="slurmctl-rate-limits", min_length=3)
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
 ClusterConfig = Annotated[Union[LocalClusterConfig, SlurmClusterConfig], Field(discriminator="kind")]
 
 
@@ -183,6 +216,9 @@ class JobConfig(_Strict):
     no_workers_timeout_s: float = Field(default=600, gt=0, description=(
         "Fail the run (clearly, not stuck Running) when batches wait this long with no Dask worker alive."))
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
+    rate_limits: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], RateLimitConfig] = Field(
+        default_factory=dict)
+    rate_limiter: RateLimiterConfig = Field(default_factory=RateLimiterConfig)
     params: dict[str, Any] = Field(default_factory=dict, description="Free-form values handed to the handler as ctx.params.")
 
     @field_validator("handler")

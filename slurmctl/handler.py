@@ -6,6 +6,7 @@ Dask or AWS, so a user unit-tests it with ``BatchContext(job_id="t", batch_id="b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -13,7 +14,7 @@ import logging
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 Handler = Callable[[dict[str, Any], "BatchContext"], Any]
 
@@ -72,15 +73,41 @@ def handler_version(spec: str) -> str:
 
 
 class BatchContext:
-    """What a handler sees besides the item: identity, a logger, counters, free-form params."""
+    """What a handler sees besides the item: identity, a logger, counters, free-form params, rate limits."""
 
     def __init__(self, job_id: str, batch_id: str, *, params: dict[str, Any] | None = None,
-                 logger: logging.Logger | logging.LoggerAdapter | None = None):
+                 logger: logging.Logger | logging.LoggerAdapter | None = None, limiters: dict[str, Any] | None = None):
         self.job_id = job_id
         self.batch_id = batch_id
         self.params = dict(params or {})
         self.logger = logger or logging.getLogger(f"slurmctl.handler.{job_id}")
         self.metrics: Counter[str] = Counter()
+        self.limiters = dict(limiters or {})
+
+    @contextlib.contextmanager
+    def limit(self, name: str, tokens: int = 1) -> Iterator[None]:
+        """Wrap one request (``tokens`` for several) to an API whose limit the job config declares.
+
+        Blocks until this worker's share of the job-wide rate allows it (and while the job is paused). When the
+        request raises a throttling error (HTTP 429, AWS throttling), the shared rate backs off for every worker.
+        """
+        leaser = self.limiters.get(name)
+        if leaser is None:
+            raise KeyError(f"no rate limit {name!r}: declare it in the job config under rate_limits "
+                           f"(declared: {', '.join(self.limiters) or 'none'})")
+        waited = leaser.acquire(tokens)
+        self.metrics[f"ratelimit_{name}_tokens"] += tokens
+        self.metrics[f"ratelimit_{name}_wait_s"] += waited
+        try:
+            yield
+        except Exception as exc:
+            from slurmctl.errors import ErrorPolicy
+
+            err = ErrorPolicy().classify(exc)
+            if err.error_class == "throttle":
+                self.metrics[f"ratelimit_{name}_throttled"] += 1
+                leaser.throttled(err.retry_after)
+            raise
 
     def count(self, name: str, n: float = 1) -> None:
         """Add ``n`` to the counter ``name``; counters land in the batch's task manifest ``metrics``."""

@@ -4,6 +4,7 @@ All manifests are JSON with ``schema_version`` and a ``checksum`` (added by ``Ma
 job under the store root::
 
     jobs/<job_id>/job.json                 JobManifest: config, phase, status, counters, heartbeat
+    jobs/<job_id>/control.json             operator intent: {"paused": true} (written by pause/resume only)
     jobs/<job_id>/plan.jsonl               one BatchSpec per line (written once by partition)
     jobs/<job_id>/tasks/<batch_id>.json    TaskManifest of the committed attempt: written create-if-absent, it *is*
                                            the batch's commit (exactly one attempt wins)
@@ -53,6 +54,11 @@ class Keys:
     @property
     def job(self) -> str:
         return self.root + "job.json"
+
+    @property
+    def control(self) -> str:
+        """Operator intent (paused) — written by the CLI, never by the coordinator, so neither overwrites the other."""
+        return self.root + "control.json"
 
     @property
     def plan(self) -> str:
@@ -213,8 +219,9 @@ class ResultManifest(_Manifest):
     created_at: str = Field(default_factory=now)
 
 
-def status_view(job: dict[str, Any], *, stale_after_s: int = STALE_AFTER_S) -> dict[str, Any]:
-    """The flat JSON object ``slurmctl status --json`` prints, from a job manifest body."""
+def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, *,
+                stale_after_s: int = STALE_AFTER_S) -> dict[str, Any]:
+    """The flat JSON object ``slurmctl status --json`` prints, from the job manifest and its control object."""
     counts = job.get("counts", {})
     view = {
         "job_id": job["job_id"],
@@ -228,6 +235,7 @@ def status_view(job: dict[str, Any], *, stale_after_s: int = STALE_AFTER_S) -> d
         "finished_at": job.get("finished_at"),
         "error": job.get("error"),
         "flow_run_id": job.get("flow_run_id"),
+        "paused": bool((control or {}).get("paused")),
     }
     stale = False
     if job["status"] not in TERMINAL_STATUSES and job.get("updated_at"):

@@ -35,6 +35,7 @@ from blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.config import JobConfig
 from slurmctl.errors import Backoff, CircuitBreaker, ErrorPolicy, call_with_retries
 from slurmctl.handler import BatchContext, load_handler, normalise_output
+from slurmctl.limits import leasers_for
 from slurmctl.manifests import Keys, TaskManifest, now
 from slurmctl.records import BatchSpec, read_batch
 
@@ -98,7 +99,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     if spec.digest and sliced.digest != spec.digest:
         raise InputChanged(f"{spec.batch_id}: input slice digest {sliced.digest} differs from the partitioned "
                            f"{spec.digest}; the input changed while the job ran — submit it as a new job")
-    ctx = BatchContext(cfg.job_id, spec.batch_id, params=cfg.params, logger=logger)
+    ctx = BatchContext(cfg.job_id, spec.batch_id, params=cfg.params, logger=logger, limiters=leasers_for(cfg))
     e = cfg.errors
     policy = error_policy(cfg)
     backoff = Backoff(e.backoff_base_s, e.backoff_max_s, e.retry_after_max_s)
@@ -133,6 +134,13 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
             failed.append({"id": item.get(id_field), "line": line, "batch_id": spec.batch_id,
                            "error_class": err.error_class, "error_type": err.error_type, "message": err.message,
                            "status": err.status, "attempts": outcome.attempts, "item": item})
+
+    if breaker is not None and breaker.open:
+        # Items that already failed with the class that tripped the breaker were victims of the same storm:
+        # defer them too, rather than marking them failed.
+        storm = [f for f in failed if f["error_class"] == breaker.tripped_by]
+        failed = [f for f in failed if f["error_class"] != breaker.tripped_by]
+        deferred += [{"id": f["id"], "line": f["line"], "item": f["item"]} for f in storm]
 
     manifest = TaskManifest(
         job_id=cfg.job_id, batch_id=spec.batch_id, task_id=spec.batch_id.replace("batch", "task", 1),

@@ -84,9 +84,10 @@ def test_breaker_defers_the_rest_of_a_throttled_batch(job):
     assert summary["status"] == "throttled"
     # 6 attempts fill the breaker's window (items 0 and 1, 3 attempts each), the rest are not even tried
     assert len(calls(str(calls_file))) == 6
-    assert (summary["items_failed"], summary["items_deferred"]) == (1, 19)
+    # item 0 had failed (3 attempts) before the breaker opened on item 1: same storm, so it is deferred too
+    assert (summary["items_failed"], summary["items_deferred"]) == (0, 20)
     state = failure_state(store, committed_tasks(store, "unit"))
-    assert sum(r["state"] == "deferred" for r in state.values()) == 19
+    assert sum(r["state"] == "deferred" for r in state.values()) == 20
 
 
 def test_input_changed_under_the_job_fails_the_batch_loudly(job, tmp_path):
@@ -95,3 +96,13 @@ def test_input_changed_under_the_job_fails_the_batch_loudly(job, tmp_path):
     with pytest.raises(InputChanged, match="input changed"):
         run_batch(cfg, store, spec)
     assert not calls_file.exists()
+
+
+def test_worker_loss_is_told_apart_from_batch_failure():
+    from distributed.scheduler import KilledWorker
+
+    from flows.process import is_worker_loss
+
+    assert is_worker_loss(KilledWorker("batch-000001", "tcp://127.0.0.1:1234", allowed_failures=3))
+    assert not is_worker_loss(InputChanged("input changed"))
+    assert not is_worker_loss(ValueError("bad"))

@@ -1,0 +1,70 @@
+"""A job's rate limits: their keys, specs and backend, from its config (used by workers, the CLI and status)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from slurmctl.config import JobConfig
+from slurmctl.ratelimit import Leaser, LimitSpec
+
+
+def limit_key(cfg: JobConfig, name: str) -> str:
+    return cfg.rate_limits[name].key or f"{cfg.job_id}/{name}"
+
+
+def limit_spec(cfg: JobConfig, name: str) -> LimitSpec:
+    c = cfg.rate_limits[name]
+    return LimitSpec(per_second=c.per_second, burst=c.burst, floor=c.floor, ceiling=c.ceiling,
+                     lease_size=c.lease_size, recovery_s=c.recovery_s)
+
+
+def backend_for(cfg: JobConfig) -> Any:
+    from blocks.rate_limiter import limiter_from_config
+
+    r = cfg.rate_limiter
+    path = r.path
+    if r.kind == "local" and not path:
+        s = cfg.storage.uri
+        base = s[len("file://"):] if s.startswith("file://") else os.environ.get(
+            "SLURMCTL_HOME", str(Path.home() / ".slurmctl"))
+        path = str(Path(base) / "rate-limits.sqlite")
+    return limiter_from_config(r.kind, path=path, table=r.table, endpoint_url=r.endpoint_url, region=r.region)
+
+
+_leasers: dict[tuple[str, str], Leaser] = {}
+
+
+def leasers_for(cfg: JobConfig) -> dict[str, Leaser]:
+    """This process's spenders for the job's limits; kept across batches so a lease is never wasted."""
+    if not cfg.rate_limits:
+        return {}
+    backend = backend_for(cfg)
+    out = {}
+    for name in cfg.rate_limits:
+        key = limit_key(cfg, name)
+        ident = (repr(backend), key)
+        if ident not in _leasers:
+            _leasers[ident] = Leaser(backend, key, limit_spec(cfg, name))
+        out[name] = _leasers[ident]
+    return out
+
+
+def limits_status(cfg: JobConfig) -> dict[str, Any]:
+    """Current state of each limit, for ``slurmctl status`` (empty when the backend cannot be reached)."""
+    from slurmctl.ratelimit import now_us
+
+    if not cfg.rate_limits:
+        return {}
+    backend = backend_for(cfg)
+    out = {}
+    for name in cfg.rate_limits:
+        state = backend.read(limit_key(cfg, name))
+        if state is None:
+            out[name] = {"target_per_s": cfg.rate_limits[name].per_second, "current_per_s": None, "paused": False,
+                         "granted": 0, "throttled": 0}
+        else:
+            out[name] = {"target_per_s": state.target, "current_per_s": round(state.effective_rate(now_us()), 3),
+                         "paused": state.paused, "granted": state.granted, "throttled": state.throttled}
+    return out
