@@ -34,7 +34,9 @@ from typing import Any, BinaryIO, Iterator
 
 from botocore.exceptions import ClientError
 from prefect.filesystems import WritableFileSystem
-from prefect_aws import AwsClientParameters, AwsCredentials
+from prefect_aws import AwsCredentials
+
+from blocks.aws import aws_credentials
 from pydantic import Field
 
 CHECKSUM_FIELD = "checksum"
@@ -58,12 +60,6 @@ def sha256_bytes(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def default_aws_credentials() -> AwsCredentials:
-    """Credentials from the usual AWS environment, with botocore's adaptive retry mode for throttling/5xx."""
-    return AwsCredentials(aws_client_parameters=AwsClientParameters(
-        config={"retries": {"mode": "adaptive", "max_attempts": 8}}))
-
-
 class ManifestStore(WritableFileSystem, ABC):
     """Base class: key/value objects under a root, JSON manifests with checksums, input streams.
 
@@ -74,7 +70,7 @@ class ManifestStore(WritableFileSystem, ABC):
     _block_schema_capabilities = ["manifest-store"]
 
     aws_credentials: AwsCredentials = Field(
-        default_factory=default_aws_credentials,
+        default_factory=aws_credentials,
         description="Used for s3:// URIs (the S3 store's own bucket, and any s3:// input).")
 
     # --- the primitives each backend implements -------------------------------------------------------------
@@ -320,10 +316,7 @@ class _S3RangeReader(io.RawIOBase):
 
 def store_from_uri(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> ManifestStore:
     """Build the store a config's ``storage.uri`` names: ``s3://bucket/prefix`` or a local path / ``file://``."""
-    creds = default_aws_credentials()
-    if endpoint_url or region:
-        creds = AwsCredentials(region_name=region, aws_client_parameters=AwsClientParameters(
-            endpoint_url=endpoint_url, config={"retries": {"mode": "adaptive", "max_attempts": 8}}))
+    creds = aws_credentials(endpoint_url, region)
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[5:].partition("/")
         return S3ManifestStore(bucket=bucket, prefix=prefix, aws_credentials=creds)

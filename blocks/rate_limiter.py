@@ -25,7 +25,7 @@ from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import Field
 
-from blocks.manifest_store import default_aws_credentials
+from blocks.aws import aws_credentials
 from slurmctl.ratelimit import US, Lease, LimitSpec, LimitState, Wait, now_us, plan_lease, throttled_state
 
 
@@ -159,7 +159,7 @@ class DynamoDBRateLimiter(RateLimiter):
     _block_type_slug = "slurmctl-dynamodb-rate-limiter"
 
     table_name: str = Field(default="slurmctl-rate-limits", min_length=3)
-    aws_credentials: AwsCredentials = Field(default_factory=default_aws_credentials)
+    aws_credentials: AwsCredentials = Field(default_factory=aws_credentials)
 
     def _client(self) -> Any:
         return self.aws_credentials.get_client("dynamodb")
@@ -235,11 +235,11 @@ class DynamoDBRateLimiter(RateLimiter):
             at = now_us()
             new_tat, out = plan_lease(state, n, at, spec.horizon_s)
             if isinstance(out, Wait):
-                if out.paused or out.seconds > 0.05:
-                    state = _dynamo_cache[cache_key] = self._current(key, spec)  # refresh before waiting
+                if out.paused:  # only a read tells when the pause ends
+                    state = _dynamo_cache[cache_key] = self._current(key, spec)
                     new_tat, out = plan_lease(state, n, at, spec.horizon_s)
                 if isinstance(out, Wait):
-                    return out
+                    return out  # booked ahead: wait without a call (a stale view is corrected by the next write)
             inc = n * out.interval_us
             earliest = at - state.burst * out.interval_us
             busy = state.tat >= earliest
@@ -286,13 +286,7 @@ def limiter_from_config(kind: str, *, path: str | None = None, table: str = "slu
                         endpoint_url: str | None = None, region: str | None = None) -> RateLimiter:
     """The rate-limiter block a job config's ``rate_limiter:`` section names."""
     if kind == "dynamodb":
-        from prefect_aws import AwsClientParameters
-
-        creds = default_aws_credentials()
-        if endpoint_url or region:
-            creds = AwsCredentials(region_name=region, aws_client_parameters=AwsClientParameters(
-                endpoint_url=endpoint_url, config={"retries": {"mode": "adaptive", "max_attempts": 8}}))
-        return DynamoDBRateLimiter(table_name=table, aws_credentials=creds)
+        return DynamoDBRateLimiter(table_name=table, aws_credentials=aws_credentials(endpoint_url, region))
     if not path:
         raise ValueError("a local rate limiter needs a path")
     return LocalRateLimiter(path=path)

@@ -18,6 +18,7 @@ and then spends them locally, one request per slot, at the slot's time. So:
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +40,8 @@ class LimitSpec:
     floor: float | None = None  # lowest rate after throttling (default: per_second / 10)
     ceiling: float | None = None  # highest rate `slurmctl rate` may set (default: per_second * 10)
     lease_size: int = 20
-    horizon_s: float = 1.0  # never book slots further ahead than this
+    horizon_s: float = 2.0  # never book slots further ahead than this (bounds how late pause/rate changes apply)
+    late_s: float = 0.1  # a slot may still be used this late (a busy worker catching up sends a small burst)
     recovery_s: float = 30.0  # time to climb from floor back to the target after throttling
 
     @property
@@ -167,26 +169,30 @@ class Leaser:
         self.paused_s = 0.0
 
     def _next_slot(self) -> int:
-        """The time of this process's next slot, leasing more when the current lease is spent or has gone stale."""
+        """The time of this process's next slot, leasing more when the current lease is spent."""
         while True:
             lease = self.lease
             if lease is not None and self.used < lease.count:
-                slot = lease.start_us + self.used * lease.interval_us
-                # A slot may be used late by at most one interval: using old slots in a bunch would burst.
-                if slot >= self.clock() - lease.interval_us:
-                    self.used += 1
-                    return slot
-                stale = lease.count - self.used
-                self.expired += stale
-                self.used = lease.count
-                continue
+                # A slot may be used late by up to `late_s` (or `burst` intervals); slots later than that have
+                # passed unused: skip them, keep the rest of the lease.
+                late_ok = self.clock() - max(max(1, self.spec.burst) * lease.interval_us, int(self.spec.late_s * US))
+                first_usable = max(self.used, -(-(late_ok - lease.start_us) // lease.interval_us))
+                if first_usable > self.used:
+                    skipped = min(first_usable, lease.count) - self.used
+                    self.expired += skipped
+                    self.used += skipped
+                    continue
+                self.used += 1
+                return lease.start_us + (self.used - 1) * lease.interval_us
             self.backend_calls += 1
             got = self.backend.lease(self.key, self.spec, self.spec.lease_size)
             if isinstance(got, Wait):
+                # Spread the retries of workers that were all told to wait: no thundering herd on the backend.
+                pause = got.seconds + random.uniform(0, self.spec.lease_size / self.spec.per_second)
                 if got.paused:
-                    self.paused_s += got.seconds
-                self.waited_s += got.seconds
-                self.sleep(got.seconds)
+                    self.paused_s += pause
+                self.waited_s += pause
+                self.sleep(pause)
                 continue
             self.lease, self.used = got, 0
             self.granted += got.count

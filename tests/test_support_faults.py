@@ -1,7 +1,8 @@
 """The fault-injection test helpers, and examples of using them.
 
-``support.chaos_api.ChaosApi`` is a flaky, rate-limited JSON API (``GET /items/<id>``); ``support.fault_proxy.FaultProxy``
-sits between boto3 and the moto server and answers some requests with AWS-style 500/503/throttling errors.
+``support.chaos_api.ChaosApi`` is a flaky, rate-limited JSON API (``GET /items/<id>``);
+``support.fault_proxy.FaultProxy`` sits between boto3 and the moto server and answers some requests with AWS-style
+500/503/throttling errors instead of forwarding them.
 """
 
 from __future__ import annotations
@@ -34,10 +35,32 @@ from support.fault_proxy import FaultProxy
 SUPPORT = Path(__file__).resolve().parent / "support"
 
 
-def get_item(api: ChaosApi, item_id: int, timeout: float = 1.0) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{api.url}/items/{item_id}", timeout=timeout) as r:
+def get_item(api: ChaosApi | str, item_id: int, timeout: float = 1.0) -> dict[str, Any]:
+    """What a client does: GET /items/<id> with urllib, 1 s timeout. Errors propagate as urllib raises them."""
+    base = api if isinstance(api, str) else api.url
+    with urllib.request.urlopen(f"{base}/items/{item_id}", timeout=timeout) as r:
         assert r.status == 200
         return json.loads(r.read())
+
+
+def http_error(api: ChaosApi | str, item_id: int) -> urllib.error.HTTPError:
+    """GET an item that must answer an HTTP error status: the HTTPError, its body read into ``.body`` (and closed:
+    an HTTPError holds the connection open)."""
+    with pytest.raises(urllib.error.HTTPError) as e:
+        get_item(api, item_id)
+    err = e.value
+    err.body = err.read()
+    err.close()
+    return err
+
+
+def status(api: ChaosApi, item_id: int) -> int:
+    try:
+        get_item(api, item_id)
+        return 200
+    except urllib.error.HTTPError as e:
+        e.close()
+        return e.code
 
 
 def is_timeout(e: BaseException) -> bool:
@@ -46,8 +69,9 @@ def is_timeout(e: BaseException) -> bool:
 
 
 def is_reset(e: BaseException) -> bool:
-    kinds = (ConnectionResetError, http.client.RemoteDisconnected)
-    return isinstance(e, kinds) or (isinstance(e, urllib.error.URLError) and isinstance(e.reason, kinds))
+    # http.client.RemoteDisconnected (closed without an answer) is a ConnectionResetError too
+    return isinstance(e, ConnectionResetError) or (
+        isinstance(e, urllib.error.URLError) and isinstance(e.reason, ConnectionResetError))
 
 
 # ---- ChaosApi -------------------------------------------------------------------------------------------------
@@ -57,9 +81,8 @@ def test_chaos_api_answers_items_and_404():
     with ChaosApi() as api:
         assert api.url.startswith("http://127.0.0.1:")
         assert get_item(api, 21) == {"id": 21, "value": 42}
-        with pytest.raises(urllib.error.HTTPError) as e:
-            get_item(api, -1)
-        assert e.value.code == 404 and json.loads(e.value.read()) == {"error": "not found"}
+        err = http_error(api, -1)
+        assert err.code == 404 and json.loads(err.body) == {"error": "not found"}
         assert api.stats() == {"requests": 2, "ok": 1, "not_found": 1, "over_limit": 0, "faults": {},
                                "by_id": {21: 1, -1: 1}}
 
@@ -68,11 +91,10 @@ def test_chaos_api_answers_items_and_404():
 def test_chaos_api_fail_ids_http_errors_then_success(code: int):
     with ChaosApi(fail_ids={7: (str(code), 2)}, retry_after=0.5) as api:
         for _ in range(2):
-            with pytest.raises(urllib.error.HTTPError) as e:
-                get_item(api, 7)
-            assert e.value.code == code
+            err = http_error(api, 7)
+            assert err.code == code and "error" in json.loads(err.body)
             if code == 429:
-                assert e.value.headers["Retry-After"] == "0.5"
+                assert err.headers["Retry-After"] == "0.5"
         assert get_item(api, 7) == {"id": 7, "value": 14}
         assert get_item(api, 8) == {"id": 8, "value": 16}  # other ids are unaffected
         assert api.faults == {str(code): 2}
@@ -95,7 +117,7 @@ def test_chaos_api_fail_ids_timeout_then_success():
 def test_chaos_api_fail_ids_reset_then_success():
     with ChaosApi(fail_ids={5: ("reset", 2)}) as api:
         for _ in range(2):
-            with pytest.raises(OSError) as e:  # ConnectionResetError; http.client.RemoteDisconnected is one too
+            with pytest.raises(OSError) as e:  # ConnectionResetError: [Errno 104] Connection reset by peer
                 get_item(api, 5)
             assert is_reset(e.value), repr(e.value)
         assert get_item(api, 5) == {"id": 5, "value": 10}
@@ -104,14 +126,7 @@ def test_chaos_api_fail_ids_reset_then_success():
 
 def test_chaos_api_random_faults_are_seeded_and_configurable():
     def statuses(api: ChaosApi) -> list[int]:
-        out = []
-        for i in range(40):
-            try:
-                get_item(api, i)
-                out.append(200)
-            except urllib.error.HTTPError as e:
-                out.append(e.code)
-        return out
+        return [status(api, i) for i in range(40)]
 
     with ChaosApi(rate_503=0.3, rate_500=0.2, seed=42) as a, ChaosApi(rate_503=0.3, rate_500=0.2, seed=42) as b:
         sa = statuses(a)
@@ -136,6 +151,7 @@ def test_chaos_api_strict_rate_limit():
                 get_item(api, i)
                 codes.append(200)
             except urllib.error.HTTPError as e:
+                e.close()
                 codes.append(e.code)
                 retry_after.append(float(e.headers["Retry-After"]))
         assert codes[:5] == [200] * 5  # the bucket holds 5 tokens
@@ -153,11 +169,7 @@ def test_chaos_api_concurrent_clients_counters():
 
         def client(ids: range) -> None:
             for i in ids:
-                try:
-                    get_item(api, i)
-                    code = 200
-                except urllib.error.HTTPError as e:
-                    code = e.code
+                code = status(api, i)
                 with lock:
                     results.append(code)
 
@@ -198,10 +210,8 @@ def test_chaos_api_as_a_script():
                              "--retry-after", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/items/1", 20, proc)
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/items/3", timeout=1)
-        assert e.value.code == 503
-        assert json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/items/3", timeout=1).read())["value"] == 6
+        assert http_error(f"http://127.0.0.1:{port}", 3).code == 503
+        assert get_item(f"http://127.0.0.1:{port}", 3) == {"id": 3, "value": 6}
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=10)
@@ -213,6 +223,7 @@ def test_proxy_answers_502_when_the_upstream_is_down():
     with FaultProxy(f"http://127.0.0.1:{free_port()}") as proxy:  # nothing listens there
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(proxy.url + "/some-bucket", timeout=5)
+        e.value.close()
         assert e.value.code == 502
         assert proxy.stats() == {"requests": 1, "forwarded": 0, "injected": {}, "upstream_errors": 1}
 

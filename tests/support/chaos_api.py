@@ -32,6 +32,7 @@ import json
 import math
 import random
 import re
+import signal
 import socket
 import struct
 import threading
@@ -310,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     api = ChaosApi(**{f"rate_{k}": getattr(a, f"rate_{k}") for k in FAULT_KINDS}, retry_after=a.retry_after,
                    timeout_sleep=a.timeout_sleep, max_per_second=a.max_per_second, fail_ids=dict(a.fail_id),
                    seed=a.seed, host=a.host, port=a.port)
+    # Ctrl-C (and SIGTERM) stop it, even when started in the background, where SIGINT is inherited as ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with api:
         print(f"ChaosApi serving on {api.url} (Ctrl-C to stop)", flush=True)
         try:

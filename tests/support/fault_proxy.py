@@ -319,6 +319,9 @@ class FaultProxy:
                     self._handle()
                 except (BrokenPipeError, ConnectionError):
                     self.close_connection = True
+                except ValueError as e:  # a malformed chunked body or Content-Length: the connection is out of sync
+                    self.close_connection = True
+                    self._send(400, [("Content-Type", "text/plain")], f"FaultProxy: bad request body: {e}".encode())
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _guarded  # noqa: N815
 
