@@ -79,6 +79,13 @@ def preflight(cfg: JobConfig) -> list[tuple[str, str]]:
             store._s3().head_bucket(Bucket=store.bucket)
         except (ClientError, BotoCoreError) as exc:
             problems.append(("storage.uri", f"bucket {store.bucket!r} is not reachable: {exc}"))
+    if cfg.rate_limits and cfg.rate_limiter.kind == "dynamodb":
+        from slurmctl.limits import backend_for
+
+        try:
+            backend_for(cfg).ensure_table()  # created on demand (pay per request) if missing
+        except (ClientError, BotoCoreError) as exc:
+            problems.append(("rate_limiter.table", f"cannot use DynamoDB table {cfg.rate_limiter.table!r}: {exc}"))
     return problems
 
 
