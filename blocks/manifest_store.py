@@ -27,7 +27,6 @@ import io
 import json
 import os
 import tempfile
-import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -322,7 +321,3 @@ def store_from_uri(uri: str, *, endpoint_url: str | None = None, region: str | N
         return S3ManifestStore(bucket=bucket, prefix=prefix, aws_credentials=creds)
     path = uri[7:] if uri.startswith("file://") else uri
     return LocalManifestStore(root=str(Path(path).resolve()), aws_credentials=creds)
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
@@ -90,10 +90,10 @@ def is_worker_loss(exc: BaseException) -> bool:
 
 
 def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: list[BatchSpec],
-                on_progress: Callable[[], None] | None = None) -> list[str]:
+                done: set[str] | None = None) -> list[str]:
     """Run ``specs`` (already-committed ones skipped) and keep ``job.counts`` current; return failed batch ids."""
     logger = get_run_logger()
-    done = set(committed_batch_ids(store, job.job_id))
+    done = set(committed_batch_ids(store, job.job_id)) if done is None else done
     todo = deque(b for b in specs if b.batch_id not in done)
     task = process_batch.with_options(retries=cfg.batch_retries, result_storage=saved_store(store))
     finished: queue.Queue = queue.Queue()
@@ -109,8 +109,6 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
             save_job(store, job)
             last_beat = time.monotonic()
             watch.check(waiting=bool(in_flight))
-            if on_progress:
-                on_progress()
 
     while todo or in_flight:
         while todo and len(in_flight) < cfg.max_in_flight:
@@ -155,12 +153,12 @@ def process_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     logger = get_run_logger()
     job = load_job(store, job_id)
     plan = read_plan(store, job_id)
-    done = committed_batch_ids(store, job_id)
+    done = set(committed_batch_ids(store, job_id))
     if done:
         job.counts = recount(store, job_id, max(len(plan), job.counts.batches_total), job.counts.items_total)
         logger.info("resuming: %s batches already committed, %s in the plan", len(done), len(plan))
     else:
         job.counts = Counts(batches_total=len(plan), items_total=job.counts.items_total)
-    failed = run_batches(cfg, store, job, plan)
+    failed = run_batches(cfg, store, job, plan, done)
     return {"batches_done": job.counts.batches_done, "batches_failed": len(failed), "failed": failed[:100],
             "items_deferred": job.counts.items_deferred}

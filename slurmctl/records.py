@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable
 
 import pyarrow.parquet as pq
 

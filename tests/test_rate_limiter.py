@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from blocks.rate_limiter import DynamoDBRateLimiter, LocalRateLimiter, limiter_from_config
+from blocks.rate_limiter import DynamoDBRateLimiter, limiter_from_config
 from slurmctl.ratelimit import US, Lease, Leaser, LimitSpec, Wait, now_us
 
 ROOT = Path(__file__).resolve().parents[1]
