@@ -18,7 +18,7 @@ from prefect.context import get_run_context
 
 from flows.aggregate import aggregate_phase
 from flows.partition import partition_phase
-from flows.process import process_phase
+from flows.process import process_phase, recount
 from flows.retry import retry_phase
 from flows.runners import task_runner_for
 from slurmctl.config import load_config, parse_config
@@ -71,7 +71,10 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
             initial_done = sum(1 for b in committed_batch_ids(store, job_id) if round_of(b) == 0)
             if initial_done < total:  # else no cluster is started at all
                 processed = process_phase.with_options(task_runner=_runner(cfg))(job_id, config)
-            else:
+            else:  # the counters may predate a coordinator's death: take them from the commits
+                counts = load_job(store, job_id).counts
+                update_job(store, job_id, counts=recount(store, job_id, max(total, counts.batches_total),
+                                                         counts.items_total))
                 processed = {"batches_failed": 0, "failed": []}
             if processed["batches_failed"]:
                 raise JobFailed(f"{processed['batches_failed']} batch(es) failed: "
