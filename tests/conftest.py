@@ -13,10 +13,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -134,43 +132,14 @@ def slurm() -> None:
     pytest.skip(msg)
 
 
-class _ApiState:
-    def __init__(self) -> None:
-        self.requests = 0
-        self.lock = threading.Lock()
-
-
 @pytest.fixture
-def item_api() -> Iterator[tuple[str, _ApiState]]:
-    """A small local JSON API: ``GET /items/<id>`` answers ``{"id": id, "value": id * 2}``; 404 for ids < 0."""
-    state = _ApiState()
+def item_api() -> Iterator[tuple[str, Any]]:
+    """A small local JSON API (a fault-free ChaosApi): ``GET /items/<id>`` answers ``{"id": id, "value": id * 2}``;
+    404 for ids < 0; ``api.requests`` counts requests."""
+    from support.chaos_api import ChaosApi
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            with state.lock:
-                state.requests += 1
-            parts = self.path.strip("/").split("/")
-            if len(parts) == 2 and parts[0] == "items" and parts[1].lstrip("-").isdigit() and int(parts[1]) >= 0:
-                code, body = 200, {"id": int(parts[1]), "value": int(parts[1]) * 2}
-            else:
-                code, body = 404, {"error": "not found"}
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", state
-    finally:
-        server.shutdown()
+    with ChaosApi() as api:
+        yield api.url, api
 
 
 @pytest.fixture

@@ -38,8 +38,14 @@ import struct
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+if not __package__:  # run as a script: make `support` importable
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support.local_server import LocalHttpServer  # noqa: E402
 
 FAULT_KINDS = ("429", "503", "500", "timeout", "reset")
 _RATES = tuple(f"rate_{k}" for k in FAULT_KINDS)  # also the order of the cumulative random draw
@@ -55,13 +61,8 @@ def _fmt_seconds(s: float) -> str:
     return f"{math.ceil(round(s * 1000, 6)) / 1000:.3f}".rstrip("0").rstrip(".")  # round: 0.2 * 1000 may be 200.00..1
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # handlers sleeping for a "timeout" must not keep the process alive
-    block_on_close = False  # nor make server_close() wait for them
-    allow_reuse_address = True
 
-
-class ChaosApi:
+class ChaosApi(LocalHttpServer):
     """A threaded HTTP JSON API on 127.0.0.1 with injectable faults. See the module docstring.
 
     Counters (read them freely; they are updated under a lock): ``requests`` (all requests), ``ok`` (normal 200s,
@@ -74,10 +75,7 @@ class ChaosApi:
                  timeout_sleep: float = 3.0, seed: int = 0, fail_ids: dict[int, tuple[str, int]] | None = None,
                  max_per_second: float | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._host, self._port = host, port
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__(host, port)
         self.rate_429 = self.rate_503 = self.rate_500 = self.rate_timeout = self.rate_reset = 0.0
         self.retry_after, self.timeout_sleep = 0.2, 3.0
         self.max_per_second: float | None = None
@@ -143,46 +141,6 @@ class ChaosApi:
     def fail_ids_remaining(self) -> dict[int, tuple[str, int]]:
         with self._lock:
             return {i: (k, n) for i, (k, n) in self._fail_ids.items()}
-
-    # ---- lifecycle ------------------------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("ChaosApi is not started")
-        return f"http://{self._host}:{self._server.server_address[1]}"
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("ChaosApi is not started")
-        return self._server.server_address[1]
-
-    def start(self) -> ChaosApi:
-        if self._server is not None:
-            return self
-        self._stopping.clear()
-        self._server = _Server((self._host, self._port), self._handler_class())
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name=f"ChaosApi:{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._stopping.set()  # wakes handlers sleeping for a "timeout" fault
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> ChaosApi:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ---- request handling -----------------------------------------------------------------------------------
 

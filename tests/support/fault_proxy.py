@@ -41,8 +41,10 @@ import urllib.parse
 import uuid
 import zlib
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from support.local_server import LocalHttpServer
 
 FAULT_KINDS = ("500", "503", "throttle")  # order of the cumulative random draw
 _RATES = tuple(f"rate_{k}" for k in FAULT_KINDS)
@@ -61,13 +63,8 @@ _ERRORS: dict[str, tuple[tuple[int, str, str], tuple[int, str, str]]] = {
 }
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
 
-
-class FaultProxy:
+class FaultProxy(LocalHttpServer):
     """See the module docstring.
 
     Counters: ``requests`` (all requests received), ``forwarded`` (answered by the upstream), ``injected``
@@ -85,10 +82,8 @@ class FaultProxy:
         self._up_host, self._up_port = u.hostname, u.port or 80
         self._up_prefix = u.path.rstrip("/")
         self.upstream_timeout = upstream_timeout
-        self._host, self._port = host, port
+        super().__init__(host, port)
         self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self.rate_500 = self.rate_503 = self.rate_throttle = 0.0
         self._outage_until = 0.0
         self._rng = random.Random(seed)
@@ -131,38 +126,6 @@ class FaultProxy:
         with self._lock:
             return {"requests": self.requests, "forwarded": self.forwarded, "injected": dict(self.injected),
                     "upstream_errors": self.upstream_errors}
-
-    # ---- lifecycle ------------------------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("FaultProxy is not started")
-        return f"http://{self._host}:{self._server.server_address[1]}"
-
-    def start(self) -> FaultProxy:
-        if self._server is not None:
-            return self
-        self._server = _Server((self._host, self._port), self._handler_class())
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name=f"FaultProxy:{self._server.server_address[1]}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ---- request handling -----------------------------------------------------------------------------------
 
