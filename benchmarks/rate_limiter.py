@@ -5,7 +5,8 @@
 One run, on this machine only (127.0.0.1):
 
 * a strict API server: its own token bucket at ``rate`` req/s (capacity ``--api-burst``), answering 429 above it;
-* limiter state in DynamoDB on a moto server (real boto3 over HTTP);
+* limiter state in DynamoDB on a moto server (real boto3 over HTTP), signals (pause/rate/throttle epochs) in an S3
+  bucket on the same server, polled by each worker about once a second (reported as ``signal_gets_per_s``);
 * ``--workers`` processes, each spending tokens as fast as they are granted (``Leaser.acquire()`` then one GET);
 * then the same workload gated by Prefect's own ``rate_limit()`` (a global concurrency limit with
   ``slot_decay_per_second=rate`` on a local Prefect server).
@@ -61,35 +62,50 @@ def get(url: str) -> int:
         return exc.code
 
 
-def slurmctl_worker(args: dict, start_at: float, out: str) -> None:
+def started(start: tuple) -> float:
+    """Report ready (imports and clients done), then wait for the common start time the parent sets."""
+    ready, at = start
+    ready.put(os.getpid())
+    while at.value == 0:
+        time.sleep(0.01)
+    while time.time() < at.value:
+        time.sleep(0.005)
+    return at.value
+
+
+def slurmctl_worker(args: dict, start: tuple, out: str) -> None:
     """Spend tokens from the DynamoDB limiter as fast as granted; one GET per token."""
     sys.path[:0] = [str(ROOT)]
+    from blocks.manifest_store import store_from_uri
     from blocks.rate_limiter import limiter_from_config
     from slurmctl.ratelimit import Leaser, LimitSpec
 
-    backend = limiter_from_config("dynamodb", table=args["table"], endpoint_url=args["endpoint"], region="us-east-1")
-    calls = [0]
+    signals = store_from_uri(args["signals"], endpoint_url=args["endpoint"], region="us-east-1")
+    backend = limiter_from_config("dynamodb", table=args["table"], endpoint_url=args["endpoint"], region="us-east-1",
+                                  signals=signals)
+    calls, signal_calls = [0], [0]
     backend._client().meta.events.register("before-call.dynamodb", lambda **kw: calls.__setitem__(0, calls[0] + 1))
+    signals._s3().meta.events.register("before-call.s3", lambda **kw: signal_calls.__setitem__(0, signal_calls[0] + 1))
     leaser = Leaser(backend, "bench", LimitSpec(per_second=args["rate"], burst=args["burst"],
-                                                lease_size=args["lease_size"]))
-    while time.time() < start_at:
-        time.sleep(0.01)
+                                                lease_size=args["lease_size"], lanes=args["lanes"]))
+    signals.get_json("warm-up")  # clients created before the clock runs (the first lease reads the item)
+    start_at = started(start)
     results = []
     while time.time() < start_at + args["seconds"]:
         leaser.acquire()
         results.append((time.time(), get(args["api"])))
-    leaser.close()
+    # No leaser.close(): like a job's worker process, it keeps its leases to the end; their tails just pass.
     with open(out, "w") as f:
-        json.dump({"results": results, "dynamodb_calls": calls[0], "granted": leaser.granted,
+        json.dump({"results": results, "dynamodb_calls": calls[0], "signal_calls": signal_calls[0],
+                   "lanes_wanted": leaser.wanted_lanes(), "granted": leaser.granted,
                    "expired": leaser.expired, "lease_calls": leaser.backend_calls, "waited_s": leaser.waited_s}, f)
 
 
-def prefect_worker(args: dict, start_at: float, out: str) -> None:
+def prefect_worker(args: dict, start: tuple, out: str) -> None:
     """The same workload gated by Prefect's rate_limit() on a global concurrency limit."""
     from prefect.concurrency.sync import rate_limit
 
-    while time.time() < start_at:
-        time.sleep(0.01)
+    start_at = started(start)
     results = []
     while time.time() < start_at + args["seconds"]:
         rate_limit("bench-limit", occupy=1)
@@ -103,10 +119,15 @@ def run_workers(target, args: dict, workers: int, tmp: Path, tag: str, env: dict
     saved = dict(os.environ)
     os.environ.update(env or {})
     try:
-        start_at = time.time() + 3 + workers * 0.3  # let every process start before the clock runs
-        procs = [ctx.Process(target=target, args=(args, start_at, str(tmp / f"{tag}-{i}.json"))) for i in range(workers)]
+        # The clock starts once every process has imported and connected (16 spawns take many seconds on 2 cores).
+        ready, at = ctx.Queue(), ctx.Value("d", 0.0)
+        procs = [ctx.Process(target=target, args=(args, (ready, at), str(tmp / f"{tag}-{i}.json")))
+                 for i in range(workers)]
         for p in procs:
             p.start()
+        for _ in procs:
+            ready.get(timeout=300)
+        at.value = time.time() + 0.5
         for p in procs:
             p.join(args["seconds"] + 120)
     finally:
@@ -130,7 +151,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--burst", type=int, default=2, help="limiter burst")
     parser.add_argument("--api-burst", type=float, default=5, help="the API's bucket capacity")
-    parser.add_argument("--lease-size", type=int, default=20)
+    parser.add_argument("--lease-size", type=int, default=32)
+    parser.add_argument("--lanes", type=int, default=None, help="default: one per 2 req/s")
     parser.add_argument("--skip-prefect", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -153,10 +175,20 @@ def main() -> None:
         wait_http(endpoint + "/moto-api/", 60)
         from blocks.rate_limiter import limiter_from_config
 
-        limiter_from_config("dynamodb", table="bench-limits", endpoint_url=endpoint, region="us-east-1").ensure_table()
+        limiter = limiter_from_config("dynamodb", table="bench-limits", endpoint_url=endpoint, region="us-east-1")
+        limiter.ensure_table()
+        from slurmctl.ratelimit import LimitSpec
+
+        # as a job does before its workers start (slurmctl.limits.ensure_limits)
+        limiter.ensure_limit("bench", LimitSpec(per_second=args.rate, burst=args.burst, lease_size=args.lease_size,
+                                                lanes=args.lanes))
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench-signals")
         with StrictApi(max_per_second=args.rate) as api:
             wargs = {"table": "bench-limits", "endpoint": endpoint, "rate": args.rate, "burst": args.burst,
-                     "lease_size": args.lease_size, "seconds": args.seconds, "api": api.url + "/items/1"}
+                     "lease_size": args.lease_size, "lanes": args.lanes, "seconds": args.seconds,
+                     "api": api.url + "/items/1", "signals": "s3://bench-signals/job"}
             results = run_workers(slurmctl_worker, wargs, args.workers, tmp, "slurmctl")
             pairs, span = steady(results, args.seconds)
             ok = sum(1 for _, status in pairs if status == 200)
@@ -165,7 +197,10 @@ def main() -> None:
                        over_limit_responses=sum(1 for _, s in pairs if s == 429),
                        over_limit_responses_incl_warmup=sum(1 for w in results for _, s in w["results"] if s == 429),
                        dynamodb_calls_per_token=round(sum(w["dynamodb_calls"] for w in results) / max(tokens, 1), 4),
-                       slots_granted=sum(w["granted"] for w in results), slots_expired=sum(w["expired"] for w in results),
+                       signal_gets_per_s=round(sum(w["signal_calls"] for w in results) / args.seconds, 2),
+                       lanes_wanted=sorted(w["lanes_wanted"] for w in results),
+                       slots_granted=sum(w["granted"] for w in results),
+                       slots_expired=sum(w["expired"] for w in results),
                        lease_calls=sum(w["lease_calls"] for w in results), tokens_used=tokens)
             if not args.skip_prefect:
                 out.update(prefect_comparison(args, api, tmp))

@@ -1,10 +1,13 @@
 """Rate-limiter blocks: where the shared state of each limit lives. The maths is in ``slurmctl.ratelimit``.
 
 * ``DynamoDBRateLimiter``: one item per limit in a DynamoDB table (prefect-aws ``AwsCredentials``; endpoint
-  overridable for a moto server). A lease is one ``UpdateItem`` — ``tat = tat + n/rate`` under a condition — so the
-  table sees one write per lease, not per request, and concurrent leases never conflict (the update is additive).
+  overridable for a moto server). A lease is one ``UpdateItem`` on one lane — ``t<j> = t<j> + n*L/rate`` under a
+  condition — so the table sees one write per lease (a few percent of the requests), and concurrent leases of a busy
+  lane never conflict (the update is additive: they queue). Pause, rate changes and throttling are also published to
+  a small *signal* object in a manifest store (``signals``), which workers poll about once a second instead of
+  DynamoDB.
 * ``LocalRateLimiter``: the same state in a SQLite file (``BEGIN IMMEDIATE`` transactions), shared by all processes
-  on one machine: the embedded default.
+  on one machine: the embedded default. Its signal is the row itself (a local read is free).
 
 Like prefect-aws blocks, they hold only configuration; clients and connections are created lazily per process.
 """
@@ -18,7 +21,7 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Optional, Union
 
 from botocore.exceptions import ClientError
 from prefect.blocks.core import Block
@@ -26,7 +29,8 @@ from prefect_aws import AwsCredentials
 from pydantic import Field
 
 from blocks.aws import aws_credentials
-from slurmctl.ratelimit import US, Lease, LimitSpec, LimitState, Wait, now_us, plan_lease, throttled_state
+from blocks.manifest_store import LocalManifestStore, S3ManifestStore
+from slurmctl.ratelimit import Lease, LimitSpec, LimitState, Signal, Wait, now_us, plan_lease, throttled_state
 
 
 class RateLimiter(Block, ABC):
@@ -41,46 +45,67 @@ class RateLimiter(Block, ABC):
     @abstractmethod
     def read(self, key: str) -> LimitState | None: ...
 
-    def lease(self, key: str, spec: LimitSpec, n: int) -> Lease | Wait:
+    def ensure_limit(self, key: str, spec: LimitSpec) -> LimitState:
+        """Create the limit's state if absent (a job does this before its workers start, so they don't race to)."""
+        return self._update(key, spec, lambda state: False)[1]
+
+    def signal(self, key: str) -> Signal | None:
+        """What workers poll between leases (the epoch and the pause flag): here, the state itself."""
+        state = self.read(key)
+        return Signal(state.epoch, state.paused) if state else None
+
+    def lease(self, key: str, spec: LimitSpec, n: int, *, exclude: Iterable[int] = (), prefer: int | None = None,
+              within_s: float | None = None, spread: bool = False) -> Lease | Wait:
+        """``n`` slots of one lane (see ``plan_lease``), or how long to wait. ``within_s`` overrides the horizon."""
+        horizon = spec.horizon_s if within_s is None else within_s
+
         def change(state: LimitState) -> Lease | Wait:
-            new_tat, out = plan_lease(state, n, now_us(), spec.horizon_s)
+            out = plan_lease(state, n, now_us(), horizon, exclude=exclude, prefer=prefer, spread=spread)
             if isinstance(out, Lease):
-                state.tat, state.granted = new_tat, state.granted + n
+                state.tats[out.lane], state.granted = out.end_us, state.granted + n
             return out
         return self._update(key, spec, change)[0]
 
     def release(self, key: str, lease: Lease, unused: int) -> bool:
         def change(state: LimitState) -> bool:
-            if state.tat != lease.end_us:
+            if state.epoch != lease.epoch or state.tats[lease.lane] != lease.end_us:
                 return False
-            state.tat -= unused * lease.interval_us
+            state.tats[lease.lane] -= unused * lease.interval_us
             state.granted -= unused
             return True
         return self._update(key, None, change)[0]
 
-    def report_throttle(self, key: str, spec: LimitSpec, retry_after_s: float | None) -> None:
-        def change(state: LimitState) -> None:
-            throttled_state(state, now_us(), retry_after_s)
-        self._update(key, spec, change)
+    def report_throttle(self, key: str, spec: LimitSpec, retry_after_s: float | None) -> LimitState:
+        return self._update(key, spec, lambda state: throttled_state(state, now_us(), retry_after_s, spec.grace_us))[1]
 
     def set_rate(self, key: str, spec: LimitSpec, per_second: float) -> LimitState:
         def change(state: LimitState) -> None:
             if not state.floor <= per_second <= state.ceiling:
                 raise ValueError(f"--per-second {per_second} is outside this limit's floor..ceiling "
                                  f"({state.floor:g}..{state.ceiling:g})")
+            at = now_us()
             state.target = state.rate = per_second
-            state.changed_at = now_us()
+            state.changed_at = at
+            state.restart(at + spec.grace_us, at)
         return self._update(key, spec, change)[1]
 
     def set_paused(self, key: str, spec: LimitSpec, paused: bool) -> LimitState:
         def change(state: LimitState) -> None:
+            # Either way a new epoch: a pause voids every lease; a resume starts the lanes afresh after the grace
+            # (the pause does not count as idle time that could be burst through at once).
+            at = now_us()
             state.paused = paused
-            if not paused:  # don't let the pause count as idle time that could be burst through at once
-                state.tat = max(state.tat, now_us() - state.burst * round(US / state.effective_rate(now_us())))
+            state.restart(at + spec.grace_us, at)
         return self._update(key, spec, change)[1]
 
 
 # --- one machine: SQLite ------------------------------------------------------------------------------------------
+def _state_from_json(text: str) -> LimitState | None:
+    """A stored state, or None for one written before lanes existed (it is recreated from the config)."""
+    body = json.loads(text)
+    return LimitState(**body) if "tats" in body else None
+
+
 _connections: dict[tuple[int, str], sqlite3.Connection] = {}
 
 
@@ -105,20 +130,19 @@ class LocalRateLimiter(RateLimiter):
 
     def read(self, key: str) -> LimitState | None:
         row = self._conn().execute("SELECT state FROM limits WHERE key = ?", (key,)).fetchone()
-        return LimitState(**json.loads(row[0])) if row else None
+        return _state_from_json(row[0]) if row else None
 
     def _update(self, key: str, spec: LimitSpec | None, change: Callable[[LimitState], Any]) -> tuple[Any, LimitState]:
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             row = conn.execute("SELECT state FROM limits WHERE key = ?", (key,)).fetchone()
-            if row:
-                state = LimitState(**json.loads(row[0]))
-            elif spec is not None:
+            state = _state_from_json(row[0]) if row else None
+            if state is None:
+                if spec is None:
+                    conn.execute("ROLLBACK")
+                    raise KeyError(f"no rate limit state for {key!r}")
                 state = LimitState.new(key, spec, now_us())
-            else:
-                conn.execute("ROLLBACK")
-                raise KeyError(f"no rate limit state for {key!r}")
             out = change(state)
             conn.execute("INSERT OR REPLACE INTO limits (key, state) VALUES (?, ?)", (key, json.dumps(state.to_dict())))
             conn.execute("COMMIT")
@@ -130,22 +154,27 @@ class LocalRateLimiter(RateLimiter):
 
 
 # --- many machines: DynamoDB --------------------------------------------------------------------------------------
-_NUMERIC = {f.name for f in fields(LimitState)} - {"key", "paused"}
+_NUMERIC = {f.name for f in fields(LimitState)} - {"key", "paused", "tats"}
+_INTS = {f.name for f in fields(LimitState) if f.type in ("int", int)}
 
 
 def _to_item(state: LimitState) -> dict[str, Any]:
-    item: dict[str, Any] = {"key": {"S": state.key}, "paused": {"BOOL": state.paused}}
+    item: dict[str, Any] = {"key": {"S": state.key}, "paused": {"BOOL": state.paused},
+                            "lanes": {"N": str(state.lanes)}}
     for name in _NUMERIC:
         item[name] = {"N": repr(getattr(state, name))}
+    for j, tat in enumerate(state.tats):  # one attribute per lane: a lease updates only its own
+        item[f"t{j}"] = {"N": str(tat)}
     return item
 
 
 def _from_item(item: dict[str, Any]) -> LimitState:
-    values: dict[str, Any] = {"key": item["key"]["S"], "paused": item.get("paused", {}).get("BOOL", False)}
-    for f in fields(LimitState):
-        if f.name in _NUMERIC and f.name in item:
-            raw = item[f.name]["N"]
-            values[f.name] = int(raw) if f.type in ("int", int) and "." not in raw and "e" not in raw else float(raw)
+    values: dict[str, Any] = {"key": item["key"]["S"], "paused": item.get("paused", {}).get("BOOL", False),
+                              "tats": [int(item[f"t{j}"]["N"]) for j in range(int(item["lanes"]["N"]))]}
+    for name in _NUMERIC:
+        if name in item:
+            raw = item[name]["N"]
+            values[name] = int(raw) if name in _INTS else float(raw)
     return LimitState(**values)
 
 
@@ -153,13 +182,20 @@ _dynamo_cache: dict[tuple[str, str], LimitState] = {}
 
 
 class DynamoDBRateLimiter(RateLimiter):
-    """Limits shared by every worker on every node, in one DynamoDB table (one item per limit)."""
+    """Limits shared by every worker on every node, in one DynamoDB table (one item per limit).
+
+    ``signals``: a manifest store (usually the job's own) where every new epoch — pause, resume, rate change,
+    throttling — is published as ``rate-limits/<key>.signal.json``. Workers poll it about once a second; without
+    it they poll the DynamoDB item instead, which costs one read per worker per second.
+    """
 
     _block_type_name = "slurmctl DynamoDB Rate Limiter"
     _block_type_slug = "slurmctl-dynamodb-rate-limiter"
 
     table_name: str = Field(default="slurmctl-rate-limits", min_length=3)
     aws_credentials: AwsCredentials = Field(default_factory=aws_credentials)
+    signals: Optional[Union[S3ManifestStore, LocalManifestStore]] = Field(
+        default=None, description="Where pause/rate/throttle signals are published for workers to poll.")
 
     def _client(self) -> Any:
         return self.aws_credentials.get_client("dynamodb")
@@ -187,16 +223,35 @@ class DynamoDBRateLimiter(RateLimiter):
                                        ConsistentRead=True).get("Item")
         return _from_item(item) if item else None
 
+    @staticmethod
+    def _signal_key(key: str) -> str:
+        return f"rate-limits/{key}.signal.json"
+
+    def signal(self, key: str) -> Signal | None:
+        if self.signals is None:
+            return super().signal(key)
+        body = self.signals.get_json(self._signal_key(key))
+        return Signal(int(body["epoch"]), bool(body["paused"])) if body else None
+
+    def _publish(self, state: LimitState) -> None:
+        if self.signals is not None:
+            self.signals.put_json(self._signal_key(state.key), {
+                "schema_version": 1, "epoch": state.epoch, "paused": state.paused, "target": state.target,
+                "rate": state.rate, "anchor_us": state.anchor})
+
     def _create(self, key: str, spec: LimitSpec) -> LimitState:
         state = LimitState.new(key, spec, now_us())
         try:
             self._client().put_item(TableName=self.table_name, Item=_to_item(state),
-                                    ConditionExpression="attribute_not_exists(#k)", ExpressionAttributeNames={"#k": "key"})
+                                    ConditionExpression="attribute_not_exists(#k)",
+                                    ExpressionAttributeNames={"#k": "key"},
+                                    ReturnValuesOnConditionCheckFailure="ALL_OLD")
             return state
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise
-            return self.read(key)  # type: ignore[return-value]
+            item = exc.response.get("Item")  # created by another worker meanwhile: theirs is the state
+            return _from_item(item) if item else self.read(key)  # type: ignore[return-value]
 
     def _current(self, key: str, spec: LimitSpec | None) -> LimitState:
         state = self.read(key)
@@ -207,51 +262,60 @@ class DynamoDBRateLimiter(RateLimiter):
         return state
 
     def _update(self, key: str, spec: LimitSpec | None, change: Callable[[LimitState], Any]) -> tuple[Any, LimitState]:
-        """Optimistic read-modify-write: the write is conditional on ``tat`` and ``changed_at`` being unchanged."""
+        """Optimistic read-modify-write, conditional on ``epoch`` and ``granted`` being unchanged; ``change``
+        returning False means nothing to write. A new epoch is published to the signal object."""
         for _ in range(50):
             state = self._current(key, spec)
-            old_tat, old_changed, old_paused = state.tat, state.changed_at, state.paused
+            old_epoch, old_granted = state.epoch, state.granted
             out = change(state)
+            if out is False:
+                return out, state
             try:
                 self._client().put_item(
                     TableName=self.table_name, Item=_to_item(state),
-                    ConditionExpression="tat = :t AND changed_at = :c AND paused = :p",
-                    ExpressionAttributeValues={":t": {"N": repr(old_tat)}, ":c": {"N": repr(old_changed)},
-                                               ":p": {"BOOL": old_paused}})
+                    ConditionExpression="epoch = :e AND granted = :g",
+                    ExpressionAttributeValues={":e": {"N": str(old_epoch)}, ":g": {"N": str(old_granted)}})
             except ClientError as exc:
                 if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
                     continue
                 raise
             _dynamo_cache[(self.table_name, key)] = state
+            if state.epoch != old_epoch:
+                self._publish(state)
             return out, state
         raise RuntimeError(f"rate limit {key!r}: too much contention updating its state")
 
-    def lease(self, key: str, spec: LimitSpec, n: int) -> Lease | Wait:
-        """One conditional ``UpdateItem`` per lease in the steady state (``tat = tat + n*interval``)."""
+    def lease(self, key: str, spec: LimitSpec, n: int, *, exclude: Iterable[int] = (), prefer: int | None = None,
+              within_s: float | None = None, spread: bool = False) -> Lease | Wait:
+        """One conditional ``UpdateItem`` per lease in the steady state, planned from this process's last view of
+        the item (every answer, success or not, returns the whole item and refreshes that view)."""
         client = self._client()
         cache_key = (self.table_name, key)
         state = _dynamo_cache.get(cache_key) or self._current(key, spec)
-        for _ in range(20):
+        horizon = spec.horizon_s if within_s is None else within_s
+        # An extra lane is opportunistic: one try (a refusal still refreshes our view for the next look).
+        for _ in range(20 if within_s is None else 1):
             at = now_us()
-            new_tat, out = plan_lease(state, n, at, spec.horizon_s)
+            out = plan_lease(state, n, at, horizon, exclude=exclude, prefer=prefer, spread=spread)
             if isinstance(out, Wait):
                 if out.paused:  # only a read tells when the pause ends
                     state = _dynamo_cache[cache_key] = self._current(key, spec)
-                    new_tat, out = plan_lease(state, n, at, spec.horizon_s)
+                    out = plan_lease(state, n, at, horizon, exclude=exclude, prefer=prefer, spread=spread)
                 if isinstance(out, Wait):
                     return out  # booked ahead: wait without a call (a stale view is corrected by the next write)
+            lane = f"t{out.lane}"
             inc = n * out.interval_us
-            earliest = at - state.burst * out.interval_us
-            busy = state.tat >= earliest
-            values = {":n": {"N": str(n)}, ":f": {"BOOL": False}, ":earliest": {"N": str(earliest)}}
-            if busy:  # the common case under load: additive, so concurrent leases never conflict
-                update = "SET tat = tat + :inc, granted = granted + :n"
-                condition = "paused = :f AND tat >= :earliest AND tat <= :latest"
-                values |= {":inc": {"N": str(inc)}, ":latest": {"N": str(at + int(spec.horizon_s * US))}}
-            else:  # an idle limit: the schedule restarts at `earliest`
-                update = "SET tat = :start, granted = granted + :n"
-                condition = "paused = :f AND tat < :earliest"
-                values[":start"] = {"N": str(earliest + inc)}
+            values: dict[str, Any] = {":n": {"N": str(n)}, ":f": {"BOOL": False}, ":e": {"N": str(state.epoch)}}
+            if out.start_us == state.tats[out.lane]:  # a busy lane, the common case: additive, bookers queue
+                update = f"SET {lane} = {lane} + :inc, granted = granted + :n"
+                condition = f"epoch = :e AND paused = :f AND {lane} >= :earliest AND {lane} <= :latest"
+                values |= {":inc": {"N": str(inc)},
+                           ":earliest": {"N": str(at - state.burst * (out.interval_us // state.lanes))},
+                           ":latest": {"N": str(at + int(horizon * 1_000_000))}}
+            else:  # an idle lane restarts on its grid
+                update = f"SET {lane} = :new, granted = granted + :n"
+                condition = f"epoch = :e AND paused = :f AND {lane} = :old"
+                values |= {":new": {"N": str(out.end_us)}, ":old": {"N": str(state.tats[out.lane])}}
             try:
                 resp = client.update_item(TableName=self.table_name, Key={"key": {"S": key}}, UpdateExpression=update,
                                           ConditionExpression=condition, ExpressionAttributeValues=values,
@@ -264,16 +328,18 @@ class DynamoDBRateLimiter(RateLimiter):
                 _dynamo_cache[cache_key] = state
                 continue
             state = _dynamo_cache[cache_key] = _from_item(resp["Attributes"])
-            return Lease(state.tat - inc, out.interval_us, n)
+            return Lease(state.tats[out.lane] - inc, out.interval_us, n, out.lane, state.epoch)
         return Wait(0.05)
 
     def release(self, key: str, lease: Lease, unused: int) -> bool:
+        lane = f"t{lease.lane}"
         try:
             self._client().update_item(
                 TableName=self.table_name, Key={"key": {"S": key}},
-                UpdateExpression="SET tat = tat - :dec, granted = granted - :n", ConditionExpression="tat = :end",
+                UpdateExpression=f"SET {lane} = {lane} - :dec, granted = granted - :n",
+                ConditionExpression=f"{lane} = :end AND epoch = :e",
                 ExpressionAttributeValues={":dec": {"N": str(unused * lease.interval_us)}, ":n": {"N": str(unused)},
-                                           ":end": {"N": str(lease.end_us)}})
+                                           ":end": {"N": str(lease.end_us)}, ":e": {"N": str(lease.epoch)}})
             return True
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
@@ -281,12 +347,13 @@ class DynamoDBRateLimiter(RateLimiter):
             raise
 
 
-
 def limiter_from_config(kind: str, *, path: str | None = None, table: str = "slurmctl-rate-limits",
-                        endpoint_url: str | None = None, region: str | None = None) -> RateLimiter:
-    """The rate-limiter block a job config's ``rate_limiter:`` section names."""
+                        endpoint_url: str | None = None, region: str | None = None,
+                        signals: S3ManifestStore | LocalManifestStore | None = None) -> RateLimiter:
+    """The rate-limiter block a job config's ``rate_limiter:`` section names (``signals``: the job's store)."""
     if kind == "dynamodb":
-        return DynamoDBRateLimiter(table_name=table, aws_credentials=aws_credentials(endpoint_url, region))
+        return DynamoDBRateLimiter(table_name=table, aws_credentials=aws_credentials(endpoint_url, region),
+                                   signals=signals)
     if not path:
         raise ValueError("a local rate limiter needs a path")
     return LocalRateLimiter(path=path)

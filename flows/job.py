@@ -24,6 +24,7 @@ from flows.runners import task_runner_for
 from slurmctl.config import load_config, parse_config
 from slurmctl.failures import committed_batch_ids, round_of
 from slurmctl.jobs import JobExists, create_job, load_job, store_for, update_job
+from slurmctl.limits import ensure_limits
 from slurmctl.manifests import Keys, now
 
 # Notice a silent worker (network partition, frozen node) within 10 s; a killed one is noticed at once.
@@ -70,6 +71,7 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
             update_job(store, job_id, phase="process")
             initial_done = sum(1 for b in committed_batch_ids(store, job_id) if round_of(b) == 0)
             if initial_done < total:  # else no cluster is started at all
+                ensure_limits(cfg)
                 processed = process_phase.with_options(task_runner=_runner(cfg))(job_id, config)
             else:  # the counters may predate a coordinator's death: take them from the commits
                 counts = load_job(store, job_id).counts

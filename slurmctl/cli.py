@@ -369,8 +369,8 @@ def cmd_rate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    print(f"{args.job_id}: limit {args.limit} now {state.target:g}/s (workers pick it up with their next lease, "
-          f"within about a second)", file=sys.stderr)
+    print(f"{args.job_id}: limit {args.limit} now {state.target:g}/s (workers see the change at their next signal "
+          f"check and switch after a grace of about 1.5 s)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -150,7 +150,9 @@ class RateLimitConfig(_Strict):
     floor: float | None = Field(default=None, gt=0, description="Lowest rate after 429s (default per_second/10).")
     ceiling: float | None = Field(default=None, gt=0, description="Highest rate `slurmctl rate` may set "
                                                                  "(default per_second*10).")
-    lease_size: int = Field(default=20, gt=0, description="Slots a worker leases in one backend write.")
+    lease_size: int = Field(default=32, gt=0, description="Slots a worker leases in one backend write.")
+    lanes: int | None = Field(default=None, ge=1, le=64, description="Interleaved schedules a lease is taken from "
+                                                                    "(default: one per 2 requests/s, at most 64).")
     recovery_s: float = Field(default=30, gt=0, description="Time to recover from floor to target after 429s.")
     key: str | None = Field(default=None, min_length=1, description="Share this limit's state across jobs "
                                                                     "(default: private to the job).")

@@ -17,7 +17,7 @@ def limit_key(cfg: JobConfig, name: str) -> str:
 def limit_spec(cfg: JobConfig, name: str) -> LimitSpec:
     c = cfg.rate_limits[name]
     return LimitSpec(per_second=c.per_second, burst=c.burst, floor=c.floor, ceiling=c.ceiling,
-                     lease_size=c.lease_size, recovery_s=c.recovery_s)
+                     lease_size=c.lease_size, lanes=c.lanes, recovery_s=c.recovery_s)
 
 
 def backend_for(cfg: JobConfig) -> Any:
@@ -30,7 +30,13 @@ def backend_for(cfg: JobConfig) -> Any:
         base = s[len("file://"):] if s.startswith("file://") else os.environ.get(
             "SLURMCTL_HOME", str(Path.home() / ".slurmctl"))
         path = str(Path(base) / "rate-limits.sqlite")
-    return limiter_from_config(r.kind, path=path, table=r.table, endpoint_url=r.endpoint_url, region=r.region)
+    signals = None
+    if r.kind == "dynamodb":  # workers poll pause/rate/throttle signals in the job's store, not DynamoDB
+        from slurmctl.jobs import store_for
+
+        signals = store_for(cfg.storage)
+    return limiter_from_config(r.kind, path=path, table=r.table, endpoint_url=r.endpoint_url, region=r.region,
+                               signals=signals)
 
 
 _leasers: dict[tuple[str, str], Leaser] = {}
@@ -63,8 +69,18 @@ def limits_status(cfg: JobConfig) -> dict[str, Any]:
         state = backend.read(limit_key(cfg, name))
         if state is None:
             out[name] = {"target_per_s": cfg.rate_limits[name].per_second, "current_per_s": None, "paused": False,
-                         "granted": 0, "throttled": 0}
+                         "granted": 0, "throttled": 0, "lanes": limit_spec(cfg, name).lane_count}
         else:
             out[name] = {"target_per_s": state.target, "current_per_s": round(state.effective_rate(now_us()), 3),
-                         "paused": state.paused, "granted": state.granted, "throttled": state.throttled}
+                         "paused": state.paused, "granted": state.granted, "throttled": state.throttled,
+                         "lanes": state.lanes, "epoch": state.epoch}
     return out
+
+
+def ensure_limits(cfg: JobConfig) -> None:
+    """Create each limit's shared state before workers start (otherwise every worker's first lease races to)."""
+    if not cfg.rate_limits:
+        return
+    backend = backend_for(cfg)
+    for name in cfg.rate_limits:
+        backend.ensure_limit(limit_key(cfg, name), limit_spec(cfg, name))

@@ -7,11 +7,13 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from blocks.manifest_store import store_from_uri
 from blocks.rate_limiter import DynamoDBRateLimiter, limiter_from_config
 from slurmctl.ratelimit import US, Lease, Leaser, LimitSpec, Wait, now_us
 
@@ -23,8 +25,11 @@ def backend_args(request, tmp_path) -> dict:
     if request.param == "local":
         return {"kind": "local", "path": str(tmp_path / "limits.sqlite")}
     endpoint = request.getfixturevalue("moto_endpoint")
+    bucket = request.getfixturevalue("s3_bucket")
     table = f"limits-{os.urandom(3).hex()}"
-    args = {"kind": "dynamodb", "table": table, "endpoint_url": endpoint, "region": "us-east-1"}
+    # signals (new epochs: pause, rate, throttling) go to an S3 object, as in a job with S3 storage
+    signals = store_from_uri(f"s3://{bucket}/job", endpoint_url=endpoint, region="us-east-1")
+    args = {"kind": "dynamodb", "table": table, "endpoint_url": endpoint, "region": "us-east-1", "signals": signals}
     limiter = limiter_from_config(**args)
     assert isinstance(limiter, DynamoDBRateLimiter)
     limiter.ensure_table()
@@ -36,8 +41,8 @@ def backend(backend_args):
     return limiter_from_config(**backend_args)
 
 
-def test_leases_are_consecutive_slots_at_the_rate(backend):
-    spec = LimitSpec(per_second=100, burst=1, lease_size=10)
+def test_one_lane_leases_are_consecutive_slots_at_the_rate(backend):
+    spec = LimitSpec(per_second=100, burst=1, lease_size=10, lanes=1)
     a = backend.lease("k", spec, 10)
     b = backend.lease("k", spec, 10)
     assert isinstance(a, Lease) and isinstance(b, Lease)
@@ -47,15 +52,17 @@ def test_leases_are_consecutive_slots_at_the_rate(backend):
 
 
 def test_an_idle_limit_allows_its_burst_and_no_more(backend):
-    spec = LimitSpec(per_second=10, burst=5, lease_size=5)
+    spec = LimitSpec(per_second=10, burst=5, lease_size=5, lanes=1)
+    asked_at = now_us()
     first = backend.lease("idle", spec, 5)
-    assert abs(first.start_us - (now_us() - 5 * 100_000)) < 50_000  # five slots already due: a burst of 5
+    # slots lie on the limit's grid: the first is its first grid point no more than `burst` slots back
+    assert asked_at - 5 * 100_000 - 50_000 <= first.start_us <= asked_at - 4 * 100_000 + 50_000  # a burst of 4-5
     second = backend.lease("idle", spec, 5)
     assert second.start_us == first.end_us  # then back to the rate
 
 
 def test_a_lease_is_refused_beyond_the_horizon(backend):
-    spec = LimitSpec(per_second=10, burst=1, lease_size=10, horizon_s=1.0)
+    spec = LimitSpec(per_second=10, burst=1, lease_size=10, horizon_s=1.0, lanes=1)
     assert isinstance(backend.lease("far", spec, 10), Lease)  # 1 s of slots
     assert isinstance(backend.lease("far", spec, 10), Lease)  # starts ~1 s ahead: at the horizon
     got = backend.lease("far", spec, 10)
@@ -63,12 +70,38 @@ def test_a_lease_is_refused_beyond_the_horizon(backend):
 
 
 def test_release_gives_back_the_unused_tail(backend):
-    spec = LimitSpec(per_second=10, lease_size=10)
+    spec = LimitSpec(per_second=10, lease_size=10, lanes=1)
     lease = backend.lease("rel", spec, 10)
     assert backend.release("rel", lease, 6)
     nxt = backend.lease("rel", spec, 1)
     assert nxt.start_us == lease.start_us + 4 * lease.interval_us
     assert not backend.release("rel", lease, 6)  # no longer the tail
+
+
+def test_lanes_interleave_on_one_grid_at_the_rate(backend):
+    spec = LimitSpec(per_second=40, burst=1, lease_size=5, lanes=4)
+    leases = [backend.lease("lanes", spec, 5, exclude=[j for j in range(4) if j != lane]) for lane in range(4)]
+    assert sorted(lease.lane for lease in leases) == [0, 1, 2, 3]
+    assert all(lease.interval_us == 4 * 25_000 for lease in leases)  # each lane runs at a quarter of the rate
+    slots = sorted(lease.start_us + k * lease.interval_us for lease in leases for k in range(lease.count))
+    gaps = {b - a for a, b in zip(slots, slots[1:])}
+    assert gaps == {25_000}, gaps  # together: every slot of the full rate, evenly spaced, none shared
+
+
+def test_a_busy_lane_queues_its_next_lease_and_a_free_lane_is_taken_first(backend):
+    spec = LimitSpec(per_second=20, lease_size=4, lanes=2)
+    first = backend.lease("q", spec, 4)
+    second = backend.lease("q", spec, 4)
+    assert second.lane != first.lane  # the free lane, not behind the first lease
+    third = backend.lease("q", spec, 4, prefer=first.lane)
+    assert third.lane == first.lane and third.start_us == first.end_us  # renewing keeps the lane, back to back
+    assert isinstance(backend.lease("q", spec, 4, exclude=[0, 1], within_s=0.05), Wait)  # nothing free right now
+
+
+def test_default_lanes_run_at_about_two_per_second():
+    assert LimitSpec(per_second=50).lane_count == 25
+    assert LimitSpec(per_second=1).lane_count == 1
+    assert LimitSpec(per_second=10_000).lane_count == 64
 
 
 def test_throttling_halves_the_rate_once_per_second_then_recovers(backend):
@@ -93,7 +126,9 @@ def test_throttling_halves_the_rate_once_per_second_then_recovers(backend):
 def test_retry_after_pushes_every_workers_next_slot(backend):
     spec = LimitSpec(per_second=100)
     backend.lease("ra", spec, 1)
+    before = backend.read("ra").epoch
     backend.report_throttle("ra", spec, 2.0)
+    assert backend.signal("ra").epoch == before + 1  # workers see a new epoch: their leases are void
     got = backend.lease("ra", spec, 1)
     assert isinstance(got, Wait) or got.start_us >= now_us() + 1.5 * US
 
@@ -104,12 +139,93 @@ def test_pause_and_rate_change(backend):
     backend.set_paused("ctl", spec, True)
     got = backend.lease("ctl", spec, 5)
     assert isinstance(got, Wait) and got.paused
+    assert backend.signal("ctl").paused
     backend.set_paused("ctl", spec, False)
     backend.set_rate("ctl", spec, 50)
+    assert not backend.signal("ctl").paused
     got = backend.lease("ctl", spec, 5)
-    assert isinstance(got, Lease) and got.interval_us == 20_000
+    assert isinstance(got, Lease) and got.interval_us == 20_000 * spec.lane_count
+    # the new rate's schedule starts after the grace in which every worker sees the signal
+    assert got.start_us >= now_us() + spec.grace_us - 0.5 * US
     with pytest.raises(ValueError, match="outside"):
         backend.set_rate("ctl", spec, 1000)
+
+
+# --- one worker's spender -----------------------------------------------------------------------------------------
+def spend_for(leaser: Leaser, seconds: float, work_s: float = 0.0) -> list[float]:
+    """Acquire one token at a time for ``seconds``, doing ``work_s`` of "request" after each; the times used."""
+    stamps: list[float] = []
+    stop = time.time() + seconds
+    while time.time() < stop:
+        leaser.acquire()
+        stamps.append(time.time())
+        time.sleep(work_s)
+    return stamps
+
+
+def test_a_worker_holds_as_many_lanes_as_its_caller_can_spend(backend):
+    spec = LimitSpec(per_second=20, lease_size=8, lanes=4)  # a lane: 5/s, one slot every 200 ms
+    fast = Leaser(backend, "speed-fast", spec)
+    stamps = spend_for(fast, 3.0)
+    assert fast.wanted_lanes() == 4 and len({h.lease.lane for h in fast.held}) >= 3
+    assert len([t for t in stamps if t > stamps[0] + 1.0]) >= 0.8 * 20 * (stamps[-1] - stamps[0] - 1.0)
+    slow = Leaser(backend, "speed-slow", spec)
+    spend_for(slow, 2.0, work_s=0.15)  # 150 ms per request: it could not keep up with two lanes
+    assert slow.wanted_lanes() == 1 and len({h.lease.lane for h in slow.held if h.left}) == 1
+    assert slow.expired <= 1
+
+
+def test_pause_reaches_a_worker_holding_long_leases_within_the_signal_period(backend):
+    spec = LimitSpec(per_second=20, lease_size=32, lanes=2)  # a lease spans 3.2 s: far longer than the pause deadline
+    leaser = Leaser(backend, "sig", spec)
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            leaser.acquire()
+            stamps.append(time.time())
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    time.sleep(1.5)
+    assert stamps, "no tokens before the pause"
+    Leaser(backend, "sig", spec).backend.set_paused("sig", spec, True)
+    paused_at = time.time()
+    time.sleep(3.0)
+    assert [t for t in stamps if t > paused_at + spec.signal_s + 0.3] == []  # stopped within ~1 s
+    assert leaser.paused_s > 0
+    backend.set_paused("sig", spec, False)
+    resumed_at = time.time()
+    time.sleep(2.5)
+    stop.set()
+    after = [t for t in stamps if t > resumed_at]
+    assert after and after[0] - resumed_at < spec.signal_s + spec.grace_us / US + 0.5  # and goes again
+    worker.join(5)
+
+
+def test_a_rate_change_applies_to_leases_already_held(backend):
+    spec = LimitSpec(per_second=20, lease_size=32, lanes=2, floor=1)
+    leaser = Leaser(backend, "chg", spec)
+    spend_for(leaser, 1.0)
+    backend.set_rate("chg", spec, 5)
+    changed_at = time.time()
+    stamps = spend_for(leaser, 4.0)
+    late = [t for t in stamps if t > changed_at + 2.0]  # effective within 2 s ...
+    assert late and len(late) <= 5 * (stamps[-1] - (changed_at + 2.0)) + spec.burst + 1  # ... at the new 5/s
+    assert leaser.epoch == backend.read("chg").epoch
+
+
+def test_a_429_seen_by_one_worker_slows_every_worker_within_two_seconds(backend):
+    spec = LimitSpec(per_second=20, lease_size=32, lanes=2, floor=1, recovery_s=1000)
+    other, reporter = Leaser(backend, "adapt", spec), Leaser(backend, "adapt", spec)
+    spend_for(other, 1.0)  # holds leases booked at 20/s for seconds to come
+    reporter.throttled(None)
+    throttled_at = time.time()
+    stamps = spend_for(other, 4.0)
+    late = [t for t in stamps if t > throttled_at + 2.0]
+    assert late and len(late) <= 10 * (stamps[-1] - (throttled_at + 2.0)) + spec.burst + 1  # halved: 10/s
+    assert backend.read("adapt").rate == 10
 
 
 # --- many processes -------------------------------------------------------------------------------------------
@@ -161,18 +277,20 @@ def test_many_processes_never_exceed_rate_plus_burst(backend_args, tmp_path):
 
 def test_a_killed_workers_lease_does_not_leak_capacity(backend_args, tmp_path):
     backend = limiter_from_config(**backend_args)
-    spec = LimitSpec(per_second=20, burst=1, lease_size=20, horizon_s=1.0)
+    hog_spec = {"per_second": 20, "lease_size": 8, "lanes": 4}  # a lane runs at 5/s: a lease spans 1.6 s
+    spec = LimitSpec(**hog_spec, horizon_s=1.0)
     ctx = multiprocessing.get_context("spawn")
-    hog = ctx.Process(target=spend, args=(backend_args, "hog", {"per_second": 20, "lease_size": 20}, 60.0,
-                                          str(tmp_path / "hog.json")))
+    hog = ctx.Process(target=spend, args=(backend_args, "hog", hog_spec, 60.0, str(tmp_path / "hog.json")))
     hog.start()
     deadline = time.time() + 30
-    while (backend.read("hog") is None or backend.read("hog").granted < 20) and time.time() < deadline:
+    while (backend.read("hog") is None or backend.read("hog").granted < 24) and time.time() < deadline:
         time.sleep(0.05)
-    os.kill(hog.pid, signal.SIGKILL)  # dies holding up to a second of booked slots
+    os.kill(hog.pid, signal.SIGKILL)  # dies holding several lanes, each booked up to a lease (+ its renewal) ahead
     hog.join()
     killed_at = time.time()
     leaser = Leaser(backend, "hog", spec)
     leaser.acquire(10)
-    # The dead worker's slots passed with the clock: capacity is back within a lease + the horizon.
-    assert time.time() - killed_at < 20 / 20 + 1.0 + 0.5 + 10 / 20
+    # The dead worker's slots passed with the clock: capacity is back within a lease span (+ the renewal it had
+    # booked) and 10 tokens then take half a second at 20/s.
+    span = 8 / (20 / 4)
+    assert time.time() - killed_at < span + 2 * 0.2 + 10 / 20 + 1.0
