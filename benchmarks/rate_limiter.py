@@ -94,6 +94,7 @@ def slurmctl_worker(args: dict, start: tuple, out: str) -> None:
     while time.time() < start_at + args["seconds"]:
         leaser.acquire()
         results.append((time.time(), get(args["api"])))
+        time.sleep(args["work_s"])  # the rest of a handler's work per request (--work-ms)
     # No leaser.close(): like a job's worker process, it keeps its leases to the end; their tails just pass.
     with open(out, "w") as f:
         json.dump({"results": results, "dynamodb_calls": calls[0], "signal_calls": signal_calls[0],
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--burst", type=int, default=2, help="limiter burst")
     parser.add_argument("--api-burst", type=float, default=5, help="the API's bucket capacity")
+    parser.add_argument("--work-ms", type=float, default=0, help="a handler's other work per request (slow workers)")
     parser.add_argument("--lease-size", type=int, default=32)
     parser.add_argument("--lanes", type=int, default=None, help="default: one per 2 req/s")
     parser.add_argument("--skip-prefect", action="store_true")
@@ -169,7 +171,7 @@ def main() -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     out: dict = {"rate": args.rate, "workers": args.workers, "seconds": args.seconds, "lease_size": args.lease_size,
-                 "limiter_burst": args.burst, "api_burst": args.api_burst}
+                 "limiter_burst": args.burst, "api_burst": args.api_burst, "work_ms": args.work_ms}
     try:
         endpoint = f"http://127.0.0.1:{moto_port}"
         wait_http(endpoint + "/moto-api/", 60)
@@ -188,7 +190,8 @@ def main() -> None:
         with StrictApi(max_per_second=args.rate) as api:
             wargs = {"table": "bench-limits", "endpoint": endpoint, "rate": args.rate, "burst": args.burst,
                      "lease_size": args.lease_size, "lanes": args.lanes, "seconds": args.seconds,
-                     "api": api.url + "/items/1", "signals": "s3://bench-signals/job"}
+                     "api": api.url + "/items/1", "signals": "s3://bench-signals/job",
+                     "work_s": args.work_ms / 1000}
             results = run_workers(slurmctl_worker, wargs, args.workers, tmp, "slurmctl")
             pairs, span = steady(results, args.seconds)
             ok = sum(1 for _, status in pairs if status == 200)

@@ -161,9 +161,10 @@ def plan_lease(state: LimitState, n: int, at_us: int, horizon_s: float, *, exclu
                prefer: int | None = None, spread: bool = False) -> Lease | Wait:
     """Which lane and slots a lease of ``n`` would get (its ``end_us`` is the lane's new tat); or how long to wait.
 
-    The lane is the one free soonest, among those not in ``exclude`` (lanes the worker already holds), ties going
-    to ``prefer`` (renewing a lease keeps its lane). With ``spread``, any lane free within the horizon will do and
-    the one furthest from the excluded lanes is taken, so one worker's slots are spread over the rate's grid.
+    Among the lanes not in ``exclude`` (those the worker already holds): ``prefer`` (the lane of the lease being
+    renewed) while nothing is booked behind that lease; else one of the lanes free soonest, at random, so workers
+    deciding from the same view don't all pick the same lane. With ``spread``, any lane free within the horizon will
+    do and one far from the excluded lanes is taken, so one worker's slots are spread over the rate's grid.
     """
     if state.paused:
         return Wait(0.5, paused=True)
@@ -271,7 +272,7 @@ class Leaser:
 
     Thread-safe. ``acquire(n)`` blocks until ``n`` slots are due and returns the seconds it waited. How many lanes it
     holds follows how fast its caller is: it measures the caller's time between tokens and takes another lane while
-    it could spend one more without falling behind (half the lane's spacing, for margin) and one is free.
+    it could spend one more without falling behind (its request time within 80 % of its slots' spacing) and one is free.
     """
 
     PREFETCH = 2  # renew a lease when this many slots are left, so its lane continues without a gap
@@ -301,7 +302,7 @@ class Leaser:
         if self.work_s is None:
             return 1
         lane_s = self.spec.lane_count / self.spec.per_second
-        return max(1, min(self.spec.lane_count, int(lane_s * 0.5 / max(self.work_s, 1e-4))))
+        return max(1, min(self.spec.lane_count, int(lane_s * 0.8 / max(self.work_s, 1e-4))))
 
     def _note_work(self) -> None:
         if self.returned_at is not None:
