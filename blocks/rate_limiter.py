@@ -30,7 +30,8 @@ from pydantic import Field
 
 from blocks.aws import aws_credentials
 from blocks.manifest_store import LocalManifestStore, S3ManifestStore
-from slurmctl.ratelimit import Lease, LimitSpec, LimitState, Signal, Wait, now_us, plan_lease, throttled_state
+from slurmctl.ratelimit import (Lease, LimitSpec, LimitState, Signal, Wait, earliest_slot_us, now_us, plan_lease,
+                                throttled_state)
 
 
 class RateLimiter(Block, ABC):
@@ -310,7 +311,7 @@ class DynamoDBRateLimiter(RateLimiter):
                 update = f"SET {lane} = {lane} + :inc, granted = granted + :n"
                 condition = f"epoch = :e AND paused = :f AND {lane} >= :earliest AND {lane} <= :latest"
                 values |= {":inc": {"N": str(inc)},
-                           ":earliest": {"N": str(at - state.burst * (out.interval_us // state.lanes))},
+                           ":earliest": {"N": str(earliest_slot_us(state, at, out.interval_us // state.lanes))},
                            ":latest": {"N": str(at + int(horizon * 1_000_000))}}
             else:  # an idle lane restarts on its grid
                 update = f"SET {lane} = :new, granted = granted + :n"

@@ -68,6 +68,11 @@ class LimitSpec:
         return self.lanes or max(1, min(MAX_LANES, math.ceil(self.per_second / LANE_RATE)))
 
     @property
+    def lane_s(self) -> float:
+        """Spacing of one lane's slots at the configured rate."""
+        return self.lane_count / self.per_second
+
+    @property
     def grace_us(self) -> int:
         """How far ahead a new epoch starts: every worker has seen the signal by then, so old leases are over."""
         return int((self.signal_s + 0.25) * US)
@@ -149,6 +154,11 @@ class Signal:
     paused: bool
 
 
+def earliest_slot_us(state: LimitState, at_us: int, interval_us: int) -> int:
+    """The earliest slot a lease may start at: ``burst`` slots back (an idle limit can burst, no more)."""
+    return at_us - state.burst * interval_us
+
+
 def _lane_start(state: LimitState, lane: int, earliest: int, lane_interval: int) -> int:
     """The lane's next slot: its tat, or — an idle lane — its first grid point no earlier than ``earliest``."""
     tat = state.tats[lane]
@@ -170,7 +180,7 @@ def plan_lease(state: LimitState, n: int, at_us: int, horizon_s: float, *, exclu
         return Wait(0.5, paused=True)
     interval = max(1, round(US / state.effective_rate(at_us)))
     lane_interval = interval * state.lanes
-    earliest = at_us - state.burst * interval
+    earliest = earliest_slot_us(state, at_us, interval)
     held = set(exclude)
     lanes = [j for j in range(state.lanes) if j not in held] or list(range(state.lanes))
     starts = {j: _lane_start(state, j, earliest, lane_interval) for j in lanes}
@@ -301,13 +311,11 @@ class Leaser:
     def wanted_lanes(self) -> int:
         if self.work_s is None:
             return 1
-        lane_s = self.spec.lane_count / self.spec.per_second
-        return max(1, min(self.spec.lane_count, int(lane_s * 0.8 / max(self.work_s, 1e-4))))
+        return max(1, min(self.spec.lane_count, int(self.spec.lane_s * 0.8 / max(self.work_s, 1e-4))))
 
     def _note_work(self) -> None:
         if self.returned_at is not None:
-            lane_s = self.spec.lane_count / self.spec.per_second
-            sample = min(time.monotonic() - self.returned_at, lane_s)
+            sample = min(time.monotonic() - self.returned_at, self.spec.lane_s)
             self.work_s = sample if self.work_s is None else 0.8 * self.work_s + 0.2 * sample
 
     # --- leases ----------------------------------------------------------------------------------------------------
@@ -336,8 +344,7 @@ class Leaser:
         while (len(self._lanes_held()) < self.wanted_lanes() and len(self._lanes_held()) < self.spec.lane_count
                and (now >= self.more.at_us or now - self.leased_at_us < self.FRESH_US)):
             # A lane free within one lane spacing is idle (or about to be): nobody else is spending it.
-            got = self._lease(exclude=self._lanes_held(), within_s=self.spec.lane_count / self.spec.per_second,
-                              spread=True)
+            got = self._lease(exclude=self._lanes_held(), within_s=self.spec.lane_s, spread=True)
             if isinstance(got, Wait):
                 if now - self.leased_at_us < self.FRESH_US:
                     self.more.saturated(now)  # a fresh view says every lane is taken: stop probing with old ones

@@ -190,7 +190,7 @@ def test_pause_reaches_a_worker_holding_long_leases_within_the_signal_period(bac
     worker.start()
     time.sleep(1.5)
     assert stamps, "no tokens before the pause"
-    Leaser(backend, "sig", spec).backend.set_paused("sig", spec, True)
+    backend.set_paused("sig", spec, True)
     paused_at = time.time()
     time.sleep(3.0)
     assert [t for t in stamps if t > paused_at + spec.signal_s + 0.3] == []  # stopped within ~1 s
