@@ -76,9 +76,10 @@ def run_baseline(uri: str, batch_size: int, work: Path, workers: int) -> float:
 
 def run_product(uri: str, batch_size: int, work: Path, workers: int) -> tuple[float, dict]:
     from flows.job import run_job
+    from slurmctl.admission import create_job
     from slurmctl.config import parse_config
     from slurmctl.coordinator import prefect_api_for_workers
-    from slurmctl.jobs import create_job, store_for
+    from slurmctl.jobs import store_for
 
     cfg = parse_config({"job_id": "overhead-bench", "handler": "handlers.echo:handle",
                         "input": {"uri": uri, "format": "jsonl"}, "batch_size": batch_size,

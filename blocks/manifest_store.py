@@ -13,7 +13,10 @@ Guarantees every caller relies on:
 * ``put_bytes`` is atomic: a reader sees the old object, or the whole new one, never a partial write.
 * ``put_bytes(..., if_absent=True)`` creates the object only if no object exists under the key, and says whether it
   did (S3 ``If-None-Match: *``; a hard link on a filesystem). This is the primitive a commit is built on.
-* ``put_json``/``get_json`` write and verify a sha256 checksum over the canonical JSON body.
+* ``put_json``/``get_json`` write and verify a sha256 checksum over the canonical JSON body; a body without its
+  checksum is refused like a corrupt one (every manifest slurmctl writes has one).
+* ``check_conditional_writes`` proves the create-if-absent primitive on this very store before a job relies on it:
+  an S3-compatible server that ignores ``If-None-Match`` would silently turn every commit into last-writer-wins.
 
 Input data may live anywhere (``s3://`` or a local path) independently of where the store keeps manifests;
 ``open_uri`` returns a seekable binary stream for either, reading S3 in ranged GETs so a large input is never held in
@@ -27,6 +30,7 @@ import io
 import json
 import os
 import tempfile
+import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -34,15 +38,19 @@ from typing import Any, BinaryIO, Iterator
 from botocore.exceptions import ClientError
 from prefect.filesystems import WritableFileSystem
 from prefect_aws import AwsCredentials
+from pydantic import Field
 
 from blocks.aws import aws_credentials
-from pydantic import Field
 
 CHECKSUM_FIELD = "checksum"
 
 
 class ManifestCorrupt(ValueError):
-    """A manifest whose checksum does not match its body (torn or hand-edited)."""
+    """A manifest whose checksum is missing or does not match its body (torn, truncated or hand-edited)."""
+
+
+class StoreUnsupported(RuntimeError):
+    """The store cannot give the guarantees a job relies on (create-if-absent); the message says what to use."""
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -129,9 +137,45 @@ class ManifestStore(WritableFileSystem, ABC):
             body = json.loads(data)
         except json.JSONDecodeError as exc:
             raise ManifestCorrupt(f"{self.uri(key)}: not JSON ({exc})") from None
-        if CHECKSUM_FIELD in body and body[CHECKSUM_FIELD] != checksum_of(body):
+        if not isinstance(body, dict):
+            raise ManifestCorrupt(f"{self.uri(key)}: not a JSON object")
+        if CHECKSUM_FIELD not in body:
+            raise ManifestCorrupt(f"{self.uri(key)}: no {CHECKSUM_FIELD!r} field (truncated, hand-written or not "
+                                  f"written by slurmctl)")
+        if body[CHECKSUM_FIELD] != checksum_of(body):
             raise ManifestCorrupt(f"{self.uri(key)}: checksum mismatch")
         return body
+
+    def check_conditional_writes(self) -> None:
+        """Prove that create-if-absent holds here: write a probe key twice; the second write must be refused.
+
+        Raises ``StoreUnsupported`` naming what is missing. Costs three requests (two PUTs, one DELETE).
+        """
+        key = f"_probes/{uuid.uuid4().hex}/create-if-absent"
+        what = f"the manifest store {self.uri('')}"
+        try:
+            first = self.put_bytes(key, b"first", if_absent=True)
+            second = self.put_bytes(key, b"second", if_absent=True)
+        except (ClientError, OSError) as exc:
+            raise StoreUnsupported(f"{what} failed a create-if-absent write ({_describe(exc)}); {self._advice()}"
+                                   ) from None
+        finally:
+            try:
+                self._remove_probe(key)
+            except Exception:  # a leftover probe object is harmless
+                pass
+        if not first:
+            raise StoreUnsupported(f"{what} refused to create a new object with create-if-absent; {self._advice()}")
+        if second:
+            raise StoreUnsupported(f"{what} does not honour create-if-absent: a second conditional write of the same "
+                                   f"key replaced the first, so batch commits would silently become "
+                                   f"last-writer-wins; {self._advice()}")
+
+    def _advice(self) -> str:
+        return "use a store that supports it"
+
+    def _remove_probe(self, key: str) -> None:
+        self.delete(key)
 
     def open_uri(self, uri: str) -> BinaryIO:
         """A seekable binary stream over a local path, ``file://`` URI or ``s3://`` URI."""
@@ -183,7 +227,9 @@ class LocalManifestStore(ManifestStore):
                 try:
                     os.link(tmp, path)  # atomic create-if-absent, even between hosts on NFS
                 except FileExistsError:
-                    return False
+                    # An NFS client may retransmit a LINK whose reply was lost: the retry then fails with EEXIST
+                    # although the link is ours. Same inode as our temp file: we won.
+                    return _same_file(tmp, path)
             else:
                 os.replace(tmp, path)
             return True
@@ -202,7 +248,7 @@ class LocalManifestStore(ManifestStore):
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         base = self._path(prefix)
-        directory = base if prefix.endswith("/") else base.parent
+        directory = base if not prefix or prefix.endswith("/") else base.parent
         if not directory.is_dir():
             return iter(())
         root = Path(self.root)
@@ -212,6 +258,29 @@ class LocalManifestStore(ManifestStore):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def _remove_probe(self, key: str) -> None:
+        self.delete(key)
+        self._path(key).parent.rmdir()  # the probe's own directory
+
+    def _advice(self) -> str:
+        return ("put `storage.uri` on a local or shared POSIX filesystem that supports hard links (ext4, xfs, NFS, "
+                "Lustre, GPFS), or use an s3:// store")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return f"{err.get('Code') or status}: {err.get('Message') or exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class S3ManifestStore(ManifestStore):
@@ -267,6 +336,11 @@ class S3ManifestStore(ManifestStore):
 
     def delete(self, key: str) -> None:
         self._s3().delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def _advice(self) -> str:
+        return ("slurmctl commits each batch with a conditional PUT (If-None-Match: *). Amazon S3 supports it; for an "
+                "S3-compatible server, use one that implements conditional writes on PutObject, or use a file:// "
+                "store on a shared filesystem")
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (convenient for moto and first runs)."""

@@ -21,9 +21,10 @@ from flows.partition import partition_phase
 from flows.process import process_phase, recount
 from flows.retry import retry_phase
 from flows.runners import task_runner_for
+from slurmctl.admission import create_job
 from slurmctl.config import load_config, parse_config
 from slurmctl.failures import committed_batch_ids, round_of
-from slurmctl.jobs import JobExists, create_job, load_job, store_for, update_job
+from slurmctl.jobs import JobExists, load_job, read_round_batches, store_for, update_job
 from slurmctl.limits import ensure_limits
 from slurmctl.manifests import Keys, now
 
@@ -106,7 +107,10 @@ def run_retry_rounds(store: Any, job_id: str, cfg: Any, config: dict[str, Any], 
                             f"{', '.join(result['failed'][:10])}; `slurmctl resume {job_id}` runs them again")
         return result
 
-    unfinished = [r for r in job.retry_rounds if not r.get("finished_at")]
+    # A round is unfinished until every one of its batches has a commit (its finished_at may predate a lost one).
+    committed = set(committed_batch_ids(store, job_id)) if job.retry_rounds else set()
+    unfinished = [r for r in job.retry_rounds if not r.get("finished_at") or any(
+        spec.batch_id not in committed for spec in read_round_batches(store, job_id, r["round"]) or [])]
     for r in unfinished:
         run_round(r["round"], r["classes"])
     next_round = max([r["round"] for r in job.retry_rounds], default=0) + 1

@@ -8,16 +8,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from slurmctl.config import parse_config
-from slurmctl.jobs import store_for, update_job, load_job
+from slurmctl.jobs import load_job, store_for, update_job
 from slurmctl.manifests import Keys
-from slurmctl.records import BatchSpec, partition
-
-
-def read_plan(store, job_id: str) -> list[BatchSpec]:
-    data = store.get_bytes(Keys(job_id).plan)
-    if data is None:
-        return []
-    return [BatchSpec.from_dict(json.loads(line)) for line in data.splitlines() if line]
+from slurmctl.records import partition
 
 
 @flow(name="partition", log_prints=True)

@@ -20,10 +20,9 @@ from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
 from blocks.manifest_store import ManifestStore
-from flows.partition import read_plan
 from slurmctl.config import JobConfig, parse_config
 from slurmctl.failures import committed_batch_ids, committed_tasks
-from slurmctl.jobs import load_job, save_job, store_for
+from slurmctl.jobs import load_job, read_plan, save_job, store_for
 from slurmctl.manifests import Counts, JobManifest, Keys, TaskManifest, counts_from_tasks, now
 from slurmctl.records import BatchSpec
 from tasks.process_batch import process_batch

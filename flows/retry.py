@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from flows.process import run_batches
 from slurmctl.config import parse_config
 from slurmctl.failures import committed_tasks, failure_state
-from slurmctl.jobs import load_job, save_job, store_for
+from slurmctl.jobs import load_job, read_round_batches, save_job, store_for
 from slurmctl.manifests import Keys, now
 from slurmctl.records import BatchSpec
 
@@ -26,10 +26,10 @@ def plan_round(store: Any, job_id: str, round_no: int, classes: set[str], includ
     """Write the round's plan (once) and return its batch specs."""
     keys = Keys(job_id)
     plan_key = keys.retry_plan(round_no)
-    specs_key = plan_key.replace(".plan.jsonl", ".batches.jsonl")
-    existing = store.get_bytes(specs_key)
+    specs_key = keys.retry_batches(round_no)
+    existing = read_round_batches(store, job_id, round_no)
     if existing is not None:
-        return [BatchSpec.from_dict(json.loads(line)) for line in existing.splitlines() if line]
+        return existing
     state = failure_state(store, committed_tasks(store, job_id))
     chosen = [r for r in state.values()
               if (r["state"] == "deferred" and include_deferred) or (r["state"] == "failed" and r["error_class"] in classes)]

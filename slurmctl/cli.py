@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from slurmctl.config import ConfigError, JobConfig, StorageConfig, load_config
-from slurmctl.handler import HandlerError, load_handler
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DETACHED = 0, 1, 2, 130
 
@@ -50,43 +49,6 @@ def storage_for_job(job_id: str, args: argparse.Namespace) -> StorageConfig:
         return StorageConfig.model_validate(json.loads(pointer.read_text())["storage"])
     uri = os.environ.get("SLURMCTL_STORAGE", "file://" + str(Path(".slurmctl").resolve()))
     return StorageConfig(uri=uri, endpoint_url=os.environ.get("SLURMCTL_ENDPOINT_URL"))
-
-
-# --- checks before anything is submitted ------------------------------------------------------------------------
-def preflight(cfg: JobConfig) -> list[tuple[str, str]]:
-    """Everything that can be known wrong before submitting, as (field, message) pairs."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from slurmctl.jobs import store_for
-
-    problems: list[tuple[str, str]] = []
-    try:
-        load_handler(cfg.handler)
-    except HandlerError as exc:
-        problems.append(("handler", str(exc)))
-    store = store_for(cfg.storage)
-    uri = cfg.input.uri
-    try:
-        if uri.startswith("s3://"):
-            bucket, _, key = uri[5:].partition("/")
-            store._s3().head_object(Bucket=bucket, Key=key)
-        elif not Path(uri).is_file():
-            problems.append(("input.uri", f"no such file: {uri}"))
-    except (ClientError, BotoCoreError) as exc:
-        problems.append(("input.uri", f"cannot read {uri}: {exc}"))
-    if cfg.storage.uri.startswith("s3://"):
-        try:
-            store._s3().head_bucket(Bucket=store.bucket)
-        except (ClientError, BotoCoreError) as exc:
-            problems.append(("storage.uri", f"bucket {store.bucket!r} is not reachable: {exc}"))
-    if cfg.rate_limits and cfg.rate_limiter.kind == "dynamodb":
-        from slurmctl.limits import backend_for
-
-        try:
-            backend_for(cfg).ensure_table()  # created on demand (pay per request) if missing
-        except (ClientError, BotoCoreError) as exc:
-            problems.append(("rate_limiter.table", f"cannot use DynamoDB table {cfg.rate_limiter.table!r}: {exc}"))
-    return problems
 
 
 # --- running and watching the coordinator ---------------------------------------------------------------------
@@ -182,7 +144,8 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
 
 # --- commands -----------------------------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
-    from slurmctl.jobs import JobExists, create_job, store_for
+    from slurmctl.admission import JobRefused, create_job
+    from slurmctl.jobs import JobExists, store_for
     from slurmctl.manifests import Keys
 
     try:
@@ -196,12 +159,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         except Exception:
             _err("--job-id: must match [a-z0-9][a-z0-9-]{0,62}")
             return EXIT_USAGE
-    problems = preflight(cfg)
-    if not problems:
-        try:
-            create_job(cfg, str(Path(args.config).resolve()))
-        except JobExists as exc:
-            problems.append(("job_id", str(exc)))
+    problems: list[tuple[str, str]] = []
+    try:
+        create_job(cfg, str(Path(args.config).resolve()))
+    except JobExists as exc:
+        problems.append(("job_id", str(exc)))
+    except JobRefused as exc:
+        problems = exc.problems
     if problems:
         _err(f"{args.config}: cannot submit\n" + "\n".join(f"  {f}: {m}" for f, m in problems))
         return EXIT_USAGE

@@ -1,9 +1,13 @@
 """The job's current failures, from its manifests: which items are failed (and why) or deferred right now.
 
 Initial batches record failed and deferred items in their retry manifests. A retry round takes some of them (its
-plan), and each of its batches records which items it took (``retried_ids``) and which failed again. Replaying the
-committed manifests in order — initial batches, then round 1, round 2, ... — gives the current state. Retry
-planning, ``slurmctl analyze-errors`` and the final ``failures.jsonl`` all read it from here.
+plan), and each of its batches records which items it took (``retried_lines``; ``retried_ids`` in manifests written
+before lines were recorded) and which failed again. Replaying the committed manifests in order — initial batches,
+then round 1, round 2, ... — gives the current state. Retry planning, ``slurmctl analyze-errors``, the final
+``failures.jsonl`` and the books all read it from here.
+
+The state is keyed by the item's input line (row for Parquet), not its id: an input may hold one id twice, and each
+occurrence is an item of its own that must be accounted for.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Iterable
 
 from blocks.manifest_store import ManifestStore
 from slurmctl.manifests import Keys
+from slurmctl.parts import committed_retry
 
 _ROUND = re.compile(r"^r(\d+)-")
 
@@ -41,22 +46,35 @@ def committed_tasks(store: ManifestStore, job_id: str) -> list[dict[str, Any]]:
     return sorted((t for t in tasks if t), key=lambda t: (round_of(t["batch_id"]), t["batch_id"]))
 
 
-def failure_state(store: ManifestStore, tasks: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """id key -> the item's latest failure record, with ``state`` "failed" or "deferred" (tasks in commit order)."""
-    state: dict[str, dict[str, Any]] = {}
+def failure_state(store: ManifestStore, tasks: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Input line -> the item's latest failure record, with ``state`` "failed" or "deferred" (tasks in commit order).
+
+    A committed retry manifest that is missing or does not match its batch's counts is an error (``PartError``).
+    """
+    state: dict[int, dict[str, Any]] = {}
+    lines_of: dict[str, set[int]] = defaultdict(set)  # id key -> lines, for manifests that only name ids
+
+    def put(rec: dict[str, Any]) -> None:
+        state[rec["line"]] = rec
+        lines_of[id_key(rec["id"])].add(rec["line"])
+
     for t in tasks:
-        for item_id in t.get("retried_ids") or []:
-            state.pop(id_key(item_id), None)
+        if t.get("retried_lines"):
+            for line in t["retried_lines"]:
+                state.pop(line, None)
+        else:
+            for item_id in t.get("retried_ids") or []:
+                for line in lines_of.pop(id_key(item_id), ()):
+                    state.pop(line, None)
         if not t.get("retry"):
             continue
-        retry = store.get_json(t["retry"]) or {}
+        retry = committed_retry(store, t)
         for rec in retry.get("failed", []):
-            state[id_key(rec["id"])] = {**rec, "state": "failed", "batch_id": t["batch_id"], "host": t.get("host")}
+            put({**rec, "state": "failed", "batch_id": t["batch_id"], "host": t.get("host")})
         for rec in retry.get("deferred", []):
             cls = retry.get("tripped_by") or "throttle"
-            state[id_key(rec["id"])] = {**rec, "state": "deferred", "batch_id": t["batch_id"], "host": t.get("host"),
-                                        "error_class": cls, "error_type": "Deferred",
-                                        "message": f"deferred: circuit breaker opened on {cls}", "attempts": 0}
+            put({**rec, "state": "deferred", "batch_id": t["batch_id"], "host": t.get("host"), "error_class": cls,
+                 "error_type": "Deferred", "message": f"deferred: circuit breaker opened on {cls}", "attempts": 0})
     return state
 
 

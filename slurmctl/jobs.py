@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from blocks.manifest_store import ManifestStore, store_from_uri
 from slurmctl.config import JobConfig, StorageConfig
-from slurmctl.handler import handler_version
 from slurmctl.manifests import JobManifest, Keys, now
+from slurmctl.records import BatchSpec
 
 
 def store_for(storage: StorageConfig | dict[str, Any]) -> ManifestStore:
@@ -44,21 +45,24 @@ def update_job(store: ManifestStore, job_id: str, **changes: Any) -> JobManifest
     return job
 
 
+def _read_specs(store: ManifestStore, key: str) -> list[BatchSpec] | None:
+    data = store.get_bytes(key)
+    if data is None:
+        return None
+    return [BatchSpec.from_dict(json.loads(line)) for line in data.splitlines() if line]
+
+
+def read_plan(store: ManifestStore, job_id: str) -> list[BatchSpec]:
+    """The initial batches partitioning planned (empty before partitioning)."""
+    return _read_specs(store, Keys(job_id).plan) or []
+
+
+def read_round_batches(store: ManifestStore, job_id: str, round_no: int) -> list[BatchSpec] | None:
+    """The batches of retry round ``round_no``, or None when the round was never planned."""
+    return _read_specs(store, Keys(job_id).retry_batches(round_no))
+
+
 def new_job_manifest(cfg: JobConfig, config_file: str | None) -> JobManifest:
     return JobManifest(job_id=cfg.job_id, handler=cfg.handler, input=cfg.input.model_dump(),
                        batch_size=cfg.batch_size, cluster=cfg.cluster.model_dump(), storage=cfg.storage.uri,
                        config=cfg.model_dump(mode="json"), config_file=config_file)
-
-
-def create_job(cfg: JobConfig, config_file: str | None) -> JobManifest:
-    """Write a new job's manifest, refusing to overwrite an existing job (that is what resume is for)."""
-    store = store_for(cfg.storage)
-    job = new_job_manifest(cfg, config_file)
-    job.handler_version = handler_version(cfg.handler)
-    job.updated_at = now()
-    if not store.put_json(Keys(cfg.job_id).job, job.model_dump(mode="json"), if_absent=True):
-        existing = store.get_json(Keys(cfg.job_id).job) or {}
-        raise JobExists(f"job {cfg.job_id!r} already exists in {store.uri('jobs/')} (status "
-                        f"{existing.get('status')}); `slurmctl resume {cfg.job_id}` continues it, or choose "
-                        f"another job_id")
-    return job

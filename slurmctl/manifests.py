@@ -14,6 +14,8 @@ job under the store root::
     jobs/<job_id>/retry/<batch_id>.<attempt>.json  retry manifest: failed items (id, line, class, message,
                                            attempts, the item) and items deferred by the circuit breaker
     jobs/<job_id>/retry/round-NN.plan.jsonl  the items a retry round takes (its batches are slices of it)
+    jobs/<job_id>/retry/round-NN.batches.jsonl  that round's batch specs
+    jobs/<job_id>/cache/<batch_id>-<hash>  Prefect result records of batch tasks (the task cache)
     jobs/<job_id>/output/data.parquet      the final dataset
     jobs/<job_id>/rejects.jsonl            all rejects, merged by aggregate
     jobs/<job_id>/result.json              ResultManifest: final outputs, row counts, sha256
@@ -91,6 +93,15 @@ class Keys:
 
     def retry_plan(self, round_no: int) -> str:
         return f"{self.root}retry/round-{round_no:02d}.plan.jsonl"
+
+    def retry_batches(self, round_no: int) -> str:
+        """The batch specs of retry round ``round_no`` (slices of its plan), written once with the plan."""
+        return f"{self.root}retry/round-{round_no:02d}.batches.jsonl"
+
+    @property
+    def cache_prefix(self) -> str:
+        """Prefect result records of batch tasks (the task cache), ``cache/<batch_id>-<hash>``."""
+        return self.root + "cache/"
 
     @property
     def output(self) -> str:
@@ -183,11 +194,13 @@ class TaskManifest(_Manifest):
     retried_failed: int = 0  # retry batches: how many of its items were failed / deferred before
     retried_deferred: int = 0
     retried_ids: list[Any] = Field(default_factory=list)
+    retried_lines: list[int] = Field(default_factory=list)  # input lines of those items (ids may repeat in an input)
     error_classes: dict[str, int] = Field(default_factory=dict)
     tripped_by: str | None = None
     output: str | None = None
     output_sha256: str | None = None
     rejects: str | None = None
+    rejects_sha256: str | None = None
     retry: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     error: str | None = None
@@ -212,6 +225,7 @@ class ResultManifest(_Manifest):
     rejects: OutputFile | None = None
     failures: OutputFile | None = None
     rows: int
+    items_total: int | None = None  # None in result manifests written before the books were checked
     items_succeeded: int
     items_failed: int
     items_rejected: int

@@ -2,7 +2,7 @@
 
 This is the plain merge of the walking skeleton; the hierarchical, restartable version replaces it in a later
 phase. Only parts named by committed task manifests are read, so orphaned attempts (a zombie's output) never leak
-into the result.
+into the result, and each is verified against its task manifest first (``slurmctl.parts``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from prefect.cache_policies import NONE
 
 from blocks.manifest_store import ManifestStore
 from slurmctl.manifests import Keys, OutputFile
+from slurmctl.parts import committed_output, committed_rejects
 
 
 def _file_digest(path: str) -> str:
@@ -35,20 +36,22 @@ def unify(schemas: list[pa.Schema]) -> pa.Schema:
     return pa.unify_schemas(schemas, promote_options="permissive")
 
 
-def merge_parquet(store: ManifestStore, part_keys: list[str], out_key: str) -> OutputFile:
-    """Concatenate parts (in the given order) into ``out_key``; memory holds one part at a time."""
-    parts = [(k, store.get_bytes(k)) for k in part_keys]
-    schemas = [pq.read_schema(io.BytesIO(data)) for _, data in parts if data is not None]
+def merge_parquet(store: ManifestStore, tasks: list[dict[str, Any]], out_key: str) -> OutputFile:
+    """Concatenate the committed outputs of ``tasks`` (in the given order) into ``out_key``.
+
+    Every part is verified against its task manifest (sha256, row count) before it is used; memory holds one part
+    at a time (a first pass reads the schemas, a second writes).
+    """
+    parts = [t for t in tasks if t.get("output")]
+    schemas = [pq.read_schema(io.BytesIO(committed_output(store, t))) for t in parts]
     schema = unify(schemas) if schemas else pa.schema([])
     rows = 0
     fd, tmp = tempfile.mkstemp(suffix=".parquet")
     os.close(fd)
     try:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for key, data in parts:
-                if data is None:
-                    raise FileNotFoundError(f"committed output {store.uri(key)} is missing")
-                table = pq.read_table(io.BytesIO(data))
+            for t in parts:
+                table = pq.read_table(io.BytesIO(committed_output(store, t)))
                 table = pa.table({f.name: (table[f.name].cast(f.type) if f.name in table.column_names
                                            else pa.nulls(len(table), f.type)) for f in schema}, schema=schema)
                 writer.write_table(table)
@@ -61,10 +64,13 @@ def merge_parquet(store: ManifestStore, part_keys: list[str], out_key: str) -> O
     return OutputFile(uri=store.uri(out_key), rows=rows, bytes=size, sha256=digest)
 
 
-def concat_jsonl(store: ManifestStore, keys: list[str], out_key: str) -> OutputFile | None:
-    if not keys:
+def concat_rejects(store: ManifestStore, tasks: list[dict[str, Any]], out_key: str) -> OutputFile | None:
+    """All committed rejects, verified, in one JSONL file (None, and no file, when there are none)."""
+    parts = [t for t in tasks if t.get("rejects")]
+    if not parts:
+        store.delete(out_key)
         return None
-    return put_jsonl(store, out_key, b"".join(store.get_bytes(k) or b"" for k in keys))
+    return put_jsonl(store, out_key, b"".join(committed_rejects(store, t) for t in parts))
 
 
 def put_jsonl(store: ManifestStore, out_key: str, data: bytes) -> OutputFile:
@@ -77,6 +83,6 @@ def put_jsonl(store: ManifestStore, out_key: str, data: bytes) -> OutputFile:
 def merge_outputs(store: ManifestStore, job_id: str, tasks: list[dict[str, Any]]) -> dict[str, Any]:
     keys = Keys(job_id)
     # tasks come in commit order (initial batches, then retry rounds): the output keeps that order
-    output = merge_parquet(store, [t["output"] for t in tasks if t.get("output")], keys.output)
-    rejects = concat_jsonl(store, [t["rejects"] for t in tasks if t.get("rejects")], keys.rejects)
+    output = merge_parquet(store, tasks, keys.output)
+    rejects = concat_rejects(store, tasks, keys.rejects)
     return {"output": output.model_dump(), "rejects": rejects and rejects.model_dump()}

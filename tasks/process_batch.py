@@ -7,7 +7,8 @@
 * A failing item never fails its batch: the batch commits its successes and records failures and deferred items in
   its retry manifest. Only infrastructure faults (store unreachable, input changed) raise; Prefect task ``retries``
   cover those.
-* The commit is the task manifest, written create-if-absent after everything it points to.
+* The commit is the task manifest, written create-if-absent after everything it points to, with the sha256 of each
+  part it names. A refused commit deletes this attempt's files only when another attempt's manifest is there.
 
 The task returns a small summary (counts and keys), never the data.
 """
@@ -45,6 +46,11 @@ SUMMARY_FIELDS = ("batch_id", "status", "items_succeeded", "items_failed", "item
 
 class InputChanged(RuntimeError):
     """The bytes of a batch's slice are not those partitioned: the input was modified under a running job."""
+
+
+class CommitUnresolved(RuntimeError):
+    """The store refused our create-if-absent commit but no committed manifest can be read: an infrastructure
+    fault (retried like one), never a batch counted done."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -151,6 +157,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         items_rejected=len(sliced.rejects), rows_written=len(rows),
         retried_failed=sliced.previous.get("failed", 0), retried_deferred=sliced.previous.get("deferred", 0),
         retried_ids=[item[id_field] for _, item in sliced.items] if spec.source != "input" else [],
+        retried_lines=[line for line, _ in sliced.items] if spec.source != "input" else [],
         error_classes=dict(Counter(f["error_class"] for f in failed)), tripped_by=breaker and breaker.tripped_by,
         host=socket.gethostname(), slurm_job_id=os.environ.get("SLURM_JOB_ID"), flow_run_id=run_ids[0],
         task_run_id=run_ids[1], attempt=attempt)
@@ -164,7 +171,9 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         for r in sliced.rejects:
             r["batch_id"] = spec.batch_id
         manifest.rejects = keys.batch_rejects(spec.batch_id, attempt)
-        store.put_bytes(manifest.rejects, jsonl_bytes(sliced.rejects))
+        data = jsonl_bytes(sliced.rejects)
+        manifest.rejects_sha256 = sha256_bytes(data)
+        store.put_bytes(manifest.rejects, data)
         written.append(manifest.rejects)
     if failed or deferred:
         manifest.retry = keys.batch_retry(spec.batch_id, attempt)
@@ -177,13 +186,37 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     manifest.metrics = {**dict(ctx.metrics), **{f"item_retries_{k}": v for k, v in item_retries.items()},
                         "seconds": round(elapsed, 4)}
     manifest.finished_at = now()
-    # The commit: create-if-absent, last. If another attempt committed first, ours is discarded.
-    if not store.put_json(keys.task(spec.batch_id), manifest.model_dump(mode="json"), if_absent=True):
-        for key in written:
-            store.delete(key)
-        winner = store.get_json(keys.task(spec.batch_id)) or {}
-        return {**summary_of(winner), "duplicate": True}
-    return summary_of(manifest.model_dump(mode="json"))
+    return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written)
+
+
+def commit(store: ManifestStore, key: str, manifest: dict[str, Any], written: list[str]) -> dict[str, Any]:
+    """Write the task manifest create-if-absent, last: the batch's commit. Return the committed batch's summary.
+
+    A refusal is not proof that another attempt won: a conditional write whose response was lost (a 5xx after the
+    write, a read timeout) is retried by botocore and refused by our own earlier write; on NFS a retransmitted link
+    fails with EEXIST. So the winner's ``attempt`` is compared with ours before anything is deleted. A refusal with
+    no readable winner raises ``CommitUnresolved`` (Prefect retries the task; nothing is cached).
+    """
+    if store.put_json(key, manifest, if_absent=True):
+        return summary_of(manifest)
+    winner = store.get_json(key)
+    if winner is None:
+        raise CommitUnresolved(f"{manifest['batch_id']}: the store refused the commit {store.uri(key)} as already "
+                               f"present, but nothing can be read there; the batch will be retried")
+    if winner.get("attempt") == manifest["attempt"]:
+        return summary_of(winner)  # our own write: the refusal answered a retry of it
+    for part in written:  # another attempt committed first (a zombie, a re-run): ours is discarded
+        store.delete(part)
+    return {**summary_of(winner), "duplicate": True}
+
+
+def checked_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """A summary is folded into the job's counters and cached by Prefect: refuse one that describes no batch."""
+    missing = [k for k in ("batch_id", "status", "items_succeeded", "items_failed", "items_deferred",
+                           "items_rejected", "rows_written") if summary.get(k) is None]
+    if missing:
+        raise CommitUnresolved(f"batch summary without {', '.join(missing)}: {summary}")
+    return summary
 
 
 def batch_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -200,4 +233,4 @@ def process_batch(cfg: JobConfig, store: ManifestStore, spec: dict[str, Any], ha
                   ) -> dict[str, Any]:
     ctx = get_run_context()
     ids = (str(ctx.task_run.flow_run_id), str(ctx.task_run.id))
-    return run_batch(cfg, store, BatchSpec.from_dict(spec), logger=get_run_logger(), run_ids=ids)
+    return checked_summary(run_batch(cfg, store, BatchSpec.from_dict(spec), logger=get_run_logger(), run_ids=ids))

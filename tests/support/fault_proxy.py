@@ -14,6 +14,14 @@ kind          S3 (no ``X-Amz-Target`` header)               DynamoDB (``X-Amz-Ta
               for the next N seconds, see ``outage()``)
 ============  ===========================================  ==================================================
 
+Faults *after* forwarding (the request reached the store and took effect, its answer is lost on the way back — what
+a 5xx behind a load balancer or a read timeout looks like to a client): ``lose_responses(method=, path_contains=,
+header=, times=, kind=)`` forwards matching requests, then answers ``kind`` (``"500"``/``"503"``, the bodies above)
+or, with ``kind="reset"``, closes the connection without an answer. Counted in ``responses_lost``.
+
+A store that ignores a request header (an S3-compatible server without conditional writes):
+``ignore_request_headers("If-None-Match")`` drops those headers before forwarding.
+
 Other JSON services (any ``X-Amz-Target``) get the DynamoDB-style JSON bodies without the DynamoDB namespace.
 botocore parses these bodies into ``ClientError`` codes, and its ``standard``/``adaptive`` retry modes retry all of
 them (5xx statuses and throttling codes), so clients with e.g. ``Config(retries={"mode": "adaptive",
@@ -32,9 +40,12 @@ by the proxy itself and not forwarded.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import http.client
 import json
 import random
+import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -64,6 +75,23 @@ _ERRORS: dict[str, tuple[tuple[int, str, str], tuple[int, str, str]]] = {
 
 
 
+@dataclasses.dataclass
+class _LoseRule:
+    """Forward requests that match, then lose their answers (``times`` of them; None: all)."""
+
+    method: str | None
+    path_contains: str | None
+    header: str | None
+    times: int | None
+    kind: str
+
+    def matches(self, method: str, path: str, headers: Any) -> bool:
+        return ((self.method is None or method == self.method)
+                and (self.path_contains is None or self.path_contains in urllib.parse.unquote(path))
+                and (self.header is None or self.header in headers)
+                and (self.times is None or self.times > 0))
+
+
 class FaultProxy(LocalHttpServer):
     """See the module docstring.
 
@@ -86,6 +114,8 @@ class FaultProxy(LocalHttpServer):
         self._lock = threading.Lock()
         self.rate_500 = self.rate_503 = self.rate_throttle = 0.0
         self._outage_until = 0.0
+        self._lose: list[_LoseRule] = []
+        self._ignored_headers: set[str] = set()
         self._rng = random.Random(seed)
         self.reset_counters()
         self.configure(rate_500=rate_500, rate_503=rate_503, rate_throttle=rate_throttle)
@@ -112,20 +142,49 @@ class FaultProxy(LocalHttpServer):
         with self._lock:
             self._outage_until = time.monotonic() + seconds
 
+    def lose_responses(self, *, method: str | None = None, path_contains: str | None = None,
+                       header: str | None = None, times: int | None = None, kind: str = "500") -> None:
+        """Forward matching requests, then answer ``kind`` instead of the upstream's answer (see the module doc)."""
+        if kind not in ("500", "503", "reset"):
+            raise ValueError(f"kind must be '500', '503' or 'reset', got {kind!r}")
+        with self._lock:
+            self._lose.append(_LoseRule(method, path_contains, header, times, kind))
+
+    def ignore_request_headers(self, *names: str) -> None:
+        """Drop these request headers before forwarding (case-insensitive)."""
+        with self._lock:
+            self._ignored_headers |= {n.lower() for n in names}
+
+    def clear_rules(self) -> None:
+        """Forget ``lose_responses`` rules and ignored headers."""
+        with self._lock:
+            self._lose, self._ignored_headers = [], set()
+
+    def _lost(self, method: str, path: str, headers: Any) -> str | None:
+        """Under the lock: the kind of answer to give instead of the upstream's, for a request already forwarded."""
+        with self._lock:
+            for rule in self._lose:
+                if rule.matches(method, path, headers):
+                    if rule.times is not None:
+                        rule.times -= 1
+                    self.responses_lost += 1
+                    return rule.kind
+            return None
+
     @property
     def in_outage(self) -> bool:
         return time.monotonic() < self._outage_until
 
     def reset_counters(self) -> None:
         with self._lock:
-            self.requests = self.forwarded = self.upstream_errors = 0
+            self.requests = self.forwarded = self.upstream_errors = self.responses_lost = 0
             self.injected: Counter[str] = Counter()
             self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {"requests": self.requests, "forwarded": self.forwarded, "injected": dict(self.injected),
-                    "upstream_errors": self.upstream_errors}
+                    "upstream_errors": self.upstream_errors, "responses_lost": self.responses_lost}
 
     # ---- request handling -----------------------------------------------------------------------------------
 
@@ -248,6 +307,9 @@ class FaultProxy(LocalHttpServer):
                         proxy.history.append(record)
                     self._inject(kind, target)
                     return
+                with proxy._lock:
+                    ignored = proxy._ignored_headers
+                fwd_headers = [(k, v) for k, v in fwd_headers if k.lower() not in ignored]
                 conn = http.client.HTTPConnection(proxy._up_host, proxy._up_port, timeout=proxy.upstream_timeout)
                 try:
                     conn.putrequest(self.command, proxy._up_prefix + self.path, skip_host=True,
@@ -273,6 +335,15 @@ class FaultProxy(LocalHttpServer):
                 with proxy._lock:
                     proxy.forwarded += 1
                     proxy.history.append(record)
+                lost = proxy._lost(self.command, self.path, self.headers)
+                if lost is not None:  # it took effect upstream; the client never hears so
+                    record["outcome"] = f"{status}, answered {lost}"
+                    if lost == "reset":
+                        self.close_connection = True
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return
+                    self._inject(lost, target)
+                    return
                 # HEAD, 204 and 304 answers have no body: their Content-Length (if any) is the upstream's.
                 no_body = self.command == "HEAD" or status in (204, 304) or 100 <= status < 200
                 self._send(status, headers, data, reason, keep_length=no_body)

@@ -1,0 +1,97 @@
+"""Admission: everything that can be known wrong about a job before anything runs, checked where every job starts.
+
+``create_job`` is the one way a job comes into being — ``slurmctl submit``, a Prefect deployment run, a scheduled
+run — so the checks live here, not in the CLI: a bad handler, a missing input, an unreachable bucket or DynamoDB
+table, and a manifest store that does not honour create-if-absent (on which every commit would silently become
+last-writer-wins) all refuse the job before its manifest is written, each problem naming its config field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from blocks.manifest_store import StoreUnsupported
+from slurmctl.config import JobConfig
+from slurmctl.handler import HandlerError, handler_version, load_handler
+from slurmctl.jobs import JobExists, new_job_manifest, store_for
+from slurmctl.manifests import JobManifest, Keys, now
+
+Problem = tuple[str, str]  # (config field, what is wrong and what to do)
+
+
+class JobRefused(ValueError):
+    """The job cannot run as configured; nothing was created. ``problems`` lists (field, message) pairs."""
+
+    def __init__(self, job_id: str, problems: list[Problem]):
+        self.problems = problems
+        lines = "\n".join(f"  {field}: {msg}" for field, msg in problems)
+        super().__init__(f"job {job_id!r} cannot be submitted:\n{lines}")
+
+
+def preflight(cfg: JobConfig) -> list[Problem]:
+    """Everything that can be known wrong before submitting, as (field, message) pairs."""
+    problems: list[Problem] = []
+    try:
+        load_handler(cfg.handler)
+    except HandlerError as exc:
+        problems.append(("handler", str(exc)))
+    store = store_for(cfg.storage)
+    uri = cfg.input.uri
+    try:
+        if uri.startswith("s3://"):
+            bucket, _, key = uri[5:].partition("/")
+            store._s3().head_object(Bucket=bucket, Key=key)
+        elif not Path(uri).is_file():
+            problems.append(("input.uri", f"no such file: {uri}"))
+    except (ClientError, BotoCoreError) as exc:
+        problems.append(("input.uri", f"cannot read {uri}: {exc}"))
+    reachable = True
+    if cfg.storage.uri.startswith("s3://"):
+        try:
+            store._s3().head_bucket(Bucket=store.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            reachable = False
+            problems.append(("storage.uri", f"bucket {store.bucket!r} is not reachable: {exc}"))
+    if reachable and not problems:  # the probe writes: only for a job that can otherwise run
+        try:
+            store.check_conditional_writes()
+        except StoreUnsupported as exc:
+            problems.append(("storage.uri", str(exc)))
+        except (ClientError, BotoCoreError, OSError) as exc:
+            problems.append(("storage.uri", f"cannot write to {store.uri('')}: {exc}"))
+    if cfg.rate_limits and cfg.rate_limiter.kind == "dynamodb":
+        from slurmctl.limits import backend_for
+
+        try:
+            backend_for(cfg).ensure_table()  # created on demand (pay per request) if missing
+        except (ClientError, BotoCoreError) as exc:
+            problems.append(("rate_limiter.table", f"cannot use DynamoDB table {cfg.rate_limiter.table!r}: {exc}"))
+    return problems
+
+
+def create_job(cfg: JobConfig, config_file: str | None) -> JobManifest:
+    """Admit a new job and write its manifest; refuse an existing job id (that is what resume is for).
+
+    Raises ``JobExists`` for a job id already in the store, ``JobRefused`` when the preflight finds problems.
+    """
+    store = store_for(cfg.storage)
+    key = Keys(cfg.job_id).job
+    if store.exists(key):
+        raise _exists(cfg, store)
+    problems = preflight(cfg)
+    if problems:
+        raise JobRefused(cfg.job_id, problems)
+    job = new_job_manifest(cfg, config_file)
+    job.handler_version = handler_version(cfg.handler)
+    job.updated_at = now()
+    if not store.put_json(key, job.model_dump(mode="json"), if_absent=True):
+        raise _exists(cfg, store)
+    return job
+
+
+def _exists(cfg: JobConfig, store) -> JobExists:
+    existing = store.get_json(Keys(cfg.job_id).job) or {}
+    return JobExists(f"job {cfg.job_id!r} already exists in {store.uri('jobs/')} (status {existing.get('status')}); "
+                     f"`slurmctl resume {cfg.job_id}` continues it, or choose another job_id")

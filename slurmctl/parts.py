@@ -1,0 +1,93 @@
+"""Reading a committed part back: checked against what its task manifest says was written, before anything uses it.
+
+A part is a file a committed batch points to: its output rows (Parquet), its rejects (JSONL) or its retry manifest
+(JSON, checksummed by the store itself). The task manifest records each part's sha256 and row count when the batch
+commits; every reader (the merge, the failure state, the aggregation) goes through ``read_part`` so a part that was
+truncated, replaced or lost is an error naming the file, never empty bytes or silently different data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any, Literal
+
+import pyarrow.parquet as pq
+
+from blocks.manifest_store import ManifestStore
+
+PartFormat = Literal["parquet", "jsonl"]
+
+
+class PartError(RuntimeError):
+    """A committed part is missing or differs from what its task manifest recorded."""
+
+
+class PartMissing(PartError):
+    pass
+
+
+class PartCorrupt(PartError):
+    pass
+
+
+def count_rows(data: bytes, fmt: PartFormat) -> int:
+    if fmt == "parquet":
+        return pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+    return data.count(b"\n")
+
+
+def read_part(store: ManifestStore, key: str, *, fmt: PartFormat, sha256: str | None, rows: int | None,
+              named_by: str = "its task manifest") -> bytes:
+    """The part's bytes, verified: present, sha256 as recorded (when recorded), ``rows`` rows (when given).
+
+    ``named_by`` says which manifest committed the part, for the error message.
+    """
+    data = store.get_bytes(key)
+    uri = store.uri(key)
+    if data is None:
+        raise PartMissing(f"committed part {uri} (named by {named_by}) is missing; the job's output cannot be "
+                          f"trusted until it is restored or the batch is run again")
+    if sha256 is not None:
+        got = "sha256:" + hashlib.sha256(data).hexdigest()
+        if got != sha256:
+            raise PartCorrupt(f"committed part {uri} (named by {named_by}) has sha256 {got}, but {sha256} was "
+                              f"committed: the file was changed or damaged after its batch committed")
+    if rows is not None:
+        try:
+            got_rows = count_rows(data, fmt)
+        except Exception as exc:  # unreadable Parquet footer and the like
+            raise PartCorrupt(f"committed part {uri} (named by {named_by}) is not readable {fmt}: {exc}") from None
+        if got_rows != rows:
+            raise PartCorrupt(f"committed part {uri} (named by {named_by}) holds {got_rows} rows, but "
+                              f"{rows} were committed")
+    return data
+
+
+def committed_output(store: ManifestStore, task: dict[str, Any]) -> bytes:
+    """A committed batch's output rows (Parquet), verified against its task manifest."""
+    if not task.get("output_sha256"):
+        raise PartCorrupt(f"task manifest of {task.get('batch_id')} names output {task.get('output')} without its "
+                          f"output_sha256: the manifest is damaged")
+    return read_part(store, task["output"], fmt="parquet", sha256=task["output_sha256"],
+                     rows=task.get("rows_written"), named_by=f"batch {task.get('batch_id')}")
+
+
+def committed_rejects(store: ManifestStore, task: dict[str, Any]) -> bytes:
+    """A committed batch's rejects (JSONL), verified. Manifests from before ``rejects_sha256`` get a row check only."""
+    return read_part(store, task["rejects"], fmt="jsonl", sha256=task.get("rejects_sha256"),
+                     rows=task.get("items_rejected"), named_by=f"batch {task.get('batch_id')}")
+
+
+def committed_retry(store: ManifestStore, task: dict[str, Any]) -> dict[str, Any]:
+    """A committed batch's retry manifest (checksummed JSON): failed and deferred items."""
+    body = store.get_json(task["retry"])
+    if body is None:
+        raise PartMissing(f"committed retry manifest {store.uri(task['retry'])} (named by batch "
+                          f"{task.get('batch_id')}) is missing: its failed and deferred items cannot be listed")
+    failed, deferred = len(body.get("failed", [])), len(body.get("deferred", []))
+    if (failed, deferred) != (task.get("items_failed", failed), task.get("items_deferred", deferred)):
+        raise PartCorrupt(f"committed retry manifest {store.uri(task['retry'])} lists {failed} failed and "
+                          f"{deferred} deferred items, but batch {task.get('batch_id')} committed "
+                          f"{task.get('items_failed')} and {task.get('items_deferred')}")
+    return body

@@ -1,0 +1,202 @@
+"""The books must balance before a job completes, and every committed part is verified before it is used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import run_cli, write_config, write_jsonl
+from support.sample_handlers import calls
+
+from blocks.manifest_store import LocalManifestStore, ManifestCorrupt
+from slurmctl.admission import create_job
+from slurmctl.books import BooksUnbalanced, audit, check
+from slurmctl.config import parse_config
+from slurmctl.failures import committed_tasks, failure_state
+from slurmctl.jobs import load_job, save_job
+from slurmctl.manifests import Keys
+from slurmctl.parts import PartCorrupt, PartMissing
+from slurmctl.records import partition
+from tasks.merge_outputs import concat_rejects, merge_parquet
+from tasks.process_batch import run_batch
+
+
+@pytest.fixture
+def planned(tmp_path: Path):
+    """A job created and partitioned in a local store, no batch run yet: (cfg, store, specs)."""
+    def make(records: list, batch_size: int = 4, **params):
+        write_jsonl(tmp_path / "in.jsonl", records)
+        cfg = parse_config({"job_id": "books", "handler": "support.sample_handlers:counting",
+                            "input": {"uri": str(tmp_path / "in.jsonl")}, "batch_size": batch_size,
+                            "storage": {"uri": f"file://{tmp_path / 'store'}"},
+                            "params": {"calls_file": str(tmp_path / "calls"), **params}})
+        create_job(cfg, None)
+        store = LocalManifestStore(root=str(tmp_path / "store"))
+        with open(tmp_path / "in.jsonl", "rb") as f:
+            specs = partition(f, "jsonl", batch_size).batches
+        store.put_bytes(Keys("books").plan, b"".join(json.dumps(s.to_dict()).encode() + b"\n" for s in specs))
+        return cfg, store, specs
+    return make
+
+
+def books_of(store):
+    return audit(store, load_job(store, "books"), committed_tasks(store, "books"))
+
+
+def rewrite_task(store, batch_id: str, **changes) -> None:
+    """Change a committed task manifest and re-checksum it: consistent JSON, wrong facts."""
+    key = Keys("books").task(batch_id)
+    store.put_json(key, {**store.get_json(key), **changes})
+
+
+def test_a_job_with_a_batch_missing_its_commit_cannot_complete(planned):
+    cfg, store, specs = planned([{"id": i} for i in range(10)] + ["{bad json"])
+    for spec in specs[:2]:
+        run_batch(cfg, store, spec)
+    store.put_bytes(f"jobs/books/cache/{specs[2].batch_id}-0123abcd", b"{}")  # a Prefect cache record for it
+    with pytest.raises(BooksUnbalanced) as err:
+        check(store, load_job(store, "books"), committed_tasks(store, "books"))
+    message = str(err.value)
+    assert "1 of 3 planned batch(es) have no commit: batch-000002" in message
+    assert "succeeded 8 + failed 0 + rejected 0 = 8, but the input has 11 (-3)" in message
+    assert "slurmctl resume books" in message
+    # its stale cache record is gone, so resume runs the batch instead of being answered from the cache
+    assert list(store.list_keys("jobs/books/cache/")) == []
+
+    run_batch(cfg, store, specs[2])
+    books = check(store, load_job(store, "books"), committed_tasks(store, "books"))
+    assert (books.items_total, books.items_succeeded, books.items_rejected, books.difference) == (11, 10, 1, 0)
+
+
+def test_a_commit_whose_counts_do_not_add_up_is_named(planned):
+    cfg, store, specs = planned([{"id": i} for i in range(8)])
+    for spec in specs:
+        run_batch(cfg, store, spec)
+    assert books_of(store).balanced
+    rewrite_task(store, specs[1].batch_id, items_succeeded=3)
+    books = books_of(store)
+    assert books.inconsistent == [specs[1].batch_id] and books.difference == -1 and not books.balanced
+
+
+def test_items_sharing_an_id_are_each_accounted_for(planned):
+    # id 5 appears twice and fails both times: two failed items, not one
+    records = [{"id": i} for i in range(8)] + [{"id": 5}]
+    cfg, store, specs = planned(records, fail={"5": "not_found"})
+    for spec in specs:
+        run_batch(cfg, store, spec, sleep=lambda s: None)
+    state = failure_state(store, committed_tasks(store, "books"))
+    assert sorted(r["line"] for r in state.values()) == [6, 9]
+    books = books_of(store)
+    assert (books.items_succeeded, books.items_failed, books.difference) == (7, 2, 0) and books.balanced
+
+
+def test_a_retry_round_batch_without_a_commit_is_named(planned):
+    from flows.retry import plan_round
+
+    cfg, store, specs = planned([{"id": i} for i in range(8)], fail={"1": "network", "6": "network"})
+    for spec in specs:
+        run_batch(cfg, store, spec, sleep=lambda s: None)
+    round_specs = plan_round(store, "books", 1, {"network"}, include_deferred=True, batch_size=1)
+    job = load_job(store, "books")
+    job.retry_rounds = [{"round": 1, "classes": ["network"], "finished_at": None}]
+    save_job(store, job)
+    run_batch(cfg, store, round_specs[0], sleep=lambda s: None)
+    books = books_of(store)
+    assert books.missing == [round_specs[1].batch_id] and books.batches_planned == 4
+
+
+def test_the_merge_verifies_each_part_against_its_task_manifest(planned, tmp_path):
+    cfg, store, specs = planned([{"id": i} for i in range(8)] + ["not json"])
+    for spec in specs:
+        run_batch(cfg, store, spec)
+    tasks = committed_tasks(store, "books")
+    assert merge_parquet(store, tasks, "out.parquet").rows == 8
+
+    # a part damaged after its batch committed: same size, other bytes
+    part = tasks[0]["output"]
+    data = bytearray(store.get_bytes(part))
+    data[len(data) // 2] ^= 0xFF
+    store.put_bytes(part, bytes(data))
+    with pytest.raises(PartCorrupt, match=f"{store.uri(part)}.*has sha256"):
+        merge_parquet(store, tasks, "out.parquet")
+
+    # a part replaced together with its recorded checksum, but not the row count
+    other = tasks[1]["output"]
+    rewrite_task(store, tasks[0]["batch_id"], output=other, output_sha256=tasks[1]["output_sha256"],
+                 rows_written=3)
+    with pytest.raises(PartCorrupt, match="holds 4 rows, but 3 were committed"):
+        merge_parquet(store, committed_tasks(store, "books"), "out.parquet")
+
+    # a committed part that is gone is an error, not an empty part
+    store.delete(other)
+    with pytest.raises(PartMissing, match=store.uri(other)):
+        merge_parquet(store, committed_tasks(store, "books"), "out.parquet")
+
+
+def test_missing_rejects_or_retry_files_are_errors_not_empty(planned):
+    cfg, store, specs = planned([{"id": 0}, "oops", {"id": 2}, {"id": 3}], fail={"3": "not_found"})
+    run_batch(cfg, store, specs[0], sleep=lambda s: None)
+    [task] = committed_tasks(store, "books")
+    assert concat_rejects(store, [task], "rejects.jsonl").rows == 1
+    assert len(failure_state(store, [task])) == 1
+    store.delete(task["rejects"])
+    with pytest.raises(PartMissing, match="rejects"):
+        concat_rejects(store, [task], "rejects.jsonl")
+    store.delete(task["retry"])
+    with pytest.raises(PartMissing, match="retry manifest"):
+        failure_state(store, [task])
+
+
+def test_a_manifest_without_its_checksum_is_corrupt(tmp_path):
+    store = LocalManifestStore(root=str(tmp_path))
+    store.put_bytes("m.json", json.dumps({"schema_version": 1, "kind": "task"}).encode())
+    with pytest.raises(ManifestCorrupt, match="no 'checksum' field"):
+        store.get_json("m.json")
+
+
+# --- end to end: a real job, then its manifests damaged ----------------------------------------------------------
+def completed_job(tmp_path: Path, job_id: str, n: int = 60) -> Path:
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
+    cfg = write_config(tmp_path / "job.yaml", job_id=job_id, handler="support.sample_handlers:counting",
+                       input={"uri": "in.jsonl"}, batch_size=10, storage={"uri": "state"},
+                       params={"calls_file": str(tmp_path / "calls")})
+    result = run_cli("submit", str(cfg), "--wait")
+    assert result.returncode == 0, result.stderr
+    return tmp_path / "state" / "jobs" / job_id
+
+
+def status(job_id: str) -> dict:
+    result = run_cli("status", job_id, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.integration
+def test_a_lost_commit_fails_the_job_and_resume_finishes_it(tmp_path, prefect_api, slurmctl_home):
+    root = completed_job(tmp_path, "lost-commit")
+    (root / "tasks" / "batch-000003.json").unlink()  # the commit is gone; the Prefect cache record is not
+    result = run_cli("resume", "lost-commit", "--force", "--wait")
+    assert result.returncode == 1, result.stderr
+    view = status("lost-commit")
+    assert view["status"] == "failed" and "batch-000003" in view["error"] and "(-10)" in view["error"]
+    assert run_cli("resume", "lost-commit", "--wait").returncode == 0
+    view = status("lost-commit")
+    ids = pq.read_table(view["output"][len("file://"):]).column("id").to_pylist()
+    assert view["status"] == "completed" and sorted(ids) == list(range(60))
+    assert len(calls(str(tmp_path / "calls"))) == 70  # the lost batch ran again, nothing else did
+
+
+@pytest.mark.integration
+def test_a_damaged_part_fails_the_aggregation_naming_the_file(tmp_path, prefect_api, slurmctl_home):
+    root = completed_job(tmp_path, "damaged")
+    task = json.loads((root / "tasks" / "batch-000002.json").read_text())
+    part = Path(task["output"].replace("jobs/damaged/", str(root) + "/", 1))
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    result = run_cli("resume", "damaged", "--force", "--wait")
+    assert result.returncode == 1
+    view = status("damaged")
+    assert view["status"] == "failed" and "PartCorrupt" in view["error"] and part.name in view["error"]
