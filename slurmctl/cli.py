@@ -130,6 +130,10 @@ def progress_line(view: dict[str, Any], started: float, first_done: int) -> str:
             f"{rate:,.0f} items/s{eta}")
 
 
+# How long `--wait` waits, once the job has ended, for its coordinator process to exit (normally 1-2 s).
+COORDINATOR_EXIT_WAIT_S = 30
+
+
 def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, log: Path | None) -> int:
     """Follow a job from its manifest until it ends; return the exit code for its final status."""
     from slurmctl.jobs import load_job, store_for
@@ -168,10 +172,11 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
         return EXIT_DETACHED
     print(("\r" if tty else "") + progress_line(view, started, first_done or 0)[:160], file=sys.stderr)
     if proc is not None:
-        try:
-            proc.wait(timeout=60)
+        try:  # it exits within seconds of the job's end; the bound is for a coordinator stuck after it
+            proc.wait(timeout=COORDINATOR_EXIT_WAIT_S)
         except subprocess.TimeoutExpired:
-            pass
+            _err(f"the coordinator (pid {proc.pid}) is still running {COORDINATOR_EXIT_WAIT_S} s after job "
+                 f"{job_id} ended; not waiting for it (see {log})")
     if view["status"] == "completed":
         print(f"job {job_id} completed: {view['items_succeeded']} items ok, {view['items_failed']} failed, "
               f"{view['items_rejected']} rejected; output {view['output']}", file=sys.stderr)
