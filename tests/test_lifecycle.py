@@ -85,8 +85,8 @@ def test_logs_an_unreachable_api_never_takes_do_not_keep_the_coordinator_alive(t
         try:
             proc = subprocess.run([sys.executable, "-c", _UNREACHABLE_API_SCRIPT], cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=60)
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"the process was still alive 60 s after giving up its logs: {exc.stderr}")
+        except subprocess.TimeoutExpired:
+            pytest.fail("the process was still alive 60 s after it gave up its logs")
         assert api.requests > 0  # the log was really offered to the API
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "gave up", proc.stdout + proc.stderr
