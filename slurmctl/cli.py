@@ -21,13 +21,9 @@ from typing import Any
 
 from slurmctl.config import ConfigError, JobConfig, StorageConfig, load_config
 from slurmctl.handler import HandlerError, load_handler
+from slurmctl.paths import coordinator_log, home
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DETACHED = 0, 1, 2, 130
-
-
-def home() -> Path:
-    """Local pointers (job -> store) and coordinator logs; never job state (that is in the manifests)."""
-    return Path(os.environ.get("SLURMCTL_HOME", Path.home() / ".slurmctl"))
 
 
 def _err(msg: str) -> None:
@@ -92,7 +88,7 @@ def preflight(cfg: JobConfig) -> list[tuple[str, str]]:
 # --- running and watching the coordinator ---------------------------------------------------------------------
 def spawn_coordinator(job_id: str, storage: StorageConfig, retry_errors: list[str] | None = None,
                       ) -> tuple[subprocess.Popen, Path]:
-    log = home() / "logs" / f"{job_id}.log"
+    log = coordinator_log(job_id)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *filter(None, env.get("PYTHONPATH", "").split(
