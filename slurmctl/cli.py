@@ -10,6 +10,7 @@ does not stop the job; ``--wait`` just follows its progress from the job manifes
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -173,6 +174,9 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
         except subprocess.TimeoutExpired:
             _err(f"the coordinator (pid {proc.pid}) is still running {COORDINATOR_EXIT_WAIT_S} s after job "
                  f"{job_id} ended; not waiting for it (see {log})")
+    # The command ends with this answer: spare the interpreter's shutdown its full garbage collections over the
+    # ~150k objects the imports left (over 1 s on a busy 2-core machine). Everything is still freed at exit.
+    gc.freeze()
     if view["status"] == "completed":
         print(f"job {job_id} completed: {view['items_succeeded']} items ok, {view['items_failed']} failed, "
               f"{view['items_rejected']} rejected; output {view['output']}", file=sys.stderr)

@@ -20,8 +20,9 @@ from support.chaos_api import ChaosApi
 pytestmark = pytest.mark.integration
 
 # The requirement itself (issue 8): a one-record job is over, processes and all, 5 s after its manifest says so.
-# Measured 1.5-2 s on a 2-core machine at load 7 (before the fix: `submit --wait` gave up waiting after 60 s and the
-# coordinator lived 78 s after finished_at, retrying logs to its stopped server).
+# Measured: the coordinator exits 1.2-1.3 s and `submit --wait` returns 1.4 s after finished_at on a 2-core machine at
+# load 4-6 (before: `submit --wait` gave up waiting after 60 s; the coordinator lived 78 s, retrying logs to its
+# stopped server).
 EXIT_BOUND_S = 5.0
 
 
