@@ -13,6 +13,7 @@ from pathlib import Path
 from prefect_dask import DaskTaskRunner
 
 from slurmctl.config import LocalClusterConfig, SlurmClusterConfig
+from slurmctl.paths import job_log_dir
 
 # Environment a Slurm-started worker needs to find the project, the Prefect API and AWS endpoints. sbatch exports
 # the submitting environment by default, but sites often set --export=NONE, so we state what matters.
@@ -51,8 +52,9 @@ def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: st
     }
     if cluster.local_directory:
         kwargs["local_directory"] = cluster.local_directory
-    if cluster.log_directory:
-        kwargs["log_directory"] = cluster.log_directory
+    # sbatch writes each worker job's output to its submit directory unless told otherwise; keep them with the job's
+    # other logs (the directory must be on a filesystem the compute nodes share).
+    kwargs["log_directory"] = cluster.log_directory or str(job_log_dir(job_id).absolute())
     kwargs = {k: v for k, v in kwargs.items() if v is not None} | cluster.options
     return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs=kwargs,
                           adapt_kwargs={"minimum_jobs": cluster.min_jobs, "maximum_jobs": cluster.max_jobs})

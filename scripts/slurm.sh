@@ -334,9 +334,15 @@ cmd_status() {
 }
 
 export PATH="$PATH:/usr/sbin:/sbin"  # daemons live in /usr/sbin
-if [[ $EUID -ne 0 && ${1:-} != status ]]; then
-    command -v sudo >/dev/null 2>&1 || die "must run as root (or with sudo)"
-    exec sudo -E bash "$0" "$@"
+# up/down need root (apt-get, and slurmctld/slurmd/munged run as root); status does not. Not root: re-run through
+# `sudo -n` (never prompts, so CI cannot hang on a password), passing on this script's own settings.
+if [[ $(id -u) -ne 0 && ${1:-} =~ ^(up|down)$ ]]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        exec sudo -n env SLURM_STATE_DIR="$STATE_DIR" SLURM_WAIT_SECS="$WAIT_SECS" bash "$0" "$@"
+    fi
+    die "'$1' needs root (apt-get install, and the Slurm and munge daemons run as root), and user" \
+        "$(id -un) is not root and cannot use sudo without a password. Run it as root, e.g." \
+        "\`sudo bash $0 $1\`, or give this user passwordless sudo (as CI runners have)."
 fi
 
 case "${1:-}" in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli, write_config, write_jsonl
+from conftest import ROOT, run_cli, write_config, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
@@ -25,8 +26,8 @@ def test_job_runs_on_slurm_workers(tmp_path: Path, prefect_api: str, slurmctl_ho
     cfg = write_config(tmp_path / "job.yaml", job_id="on-slurm", handler="handlers.echo:handle",
                        input={"uri": "users.jsonl"}, batch_size=50, storage={"uri": "state"},
                        cluster={"kind": "slurm", "queue": "debug", "cores": 1, "processes": 1, "memory": "1GB",
-                                "walltime": "00:10:00", "min_jobs": 2, "max_jobs": 2,
-                                "log_directory": str(tmp_path / "slurm-logs")})
+                                "walltime": "00:10:00", "min_jobs": 2, "max_jobs": 2})
+    stray_before = set(ROOT.glob("slurm-*.out"))  # run_cli submits from the repo root
     result = run_cli("submit", str(cfg), "--wait", timeout=900)
     assert result.returncode == 0, result.stderr + (slurmctl_home / "logs" / "on-slurm.log").read_text()[-5000:]
 
@@ -34,9 +35,13 @@ def test_job_runs_on_slurm_workers(tmp_path: Path, prefect_api: str, slurmctl_ho
     assert len(tasks) == 8
     slurm_ids = {t["slurm_job_id"] for t in tasks}
     assert None not in slurm_ids and all(s.isdigit() for s in slurm_ids)
-    # Those are real Slurm jobs that Slurm accounted for: sacct is off here, so ask the worker logs.
-    logs = list((tmp_path / "slurm-logs").glob("*"))
-    assert logs, "SLURMCluster wrote no job logs"
+    # Those are real Slurm jobs that Slurm accounted for: sacct is off here, so ask the worker logs. With no
+    # cluster.log_directory they are in the job's log directory next to its coordinator log, one per worker job,
+    # and none in the directory sbatch was called from.
+    log_dir = slurmctl_home / "logs" / "on-slurm"
+    logged_ids = {m[1] for p in log_dir.glob("*") if (m := re.match(r"slurmctl-on-slurm-(\d+)", p.name))}
+    assert slurm_ids <= logged_ids, f"worker jobs {slurm_ids - logged_ids} left no log in {log_dir}"
+    assert set(ROOT.glob("slurm-*.out")) == stray_before, "sbatch wrote worker logs to the submit directory"
 
     view = json.loads(run_cli("status", "on-slurm", "--json").stdout)
     assert view["status"] == "completed" and view["items_succeeded"] == 400
