@@ -216,23 +216,34 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return watch(cfg.job_id, cfg.storage, proc, log)
 
 
-def coordinator_alive(job: Any) -> bool:
-    """Is the job's coordinator still running? Certain on this host (its pid); elsewhere, a fresh heartbeat."""
+def coordinator_alive(job: Any, store: Any = None) -> bool:
+    """Is the job's coordinator still running? Certain on this host (its pid); elsewhere, a fresh heartbeat.
+
+    The heartbeat (``jobs/<id>/heartbeat.json``, written in every phase by the coordinator itself) gives its real
+    host and pid — the job manifest's host is where the job was submitted — and its freshness.
+    """
     import socket
 
+    from slurmctl.heartbeat import read_heartbeat
+    from slurmctl.jobs import store_for
     from slurmctl.manifests import TERMINAL_STATUSES, status_view
 
     if job.status in TERMINAL_STATUSES:
         return False
-    if job.coordinator_host == socket.gethostname() and job.coordinator_pid:
+    beat = read_heartbeat(store if store is not None else store_for(job.config["storage"]), job.job_id)
+    host, pid = (beat["host"], beat["pid"]) if beat else (job.coordinator_host, job.coordinator_pid)
+    if host == socket.gethostname() and pid:
         try:
-            os.kill(job.coordinator_pid, 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
             return True
-        return _is_coordinator(job.coordinator_pid, job.job_id)
-    return not status_view(job.model_dump(mode="json"))["stale"]
+        if _is_coordinator(pid, job.job_id):
+            return True
+        # Alive but not `slurmctl.coordinator JOB`: a reused pid, or a run started another way (a deployment):
+        # the heartbeat tells.
+    return not status_view(job.model_dump(mode="json"), None, beat)["stale"]
 
 
 def _is_coordinator(pid: int, job_id: str) -> bool:
@@ -480,6 +491,7 @@ def cmd_analyze_errors(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from flows.process import recount
+    from slurmctl.heartbeat import read_heartbeat
     from slurmctl.manifests import Keys, status_view
 
     found = _job_or_exit(args)
@@ -488,7 +500,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     job, store = found
     if args.scan:
         job.counts = recount(store, args.job_id, job.counts.batches_total, job.counts.items_total)
-    view = status_view(job.model_dump(mode="json"), store.get_json(Keys(args.job_id).control))
+    view = status_view(job.model_dump(mode="json"), store.get_json(Keys(args.job_id).control),
+                       read_heartbeat(store, args.job_id))
     if job.config.get("rate_limits"):
         try:
             from slurmctl.config import parse_config
