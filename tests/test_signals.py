@@ -22,6 +22,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from blocks import rate_limiter
 from blocks.manifest_store import store_from_uri
@@ -255,6 +256,18 @@ def test_a_signal_that_cannot_be_written_raises_and_publishing_again_repairs_it(
     assert again.epoch == paused.epoch  # no new epoch for a limit already paused ...
     body = signal_object(moto_endpoint, s3_bucket, "ctl")
     assert (body["epoch"], body["paused"]) == (paused.epoch, True)  # ... but the signal is there now
+
+
+@pytest.mark.integration
+def test_a_signal_poll_in_an_outage_fails_at_once_instead_of_stalling_the_worker(moto_endpoint, s3_bucket):
+    # A poll runs inside a worker's token acquisition; the Leaser retries it 0.2 s later. botocore's retries with
+    # backoff (the job store's: about 1.5 min in an outage) would stop the worker for that long instead.
+    with FaultProxy(moto_endpoint) as proxy:
+        limiter = dynamodb_limiter(moto_endpoint, proxy.url, s3_bucket)
+        proxy.outage(600)
+        with pytest.raises(ClientError):
+            limiter.signal("poll")
+        assert proxy.stats()["injected"] == {"outage": 1}
 
 
 @pytest.mark.integration
