@@ -5,7 +5,8 @@
   condition — so the table sees one write per lease (a few percent of the requests), and concurrent leases of a busy
   lane never conflict (the update is additive: they queue). Pause, rate changes and throttling are also published to
   a small *signal* object in a manifest store (``signals``), which workers poll about once a second instead of
-  DynamoDB.
+  DynamoDB. A signal that cannot be written is retried, then raises ``SignalNotPublished`` (the DynamoDB change
+  stands; the message says so and what to do); publishing again is idempotent.
 * ``LocalRateLimiter``: the same state in a SQLite file (``BEGIN IMMEDIATE`` transactions), shared by all processes
   on one machine: the embedded default. Its signal is the row itself (a local read is free).
 
@@ -15,23 +16,27 @@ Like prefect-aws blocks, they hold only configuration; clients and connections a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, ClassVar, Iterable, Optional, Union
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import Field
 
 from blocks.aws import aws_credentials
 from blocks.manifest_store import LocalManifestStore, S3ManifestStore
-from slurmctl.ratelimit import (Lease, LimitSpec, LimitState, Signal, Wait, earliest_slot_us, now_us, plan_lease,
-                                throttled_state)
+from slurmctl.ratelimit import (Leaser, Lease, LimitSpec, LimitState, Signal, SignalNotPublished, Wait,
+                                earliest_slot_us, now_us, plan_lease, throttled_state)
+
+log = logging.getLogger("slurmctl.ratelimit")
 
 
 class RateLimiter(Block, ABC):
@@ -40,8 +45,11 @@ class RateLimiter(Block, ABC):
     _block_schema_capabilities = ["rate-limiter"]
 
     @abstractmethod
-    def _update(self, key: str, spec: LimitSpec | None, change: Callable[[LimitState], Any]) -> tuple[Any, LimitState]:
-        """Apply ``change`` to the limit's state atomically (creating it from ``spec`` if absent)."""
+    def _update(self, key: str, spec: LimitSpec | None, change: Callable[[LimitState], Any], *,
+                publish: bool = False) -> tuple[Any, LimitState]:
+        """Apply ``change`` to the limit's state atomically (creating it from ``spec`` if absent). A new epoch is
+        signalled to workers; ``publish`` signals the resulting state even when nothing changed (an operator's
+        command run again repairs a signal that could not be written the first time)."""
 
     @abstractmethod
     def read(self, key: str) -> LimitState | None: ...
@@ -88,16 +96,19 @@ class RateLimiter(Block, ABC):
             state.target = state.rate = per_second
             state.changed_at = at
             state.restart(at + spec.grace_us, at)
-        return self._update(key, spec, change)[1]
+        return self._update(key, spec, change, publish=True)[1]
 
     def set_paused(self, key: str, spec: LimitSpec, paused: bool) -> LimitState:
-        def change(state: LimitState) -> None:
+        def change(state: LimitState) -> bool | None:
+            if state.paused == paused:
+                return False  # already so: no new epoch (running workers keep their leases); signalled again
             # Either way a new epoch: a pause voids every lease; a resume starts the lanes afresh after the grace
             # (the pause does not count as idle time that could be burst through at once).
             at = now_us()
             state.paused = paused
             state.restart(at + spec.grace_us, at)
-        return self._update(key, spec, change)[1]
+            return None
+        return self._update(key, spec, change, publish=True)[1]
 
 
 # --- one machine: SQLite ------------------------------------------------------------------------------------------
@@ -133,7 +144,9 @@ class LocalRateLimiter(RateLimiter):
         row = self._conn().execute("SELECT state FROM limits WHERE key = ?", (key,)).fetchone()
         return _state_from_json(row[0]) if row else None
 
-    def _update(self, key: str, spec: LimitSpec | None, change: Callable[[LimitState], Any]) -> tuple[Any, LimitState]:
+    def _update(self, key: str, spec: LimitSpec | None, change: Callable[[LimitState], Any], *,
+                publish: bool = False) -> tuple[Any, LimitState]:
+        # The row is the signal: written in the same transaction, nothing to publish.
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -180,6 +193,25 @@ def _from_item(item: dict[str, Any]) -> LimitState:
 
 
 _dynamo_cache: dict[tuple[str, str], LimitState] = {}
+
+# botocore's retry budget for signals, far shorter than the job store's (10 retries with backoff of up to 20 s: about
+# 1.5 min per call in an outage). A poll runs inside a worker's token acquisition: stuck in botocore that long, the
+# worker would stop instead of spending the leases it holds and polling again 0.2 s later (the Leaser's own retry).
+# A publish is retried by ``_publish`` on top of these, and `slurmctl pause` says within seconds that it failed.
+SIGNAL_READ_CONFIG = {"retries": {"mode": "standard", "total_max_attempts": 1}, "connect_timeout": 2,
+                      "read_timeout": 5}
+SIGNAL_WRITE_CONFIG = {"retries": {"mode": "standard", "total_max_attempts": 3}, "connect_timeout": 2,
+                       "read_timeout": 5}
+
+
+def _signal_store(store: S3ManifestStore | LocalManifestStore, config: dict[str, Any]
+                  ) -> S3ManifestStore | LocalManifestStore:
+    """``store`` with botocore ``config`` for its S3 client (a local store has no client)."""
+    if not isinstance(store, S3ManifestStore):
+        return store
+    creds = store.aws_credentials
+    params = creds.aws_client_parameters.model_copy(update={"config": config})
+    return store.model_copy(update={"aws_credentials": creds.model_copy(update={"aws_client_parameters": params})})
 
 
 class DynamoDBRateLimiter(RateLimiter):
@@ -228,17 +260,64 @@ class DynamoDBRateLimiter(RateLimiter):
     def _signal_key(key: str) -> str:
         return f"rate-limits/{key}.signal.json"
 
+    PUBLISH_ATTEMPTS: ClassVar[int] = 4  # writes of a signal, each with botocore's own retries (SIGNAL_WRITE_CONFIG)
+    PUBLISH_BACKOFF_S: ClassVar[float] = 0.5  # before the second attempt; doubling
+
     def signal(self, key: str) -> Signal | None:
         if self.signals is None:
             return super().signal(key)
-        body = self.signals.get_json(self._signal_key(key))
+        body = _signal_store(self.signals, SIGNAL_READ_CONFIG).get_json(self._signal_key(key))
         return Signal(int(body["epoch"]), bool(body["paused"])) if body else None
 
-    def _publish(self, state: LimitState) -> None:
-        if self.signals is not None:
-            self.signals.put_json(self._signal_key(state.key), {
-                "schema_version": 1, "epoch": state.epoch, "paused": state.paused, "target": state.target,
-                "rate": state.rate, "anchor_us": state.anchor})
+    def _publish(self, state: LimitState, spec: LimitSpec | None) -> None:
+        """Signal ``state`` to the workers; raise ``SignalNotPublished`` if the signal cannot be written.
+
+        After the write the item is read again: another process publishing an older epoch may have written after
+        us (the object is last-writer-wins), and then the newer state is written again. Whoever changes the state
+        publishes it too, so a few rounds settle it.
+        """
+        if self.signals is None:
+            return
+        store = _signal_store(self.signals, SIGNAL_WRITE_CONFIG)
+        for _ in range(3):
+            self._write_signal(store, state, spec)
+            try:
+                current = self.read(state.key)
+            except (ClientError, BotoCoreError) as exc:  # the signal is written; only the double check failed
+                log.warning("rate limit %r: signal published, but reading the limit back failed: %s: %s",
+                            state.key, type(exc).__name__, exc)
+                return
+            if current is None or (current.epoch, current.paused) == (state.epoch, state.paused):
+                return
+            state = current
+
+    def _write_signal(self, store: S3ManifestStore | LocalManifestStore, state: LimitState,
+                      spec: LimitSpec | None) -> None:
+        key = self._signal_key(state.key)
+        body = {"schema_version": 1, "epoch": state.epoch, "paused": state.paused, "target": state.target,
+                "rate": state.rate, "anchor_us": state.anchor}
+        for attempt in range(1, self.PUBLISH_ATTEMPTS + 1):
+            try:
+                store.put_json(key, body)
+                return
+            except (ClientError, BotoCoreError, OSError) as exc:
+                log.warning("rate limit %r: writing its signal %s failed (attempt %d of %d): %s: %s", state.key,
+                            store.uri(key), attempt, self.PUBLISH_ATTEMPTS, type(exc).__name__, exc)
+                if attempt == self.PUBLISH_ATTEMPTS:
+                    raise SignalNotPublished(self._not_published(state, spec, store.uri(key), exc)) from exc
+                time.sleep(self.PUBLISH_BACKOFF_S * 2 ** (attempt - 1))
+
+    def _not_published(self, state: LimitState, spec: LimitSpec | None, uri: str, exc: BaseException) -> str:
+        rate = state.effective_rate(now_us())
+        now_says = "paused" if state.paused else f"{rate:g} requests/s (target {state.target:g}/s)"
+        # Until they hear of it, workers spend the leases they hold (a pause: then their renewal is refused); a
+        # worker waiting on a pause asks DynamoDB every PAUSE_RECHECK_S.
+        span_s = (spec.lease_size if spec else 32) * state.lanes / max(rate, 1e-9)
+        return (f"rate limit {state.key!r}: DynamoDB table {self.table_name!r} now says {now_says} (epoch "
+                f"{state.epoch}), but its signal {uri} could not be written after {self.PUBLISH_ATTEMPTS} attempts "
+                f"(last error {type(exc).__name__}: {exc}). The change stands: workers that did not hear of it "
+                f"follow it at their next lease, within about {max(span_s, Leaser.PAUSE_RECHECK_S):.0f} s. Run the "
+                f"same command again to publish the signal.")
 
     def _create(self, key: str, spec: LimitSpec) -> LimitState:
         state = LimitState.new(key, spec, now_us())
@@ -262,14 +341,18 @@ class DynamoDBRateLimiter(RateLimiter):
             state = self._create(key, spec)
         return state
 
-    def _update(self, key: str, spec: LimitSpec | None, change: Callable[[LimitState], Any]) -> tuple[Any, LimitState]:
+    def _update(self, key: str, spec: LimitSpec | None, change: Callable[[LimitState], Any], *,
+                publish: bool = False) -> tuple[Any, LimitState]:
         """Optimistic read-modify-write, conditional on ``epoch`` and ``granted`` being unchanged; ``change``
-        returning False means nothing to write. A new epoch is published to the signal object."""
+        returning False means nothing to write. A new epoch (or, with ``publish``, any outcome) is published to
+        the signal object."""
         for _ in range(50):
             state = self._current(key, spec)
             old_epoch, old_granted = state.epoch, state.granted
             out = change(state)
             if out is False:
+                if publish:
+                    self._publish(state, spec)
                 return out, state
             try:
                 self._client().put_item(
@@ -281,8 +364,8 @@ class DynamoDBRateLimiter(RateLimiter):
                     continue
                 raise
             _dynamo_cache[(self.table_name, key)] = state
-            if state.epoch != old_epoch:
-                self._publish(state)
+            if publish or state.epoch != old_epoch:
+                self._publish(state, spec)
             return out, state
         raise RuntimeError(f"rate limit {key!r}: too much contention updating its state")
 

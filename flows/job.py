@@ -24,6 +24,7 @@ from flows.runners import task_runner_for
 from slurmctl.admission import create_job
 from slurmctl.config import load_config, parse_config
 from slurmctl.failures import committed_batch_ids, round_of
+from slurmctl.heartbeat import Heartbeat
 from slurmctl.jobs import JobExists, load_job, read_round_batches, store_for, update_job
 from slurmctl.limits import ensure_limits
 from slurmctl.manifests import Keys, now
@@ -66,6 +67,7 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
     update_job(store, job_id, status="running", phase="partition", started_at=job.started_at or now(),
                finished_at=None, error=None, flow_run_id=str(get_run_context().flow_run.id),
                coordinator_pid=os.getpid())
+    heartbeat = Heartbeat(store, job_id, flow_run_id=str(get_run_context().flow_run.id)).start()  # every phase
     try:
         with dask.config.set(DASK_SETTINGS):
             total = partition_phase(job_id, config)
@@ -89,6 +91,8 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
     except BaseException as exc:
         update_job(store, job_id, status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
+    finally:
+        heartbeat.stop()
     update_job(store, job_id, status="completed", phase="done", finished_at=now(), output=result["output"])
     logger.info("job %s completed: %s rows in %s", job_id, result["rows"], result["output"])
     return result

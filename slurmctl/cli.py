@@ -185,23 +185,34 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return watch(cfg.job_id, cfg.storage, proc, log)
 
 
-def coordinator_alive(job: Any) -> bool:
-    """Is the job's coordinator still running? Certain on this host (its pid); elsewhere, a fresh heartbeat."""
+def coordinator_alive(job: Any, store: Any = None) -> bool:
+    """Is the job's coordinator still running? Certain on this host (its pid); elsewhere, a fresh heartbeat.
+
+    The heartbeat (``jobs/<id>/heartbeat.json``, written in every phase by the coordinator itself) gives its real
+    host and pid — the job manifest's host is where the job was submitted — and its freshness.
+    """
     import socket
 
+    from slurmctl.heartbeat import read_heartbeat
+    from slurmctl.jobs import store_for
     from slurmctl.manifests import TERMINAL_STATUSES, status_view
 
     if job.status in TERMINAL_STATUSES:
         return False
-    if job.coordinator_host == socket.gethostname() and job.coordinator_pid:
+    beat = read_heartbeat(store if store is not None else store_for(job.config["storage"]), job.job_id)
+    host, pid = (beat["host"], beat["pid"]) if beat else (job.coordinator_host, job.coordinator_pid)
+    if host == socket.gethostname() and pid:
         try:
-            os.kill(job.coordinator_pid, 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
             return True
-        return _is_coordinator(job.coordinator_pid, job.job_id)
-    return not status_view(job.model_dump(mode="json"))["stale"]
+        if _is_coordinator(pid, job.job_id):
+            return True
+        # Alive but not `slurmctl.coordinator JOB`: a reused pid, or a run started another way (a deployment):
+        # the heartbeat tells.
+    return not status_view(job.model_dump(mode="json"), None, beat)["stale"]
 
 
 def _is_coordinator(pid: int, job_id: str) -> bool:
@@ -241,22 +252,62 @@ def mark_flow_run_crashed(flow_run_id: str, message: str) -> None:
     asyncio.run(mark())
 
 
+class LimitNotChanged(RuntimeError):
+    """A rate limit's backend or its signal could not be written; the message says what state things are in."""
+
+
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    """What a store or limiter backend raises when it cannot be reached (S3, DynamoDB, disk, SQLite); not bugs."""
+    import sqlite3
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return ClientError, BotoCoreError, OSError, sqlite3.Error
+
+
 def set_paused(job: Any, paused: bool) -> list[str]:
-    """Pause or unpause every rate limit of a job (workers stop taking tokens within ~1 s); return their names."""
+    """Pause or unpause every rate limit of a job (workers stop taking tokens within ~1 s); return their names.
+
+    Raises ``LimitNotChanged`` when a limit or its signal cannot be written. Repeating it is safe: a limit already
+    in that state is left alone and its signal published again.
+    """
     from slurmctl.config import parse_config
     from slurmctl.limits import backend_for, limit_key, limit_spec
+    from slurmctl.ratelimit import SignalNotPublished
 
     cfg = parse_config(job.config)
     backend = backend_for(cfg)
+    verb = "paused" if paused else "unpaused"
+    done: list[str] = []
     for name in cfg.rate_limits:
-        backend.set_paused(limit_key(cfg, name), limit_spec(cfg, name), paused)
-    return list(cfg.rate_limits)
+        try:
+            backend.set_paused(limit_key(cfg, name), limit_spec(cfg, name), paused)
+        except SignalNotPublished as exc:
+            raise LimitNotChanged(f"limit {name} is {verb}, but its signal is not: {exc}") from exc
+        except _backend_errors() as exc:
+            raise LimitNotChanged(
+                f"limit {name} could not be {verb} ({cfg.rate_limiter.kind} limiter: {type(exc).__name__}: {exc}); "
+                f"it is unchanged" + (f" (already {verb}: {', '.join(done)})" if done else "")) from exc
+        done.append(name)
+    return done
+
+
+def _write_control(store: Any, job_id: str, paused: bool) -> str | None:
+    """Record the operator's intent in ``control.json``; return an error message if it could not be written."""
+    from slurmctl.manifests import Keys, now
+
+    key = Keys(job_id).control
+    try:
+        store.put_json(key, {"schema_version": 1, "paused": paused, "at": now()})
+    except _backend_errors() as exc:
+        return f"writing {store.uri(key)} failed ({type(exc).__name__}: {exc})"
+    return None
 
 
 def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> int:
     """Make a job go again: unpause it, and start a coordinator unless one is still running (resume, retry)."""
     from slurmctl.jobs import JobNotFound, load_job, store_for, update_job
-    from slurmctl.manifests import Keys, now
+    from slurmctl.manifests import Keys
 
     storage = storage_for_job(args.job_id, args)
     try:
@@ -266,8 +317,19 @@ def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> 
         return EXIT_USAGE
     store = store_for(storage)
     if (store.get_json(Keys(args.job_id).control) or {}).get("paused"):
-        names = set_paused(job, False)
-        store.put_json(Keys(args.job_id).control, {"schema_version": 1, "paused": False, "at": now()})
+        # The limits first, the intent last: while any limit may still be paused, control.json says paused, so
+        # running resume again unpauses again.
+        try:
+            names = set_paused(job, False)
+        except LimitNotChanged as exc:
+            _err(f"could not unpause {args.job_id}: {exc}\n  run `slurmctl resume {args.job_id}` again (it is "
+                 f"safe to repeat)")
+            return EXIT_FAILED
+        failed = _write_control(store, args.job_id, False)
+        if failed:
+            _err(f"{args.job_id}: its rate limits are unpaused, but {failed}, so status still says paused; run "
+                 f"`slurmctl resume {args.job_id}` again")
+            return EXIT_FAILED
         print(f"unpaused {args.job_id} ({', '.join(names)})", file=sys.stderr)
         if coordinator_alive(job) and not retry_errors:
             return watch(args.job_id, storage, None, None) if args.wait else EXIT_OK
@@ -305,8 +367,6 @@ def _job_or_exit(args: argparse.Namespace) -> tuple[Any, Any] | None:
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    from slurmctl.manifests import Keys, now
-
     found = _job_or_exit(args)
     if found is None:
         return EXIT_USAGE
@@ -314,8 +374,18 @@ def cmd_pause(args: argparse.Namespace) -> int:
     if not job.config.get("rate_limits"):
         _err(f"job {args.job_id} declares no rate_limits: pause stops token issuance, so there is nothing to pause")
         return EXIT_USAGE
-    names = set_paused(job, True)
-    store.put_json(Keys(args.job_id).control, {"schema_version": 1, "paused": True, "at": now()})
+    # The intent first, the limits next: if a limit then fails, status says paused and `resume` unpauses it.
+    failed = _write_control(store, args.job_id, True)
+    if failed:
+        _err(f"could not pause {args.job_id}: {failed}; nothing was changed. Run `slurmctl pause {args.job_id}` "
+             f"again")
+        return EXIT_FAILED
+    try:
+        names = set_paused(job, True)
+    except LimitNotChanged as exc:
+        _err(f"pause of {args.job_id} is incomplete: {exc}\n  run `slurmctl pause {args.job_id}` again (it is safe "
+             f"to repeat), or `slurmctl resume {args.job_id}` to call it off")
+        return EXIT_FAILED
     print(f"paused {args.job_id}: workers take no more tokens of {', '.join(names)} (in-flight requests finish; "
           f"batches wait). `slurmctl resume {args.job_id}` continues", file=sys.stderr)
     return EXIT_OK
@@ -324,6 +394,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 def cmd_rate(args: argparse.Namespace) -> int:
     from slurmctl.config import parse_config
     from slurmctl.limits import backend_for, limit_key, limit_spec
+    from slurmctl.ratelimit import SignalNotPublished
 
     found = _job_or_exit(args)
     if found is None:
@@ -338,6 +409,14 @@ def cmd_rate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _err(str(exc))
         return EXIT_USAGE
+    except SignalNotPublished as exc:
+        _err(f"limit {args.limit} of {args.job_id} is changed, but its signal is not: {exc}\n  run the same "
+             f"`slurmctl rate` again (it is safe to repeat)")
+        return EXIT_FAILED
+    except _backend_errors() as exc:
+        _err(f"could not change limit {args.limit} of {args.job_id} ({cfg.rate_limiter.kind} limiter: "
+             f"{type(exc).__name__}: {exc}); it is unchanged. Run the same `slurmctl rate` again")
+        return EXIT_FAILED
     print(f"{args.job_id}: limit {args.limit} now {state.target:g}/s (workers see the change at their next signal "
           f"check and switch after a grace of about 1.5 s)", file=sys.stderr)
     return EXIT_OK
@@ -381,6 +460,7 @@ def cmd_analyze_errors(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from flows.process import recount
+    from slurmctl.heartbeat import read_heartbeat
     from slurmctl.manifests import Keys, status_view
 
     found = _job_or_exit(args)
@@ -389,7 +469,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     job, store = found
     if args.scan:
         job.counts = recount(store, args.job_id, job.counts.batches_total, job.counts.items_total)
-    view = status_view(job.model_dump(mode="json"), store.get_json(Keys(args.job_id).control))
+    view = status_view(job.model_dump(mode="json"), store.get_json(Keys(args.job_id).control),
+                       read_heartbeat(store, args.job_id))
     if job.config.get("rate_limits"):
         try:
             from slurmctl.config import parse_config

@@ -90,12 +90,18 @@ class BatchContext:
 
         Blocks until this worker's share of the job-wide rate allows it (and while the job is paused). When the
         request raises a throttling error (HTTP 429, AWS throttling), the shared rate backs off for every worker.
+        What the limiter cost this batch lands in its metrics as ``ratelimit_<name>_<counter>``: tokens, wait_s,
+        throttled, and (when not zero) backend_calls, expired, paused_s, signal_errors, throttle_report_errors.
         """
         leaser = self.limiters.get(name)
         if leaser is None:
             raise KeyError(f"no rate limit {name!r}: declare it in the job config under rate_limits "
                            f"(declared: {', '.join(self.limiters) or 'none'})")
-        waited = leaser.acquire(tokens)
+        costs: Counter[str] = Counter()
+        try:
+            waited = leaser.acquire(tokens, tally=costs)
+        finally:
+            self._add_costs(name, costs)
         self.metrics[f"ratelimit_{name}_tokens"] += tokens
         self.metrics[f"ratelimit_{name}_wait_s"] += waited
         try:
@@ -106,8 +112,14 @@ class BatchContext:
             err = ErrorPolicy().classify(exc)
             if err.error_class == "throttle":
                 self.metrics[f"ratelimit_{name}_throttled"] += 1
-                leaser.throttled(err.retry_after)
+                costs = Counter()
+                leaser.throttled(err.retry_after, tally=costs)  # never raises: the API's error is what we raise
+                self._add_costs(name, costs)
             raise
+
+    def _add_costs(self, name: str, costs: Counter[str]) -> None:
+        for counter, value in costs.items():
+            self.metrics[f"ratelimit_{name}_{counter}"] += value
 
     def count(self, name: str, n: float = 1) -> None:
         """Add ``n`` to the counter ``name``; counters land in the batch's task manifest ``metrics``."""

@@ -3,7 +3,8 @@
 All manifests are JSON with ``schema_version`` and a ``checksum`` (added by ``ManifestStore.put_json``). Layout of a
 job under the store root::
 
-    jobs/<job_id>/job.json                 JobManifest: config, phase, status, counters, heartbeat
+    jobs/<job_id>/job.json                 JobManifest: config, phase, status, counters
+    jobs/<job_id>/heartbeat.json           the coordinator's heartbeat (at, pid, host), every 2 s in every phase
     jobs/<job_id>/control.json             operator intent: {"paused": true} (written by pause/resume only)
     jobs/<job_id>/plan.jsonl               one BatchSpec per line (written once by partition)
     jobs/<job_id>/tasks/<batch_id>.json    TaskManifest of the committed attempt: written create-if-absent, it *is*
@@ -61,6 +62,11 @@ class Keys:
     def control(self) -> str:
         """Operator intent (paused) — written by the CLI, never by the coordinator, so neither overwrites the other."""
         return self.root + "control.json"
+
+    @property
+    def heartbeat(self) -> str:
+        """Written by the coordinator's heartbeat thread only (``slurmctl.heartbeat``): one writer per object."""
+        return self.root + "heartbeat.json"
 
     @property
     def plan(self) -> str:
@@ -233,9 +239,11 @@ class ResultManifest(_Manifest):
     created_at: str = Field(default_factory=now)
 
 
-def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, *,
-                stale_after_s: int = STALE_AFTER_S) -> dict[str, Any]:
-    """The flat JSON object ``slurmctl status --json`` prints, from the job manifest and its control object."""
+def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, heartbeat: dict[str, Any] | None = None,
+                *, stale_after_s: int = STALE_AFTER_S) -> dict[str, Any]:
+    """The flat JSON object ``slurmctl status --json`` prints, from the job manifest, its control object and the
+    coordinator's heartbeat. ``stale``: not finished, and neither the manifest nor the heartbeat written for
+    ``stale_after_s``."""
     counts = job.get("counts", {})
     view = {
         "job_id": job["job_id"],
@@ -246,14 +254,16 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, *,
         "submitted_at": job.get("submitted_at"),
         "started_at": job.get("started_at"),
         "updated_at": job.get("updated_at"),
+        "heartbeat_at": (heartbeat or {}).get("at"),
         "finished_at": job.get("finished_at"),
         "error": job.get("error"),
         "flow_run_id": job.get("flow_run_id"),
         "paused": bool((control or {}).get("paused")),
     }
     stale = False
-    if job["status"] not in TERMINAL_STATUSES and job.get("updated_at"):
-        age = (_dt.datetime.now(_dt.timezone.utc) - parse_time(job["updated_at"])).total_seconds()
+    seen = [parse_time(t) for t in (job.get("updated_at"), view["heartbeat_at"]) if t]
+    if job["status"] not in TERMINAL_STATUSES and seen:
+        age = (_dt.datetime.now(_dt.timezone.utc) - max(seen)).total_seconds()
         stale = age > stale_after_s
     view["stale"] = stale
     return view

@@ -20,24 +20,44 @@ which is what keeps the backend at a few percent of a call per request. So:
   every lane restarts at ``anchor`` (a grace period from now) and leases of older epochs are void. Workers learn of
   a new epoch through a cheap *signal* (the limit's row in SQLite, or a small object in the job's manifest store
   next to DynamoDB) that they check about once a second: a change applies everywhere within ~1-2 s.
+
+The backend is the truth and the signal only makes changes fast: a lease is granted in the backend's current epoch
+and refused while paused, so a worker that cannot read the signal learns of a change at its next lease at the latest.
+Failures are never silent: a failed read is retried soon, logged once per outage and counted
+(``ratelimit_<name>_signal_errors`` in the batch's metrics); a signal that cannot be published raises
+``SignalNotPublished``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, MutableMapping, Protocol
+
+from slurmctl.outages import OutageLog
 
 US = 1_000_000
 LANE_RATE = 2.0  # requests/s of one lane by default: slow enough for a worker whose request takes ~250 ms
 MAX_LANES = 64  # keeps the DynamoDB item under 1 KB (one write unit per lease)
 
 
+log = logging.getLogger("slurmctl.ratelimit")
+
+
 def now_us() -> int:
     return int(time.time() * US)
+
+
+class SignalNotPublished(RuntimeError):
+    """A limit's state changed in the backend, but the signal its workers poll could not be written.
+
+    The change stands (the backend grants leases from its current state), so workers that did not hear of it follow
+    it at their next lease; publishing again — running the same command again — repairs the signal.
+    """
 
 
 @dataclass
@@ -287,6 +307,8 @@ class Leaser:
 
     PREFETCH = 2  # renew a lease when this many slots are left, so its lane continues without a gap
     FRESH_US = 250_000  # a view of the lanes this recent (from our last lease) is worth acting on
+    SIGNAL_RETRY_S = 0.2  # a failed signal read is tried again this soon (then doubling, up to signal_s)
+    PAUSE_RECHECK_S = 10.0  # while the signal says paused, ask the backend this often whether the pause holds
 
     def __init__(self, backend: LimiterBackend, key: str, spec: LimitSpec,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], int] = now_us):
@@ -306,6 +328,18 @@ class Leaser:
         self.backend_calls = 0
         self.signal_calls = 0
         self.paused_s = 0.0
+        self.asked_backend_us = 0  # when we last asked the backend for a lease (it is the truth; the signal a hint)
+        seconds = lambda: self.clock() / US  # noqa: E731
+        self.signal_log = OutageLog(log, f"reading the signal of rate limit {key!r}", clock=seconds)
+        self.report_log = OutageLog(log, f"reporting throttling of rate limit {key!r}", clock=seconds)
+
+    @property
+    def signal_errors(self) -> int:
+        return self.signal_log.failures
+
+    @property
+    def throttle_report_errors(self) -> int:
+        return self.report_log.failures
 
     # --- how many lanes this process can spend -------------------------------------------------------------------
     def wanted_lanes(self) -> int:
@@ -321,6 +355,7 @@ class Leaser:
     # --- leases ----------------------------------------------------------------------------------------------------
     def _lease(self, **kw: Any) -> Lease | Wait:
         self.backend_calls += 1
+        self.asked_backend_us = self.clock()
         got = self.backend.lease(self.key, self.spec, self.spec.lease_size, **kw)
         if isinstance(got, Lease):
             if got.epoch > self.epoch:
@@ -355,21 +390,35 @@ class Leaser:
             self.more.succeeded()
 
     def _check_signal(self) -> None:
-        """At most every ``signal_s``: a new epoch voids our leases; a pause holds us here until resumed."""
+        """At most every ``signal_s``: a new epoch voids our leases; a pause holds us here until resumed.
+
+        The signal is a hint, the backend the truth: every lease carries its epoch, and the backend grants leases only
+        in its current epoch and never while paused. So a worker that cannot read the signal keeps spending the leases
+        it holds — it follows a change at its next lease at the latest, the same bound as for a limit shared with
+        another job — and tries the signal again soon; the failure is logged once per outage and counted. A signal
+        older than our epoch (a lease told us of a newer one) is stale and ignored, and while the signal says paused
+        we ask the backend every ``PAUSE_RECHECK_S``: a resume whose signal could not be published holds no one.
+        """
         while self.clock() >= self.next_signal_us:
             self.next_signal_us = self.clock() + int(self.spec.signal_s * US)
             self.signal_calls += 1
             try:
                 sig = self.backend.signal(self.key)
-            except Exception:  # the signal is an optimisation: leases still carry the epoch
+            except Exception as exc:
+                self.signal_log.failed(exc)
+                retry_s = self.SIGNAL_RETRY_S * 2 ** min(self.signal_log.consecutive - 1, 16)
+                self.next_signal_us = self.clock() + int(min(self.spec.signal_s, retry_s) * US)
                 return
-            if sig is None:
-                return
+            self.signal_log.succeeded()
+            if sig is None or sig.epoch < self.epoch:
+                return  # nothing signalled yet, or older news than our last lease brought
             if sig.epoch > self.epoch:
                 self.held, self.epoch = [], sig.epoch
                 self.more = _Backoff()
             if not sig.paused:
                 return
+            if self.clock() - self.asked_backend_us >= int(self.PAUSE_RECHECK_S * US):
+                return  # a lease asks the backend whether the pause still holds (and waits if it does)
             self.paused_s += self.spec.signal_s
             self.waited_s += self.spec.signal_s
             self.sleep(self.spec.signal_s)
@@ -408,32 +457,57 @@ class Leaser:
                 self.waited_s += pause
                 self.sleep(pause)
 
-    def acquire(self, tokens: int = 1) -> float:
+    def acquire(self, tokens: int = 1, tally: MutableMapping[str, float] | None = None) -> float:
+        """Block until ``tokens`` slots are due; return the seconds waited for them. ``tally`` (e.g. a batch's
+        metrics) gets what this call cost besides: backend calls, expired slots, time paused, signal errors."""
         with self.lock:
-            self._note_work()
-            waited = 0.0
-            for i in range(tokens):
-                if i:  # tokens asked for at once: the caller spends them as fast as they come
-                    self.work_s = 0.8 * (self.work_s or 0.0)
-                delay = (self._next_slot() - self.clock()) / US
-                if delay > 0:
-                    self.sleep(delay)
-                    waited += delay
-            self.waited_s += waited
-            self.returned_at = time.monotonic()
-            return waited
+            before = self._counters()
+            try:
+                self._note_work()
+                waited = 0.0
+                for i in range(tokens):
+                    if i:  # tokens asked for at once: the caller spends them as fast as they come
+                        self.work_s = 0.8 * (self.work_s or 0.0)
+                    delay = (self._next_slot() - self.clock()) / US
+                    if delay > 0:
+                        self.sleep(delay)
+                        waited += delay
+                self.waited_s += waited
+                self.returned_at = time.monotonic()
+                return waited
+            finally:
+                self._tally(before, tally)
 
-    def throttled(self, retry_after_s: float | None) -> None:
+    def throttled(self, retry_after_s: float | None, tally: MutableMapping[str, float] | None = None) -> None:
         """The API said 429: slow everyone down (a new epoch); our own leases were booked too fast, drop them."""
         with self.lock:
+            before = self._counters()
             self.backend_calls += 1
             try:
                 state = self.backend.report_throttle(self.key, self.spec, retry_after_s)
-            except Exception:  # never hide the API's error behind the limiter's: stop spending, others will report
+            except Exception as exc:
+                # Never hide the API's error behind the limiter's (the caller re-raises the API's): count and log
+                # this one, and stop spending our leases; other workers report their 429s, and our next lease
+                # follows whatever the backend says.
+                self.report_log.failed(exc)
                 self.held = []
-                return
-            if state.epoch > self.epoch:
-                self.held, self.epoch = [], state.epoch
+            else:
+                self.report_log.succeeded()
+                if state.epoch > self.epoch:
+                    self.held, self.epoch = [], state.epoch
+            self._tally(before, tally)
+
+    def _counters(self) -> dict[str, float]:
+        return {"backend_calls": self.backend_calls, "expired": self.expired, "paused_s": self.paused_s,
+                "signal_errors": self.signal_errors, "throttle_report_errors": self.throttle_report_errors}
+
+    def _tally(self, before: dict[str, float], tally: MutableMapping[str, float] | None) -> None:
+        """Add what changed since ``before`` (all of it by this call: we hold the lock) to ``tally``."""
+        if tally is None:
+            return
+        for name, value in self._counters().items():
+            if value != before[name]:
+                tally[name] = round(tally.get(name, 0) + value - before[name], 3)
 
     def close(self) -> None:
         with self.lock:
@@ -451,4 +525,6 @@ class Leaser:
     def metrics(self, name: str) -> dict[str, float]:
         return {f"ratelimit_{name}_granted": self.granted, f"ratelimit_{name}_wait_s": round(self.waited_s, 3),
                 f"ratelimit_{name}_backend_calls": self.backend_calls,
-                f"ratelimit_{name}_expired": self.expired, f"ratelimit_{name}_paused_s": round(self.paused_s, 3)}
+                f"ratelimit_{name}_expired": self.expired, f"ratelimit_{name}_paused_s": round(self.paused_s, 3),
+                f"ratelimit_{name}_signal_errors": self.signal_errors,
+                f"ratelimit_{name}_throttle_report_errors": self.throttle_report_errors}
