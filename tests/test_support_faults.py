@@ -225,7 +225,8 @@ def test_proxy_answers_502_when_the_upstream_is_down():
             urllib.request.urlopen(proxy.url + "/some-bucket", timeout=5)
         e.value.close()
         assert e.value.code == 502
-        assert proxy.stats() == {"requests": 1, "forwarded": 0, "injected": {}, "upstream_errors": 1}
+        assert proxy.stats() == {"requests": 1, "forwarded": 0, "injected": {}, "upstream_errors": 1,
+                                 "responses_lost": 0}
 
 
 # ---- FaultProxy in front of the moto server ------------------------------------------------------------------
