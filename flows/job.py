@@ -8,6 +8,7 @@ same way, and each continues from what the manifests say is committed.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
     logger = get_run_logger()
     update_job(store, job_id, status="running", phase="partition", started_at=job.started_at or now(),
                finished_at=None, error=None, flow_run_id=str(get_run_context().flow_run.id),
-               coordinator_pid=os.getpid())
+               coordinator_pid=os.getpid(), coordinator_host=socket.gethostname())
     heartbeat = Heartbeat(store, job_id, flow_run_id=str(get_run_context().flow_run.id)).start()  # every phase
     try:
         with dask.config.set(DASK_SETTINGS):
@@ -121,6 +122,7 @@ def run_retry_rounds(store: Any, job_id: str, cfg: Any, config: dict[str, Any], 
     automatic = sum(1 for r in job.retry_rounds if not r["classes"])
     while load_job(store, job_id).counts.items_deferred > 0 and automatic < cfg.errors.auto_retry_rounds:
         wait = cfg.errors.retry_cooldown_s * (2 ** automatic)
+        update_job(store, job_id, phase="retry")  # the cooldown is part of the retry phase
         logger.info("%s items deferred by the circuit breaker; retry round %s in %.0f s",
                     load_job(store, job_id).counts.items_deferred, next_round, wait)
         time.sleep(wait)

@@ -2,7 +2,7 @@
 
 ``run_batches`` is shared with the retry phase: it keeps at most ``max_in_flight`` futures, folds each finished
 batch's small summary into the job's counters, writes them to the job manifest every couple of seconds (the
-heartbeat ``slurmctl status`` reads), and runs a batch again — without touching its retry budget — when the worker
+progress ``slurmctl status`` reads; the coordinator's liveness is its separate heartbeat), and runs a batch again — without touching its retry budget — when the worker
 running it died. Batches already committed are skipped, so a resumed job picks up where the last coordinator stopped.
 """
 

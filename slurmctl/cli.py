@@ -334,8 +334,12 @@ def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> 
         if coordinator_alive(job) and not retry_errors:
             return watch(args.job_id, storage, None, None) if args.wait else EXIT_OK
     if coordinator_alive(job):
-        _err(f"job {args.job_id} is running (coordinator pid {job.coordinator_pid} on {job.coordinator_host}, "
-             f"heartbeat {job.updated_at}); `slurmctl status {args.job_id}` follows it")
+        from slurmctl.heartbeat import read_heartbeat
+
+        beat = read_heartbeat(store, args.job_id) or {}
+        _err(f"job {args.job_id} is running (coordinator pid {beat.get('pid', job.coordinator_pid)} on "
+             f"{beat.get('host', job.coordinator_host)}, heartbeat {beat.get('at', job.updated_at)}); "
+             f"`slurmctl status {args.job_id}` follows it")
         return EXIT_USAGE
     if job.status == "completed" and not retry_errors and not getattr(args, "force", False):
         print(f"job {args.job_id} already completed; output {job.output}", file=sys.stderr)

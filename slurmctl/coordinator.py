@@ -13,7 +13,6 @@ from typing import Any, Iterator
 
 from slurmctl.handler import ensure_import_path
 
-
 # How long the coordinator waits for Prefect to send the logs and events it still holds once the flow has ended.
 # With the API up that takes well under a second; the bound only matters when the API is unreachable, where Prefect's
 # client would otherwise retry each batch with exponential backoff for about 75 s before the process could exit.

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from slurmctl.config import JobConfig
+from slurmctl.paths import home
 from slurmctl.ratelimit import Leaser, LimitSpec
 
 
@@ -27,8 +27,7 @@ def backend_for(cfg: JobConfig) -> Any:
     path = r.path
     if r.kind == "local" and not path:
         s = cfg.storage.uri
-        base = s[len("file://"):] if s.startswith("file://") else os.environ.get(
-            "SLURMCTL_HOME", str(Path.home() / ".slurmctl"))
+        base = s[len("file://"):] if s.startswith("file://") else str(home())
         path = str(Path(base) / "rate-limits.sqlite")
     signals = None
     if r.kind == "dynamodb":  # workers poll pause/rate/throttle signals in the job's store, not DynamoDB
