@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_config
 from slurmctl.config import ConfigError, SlurmClusterConfig, load_config, parse_config
+from support.jobs import run_cli, write_config
 
 GOOD = {"handler": "handlers.echo:handle", "input": {"uri": "data/users.jsonl"}, "batch_size": 10}
 

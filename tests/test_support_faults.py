@@ -28,9 +28,9 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from conftest import free_port, wait_http
 from support.chaos_api import ChaosApi
 from support.fault_proxy import FaultProxy
+from support.servers import free_port, wait_http
 
 SUPPORT = Path(__file__).resolve().parent / "support"
 
@@ -54,7 +54,7 @@ def http_error(api: ChaosApi | str, item_id: int) -> urllib.error.HTTPError:
     return err
 
 
-def status(api: ChaosApi, item_id: int) -> int:
+def status_code(api: ChaosApi, item_id: int) -> int:
     try:
         get_item(api, item_id)
         return 200
@@ -126,7 +126,7 @@ def test_chaos_api_fail_ids_reset_then_success():
 
 def test_chaos_api_random_faults_are_seeded_and_configurable():
     def statuses(api: ChaosApi) -> list[int]:
-        return [status(api, i) for i in range(40)]
+        return [status_code(api, i) for i in range(40)]
 
     with ChaosApi(rate_503=0.3, rate_500=0.2, seed=42) as a, ChaosApi(rate_503=0.3, rate_500=0.2, seed=42) as b:
         sa = statuses(a)
@@ -169,7 +169,7 @@ def test_chaos_api_concurrent_clients_counters():
 
         def client(ids: range) -> None:
             for i in ids:
-                code = status(api, i)
+                code = status_code(api, i)
                 with lock:
                     results.append(code)
 
