@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 from uuid import UUID
+
+
+@contextlib.contextmanager
+def flows_reporting_to(api_url: str) -> Iterator[None]:
+    """Run flows in this (test) process against the test's Prefect server. On the way out, Prefect's log and event
+    workers send what they still hold, so nothing is left for them to retry after the server stops."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        try:
+            yield
+        finally:
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
 
 
 def _with_api(api_url: str, coro_fn: Any) -> Any:
