@@ -65,6 +65,17 @@ def log_tail(home: Path, job_id: str, chars: int = 6000) -> str:
     return path.read_text()[-chars:] if path.exists() else ""
 
 
+def why(home: Path, job_id: str, store: Path | None = None) -> str:
+    """For an assertion message when a job did not do what a test expected: the coordinator log's warnings and
+    errors (worker losses, failed batches), and the error of each failed batch (a local ``store``)."""
+    lines = [line for line in log_text(home, job_id).splitlines() if "| WARNING |" in line or "| ERROR" in line]
+    out = ["coordinator log, warnings and errors:", *lines[-60:]]
+    if store is not None:
+        for path in sorted((store / "jobs" / job_id / "tasks").glob("*.failed.json")):
+            out.append(f"{path.name}: {json.loads(path.read_text()).get('error')}")
+    return "\n".join(out) + "\n" + log_tail(home, job_id, 3000)
+
+
 def log_text(home: Path, job_id: str) -> str:
     path = home / "logs" / f"{job_id}.log"
     return path.read_text() if path.exists() else ""
