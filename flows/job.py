@@ -31,7 +31,10 @@ from slurmctl.limits import ensure_limits
 from slurmctl.manifests import Keys, now
 
 # Notice a silent worker (network partition, frozen node) within 10 s; a killed one is noticed at once.
-DASK_SETTINGS = {"distributed.scheduler.worker-ttl": "10s"}
+# allowed-failures 0: a batch whose worker died comes back to us at once as a KilledWorker, and `run_batches`
+# re-queues it (bounded by `worker_loss_requeues`, counted in the job manifest, logged) instead of Dask re-running it
+# up to 3 times unseen and then failing it. One mechanism, visible to operators; neither spends `batch_retries`.
+DASK_SETTINGS = {"distributed.scheduler.worker-ttl": "10s", "distributed.scheduler.allowed-failures": 0}
 
 
 class JobFailed(RuntimeError):

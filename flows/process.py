@@ -126,9 +126,11 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
         except BaseException as exc:
             if is_worker_loss(exc) and requeues.get(spec.batch_id, 0) < cfg.worker_loss_requeues:
                 requeues[spec.batch_id] = requeues.get(spec.batch_id, 0) + 1
+                job.worker_loss_requeues += 1
                 logger.warning("batch %s lost its worker (%s: %s); running it again (%s/%s)", spec.batch_id,
                                type(exc).__name__, exc, requeues[spec.batch_id], cfg.worker_loss_requeues)
                 todo.appendleft(spec)
+                beat(force=True)  # rare: operators see the requeue in the job manifest at once
                 continue
             failed.append(spec.batch_id)
             job.counts.batches_failed += 1

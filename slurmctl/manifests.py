@@ -173,6 +173,7 @@ class JobManifest(_Manifest):
     finished_at: str | None = None
     error: str | None = None
     retry_rounds: list[dict[str, Any]] = Field(default_factory=list)
+    worker_loss_requeues: int = 0  # batches queued again because their worker died (all phases and coordinators)
     handler_version: str | None = None
     coordinator_host: str = Field(default_factory=socket.gethostname)
     coordinator_pid: int | None = None

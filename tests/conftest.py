@@ -1,61 +1,49 @@
-"""Shared fixtures: real servers (Prefect, moto, a small HTTP API) on 127.0.0.1, and the real Slurm.
+"""Shared fixtures: real servers (Prefect, moto, a small HTTP API) on 127.0.0.1, the real Slurm, and the backends
+(local, or AWS on the moto server) that tests run against. Helpers that are not fixtures live in ``tests/support``.
 
 Servers are started once per session by the fixtures themselves and stopped at the end, so `pytest` needs nothing
 running beforehand. Slurm is started by ``scripts/slurm.sh`` (``scripts/test.sh`` does it); when it is not running
 the Slurm tests skip, except under ``SLURMCTL_REQUIRE_SLURM=1`` (CI), where they fail instead.
+
+Every test that talks to a server process carries the ``integration`` mark, so ``pytest -m "not integration"`` starts
+none: tests using a server fixture are marked at collection, backends chosen at run time (``getfixturevalue``) are
+marked on their parameter, and a server fixture fails any test that reaches it unmarked.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from support.servers import BIN, free_port, stop, wait_http  # noqa: F401 (idem)
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Fixtures that start (or need) a server process; a test using any of them is an integration test.
+SERVER_FIXTURES = frozenset({"prefect_api", "moto_endpoint", "s3_bucket", "slurm"})
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: "
-                               f"{log.read_text()[-3000:] if log else ''}")
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except Exception:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout}s: {log.read_text()[-3000:] if log else ''}")
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the marks added here count
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def require_integration(request: pytest.FixtureRequest, what: str) -> None:
+    """Refuse to start a server for a test not marked ``integration`` (a backend picked at run time, unmarked)."""
+    if request.node.get_closest_marker("integration") is None:
+        pytest.fail(f"{request.node.nodeid} uses {what} but is not marked integration: mark it (for a backend "
+                    f"parameter: pytest.param(..., marks=pytest.mark.integration)) so `-m 'not integration'` "
+                    f"starts no server", pytrace=False)
 
+
+# ---- servers ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``prefect server`` (the ephemeral one drops task runs), exported as PREFECT_API_URL."""
+def _prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("SLURMCTL_TEST_PREFECT_API_URL"):
         url = os.environ["SLURMCTL_TEST_PREFECT_API_URL"]
         os.environ["PREFECT_API_URL"] = url
@@ -79,9 +67,15 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop(proc)
 
 
+@pytest.fixture
+def prefect_api(request: pytest.FixtureRequest) -> str:
+    """A real ``prefect server`` (the ephemeral one drops task runs), exported as PREFECT_API_URL; one per session."""
+    require_integration(request, "a Prefect server")
+    return request.getfixturevalue("_prefect_server")
+
+
 @pytest.fixture(scope="session")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto server on 127.0.0.1: real boto3 over HTTP. Credentials are dummies exported for subprocesses."""
+def _moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with log.open("wb") as out:
@@ -100,6 +94,14 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             else:
                 os.environ[k] = v
         stop(proc)
+
+
+@pytest.fixture
+def moto_endpoint(request: pytest.FixtureRequest) -> str:
+    """A moto server on 127.0.0.1 (one per session): real boto3 over HTTP. Credentials are dummies exported for
+    subprocesses."""
+    require_integration(request, "the moto server")
+    return request.getfixturevalue("_moto_server")
 
 
 @pytest.fixture
@@ -122,8 +124,9 @@ def slurm_usable() -> bool:
     return any(s.strip().rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in out.split())
 
 
-@pytest.fixture(scope="session")
-def slurm() -> None:
+@pytest.fixture
+def slurm(request: pytest.FixtureRequest) -> None:
+    require_integration(request, "Slurm")
     if slurm_usable():
         return
     msg = "Slurm is not running: start it with `bash scripts/slurm.sh up` (scripts/test.sh does)"
@@ -134,8 +137,8 @@ def slurm() -> None:
 
 @pytest.fixture
 def item_api() -> Iterator[tuple[str, Any]]:
-    """A small local JSON API (a fault-free ChaosApi): ``GET /items/<id>`` answers ``{"id": id, "value": id * 2}``;
-    404 for ids < 0; ``api.requests`` counts requests."""
+    """A small local JSON API (a fault-free ChaosApi, in this process): ``GET /items/<id>`` answers
+    ``{"id": id, "value": id * 2}``; 404 for ids < 0; ``api.requests`` counts requests."""
     from support.chaos_api import ChaosApi
 
     with ChaosApi() as api:
@@ -149,24 +152,49 @@ def slurmctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-def run_cli(*args: str, timeout: float = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run the real ``slurmctl`` command as a user would (a subprocess, environment inherited)."""
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           # tests/ on the path: jobs may use the handlers in tests/support (workers inherit it)
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "slurmctl.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+# ---- backends: each test runs against the local one and, as an integration test, the AWS one on moto ----------
+
+LOCAL = "local"
+ON_MOTO = pytest.mark.integration
 
 
-def write_jsonl(path: Path, records: list[Any]) -> Path:
-    with path.open("w") as f:
-        for r in records:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return path
+@pytest.fixture(params=[LOCAL, pytest.param("s3", marks=ON_MOTO)])
+def manifest_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """A manifest store: a local directory, or a prefix of a fresh bucket on the moto server."""
+    from blocks.manifest_store import LocalManifestStore, store_from_uri
+
+    if request.param == LOCAL:
+        return LocalManifestStore(root=str(tmp_path / "store"))
+    endpoint, bucket = request.getfixturevalue("moto_endpoint"), request.getfixturevalue("s3_bucket")
+    return store_from_uri(f"s3://{bucket}/some/prefix", endpoint_url=endpoint, region="us-east-1")
 
 
-def write_config(path: Path, **cfg: Any) -> Path:
-    import yaml
+@pytest.fixture(params=[LOCAL, pytest.param("dynamodb", marks=ON_MOTO)])
+def limiter_args(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """``limiter_from_config`` arguments: SQLite, or a fresh DynamoDB table on moto with signals (new epochs: pause,
+    rate, throttling) in an S3 object, as in a job with S3 storage."""
+    if request.param == LOCAL:
+        return {"kind": "local", "path": str(tmp_path / "limits.sqlite")}
+    from blocks.manifest_store import store_from_uri
+    from blocks.rate_limiter import DynamoDBRateLimiter, limiter_from_config
 
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    endpoint, bucket = request.getfixturevalue("moto_endpoint"), request.getfixturevalue("s3_bucket")
+    signals = store_from_uri(f"s3://{bucket}/job", endpoint_url=endpoint, region="us-east-1")
+    args = {"kind": "dynamodb", "table": f"limits-{os.urandom(3).hex()}", "endpoint_url": endpoint,
+            "region": "us-east-1", "signals": signals}
+    limiter = limiter_from_config(**args)
+    assert isinstance(limiter, DynamoDBRateLimiter)
+    limiter.ensure_table()
+    return args
+
+
+@pytest.fixture(params=[LOCAL, pytest.param("dynamodb", marks=ON_MOTO)])
+def job_backends(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Job config fields for where a job keeps its limits and manifests: ``{}`` (SQLite + local files, the
+    defaults), or DynamoDB + S3 on the moto server."""
+    if request.param == LOCAL:
+        return {}
+    endpoint, bucket = request.getfixturevalue("moto_endpoint"), request.getfixturevalue("s3_bucket")
+    return {"storage": {"uri": f"s3://{bucket}/runs", "endpoint_url": endpoint, "region": "us-east-1"},
+            "rate_limiter": {"kind": "dynamodb", "table": f"limits-{bucket}", "endpoint_url": endpoint,
+                             "region": "us-east-1"}}

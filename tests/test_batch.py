@@ -7,21 +7,21 @@ import threading
 from pathlib import Path
 
 import pytest
+from support.jobs import write_jsonl
+from support.sample_handlers import calls
 
 from blocks.manifest_store import LocalManifestStore
-from conftest import write_jsonl
 from slurmctl.config import parse_config
 from slurmctl.failures import analyze, committed_tasks, failure_state
 from slurmctl.manifests import Keys
 from slurmctl.records import partition
-from support.sample_handlers import calls
-from tasks.process_batch import InputChanged, run_batch
+from tasks.process_batch import SUMMARY_FIELDS, InputChanged, run_batch
 
 
 @pytest.fixture
 def job(tmp_path: Path):
-    def make(n: int = 20, batch_size: int = 20, **params):
-        write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
+    def make(n: int = 20, batch_size: int = 20, extra_lines: tuple[str, ...] = (), **params):
+        write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)] + list(extra_lines))
         cfg = parse_config({"job_id": "unit", "handler": "support.sample_handlers:counting",
                             "input": {"uri": str(tmp_path / "in.jsonl")}, "batch_size": batch_size,
                             "storage": {"uri": f"file://{tmp_path / 'store'}"},
@@ -64,18 +64,32 @@ def test_a_committed_batch_never_calls_the_handler_again(job):
     assert again["already_committed"] and again["items_succeeded"] == first["items_succeeded"] == 20
 
 
-def test_two_attempts_racing_commit_exactly_once(job):
-    cfg, store, [spec], calls_file = job(sleep_s=0.01)
-    results = []
+def test_two_attempts_racing_commit_exactly_once(job, tmp_path):
+    # Both attempts are inside the handler at once (they meet on item 0), so both passed the "already committed?"
+    # check and both write their files: only the commit can decide. Each writes output, rejects and a retry manifest.
+    cfg, store, [spec], calls_file = job(n=19, extra_lines=("{not json",), fail={"3": "not_found"},
+                                         rendezvous={"id": 0, "dir": str(tmp_path / "meet"), "parties": 2})
+    results: list[dict] = []
     threads = [threading.Thread(target=lambda: results.append(run_batch(cfg, store, spec))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(60)
+    assert len(results) == 2, "an attempt raised (see the thread's traceback above)"
+    assert sorted(i for _, i in calls(str(calls_file))) == sorted(list(range(19)) * 2)  # both ran every item
+
     task = json.loads(store.get_bytes(Keys("unit").task(spec.batch_id)))
-    outputs = list(store.list_keys("jobs/unit/outputs/"))
-    assert outputs == [task["output"]]  # the loser deleted its output; only the committed attempt's remains
-    assert sum(1 for r in results if r.get("duplicate")) <= 1
+    winner = [r for r in results if not r.get("duplicate")]
+    loser = [r for r in results if r.get("duplicate")]
+    assert len(winner) == 1 and len(loser) == 1, results  # exactly one commit, exactly one duplicate
+    # the loser reports the committed attempt's summary, not its own (nor an empty one)
+    assert ({k: loser[0][k] for k in SUMMARY_FIELDS} == {k: winner[0][k] for k in SUMMARY_FIELDS}
+            == {k: task.get(k) for k in SUMMARY_FIELDS})
+    assert (task["items_succeeded"], task["items_failed"], task["items_rejected"]) == (18, 1, 1)
+    # the loser deleted its own files; the committed attempt's files are all there, and nothing else
+    files = sorted(k for prefix in ("outputs/", "rejects/", "retry/") for k in store.list_keys(f"jobs/unit/{prefix}"))
+    assert files == sorted([task["output"], task["rejects"], task["retry"]])
+    assert all(f".{task['attempt']}." in key for key in files)
 
 
 def test_breaker_defers_the_rest_of_a_throttled_batch(job):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support.jobs import run_cli, write_config
 
-from conftest import run_cli, write_config
 from slurmctl.config import ConfigError, SlurmClusterConfig, load_config, parse_config
 
 GOOD = {"handler": "handlers.echo:handle", "input": {"uri": "data/users.jsonl"}, "batch_size": 10}

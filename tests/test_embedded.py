@@ -2,44 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from conftest import run_cli, write_config, write_jsonl
+from support.jobs import log_tail, run_cli, status, write_config, write_jsonl
+from support.prefect_runs import task_runs_of
 
 pytestmark = pytest.mark.integration
-
-
-def task_runs_of(api_url: str, flow_run_ids: set[str]) -> list:
-    """Task runs recorded in the Prefect database for the given flow runs, read through the Prefect client."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    async def read() -> list:
-        async with get_client() as client:
-            runs, offset = [], 0
-            while True:
-                page = await client.read_task_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids))),
-                    offset=offset, limit=200)
-                runs += page
-                offset += len(page)
-                if len(page) < 200:
-                    return runs
-
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        return asyncio.run(read())
-
-
-def status_json(job_id: str, *extra: str) -> dict:
-    result = run_cli("status", job_id, "--json", *extra)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def test_echo_job_end_to_end(tmp_path: Path, prefect_api: str, slurmctl_home: Path):
@@ -51,9 +22,9 @@ def test_echo_job_end_to_end(tmp_path: Path, prefect_api: str, slurmctl_home: Pa
                        input={"uri": "users.jsonl", "id_field": "id"}, batch_size=100,
                        cluster={"kind": "local", "n_workers": 2}, storage={"uri": "file://./state"})
     result = run_cli("submit", str(cfg), "--wait")
-    assert result.returncode == 0, result.stderr + (slurmctl_home / "logs" / "echo-e2e.log").read_text()[-5000:]
+    assert result.returncode == 0, result.stderr + log_tail(slurmctl_home, "echo-e2e")
 
-    view = status_json("echo-e2e")
+    view = status("echo-e2e")
     assert view["status"] == "completed" and view["phase"] == "done"
     assert view["batches_total"] == view["batches_done"] == 11 and view["batches_failed"] == 0
     assert (view["items_total"], view["items_succeeded"], view["items_failed"], view["items_rejected"]) == (
@@ -73,7 +44,7 @@ def test_echo_job_end_to_end(tmp_path: Path, prefect_api: str, slurmctl_home: Pa
     assert result_manifest["rows"] == 1000 and result_manifest["outputs"][0]["sha256"].startswith("sha256:")
 
     # The same counts come from a scan of the task manifests alone.
-    scanned = status_json("echo-e2e", "--scan")
+    scanned = status("echo-e2e", "--scan")
     assert {k: scanned[k] for k in ("batches_done", "items_succeeded", "items_rejected")} == {
         "batches_done": 11, "items_succeeded": 1000, "items_rejected": 2}
 
@@ -101,7 +72,7 @@ def test_http_handler_job_counts_api_requests_and_records_failures(tmp_path: Pat
                        params={"base_url": url})
     result = run_cli("submit", str(cfg), "--wait")
     assert result.returncode == 0, result.stderr
-    view = status_json("http-e2e")
+    view = status("http-e2e")
     assert (view["items_total"], view["items_succeeded"], view["items_failed"]) == (42, 40, 2)
     assert api.requests == 42
 

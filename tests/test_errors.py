@@ -111,13 +111,27 @@ def test_circuit_breaker_trips_when_one_transient_class_dominates():
     breaker = CircuitBreaker(window=10, threshold=0.8, min_attempts=5)
     for _ in range(4):
         breaker.record("throttle")
-    assert not breaker.open  # not enough attempts yet
+    assert not breaker.open  # 4 of 4, but fewer than min_attempts attempts
     breaker.record(None)
-    breaker.record("throttle")
-    assert not breaker.open or breaker.tripped_by == "throttle"
-    for _ in range(5):
-        breaker.record("throttle")
-    assert breaker.tripped_by == "throttle"
+    assert breaker.open and breaker.tripped_by == "throttle"  # 4 of 5 = 0.8: at the threshold
+
+
+def test_circuit_breaker_threshold_counts_the_last_window_attempts():
+    breaker = CircuitBreaker(window=10, threshold=0.8, min_attempts=5)
+    for cls in [None, None, "server", "server", "server"]:
+        breaker.record(cls)
+    for seen in range(5, 9):  # 3/5, 4/6, 5/7, 6/8 server errors so far: below 0.8
+        assert not breaker.open, seen
+        breaker.record("server")
+    assert not breaker.open  # 7/9
+    breaker.record("server")  # 8 of the last 10
+    assert breaker.tripped_by == "server"
+    stale = CircuitBreaker(window=4, threshold=0.8, min_attempts=4)
+    for cls in [None, None, None, None, None, "network", "network", "network"]:
+        stale.record(cls)  # old successes slide out of the window: 3 of the last 4 is 0.75
+    assert not stale.open
+    stale.record("network")  # 4 of the last 4
+    assert stale.tripped_by == "network"
 
 
 def test_circuit_breaker_ignores_permanent_classes_and_mixed_errors():

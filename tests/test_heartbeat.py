@@ -11,30 +11,18 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+from support.jobs import run_cli, wait_for, write_config, write_jsonl
 
 from blocks.manifest_store import LocalManifestStore
-from conftest import run_cli, write_config, write_jsonl
 from slurmctl.cli import coordinator_alive
 from slurmctl.config import parse_config
 from slurmctl.heartbeat import Heartbeat, read_heartbeat
 from slurmctl.jobs import new_job_manifest
 from slurmctl.manifests import Keys, parse_time, status_view
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` until it is truthy (return it) or fail after ``timeout`` seconds, saying ``what``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def ago(seconds: float) -> str:
@@ -80,15 +68,15 @@ def test_the_heartbeat_beats_survives_a_failing_store_and_stops_with_a_last_beat
             "kind": "heartbeat", "job_id": "job-1", "pid": os.getpid(), "host": socket.gethostname(),
             "flow_run_id": "run-1"}
         assert store.get_json(Keys("job-1").heartbeat)["checksum"]  # a checksummed manifest like the others
-        wait_until(lambda: parse_time(read_heartbeat(store, "job-1")["at"]) > parse_time(first["at"]), 10,
+        wait_for(lambda: parse_time(read_heartbeat(store, "job-1")["at"]) > parse_time(first["at"]), 10,
                    "the heartbeat to advance")
 
         flaky.failing = True
-        wait_until(lambda: heartbeat.failures.failures >= 5, 10, "failed beats")
+        wait_for(lambda: heartbeat.failures.failures >= 5, 10, "failed beats")
         assert heartbeat.running  # a failing write never stops the heartbeat (nor the run)
         flaky.failing = False
         beats = heartbeat.beats
-        wait_until(lambda: heartbeat.beats > beats, 10, "beats after the store came back")
+        wait_for(lambda: heartbeat.beats > beats, 10, "beats after the store came back")
     assert not heartbeat.running
     assert flaky.writers[-1] == threading.current_thread().name  # the last beat, written on the way out
     warnings = [r for r in caplog.records if r.name == "slurmctl.heartbeat" and r.levelno == logging.WARNING]
@@ -155,11 +143,11 @@ def test_the_heartbeat_advances_while_the_job_waits_out_its_retry_cooldown(tmp_p
     def job() -> dict:
         return store.get_json(Keys("cooldown-beat").job)
 
-    wait_until(lambda: f"retry round 1 in {cooldown} s" in (log.read_text() if log.exists() else ""), 300,
+    wait_for(lambda: f"retry round 1 in {cooldown} s" in (log.read_text() if log.exists() else ""), 300,
                "the coordinator to start its retry cooldown")
     assert job()["counts"]["items_deferred"] == n  # every item deferred by the breaker: no batch runs now
     first = read_heartbeat(store, "cooldown-beat")
-    later = wait_until(lambda: (b := read_heartbeat(store, "cooldown-beat")) and b["at"] != first["at"] and b, 10,
+    later = wait_for(lambda: (b := read_heartbeat(store, "cooldown-beat")) and b["at"] != first["at"] and b, 10,
                        "the heartbeat to advance during the cooldown")
     assert parse_time(later["at"]) > parse_time(first["at"])
     assert job()["retry_rounds"] == []  # still cooling down when it beat
@@ -167,6 +155,6 @@ def test_the_heartbeat_advances_while_the_job_waits_out_its_retry_cooldown(tmp_p
     assert parse_time(view["heartbeat_at"]) >= parse_time(later["at"]) and view["stale"] is False
 
     fail_file.write_text("{}")  # the API recovers: the retry round finishes the job
-    done = wait_until(lambda: job()["status"] in ("completed", "failed") and job(), 300, "the job to end")
+    done = wait_for(lambda: job()["status"] in ("completed", "failed") and job(), 300, "the job to end")
     assert done["status"] == "completed", done["error"]
     assert done["counts"]["items_succeeded"] == n

@@ -13,9 +13,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, run_cli, write_config, write_jsonl
 from support.chaos_api import ChaosApi
+from support.jobs import ROOT, run_cli, write_config, write_jsonl
 
 pytestmark = pytest.mark.integration
 

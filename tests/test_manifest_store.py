@@ -11,13 +11,10 @@ from blocks.manifest_store import LocalManifestStore, ManifestCorrupt, S3Manifes
 from slurmctl.manifests import Counts, JobManifest, Keys, TaskManifest, counts_from_tasks, now, status_view
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return LocalManifestStore(root=str(tmp_path / "store"))
-    endpoint = request.getfixturevalue("moto_endpoint")
-    bucket = request.getfixturevalue("s3_bucket")
-    return store_from_uri(f"s3://{bucket}/some/prefix", endpoint_url=endpoint, region="us-east-1")
+@pytest.fixture
+def store(manifest_store):
+    """Each test below runs on a local directory and, as an integration test, on S3 (moto over HTTP)."""
+    return manifest_store
 
 
 def test_json_round_trip_with_checksum(store):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.jobs import write_jsonl
 
 from blocks.manifest_store import LocalManifestStore
-from conftest import write_jsonl
 from slurmctl.records import BatchSpec, partition, read_batch
 
 
@@ -34,13 +34,15 @@ def test_jsonl_batch_boundaries(tmp_path, n, batch_size, expected_batches):
     path = write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
     plan, items, rejects = read_all(path, "jsonl", batch_size)
     assert len(plan.batches) == expected_batches and plan.records == n
-    assert [spec.records for spec in plan.batches][:-1] == [batch_size] * (expected_batches - 1) if n else True
+    # full batches, then the remainder
+    assert [spec.records for spec in plan.batches] == [min(batch_size, n - i) for i in range(0, n, batch_size)]
     assert [item["id"] for _, item in items] == list(range(n))
     assert [line for line, _ in items] == list(range(1, n + 1))
     assert rejects == []
-    # slices tile the file: each starts where the previous ended
-    for a, b in zip(plan.batches, plan.batches[1:]):
-        assert a.end == b.start
+    # slices tile the file: the first starts at 0, each starts where the previous ended, the last ends at EOF
+    ends = [spec.end for spec in plan.batches]
+    assert [spec.start for spec in plan.batches] == [0, *ends][:len(ends)]
+    assert max(ends, default=0) == path.stat().st_size
 
 
 def test_jsonl_rejects_carry_line_numbers_and_blank_lines_are_not_records(tmp_path):

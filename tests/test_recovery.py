@@ -5,41 +5,39 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
-import time
 from pathlib import Path
+from typing import Any
 
-import pyarrow.parquet as pq
+import psutil
 import pytest
-
-from conftest import run_cli, write_config, write_jsonl
+from prefect import flow
+from support.jobs import (
+    assert_exactly_once,
+    committed_tasks,
+    job_manifest,
+    log_tail,
+    log_text,
+    output_ids,
+    run_cli,
+    status,
+    wait_for,
+    wait_until_ended,
+    write_config,
+    write_jsonl,
+)
+from support.prefect_runs import flows_reporting_to, task_runs_of
 from support.sample_handlers import calls
 
+from flows.process import run_batches
+from flows.runners import task_runner_for
+from slurmctl.config import parse_config
+from slurmctl.jobs import load_job, read_plan, store_for
+from slurmctl.manifests import Counts
+
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
-
-
-def job_manifest(store: Path, job_id: str) -> dict:
-    return json.loads((store / "jobs" / job_id / "job.json").read_text())
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def output_ids(view: dict) -> list:
-    return pq.read_table(view["output"][len("file://"):]).column("id").to_pylist()
-
-
-def status(job_id: str) -> dict:
-    result = run_cli("status", job_id, "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def make_job(tmp_path: Path, job_id: str, n: int, batch_size: int, **params) -> Path:
@@ -51,22 +49,65 @@ def make_job(tmp_path: Path, job_id: str, n: int, batch_size: int, **params) -> 
                         errors={"backoff_base_s": 0.01, "backoff_max_s": 0.05, "retry_cooldown_s": 0.5})
 
 
-def log_tail(home: Path, job_id: str) -> str:
-    path = home / "logs" / f"{job_id}.log"
-    return path.read_text()[-6000:] if path.exists() else ""
+@flow(name="resubmit-batches")
+def resubmit_batches(job_id: str, storage: dict[str, Any]) -> dict[str, Any]:
+    """Submit every planned batch of a job again as a ``process-batch`` task, as a coordinator that believes nothing
+    is committed would (``done=set()``); return the counters folded from the tasks' summaries."""
+    store = store_for(storage)
+    job = load_job(store, job_id)
+    job.counts = Counts(batches_total=job.counts.batches_total, items_total=job.counts.items_total)
+    failed = run_batches(parse_config(job.config), store, job, read_plan(store, job_id), done=set())
+    return {"failed": failed, "counts": job.counts.model_dump()}
 
 
-def test_resume_and_resubmit_never_call_the_handler_for_committed_batches(tmp_path, prefect_api, slurmctl_home):
+def cached_summaries(store: Path, job_id: str) -> list[dict[str, Any]]:
+    """The batch results Prefect persisted in the job's store (its cache records), one per batch."""
+    records = [json.loads(p.read_bytes()) for p in sorted((store / "jobs" / job_id / "cache").iterdir())]
+    return [json.loads(r["result"]) if isinstance(r["result"], str) else r["result"] for r in records]
+
+
+def test_committed_batches_never_call_the_handler_again(tmp_path, prefect_api, slurmctl_home):
     cfg = make_job(tmp_path, "no-rerun", 200, 20)
     assert run_cli("submit", str(cfg), "--wait").returncode == 0, log_tail(slurmctl_home, "no-rerun")
-    assert len(calls(str(tmp_path / "calls"))) == 200
-    # Resume a completed job, forcing it through every phase again: every batch is committed, so nothing runs.
+    store, calls_file = tmp_path / "state", str(tmp_path / "calls")
+    assert len(calls(calls_file)) == 200
+    done = job_manifest(store, "no-rerun")["counts"]
+    cache = store / "jobs/no-rerun/cache"
+    assert len(list(cache.iterdir())) == 10  # each batch's result persisted in the job's own store
+
+    # 1. The coordinator: `resume --force` of a completed job lists the commits and submits no batch at all.
     result = run_cli("resume", "no-rerun", "--force", "--wait")
     assert result.returncode == 0, result.stderr + log_tail(slurmctl_home, "no-rerun")
-    assert len(calls(str(tmp_path / "calls"))) == 200
-    assert sorted(output_ids(status("no-rerun"))) == list(range(200))
-    # The batch results are persisted in the job's manifest store (Prefect result storage / cache records).
-    assert len(list((tmp_path / "state/jobs/no-rerun/cache").iterdir())) == 10
+    assert len(calls(calls_file)) == 200
+    assert_exactly_once(status("no-rerun"), range(200))
+
+    # 2. The task itself: every batch submitted again (a coordinator that missed the commits, a Dask re-run), with
+    # the Prefect cache records gone so the cache cannot answer first. run_batch finds its commit and calls nothing.
+    shutil.rmtree(cache)
+    storage = {"uri": f"file://{store}"}
+    runner = task_runner_for(parse_config(job_manifest(store, "no-rerun")["config"]).cluster, job_id="no-rerun")
+    with flows_reporting_to(prefect_api):
+        first = resubmit_batches.with_options(task_runner=runner)("no-rerun", storage, return_state=True)
+    assert first.is_completed(), first
+    out = first.result()
+    assert out["failed"] == [] and len(calls(calls_file)) == 200
+    summaries = cached_summaries(store, "no-rerun")
+    assert len(summaries) == 10 and all(s["already_committed"] for s in summaries), summaries
+    # each summary is the committed batch's (not an empty "duplicate"): the counters add up to the job's
+    assert {k: out["counts"][k] for k in ("batches_done", "items_succeeded", "rows_written")} == {
+        k: done[k] for k in ("batches_done", "items_succeeded", "rows_written")}
+    runs = [r for r in task_runs_of(prefect_api, {str(first.state_details.flow_run_id)})
+            if r.name.startswith("batch-")]
+    assert len(runs) == 10 and {r.state.name for r in runs} == {"Completed"}  # ran: no cache hit
+
+    # 3. With its records present, the Prefect cache answers before the task body runs at all.
+    with flows_reporting_to(prefect_api):
+        second = resubmit_batches.with_options(task_runner=runner)("no-rerun", storage, return_state=True)
+    assert second.is_completed() and second.result()["failed"] == []
+    runs = [r for r in task_runs_of(prefect_api, {str(second.state_details.flow_run_id)})
+            if r.name.startswith("batch-")]
+    assert len(runs) == 10 and {r.state.name for r in runs} == {"Cached"}
+    assert len(calls(calls_file)) == 200
 
 
 def test_coordinator_sigkill_then_resume_finishes_exactly_once(tmp_path, prefect_api, slurmctl_home):
@@ -77,33 +118,49 @@ def test_coordinator_sigkill_then_resume_finishes_exactly_once(tmp_path, prefect
     job = wait_for(lambda: (j := job_manifest(store, "kill-coord"))["counts"]["batches_done"] >= 8 and j, 240,
                    "8 committed batches")
     os.kill(job["coordinator_pid"], signal.SIGKILL)
-    committed_at_kill = len(list((store / "jobs/kill-coord/tasks").glob("batch-*.json")))
+    committed_at_kill = len(committed_tasks(store, "kill-coord"))
 
     result = run_cli("resume", "kill-coord", "--wait")
     assert result.returncode == 0, result.stderr + log_tail(slurmctl_home, "kill-coord")
     view = status("kill-coord")
     assert view["status"] == "completed" and view["items_succeeded"] == n
-    ids = output_ids(view)
-    assert sorted(ids) == list(range(n)) and len(ids) == len(set(ids))  # every item exactly once
+    assert_exactly_once(view, range(n))
     handler_calls = len(calls(str(tmp_path / "calls")))
     assert n <= handler_calls <= n + max_in_flight * batch_size, (handler_calls, committed_at_kill)
 
 
-def test_worker_sigkill_mid_batch_reruns_the_batch_without_spending_retries(tmp_path, prefect_api, slurmctl_home):
-    n = 200
-    cfg = make_job(tmp_path, "kill-worker", n, 20, sleep_s=0.05)  # batch_retries: 0 — a counted retry would fail
+def test_worker_sigkill_mid_batch_requeues_the_batch_without_spending_retries(tmp_path, prefect_api,
+                                                                               slurmctl_home):
+    n, batch_size, stalled = 200, 20, 57
+    victim_batch = f"batch-{stalled // batch_size:06d}"
+    marker = tmp_path / "stalled-pid"
+    # batch_retries: 0 — a retry counted against the batch would fail the job
+    cfg = make_job(tmp_path, "kill-worker", n, batch_size, sleep_s=0.01,
+                   stall_once={"id": stalled, "marker": str(marker), "seconds": 600})
     assert run_cli("submit", str(cfg)).returncode == 0
-    calls_file = str(tmp_path / "calls")
-    victim = wait_for(lambda: len(c := calls(calls_file)) >= 30 and c[-1][0], 240, "a worker mid-batch")
+    store, calls_file = tmp_path / "state", str(tmp_path / "calls")
+    victim = int(wait_for(lambda: marker.exists() and marker.read_text().strip(), 240,
+                          f"a worker to stall inside {victim_batch}"))
+
+    # The victim is one of this job's Dask worker processes (spawned under the coordinator, not the coordinator),
+    # and it is inside the handler of a batch that has not committed.
+    coordinator = job_manifest(store, "kill-worker")["coordinator_pid"]
+    assert victim != coordinator and coordinator in {p.pid for p in psutil.Process(victim).parents()}
+    assert victim_batch not in committed_tasks(store, "kill-worker")
     os.kill(victim, signal.SIGKILL)
 
-    view = wait_for(lambda: (v := status("kill-worker"))["status"] in ("completed", "failed") and v, 300,
-                    "the job to end")
+    view = wait_until_ended("kill-worker")
     assert view["status"] == "completed", view["error"] + log_tail(slurmctl_home, "kill-worker")
-    ids = output_ids(view)
-    assert sorted(ids) == list(range(n)) and len(ids) == len(set(ids))
-    tasks = [json.loads(p.read_text()) for p in (tmp_path / "state/jobs/kill-worker/tasks").glob("batch-*.json")]
-    assert len(tasks) == 10 and victim in {pid for pid, _ in calls(calls_file)}
+    assert_exactly_once(view, range(n))
+    # The batch ran again in another process, and that attempt is the one committed.
+    callers = [pid for pid, item in calls(calls_file) if item == stalled]
+    assert len(callers) == 2 and callers[0] == victim and callers[1] != victim, callers
+    tasks = committed_tasks(store, "kill-worker")
+    assert len(tasks) == n // batch_size and tasks[victim_batch]["items_succeeded"] == batch_size
+    # It came back through the coordinator's requeue of the KilledWorker (not a batch retry: there are none), which
+    # the job manifest counts and the log names.
+    assert job_manifest(store, "kill-worker")["worker_loss_requeues"] >= 1
+    assert re.search(rf"batch {victim_batch} lost its worker \(KilledWorker", log_text(slurmctl_home, "kill-worker"))
 
 
 def test_retry_by_error_class_and_analyze_errors(tmp_path, prefect_api, slurmctl_home):

@@ -10,8 +10,7 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from conftest import run_cli, write_config
+from support.jobs import log_tail, run_cli, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.aws]
 
@@ -36,7 +35,7 @@ def test_job_with_input_and_manifests_in_s3(tmp_path: Path, prefect_api: str, sl
                        storage={"uri": f"s3://{s3_bucket}/runs", "endpoint_url": moto_endpoint,
                                 "region": "us-east-1"})
     result = run_cli("submit", str(cfg), "--wait")
-    assert result.returncode == 0, result.stderr + (slurmctl_home / "logs" / f"{job_id}.log").read_text()[-4000:]
+    assert result.returncode == 0, result.stderr + log_tail(slurmctl_home, job_id)
 
     # status works from the manifests in S3 alone, from another "machine" (no local pointer, explicit --storage)
     for pointer in (slurmctl_home / "jobs").glob("*.json"):

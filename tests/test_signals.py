@@ -23,14 +23,14 @@ from typing import Any
 import boto3
 import pytest
 from botocore.exceptions import ClientError
+from support.fault_proxy import FaultProxy
+from support.jobs import run_cli
 
 from blocks import rate_limiter
 from blocks.manifest_store import store_from_uri
 from blocks.rate_limiter import DynamoDBRateLimiter, LocalRateLimiter, limiter_from_config
-from conftest import run_cli
 from slurmctl.handler import BatchContext
 from slurmctl.ratelimit import US, Leaser, LimitSpec, Signal, SignalNotPublished
-from support.fault_proxy import FaultProxy
 
 
 # --- a worker's side, on a fake clock ------------------------------------------------------------------------------

@@ -10,8 +10,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from conftest import ROOT, run_cli, write_config, write_jsonl
+from support.jobs import (
+    ROOT,
+    assert_exactly_once,
+    log_tail,
+    run_cli,
+    status,
+    wait_for,
+    wait_until_ended,
+    write_config,
+    write_jsonl,
+)
+from support.prefect_runs import flow_run_state
+from support.sample_handlers import calls
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
@@ -69,32 +80,19 @@ def worker_jobs(job_id: str) -> list[str]:
     return out.split()
 
 
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.chaos
 def test_scancel_of_a_worker_job_mid_run_loses_nothing(tmp_path: Path, prefect_api: str, slurmctl_home: Path,
                                                        slurm: None):
-    from support.sample_handlers import calls
-
     n = 300
     cfg = slurm_config(tmp_path, "scancel-one", n)
     assert run_cli("submit", str(cfg)).returncode == 0
-    wait_until(lambda: len(calls(str(tmp_path / "calls"))) >= 40, 300, "batches running on Slurm workers")
+    wait_for(lambda: len(calls(str(tmp_path / "calls"))) >= 40, 300, "batches running on Slurm workers")
     victim = worker_jobs("scancel-one")[0]
     subprocess.run(["scancel", victim], check=True, timeout=30)
 
-    view = wait_until(lambda: (v := json.loads(run_cli("status", "scancel-one", "--json").stdout))["status"]
-                      in ("completed", "failed") and v, 600, "the job to end")
-    assert view["status"] == "completed", view["error"] + (slurmctl_home / "logs/scancel-one.log").read_text()[-5000:]
-    ids = pq.read_table(view["output"][len("file://"):]).column("id").to_pylist()
-    assert sorted(ids) == list(range(n)) and len(ids) == len(set(ids))
+    view = wait_until_ended("scancel-one", 600)
+    assert view["status"] == "completed", view["error"] + log_tail(slurmctl_home, "scancel-one")
+    assert_exactly_once(view, range(n))
     tasks = [json.loads(p.read_text()) for p in (tmp_path / "state/jobs/scancel-one/tasks").glob("batch-*.json")]
     assert len({t["slurm_job_id"] for t in tasks}) >= 2  # batches ran in more than one Slurm job
 
@@ -105,41 +103,21 @@ def test_lost_cluster_fails_the_run_clearly_and_resume_finishes_it(tmp_path: Pat
     n = 300
     cfg = slurm_config(tmp_path, "lost-cluster", n, no_workers_timeout_s=15)
     assert run_cli("submit", str(cfg)).returncode == 0
-    from support.sample_handlers import calls
-
-    wait_until(lambda: len(calls(str(tmp_path / "calls"))) >= 30, 300, "batches running on Slurm workers")
+    wait_for(lambda: len(calls(str(tmp_path / "calls"))) >= 30, 300, "batches running on Slurm workers")
     subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], check=True, timeout=30)
     try:
         subprocess.run(["scancel", "--name", "slurmctl-lost-cluster"], check=True, timeout=30)
         started = time.monotonic()
-        view = wait_until(lambda: (v := json.loads(run_cli("status", "lost-cluster", "--json").stdout))["status"]
-                          in ("completed", "failed") and v, 180, "the run to end")
+        view = wait_until_ended("lost-cluster", 180)
         assert view["status"] == "failed" and "NoWorkers" in view["error"] and "cluster is lost" in view["error"]
         assert time.monotonic() - started < 120
         # The job manifest is written before the flow raises, so Prefect's state may lag it by a moment; what must
         # not happen is a run left Running (prefect#12969).
-        flow_state = wait_until(lambda: (st := flow_run_state(prefect_api, view["flow_run_id"])) != "RUNNING" and st,
-                                30, "the flow run to leave Running")
+        flow_state = wait_for(lambda: (st := flow_run_state(prefect_api, view["flow_run_id"])) != "RUNNING" and st,
+                              30, "the flow run to leave Running")
         assert flow_state in ("FAILED", "CRASHED"), flow_state
     finally:
         subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], check=True, timeout=30)
     result = run_cli("resume", "lost-cluster", "--wait", timeout=900)
-    assert result.returncode == 0, result.stderr + (slurmctl_home / "logs/lost-cluster.log").read_text()[-5000:]
-    view = json.loads(run_cli("status", "lost-cluster", "--json").stdout)
-    ids = pq.read_table(view["output"][len("file://"):]).column("id").to_pylist()
-    assert sorted(ids) == list(range(n)) and len(ids) == len(set(ids))
-
-
-def flow_run_state(api_url: str, flow_run_id: str) -> str:
-    import asyncio
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    async def read() -> str:
-        async with get_client() as client:
-            return (await client.read_flow_run(UUID(flow_run_id))).state.type.value
-
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        return asyncio.run(read())
+    assert result.returncode == 0, result.stderr + log_tail(slurmctl_home, "lost-cluster")
+    assert_exactly_once(status("lost-cluster"), range(n))

@@ -27,10 +27,9 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
-
-from conftest import free_port, wait_http
 from support.chaos_api import ChaosApi
 from support.fault_proxy import FaultProxy
+from support.servers import free_port, wait_http
 
 SUPPORT = Path(__file__).resolve().parent / "support"
 
@@ -54,7 +53,7 @@ def http_error(api: ChaosApi | str, item_id: int) -> urllib.error.HTTPError:
     return err
 
 
-def status(api: ChaosApi, item_id: int) -> int:
+def status_code(api: ChaosApi, item_id: int) -> int:
     try:
         get_item(api, item_id)
         return 200
@@ -126,7 +125,7 @@ def test_chaos_api_fail_ids_reset_then_success():
 
 def test_chaos_api_random_faults_are_seeded_and_configurable():
     def statuses(api: ChaosApi) -> list[int]:
-        return [status(api, i) for i in range(40)]
+        return [status_code(api, i) for i in range(40)]
 
     with ChaosApi(rate_503=0.3, rate_500=0.2, seed=42) as a, ChaosApi(rate_503=0.3, rate_500=0.2, seed=42) as b:
         sa = statuses(a)
@@ -162,6 +161,38 @@ def test_chaos_api_strict_rate_limit():
         assert get_item(api, 99) == {"id": 99, "value": 198}  # honouring Retry-After works
 
 
+def test_chaos_api_bucket_capacity_is_configurable():
+    with ChaosApi(max_per_second=5, burst=2) as api:
+        codes = [status_code(api, i) for i in range(4)]  # at once: only the bucket's 2 tokens are there
+        assert codes[:2] == [200, 200] and codes[2:].count(429) >= 1
+        api.configure(burst=4)  # a new capacity refills the bucket
+        assert [status_code(api, i) for i in range(4)] == [200] * 4
+        with pytest.raises(ValueError):
+            api.configure(burst=0.5)
+
+
+def test_chaos_api_faults_while_a_condition_holds():
+    storm = threading.Event()
+    storm.set()
+    with ChaosApi(rate_503=1.0, faults_while=storm.is_set) as api:
+        assert [status_code(api, i) for i in range(3)] == [503] * 3
+        storm.clear()  # the storm ends exactly when the test says so
+        assert [status_code(api, i) for i in range(3)] == [200] * 3
+        assert api.faults == {"503": 3}
+
+
+def test_chaos_api_records_when_requests_arrived():
+    with ChaosApi(fail_ids={4: ("429", 1)}, retry_after=0.3) as api:
+        t0 = time.monotonic()
+        err = http_error(api, 4)
+        time.sleep(float(err.headers["Retry-After"]))
+        assert get_item(api, 4) == {"id": 4, "value": 8}
+        get_item(api, 5)
+        first, second = api.arrivals(4)
+        assert t0 <= first and second - first >= 0.3
+        assert api.arrivals() == [first, second, *api.arrivals(5)] and len(api.arrivals(5)) == 1
+
+
 def test_chaos_api_concurrent_clients_counters():
     with ChaosApi(fail_ids={i: ("503", 1) for i in range(0, 100, 10)}) as api:
         results: list[int] = []
@@ -169,7 +200,7 @@ def test_chaos_api_concurrent_clients_counters():
 
         def client(ids: range) -> None:
             for i in ids:
-                code = status(api, i)
+                code = status_code(api, i)
                 with lock:
                     results.append(code)
 

@@ -7,10 +7,16 @@
   succeeds. Kinds: ``"429"``, ``"503"``, ``"500"``, ``"timeout"``, ``"reset"``.
 * random, per request: ``rate_429``, ``rate_503``, ``rate_500``, ``rate_timeout``, ``rate_reset`` are probabilities
   in [0, 1], drawn (one draw per request) from ``random.Random(seed)`` under a lock.
-* a strict limiter: ``max_per_second=5`` is a token bucket (capacity ``max(1, max_per_second)``); requests beyond
-  it answer 429 with a ``Retry-After`` computed from the bucket and are counted in ``over_limit`` (not ``faults``).
+* a strict limiter: ``max_per_second=5`` is a token bucket (capacity ``burst``, by default ``max(1,
+  max_per_second)``); requests beyond it answer 429 with a ``Retry-After`` computed from the bucket and are counted
+  in ``over_limit`` (not ``faults``). ``burst=2`` makes it as strict as an API documenting "5/s, burst 2".
+* a storm the test ends on a condition: ``faults_while=lambda: ...`` is asked (under the lock) before each random
+  draw; while it returns False no random fault is injected. Ending a storm "when X has happened" cannot race X.
 
 Order of checks for a request: limiter, then ``fail_ids``, then the random faults, then the normal answer.
+
+``arrivals(item_id)`` gives the ``time.monotonic()`` at which each request (for that id, or all) arrived, to
+measure the waits a client kept between attempts and the rate the API really saw.
 
 What a client sees (urllib.request): ``429``/``503``/``500`` -> ``urllib.error.HTTPError`` with that ``.code``
 (429 carries ``Retry-After: <seconds>``, possibly fractional, e.g. ``0.2``); ``timeout`` -> the server sleeps
@@ -39,7 +45,7 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import Any, Callable
 
 if not __package__:  # run as a script: make `support` importable
     import os
@@ -49,7 +55,7 @@ from support.local_server import LocalHttpServer  # noqa: E402
 
 FAULT_KINDS = ("429", "503", "500", "timeout", "reset")
 _RATES = tuple(f"rate_{k}" for k in FAULT_KINDS)  # also the order of the cumulative random draw
-_SETTINGS = (*_RATES, "retry_after", "timeout_sleep", "fail_ids", "max_per_second", "seed")
+_SETTINGS = (*_RATES, "retry_after", "timeout_sleep", "fail_ids", "max_per_second", "burst", "faults_while", "seed")
 _ITEM = re.compile(r"^/items/(-?\d+)/?$")
 
 
@@ -73,18 +79,22 @@ class ChaosApi(LocalHttpServer):
     def __init__(self, *, rate_429: float = 0.0, rate_503: float = 0.0, rate_500: float = 0.0,
                  rate_timeout: float = 0.0, rate_reset: float = 0.0, retry_after: float = 0.2,
                  timeout_sleep: float = 3.0, seed: int = 0, fail_ids: dict[int, tuple[str, int]] | None = None,
-                 max_per_second: float | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+                 max_per_second: float | None = None, burst: float | None = None,
+                 faults_while: Callable[[], bool] | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self._lock = threading.Lock()
         super().__init__(host, port)
         self.rate_429 = self.rate_503 = self.rate_500 = self.rate_timeout = self.rate_reset = 0.0
         self.retry_after, self.timeout_sleep = 0.2, 3.0
         self.max_per_second: float | None = None
+        self.burst: float | None = None
+        self.faults_while: Callable[[], bool] | None = None
         self._fail_ids: dict[int, list[Any]] = {}
         self._rng = random.Random(seed)
         self.reset_counters()
         self.configure(rate_429=rate_429, rate_503=rate_503, rate_500=rate_500, rate_timeout=rate_timeout,
                        rate_reset=rate_reset, retry_after=retry_after, timeout_sleep=timeout_sleep,
-                       fail_ids=fail_ids or {}, max_per_second=max_per_second)
+                       fail_ids=fail_ids or {}, max_per_second=max_per_second, burst=burst,
+                       faults_while=faults_while)
 
     # ---- configuration and counters -------------------------------------------------------------------------
 
@@ -92,7 +102,8 @@ class ChaosApi(LocalHttpServer):
         """Change settings at run time (thread-safe): any of ``rate_429``, ``rate_503``, ``rate_500``,
         ``rate_timeout``, ``rate_reset``, ``retry_after``, ``timeout_sleep``, ``fail_ids`` (replaces the previous
         map and its remaining counts), ``max_per_second`` (``None`` disables the limiter; setting it refills the
-        bucket), ``seed`` (re-seeds the random draws)."""
+        bucket), ``burst`` (the bucket's capacity; ``None``: ``max(1, max_per_second)``), ``faults_while`` (a
+        callable gating the random faults, or ``None``), ``seed`` (re-seeds the random draws)."""
         unknown = set(settings) - set(_SETTINGS)
         if unknown:
             raise TypeError(f"unknown ChaosApi setting(s): {sorted(unknown)}; known: {list(_SETTINGS)}")
@@ -109,6 +120,9 @@ class ChaosApi(LocalHttpServer):
         mps = settings.get("max_per_second")
         if mps is not None and float(mps) <= 0:
             raise ValueError(f"max_per_second must be > 0 or None, got {mps!r}")
+        burst = settings.get("burst")
+        if burst is not None and float(burst) < 1:
+            raise ValueError(f"burst must be >= 1 or None, got {burst!r}")
         with self._lock:
             for name in _RATES:
                 if name in settings:
@@ -119,8 +133,13 @@ class ChaosApi(LocalHttpServer):
                 self.timeout_sleep = float(settings["timeout_sleep"])
             if fail_ids is not None:
                 self._fail_ids = fail_ids
-            if "max_per_second" in settings:
-                self.max_per_second = None if mps is None else float(mps)
+            if "faults_while" in settings:
+                self.faults_while = settings["faults_while"]
+            if "burst" in settings:
+                self.burst = None if burst is None else float(burst)
+            if "max_per_second" in settings or "burst" in settings:
+                if "max_per_second" in settings:
+                    self.max_per_second = None if mps is None else float(mps)
                 self._tokens = self._capacity()
                 self._refilled = time.monotonic()
             if "seed" in settings:
@@ -131,12 +150,18 @@ class ChaosApi(LocalHttpServer):
             self.requests = self.ok = self.not_found = self.over_limit = 0
             self.faults: Counter[str] = Counter()
             self.by_id: Counter[int] = Counter()
+            self._arrivals: list[tuple[float, int | None]] = []
 
     def stats(self) -> dict[str, Any]:
         """A consistent snapshot of the counters."""
         with self._lock:
             return {"requests": self.requests, "ok": self.ok, "not_found": self.not_found,
                     "over_limit": self.over_limit, "faults": dict(self.faults), "by_id": dict(self.by_id)}
+
+    def arrivals(self, item_id: int | None = None) -> list[float]:
+        """``time.monotonic()`` of each request's arrival (all requests, or those for ``item_id``), in order."""
+        with self._lock:
+            return [t for t, i in self._arrivals if item_id is None or i == item_id]
 
     def fail_ids_remaining(self) -> dict[int, tuple[str, int]]:
         with self._lock:
@@ -145,13 +170,14 @@ class ChaosApi(LocalHttpServer):
     # ---- request handling -----------------------------------------------------------------------------------
 
     def _capacity(self) -> float:
-        return max(1.0, self.max_per_second or 0.0)
+        return self.burst if self.burst is not None else max(1.0, self.max_per_second or 0.0)
 
     def _decide(self, item_id: int | None) -> tuple[str, float]:
         """Under the lock: count the request and pick what to do: ("limit", retry_after) | (fault kind, 0) |
         ("normal", 0)."""
         with self._lock:
             self.requests += 1
+            self._arrivals.append((time.monotonic(), item_id))
             if item_id is not None:
                 self.by_id[item_id] += 1
             if self.max_per_second is not None:
@@ -168,6 +194,8 @@ class ChaosApi(LocalHttpServer):
                 planned[1] -= 1
                 self.faults[planned[0]] += 1
                 return planned[0], 0.0
+            if self.faults_while is not None and not self.faults_while():
+                return "normal", 0.0
             draw, edge = self._rng.random(), 0.0
             for kind, name in zip(FAULT_KINDS, _RATES):
                 edge += getattr(self, name)
@@ -263,12 +291,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retry-after", type=float, default=0.2, help="Retry-After seconds of injected 429s")
     p.add_argument("--timeout-sleep", type=float, default=3.0, help="seconds a 'timeout' waits before answering")
     p.add_argument("--max-per-second", type=float, default=None, help="strict token-bucket limit")
+    p.add_argument("--burst", type=float, default=None, help="the token bucket's capacity (default: the rate)")
     p.add_argument("--fail-id", type=_fail_id, action="append", default=[], metavar="ID:KIND:TIMES")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     api = ChaosApi(**{f"rate_{k}": getattr(a, f"rate_{k}") for k in FAULT_KINDS}, retry_after=a.retry_after,
-                   timeout_sleep=a.timeout_sleep, max_per_second=a.max_per_second, fail_ids=dict(a.fail_id),
-                   seed=a.seed, host=a.host, port=a.port)
+                   timeout_sleep=a.timeout_sleep, max_per_second=a.max_per_second, burst=a.burst,
+                   fail_ids=dict(a.fail_id), seed=a.seed, host=a.host, port=a.port)
     # Ctrl-C (and SIGTERM) stop it, even when started in the background, where SIGINT is inherited as ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -2,7 +2,16 @@
 
 ``calls_file``: every call appends ``<pid> <item id>`` to it (O_APPEND: safe across worker processes), so tests count
 handler calls across coordinators, workers and Slurm jobs. ``sleep_s`` slows each item down so tests can kill
-things mid-run. ``fail`` (or the JSON file ``fail_file``, re-read on every call): ``{id: error_class}`` raises an ``ItemError`` of that class for those ids.
+things mid-run. ``fail`` (or the JSON file ``fail_file``, re-read on every call): ``{id: error_class}`` raises an
+``ItemError`` of that class for those ids.
+
+Two params pin down *when* something happens, so tests wait for a condition instead of guessing a moment:
+
+* ``stall_once: {id, marker, seconds}``: the first call for item ``id`` (in any process) creates the file ``marker``
+  holding its pid, then sleeps ``seconds`` inside the handler; later calls for that id go on at once. A test waits
+  for the marker and knows which process is mid-batch, in which batch.
+* ``rendezvous: {id, dir, parties, timeout_s}``: each call for item ``id`` registers in ``dir`` and waits until
+  ``parties`` calls have registered: that many attempts of one batch are inside the handler at the same time.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from typing import Any
 
 from slurmctl.errors import ItemError
@@ -25,8 +35,39 @@ def record_call(ctx: Any, item: dict[str, Any]) -> None:
             os.close(fd)
 
 
+def stall_once(ctx: Any, item: dict[str, Any]) -> None:
+    spec = ctx.params.get("stall_once")
+    if not spec or item["id"] != spec["id"]:
+        return
+    try:
+        fd = os.open(spec["marker"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return  # stalled once already: this is the batch running again
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    time.sleep(float(spec.get("seconds", 600)))
+
+
+def rendezvous(ctx: Any, item: dict[str, Any]) -> None:
+    spec = ctx.params.get("rendezvous")
+    if not spec or item["id"] != spec["id"]:
+        return
+    os.makedirs(spec["dir"], exist_ok=True)
+    open(os.path.join(spec["dir"], uuid.uuid4().hex), "w").close()
+    deadline = time.monotonic() + float(spec.get("timeout_s", 30))
+    while len(os.listdir(spec["dir"])) < int(spec["parties"]):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rendezvous: only {len(os.listdir(spec['dir']))} of {spec['parties']} calls for "
+                               f"item {item['id']} arrived within {spec.get('timeout_s', 30)} s")
+        time.sleep(0.005)
+
+
 def counting(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     record_call(ctx, item)
+    stall_once(ctx, item)
+    rendezvous(ctx, item)
     if ctx.params.get("sleep_s"):
         time.sleep(float(ctx.params["sleep_s"]))
     fail = dict(ctx.params.get("fail") or {})

@@ -1,0 +1,62 @@
+"""What the Prefect server recorded about a job's runs, read through the Prefect client (a real server's API)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, Iterator
+from uuid import UUID
+
+
+@contextlib.contextmanager
+def flows_reporting_to(api_url: str) -> Iterator[None]:
+    """Run flows in this (test) process against the test's Prefect server. On the way out, Prefect's log and event
+    workers send what they still hold, so nothing is left for them to retry after the server stops."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        try:
+            yield
+        finally:
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
+
+
+def _with_api(api_url: str, coro_fn: Any) -> Any:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return asyncio.run(coro_fn())
+
+
+def task_runs_of(api_url: str, flow_run_ids: set[str]) -> list[Any]:
+    """Every task run recorded for the given flow runs (paged)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            runs, offset = [], 0
+            while True:
+                page = await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in flow_run_ids])),
+                    offset=offset, limit=200)
+                runs += page
+                offset += len(page)
+                if len(page) < 200:
+                    return runs
+
+    return _with_api(api_url, read)
+
+
+def flow_run_state(api_url: str, flow_run_id: str) -> str:
+    """The flow run's state type, e.g. ``"COMPLETED"``, ``"FAILED"``, ``"RUNNING"``."""
+    from prefect.client.orchestration import get_client
+
+    async def read() -> str:
+        async with get_client() as client:
+            return (await client.read_flow_run(UUID(flow_run_id))).state.type.value
+
+    return _with_api(api_url, read)
