@@ -30,11 +30,15 @@ from slurmctl.jobs import JobExists, load_job, read_round_batches, store_for, up
 from slurmctl.limits import ensure_limits
 from slurmctl.manifests import Keys, now
 
+
 # Notice a silent worker (network partition, frozen node) within 10 s; a killed one is noticed at once.
 # allowed-failures 0: a batch whose worker died comes back to us at once as a KilledWorker, and `run_batches`
 # re-queues it (bounded by `worker_loss_requeues`, counted in the job manifest, logged) instead of Dask re-running it
 # up to 3 times unseen and then failing it. One mechanism, visible to operators; neither spends `batch_retries`.
-DASK_SETTINGS = {"distributed.scheduler.worker-ttl": "10s", "distributed.scheduler.allowed-failures": 0}
+# worker-ttl: a worker that dies is noticed at once (its connection closes); the ttl only catches a silent one (a frozen
+# node, a network partition), so it is long enough that a handler holding the GIL or a busy node is not taken for one.
+def dask_settings(cfg: Any) -> dict[str, Any]:
+    return {"distributed.scheduler.worker-ttl": f"{cfg.worker_ttl_s:g}s", "distributed.scheduler.allowed-failures": 0}
 
 
 class JobFailed(RuntimeError):
@@ -73,7 +77,7 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
                coordinator_pid=os.getpid(), coordinator_host=socket.gethostname())
     heartbeat = Heartbeat(store, job_id, flow_run_id=str(get_run_context().flow_run.id)).start()  # every phase
     try:
-        with dask.config.set(DASK_SETTINGS):
+        with dask.config.set(dask_settings(cfg)):
             total = partition_phase(job_id, config)
             update_job(store, job_id, phase="process")
             initial_done = sum(1 for b in committed_batch_ids(store, job_id) if round_of(b) == 0)

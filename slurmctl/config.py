@@ -215,6 +215,9 @@ class JobConfig(_Strict):
     batch_retries: int = Field(default=2, ge=0, description="Prefect task retries for a whole batch (infra faults).")
     worker_loss_requeues: int = Field(default=5, ge=0,
                                       description="Times a batch whose worker died is run again (not a retry).")
+    worker_ttl_s: float = Field(default=60, ge=5, description=(
+        "A Dask worker silent this long (frozen node, network partition) is taken as lost and its batch re-queued; "
+        "a worker that dies is noticed at once."))
     no_workers_timeout_s: float = Field(default=600, gt=0, description=(
         "Fail the run (clearly, not stuck Running) when batches wait this long with no Dask worker alive."))
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)

@@ -423,6 +423,24 @@ class Leaser:
             self.waited_s += self.spec.signal_s
             self.sleep(self.spec.signal_s)
 
+    def _wait_until(self, slot_us: int) -> tuple[float, bool]:
+        """Sleep until our slot, checking the signal on the way: a slot can lie a lease span ahead (seconds), and a
+        pause, rate change or throttling signalled meanwhile voids it. Returns (seconds slept, whether the slot still
+        stands); a voided slot is given up and the caller asks for a new one (after the pause, at the new rate)."""
+        epoch, slept = self.epoch, 0.0
+        while True:
+            now = self.clock()
+            if now >= slot_us:
+                return slept, True
+            step = min(slot_us, max(self.next_signal_us, now)) - now
+            if step > 0:
+                self.sleep(step / US)
+                slept += step / US
+            if self.clock() < slot_us:
+                self._check_signal()
+                if self.epoch != epoch:
+                    return slept, False
+
     def _next_slot(self) -> int:
         """The time of this process's next slot, leasing more when needed."""
         while True:
@@ -468,10 +486,11 @@ class Leaser:
                 for i in range(tokens):
                     if i:  # tokens asked for at once: the caller spends them as fast as they come
                         self.work_s = 0.8 * (self.work_s or 0.0)
-                    delay = (self._next_slot() - self.clock()) / US
-                    if delay > 0:
-                        self.sleep(delay)
-                        waited += delay
+                    while True:
+                        slept, valid = self._wait_until(self._next_slot())
+                        waited += slept
+                        if valid:
+                            break
                 self.waited_s += waited
                 self.returned_at = time.monotonic()
                 return waited

@@ -43,12 +43,19 @@ class Clock:
     def __init__(self) -> None:
         self.us = 1_700_000_000 * US
         self.stop_at: int | None = None
+        self.events: list[tuple[int, Any]] = []  # (time, callback): what happens elsewhere meanwhile
 
     def __call__(self) -> int:
         return self.us
 
+    def at(self, seconds_from_now: float, callback: Any) -> None:
+        self.events.append((self.us + int(seconds_from_now * US), callback))
+
     def sleep(self, seconds: float) -> None:
         self.us += int(seconds * US)
+        for event in sorted(e for e in self.events if e[0] <= self.us):
+            self.events.remove(event)
+            event[1]()
         if self.stop_at is not None and self.us > self.stop_at:
             raise Clock.Stop
 
@@ -134,6 +141,21 @@ def test_an_unreadable_signal_is_retried_soon_logged_once_counted_and_leases_are
     assert leaser.signal_errors == len(failed)  # counting stopped with the outage
     assert ratelimit_records(caplog, logging.INFO, "works again")
     assert leaser.metrics("api")["ratelimit_api_signal_errors"] == len(failed)
+
+
+def test_a_pause_reaches_a_worker_asleep_until_a_slot_booked_before_it(flaky: FlakyBackend, clock: Clock):
+    """A slot can lie a lease span ahead (here 4 s: both lanes are booked by another worker); the pause, signalled
+    while this worker sleeps towards it, voids it: no token until the limit is resumed."""
+    spec = LimitSpec(per_second=4, lanes=2, lease_size=8, signal_s=1.0)
+    for _ in range(2):  # another worker holds both lanes for the next 4 s
+        flaky.backend.lease("job/api", spec, spec.lease_size)
+    leaser = Leaser(flaky, "job/api", spec, sleep=clock.sleep, clock=clock)
+    start = clock()
+    clock.at(0.3, lambda: flaky.backend.set_paused("job/api", spec, True))
+    clock.at(8.0, lambda: flaky.backend.set_paused("job/api", spec, False))
+    leaser.acquire()
+    assert clock() - start >= 8.0 * US + spec.grace_us  # not at ~4 s, in the middle of the pause
+    assert leaser.paused_s > 0
 
 
 def test_a_long_outage_is_reminded_about_once_a_minute(flaky: FlakyBackend, clock: Clock,
