@@ -38,10 +38,10 @@ def make_input(path: Path, n: int) -> None:
 
 def baseline_batch(uri: str, spec: dict, out_dir: str) -> int:
     """What one batch costs without Prefect or manifests: read the slice, call the handler, write Parquet."""
-    from blocks.manifest_store import LocalManifestStore
-    from handlers.echo import handle
+    from slurmctl.blocks.manifest_store import LocalManifestStore
+    from slurmctl.handlers.echo import handle
     from slurmctl.records import BatchSpec, read_batch
-    from tasks.process_batch import rows_to_parquet
+    from slurmctl.tasks.process_batch import rows_to_parquet
 
     store = LocalManifestStore(root=out_dir)
     spec_ = BatchSpec.from_dict(spec)
@@ -54,9 +54,9 @@ def baseline_batch(uri: str, spec: dict, out_dir: str) -> int:
 def run_baseline(uri: str, batch_size: int, work: Path, workers: int) -> float:
     from distributed import Client, LocalCluster
 
-    from blocks.manifest_store import LocalManifestStore
+    from slurmctl.blocks.manifest_store import LocalManifestStore
     from slurmctl.records import partition
-    from tasks.merge_outputs import merge_parquet
+    from slurmctl.tasks.merge_outputs import merge_parquet
 
     t0 = time.perf_counter()  # cluster start-up counts on both sides: the product starts its cluster per run
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
@@ -75,13 +75,13 @@ def run_baseline(uri: str, batch_size: int, work: Path, workers: int) -> float:
 
 
 def run_product(uri: str, batch_size: int, work: Path, workers: int) -> tuple[float, dict]:
-    from flows.job import run_job
-    from slurmctl.admission import create_job
+    from slurmctl.books.admission import create_job
+    from slurmctl.books.store import store_for
+    from slurmctl.cli.coordinator import prefect_api_for_workers
     from slurmctl.config import parse_config
-    from slurmctl.coordinator import prefect_api_for_workers
-    from slurmctl.jobs import store_for
+    from slurmctl.flows.job import run_job
 
-    cfg = parse_config({"job_id": "overhead-bench", "handler": "handlers.echo:handle",
+    cfg = parse_config({"job_id": "overhead-bench", "handler": "slurmctl.handlers.echo:handle",
                         "input": {"uri": uri, "format": "jsonl"}, "batch_size": batch_size,
                         "cluster": {"kind": "local", "n_workers": workers},
                         "storage": {"uri": f"file://{work}"}, "max_in_flight": 4 * workers})

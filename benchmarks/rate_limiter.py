@@ -76,9 +76,9 @@ def started(start: tuple) -> float:
 def slurmctl_worker(args: dict, start: tuple, out: str) -> None:
     """Spend tokens from the DynamoDB limiter as fast as granted; one GET per token."""
     sys.path[:0] = [str(ROOT)]
-    from blocks.manifest_store import store_from_uri
-    from blocks.rate_limiter import limiter_from_config
-    from slurmctl.ratelimit import Leaser, LimitSpec
+    from slurmctl.blocks.manifest_store import store_from_uri
+    from slurmctl.blocks.rate_limiter import limiter_from_config
+    from slurmctl.ratelimit.lanes import Leaser, LimitSpec
 
     signals = store_from_uri(args["signals"], endpoint_url=args["endpoint"], region="us-east-1")
     backend = limiter_from_config("dynamodb", table=args["table"], endpoint_url=args["endpoint"], region="us-east-1",
@@ -175,13 +175,13 @@ def main() -> None:
     try:
         endpoint = f"http://127.0.0.1:{moto_port}"
         wait_http(endpoint + "/moto-api/", 60)
-        from blocks.rate_limiter import limiter_from_config
+        from slurmctl.blocks.rate_limiter import limiter_from_config
 
         limiter = limiter_from_config("dynamodb", table="bench-limits", endpoint_url=endpoint, region="us-east-1")
         limiter.ensure_table()
-        from slurmctl.ratelimit import LimitSpec
+        from slurmctl.ratelimit.lanes import LimitSpec
 
-        # as a job does before its workers start (slurmctl.limits.ensure_limits)
+        # as a job does before its workers start (slurmctl.books.limits.ensure_limits)
         limiter.ensure_limit("bench", LimitSpec(per_second=args.rate, burst=args.burst, lease_size=args.lease_size,
                                                 lanes=args.lanes))
         import boto3

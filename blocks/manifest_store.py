@@ -40,7 +40,7 @@ from prefect.filesystems import WritableFileSystem
 from prefect_aws import AwsCredentials
 from pydantic import Field
 
-from blocks.aws import aws_credentials
+from slurmctl.blocks.aws import aws_credentials
 
 CHECKSUM_FIELD = "checksum"
 

@@ -31,10 +31,21 @@ from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import Field
 
-from blocks.aws import aws_credentials
-from blocks.manifest_store import LocalManifestStore, S3ManifestStore
-from slurmctl.ratelimit import (Leaser, Lease, LimitSpec, LimitState, Signal, SignalNotPublished, Wait,
-                                earliest_slot_us, now_us, plan_lease, throttled_state)
+from slurmctl.blocks.aws import aws_credentials
+from slurmctl.blocks.manifest_store import LocalManifestStore, S3ManifestStore
+from slurmctl.ratelimit.lanes import (
+    Lease,
+    Leaser,
+    LimitSpec,
+    LimitState,
+    Signal,
+    SignalNotPublished,
+    Wait,
+    earliest_slot_us,
+    now_us,
+    plan_lease,
+    throttled_state,
+)
 
 log = logging.getLogger("slurmctl.ratelimit")
 

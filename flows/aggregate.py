@@ -1,6 +1,6 @@
 """Phase 4: merge the committed batch outputs into the final dataset and write the result manifest.
 
-Before anything is merged the books must balance (``slurmctl.books``): every planned batch — initial and retry
+Before anything is merged the books must balance (``slurmctl.books.audit``): every planned batch — initial and retry
 rounds — has a commit, and succeeded + failed + rejected items equal the input's items. Otherwise the run fails
 naming the missing batches and the difference, and ``slurmctl resume`` finishes it. Every part is verified against
 its task manifest as it is read, and the merged output must hold exactly the rows the committed batches wrote.
@@ -17,12 +17,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from slurmctl.books import check as check_books
+from slurmctl.books.audit import check as check_books
+from slurmctl.books.failures import committed_tasks, failure_state
+from slurmctl.books.manifests import Counts, Keys, ResultManifest
+from slurmctl.books.store import load_job, save_job, store_for
 from slurmctl.config import parse_config
-from slurmctl.failures import committed_tasks, failure_state
-from slurmctl.jobs import load_job, save_job, store_for
-from slurmctl.manifests import Counts, Keys, ResultManifest
-from tasks.merge_outputs import merge_outputs, put_jsonl
+from slurmctl.tasks.merge_outputs import merge_outputs, put_jsonl
 
 
 class OutputMismatch(RuntimeError):

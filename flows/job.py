@@ -17,18 +17,18 @@ import dask
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
-from flows.aggregate import aggregate_phase
-from flows.partition import partition_phase
-from flows.process import process_phase, recount
-from flows.retry import retry_phase
-from flows.runners import task_runner_for
-from slurmctl.admission import create_job
+from slurmctl.books.admission import create_job
+from slurmctl.books.failures import committed_batch_ids, round_of
+from slurmctl.books.heartbeat import Heartbeat
+from slurmctl.books.limits import ensure_limits
+from slurmctl.books.manifests import Keys, now
+from slurmctl.books.store import JobExists, load_job, read_round_batches, store_for, update_job
 from slurmctl.config import load_config, parse_config
-from slurmctl.failures import committed_batch_ids, round_of
-from slurmctl.heartbeat import Heartbeat
-from slurmctl.jobs import JobExists, load_job, read_round_batches, store_for, update_job
-from slurmctl.limits import ensure_limits
-from slurmctl.manifests import Keys, now
+from slurmctl.flows.aggregate import aggregate_phase
+from slurmctl.flows.partition import partition_phase
+from slurmctl.flows.process import process_phase, recount
+from slurmctl.flows.retry import retry_phase
+from slurmctl.flows.runners import task_runner_for
 
 
 # Notice a silent worker (network partition, frozen node) within 10 s; a killed one is noticed at once.

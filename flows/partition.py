@@ -7,9 +7,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from slurmctl.books.manifests import Keys
+from slurmctl.books.store import load_job, store_for, update_job
 from slurmctl.config import parse_config
-from slurmctl.jobs import load_job, store_for, update_job
-from slurmctl.manifests import Keys
 from slurmctl.records import partition
 
 

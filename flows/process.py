@@ -19,13 +19,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
-from blocks.manifest_store import ManifestStore
+from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.books.failures import committed_batch_ids, committed_tasks
+from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, counts_from_tasks, now
+from slurmctl.books.store import load_job, read_plan, save_job, store_for
 from slurmctl.config import JobConfig, parse_config
-from slurmctl.failures import committed_batch_ids, committed_tasks
-from slurmctl.jobs import load_job, read_plan, save_job, store_for
-from slurmctl.manifests import Counts, JobManifest, Keys, TaskManifest, counts_from_tasks, now
 from slurmctl.records import BatchSpec
-from tasks.process_batch import process_batch
+from slurmctl.tasks.process_batch import process_batch
 
 HEARTBEAT_S = 2.0
 # Exceptions that mean "the worker (or its Slurm job) running this batch went away", not "the batch failed".
@@ -69,7 +69,7 @@ class WorkerWatch:
     def slurm_diagnosis(self) -> str:
         if self.cfg.cluster.kind != "slurm" or not shutil.which("squeue"):
             return ""
-        from flows.runners import slurm_job_name
+        from slurmctl.flows.runners import slurm_job_name
 
         out = subprocess.run(["squeue", "-h", "--name", slurm_job_name(self.cfg.job_id), "-o", "%i %T %r"],
                              capture_output=True, text=True, timeout=30).stdout.strip()

@@ -13,11 +13,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.process import run_batches
+from slurmctl.books.failures import committed_tasks, failure_state
+from slurmctl.books.manifests import Keys, now
+from slurmctl.books.store import load_job, read_round_batches, save_job, store_for
 from slurmctl.config import parse_config
-from slurmctl.failures import committed_tasks, failure_state
-from slurmctl.jobs import load_job, read_round_batches, save_job, store_for
-from slurmctl.manifests import Keys, now
+from slurmctl.flows.process import run_batches
 from slurmctl.records import BatchSpec
 
 

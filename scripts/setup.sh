@@ -18,6 +18,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     exit 1
   fi
   rm -f "$log"
-  .venv/bin/python -c "import prefect, prefect_aws, prefect_dask, dask_jobqueue, moto, pyarrow"
+  .venv/bin/python -c "import prefect, prefect_aws, prefect_dask, dask_jobqueue, moto, pyarrow, slurmctl.flows.job"
   echo "$want" > "$stamp"
 fi

@@ -230,7 +230,7 @@ class JobConfig(_Strict):
     @classmethod
     def _handler(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
-            raise ValueError("must be 'module:function', e.g. handlers.echo:handle")
+            raise ValueError("must be 'module:function', e.g. slurmctl.handlers.echo:handle")
         return v
 
     @model_validator(mode="after")

@@ -23,6 +23,32 @@ class HandlerError(ValueError):
     """The handler spec cannot be turned into a callable; the message says what to fix."""
 
 
+#: Where slurmctl's own handlers lived before they became subpackages of the one ``slurmctl`` package (0.1). Jobs
+#: submitted then name them so; a new config that does gets an error naming the new module.
+RENAMED_MODULES = {"handlers.echo": "slurmctl.handlers.echo", "handlers.http_json": "slurmctl.handlers.http_json"}
+
+
+def renamed(spec: str) -> str | None:
+    """The current name of a handler that ``spec`` names by its 0.1 module path, or None.
+
+    A user's own ``handlers`` package with an ``echo.py`` on the import path is theirs, not ours renamed; a folder
+    holding our own file (a checkout of slurmctl, whose top-level ``handlers/`` is mapped to ``slurmctl.handlers``)
+    is ours. Decided from the file system, without importing user code (``status`` reads manifests only).
+    """
+    module_name, _, func_name = spec.partition(":")
+    new = RENAMED_MODULES.get(module_name)
+    if new is None:
+        return None
+    ours = Path(__file__).resolve().parent.parent / "handlers"  # slurmctl.handlers' folder in a checkout
+    relative = Path(*module_name.split("."))
+    for entry in [str(Path.cwd()), *sys.path]:
+        root = Path(entry or ".")
+        for candidate in (root / relative.with_suffix(".py"), root / relative / "__init__.py"):
+            if candidate.is_file() and candidate.resolve().parent != ours:
+                return None
+    return f"{new}:{func_name}"
+
+
 def ensure_import_path(paths: list[str] | None = None) -> None:
     """Put the working directory (and any extra paths) on ``sys.path`` so ``handlers.x`` imports as documented."""
     for p in [str(Path.cwd()), *(paths or [])]:
@@ -34,7 +60,11 @@ def load_handler(spec: str) -> Handler:
     """Import ``module:function`` and check it can take ``(item, ctx)``."""
     module_name, sep, func_name = spec.partition(":")
     if not sep or not module_name or not func_name:
-        raise HandlerError(f"handler {spec!r}: must be 'module:function', e.g. handlers.echo:handle")
+        raise HandlerError(f"handler {spec!r}: must be 'module:function', e.g. slurmctl.handlers.echo:handle")
+    new = renamed(spec)
+    if new is not None:
+        raise HandlerError(f"handler {spec!r}: slurmctl's handlers are modules of the slurmctl package since 0.2; "
+                           f"write handler: {new}")
     ensure_import_path()
     try:
         module = importlib.import_module(module_name)

@@ -2,7 +2,7 @@
 
 This is the plain merge of the walking skeleton; the hierarchical, restartable version replaces it in a later
 phase. Only parts named by committed task manifests are read, so orphaned attempts (a zombie's output) never leak
-into the result, and each is verified against its task manifest first (``slurmctl.parts``).
+into the result, and each is verified against its task manifest first (``slurmctl.books.parts``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NONE
 
-from blocks.manifest_store import ManifestStore
-from slurmctl.manifests import Keys, OutputFile
-from slurmctl.parts import committed_output, committed_rejects
+from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.books.manifests import Keys, OutputFile
+from slurmctl.books.parts import committed_output, committed_rejects
 
 
 def _file_digest(path: str) -> str:

@@ -32,12 +32,12 @@ from prefect import task
 from prefect.context import get_run_context
 from prefect.logging import get_run_logger
 
-from blocks.manifest_store import ManifestStore, sha256_bytes
+from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
+from slurmctl.books.limits import leasers_for
+from slurmctl.books.manifests import Keys, TaskManifest, now
 from slurmctl.config import JobConfig
 from slurmctl.errors import Backoff, CircuitBreaker, ErrorPolicy, call_with_retries
 from slurmctl.handler import BatchContext, load_handler, normalise_output
-from slurmctl.limits import leasers_for
-from slurmctl.manifests import Keys, TaskManifest, now
 from slurmctl.records import BatchSpec, read_batch
 
 SUMMARY_FIELDS = ("batch_id", "status", "items_succeeded", "items_failed", "items_deferred", "items_rejected",

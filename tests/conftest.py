@@ -161,7 +161,7 @@ ON_MOTO = pytest.mark.integration
 @pytest.fixture(params=[LOCAL, pytest.param("s3", marks=ON_MOTO)])
 def manifest_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     """A manifest store: a local directory, or a prefix of a fresh bucket on the moto server."""
-    from blocks.manifest_store import LocalManifestStore, store_from_uri
+    from slurmctl.blocks.manifest_store import LocalManifestStore, store_from_uri
 
     if request.param == LOCAL:
         return LocalManifestStore(root=str(tmp_path / "store"))
@@ -175,8 +175,8 @@ def limiter_args(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, An
     rate, throttling) in an S3 object, as in a job with S3 storage."""
     if request.param == LOCAL:
         return {"kind": "local", "path": str(tmp_path / "limits.sqlite")}
-    from blocks.manifest_store import store_from_uri
-    from blocks.rate_limiter import DynamoDBRateLimiter, limiter_from_config
+    from slurmctl.blocks.manifest_store import store_from_uri
+    from slurmctl.blocks.rate_limiter import DynamoDBRateLimiter, limiter_from_config
 
     endpoint, bucket = request.getfixturevalue("moto_endpoint"), request.getfixturevalue("s3_bucket")
     signals = store_from_uri(f"s3://{bucket}/job", endpoint_url=endpoint, region="us-east-1")

@@ -10,12 +10,12 @@ import pytest
 from support.jobs import write_jsonl
 from support.sample_handlers import calls
 
-from blocks.manifest_store import LocalManifestStore
+from slurmctl.blocks.manifest_store import LocalManifestStore
+from slurmctl.books.failures import analyze, committed_tasks, failure_state
+from slurmctl.books.manifests import Keys
 from slurmctl.config import parse_config
-from slurmctl.failures import analyze, committed_tasks, failure_state
-from slurmctl.manifests import Keys
 from slurmctl.records import partition
-from tasks.process_batch import SUMMARY_FIELDS, InputChanged, run_batch
+from slurmctl.tasks.process_batch import SUMMARY_FIELDS, InputChanged, run_batch
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_input_changed_under_the_job_fails_the_batch_loudly(job, tmp_path):
 def test_worker_loss_is_told_apart_from_batch_failure():
     from distributed.scheduler import KilledWorker
 
-    from flows.process import is_worker_loss
+    from slurmctl.flows.process import is_worker_loss
 
     assert is_worker_loss(KilledWorker("batch-000001", "tcp://127.0.0.1:1234", allowed_failures=3))
     assert not is_worker_loss(InputChanged("input changed"))

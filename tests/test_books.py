@@ -9,17 +9,17 @@ import pytest
 from support.jobs import output_ids, run_cli, status, write_config, write_jsonl
 from support.sample_handlers import calls
 
-from blocks.manifest_store import LocalManifestStore, ManifestCorrupt
-from slurmctl.admission import create_job
-from slurmctl.books import BooksUnbalanced, audit, check
+from slurmctl.blocks.manifest_store import LocalManifestStore, ManifestCorrupt
+from slurmctl.books.admission import create_job
+from slurmctl.books.audit import BooksUnbalanced, audit, check
+from slurmctl.books.failures import committed_tasks, failure_state
+from slurmctl.books.manifests import Keys
+from slurmctl.books.parts import PartCorrupt, PartMissing
+from slurmctl.books.store import load_job, save_job
 from slurmctl.config import parse_config
-from slurmctl.failures import committed_tasks, failure_state
-from slurmctl.jobs import load_job, save_job
-from slurmctl.manifests import Keys
-from slurmctl.parts import PartCorrupt, PartMissing
 from slurmctl.records import partition
-from tasks.merge_outputs import concat_rejects, merge_parquet
-from tasks.process_batch import run_batch
+from slurmctl.tasks.merge_outputs import concat_rejects, merge_parquet
+from slurmctl.tasks.process_batch import run_batch
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_items_sharing_an_id_are_each_accounted_for(planned):
 
 
 def test_a_retry_round_batch_without_a_commit_is_named(planned):
-    from flows.retry import plan_round
+    from slurmctl.flows.retry import plan_round
 
     cfg, store, specs = planned([{"id": i} for i in range(8)], fail={"1": "network", "6": "network"})
     for spec in specs:

@@ -33,7 +33,7 @@ def test_flaky_api_transient_faults_are_absorbed_and_permanent_ones_listed(tmp_p
     fail_ids = {5: ("503", 2), 17: ("429", 1), 29: ("reset", 1), 41: ("timeout", 1), 53: ("500", 9)}
     with ChaosApi(fail_ids=fail_ids, retry_after=retry_after, timeout_sleep=2.0) as api:
         write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)] + [{"id": -7}])  # -7: a 404
-        cfg = write_config(tmp_path / "job.yaml", job_id="flaky-api", handler="handlers.http_json:handle",
+        cfg = write_config(tmp_path / "job.yaml", job_id="flaky-api", handler="slurmctl.handlers.http_json:handle",
                            input={"uri": "in.jsonl"}, batch_size=20, storage={"uri": "state"},
                            params={"base_url": api.url, "timeout_s": 0.5},
                            errors={"max_attempts": 3, "backoff_base_s": 0.05, "backoff_max_s": backoff_max})
@@ -65,7 +65,7 @@ def test_throttling_storm_defers_items_and_automatic_rounds_finish_them(tmp_path
 
     with ChaosApi(rate_429=1.0, retry_after=0.05, faults_while=first_pass_running) as api:
         write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
-        cfg = write_config(tmp_path / "job.yaml", job_id="storm", handler="handlers.http_json:handle",
+        cfg = write_config(tmp_path / "job.yaml", job_id="storm", handler="slurmctl.handlers.http_json:handle",
                            input={"uri": "in.jsonl"}, batch_size=batch_size, storage={"uri": "state"},
                            params={"base_url": api.url},
                            errors={"max_attempts": max_attempts, "backoff_base_s": 0.01, "backoff_max_s": 0.05,
@@ -121,7 +121,7 @@ def test_s3_faults_and_an_outage_do_not_lose_or_duplicate_anything(tmp_path, pre
             pass  # the assertions below say what did not happen
 
     with FaultProxy(moto_endpoint, rate_500=0.05, rate_503=0.05, rate_throttle=0.05, seed=7) as proxy:
-        cfg = write_config(tmp_path / "job.yaml", job_id="s3-chaos", handler="handlers.echo:handle",
+        cfg = write_config(tmp_path / "job.yaml", job_id="s3-chaos", handler="slurmctl.handlers.echo:handle",
                            input={"uri": f"s3://{s3_bucket}/in/users.jsonl"}, batch_size=batch_size,
                            storage={"uri": f"s3://{s3_bucket}/runs", "endpoint_url": proxy.url,
                                     "region": "us-east-1"})

@@ -13,13 +13,13 @@ from support.fault_proxy import FaultProxy
 from support.jobs import log_tail, output_ids, run_cli, write_config, write_jsonl
 from support.sample_handlers import calls
 
-from blocks.manifest_store import LocalManifestStore, StoreUnsupported, store_from_uri
-from slurmctl.admission import JobRefused, create_job
+from slurmctl.blocks.manifest_store import LocalManifestStore, StoreUnsupported, store_from_uri
+from slurmctl.books.admission import JobRefused, create_job
+from slurmctl.books.manifests import Keys
+from slurmctl.books.parts import committed_output
 from slurmctl.config import parse_config
-from slurmctl.manifests import Keys
-from slurmctl.parts import committed_output
 from slurmctl.records import partition
-from tasks.process_batch import CommitUnresolved, run_batch
+from slurmctl.tasks.process_batch import CommitUnresolved, run_batch
 
 
 def one_batch_job(tmp_path: Path, store_uri: str, **storage) -> tuple:
@@ -130,7 +130,7 @@ def test_a_job_whose_commit_answers_are_lost_completes_exactly_once(tmp_path, pr
                   Body=b"".join(f'{{"id": {i}}}\n'.encode() for i in range(n)))
     with FaultProxy(moto_endpoint) as proxy:
         proxy.lose_responses(method="PUT", path_contains="/tasks/", header="If-None-Match", times=8)
-        cfg = write_config(tmp_path / "job.yaml", job_id="lost-answers", handler="handlers.echo:handle",
+        cfg = write_config(tmp_path / "job.yaml", job_id="lost-answers", handler="slurmctl.handlers.echo:handle",
                            input={"uri": f"s3://{s3_bucket}/in/users.jsonl"}, batch_size=10,
                            storage={"uri": f"s3://{s3_bucket}/runs", "endpoint_url": proxy.url,
                                     "region": "us-east-1"})
@@ -149,14 +149,14 @@ def test_submit_refuses_an_s3_store_that_ignores_conditional_writes(tmp_path, sl
     with FaultProxy(moto_endpoint) as proxy:
         proxy.ignore_request_headers("If-None-Match")
         storage = {"uri": f"s3://{s3_bucket}/runs", "endpoint_url": proxy.url, "region": "us-east-1"}
-        cfg = write_config(tmp_path / "job.yaml", job_id="no-cas", handler="handlers.echo:handle",
+        cfg = write_config(tmp_path / "job.yaml", job_id="no-cas", handler="slurmctl.handlers.echo:handle",
                            input={"uri": "in.jsonl"}, storage=storage)
         result = run_cli("submit", str(cfg))
         assert result.returncode == 2, result.stderr
         assert "storage.uri" in result.stderr and "does not honour create-if-absent" in result.stderr
         # Every way of starting a job goes through create_job (deployments, schedules): refused there too.
         with pytest.raises(JobRefused, match="last-writer-wins"):
-            create_job(parse_config({"job_id": "no-cas-2", "handler": "handlers.echo:handle",
+            create_job(parse_config({"job_id": "no-cas-2", "handler": "slurmctl.handlers.echo:handle",
                                      "input": {"uri": str(tmp_path / "in.jsonl")}, "storage": storage}), None)
     s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="runs/").get("Contents", [])]

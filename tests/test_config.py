@@ -9,7 +9,7 @@ from support.jobs import run_cli, write_config
 
 from slurmctl.config import ConfigError, SlurmClusterConfig, load_config, parse_config
 
-GOOD = {"handler": "handlers.echo:handle", "input": {"uri": "data/users.jsonl"}, "batch_size": 10}
+GOOD = {"handler": "slurmctl.handlers.echo:handle", "input": {"uri": "data/users.jsonl"}, "batch_size": 10}
 
 
 def errors_of(data) -> dict[str, str]:
@@ -31,7 +31,7 @@ def test_minimal_config_gets_defaults_and_a_generated_job_id():
     ({"batchsize": 10}, "batchsize", "unknown key"),
     ({"job_id": "Bad_ID"}, "job_id", "must match"),
     ({"job_id": "x" * 64}, "job_id", "must match"),
-    ({"handler": "handlers.echo.handle"}, "handler", "module:function"),
+    ({"handler": "slurmctl.handlers.echo.handle"}, "handler", "module:function"),
     ({"input": {"format": "jsonl"}}, "input.uri", "required"),
     ({"input": {"uri": "users.txt"}}, "input", "cannot infer format"),
     ({"input": {"uri": "u.jsonl", "format": "xml"}}, "input.format", "jsonl"),

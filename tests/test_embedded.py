@@ -18,7 +18,7 @@ def test_echo_job_end_to_end(tmp_path: Path, prefect_api: str, slurmctl_home: Pa
     records.insert(500, "{oops")  # line 501
     records.insert(800, {"name": "anonymous"})  # line 801
     write_jsonl(tmp_path / "users.jsonl", records)
-    cfg = write_config(tmp_path / "job.yaml", job_id="echo-e2e", handler="handlers.echo:handle",
+    cfg = write_config(tmp_path / "job.yaml", job_id="echo-e2e", handler="slurmctl.handlers.echo:handle",
                        input={"uri": "users.jsonl", "id_field": "id"}, batch_size=100,
                        cluster={"kind": "local", "n_workers": 2}, storage={"uri": "file://./state"})
     result = run_cli("submit", str(cfg), "--wait")
@@ -67,7 +67,7 @@ def test_http_handler_job_counts_api_requests_and_records_failures(tmp_path: Pat
                                                                    slurmctl_home: Path, item_api):
     url, api = item_api
     write_jsonl(tmp_path / "items.jsonl", [{"id": i} for i in range(-2, 40)])  # ids -2, -1 get 404s
-    cfg = write_config(tmp_path / "job.yaml", job_id="http-e2e", handler="handlers.http_json:handle",
+    cfg = write_config(tmp_path / "job.yaml", job_id="http-e2e", handler="slurmctl.handlers.http_json:handle",
                        input={"uri": "items.jsonl"}, batch_size=10, storage={"uri": "state"},
                        params={"base_url": url})
     result = run_cli("submit", str(cfg), "--wait")

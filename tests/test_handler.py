@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from handlers import echo, http_json
 from slurmctl.handler import BatchContext, HandlerError, load_handler, normalise_output
+from slurmctl.handlers import echo, http_json
 
 
 @pytest.fixture
@@ -22,13 +22,13 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_loads_the_echo_handler():
-    assert load_handler("handlers.echo:handle") is echo.handle
+    assert load_handler("slurmctl.handlers.echo:handle") is echo.handle
 
 
 @pytest.mark.parametrize("spec, message", [
     ("handlers.does_not_exist:handle", "cannot import module 'handlers.does_not_exist'"),
-    ("handlers.echo:nope", "has no attribute 'nope'"),
-    ("handlers.echo", "must be 'module:function'"),
+    ("slurmctl.handlers.echo:nope", "has no attribute 'nope'"),
+    ("slurmctl.handlers.echo", "must be 'module:function'"),
 ])
 def test_load_errors(spec, message):
     with pytest.raises(HandlerError, match=message):

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from support.jobs import run_cli, wait_for, write_config, write_jsonl
 
-from blocks.manifest_store import LocalManifestStore
-from slurmctl.cli import coordinator_alive
+from slurmctl.blocks.manifest_store import LocalManifestStore
+from slurmctl.books.heartbeat import Heartbeat, read_heartbeat
+from slurmctl.books.manifests import Keys, parse_time, status_view
+from slurmctl.books.store import new_job_manifest
+from slurmctl.cli.commands import coordinator_alive
 from slurmctl.config import parse_config
-from slurmctl.heartbeat import Heartbeat, read_heartbeat
-from slurmctl.jobs import new_job_manifest
-from slurmctl.manifests import Keys, parse_time, status_view
 
 
 def ago(seconds: float) -> str:
@@ -79,14 +79,14 @@ def test_the_heartbeat_beats_survives_a_failing_store_and_stops_with_a_last_beat
         wait_for(lambda: heartbeat.beats > beats, 10, "beats after the store came back")
     assert not heartbeat.running
     assert flaky.writers[-1] == threading.current_thread().name  # the last beat, written on the way out
-    warnings = [r for r in caplog.records if r.name == "slurmctl.heartbeat" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "slurmctl.books.heartbeat" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "store unreachable" in warnings[0].message  # once per outage, not per beat
 
 
 # --- is the coordinator alive? ------------------------------------------------------------------------------------
 @pytest.fixture
 def running_job(tmp_path: Path) -> tuple[Any, LocalManifestStore]:
-    cfg = parse_config({"job_id": "alive", "handler": "handlers.echo:handle", "input": {"uri": "in.jsonl"},
+    cfg = parse_config({"job_id": "alive", "handler": "slurmctl.handlers.echo:handle", "input": {"uri": "in.jsonl"},
                         "storage": {"uri": f"file://{tmp_path}"}})
     job = new_job_manifest(cfg, None)
     # Submitted elsewhere, its manifest untouched for 10 minutes (a long cooldown): only the heartbeat tells.
@@ -108,7 +108,7 @@ def test_coordinator_alive_reads_the_heartbeat_for_its_host_pid_and_freshness(ru
     assert not coordinator_alive(job, store)
 
     here = socket.gethostname()
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "slurmctl.coordinator", "alive"])
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "slurmctl.cli.coordinator", "alive"])
     try:
         beat(store, here, proc.pid, seconds_ago=600)
         assert coordinator_alive(job, store)  # this host: its pid, whatever the clocks say
@@ -117,7 +117,7 @@ def test_coordinator_alive_reads_the_heartbeat_for_its_host_pid_and_freshness(ru
         proc.wait()
     beat(store, here, proc.pid)
     assert not coordinator_alive(job, store)  # a dead pid on this host is certain
-    beat(store, here, os.getpid())  # alive but not `slurmctl.coordinator alive` (a deployment run): its heartbeat
+    beat(store, here, os.getpid())  # alive but not `slurmctl.cli.coordinator alive` (a deployment run): its heartbeat
     assert coordinator_alive(job, store)
     beat(store, here, os.getpid(), seconds_ago=600)
     assert not coordinator_alive(job, store)

@@ -42,7 +42,7 @@ def test_one_record_job_on_the_embedded_default_ends_within_seconds_of_finished_
     monkeypatch.delenv("PREFECT_API_KEY", raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     write_jsonl(tmp_path / "one.jsonl", [{"id": 1, "name": "u1"}])
-    cfg = write_config(tmp_path / "job.yaml", job_id="one-record", handler="handlers.echo:handle",
+    cfg = write_config(tmp_path / "job.yaml", job_id="one-record", handler="slurmctl.handlers.echo:handle",
                        input={"uri": "one.jsonl", "id_field": "id"}, cluster={"kind": "local", "n_workers": 1},
                        storage={"uri": "file://./state"})
 
@@ -67,7 +67,7 @@ def test_one_record_job_on_the_embedded_default_ends_within_seconds_of_finished_
 _UNREACHABLE_API_SCRIPT = textwrap.dedent("""
     import datetime, sys, uuid
     from prefect.logging.handlers import APILogWorker
-    from slurmctl.coordinator import flush_prefect
+    from slurmctl.cli.coordinator import flush_prefect
 
     APILogWorker.instance().send({"name": "prefect.flow_runs", "level": 20, "message": "the last log",
                                   "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),

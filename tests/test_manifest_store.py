@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from blocks.manifest_store import LocalManifestStore, ManifestCorrupt, S3ManifestStore, store_from_uri
-from slurmctl.manifests import Counts, JobManifest, Keys, TaskManifest, counts_from_tasks, now, status_view
+from slurmctl.blocks.manifest_store import LocalManifestStore, ManifestCorrupt, S3ManifestStore, store_from_uri
+from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, counts_from_tasks, now, status_view
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from support.jobs import write_jsonl
 
-from blocks.manifest_store import LocalManifestStore
+from slurmctl.blocks.manifest_store import LocalManifestStore
 from slurmctl.records import BatchSpec, partition, read_batch
 
 

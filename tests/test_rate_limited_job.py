@@ -24,7 +24,7 @@ from support.chaos_api import ChaosApi
 from support.jobs import assert_exactly_once, log_tail, run_cli, status, wait_for, write_config, write_jsonl
 from support.rates import bucket_needed, max_in_window
 
-from slurmctl.ratelimit import LimitSpec
+from slurmctl.ratelimit.lanes import LimitSpec
 
 pytestmark = [pytest.mark.integration]
 
@@ -39,7 +39,7 @@ def limited_job(tmp_path: Path, job_id: str, api_url: str, n: int, per_second: f
     limit = {"per_second": per_second, "burst": burst, "floor": 1, "ceiling": 200}
     if lease_size:
         limit["lease_size"] = lease_size
-    return write_config(tmp_path / "job.yaml", job_id=job_id, handler="handlers.http_json:handle",
+    return write_config(tmp_path / "job.yaml", job_id=job_id, handler="slurmctl.handlers.http_json:handle",
                         input={"uri": "in.jsonl"}, batch_size=20, params={"base_url": api_url, "limit": "api"},
                         rate_limits={"api": limit}, **fields)
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from support.rates import max_in_window, rate_bound
 
-from blocks.rate_limiter import limiter_from_config
-from slurmctl.ratelimit import US, Lease, Leaser, LimitSpec, Wait, now_us
+from slurmctl.blocks.rate_limiter import limiter_from_config
+from slurmctl.ratelimit.lanes import US, Lease, Leaser, LimitSpec, Wait, now_us
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,8 +242,8 @@ def spend(backend_args: dict, key: str, spec: dict, seconds: float, out: str, st
     starts with the others at the time the parent sets, so process start-up (seconds on 2 busy cores) is not
     part of what is measured."""
     sys.path.insert(0, str(ROOT))
-    from blocks.rate_limiter import limiter_from_config
-    from slurmctl.ratelimit import Leaser, LimitSpec
+    from slurmctl.blocks.rate_limiter import limiter_from_config
+    from slurmctl.ratelimit.lanes import Leaser, LimitSpec
 
     backend = CallLog(limiter_from_config(**backend_args))
     backend.read(key)  # connected (and, on DynamoDB, the client made) before the clock runs

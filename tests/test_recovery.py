@@ -31,11 +31,11 @@ from support.jobs import (
 from support.prefect_runs import flows_reporting_to, task_runs_of
 from support.sample_handlers import calls
 
-from flows.process import run_batches
-from flows.runners import task_runner_for
+from slurmctl.books.manifests import Counts
+from slurmctl.books.store import load_job, read_plan, store_for
 from slurmctl.config import parse_config
-from slurmctl.jobs import load_job, read_plan, store_for
-from slurmctl.manifests import Counts
+from slurmctl.flows.process import run_batches
+from slurmctl.flows.runners import task_runner_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 

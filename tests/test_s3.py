@@ -30,7 +30,7 @@ def test_job_with_input_and_manifests_in_s3(tmp_path: Path, prefect_api: str, sl
     s3.put_object(Bucket=s3_bucket, Key=f"input/users.{fmt}", Body=body)
 
     job_id = f"s3-{fmt}"
-    cfg = write_config(tmp_path / "job.yaml", job_id=job_id, handler="handlers.echo:handle",
+    cfg = write_config(tmp_path / "job.yaml", job_id=job_id, handler="slurmctl.handlers.echo:handle",
                        input={"uri": f"s3://{s3_bucket}/input/users.{fmt}", "id_field": "uid"}, batch_size=100,
                        storage={"uri": f"s3://{s3_bucket}/runs", "endpoint_url": moto_endpoint,
                                 "region": "us-east-1"})

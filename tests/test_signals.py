@@ -26,11 +26,11 @@ from botocore.exceptions import ClientError
 from support.fault_proxy import FaultProxy
 from support.jobs import run_cli
 
-from blocks import rate_limiter
-from blocks.manifest_store import store_from_uri
-from blocks.rate_limiter import DynamoDBRateLimiter, LocalRateLimiter, limiter_from_config
+from slurmctl.blocks import rate_limiter
+from slurmctl.blocks.manifest_store import store_from_uri
+from slurmctl.blocks.rate_limiter import DynamoDBRateLimiter, LocalRateLimiter, limiter_from_config
 from slurmctl.handler import BatchContext
-from slurmctl.ratelimit import US, Leaser, LimitSpec, Signal, SignalNotPublished
+from slurmctl.ratelimit.lanes import US, Leaser, LimitSpec, Signal, SignalNotPublished
 
 
 # --- a worker's side, on a fake clock ------------------------------------------------------------------------------
@@ -317,15 +317,15 @@ def test_a_failed_signal_write_is_retried(moto_endpoint, s3_bucket):
 @pytest.mark.integration
 def test_slurmctl_pause_exits_1_saying_what_to_do_when_the_signal_store_is_down(moto_endpoint, s3_bucket, tmp_path,
                                                                                  slurmctl_home):
+    from slurmctl.books.manifests import Keys
+    from slurmctl.books.store import new_job_manifest
     from slurmctl.config import parse_config
-    from slurmctl.jobs import new_job_manifest
-    from slurmctl.manifests import Keys
 
     job_id = "signals-down"
     with FaultProxy(moto_endpoint) as proxy:
         # The job's own storage (where its signals go) is behind the proxy; the CLI reads the job straight from moto.
         cfg = parse_config({
-            "job_id": job_id, "handler": "handlers.echo:handle", "input": {"uri": str(tmp_path / "in.jsonl")},
+            "job_id": job_id, "handler": "slurmctl.handlers.echo:handle", "input": {"uri": str(tmp_path / "in.jsonl")},
             "storage": {"uri": f"s3://{s3_bucket}/runs", "endpoint_url": proxy.url, "region": "us-east-1"},
             "rate_limits": {"api": {"per_second": 5}},
             "rate_limiter": {"kind": "dynamodb", "table": f"limits-{s3_bucket}", "endpoint_url": moto_endpoint,

@@ -34,7 +34,7 @@ def our_slurm_jobs() -> list[str]:
 
 def test_job_runs_on_slurm_workers(tmp_path: Path, prefect_api: str, slurmctl_home: Path, slurm: None):
     write_jsonl(tmp_path / "users.jsonl", [{"id": i} for i in range(400)])
-    cfg = write_config(tmp_path / "job.yaml", job_id="on-slurm", handler="handlers.echo:handle",
+    cfg = write_config(tmp_path / "job.yaml", job_id="on-slurm", handler="slurmctl.handlers.echo:handle",
                        input={"uri": "users.jsonl"}, batch_size=50, storage={"uri": "state"},
                        cluster={"kind": "slurm", "queue": "debug", "cores": 1, "processes": 1, "memory": "1GB",
                                 "walltime": "00:10:00", "min_jobs": 2, "max_jobs": 2})

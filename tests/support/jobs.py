@@ -3,7 +3,7 @@
 ``run_cli`` runs the real ``slurmctl`` command in a subprocess; the other helpers read a job's state the way an
 operator can: ``slurmctl status --json``, the coordinator's log, the manifests in the store, the output dataset.
 
-    cfg = write_config(tmp_path / "job.yaml", job_id="j", handler="handlers.echo:handle",
+    cfg = write_config(tmp_path / "job.yaml", job_id="j", handler="slurmctl.handlers.echo:handle",
                        input={"uri": "in.jsonl"}, storage={"uri": "state"})
     assert run_cli("submit", str(cfg), "--wait").returncode == 0
     assert sorted(output_ids(status("j"))) == [...]

@@ -60,3 +60,19 @@ def flow_run_state(api_url: str, flow_run_id: str) -> str:
             return (await client.read_flow_run(UUID(flow_run_id))).state.type.value
 
     return _with_api(api_url, read)
+
+
+def registered_block_types(api_url: str, slugs: list[str]) -> list[str]:
+    """Which of ``slugs`` the server knows as block types."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async def read() -> list[str]:
+        found = []
+        async with get_client() as client:
+            for slug in slugs:
+                with contextlib.suppress(ObjectNotFound):
+                    found.append((await client.read_block_type_by_slug(slug)).slug)
+        return found
+
+    return _with_api(api_url, read)

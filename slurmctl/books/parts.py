@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from blocks.manifest_store import ManifestStore
+from slurmctl.blocks.manifest_store import ManifestStore
 
 PartFormat = Literal["parquet", "jsonl"]
 

@@ -38,7 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, MutableMapping, Protocol
 
-from slurmctl.outages import OutageLog
+from slurmctl.ratelimit.outages import OutageLog
 
 US = 1_000_000
 LANE_RATE = 2.0  # requests/s of one lane by default: slow enough for a worker whose request takes ~250 ms

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from blocks.manifest_store import ManifestStore, store_from_uri
+from slurmctl.blocks.manifest_store import ManifestStore, store_from_uri
+from slurmctl.books.manifests import JOB_SCHEMA_VERSION, JobManifest, Keys, now
 from slurmctl.config import JobConfig, StorageConfig
-from slurmctl.manifests import JobManifest, Keys, now
+from slurmctl.handler import renamed
 from slurmctl.records import BatchSpec
 
 
@@ -24,11 +25,34 @@ class JobExists(ValueError):
     pass
 
 
+class JobTooNew(RuntimeError):
+    """The job manifest was written by a newer slurmctl than this one; the message says to upgrade."""
+
+
+def upgrade_job(body: dict[str, Any]) -> dict[str, Any]:
+    """A job manifest as this release writes it, from one any earlier release wrote, so resume continues old jobs.
+
+    1 -> 2: slurmctl's own handlers moved into the ``slurmctl`` package (``handlers.echo`` is now
+    ``slurmctl.handlers.echo``). ``handler_version`` keeps its old text: it only names the batches' cache keys.
+    """
+    version = body.get("schema_version", 1)
+    if version > JOB_SCHEMA_VERSION:
+        raise JobTooNew(f"job {body.get('job_id')!r} was written by a newer slurmctl (job manifest schema {version}, "
+                        f"this slurmctl reads up to {JOB_SCHEMA_VERSION}): upgrade slurmctl to the release that "
+                        f"submitted it (pip install -U slurmctl) and run the command again")
+    if version < 2:
+        new = renamed(body.get("handler", ""))
+        if new is not None:
+            body = {**body, "handler": new, "config": {**body.get("config", {}), "handler": new}}
+        body = {**body, "schema_version": 2}
+    return body
+
+
 def load_job(store: ManifestStore, job_id: str) -> JobManifest:
     body = store.get_json(Keys(job_id).job)
     if body is None:
         raise JobNotFound(f"no job {job_id!r} in {store.uri('jobs/')}")
-    return JobManifest.model_validate(body)
+    return JobManifest.model_validate(upgrade_job(body))
 
 
 def save_job(store: ManifestStore, job: JobManifest) -> None:

@@ -31,6 +31,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
+#: The job manifest's schema. 2 (slurmctl 0.2): handlers are named by their module in the one ``slurmctl`` package;
+#: ``slurmctl.books.store.load_job`` upgrades a version-1 manifest on read and refuses a newer one.
+JOB_SCHEMA_VERSION = 2
 
 JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 Phase = Literal["submitted", "partition", "process", "retry", "aggregate", "done"]
@@ -65,7 +68,7 @@ class Keys:
 
     @property
     def heartbeat(self) -> str:
-        """Written by the coordinator's heartbeat thread only (``slurmctl.heartbeat``): one writer per object."""
+        """Written by the coordinator's heartbeat thread only (``slurmctl.books.heartbeat``): one writer per object."""
         return self.root + "heartbeat.json"
 
     @property
@@ -155,6 +158,7 @@ class Counts(BaseModel):
 
 
 class JobManifest(_Manifest):
+    schema_version: int = JOB_SCHEMA_VERSION
     kind: Literal["job"] = "job"
     job_id: str
     handler: str

@@ -18,12 +18,12 @@ import socket
 import threading
 from typing import Any
 
-from blocks.manifest_store import ManifestCorrupt
-from slurmctl.manifests import Keys, now
-from slurmctl.outages import OutageLog
+from slurmctl.blocks.manifest_store import ManifestCorrupt
+from slurmctl.books.manifests import Keys, now
+from slurmctl.ratelimit.outages import OutageLog
 
 HEARTBEAT_S = 2.0
-log = logging.getLogger("slurmctl.heartbeat")
+log = logging.getLogger("slurmctl.books.heartbeat")
 
 
 class Heartbeat:

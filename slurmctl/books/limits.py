@@ -7,7 +7,7 @@ from typing import Any
 
 from slurmctl.config import JobConfig
 from slurmctl.paths import home
-from slurmctl.ratelimit import Leaser, LimitSpec
+from slurmctl.ratelimit.lanes import Leaser, LimitSpec
 
 
 def limit_key(cfg: JobConfig, name: str) -> str:
@@ -21,7 +21,7 @@ def limit_spec(cfg: JobConfig, name: str) -> LimitSpec:
 
 
 def backend_for(cfg: JobConfig) -> Any:
-    from blocks.rate_limiter import limiter_from_config
+    from slurmctl.blocks.rate_limiter import limiter_from_config
 
     r = cfg.rate_limiter
     path = r.path
@@ -31,7 +31,7 @@ def backend_for(cfg: JobConfig) -> Any:
         path = str(Path(base) / "rate-limits.sqlite")
     signals = None
     if r.kind == "dynamodb":  # workers poll pause/rate/throttle signals in the job's store, not DynamoDB
-        from slurmctl.jobs import store_for
+        from slurmctl.books.store import store_for
 
         signals = store_for(cfg.storage)
     return limiter_from_config(r.kind, path=path, table=r.table, endpoint_url=r.endpoint_url, region=r.region,
@@ -58,7 +58,7 @@ def leasers_for(cfg: JobConfig) -> dict[str, Leaser]:
 
 def limits_status(cfg: JobConfig) -> dict[str, Any]:
     """Current state of each limit, for ``slurmctl status`` (empty when the backend cannot be reached)."""
-    from slurmctl.ratelimit import now_us
+    from slurmctl.ratelimit.lanes import now_us
 
     if not cfg.rate_limits:
         return {}

@@ -17,9 +17,9 @@ import re
 from collections import Counter, defaultdict
 from typing import Any, Iterable
 
-from blocks.manifest_store import ManifestStore
-from slurmctl.manifests import Keys
-from slurmctl.parts import committed_retry
+from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.books.manifests import Keys
+from slurmctl.books.parts import committed_retry
 
 _ROUND = re.compile(r"^r(\d+)-")
 

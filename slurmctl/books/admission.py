@@ -12,11 +12,11 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from blocks.manifest_store import StoreUnsupported
+from slurmctl.blocks.manifest_store import StoreUnsupported
+from slurmctl.books.manifests import JobManifest, Keys, now
+from slurmctl.books.store import JobExists, new_job_manifest, store_for
 from slurmctl.config import JobConfig
 from slurmctl.handler import HandlerError, handler_version, load_handler
-from slurmctl.jobs import JobExists, new_job_manifest, store_for
-from slurmctl.manifests import JobManifest, Keys, now
 
 Problem = tuple[str, str]  # (config field, what is wrong and what to do)
 
@@ -62,7 +62,7 @@ def preflight(cfg: JobConfig) -> list[Problem]:
         except (ClientError, BotoCoreError, OSError) as exc:
             problems.append(("storage.uri", f"cannot write to {store.uri('')}: {exc}"))
     if cfg.rate_limits and cfg.rate_limiter.kind == "dynamodb":
-        from slurmctl.limits import backend_for
+        from slurmctl.books.limits import backend_for
 
         try:
             backend_for(cfg).ensure_table()  # created on demand (pay per request) if missing

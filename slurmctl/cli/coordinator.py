@@ -92,13 +92,13 @@ def _flush_or_warn() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slurmctl.coordinator")
+    parser = argparse.ArgumentParser(prog="python -m slurmctl.cli.coordinator")
     parser.add_argument("job_id")
     parser.add_argument("--storage-json", required=True)
     parser.add_argument("--retry-errors", default="", help="comma-separated error classes for a retry round")
     args = parser.parse_args(argv)
     ensure_import_path()
-    from flows.job import run_job
+    from slurmctl.flows.job import run_job
 
     try:
         with prefect_api_for_workers():

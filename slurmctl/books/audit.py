@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from blocks.manifest_store import ManifestStore
-from slurmctl.failures import failure_state
-from slurmctl.jobs import read_plan, read_round_batches
-from slurmctl.manifests import JobManifest, Keys
+from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.books.failures import failure_state
+from slurmctl.books.manifests import JobManifest, Keys
+from slurmctl.books.store import read_plan, read_round_batches
 
 SHOWN = 20  # batch ids named in an error message
 

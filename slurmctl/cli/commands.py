@@ -59,7 +59,7 @@ def spawn_coordinator(job_id: str, storage: StorageConfig, retry_errors: list[st
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "slurmctl.coordinator", job_id, "--storage-json", storage.model_dump_json(),
+            [sys.executable, "-m", "slurmctl.cli.coordinator", job_id, "--storage-json", storage.model_dump_json(),
              "--retry-errors", ",".join(retry_errors or [])],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     return proc, log
@@ -95,8 +95,8 @@ COORDINATOR_EXIT_WAIT_S = 30
 
 def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, log: Path | None) -> int:
     """Follow a job from its manifest until it ends; return the exit code for its final status."""
-    from slurmctl.jobs import load_job, store_for
-    from slurmctl.manifests import TERMINAL_STATUSES, status_view
+    from slurmctl.books.manifests import TERMINAL_STATUSES, status_view
+    from slurmctl.books.store import load_job, store_for
 
     store = store_for(storage)
     tty = sys.stderr.isatty()
@@ -149,9 +149,9 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
 
 # --- commands -----------------------------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
-    from slurmctl.admission import JobRefused, create_job
-    from slurmctl.jobs import JobExists, store_for
-    from slurmctl.manifests import Keys
+    from slurmctl.books.admission import JobRefused, create_job
+    from slurmctl.books.manifests import Keys
+    from slurmctl.books.store import JobExists, store_for
 
     try:
         cfg = load_config(args.config)
@@ -193,9 +193,9 @@ def coordinator_alive(job: Any, store: Any = None) -> bool:
     """
     import socket
 
-    from slurmctl.heartbeat import read_heartbeat
-    from slurmctl.jobs import store_for
-    from slurmctl.manifests import TERMINAL_STATUSES, status_view
+    from slurmctl.books.heartbeat import read_heartbeat
+    from slurmctl.books.manifests import TERMINAL_STATUSES, status_view
+    from slurmctl.books.store import store_for
 
     if job.status in TERMINAL_STATUSES:
         return False
@@ -210,7 +210,7 @@ def coordinator_alive(job: Any, store: Any = None) -> bool:
             return True
         if _is_coordinator(pid, job.job_id):
             return True
-        # Alive but not `slurmctl.coordinator JOB`: a reused pid, or a run started another way (a deployment):
+        # Alive but not `slurmctl.cli.coordinator JOB`: a reused pid, or a run started another way (a deployment):
         # the heartbeat tells.
     return not status_view(job.model_dump(mode="json"), None, beat)["stale"]
 
@@ -220,12 +220,13 @@ def _is_coordinator(pid: int, job_id: str) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return True  # cannot tell: assume it is
-    return b"slurmctl.coordinator" in cmdline and job_id.encode() in cmdline
+    # `slurmctl.coordinator` is the module's name before 0.2: a coordinator started by the previous release counts.
+    return bool({b"slurmctl.cli.coordinator", b"slurmctl.coordinator"} & set(cmdline)) and job_id.encode() in cmdline
 
 
 def _take_over(job: Any, storage: StorageConfig) -> None:
     """Before a new coordinator starts: cancel Slurm workers the dead one left, mark its flow run Crashed."""
-    from flows.runners import slurm_job_name
+    from slurmctl.flows.runners import slurm_job_name
 
     if job.cluster.get("kind") == "slurm" and shutil.which("scancel"):
         subprocess.run(["scancel", "--name", slurm_job_name(job.job_id)], capture_output=True, timeout=60)
@@ -271,9 +272,9 @@ def set_paused(job: Any, paused: bool) -> list[str]:
     Raises ``LimitNotChanged`` when a limit or its signal cannot be written. Repeating it is safe: a limit already
     in that state is left alone and its signal published again.
     """
+    from slurmctl.books.limits import backend_for, limit_key, limit_spec
     from slurmctl.config import parse_config
-    from slurmctl.limits import backend_for, limit_key, limit_spec
-    from slurmctl.ratelimit import SignalNotPublished
+    from slurmctl.ratelimit.lanes import SignalNotPublished
 
     cfg = parse_config(job.config)
     backend = backend_for(cfg)
@@ -294,7 +295,7 @@ def set_paused(job: Any, paused: bool) -> list[str]:
 
 def _write_control(store: Any, job_id: str, paused: bool) -> str | None:
     """Record the operator's intent in ``control.json``; return an error message if it could not be written."""
-    from slurmctl.manifests import Keys, now
+    from slurmctl.books.manifests import Keys, now
 
     key = Keys(job_id).control
     try:
@@ -306,8 +307,8 @@ def _write_control(store: Any, job_id: str, paused: bool) -> str | None:
 
 def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> int:
     """Make a job go again: unpause it, and start a coordinator unless one is still running (resume, retry)."""
-    from slurmctl.jobs import JobNotFound, load_job, store_for, update_job
-    from slurmctl.manifests import Keys
+    from slurmctl.books.manifests import Keys
+    from slurmctl.books.store import JobNotFound, load_job, store_for, update_job
 
     storage = storage_for_job(args.job_id, args)
     try:
@@ -334,7 +335,7 @@ def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> 
         if coordinator_alive(job) and not retry_errors:
             return watch(args.job_id, storage, None, None) if args.wait else EXIT_OK
     if coordinator_alive(job):
-        from slurmctl.heartbeat import read_heartbeat
+        from slurmctl.books.heartbeat import read_heartbeat
 
         beat = read_heartbeat(store, args.job_id) or {}
         _err(f"job {args.job_id} is running (coordinator pid {beat.get('pid', job.coordinator_pid)} on "
@@ -360,7 +361,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _job_or_exit(args: argparse.Namespace) -> tuple[Any, Any] | None:
-    from slurmctl.jobs import JobNotFound, load_job, store_for
+    from slurmctl.books.store import JobNotFound, load_job, store_for
 
     store = store_for(storage_for_job(args.job_id, args))
     try:
@@ -396,9 +397,9 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_rate(args: argparse.Namespace) -> int:
+    from slurmctl.books.limits import backend_for, limit_key, limit_spec
     from slurmctl.config import parse_config
-    from slurmctl.limits import backend_for, limit_key, limit_spec
-    from slurmctl.ratelimit import SignalNotPublished
+    from slurmctl.ratelimit.lanes import SignalNotPublished
 
     found = _job_or_exit(args)
     if found is None:
@@ -435,7 +436,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze_errors(args: argparse.Namespace) -> int:
-    from slurmctl.failures import analyze, committed_tasks, failure_state
+    from slurmctl.books.failures import analyze, committed_tasks, failure_state
 
     found = _job_or_exit(args)
     if found is None:
@@ -463,9 +464,9 @@ def cmd_analyze_errors(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from flows.process import recount
-    from slurmctl.heartbeat import read_heartbeat
-    from slurmctl.manifests import Keys, status_view
+    from slurmctl.books.heartbeat import read_heartbeat
+    from slurmctl.books.manifests import Keys, status_view
+    from slurmctl.flows.process import recount
 
     found = _job_or_exit(args)
     if found is None:
@@ -477,8 +478,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                        read_heartbeat(store, args.job_id))
     if job.config.get("rate_limits"):
         try:
+            from slurmctl.books.limits import limits_status
             from slurmctl.config import parse_config
-            from slurmctl.limits import limits_status
 
             view["rate_limits"] = limits_status(parse_config(job.config))
         except Exception as exc:  # the limiter backend is optional for status: manifests come first

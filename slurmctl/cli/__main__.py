@@ -1,0 +1,7 @@
+"""``python -m slurmctl.cli`` is the ``slurmctl`` command (used where the console script is not on PATH)."""
+
+import sys
+
+from slurmctl.cli.commands import main
+
+sys.exit(main())

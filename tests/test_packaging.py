@@ -1,0 +1,233 @@
+"""One installable package: everything we ship imports as ``slurmctl.*``, and a user's own ``handlers`` is theirs.
+
+The repository keeps the design card's folders (``flows/ tasks/ blocks/ handlers/ deployments/``); pyproject maps them
+to subpackages of ``slurmctl``. These tests check that from outside the repository (a neutral directory, a wheel in
+a fresh virtual environment), where nothing can work by the accident of the current directory being on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from support.jobs import ROOT, log_text, run_cli, write_config, write_jsonl
+from support.prefect_runs import registered_block_types
+
+from slurmctl.blocks.manifest_store import LocalManifestStore
+from slurmctl.books.manifests import JOB_SCHEMA_VERSION, Keys
+from slurmctl.books.store import JobTooNew, load_job, new_job_manifest
+from slurmctl.config import parse_config
+from slurmctl.handler import HandlerError, load_handler
+
+OURS = ("flows", "tasks", "blocks", "handlers", "deployments")
+SOURCES = ("slurmctl", *OURS, "tests", "benchmarks", "examples", "scripts")
+
+
+def python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter of this environment, from ``cwd`` (PYTHONPATH cleared)."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | env
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=environ, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_every_import_of_our_code_names_the_slurmctl_package():
+    """Two names for one module (``flows.job`` and ``slurmctl.flows.job``) are two block classes, two tasks: Prefect
+    and Dask pickling break. So no file may import a design-card folder by its bare name."""
+    offenders = []
+    for folder in SOURCES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                              if n.split(".")[0] in OURS]
+    assert offenders == []
+
+
+def test_from_a_neutral_directory_only_slurmctl_is_ours(tmp_path: Path):
+    result = python("""
+        import importlib, json
+        bare = {}
+        for name in ("flows", "tasks", "blocks", "handlers", "deployments"):
+            try:
+                importlib.import_module(name)
+                bare[name] = "imported"
+            except ModuleNotFoundError as exc:
+                bare[name] = exc.name
+        from slurmctl.errors import ItemError            # the public imports the README documents
+        from slurmctl.handler import BatchContext
+        import slurmctl.blocks, slurmctl.flows.job, slurmctl.handlers.echo
+        print(json.dumps({"bare": bare, "blocks": sorted(slurmctl.blocks.__all__),
+                          "flow": slurmctl.flows.job.run_job.name,
+                          "echo": slurmctl.handlers.echo.handle({"id": 1}, BatchContext(job_id="t", batch_id="b")),
+                          "item_error": ItemError("x", error_class="quota").error_class}))
+    """, tmp_path)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["bare"] == {name: name for name in OURS}
+    assert seen["blocks"] == ["DynamoDBRateLimiter", "LocalManifestStore", "LocalRateLimiter", "S3ManifestStore"]
+    assert seen["flow"] == "slurmctl-job" and seen["echo"] == {"id": 1} and seen["item_error"] == "quota"
+
+
+@pytest.mark.parametrize("where", ["a neutral directory", "the repository"])
+def test_a_new_config_naming_an_old_handler_module_is_told_the_new_name(tmp_path: Path, where: str):
+    """In the repository ``handlers.echo`` would even import (our folder is on the path): it is still ours, renamed."""
+    cwd = tmp_path if where == "a neutral directory" else ROOT
+    write_jsonl(tmp_path / "in.jsonl", [{"id": 1}])
+    cfg = write_config(tmp_path / "job.yaml", job_id="old-name", handler="handlers.echo:handle",
+                       input={"uri": str(tmp_path / "in.jsonl")}, storage={"uri": str(tmp_path / "state")})
+    result = run_cli("submit", str(cfg), cwd=cwd)
+    assert result.returncode == 2, result.stderr
+    assert "handler" in result.stderr and "slurmctl.handlers.echo:handle" in result.stderr
+    assert not (tmp_path / "state").exists()  # refused before anything was written
+
+
+def test_a_users_own_handlers_package_is_theirs_even_with_our_module_names(tmp_path: Path):
+    (tmp_path / "handlers").mkdir()
+    (tmp_path / "handlers" / "__init__.py").write_text("")
+    (tmp_path / "handlers" / "echo.py").write_text("def handle(item, ctx):\n    return {'mine': True}\n")
+    (tmp_path / "handlers" / "geocode.py").write_text("def handle(item, ctx):\n    return {'city': 'Berlin'}\n")
+    result = python("""
+        from slurmctl.handler import load_handler
+        print(load_handler("handlers.echo:handle")({}, None), load_handler("handlers.geocode:handle")({}, None))
+    """, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "{'mine': True} {'city': 'Berlin'}"
+
+
+def test_the_new_names_load_and_the_old_ones_do_not():
+    from slurmctl.handlers import echo
+
+    assert load_handler("slurmctl.handlers.echo:handle") is echo.handle
+    with pytest.raises(HandlerError, match="write handler: slurmctl.handlers.http_json:handle"):
+        load_handler("handlers.http_json:handle")
+
+
+def _v1_job(store: LocalManifestStore, job_id: str) -> None:
+    """A job manifest as slurmctl 0.1 wrote it: schema 1, our handler by its top-level module name."""
+    cfg = parse_config({"job_id": job_id, "handler": "slurmctl.handlers.echo:handle",
+                        "input": {"uri": "in.jsonl"}, "storage": {"uri": store.root}})
+    body = new_job_manifest(cfg, None).model_dump(mode="json")
+    body |= {"schema_version": 1, "handler": "handlers.echo:handle", "handler_version": "handlers.echo:handle@sha256:0"}
+    body["config"]["handler"] = "handlers.echo:handle"
+    store.put_json(Keys(job_id).job, body)
+
+
+def test_a_job_manifest_from_0_1_is_read_with_the_new_handler_name(tmp_path: Path):
+    store = LocalManifestStore(root=str(tmp_path / "state"))
+    _v1_job(store, "old")
+    job = load_job(store, "old")
+    assert (job.schema_version, job.handler, job.config["handler"]) == (
+        JOB_SCHEMA_VERSION, "slurmctl.handlers.echo:handle", "slurmctl.handlers.echo:handle")
+    assert job.handler_version == "handlers.echo:handle@sha256:0"  # the batches' cache keys do not move
+
+
+def test_a_job_manifest_from_a_newer_release_is_refused_with_what_to_do(tmp_path: Path):
+    store = LocalManifestStore(root=str(tmp_path / "state"))
+    cfg = parse_config({"job_id": "new", "handler": "slurmctl.handlers.echo:handle", "input": {"uri": "in.jsonl"}})
+    store.put_json(Keys("new").job, new_job_manifest(cfg, None).model_dump(mode="json") | {"schema_version": 99})
+    with pytest.raises(JobTooNew, match="schema 99.*upgrade slurmctl"):
+        load_job(store, "new")
+
+
+@pytest.mark.integration
+def test_a_job_submitted_by_0_1_is_resumed_and_completes(tmp_path: Path, prefect_api: str, slurmctl_home: Path):
+    """Its coordinator died before partitioning; the manifest names ``handlers.echo``, which no longer imports."""
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(1, 31)])
+    store = LocalManifestStore(root=str(tmp_path / "state"))
+    cfg = parse_config({"job_id": "from-0-1", "handler": "slurmctl.handlers.echo:handle", "batch_size": 10,
+                        "input": {"uri": str(tmp_path / "in.jsonl")}, "storage": {"uri": str(tmp_path / "state")},
+                        "cluster": {"kind": "local", "n_workers": 1}})
+    body = new_job_manifest(cfg, None).model_dump(mode="json") | {
+        "schema_version": 1, "handler": "handlers.echo:handle", "status": "failed", "error": "coordinator lost"}
+    body["config"]["handler"] = "handlers.echo:handle"
+    store.put_json(Keys("from-0-1").job, body)
+
+    result = run_cli("resume", "from-0-1", "--storage", str(tmp_path / "state"), "--wait", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + log_text(slurmctl_home, "from-0-1")
+    job = json.loads((tmp_path / "state" / "jobs" / "from-0-1" / "job.json").read_text())
+    assert (job["status"], job["schema_version"], job["handler"]) == (
+        "completed", JOB_SCHEMA_VERSION, "slurmctl.handlers.echo:handle")
+    rows = pq.read_table(job["output"][len("file://"):]).column("id").to_pylist()
+    assert sorted(rows) == list(range(1, 31))
+
+
+# ---- the wheel -------------------------------------------------------------------------------------------------
+
+def clean_copy(dest: Path) -> Path:
+    """The tree as git sees it (tracked and not-ignored files): no build/, egg-info or caches to leak in."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file() and not name.startswith(("tests/", "benchmarks/", "docs/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(src.read_bytes())
+    return dest
+
+
+@pytest.mark.integration
+def test_the_wheel_holds_one_package_and_runs_a_user_project_with_its_own_handlers(tmp_path: Path, prefect_api: str):
+    tree = clean_copy(tmp_path / "tree")  # a stale build/lib/flows/ in the working tree would land in the wheel
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(tree)], check=True,
+                   capture_output=True, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("slurmctl-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+    assert [n for n in names if n.split("/")[0] not in ("slurmctl", dist_info)] == []
+    for sub in ("flows/job.py", "tasks/process_batch.py", "blocks/__init__.py", "handlers/echo.py",
+                "deployments/__init__.py", "cli/__main__.py", "books/audit.py", "ratelimit/lanes.py"):
+        assert f"slurmctl/{sub}" in names
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile",
+                              "--disable-pip-version-check", "-c", str(ROOT / "requirements.lock"), str(wheel)],
+                             capture_output=True, text=True, timeout=1200)
+    assert install.returncode == 0, install.stderr[-3000:]
+
+    project = tmp_path / "project"  # the README's user project: its own package called handlers
+    (project / "handlers").mkdir(parents=True)
+    (project / "handlers" / "__init__.py").write_text("")
+    (project / "handlers" / "geocode.py").write_text(
+        "def handle(item, ctx):\n    return {'id': item['id'], 'city': {'10115': 'Berlin'}[item['zip']]}\n")
+    write_jsonl(project / "users.jsonl", [{"id": "u1", "zip": "10115"}])
+    write_config(project / "geocode.yaml", job_id="geocode-one", handler="handlers.geocode:handle",
+                 input={"uri": "users.jsonl"}, cluster={"kind": "local", "n_workers": 1}, storage={"uri": "state"})
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(home), "SLURMCTL_HOME": str(home / ".slurmctl"),
+           "PREFECT_HOME": str(home / ".prefect"), "PREFECT_API_URL": prefect_api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+    def run(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+
+    probe = run("python", "-c", "import handlers, slurmctl.handlers, importlib.util as u; "
+                                "print(handlers.__file__); print(slurmctl.handlers.__file__); "
+                                "print([n for n in ('flows', 'tasks', 'blocks', 'deployments') if u.find_spec(n)])")
+    assert probe.returncode == 0, probe.stderr
+    users, ours, bare = probe.stdout.splitlines()
+    assert users == str(project / "handlers" / "__init__.py") and ours.startswith(str(venv)) and bare == "[]"
+
+    submitted = run("slurmctl", "submit", "geocode.yaml", "--wait")
+    job_log = home / ".slurmctl" / "logs" / "geocode-one.log"
+    assert submitted.returncode == 0, submitted.stderr + (job_log.read_text() if job_log.exists() else "")
+    table = pq.read_table(project / "state" / "jobs" / "geocode-one" / "output" / "data.parquet")
+    assert table.to_pylist() == [{"id": "u1", "city": "Berlin"}]
+
+    registered = run("prefect", "block", "register", "-m", "slurmctl.blocks")
+    assert registered.returncode == 0, registered.stderr + registered.stdout
+    assert "Successfully registered 4 blocks" in registered.stdout
+    ours = ["slurmctl-local-manifest-store", "slurmctl-s3-manifest-store", "slurmctl-local-rate-limiter",
+            "slurmctl-dynamodb-rate-limiter"]
+    assert registered_block_types(prefect_api, ours) == ours
