@@ -53,7 +53,11 @@ def test_every_import_of_our_code_names_the_slurmctl_package():
 
 
 def test_from_a_neutral_directory_only_slurmctl_is_ours(tmp_path: Path):
-    result = python("""
+    import yaml
+
+    entrypoints = [d["entrypoint"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]]
+    result = python(f"""
+        entrypoints = {entrypoints!r}""" + """
         import importlib, json
         bare = {}
         for name in ("flows", "tasks", "blocks", "handlers", "deployments"):
@@ -65,7 +69,10 @@ def test_from_a_neutral_directory_only_slurmctl_is_ours(tmp_path: Path):
         from slurmctl.errors import ItemError            # the public imports the README documents
         from slurmctl.handler import BatchContext
         import slurmctl.blocks, slurmctl.flows.job, slurmctl.handlers.echo
-        print(json.dumps({"bare": bare, "blocks": sorted(slurmctl.blocks.__all__),
+        from prefect.flows import load_flow_from_entrypoint
+        # a deployment's flow is the installed one, not a second module loaded from a file
+        same = [load_flow_from_entrypoint(e).fn is slurmctl.flows.job.run_job.fn for e in entrypoints]
+        print(json.dumps({"bare": bare, "deployments": same, "blocks": sorted(slurmctl.blocks.__all__),
                           "flow": slurmctl.flows.job.run_job.name,
                           "echo": slurmctl.handlers.echo.handle({"id": 1}, BatchContext(job_id="t", batch_id="b")),
                           "item_error": ItemError("x", error_class="quota").error_class}))
@@ -73,6 +80,7 @@ def test_from_a_neutral_directory_only_slurmctl_is_ours(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     assert seen["bare"] == {name: name for name in OURS}
+    assert seen["deployments"] == [True] * len(entrypoints) and entrypoints
     assert seen["blocks"] == ["DynamoDBRateLimiter", "LocalManifestStore", "LocalRateLimiter", "S3ManifestStore"]
     assert seen["flow"] == "slurmctl-job" and seen["echo"] == {"id": 1} and seen["item_error"] == "quota"
 
