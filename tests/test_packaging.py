@@ -144,6 +144,9 @@ def test_a_job_manifest_from_a_newer_release_is_refused_with_what_to_do(tmp_path
     store.put_json(Keys("new").job, new_job_manifest(cfg, None).model_dump(mode="json") | {"schema_version": 99})
     with pytest.raises(JobTooNew, match="schema 99.*upgrade slurmctl"):
         load_job(store, "new")
+    for command in ("status", "resume"):
+        result = run_cli(command, "new", "--storage", str(tmp_path / "state"), cwd=tmp_path)
+        assert result.returncode == 2 and "upgrade slurmctl" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.integration

@@ -551,7 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits 2 on bad arguments
-    return args.func(args)
+    from slurmctl.books.store import JobTooNew
+
+    try:
+        return args.func(args)
+    except JobTooNew as exc:  # a job another release wrote: say which to use, no traceback
+        _err(str(exc))
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
