@@ -55,7 +55,6 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
         batches=len(tasks), items_total=books.items_total, items_succeeded=books.items_succeeded,
         items_failed=books.items_failed, items_rejected=books.items_rejected)
     store.put_json(keys.result, result.model_dump(mode="json"))
-    job = load_job(store, job_id)
     job.counts = Counts(batches_total=books.batches_planned, batches_done=len(tasks), items_total=books.items_total,
                         items_succeeded=books.items_succeeded, items_failed=books.items_failed, items_deferred=0,
                         items_rejected=books.items_rejected, rows_written=rows)

@@ -40,8 +40,10 @@ from slurmctl.errors import Backoff, CircuitBreaker, ErrorPolicy, call_with_retr
 from slurmctl.handler import BatchContext, load_handler, normalise_output
 from slurmctl.records import BatchSpec, read_batch
 
-SUMMARY_FIELDS = ("batch_id", "status", "items_succeeded", "items_failed", "items_deferred", "items_rejected",
-                  "rows_written", "retried_failed", "retried_deferred", "slurm_job_id", "host")
+# A summary without any of these describes no batch (``checked_summary``); the rest may be None.
+REQUIRED_SUMMARY_FIELDS = ("batch_id", "status", "items_succeeded", "items_failed", "items_deferred", "items_rejected",
+                           "rows_written")
+SUMMARY_FIELDS = (*REQUIRED_SUMMARY_FIELDS, "retried_failed", "retried_deferred", "slurm_job_id", "host")
 
 
 class InputChanged(RuntimeError):
@@ -212,8 +214,7 @@ def commit(store: ManifestStore, key: str, manifest: dict[str, Any], written: li
 
 def checked_summary(summary: dict[str, Any]) -> dict[str, Any]:
     """A summary is folded into the job's counters and cached by Prefect: refuse one that describes no batch."""
-    missing = [k for k in ("batch_id", "status", "items_succeeded", "items_failed", "items_deferred",
-                           "items_rejected", "rows_written") if summary.get(k) is None]
+    missing = [k for k in REQUIRED_SUMMARY_FIELDS if summary.get(k) is None]
     if missing:
         raise CommitUnresolved(f"batch summary without {', '.join(missing)}: {summary}")
     return summary
