@@ -87,7 +87,8 @@ def slurmctl_worker(args: dict, start: tuple, out: str) -> None:
     backend._client().meta.events.register("before-call.dynamodb", lambda **kw: calls.__setitem__(0, calls[0] + 1))
     signals._s3().meta.events.register("before-call.s3", lambda **kw: signal_calls.__setitem__(0, signal_calls[0] + 1))
     leaser = Leaser(backend, "bench", LimitSpec(per_second=args["rate"], burst=args["burst"],
-                                                lease_size=args["lease_size"], lanes=args["lanes"]))
+                                                lease_size=args["lease_size"], lanes=args["lanes"],
+                                                workers=args["workers"]))
     signals.get_json("warm-up")  # clients created before the clock runs (the first lease reads the item)
     start_at = started(start)
     results = []
@@ -150,10 +151,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--rate", type=float, default=50)
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--burst", type=int, default=2, help="limiter burst")
+    parser.add_argument("--burst", type=int, default=5, help="the limit's declared burst (the API's, by default)")
     parser.add_argument("--api-burst", type=float, default=5, help="the API's bucket capacity")
     parser.add_argument("--work-ms", type=float, default=0, help="a handler's other work per request (slow workers)")
-    parser.add_argument("--lease-size", type=int, default=32)
+    parser.add_argument("--lease-size", type=int, default=16)
     parser.add_argument("--lanes", type=int, default=None, help="default: one per 2 req/s")
     parser.add_argument("--skip-prefect", action="store_true")
     parser.add_argument("--json", action="store_true")
@@ -191,7 +192,7 @@ def main() -> None:
             wargs = {"table": "bench-limits", "endpoint": endpoint, "rate": args.rate, "burst": args.burst,
                      "lease_size": args.lease_size, "lanes": args.lanes, "seconds": args.seconds,
                      "api": api.url + "/items/1", "signals": "s3://bench-signals/job",
-                     "work_s": args.work_ms / 1000}
+                     "work_s": args.work_ms / 1000, "workers": args.workers}
             results = run_workers(slurmctl_worker, wargs, args.workers, tmp, "slurmctl")
             pairs, span = steady(results, args.seconds)
             ok = sum(1 for _, status in pairs if status == 200)

@@ -24,7 +24,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Optional, Union
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Union
 
 from botocore.exceptions import BotoCoreError, ClientError
 from prefect.blocks.core import Block
@@ -34,6 +34,7 @@ from pydantic import Field
 from slurmctl.blocks.aws import aws_credentials
 from slurmctl.blocks.manifest_store import LocalManifestStore, S3ManifestStore
 from slurmctl.ratelimit.lanes import (
+    Grant,
     Lease,
     Leaser,
     LimitSpec,
@@ -41,9 +42,9 @@ from slurmctl.ratelimit.lanes import (
     Signal,
     SignalNotPublished,
     Wait,
-    earliest_slot_us,
+    free_lanes,
     now_us,
-    plan_lease,
+    plan_lanes,
     throttled_state,
 )
 
@@ -74,29 +75,43 @@ class RateLimiter(Block, ABC):
         state = self.read(key)
         return Signal(state.epoch, state.paused) if state else None
 
-    def lease(self, key: str, spec: LimitSpec, n: int, *, exclude: Iterable[int] = (), prefer: int | None = None,
-              within_s: float | None = None, spread: bool = False) -> Lease | Wait:
-        """``n`` slots of one lane (see ``plan_lease``), or how long to wait. ``within_s`` overrides the horizon."""
-        horizon = spec.horizon_s if within_s is None else within_s
-
-        def change(state: LimitState) -> Lease | Wait:
-            out = plan_lease(state, n, now_us(), horizon, exclude=exclude, prefer=prefer, spread=spread)
-            if isinstance(out, Lease):
-                state.tats[out.lane], state.granted = out.end_us, state.granted + n
-            return out
+    def lease_lanes(self, key: str, spec: LimitSpec, n: int, *, renew: Mapping[int, int] | None = None,
+                    hold: Iterable[int] = (), want: int = 1, must: int = 1) -> Grant | Wait:
+        """``n`` slots of each of the lanes ``plan_lanes`` picks, in one transaction; or how long to wait."""
+        def change(state: LimitState) -> Grant | Wait:
+            at = now_us()
+            out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=want, must=must)
+            if isinstance(out, Wait):
+                return out
+            for lease in out:
+                state.tats[lease.lane] = lease.end_us
+            state.granted += n * len(out)
+            return Grant(tuple(out), 1, len(free_lanes(state, at)))
         return self._update(key, spec, change)[0]
 
-    def release(self, key: str, lease: Lease, unused: int) -> bool:
-        def change(state: LimitState) -> bool:
-            if state.epoch != lease.epoch or state.tats[lease.lane] != lease.end_us:
-                return False
-            state.tats[lease.lane] -= unused * lease.interval_us
-            state.granted -= unused
-            return True
+    def lease(self, key: str, spec: LimitSpec, n: int, *, hold: Iterable[int] = ()) -> Lease | Wait:
+        """One lane's lease (the first free, else the first to come free, not one in ``hold``)."""
+        got = self.lease_lanes(key, spec, n, hold=hold, want=len(set(hold)) + 1, must=len(set(hold)) + 1)
+        return got if isinstance(got, Wait) else got.leases[0]
+
+    def release_lanes(self, key: str, tails: list[tuple[Lease, int]]) -> int:
+        def change(state: LimitState) -> int:
+            given = 0
+            for lease, unused in tails:
+                if state.epoch == lease.epoch and state.tats[lease.lane] == lease.end_us:
+                    state.tats[lease.lane] -= unused * lease.interval_us
+                    state.granted -= unused
+                    given += unused
+            return given
         return self._update(key, None, change)[0]
 
+    def release(self, key: str, lease: Lease, unused: int) -> bool:
+        return self.release_lanes(key, [(lease, unused)]) == unused
+
     def report_throttle(self, key: str, spec: LimitSpec, retry_after_s: float | None) -> LimitState:
-        return self._update(key, spec, lambda state: throttled_state(state, now_us(), retry_after_s, spec.grace_us))[1]
+        return self._update(key, spec, lambda state: throttled_state(
+            state, now_us(), retry_after_s, spec.grace_us, strikes=spec.throttle_strikes,
+            window_us=spec.strike_window_us))[1]
 
     def set_rate(self, key: str, spec: LimitSpec, per_second: float) -> LimitState:
         def change(state: LimitState) -> None:
@@ -380,66 +395,88 @@ class DynamoDBRateLimiter(RateLimiter):
             return out, state
         raise RuntimeError(f"rate limit {key!r}: too much contention updating its state")
 
-    def lease(self, key: str, spec: LimitSpec, n: int, *, exclude: Iterable[int] = (), prefer: int | None = None,
-              within_s: float | None = None, spread: bool = False) -> Lease | Wait:
-        """One conditional ``UpdateItem`` per lease in the steady state, planned from this process's last view of
-        the item (every answer, success or not, returns the whole item and refreshes that view)."""
+    def lease_lanes(self, key: str, spec: LimitSpec, n: int, *, renew: Mapping[int, int] | None = None,
+                    hold: Iterable[int] = (), want: int = 1, must: int = 1) -> Grant | Wait:
+        """One conditional ``UpdateItem`` for all the lanes of a lease, planned from this process's last view of the
+        item (every answer, success or not, returns the whole item and refreshes that view). Each lane's condition is
+        its exact tat, so workers leasing other lanes never conflict; a conflict is planned again from the item the
+        refusal returns."""
         client = self._client()
         cache_key = (self.table_name, key)
-        state = _dynamo_cache.get(cache_key) or self._current(key, spec)
-        horizon = spec.horizon_s if within_s is None else within_s
-        # An extra lane is opportunistic: one try (a refusal still refreshes our view for the next look).
-        for _ in range(20 if within_s is None else 1):
+        calls = 0
+        state = _dynamo_cache.get(cache_key)
+        if state is None:
+            state, calls = self._current(key, spec), 1
+        hold = list(hold)
+        for _ in range(20 if must else 3):  # more lanes are opportunistic: a few tries
             at = now_us()
-            out = plan_lease(state, n, at, horizon, exclude=exclude, prefer=prefer, spread=spread)
+            out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=want, must=must)
+            if isinstance(out, Wait) and out.paused:  # only a read tells when the pause ends
+                state, calls = self._current(key, spec), calls + 1
+                _dynamo_cache[cache_key] = state
+                out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=want, must=must)
             if isinstance(out, Wait):
-                if out.paused:  # only a read tells when the pause ends
-                    state = _dynamo_cache[cache_key] = self._current(key, spec)
-                    out = plan_lease(state, n, at, horizon, exclude=exclude, prefer=prefer, spread=spread)
-                if isinstance(out, Wait):
-                    return out  # booked ahead: wait without a call (a stale view is corrected by the next write)
-            lane = f"t{out.lane}"
-            inc = n * out.interval_us
-            values: dict[str, Any] = {":n": {"N": str(n)}, ":f": {"BOOL": False}, ":e": {"N": str(state.epoch)}}
-            if out.start_us == state.tats[out.lane]:  # a busy lane, the common case: additive, bookers queue
-                update = f"SET {lane} = {lane} + :inc, granted = granted + :n"
-                condition = f"epoch = :e AND paused = :f AND {lane} >= :earliest AND {lane} <= :latest"
-                values |= {":inc": {"N": str(inc)},
-                           ":earliest": {"N": str(earliest_slot_us(state, at, out.interval_us // state.lanes))},
-                           ":latest": {"N": str(at + int(horizon * 1_000_000))}}
-            else:  # an idle lane restarts on its grid
-                update = f"SET {lane} = :new, granted = granted + :n"
-                condition = f"epoch = :e AND paused = :f AND {lane} = :old"
-                values |= {":new": {"N": str(out.end_us)}, ":old": {"N": str(state.tats[out.lane])}}
+                return Wait(out.seconds, out.paused, calls)  # booked ahead: wait (a stale view is corrected later)
+            if not out:
+                return Grant((), calls, 0)  # nothing free in our view: no call
+            values: dict[str, Any] = {":g": {"N": str(n * len(out))}, ":f": {"BOOL": False},
+                                      ":e": {"N": str(state.epoch)}}
+            sets, conds = ["granted = granted + :g"], ["epoch = :e", "paused = :f"]
+            for i, lease in enumerate(out):
+                sets.append(f"t{lease.lane} = :n{i}")
+                conds.append(f"t{lease.lane} = :o{i}")
+                values[f":n{i}"] = {"N": str(lease.end_us)}
+                values[f":o{i}"] = {"N": str(state.tats[lease.lane])}
+            calls += 1
             try:
-                resp = client.update_item(TableName=self.table_name, Key={"key": {"S": key}}, UpdateExpression=update,
-                                          ConditionExpression=condition, ExpressionAttributeValues=values,
+                resp = client.update_item(TableName=self.table_name, Key={"key": {"S": key}},
+                                          UpdateExpression="SET " + ", ".join(sets),
+                                          ConditionExpression=" AND ".join(conds), ExpressionAttributeValues=values,
                                           ReturnValues="ALL_NEW", ReturnValuesOnConditionCheckFailure="ALL_OLD")
             except ClientError as exc:
                 if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                     raise
                 item = exc.response.get("Item")
-                state = _from_item(item) if item else self._current(key, spec)
+                if item:
+                    state = _from_item(item)
+                else:
+                    state, calls = self._current(key, spec), calls + 1
                 _dynamo_cache[cache_key] = state
                 continue
             state = _dynamo_cache[cache_key] = _from_item(resp["Attributes"])
-            return Lease(state.tats[out.lane] - inc, out.interval_us, n, out.lane, state.epoch)
-        return Wait(0.05)
+            return Grant(tuple(out), calls, len(free_lanes(state, at)))
+        return Wait(0.05, calls=calls) if must else Grant((), calls, 0)
 
-    def release(self, key: str, lease: Lease, unused: int) -> bool:
-        lane = f"t{lease.lane}"
-        try:
-            self._client().update_item(
-                TableName=self.table_name, Key={"key": {"S": key}},
-                UpdateExpression=f"SET {lane} = {lane} - :dec, granted = granted - :n",
-                ConditionExpression=f"{lane} = :end AND epoch = :e",
-                ExpressionAttributeValues={":dec": {"N": str(unused * lease.interval_us)}, ":n": {"N": str(unused)},
-                                           ":end": {"N": str(lease.end_us)}, ":e": {"N": str(lease.epoch)}})
-            return True
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
-                return False
-            raise
+    def release_lanes(self, key: str, tails: list[tuple[Lease, int]]) -> int:
+        """One ``UpdateItem`` for every tail still at its lane's end (a refusal returns the item: try those again)."""
+        tails = list(tails)
+        for _ in range(2):
+            if not tails:
+                return 0
+            values: dict[str, Any] = {":n": {"N": str(sum(u for _, u in tails))},
+                                      ":e": {"N": str(tails[0][0].epoch)}}
+            sets, conds = ["granted = granted - :n"], ["epoch = :e"]
+            for i, (lease, unused) in enumerate(tails):
+                sets.append(f"t{lease.lane} = :t{i}")
+                conds.append(f"t{lease.lane} = :end{i}")
+                values[f":t{i}"] = {"N": str(lease.end_us - unused * lease.interval_us)}
+                values[f":end{i}"] = {"N": str(lease.end_us)}
+            try:
+                self._client().update_item(TableName=self.table_name, Key={"key": {"S": key}},
+                                           UpdateExpression="SET " + ", ".join(sets),
+                                           ConditionExpression=" AND ".join(conds), ExpressionAttributeValues=values,
+                                           ReturnValuesOnConditionCheckFailure="ALL_OLD")
+                return sum(u for _, u in tails)
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                    raise
+                item = exc.response.get("Item")
+                if not item:
+                    return 0
+                state = _from_item(item)
+                tails = [(lease, u) for lease, u in tails
+                         if state.epoch == lease.epoch and state.tats[lease.lane] == lease.end_us]
+        return 0
 
 
 def limiter_from_config(kind: str, *, path: str | None = None, table: str = "slurmctl-rate-limits",

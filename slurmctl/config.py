@@ -146,13 +146,18 @@ class RateLimitConfig(_Strict):
     """One limit (one API or endpoint): handlers spend it with ``with ctx.limit("name"):``."""
 
     per_second: float = Field(gt=0)
-    burst: int = Field(default=1, ge=1, description="Requests an idle limit may send at once.")
+    burst: int = Field(default=1, ge=1, description="The API's own burst, as it documents it (its bucket's "
+                       "capacity). The limiter never spends it: it is the room for the jitter between a grant and "
+                       "the request reaching the API, (burst - 1) / per_second seconds.")
     floor: float | None = Field(default=None, gt=0, description="Lowest rate after 429s (default per_second/10).")
     ceiling: float | None = Field(default=None, gt=0, description="Highest rate `slurmctl rate` may set "
                                                                  "(default per_second*10).")
-    lease_size: int = Field(default=32, gt=0, description="Slots a worker leases in one backend write.")
+    lease_size: int = Field(default=16, gt=0, description="Slots of each lane a worker leases in one backend write.")
     lanes: int | None = Field(default=None, ge=1, le=64, description="Interleaved schedules a lease is taken from "
-                                                                    "(default: one per 2 requests/s, at most 64).")
+                                                                    "(default: one per 0.625 requests/s, at most 64).")
+    throttle_strikes: int = Field(default=3, ge=1, description="429s within a few seconds (at least 2 s, at least 8 "
+                                  "slots) that mean the API lowered its quota: the shared rate then halves. Fewer "
+                                  "are sporadic: only their requests wait their Retry-After.")
     recovery_s: float = Field(default=30, gt=0, description="Time to recover from floor to target after 429s.")
     key: str | None = Field(default=None, min_length=1, description="Share this limit's state across jobs "
                                                                     "(default: private to the job).")

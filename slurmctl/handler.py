@@ -121,7 +121,8 @@ class BatchContext:
         Blocks until this worker's share of the job-wide rate allows it (and while the job is paused). When the
         request raises a throttling error (HTTP 429, AWS throttling), the shared rate backs off for every worker.
         What the limiter cost this batch lands in its metrics as ``ratelimit_<name>_<counter>``: tokens, wait_s,
-        throttled, and (when not zero) backend_calls, expired, paused_s, signal_errors, throttle_report_errors.
+        throttled, late_ms_max (how late after its slot a token was handed out: the jitter this side adds), and (when
+        not zero) backend_calls, expired, paused_s, signal_errors, throttle_report_errors.
         """
         leaser = self.limiters.get(name)
         if leaser is None:
@@ -149,7 +150,11 @@ class BatchContext:
 
     def _add_costs(self, name: str, costs: Counter[str]) -> None:
         for counter, value in costs.items():
-            self.metrics[f"ratelimit_{name}_{counter}"] += value
+            key = f"ratelimit_{name}_{counter}"
+            if counter.endswith("_max"):
+                self.metrics[key] = max(self.metrics[key], value)
+            else:
+                self.metrics[key] += value
 
     def count(self, name: str, n: float = 1) -> None:
         """Add ``n`` to the counter ``name``; counters land in the batch's task manifest ``metrics``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slurmctl.config import JobConfig
+from slurmctl.config import JobConfig, LocalClusterConfig
 from slurmctl.paths import home
 from slurmctl.ratelimit.lanes import Leaser, LimitSpec
 
@@ -14,10 +14,19 @@ def limit_key(cfg: JobConfig, name: str) -> str:
     return cfg.rate_limits[name].key or f"{cfg.job_id}/{name}"
 
 
+def worker_processes(cfg: JobConfig) -> int:
+    """How many worker processes the job runs at most: they share its limits (each may hold its share of lanes)."""
+    c = cfg.cluster
+    if isinstance(c, LocalClusterConfig):
+        return c.n_workers if c.processes else 1
+    return c.max_jobs * c.processes
+
+
 def limit_spec(cfg: JobConfig, name: str) -> LimitSpec:
     c = cfg.rate_limits[name]
     return LimitSpec(per_second=c.per_second, burst=c.burst, floor=c.floor, ceiling=c.ceiling,
-                     lease_size=c.lease_size, lanes=c.lanes, recovery_s=c.recovery_s)
+                     lease_size=c.lease_size, lanes=c.lanes, recovery_s=c.recovery_s,
+                     throttle_strikes=c.throttle_strikes, workers=worker_processes(cfg))
 
 
 def backend_for(cfg: JobConfig) -> Any:
@@ -72,7 +81,7 @@ def limits_status(cfg: JobConfig) -> dict[str, Any]:
         else:
             out[name] = {"target_per_s": state.target, "current_per_s": round(state.effective_rate(now_us()), 3),
                          "paused": state.paused, "granted": state.granted, "throttled": state.throttled,
-                         "lanes": state.lanes, "epoch": state.epoch}
+                         "decreases": state.decreases, "lanes": state.lanes, "epoch": state.epoch}
     return out
 
 

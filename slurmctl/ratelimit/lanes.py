@@ -2,24 +2,31 @@
 
 The shared state of one limit is a GCRA ("generic cell rate algorithm") schedule split into ``L`` interleaved
 *lanes*: request slots lie on one grid ``1/rate`` apart, and lane ``j`` owns every ``L``-th of them (``tats[j]`` is
-the time of its next free slot, in integer microseconds). A worker *leases* ``n`` slots of one lane in one
-conditional write — ``tats[j] += n * L/rate`` — and spends them locally, one request per slot, at the slot's time.
+the time of its next free slot, in integer microseconds). A worker *leases* ``n`` slots of each of several lanes in
+one conditional write — ``tats[j] += n * L/rate`` for each — and spends them locally, one request per slot, at the
+slot's time.
 
 Why lanes: a lease of consecutive slots must be spent by one worker at the full rate, which a worker whose request
-takes longer than ``1/rate`` cannot do (its slots pass unused). A lane runs at ``rate/L`` (about 2/s by default), so
-any worker can keep up with one, a fast worker holds several, and a lease can be long (``lease_size`` 32 slots) —
-which is what keeps the backend at a few percent of a call per request. So:
+takes longer than ``1/rate`` cannot do (its slots pass unused). A lane runs at ``rate/L`` (about 1.25/s by default),
+so a worker holds as many lanes as its threads can spend, a fast worker all of them, and the lanes of one worker are
+spread over the grid. One write renews all of a worker's lanes, so the backend sees a write per worker every lease
+span (sized to about 32 of its tokens), not one per request. So:
 
-* the backend (DynamoDB, or SQLite on one machine) sees one write per lease, not one per request;
-* across all workers, requests in any window of ``T`` seconds are at most ``rate * T + burst``: slots are disjoint,
-  and the lanes' grids interleave, so the sum of all lanes is evenly spaced at ``rate``;
+* across all workers, *grants* in any window of ``T`` seconds are at most ``rate * T + 1``: slots are disjoint and
+  the lanes' grids interleave, so the sum of all lanes is evenly spaced at ``rate``. The limiter never spends a
+  burst of its own: the API's burst (``burst``, declared as the API documents it) is left to absorb the jitter
+  between a grant and the request reaching the API. A slot may be used at most ``late_allowance_s`` late (half of
+  that room, ``(burst - 1) / rate / 2``), so requests reach the API with at most ``rate * (T + jitter) + 1`` in a
+  window, which an API bucket of ``burst`` admits while the jitter stays under ``(burst - 1) / rate``;
 * a dead worker's unused slots simply pass (a slot is a moment in time): it costs at most its leases;
 * refill needs no background process: it is implied by the clock;
-* leases are long, so changes cannot wait for the next lease. Pause, ``slurmctl rate`` and throttling (a 429 halves
-  the shared rate, not below ``floor``, at most once per second, and honours ``Retry-After``) start a new *epoch*:
-  every lane restarts at ``anchor`` (a grace period from now) and leases of older epochs are void. Workers learn of
-  a new epoch through a cheap *signal* (the limit's row in SQLite, or a small object in the job's manifest store
-  next to DynamoDB) that they check about once a second: a change applies everywhere within ~1-2 s.
+* leases are long, so changes cannot wait for the next lease. Pause, ``slurmctl rate`` and throttling start a new
+  *epoch*: every lane restarts at ``anchor`` (a grace period from now) and leases of older epochs are void. Workers
+  learn of a new epoch through a cheap *signal* (the limit's row in SQLite, or a small object in the job's manifest
+  store next to DynamoDB) that they check about once a second: a change applies everywhere within ~1-2 s;
+* a sporadic 429 is not a quota change: the request that got it waits its ``Retry-After`` and is retried, and the
+  others go on. ``throttle_strikes`` 429s within a few seconds are: the shared rate halves (at most once per second,
+  not below ``floor``, resuming after ``Retry-After``) and recovers linearly over ``recovery_s``.
 
 The backend is the truth and the signal only makes changes fast: a lease is granted in the backend's current epoch
 and refused while paused, so a worker that cannot read the signal learns of a change at its next lease at the latest.
@@ -32,17 +39,20 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import re
 import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, MutableMapping, Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping, MutableMapping, Protocol
 
 from slurmctl.ratelimit.outages import OutageLog
 
 US = 1_000_000
-LANE_RATE = 2.0  # requests/s of one lane by default: slow enough for a worker whose request takes ~250 ms
-MAX_LANES = 64  # keeps the DynamoDB item under 1 KB (one write unit per lease)
+LANE_RATE = 1.25  # requests/s of one lane by default: fine enough that a slow worker holds a fair share of lanes
+MAX_LANES = 64  # keeps the DynamoDB item near 1 KB (one write unit per lease)
+TRACE_ENV = "SLURMCTL_LIMIT_TRACE"  # a directory: every token's slot, hand-out time and lane, one file per process
 
 
 log = logging.getLogger("slurmctl.ratelimit")
@@ -62,18 +72,20 @@ class SignalNotPublished(RuntimeError):
 
 @dataclass
 class LimitSpec:
-    """A limit as configured: requests per second, burst, adaptive bounds, lease size, lanes."""
+    """A limit as configured: the API's documented rate and burst, adaptive bounds, lease size, lanes."""
 
     per_second: float
-    burst: int = 1
+    burst: int = 1  # the API's own bucket: room for jitter, never spent by the limiter itself
     floor: float | None = None  # lowest rate after throttling (default: per_second / 10)
     ceiling: float | None = None  # highest rate `slurmctl rate` may set (default: per_second * 10)
-    lease_size: int = 32
+    lease_size: int = 16  # slots of each lane per lease
     lanes: int | None = None  # interleaved schedules (default: one per LANE_RATE requests/s, at most MAX_LANES)
     horizon_s: float = 60.0  # never book a lease that starts further ahead than this (workers queue behind others)
-    late_s: float = 0.1  # a slot may still be used this late (a busy worker catching up sends a small burst)
+    late_s: float | None = None  # a slot may still be used this late (default: half the jitter room the burst leaves)
     recovery_s: float = 30.0  # time to climb from floor back to the target after throttling
     signal_s: float = 1.0  # how often a worker checks the limit's signal (pause, rate change, throttling)
+    throttle_strikes: int = 3  # 429s within `strike_window_s` that mean the quota changed (fewer: sporadic)
+    workers: int | None = None  # processes expected to share the limit: each may hold 1/workers of the lanes
 
     @property
     def floor_rate(self) -> float:
@@ -91,6 +103,28 @@ class LimitSpec:
     def lane_s(self) -> float:
         """Spacing of one lane's slots at the configured rate."""
         return self.lane_count / self.per_second
+
+    @property
+    def jitter_room_s(self) -> float:
+        """How much grant-to-request jitter the API's bucket absorbs: ``(burst - 1) / rate``."""
+        return max(0.0, (self.burst - 1) / self.per_second)
+
+    @property
+    def late_allowance_s(self) -> float:
+        """How late a slot may still be used: half the jitter room (the other half is the network's), 2-100 ms."""
+        if self.late_s is not None:
+            return self.late_s
+        return min(0.1, max(0.002, self.jitter_room_s / 2))
+
+    @property
+    def strike_window_us(self) -> int:
+        """429s this close together count towards a quota change (at least 2 s, at least 8 slots)."""
+        return int(max(2.0, 8 / self.per_second) * US)
+
+    @property
+    def fair_lanes(self) -> int:
+        """Lanes a worker may hold even when it cannot spend them all: its share when ``workers`` share the limit."""
+        return max(1, self.lane_count // self.workers) if self.workers else 1
 
     @property
     def grace_us(self) -> int:
@@ -113,9 +147,12 @@ class LimitState:
     recovery_s: float
     paused: bool = False
     granted: int = 0  # total slots leased (for status)
-    throttled: int = 0  # times throttling was reported
+    throttled: int = 0  # 429s reported (for status)
     epoch: int = 0  # bumped by pause, resume, rate changes and throttling: older leases are void
     anchor: int = 0  # µs at which the current epoch's schedule starts
+    strikes: int = 0  # 429s reported since `strike_at` (a quota change once there are `throttle_strikes`)
+    strike_at: int = 0  # µs of the first of them
+    decreases: int = 0  # times the rate was decreased because of 429s
 
     @classmethod
     def new(cls, key: str, spec: LimitSpec, at_us: int) -> "LimitState":
@@ -161,9 +198,19 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class Grant:
+    """What one lease call got: a lease per lane (possibly none), the backend calls it took, lanes left free."""
+
+    leases: tuple[Lease, ...]
+    calls: int = 1
+    free: int = 0
+
+
+@dataclass(frozen=True)
 class Wait:
     seconds: float
     paused: bool = False
+    calls: int = 1
 
 
 @dataclass(frozen=True)
@@ -174,74 +221,108 @@ class Signal:
     paused: bool
 
 
-def earliest_slot_us(state: LimitState, at_us: int, interval_us: int) -> int:
-    """The earliest slot a lease may start at: ``burst`` slots back (an idle limit can burst, no more)."""
-    return at_us - state.burst * interval_us
-
-
-def _lane_start(state: LimitState, lane: int, earliest: int, lane_interval: int) -> int:
-    """The lane's next slot: its tat, or — an idle lane — its first grid point no earlier than ``earliest``."""
+def _lane_start(state: LimitState, lane: int, at_us: int, lane_interval: int) -> int:
+    """The lane's next slot: its tat, or — an idle lane — its first grid point no earlier than now (an idle limit
+    does not burst: the API's burst is the room for jitter)."""
     tat = state.tats[lane]
-    if tat >= earliest:
+    if tat >= at_us:
         return tat
-    return tat + -(-(earliest - tat) // lane_interval) * lane_interval
+    return tat + -(-(at_us - tat) // lane_interval) * lane_interval
 
 
-def plan_lease(state: LimitState, n: int, at_us: int, horizon_s: float, *, exclude: Iterable[int] = (),
-               prefer: int | None = None, spread: bool = False) -> Lease | Wait:
-    """Which lane and slots a lease of ``n`` would get (its ``end_us`` is the lane's new tat); or how long to wait.
+def _circular(a: int, b: int, lanes: int) -> int:
+    d = abs(a - b) % lanes
+    return min(d, lanes - d)
 
-    Among the lanes not in ``exclude`` (those the worker already holds): ``prefer`` (the lane of the lease being
-    renewed) while nothing is booked behind that lease; else one of the lanes free soonest, at random, so workers
-    deciding from the same view don't all pick the same lane. With ``spread``, any lane free within the horizon will
-    do and one far from the excluded lanes is taken, so one worker's slots are spread over the rate's grid.
+
+def spread_pick(free: Iterable[int], k: int, around: Iterable[int], lanes: int) -> list[int]:
+    """``k`` of the ``free`` lanes, each as far as possible from ``around`` and the ones already picked (ties at
+    random): one worker's slots spread evenly over the grid, so a slow caller can spend them."""
+    pool = list(free)
+    if k <= 0 or not pool:
+        return []
+    near = list(around)
+    dist = {j: min((_circular(j, h, lanes) for h in near), default=lanes) for j in pool}
+    picked: list[int] = []
+    while len(picked) < k and dist:
+        far = max(dist.values())
+        lane = random.choice([j for j, d in dist.items() if d == far])
+        picked.append(lane)
+        del dist[lane]
+        for j in dist:
+            dist[j] = min(dist[j], _circular(j, lane, lanes))
+    return picked
+
+
+def free_lanes(state: LimitState, at_us: int, taken: Iterable[int] = ()) -> list[int]:
+    """Lanes nobody is spending: their next slot is within one lane spacing."""
+    interval = max(1, round(US / state.effective_rate(at_us)))
+    lane_interval = interval * state.lanes
+    skip = set(taken)
+    return [j for j in range(state.lanes) if j not in skip and state.tats[j] <= at_us + lane_interval]
+
+
+def plan_lanes(state: LimitState, n: int, at_us: int, horizon_s: float, *, renew: Mapping[int, int] | None = None,
+               hold: Iterable[int] = (), want: int = 1, must: int = 1) -> list[Lease] | Wait:
+    """The leases (``n`` slots of each lane) one call gets, so that the caller holds ``want`` lanes in all.
+
+    ``renew``: lanes whose lease is running out (lane -> that lease's end): each continues back to back while nobody
+    booked behind it (the lane's tat is still that end), as far as ``want`` allows — beyond it, lanes are dropped.
+    ``hold``: lanes the caller holds and is not renewing. Then free lanes are added, spread away from the caller's
+    others; if the caller would still hold fewer than ``must`` lanes, it queues on the lanes free soonest (within the
+    horizon; otherwise it is told how long to wait). An empty list: nothing to add right now.
     """
     if state.paused:
         return Wait(0.5, paused=True)
     interval = max(1, round(US / state.effective_rate(at_us)))
     lane_interval = interval * state.lanes
-    earliest = earliest_slot_us(state, at_us, interval)
-    held = set(exclude)
-    lanes = [j for j in range(state.lanes) if j not in held] or list(range(state.lanes))
-    starts = {j: _lane_start(state, j, earliest, lane_interval) for j in lanes}
+    starts = {j: _lane_start(state, j, at_us, lane_interval) for j in range(state.lanes)}
     latest = at_us + int(horizon_s * US)
-    if spread and held:
-        def distance(j: int) -> int:
-            return min(min(abs(j - h), state.lanes - abs(j - h)) for h in held)
-        free = [j for j in lanes if starts[j] <= latest]
-        if free:
-            # far from our lanes, and random among the far ones: workers looking at once don't pick the same lane
-            far = max(distance(j) for j in free)
-            lane = random.choice([j for j in free if 2 * distance(j) >= far])
-            return Lease(starts[lane], lane_interval, n, lane, state.epoch)
-    first = min(starts.values())
-    ready = [j for j in lanes if starts[j] <= max(at_us, first) + lane_interval]
-    if prefer in starts and starts[prefer] <= max(at_us, first) + 4 * lane_interval:
-        # A renewal keeps its lane while nobody has booked behind it (its next slot is right after the lease being
-        # renewed): no hopping onto another worker's lane, which would push that worker onto a third one.
-        lane = prefer
-    else:
-        # Workers starting together share one view of the lanes: a random free one, not all the same one.
-        lane = random.choice(ready)
-    start = starts[lane]
-    if start > latest:
-        return Wait((start - latest) / US)
-    return Lease(start, lane_interval, n, lane, state.epoch)
+    held = set(hold)
+    renew = dict(renew or {})
+    chosen: list[int] = []
+    for lane, end in sorted(renew.items(), key=lambda kv: kv[1]):
+        if len(held) + len(chosen) >= want:
+            break
+        if lane < state.lanes and state.tats[lane] == end and starts[lane] <= latest:
+            chosen.append(lane)
+    taken = held | set(renew) | set(chosen)
+    free = [j for j in free_lanes(state, at_us, taken) if starts[j] <= latest]
+    chosen += spread_pick(free, want - len(held) - len(chosen), held | set(chosen), state.lanes)
+    if len(held) + len(chosen) < must:
+        rest = [j for j in range(state.lanes) if j not in taken and j not in chosen] or \
+            [j for j in range(state.lanes) if j not in chosen]
+        queue = sorted(rest, key=lambda j: starts[j])
+        within = [j for j in queue if starts[j] <= latest]
+        if not within and not chosen:
+            return Wait((starts[queue[0]] - latest) / US)
+        chosen += within[: must - len(held) - len(chosen)]
+    return [Lease(starts[j], lane_interval, n, j, state.epoch) for j in chosen]
 
 
-def throttled_state(state: LimitState, at_us: int, retry_after_s: float | None, grace_us: int) -> bool:
-    """Apply a 429 to the state: rate halved (at most once per second), a new epoch after Retry-After or the grace.
+def throttled_state(state: LimitState, at_us: int, retry_after_s: float | None, grace_us: int, *,
+                    strikes: int = 1, window_us: int = US) -> bool:
+    """Apply a 429 to the state. Returns whether anything is to be written (always: the report is counted).
 
-    Returns whether anything changed (reports within the same second, asking for no later resume, are absorbed).
+    Fewer than ``strikes`` 429s within ``window_us``: sporadic, counted only (the request waits its Retry-After and
+    is retried; nobody else slows down). Then: the rate halves (at most once per second) and a new epoch starts after
+    Retry-After or the grace; later reports asking for no later resume are absorbed into that one.
     """
+    if at_us - state.strike_at > window_us:
+        state.strikes, state.strike_at = 0, at_us
+    state.strikes += 1
+    state.throttled += 1
+    if state.strikes < strikes:
+        return True
     halve = at_us - state.changed_at >= US or state.rate >= state.target
     resume_at = at_us + max(grace_us, int((retry_after_s or 0) * US))
     if not halve and resume_at <= state.anchor + US:
-        return False
+        return True
     if halve:
         state.rate = max(state.floor, state.effective_rate(at_us) / 2)
         state.changed_at = at_us
-    state.throttled += 1
+        state.decreases += 1
+    state.strikes, state.strike_at = 0, at_us
     state.restart(resume_at, at_us)
     return True
 
@@ -249,10 +330,12 @@ def throttled_state(state: LimitState, at_us: int, retry_after_s: float | None, 
 class LimiterBackend(Protocol):
     """What a rate-limiter block provides (DynamoDB, or SQLite for one machine)."""
 
-    def lease(self, key: str, spec: LimitSpec, n: int, *, exclude: Iterable[int] = (), prefer: int | None = None,
-              within_s: float | None = None, spread: bool = False) -> Lease | Wait: ...
+    def lease_lanes(self, key: str, spec: LimitSpec, n: int, *, renew: Mapping[int, int] | None = None,
+                    hold: Iterable[int] = (), want: int = 1, must: int = 1) -> Grant | Wait:
+        """One call: the leases ``plan_lanes`` plans from the backend's current state."""
 
-    def release(self, key: str, lease: Lease, unused: int) -> bool: ...
+    def release_lanes(self, key: str, tails: list[tuple[Lease, int]]) -> int:
+        """Give back each lease's unused tail (lease, slots) while it is still its lane's tail; the slots given."""
 
     def report_throttle(self, key: str, spec: LimitSpec, retry_after_s: float | None) -> LimitState: ...
 
@@ -279,36 +362,47 @@ class _Held:
 
 
 @dataclass
-class _Backoff:
-    """When to next look for an extra lane with an old view of the lanes: doubling while every lane is taken, so a
-    full limit costs (almost) no calls. Right after any lease the view is fresh, and looking is free."""
+class _Pace:
+    """One calling thread's pace: how long it works between tokens (a moving average)."""
 
-    at_us: int = 0
-    step_s: float = 4.0
+    returned_at: float | None = None  # time.monotonic() when it last got a token
+    work_s: float | None = None
+    seen_at: float = field(default_factory=time.monotonic)
 
-    def failed(self, now: int) -> None:
-        self.at_us = now + int(self.step_s * US)
-        self.step_s = min(self.step_s * 2, 64.0)
 
-    def succeeded(self) -> None:
-        self.step_s = 4.0
+class _Trace:
+    """Every token's slot, hand-out time and lane, appended to ``$SLURMCTL_LIMIT_TRACE/<key>.<pid>.txt`` when that
+    variable names a directory: to check a job's grants, or to see the jitter, after the fact."""
 
-    def saturated(self, now: int) -> None:
-        self.at_us, self.step_s = now + 64 * US, 64.0
+    def __init__(self, key: str):
+        self.file = None
+        folder = os.environ.get(TRACE_ENV)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+            self.file = open(os.path.join(folder, f"{name}.{os.getpid()}.txt"), "a", buffering=1)
+
+    def note(self, slot_us: int, handed_us: int, lane: int) -> None:
+        if self.file is not None:
+            self.file.write(f"{slot_us} {handed_us} {lane}\n")
 
 
 class Leaser:
-    """One process's spender for one limit: holds leases on one or more lanes and hands out their slots in time order.
+    """One process's spender for one limit: holds leases on several lanes and hands out their slots in time order.
 
     Thread-safe. ``acquire(n)`` blocks until ``n`` slots are due and returns the seconds it waited. How many lanes it
-    holds follows how fast its caller is: it measures the caller's time between tokens and takes another lane while
-    it could spend one more without falling behind (its request time within 80 % of its slots' spacing) and one is free.
+    holds follows how fast its callers are: each calling thread's time between tokens is measured, and the process
+    holds as many lanes as its threads could spend without falling behind (their summed pace within 80 % of the
+    slots' spacing), or its fair share (``LimitSpec.workers``) when that is more and the lanes are free — a slow worker
+    then has a slot close to whenever it is ready. All its lanes are renewed in one backend call.
     """
 
-    PREFETCH = 2  # renew a lease when this many slots are left, so its lane continues without a gap
-    FRESH_US = 250_000  # a view of the lanes this recent (from our last lease) is worth acting on
+    PREFETCH = 2  # renew leases when this many slots are left, so the lanes continue without a gap
     SIGNAL_RETRY_S = 0.2  # a failed signal read is tried again this soon (then doubling, up to signal_s)
     PAUSE_RECHECK_S = 10.0  # while the signal says paused, ask the backend this often whether the pause holds
+    PROBE_S = (1.0, 16.0)  # looking for more lanes when the last answer showed none free: after this, doubling
+    TOKENS_PER_CALL = 32  # a lease is sized to last this many of our tokens
+    SETTLE_S = 2.0  # a worker of a job takes no more than its fair share of lanes this long after it first asked
 
     def __init__(self, backend: LimiterBackend, key: str, spec: LimitSpec,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], int] = now_us):
@@ -318,17 +412,21 @@ class Leaser:
         self.held: list[_Held] = []
         self.epoch = -1
         self.next_signal_us = 0
-        self.more = _Backoff()
-        self.leased_at_us = 0
-        self.work_s: float | None = None  # the caller's time between tokens (moving average)
-        self.returned_at: float | None = None
+        self.pace: dict[int, _Pace] = {}
+        self.lane_interval_us = int(spec.lane_s * US)
+        self.free_seen = True  # the backend's last answer showed free lanes: looking for more is worth a call
+        self.probe_at_us, self.probe_step_s = 0, self.PROBE_S[0]
         self.granted = 0
         self.expired = 0
         self.waited_s = 0.0
         self.backend_calls = 0
         self.signal_calls = 0
         self.paused_s = 0.0
+        self.handed = 0
+        self.late_us_max = 0  # the latest a token was handed out after its slot (the jitter this side adds)
         self.asked_backend_us = 0  # when we last asked the backend for a lease (it is the truth; the signal a hint)
+        self.started_us = clock()
+        self.trace = _Trace(key)
         seconds = lambda: self.clock() / US  # noqa: E731
         self.signal_log = OutageLog(log, f"reading the signal of rate limit {key!r}", clock=seconds)
         self.report_log = OutageLog(log, f"reporting throttling of rate limit {key!r}", clock=seconds)
@@ -342,52 +440,90 @@ class Leaser:
         return self.report_log.failures
 
     # --- how many lanes this process can spend -------------------------------------------------------------------
-    def wanted_lanes(self) -> int:
-        if self.work_s is None:
-            return 1
-        return max(1, min(self.spec.lane_count, int(self.spec.lane_s * 0.8 / max(self.work_s, 1e-4))))
+    def capacity(self) -> float | None:
+        """Tokens/s this process's threads could spend if slots never made them wait (None: not measured yet)."""
+        now, total = time.monotonic(), 0.0
+        for ident, pace in list(self.pace.items()):
+            if now - pace.seen_at > max(10.0, 4 * (pace.work_s or 0.0)):
+                del self.pace[ident]  # a thread that stopped asking (its batch ended)
+                continue
+            if pace.work_s is None:
+                return None
+            total += 1 / max(pace.work_s, 1e-4)
+        return total or None
 
-    def _note_work(self) -> None:
-        if self.returned_at is not None:
-            sample = min(time.monotonic() - self.returned_at, self.spec.lane_s)
-            self.work_s = sample if self.work_s is None else 0.8 * self.work_s + 0.2 * sample
+    def wanted_lanes(self) -> int:
+        capacity = self.capacity()
+        owned = int(capacity * 0.8 * self.lane_interval_us / US) if capacity else 0
+        fair = self.spec.fair_lanes
+        if self.spec.workers and self.spec.workers > 1 and self.clock() - self.started_us < self.SETTLE_S * US:
+            owned = min(owned, fair)  # the job's other workers are starting too: their share is theirs to take
+        return max(1, min(self.spec.lane_count, max(owned, fair)))
+
+    def _note_work(self, pace: _Pace) -> None:
+        pace.seen_at = time.monotonic()
+        if pace.returned_at is not None:
+            sample = min(pace.seen_at - pace.returned_at, self.lane_interval_us / US)
+            pace.work_s = sample if pace.work_s is None else 0.8 * pace.work_s + 0.2 * sample
 
     # --- leases ----------------------------------------------------------------------------------------------------
-    def _lease(self, **kw: Any) -> Lease | Wait:
-        self.backend_calls += 1
+    def _lease_size(self, lanes: int) -> int:
+        """Slots per lane for a lease of ``lanes`` lanes: enough for about ``TOKENS_PER_CALL`` tokens at the pace this
+        process spends them (so the backend sees ~1 call per that many tokens), at most ``lease_size``. A process
+        holding many lanes thus holds each briefly: lanes it stops spending come free within seconds."""
+        lane_rate = US / self.lane_interval_us
+        spend = lanes * lane_rate
+        capacity = self.capacity()
+        if capacity:
+            spend = min(spend, capacity)
+        slots = math.ceil(self.TOKENS_PER_CALL / (spend * self.lane_interval_us / US))
+        return max(2 * self.PREFETCH, min(self.spec.lease_size, slots))
+
+    def _lease(self, *, want: int, **kw: Any) -> Grant | Wait:
         self.asked_backend_us = self.clock()
-        got = self.backend.lease(self.key, self.spec, self.spec.lease_size, **kw)
-        if isinstance(got, Lease):
-            if got.epoch > self.epoch:
-                self.held = [h for h in self.held if h.lease.epoch >= got.epoch]
-                self.epoch = got.epoch
-            self.held.append(_Held(got))
-            self.granted += got.count
-            self.leased_at_us = self.clock()
+        got = self.backend.lease_lanes(self.key, self.spec, self._lease_size(want), want=want, **kw)
+        self.backend_calls += got.calls
+        if isinstance(got, Wait):
+            self.free_seen = False
+            return got
+        if got.leases and got.leases[0].epoch > self.epoch:
+            self.held = [h for h in self.held if h.lease.epoch >= got.leases[0].epoch]
+            self.epoch = got.leases[0].epoch
+        for lease in got.leases:
+            self.held.append(_Held(lease))
+            self.granted += lease.count
+            self.lane_interval_us = lease.interval_us
+        self.free_seen = got.free > 0
         return got
 
-    def _lanes_held(self, but: _Held | None = None) -> list[int]:
-        return [h.lease.lane for h in self.held if h is not but and not h.renewed and h.left > 0]
+    def _live(self) -> list[_Held]:
+        return [h for h in self.held if not h.renewed and h.left > 0]
 
     def _top_up(self) -> None:
-        """Renew leases about to run out; take another lane if the caller could spend it and one is free."""
-        now = self.clock()
-        for h in list(self.held):
-            if not h.renewed and h.left <= self.PREFETCH:
+        """Renew leases about to run out (and the others past half, in the same call, which also takes more lanes if
+        wanted and free); between renewals, take more lanes when the backend's last answer showed free ones (else now
+        and then), and queue for our fair share if we hold less."""
+        live = self._live()
+        want = self.wanted_lanes()
+        if any(h.left <= min(self.PREFETCH, h.lease.count // 2) for h in live):
+            renew = live  # all of them: one call per lease span, however the lanes' phases drift apart
+            for h in renew:
                 h.renewed = True
-                self._lease(exclude=self._lanes_held(but=h), prefer=h.lease.lane)
-        while (len(self._lanes_held()) < self.wanted_lanes() and len(self._lanes_held()) < self.spec.lane_count
-               and (now >= self.more.at_us or now - self.leased_at_us < self.FRESH_US)):
-            # A lane free within one lane spacing is idle (or about to be): nobody else is spending it.
-            got = self._lease(exclude=self._lanes_held(), within_s=self.spec.lane_s, spread=True)
-            if isinstance(got, Wait):
-                if now - self.leased_at_us < self.FRESH_US:
-                    self.more.saturated(now)  # a fresh view says every lane is taken: stop probing with old ones
-                else:
-                    self.more.failed(now)
-                self.leased_at_us = 0  # (the loop ends here either way)
-                break
-            self.more.succeeded()
+            self._lease(renew={h.lease.lane: h.lease.end_us for h in renew},
+                        hold=[h.lease.lane for h in live if not h.renewed], want=want, must=0)
+            return
+        now = self.clock()
+        if live and len(live) < want and (self.free_seen or now >= self.probe_at_us):
+            fair = min(want, self.spec.fair_lanes)
+            got = self._lease(hold=[h.lease.lane for h in live], want=want, must=fair if len(live) < fair else 0)
+            if isinstance(got, Grant) and got.leases:
+                self.probe_step_s = self.PROBE_S[0]
+            else:
+                # Every lane taken: look again soon while below our fair share (someone's extra lanes come free
+                # within their lease), rarely once we have it (only an idle or departed worker frees more).
+                step = self.probe_step_s if len(live) < fair else max(self.probe_step_s, 4 * self.PROBE_S[0])
+                self.probe_at_us = now + int(step * US)
+                self.probe_step_s = min(step * 2, self.PROBE_S[1])
 
     def _check_signal(self) -> None:
         """At most every ``signal_s``: a new epoch voids our leases; a pause holds us here until resumed.
@@ -414,7 +550,7 @@ class Leaser:
                 return  # nothing signalled yet, or older news than our last lease brought
             if sig.epoch > self.epoch:
                 self.held, self.epoch = [], sig.epoch
-                self.more = _Backoff()
+                self.free_seen, self.probe_step_s = True, self.PROBE_S[0]
             if not sig.paused:
                 return
             if self.clock() - self.asked_backend_us >= int(self.PAUSE_RECHECK_S * US):
@@ -441,12 +577,13 @@ class Leaser:
                 if self.epoch != epoch:
                     return slept, False
 
-    def _next_slot(self) -> int:
-        """The time of this process's next slot, leasing more when needed."""
+    def _next_slot(self) -> tuple[int, int]:
+        """The time and lane of this process's next slot, leasing more when needed."""
+        late_us = int(self.spec.late_allowance_s * US)
         while True:
             self._check_signal()
             self._top_up()
-            late_ok = self.clock() - int(max(self.spec.late_s, self.spec.burst / self.spec.per_second) * US)
+            late_ok = self.clock() - late_us
             best: tuple[int, _Held] | None = None
             for h in self.held:
                 lease = h.lease
@@ -463,9 +600,10 @@ class Leaser:
             self.held = [h for h in self.held if h.left > 0 or not h.renewed]
             if best is not None:
                 best[1].used += 1
-                return best[0]
+                return best[0], best[1].lease.lane
             self.held = [h for h in self.held if h.left > 0]
-            got = self._lease()
+            want = self.wanted_lanes()
+            got = self._lease(hold=(), want=want, must=max(1, min(want, self.spec.fair_lanes)))
             if isinstance(got, Wait):
                 # Spread the retries of workers that were all told to wait: no thundering herd on the backend.
                 pause = got.seconds + random.uniform(0, self.spec.signal_s)
@@ -477,28 +615,42 @@ class Leaser:
 
     def acquire(self, tokens: int = 1, tally: MutableMapping[str, float] | None = None) -> float:
         """Block until ``tokens`` slots are due; return the seconds waited for them. ``tally`` (e.g. a batch's
-        metrics) gets what this call cost besides: backend calls, expired slots, time paused, signal errors."""
+        metrics) gets what this call cost besides: backend calls, expired slots, time paused, signal errors, and
+        ``late_ms_max``, how late after its slot a token was handed out (jitter this side adds to the request)."""
         with self.lock:
             before = self._counters()
+            late_max, late_us = 0, int(self.spec.late_allowance_s * US)
             try:
-                self._note_work()
+                pace = self.pace.setdefault(threading.get_ident(), _Pace())
+                self._note_work(pace)
                 waited = 0.0
                 for i in range(tokens):
                     if i:  # tokens asked for at once: the caller spends them as fast as they come
-                        self.work_s = 0.8 * (self.work_s or 0.0)
+                        pace.work_s = 0.8 * (pace.work_s or 0.0)
                     while True:
-                        slept, valid = self._wait_until(self._next_slot())
+                        slot, lane = self._next_slot()
+                        slept, valid = self._wait_until(slot)
                         waited += slept
-                        if valid:
+                        handed = self.clock()
+                        if valid and handed - slot <= late_us:
                             break
+                        if valid:  # the process was held up (GIL, scheduler) past the allowance: that slot passed
+                            self.expired += 1
+                    late_max = max(late_max, handed - slot)
+                    self.trace.note(slot, handed, lane)
+                self.handed += tokens
+                self.late_us_max = max(self.late_us_max, late_max)
                 self.waited_s += waited
-                self.returned_at = time.monotonic()
+                pace.returned_at = time.monotonic()
                 return waited
             finally:
                 self._tally(before, tally)
+                if tally is not None:
+                    tally["late_ms_max"] = max(tally.get("late_ms_max", 0), round(late_max / 1000, 1))
 
     def throttled(self, retry_after_s: float | None, tally: MutableMapping[str, float] | None = None) -> None:
-        """The API said 429: slow everyone down (a new epoch); our own leases were booked too fast, drop them."""
+        """The API said 429. The backend counts it; several close together are a quota change (a new epoch, which
+        voids our leases too). A sporadic one changes nothing here: the request waits its Retry-After."""
         with self.lock:
             before = self._counters()
             self.backend_calls += 1
@@ -529,16 +681,20 @@ class Leaser:
                 tally[name] = round(tally.get(name, 0) + value - before[name], 3)
 
     def close(self) -> None:
+        """Give back the unused tails of our leases (one call), so the next worker need not wait for them to pass."""
         with self.lock:
             now = self.clock()
+            tails: list[tuple[Lease, int]] = []
             for h in self.held:
                 future = min(h.left, max(0, -(-(h.lease.end_us - now) // h.lease.interval_us)))
                 if future > 0 and future == h.left:  # the lease's unused tail, nothing skipped before it
-                    self.backend_calls += 1
-                    if not self.backend.release(self.key, h.lease, future):
-                        self.expired += future  # someone booked after us: these slots just pass unused
+                    tails.append((h.lease, future))
                 elif h.left:
                     self.expired += h.left
+            if tails:
+                self.backend_calls += 1
+                released = self.backend.release_lanes(self.key, tails)
+                self.expired += sum(n for _, n in tails) - released  # booked after by someone: they just pass
             self.held = []
 
     def metrics(self, name: str) -> dict[str, float]:
@@ -546,4 +702,5 @@ class Leaser:
                 f"ratelimit_{name}_backend_calls": self.backend_calls,
                 f"ratelimit_{name}_expired": self.expired, f"ratelimit_{name}_paused_s": round(self.paused_s, 3),
                 f"ratelimit_{name}_signal_errors": self.signal_errors,
-                f"ratelimit_{name}_throttle_report_errors": self.throttle_report_errors}
+                f"ratelimit_{name}_throttle_report_errors": self.throttle_report_errors,
+                f"ratelimit_{name}_late_ms_max": round(self.late_us_max / 1000, 1)}

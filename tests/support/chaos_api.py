@@ -10,6 +10,7 @@
 * a strict limiter: ``max_per_second=5`` is a token bucket (capacity ``burst``, by default ``max(1,
   max_per_second)``); requests beyond it answer 429 with a ``Retry-After`` computed from the bucket and are counted
   in ``over_limit`` (not ``faults``). ``burst=2`` makes it as strict as an API documenting "5/s, burst 2".
+* a slow API: ``latency_s=0.3`` answers each normal request 300 ms after it arrived (429s and faults at once).
 * a storm the test ends on a condition: ``faults_while=lambda: ...`` is asked (under the lock) before each random
   draw; while it returns False no random fault is injected. Ending a storm "when X has happened" cannot race X.
 
@@ -55,7 +56,8 @@ from support.local_server import LocalHttpServer  # noqa: E402
 
 FAULT_KINDS = ("429", "503", "500", "timeout", "reset")
 _RATES = tuple(f"rate_{k}" for k in FAULT_KINDS)  # also the order of the cumulative random draw
-_SETTINGS = (*_RATES, "retry_after", "timeout_sleep", "fail_ids", "max_per_second", "burst", "faults_while", "seed")
+_SETTINGS = (*_RATES, "retry_after", "timeout_sleep", "fail_ids", "max_per_second", "burst", "faults_while", "seed",
+             "latency_s")
 _ITEM = re.compile(r"^/items/(-?\d+)/?$")
 
 
@@ -80,7 +82,8 @@ class ChaosApi(LocalHttpServer):
                  rate_timeout: float = 0.0, rate_reset: float = 0.0, retry_after: float = 0.2,
                  timeout_sleep: float = 3.0, seed: int = 0, fail_ids: dict[int, tuple[str, int]] | None = None,
                  max_per_second: float | None = None, burst: float | None = None,
-                 faults_while: Callable[[], bool] | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+                 faults_while: Callable[[], bool] | None = None, latency_s: float = 0.0, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         self._lock = threading.Lock()
         super().__init__(host, port)
         self.rate_429 = self.rate_503 = self.rate_500 = self.rate_timeout = self.rate_reset = 0.0
@@ -88,13 +91,14 @@ class ChaosApi(LocalHttpServer):
         self.max_per_second: float | None = None
         self.burst: float | None = None
         self.faults_while: Callable[[], bool] | None = None
+        self.latency_s = 0.0
         self._fail_ids: dict[int, list[Any]] = {}
         self._rng = random.Random(seed)
         self.reset_counters()
         self.configure(rate_429=rate_429, rate_503=rate_503, rate_500=rate_500, rate_timeout=rate_timeout,
                        rate_reset=rate_reset, retry_after=retry_after, timeout_sleep=timeout_sleep,
                        fail_ids=fail_ids or {}, max_per_second=max_per_second, burst=burst,
-                       faults_while=faults_while)
+                       faults_while=faults_while, latency_s=latency_s)
 
     # ---- configuration and counters -------------------------------------------------------------------------
 
@@ -131,6 +135,8 @@ class ChaosApi(LocalHttpServer):
                 self.retry_after = float(settings["retry_after"])
             if "timeout_sleep" in settings:
                 self.timeout_sleep = float(settings["timeout_sleep"])
+            if "latency_s" in settings:
+                self.latency_s = float(settings["latency_s"])
             if fail_ids is not None:
                 self._fail_ids = fail_ids
             if "faults_while" in settings:
@@ -265,6 +271,8 @@ class ChaosApi(LocalHttpServer):
                     if action == "normal":
                         with api._lock:
                             api.ok += 1
+                        if api.latency_s > 0:
+                            time.sleep(api.latency_s)
                     self._json(200, {"id": item_id, "value": item_id * 2})
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (e.g. timed out)
                     self.close_connection = True

@@ -33,3 +33,19 @@ def bucket_needed(stamps: Iterable[float], rate: float) -> float:
         debt += 1.0
         need = max(need, debt)
     return need
+
+
+def steady_buckets(stamps: Iterable[float], edge_s: float = 2.0) -> list[int]:
+    """Requests in each whole second of a run, counted where they arrive, the first and last ``edge_s`` left out
+    (start-up and the tail, where fewer workers have work)."""
+    stamps = sorted(stamps)
+    if not stamps:
+        return []
+    start, end = stamps[0] + edge_s, stamps[-1] - edge_s
+    seconds = int(end - start)
+    counts = [0] * max(0, seconds)
+    for t in stamps:
+        k = int(t - start) if t >= start else -1
+        if 0 <= k < seconds:
+            counts[k] += 1
+    return counts
