@@ -15,6 +15,8 @@ last 2 s left out), ``utilisation`` (achieved / expected), the 429 count and sha
 calls on that backend; every lease, refused attempt, release and throttle report counted by the workers), and the
 worst hand-out lateness the limiter reported. With ``--prefect`` the 16-worker cells run again with each request
 gated by Prefect's own ``rate_limit()`` (a global concurrency limit with ``slot_decay_per_second`` = rate) instead.
+With ``--unlimited`` the cells below the rate (where concurrency, not the limit, sets the pace) run again without any
+limiter: the job's own ceiling on this machine (per-batch task overhead, CPU), to read the limiter's share of a miss.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def write_config(path: Path, **cfg) -> Path:
 
 
 def run_cell(args: argparse.Namespace, env: dict, tmp: Path, workers: int, threads: int, latency_ms: float,
-             backend: dict, prefect_limit: str | None = None) -> dict:
+             backend: dict, prefect_limit: str | None = None, unlimited: bool = False) -> dict:
     concurrency = workers * threads
     expected = min(args.rate, concurrency / (latency_ms / 1000))
     # Whole rounds of batches (three when they fit): every thread finishes at about the same time (a last round
@@ -52,7 +54,8 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, workers: int, threa
     items = int(min(args.max_items, max(8 * concurrency, round(args.seconds * expected))))
     batch = max(8, min(25, items // (concurrency * 3)))
     items = batch * concurrency * max(1, items // (batch * concurrency))
-    job_id = f"b{workers}x{threads}-{int(latency_ms)}ms-{os.urandom(2).hex()}" + ("-prefect" if prefect_limit else "")
+    job_id = f"b{workers}x{threads}-{int(latency_ms)}ms-{os.urandom(2).hex()}" + ("-prefect" if prefect_limit else "") \
+        + ("-unlimited" if unlimited else "")
     folder = tmp / job_id
     folder.mkdir()
     (folder / "in.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in range(items)))
@@ -60,6 +63,8 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, workers: int, threa
         params = {"base_url": api.url}
         if prefect_limit:
             handler, params["prefect_limit"] = "prefect_limited:handle", prefect_limit
+        elif unlimited:
+            handler = "slurmctl.handlers.http_json:handle"
         else:
             handler, params["limit"] = "slurmctl.handlers.http_json:handle", "api"
         cfg = write_config(folder / "job.yaml", job_id=job_id, handler=handler, input={"uri": "in.jsonl"},
@@ -75,7 +80,8 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, workers: int, threa
     steady = steady_buckets(arrivals)
     achieved = sum(steady) / len(steady) if steady else 0.0
     out = {"workers": workers, "threads": threads, "latency_ms": latency_ms, "items": items, "batch_size": batch,
-           "limiter": "prefect rate_limit()" if prefect_limit else "slurmctl", "job_exit": done.returncode,
+           "limiter": "prefect rate_limit()" if prefect_limit else "none" if unlimited else "slurmctl",
+           "job_exit": done.returncode,
            "job_seconds": round(wall, 1), "expected_per_s": round(expected, 2), "achieved_per_s": round(achieved, 2),
            "utilisation": round(achieved / expected, 3), "steady_seconds": len(steady),
            "requests": stats["requests"], "responses_429": stats["over_limit"],
@@ -83,7 +89,7 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, workers: int, threa
     if done.returncode != 0:
         out["stderr"] = done.stderr[-1500:]
     metrics = job_metrics(folder, backend, job_id)
-    if metrics and not prefect_limit:
+    if metrics and not prefect_limit and not unlimited:
         tokens = metrics.get("ratelimit_api_tokens", 0)
         out["backend_calls_per_token"] = round(metrics.get("ratelimit_api_backend_calls", 0) / max(1, tokens), 4)
         out["late_ms_max"] = metrics.get("ratelimit_api_late_ms_max", 0)
@@ -117,6 +123,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=15, help="work per cell at its expected rate")
     p.add_argument("--max-items", type=int, default=800)
     p.add_argument("--prefect", action="store_true", help="also run the 16-worker cells with Prefect's rate_limit()")
+    p.add_argument("--unlimited", action="store_true", help="run the cells below the rate again without the "
+                   "limiter: the job's own ceiling (batch overheads, the machine), to compare utilisation with")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -134,6 +142,7 @@ def main() -> None:
         wait_http(env["PREFECT_API_URL"] + "/health", 180)
         backend: dict = {}
         if args.backend == "dynamodb":
+            os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
             moto_port = free_port()
             procs.append(subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -153,6 +162,10 @@ def main() -> None:
                     cell = run_cell(args, env, tmp, workers, threads, latency, backend)
                     cells.append(cell)
                     print(json.dumps(cell), file=sys.stderr, flush=True)
+                    if args.unlimited and cell["expected_per_s"] < args.rate:
+                        cell = run_cell(args, env, tmp, workers, threads, latency, backend, unlimited=True)
+                        cells.append(cell)
+                        print(json.dumps(cell), file=sys.stderr, flush=True)
                     if args.prefect and workers == 16:
                         limit = f"bench-{threads}-{int(latency)}"
                         subprocess.run([str(BIN / "prefect"), "gcl", "create", limit, "--limit", str(int(args.rate)),

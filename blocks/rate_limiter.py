@@ -219,6 +219,8 @@ def _from_item(item: dict[str, Any]) -> LimitState:
 
 
 _dynamo_cache: dict[tuple[str, str], LimitState] = {}
+_dynamo_seen: dict[tuple[str, str], float] = {}  # when each cached view was read (time.monotonic())
+FRESH_VIEW_S = 0.5  # a view this recent is worth planning extra lanes from; an older one is only good for renewals
 
 # botocore's retry budget for signals, far shorter than the job store's (10 retries with backoff of up to 20 s: about
 # 1.5 min per call in an outage). A poll runs inside a worker's token acquisition: stuck in botocore that long, the
@@ -389,7 +391,7 @@ class DynamoDBRateLimiter(RateLimiter):
                 if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
                     continue
                 raise
-            _dynamo_cache[(self.table_name, key)] = state
+            _dynamo_cache[(self.table_name, key)], _dynamo_seen[(self.table_name, key)] = state, time.monotonic()
             if publish or state.epoch != old_epoch:
                 self._publish(state, spec)
             return out, state
@@ -407,14 +409,19 @@ class DynamoDBRateLimiter(RateLimiter):
         state = _dynamo_cache.get(cache_key)
         if state is None:
             state, calls = self._current(key, spec), 1
+            _dynamo_seen[cache_key] = time.monotonic()
         hold = list(hold)
+        # A renewal planned from an old view would pick lanes that only looked free then (and fail on them): renew
+        # first; the answer is a fresh view, and free lanes it shows are taken by the next call.
+        stale = renew and time.monotonic() - _dynamo_seen.get(cache_key, 0.0) > FRESH_VIEW_S
+        wanted = min(want, len(set(hold)) + len(renew or {})) if stale else want
         for _ in range(20 if must else 3):  # more lanes are opportunistic: a few tries
             at = now_us()
-            out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=want, must=must)
+            out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=wanted, must=must)
             if isinstance(out, Wait) and out.paused:  # only a read tells when the pause ends
                 state, calls = self._current(key, spec), calls + 1
-                _dynamo_cache[cache_key] = state
-                out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=want, must=must)
+                _dynamo_cache[cache_key], _dynamo_seen[cache_key] = state, time.monotonic()
+                out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=wanted, must=must)
             if isinstance(out, Wait):
                 return Wait(out.seconds, out.paused, calls)  # booked ahead: wait (a stale view is corrected later)
             if not out:
@@ -441,9 +448,11 @@ class DynamoDBRateLimiter(RateLimiter):
                     state = _from_item(item)
                 else:
                     state, calls = self._current(key, spec), calls + 1
-                _dynamo_cache[cache_key] = state
+                _dynamo_cache[cache_key], _dynamo_seen[cache_key] = state, time.monotonic()
+                wanted = want  # a fresh view now
                 continue
             state = _dynamo_cache[cache_key] = _from_item(resp["Attributes"])
+            _dynamo_seen[cache_key] = time.monotonic()
             return Grant(tuple(out), calls, len(free_lanes(state, at)))
         return Wait(0.05, calls=calls) if must else Grant((), calls, 0)
 

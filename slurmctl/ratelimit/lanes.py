@@ -415,6 +415,7 @@ class Leaser:
         self.pace: dict[int, _Pace] = {}
         self.lane_interval_us = int(spec.lane_s * US)
         self.free_seen = True  # the backend's last answer showed free lanes: looking for more is worth a call
+        self.free_last = spec.lane_count  # how many
         self.probe_at_us, self.probe_step_s = 0, self.PROBE_S[0]
         self.granted = 0
         self.expired = 0
@@ -481,10 +482,12 @@ class Leaser:
 
     def _lease(self, *, want: int, **kw: Any) -> Grant | Wait:
         self.asked_backend_us = self.clock()
-        got = self.backend.lease_lanes(self.key, self.spec, self._lease_size(want), want=want, **kw)
+        # sized for the lanes we will likely hold: ours, plus what the last answer showed free, up to what we want
+        likely = min(want, max(1, len(self._live()) + self.free_last))
+        got = self.backend.lease_lanes(self.key, self.spec, self._lease_size(likely), want=want, **kw)
         self.backend_calls += got.calls
         if isinstance(got, Wait):
-            self.free_seen = False
+            self.free_seen, self.free_last = False, 0
             return got
         if got.leases and got.leases[0].epoch > self.epoch:
             self.held = [h for h in self.held if h.lease.epoch >= got.leases[0].epoch]
@@ -493,16 +496,16 @@ class Leaser:
             self.held.append(_Held(lease))
             self.granted += lease.count
             self.lane_interval_us = lease.interval_us
-        self.free_seen = got.free > 0
+        self.free_seen, self.free_last = got.free > 0, got.free
         return got
 
     def _live(self) -> list[_Held]:
         return [h for h in self.held if not h.renewed and h.left > 0]
 
     def _top_up(self) -> None:
-        """Renew leases about to run out (and the others past half, in the same call, which also takes more lanes if
-        wanted and free); between renewals, take more lanes when the backend's last answer showed free ones (else now
-        and then), and queue for our fair share if we hold less."""
+        """Renew all our leases when one is about to run out (one call, which also takes more lanes if wanted and
+        free); between renewals, take more lanes when the backend's last answer showed free ones, and queue for our
+        fair share if we hold less."""
         live = self._live()
         want = self.wanted_lanes()
         if any(h.left <= min(self.PREFETCH, h.lease.count // 2) for h in live):
@@ -512,18 +515,19 @@ class Leaser:
             self._lease(renew={h.lease.lane: h.lease.end_us for h in renew},
                         hold=[h.lease.lane for h in live if not h.renewed], want=want, must=0)
             return
+        # Between renewals (which take free lanes too, at no extra cost): look for more when the last answer showed
+        # free lanes; and, below our fair share, now and then even when it did not (someone's extra lanes come free
+        # within their lease, and we queue behind them).
         now = self.clock()
-        if live and len(live) < want and (self.free_seen or now >= self.probe_at_us):
-            fair = min(want, self.spec.fair_lanes)
-            got = self._lease(hold=[h.lease.lane for h in live], want=want, must=fair if len(live) < fair else 0)
+        fair = min(want, self.spec.fair_lanes)
+        below_fair = len(live) < fair
+        if live and len(live) < want and (self.free_seen or (below_fair and now >= self.probe_at_us)):
+            got = self._lease(hold=[h.lease.lane for h in live], want=want, must=fair if below_fair else 0)
             if isinstance(got, Grant) and got.leases:
                 self.probe_step_s = self.PROBE_S[0]
-            else:
-                # Every lane taken: look again soon while below our fair share (someone's extra lanes come free
-                # within their lease), rarely once we have it (only an idle or departed worker frees more).
-                step = self.probe_step_s if len(live) < fair else max(self.probe_step_s, 4 * self.PROBE_S[0])
-                self.probe_at_us = now + int(step * US)
-                self.probe_step_s = min(step * 2, self.PROBE_S[1])
+            elif below_fair:
+                self.probe_at_us = now + int(self.probe_step_s * US)
+                self.probe_step_s = min(self.probe_step_s * 2, self.PROBE_S[1])
 
     def _check_signal(self) -> None:
         """At most every ``signal_s``: a new epoch voids our leases; a pause holds us here until resumed.
