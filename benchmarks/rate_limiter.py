@@ -78,7 +78,8 @@ def slurmctl_worker(args: dict, start: tuple, out: str) -> None:
     sys.path[:0] = [str(ROOT)]
     from slurmctl.blocks.manifest_store import store_from_uri
     from slurmctl.blocks.rate_limiter import limiter_from_config
-    from slurmctl.ratelimit.lanes import Leaser, LimitSpec
+    from slurmctl.ratelimit.lanes import LimitSpec
+    from slurmctl.ratelimit.leaser import Leaser
 
     signals = store_from_uri(args["signals"], endpoint_url=args["endpoint"], region="us-east-1")
     backend = limiter_from_config("dynamodb", table=args["table"], endpoint_url=args["endpoint"], region="us-east-1",

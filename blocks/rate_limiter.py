@@ -36,7 +36,6 @@ from slurmctl.blocks.manifest_store import LocalManifestStore, S3ManifestStore
 from slurmctl.ratelimit.lanes import (
     Grant,
     Lease,
-    Leaser,
     LimitSpec,
     LimitState,
     Signal,
@@ -47,6 +46,7 @@ from slurmctl.ratelimit.lanes import (
     plan_lanes,
     throttled_state,
 )
+from slurmctl.ratelimit.leaser import Leaser
 
 log = logging.getLogger("slurmctl.ratelimit")
 

@@ -22,7 +22,8 @@ from support.chaos_api import ChaosApi
 from support.jobs import assert_exactly_once, log_tail, run_cli, status, wait_for, write_config, write_jsonl
 from support.rates import bucket_needed, max_in_window, steady_buckets
 
-from slurmctl.ratelimit.lanes import TRACE_ENV, LimitSpec
+from slurmctl.ratelimit.lanes import LimitSpec
+from slurmctl.ratelimit.leaser import TRACE_ENV
 
 pytestmark = [pytest.mark.integration]
 

@@ -16,7 +16,8 @@ import pytest
 from support.rates import max_in_window, rate_bound
 
 from slurmctl.blocks.rate_limiter import limiter_from_config
-from slurmctl.ratelimit.lanes import US, Lease, Leaser, LimitSpec, Wait, now_us
+from slurmctl.ratelimit.lanes import US, Lease, LimitSpec, Wait, now_us
+from slurmctl.ratelimit.leaser import Leaser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,7 +284,8 @@ def spend(backend_args: dict, key: str, spec: dict, seconds: float, out: str, st
     part of what is measured."""
     sys.path.insert(0, str(ROOT))
     from slurmctl.blocks.rate_limiter import limiter_from_config
-    from slurmctl.ratelimit.lanes import Leaser, LimitSpec
+    from slurmctl.ratelimit.lanes import LimitSpec
+    from slurmctl.ratelimit.leaser import Leaser
 
     backend = CallLog(limiter_from_config(**backend_args))
     backend.read(key)  # connected (and, on DynamoDB, the client made) before the clock runs

@@ -30,7 +30,8 @@ from slurmctl.blocks import rate_limiter
 from slurmctl.blocks.manifest_store import store_from_uri
 from slurmctl.blocks.rate_limiter import DynamoDBRateLimiter, LocalRateLimiter, limiter_from_config
 from slurmctl.handler import BatchContext
-from slurmctl.ratelimit.lanes import US, Leaser, LimitSpec, Signal, SignalNotPublished
+from slurmctl.ratelimit.lanes import US, LimitSpec, Signal, SignalNotPublished
+from slurmctl.ratelimit.leaser import Leaser
 
 
 # --- a worker's side, on a fake clock ------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ from typing import Any
 
 from slurmctl.config import JobConfig, LocalClusterConfig
 from slurmctl.paths import home
-from slurmctl.ratelimit.lanes import Leaser, LimitSpec
+from slurmctl.ratelimit.lanes import LimitSpec
+from slurmctl.ratelimit.leaser import Leaser
 
 
 def limit_key(cfg: JobConfig, name: str) -> str:

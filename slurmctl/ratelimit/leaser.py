@@ -1,0 +1,387 @@
+"""The worker side of a rate limit: one process's spender, holding leases on several lanes (``lanes`` has the maths).
+
+It hands out slots in time order to the process's threads, measures their pace to decide how many lanes to hold,
+renews all its lanes in one backend call, follows pause/rate/throttle epochs through the limit's signal, and reports
+what it cost and how late it handed tokens out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, MutableMapping
+
+from slurmctl.ratelimit.lanes import US, Grant, Lease, LimiterBackend, LimitSpec, Wait, now_us
+from slurmctl.ratelimit.outages import OutageLog
+
+TRACE_ENV = "SLURMCTL_LIMIT_TRACE"  # a directory: every token's slot, hand-out time and lane, one file per process
+
+log = logging.getLogger("slurmctl.ratelimit")
+
+
+@dataclass
+class _Held:
+    """A lease this process is spending."""
+
+    lease: Lease
+    used: int = 0
+    renewed: bool = False
+
+    @property
+    def left(self) -> int:
+        return self.lease.count - self.used
+
+
+@dataclass
+class _Pace:
+    """One calling thread's pace: how long it works between tokens (a moving average)."""
+
+    returned_at: float | None = None  # time.monotonic() when it last got a token
+    work_s: float | None = None
+    seen_at: float = field(default_factory=time.monotonic)
+
+
+class _Trace:
+    """Every token's slot, hand-out time and lane, appended to ``$SLURMCTL_LIMIT_TRACE/<key>.<pid>.txt`` when that
+    variable names a directory: to check a job's grants, or to see the jitter, after the fact."""
+
+    def __init__(self, key: str):
+        self.file = None
+        folder = os.environ.get(TRACE_ENV)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+            self.file = open(os.path.join(folder, f"{name}.{os.getpid()}.txt"), "a", buffering=1)
+
+    def note(self, slot_us: int, handed_us: int, lane: int) -> None:
+        if self.file is not None:
+            self.file.write(f"{slot_us} {handed_us} {lane}\n")
+
+
+class Leaser:
+    """One process's spender for one limit: holds leases on several lanes and hands out their slots in time order.
+
+    Thread-safe. ``acquire(n)`` blocks until ``n`` slots are due and returns the seconds it waited. How many lanes it
+    holds follows how fast its callers are: each calling thread's time between tokens is measured, and the process
+    holds as many lanes as its threads could spend without falling behind (their summed pace within 80 % of the
+    slots' spacing), or its fair share (``LimitSpec.workers``) when that is more and the lanes are free — a slow worker
+    then has a slot close to whenever it is ready. All its lanes are renewed in one backend call.
+    """
+
+    PREFETCH = 2  # renew leases when this many slots are left, so the lanes continue without a gap
+    SIGNAL_RETRY_S = 0.2  # a failed signal read is tried again this soon (then doubling, up to signal_s)
+    PAUSE_RECHECK_S = 10.0  # while the signal says paused, ask the backend this often whether the pause holds
+    PROBE_S = (1.0, 16.0)  # looking for more lanes when the last answer showed none free: after this, doubling
+    TOKENS_PER_CALL = 32  # a lease is sized to last this many of our tokens
+    SETTLE_S = 2.0  # a worker of a job takes no more than its fair share of lanes this long after it first asked
+
+    def __init__(self, backend: LimiterBackend, key: str, spec: LimitSpec,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], int] = now_us):
+        self.backend, self.key, self.spec = backend, key, spec
+        self.sleep, self.clock = sleep, clock
+        self.lock = threading.Lock()
+        self.held: list[_Held] = []
+        self.epoch = -1
+        self.next_signal_us = 0
+        self.pace: dict[int, _Pace] = {}
+        self.lane_interval_us = int(spec.lane_s * US)
+        self.free_seen = True  # the backend's last answer showed free lanes: looking for more is worth a call
+        self.free_last = spec.lane_count  # how many
+        self.probe_at_us, self.probe_step_s = 0, self.PROBE_S[0]
+        self.granted = 0
+        self.expired = 0
+        self.waited_s = 0.0
+        self.backend_calls = 0
+        self.signal_calls = 0
+        self.paused_s = 0.0
+        self.handed = 0
+        self.late_us_max = 0  # the latest a token was handed out after its slot (the jitter this side adds)
+        self.asked_backend_us = 0  # when we last asked the backend for a lease (it is the truth; the signal a hint)
+        self.started_us = clock()
+        self.trace = _Trace(key)
+        seconds = lambda: self.clock() / US  # noqa: E731
+        self.signal_log = OutageLog(log, f"reading the signal of rate limit {key!r}", clock=seconds)
+        self.report_log = OutageLog(log, f"reporting throttling of rate limit {key!r}", clock=seconds)
+
+    @property
+    def signal_errors(self) -> int:
+        return self.signal_log.failures
+
+    @property
+    def throttle_report_errors(self) -> int:
+        return self.report_log.failures
+
+    # --- how many lanes this process can spend -------------------------------------------------------------------
+    def capacity(self) -> float | None:
+        """Tokens/s this process's threads could spend if slots never made them wait (None: not measured yet)."""
+        now, total = time.monotonic(), 0.0
+        for ident, pace in list(self.pace.items()):
+            if now - pace.seen_at > max(10.0, 4 * (pace.work_s or 0.0)):
+                del self.pace[ident]  # a thread that stopped asking (its batch ended)
+                continue
+            if pace.work_s is None:
+                return None
+            total += 1 / max(pace.work_s, 1e-4)
+        return total or None
+
+    def wanted_lanes(self) -> int:
+        capacity = self.capacity()
+        owned = int(capacity * 0.8 * self.lane_interval_us / US) if capacity else 0
+        fair = self.spec.fair_lanes
+        if self.spec.workers and self.spec.workers > 1 and self.clock() - self.started_us < self.SETTLE_S * US:
+            owned = min(owned, fair)  # the job's other workers are starting too: their share is theirs to take
+        return max(1, min(self.spec.lane_count, max(owned, fair)))
+
+    def _note_work(self, pace: _Pace) -> None:
+        pace.seen_at = time.monotonic()
+        if pace.returned_at is not None:
+            sample = min(pace.seen_at - pace.returned_at, self.lane_interval_us / US)
+            pace.work_s = sample if pace.work_s is None else 0.8 * pace.work_s + 0.2 * sample
+
+    # --- leases ----------------------------------------------------------------------------------------------------
+    def _lease_size(self, lanes: int) -> int:
+        """Slots per lane for a lease of ``lanes`` lanes: enough for about ``TOKENS_PER_CALL`` tokens at the pace this
+        process spends them (so the backend sees ~1 call per that many tokens), at most ``lease_size``. A process
+        holding many lanes thus holds each briefly: lanes it stops spending come free within seconds."""
+        lane_rate = US / self.lane_interval_us
+        spend = lanes * lane_rate
+        capacity = self.capacity()
+        if capacity:
+            spend = min(spend, capacity)
+        slots = math.ceil(self.TOKENS_PER_CALL / (spend * self.lane_interval_us / US))
+        return max(2 * self.PREFETCH, min(self.spec.lease_size, slots))
+
+    def _lease(self, *, want: int, **kw: Any) -> Grant | Wait:
+        self.asked_backend_us = self.clock()
+        # sized for the lanes we will likely hold: ours, plus what the last answer showed free, up to what we want
+        likely = min(want, max(1, len(self._live()) + self.free_last))
+        got = self.backend.lease_lanes(self.key, self.spec, self._lease_size(likely), want=want, **kw)
+        self.backend_calls += got.calls
+        if isinstance(got, Wait):
+            self.free_seen, self.free_last = False, 0
+            return got
+        if got.leases and got.leases[0].epoch > self.epoch:
+            self.held = [h for h in self.held if h.lease.epoch >= got.leases[0].epoch]
+            self.epoch = got.leases[0].epoch
+        for lease in got.leases:
+            self.held.append(_Held(lease))
+            self.granted += lease.count
+            self.lane_interval_us = lease.interval_us
+        self.free_seen, self.free_last = got.free > 0, got.free
+        return got
+
+    def _live(self) -> list[_Held]:
+        return [h for h in self.held if not h.renewed and h.left > 0]
+
+    def _top_up(self) -> None:
+        """Renew all our leases when one is about to run out (one call, which also takes more lanes if wanted and
+        free); between renewals, take more lanes when the backend's last answer showed free ones, and queue for our
+        fair share if we hold less."""
+        live = self._live()
+        want = self.wanted_lanes()
+        if any(h.left <= min(self.PREFETCH, h.lease.count // 2) for h in live):
+            renew = live  # all of them: one call per lease span, however the lanes' phases drift apart
+            for h in renew:
+                h.renewed = True
+            self._lease(renew={h.lease.lane: h.lease.end_us for h in renew},
+                        hold=[h.lease.lane for h in live if not h.renewed], want=want, must=0)
+            return
+        # Between renewals (which take free lanes too, at no extra cost): look for more when the last answer showed
+        # free lanes; and, below our fair share, now and then even when it did not (someone's extra lanes come free
+        # within their lease, and we queue behind them).
+        now = self.clock()
+        fair = min(want, self.spec.fair_lanes)
+        below_fair = len(live) < fair
+        if live and len(live) < want and (self.free_seen or (below_fair and now >= self.probe_at_us)):
+            got = self._lease(hold=[h.lease.lane for h in live], want=want, must=fair if below_fair else 0)
+            if isinstance(got, Grant) and got.leases:
+                self.probe_step_s = self.PROBE_S[0]
+            elif below_fair:
+                self.probe_at_us = now + int(self.probe_step_s * US)
+                self.probe_step_s = min(self.probe_step_s * 2, self.PROBE_S[1])
+
+    def _check_signal(self) -> None:
+        """At most every ``signal_s``: a new epoch voids our leases; a pause holds us here until resumed.
+
+        The signal is a hint, the backend the truth: every lease carries its epoch, and the backend grants leases only
+        in its current epoch and never while paused. So a worker that cannot read the signal keeps spending the leases
+        it holds — it follows a change at its next lease at the latest, the same bound as for a limit shared with
+        another job — and tries the signal again soon; the failure is logged once per outage and counted. A signal
+        older than our epoch (a lease told us of a newer one) is stale and ignored, and while the signal says paused
+        we ask the backend every ``PAUSE_RECHECK_S``: a resume whose signal could not be published holds no one.
+        """
+        while self.clock() >= self.next_signal_us:
+            self.next_signal_us = self.clock() + int(self.spec.signal_s * US)
+            self.signal_calls += 1
+            try:
+                sig = self.backend.signal(self.key)
+            except Exception as exc:
+                self.signal_log.failed(exc)
+                retry_s = self.SIGNAL_RETRY_S * 2 ** min(self.signal_log.consecutive - 1, 16)
+                self.next_signal_us = self.clock() + int(min(self.spec.signal_s, retry_s) * US)
+                return
+            self.signal_log.succeeded()
+            if sig is None or sig.epoch < self.epoch:
+                return  # nothing signalled yet, or older news than our last lease brought
+            if sig.epoch > self.epoch:
+                self.held, self.epoch = [], sig.epoch
+                self.free_seen, self.probe_step_s = True, self.PROBE_S[0]
+            if not sig.paused:
+                return
+            if self.clock() - self.asked_backend_us >= int(self.PAUSE_RECHECK_S * US):
+                return  # a lease asks the backend whether the pause still holds (and waits if it does)
+            self.paused_s += self.spec.signal_s
+            self.waited_s += self.spec.signal_s
+            self.sleep(self.spec.signal_s)
+
+    def _wait_until(self, slot_us: int) -> tuple[float, bool]:
+        """Sleep until our slot, checking the signal on the way: a slot can lie a lease span ahead (seconds), and a
+        pause, rate change or throttling signalled meanwhile voids it. Returns (seconds slept, whether the slot still
+        stands); a voided slot is given up and the caller asks for a new one (after the pause, at the new rate)."""
+        epoch, slept = self.epoch, 0.0
+        while True:
+            now = self.clock()
+            if now >= slot_us:
+                return slept, True
+            step = min(slot_us, max(self.next_signal_us, now)) - now
+            if step > 0:
+                self.sleep(step / US)
+                slept += step / US
+            if self.clock() < slot_us:
+                self._check_signal()
+                if self.epoch != epoch:
+                    return slept, False
+
+    def _next_slot(self) -> tuple[int, int]:
+        """The time and lane of this process's next slot, leasing more when needed."""
+        late_us = int(self.spec.late_allowance_s * US)
+        while True:
+            self._check_signal()
+            self._top_up()
+            late_ok = self.clock() - late_us
+            best: tuple[int, _Held] | None = None
+            for h in self.held:
+                lease = h.lease
+                # Slots later than `late_ok` have passed unused: skip them, keep the rest of the lease.
+                first_usable = max(h.used, -(-(late_ok - lease.start_us) // lease.interval_us))
+                if first_usable > h.used:
+                    skipped = min(first_usable, lease.count) - h.used
+                    self.expired += skipped
+                    h.used += skipped
+                if h.left > 0:
+                    slot = lease.start_us + h.used * lease.interval_us
+                    if best is None or slot < best[0]:
+                        best = (slot, h)
+            self.held = [h for h in self.held if h.left > 0 or not h.renewed]
+            if best is not None:
+                best[1].used += 1
+                return best[0], best[1].lease.lane
+            self.held = [h for h in self.held if h.left > 0]
+            want = self.wanted_lanes()
+            got = self._lease(hold=(), want=want, must=max(1, min(want, self.spec.fair_lanes)))
+            if isinstance(got, Wait):
+                # Spread the retries of workers that were all told to wait: no thundering herd on the backend.
+                pause = got.seconds + random.uniform(0, self.spec.signal_s)
+                if got.paused:
+                    self.paused_s += pause
+                    self.next_signal_us = 0
+                self.waited_s += pause
+                self.sleep(pause)
+
+    def acquire(self, tokens: int = 1, tally: MutableMapping[str, float] | None = None) -> float:
+        """Block until ``tokens`` slots are due; return the seconds waited for them. ``tally`` (e.g. a batch's
+        metrics) gets what this call cost besides: backend calls, expired slots, time paused, signal errors, and
+        ``late_ms_max``, how late after its slot a token was handed out (jitter this side adds to the request)."""
+        with self.lock:
+            before = self._counters()
+            late_max, late_us = 0, int(self.spec.late_allowance_s * US)
+            try:
+                pace = self.pace.setdefault(threading.get_ident(), _Pace())
+                self._note_work(pace)
+                waited = 0.0
+                for i in range(tokens):
+                    if i:  # tokens asked for at once: the caller spends them as fast as they come
+                        pace.work_s = 0.8 * (pace.work_s or 0.0)
+                    while True:
+                        slot, lane = self._next_slot()
+                        slept, valid = self._wait_until(slot)
+                        waited += slept
+                        handed = self.clock()
+                        if valid and handed - slot <= late_us:
+                            break
+                        if valid:  # the process was held up (GIL, scheduler) past the allowance: that slot passed
+                            self.expired += 1
+                    late_max = max(late_max, handed - slot)
+                    self.trace.note(slot, handed, lane)
+                self.handed += tokens
+                self.late_us_max = max(self.late_us_max, late_max)
+                self.waited_s += waited
+                pace.returned_at = time.monotonic()
+                return waited
+            finally:
+                self._tally(before, tally)
+                if tally is not None:
+                    tally["late_ms_max"] = max(tally.get("late_ms_max", 0), round(late_max / 1000, 1))
+
+    def throttled(self, retry_after_s: float | None, tally: MutableMapping[str, float] | None = None) -> None:
+        """The API said 429. The backend counts it; several close together are a quota change (a new epoch, which
+        voids our leases too). A sporadic one changes nothing here: the request waits its Retry-After."""
+        with self.lock:
+            before = self._counters()
+            self.backend_calls += 1
+            try:
+                state = self.backend.report_throttle(self.key, self.spec, retry_after_s)
+            except Exception as exc:
+                # Never hide the API's error behind the limiter's (the caller re-raises the API's): count and log
+                # this one, and stop spending our leases; other workers report their 429s, and our next lease
+                # follows whatever the backend says.
+                self.report_log.failed(exc)
+                self.held = []
+            else:
+                self.report_log.succeeded()
+                if state.epoch > self.epoch:
+                    self.held, self.epoch = [], state.epoch
+            self._tally(before, tally)
+
+    def _counters(self) -> dict[str, float]:
+        return {"backend_calls": self.backend_calls, "expired": self.expired, "paused_s": self.paused_s,
+                "signal_errors": self.signal_errors, "throttle_report_errors": self.throttle_report_errors}
+
+    def _tally(self, before: dict[str, float], tally: MutableMapping[str, float] | None) -> None:
+        """Add what changed since ``before`` (all of it by this call: we hold the lock) to ``tally``."""
+        if tally is None:
+            return
+        for name, value in self._counters().items():
+            if value != before[name]:
+                tally[name] = round(tally.get(name, 0) + value - before[name], 3)
+
+    def close(self) -> None:
+        """Give back the unused tails of our leases (one call), so the next worker need not wait for them to pass."""
+        with self.lock:
+            now = self.clock()
+            tails: list[tuple[Lease, int]] = []
+            for h in self.held:
+                future = min(h.left, max(0, -(-(h.lease.end_us - now) // h.lease.interval_us)))
+                if future > 0 and future == h.left:  # the lease's unused tail, nothing skipped before it
+                    tails.append((h.lease, future))
+                elif h.left:
+                    self.expired += h.left
+            if tails:
+                self.backend_calls += 1
+                released = self.backend.release_lanes(self.key, tails)
+                self.expired += sum(n for _, n in tails) - released  # booked after by someone: they just pass
+            self.held = []
+
+    def metrics(self, name: str) -> dict[str, float]:
+        return {f"ratelimit_{name}_granted": self.granted, f"ratelimit_{name}_wait_s": round(self.waited_s, 3),
+                f"ratelimit_{name}_backend_calls": self.backend_calls,
+                f"ratelimit_{name}_expired": self.expired, f"ratelimit_{name}_paused_s": round(self.paused_s, 3),
+                f"ratelimit_{name}_signal_errors": self.signal_errors,
+                f"ratelimit_{name}_throttle_report_errors": self.throttle_report_errors,
+                f"ratelimit_{name}_late_ms_max": round(self.late_us_max / 1000, 1)}
