@@ -34,15 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
 from support.chaos_api import ChaosApi  # noqa: E402
+from support.jobs import write_config  # noqa: E402
 from support.rates import steady_buckets  # noqa: E402
 from support.servers import BIN, free_port, stop, wait_http  # noqa: E402
-
-
-def write_config(path: Path, **cfg) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 def run_cell(args: argparse.Namespace, env: dict, tmp: Path, workers: int, threads: int, latency_ms: float,

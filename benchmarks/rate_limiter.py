@@ -21,7 +21,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,25 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-BIN = Path(sys.executable).parent
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except Exception:
-            time.sleep(0.3)
-    raise TimeoutError(url)
+from support.servers import BIN, free_port, wait_http  # noqa: E402
 
 
 def get(url: str) -> int:
@@ -156,7 +139,7 @@ def main() -> None:
     parser.add_argument("--api-burst", type=float, default=5, help="the API's bucket capacity")
     parser.add_argument("--work-ms", type=float, default=0, help="a handler's other work per request (slow workers)")
     parser.add_argument("--lease-size", type=int, default=16)
-    parser.add_argument("--lanes", type=int, default=None, help="default: one per 2 req/s")
+    parser.add_argument("--lanes", type=int, default=None, help="default: one per 1.25 req/s, at most 64")
     parser.add_argument("--skip-prefect", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -218,9 +218,25 @@ def _from_item(item: dict[str, Any]) -> LimitState:
     return LimitState(**values)
 
 
-_dynamo_cache: dict[tuple[str, str], LimitState] = {}
-_dynamo_seen: dict[tuple[str, str], float] = {}  # when each cached view was read (time.monotonic())
+# This process's last view of each limit's item, and when it was read (time.monotonic()).
+_dynamo_views: dict[tuple[str, str], tuple[LimitState, float]] = {}
 FRESH_VIEW_S = 0.5  # a view this recent is worth planning extra lanes from; an older one is only good for renewals
+
+
+def _remember(cache_key: tuple[str, str], state: LimitState) -> LimitState:
+    _dynamo_views[cache_key] = (state, time.monotonic())
+    return state
+
+
+def _lane_swaps(changes: list[tuple[int, int, int]], values: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """SET and condition clauses moving each lane's tat from ``old`` to ``new`` ((lane, old, new) triples), only if
+    it is still ``old``: one ``UpdateItem`` changes several lanes, and lanes other workers change never conflict."""
+    sets, conds = [], []
+    for i, (lane, old, new) in enumerate(changes):
+        sets.append(f"t{lane} = :new{i}")
+        conds.append(f"t{lane} = :old{i}")
+        values[f":new{i}"], values[f":old{i}"] = {"N": str(new)}, {"N": str(old)}
+    return sets, conds
 
 # botocore's retry budget for signals, far shorter than the job store's (10 retries with backoff of up to 20 s: about
 # 1.5 min per call in an outage). A poll runs inside a worker's token acquisition: stuck in botocore that long, the
@@ -391,7 +407,7 @@ class DynamoDBRateLimiter(RateLimiter):
                 if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
                     continue
                 raise
-            _dynamo_cache[(self.table_name, key)], _dynamo_seen[(self.table_name, key)] = state, time.monotonic()
+            _remember((self.table_name, key), state)
             if publish or state.epoch != old_epoch:
                 self._publish(state, spec)
             return out, state
@@ -406,21 +422,19 @@ class DynamoDBRateLimiter(RateLimiter):
         client = self._client()
         cache_key = (self.table_name, key)
         calls = 0
-        state = _dynamo_cache.get(cache_key)
+        state, seen = _dynamo_views.get(cache_key) or (None, 0.0)
         if state is None:
-            state, calls = self._current(key, spec), 1
-            _dynamo_seen[cache_key] = time.monotonic()
+            state, calls, seen = _remember(cache_key, self._current(key, spec)), 1, time.monotonic()
         hold = list(hold)
         # A renewal planned from an old view would pick lanes that only looked free then (and fail on them): renew
         # first; the answer is a fresh view, and free lanes it shows are taken by the next call.
-        stale = renew and time.monotonic() - _dynamo_seen.get(cache_key, 0.0) > FRESH_VIEW_S
+        stale = renew and time.monotonic() - seen > FRESH_VIEW_S
         wanted = min(want, len(set(hold)) + len(renew or {})) if stale else want
         for _ in range(20 if must else 3):  # more lanes are opportunistic: a few tries
             at = now_us()
             out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=wanted, must=must)
             if isinstance(out, Wait) and out.paused:  # only a read tells when the pause ends
-                state, calls = self._current(key, spec), calls + 1
-                _dynamo_cache[cache_key], _dynamo_seen[cache_key] = state, time.monotonic()
+                state, calls = _remember(cache_key, self._current(key, spec)), calls + 1
                 out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=wanted, must=must)
             if isinstance(out, Wait):
                 return Wait(out.seconds, out.paused, calls)  # booked ahead: wait (a stale view is corrected later)
@@ -428,31 +442,25 @@ class DynamoDBRateLimiter(RateLimiter):
                 return Grant((), calls, 0)  # nothing free in our view: no call
             values: dict[str, Any] = {":g": {"N": str(n * len(out))}, ":f": {"BOOL": False},
                                       ":e": {"N": str(state.epoch)}}
-            sets, conds = ["granted = granted + :g"], ["epoch = :e", "paused = :f"]
-            for i, lease in enumerate(out):
-                sets.append(f"t{lease.lane} = :n{i}")
-                conds.append(f"t{lease.lane} = :o{i}")
-                values[f":n{i}"] = {"N": str(lease.end_us)}
-                values[f":o{i}"] = {"N": str(state.tats[lease.lane])}
+            sets, conds = _lane_swaps([(lease.lane, state.tats[lease.lane], lease.end_us) for lease in out], values)
             calls += 1
             try:
                 resp = client.update_item(TableName=self.table_name, Key={"key": {"S": key}},
-                                          UpdateExpression="SET " + ", ".join(sets),
-                                          ConditionExpression=" AND ".join(conds), ExpressionAttributeValues=values,
+                                          UpdateExpression="SET " + ", ".join(["granted = granted + :g", *sets]),
+                                          ConditionExpression=" AND ".join(["epoch = :e", "paused = :f", *conds]),
+                                          ExpressionAttributeValues=values,
                                           ReturnValues="ALL_NEW", ReturnValuesOnConditionCheckFailure="ALL_OLD")
             except ClientError as exc:
                 if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                     raise
                 item = exc.response.get("Item")
                 if item:
-                    state = _from_item(item)
+                    state = _remember(cache_key, _from_item(item))
                 else:
-                    state, calls = self._current(key, spec), calls + 1
-                _dynamo_cache[cache_key], _dynamo_seen[cache_key] = state, time.monotonic()
+                    state, calls = _remember(cache_key, self._current(key, spec)), calls + 1
                 wanted = want  # a fresh view now
                 continue
-            state = _dynamo_cache[cache_key] = _from_item(resp["Attributes"])
-            _dynamo_seen[cache_key] = time.monotonic()
+            state = _remember(cache_key, _from_item(resp["Attributes"]))
             return Grant(tuple(out), calls, len(free_lanes(state, at)))
         return Wait(0.05, calls=calls) if must else Grant((), calls, 0)
 
@@ -464,16 +472,13 @@ class DynamoDBRateLimiter(RateLimiter):
                 return 0
             values: dict[str, Any] = {":n": {"N": str(sum(u for _, u in tails))},
                                       ":e": {"N": str(tails[0][0].epoch)}}
-            sets, conds = ["granted = granted - :n"], ["epoch = :e"]
-            for i, (lease, unused) in enumerate(tails):
-                sets.append(f"t{lease.lane} = :t{i}")
-                conds.append(f"t{lease.lane} = :end{i}")
-                values[f":t{i}"] = {"N": str(lease.end_us - unused * lease.interval_us)}
-                values[f":end{i}"] = {"N": str(lease.end_us)}
+            sets, conds = _lane_swaps([(lease.lane, lease.end_us, lease.end_us - unused * lease.interval_us)
+                                       for lease, unused in tails], values)
             try:
                 self._client().update_item(TableName=self.table_name, Key={"key": {"S": key}},
-                                           UpdateExpression="SET " + ", ".join(sets),
-                                           ConditionExpression=" AND ".join(conds), ExpressionAttributeValues=values,
+                                           UpdateExpression="SET " + ", ".join(["granted = granted - :n", *sets]),
+                                           ConditionExpression=" AND ".join(["epoch = :e", *conds]),
+                                           ExpressionAttributeValues=values,
                                            ReturnValuesOnConditionCheckFailure="ALL_OLD")
                 return sum(u for _, u in tails)
             except ClientError as exc:

@@ -154,7 +154,7 @@ class RateLimitConfig(_Strict):
                                                                  "(default per_second*10).")
     lease_size: int = Field(default=16, gt=0, description="Slots of each lane a worker leases in one backend write.")
     lanes: int | None = Field(default=None, ge=1, le=64, description="Interleaved schedules a lease is taken from "
-                                                                    "(default: one per 0.625 requests/s, at most 64).")
+                                                                    "(default: one per 1.25 requests/s, at most 64).")
     throttle_strikes: int = Field(default=3, ge=1, description="429s within a few seconds (at least 2 s, at least 8 "
                                   "slots) that mean the API lowered its quota: the shared rate then halves. Fewer "
                                   "are sporadic: only their requests wait their Retry-After.")

@@ -91,8 +91,8 @@ class Leaser:
         self.next_signal_us = 0
         self.pace: dict[int, _Pace] = {}
         self.lane_interval_us = int(spec.lane_s * US)
-        self.free_seen = True  # the backend's last answer showed free lanes: looking for more is worth a call
-        self.free_last = spec.lane_count  # how many
+        self.free_last = spec.lane_count  # lanes free in the backend's last answer: looking for more is worth a call
+        self.late_us = int(spec.late_allowance_s * US)  # a slot may be handed out this late, no later
         self.probe_at_us, self.probe_step_s = 0, self.PROBE_S[0]
         self.granted = 0
         self.expired = 0
@@ -100,7 +100,6 @@ class Leaser:
         self.backend_calls = 0
         self.signal_calls = 0
         self.paused_s = 0.0
-        self.handed = 0
         self.late_us_max = 0  # the latest a token was handed out after its slot (the jitter this side adds)
         self.asked_backend_us = 0  # when we last asked the backend for a lease (it is the truth; the signal a hint)
         self.started_us = clock()
@@ -164,7 +163,7 @@ class Leaser:
         got = self.backend.lease_lanes(self.key, self.spec, self._lease_size(likely), want=want, **kw)
         self.backend_calls += got.calls
         if isinstance(got, Wait):
-            self.free_seen, self.free_last = False, 0
+            self.free_last = 0
             return got
         if got.leases and got.leases[0].epoch > self.epoch:
             self.held = [h for h in self.held if h.lease.epoch >= got.leases[0].epoch]
@@ -173,7 +172,7 @@ class Leaser:
             self.held.append(_Held(lease))
             self.granted += lease.count
             self.lane_interval_us = lease.interval_us
-        self.free_seen, self.free_last = got.free > 0, got.free
+        self.free_last = got.free
         return got
 
     def _live(self) -> list[_Held]:
@@ -189,8 +188,7 @@ class Leaser:
             renew = live  # all of them: one call per lease span, however the lanes' phases drift apart
             for h in renew:
                 h.renewed = True
-            self._lease(renew={h.lease.lane: h.lease.end_us for h in renew},
-                        hold=[h.lease.lane for h in live if not h.renewed], want=want, must=0)
+            self._lease(renew={h.lease.lane: h.lease.end_us for h in renew}, want=want, must=0)
             return
         # Between renewals (which take free lanes too, at no extra cost): look for more when the last answer showed
         # free lanes; and, below our fair share, now and then even when it did not (someone's extra lanes come free
@@ -198,7 +196,7 @@ class Leaser:
         now = self.clock()
         fair = min(want, self.spec.fair_lanes)
         below_fair = len(live) < fair
-        if live and len(live) < want and (self.free_seen or (below_fair and now >= self.probe_at_us)):
+        if live and len(live) < want and (self.free_last > 0 or (below_fair and now >= self.probe_at_us)):
             got = self._lease(hold=[h.lease.lane for h in live], want=want, must=fair if below_fair else 0)
             if isinstance(got, Grant) and got.leases:
                 self.probe_step_s = self.PROBE_S[0]
@@ -231,7 +229,7 @@ class Leaser:
                 return  # nothing signalled yet, or older news than our last lease brought
             if sig.epoch > self.epoch:
                 self.held, self.epoch = [], sig.epoch
-                self.free_seen, self.probe_step_s = True, self.PROBE_S[0]
+                self.free_last, self.probe_step_s = self.spec.lane_count, self.PROBE_S[0]
             if not sig.paused:
                 return
             if self.clock() - self.asked_backend_us >= int(self.PAUSE_RECHECK_S * US):
@@ -260,11 +258,10 @@ class Leaser:
 
     def _next_slot(self) -> tuple[int, int]:
         """The time and lane of this process's next slot, leasing more when needed."""
-        late_us = int(self.spec.late_allowance_s * US)
         while True:
             self._check_signal()
             self._top_up()
-            late_ok = self.clock() - late_us
+            late_ok = self.clock() - self.late_us
             best: tuple[int, _Held] | None = None
             for h in self.held:
                 lease = h.lease
@@ -300,7 +297,7 @@ class Leaser:
         ``late_ms_max``, how late after its slot a token was handed out (jitter this side adds to the request)."""
         with self.lock:
             before = self._counters()
-            late_max, late_us = 0, int(self.spec.late_allowance_s * US)
+            late_max = 0
             try:
                 pace = self.pace.setdefault(threading.get_ident(), _Pace())
                 self._note_work(pace)
@@ -313,13 +310,12 @@ class Leaser:
                         slept, valid = self._wait_until(slot)
                         waited += slept
                         handed = self.clock()
-                        if valid and handed - slot <= late_us:
+                        if valid and handed - slot <= self.late_us:
                             break
                         if valid:  # the process was held up (GIL, scheduler) past the allowance: that slot passed
                             self.expired += 1
                     late_max = max(late_max, handed - slot)
                     self.trace.note(slot, handed, lane)
-                self.handed += tokens
                 self.late_us_max = max(self.late_us_max, late_max)
                 self.waited_s += waited
                 pace.returned_at = time.monotonic()
