@@ -1,13 +1,16 @@
-"""Phase 2: map ``process_batch`` over the plan on the job's Dask cluster, with a bounded number in flight.
+"""Phase 2: the uncommitted batches, cut into shards, as ``process_shard`` task runs on the job's Dask cluster.
 
-``run_batches`` is shared with the retry phase: it keeps at most ``max_in_flight`` futures, folds each finished
-batch's small summary into the job's counters, writes them to the job manifest every couple of seconds (the
-progress ``slurmctl status`` reads; the coordinator's liveness is its separate heartbeat), and runs a batch again — without touching its retry budget — when the worker
-running it died. Batches already committed are skipped, so a resumed job picks up where the last coordinator stopped.
+``run_batches`` is shared with the retry phase. It plans the shards (``slurmctl.books.shards``: a bounded number of
+task runs whatever the job's size), keeps at most two per worker thread in flight, folds each batch's summary into
+the job's counters as its commit is reported (a Dask event per commit; the shard's result confirms them), writes the
+counters to the job manifest every couple of seconds (the progress ``slurmctl status`` reads; the coordinator's
+liveness is its separate heartbeat), and when a worker dies queues its shard's uncommitted batches again, without
+touching the retry budget. Batches already committed are skipped, so a resumed job re-cuts only what is left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import shutil
@@ -22,10 +25,12 @@ from prefect.context import get_run_context
 from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.failures import committed_batch_ids, committed_tasks
 from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, counts_from_tasks, now
+from slurmctl.books.shards import Budget, Shard, plan_shards, worker_slots
 from slurmctl.books.store import load_job, read_plan, save_job, store_for
 from slurmctl.config import JobConfig, parse_config
 from slurmctl.records import BatchSpec
-from slurmctl.tasks.process_batch import process_batch
+from slurmctl.tasks.process_batch import summary_of
+from slurmctl.tasks.process_shard import commits_topic, process_shard
 
 HEARTBEAT_S = 2.0
 # Exceptions that mean "the worker (or its Slurm job) running this batch went away", not "the batch failed".
@@ -88,62 +93,128 @@ def is_worker_loss(exc: BaseException) -> bool:
     return bool(names & set(WORKER_LOSS))
 
 
+class CommitFeed:
+    """Batch commits as the shards report them (Dask events), so the counters move per batch, not per shard."""
+
+    def __init__(self, job_id: str) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self.topic = commits_topic(job_id)
+        try:
+            self.client = get_run_context().task_runner.client
+        except Exception:  # not on a Dask task runner (unit tests): the shards' results alone count
+            self.client = None
+        if self.client is not None:
+            self.client.subscribe_topic(self.topic, lambda event: self.queue.put(event[1]))
+
+    def drain(self) -> list[dict[str, Any]]:
+        out = []
+        while True:
+            try:
+                out.append(self.queue.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.unsubscribe_topic(self.topic)
+
+
 def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: list[BatchSpec],
-                done: set[str] | None = None) -> list[str]:
-    """Run ``specs`` (already-committed ones skipped) and keep ``job.counts`` current; return failed batch ids."""
+                done: set[str] | None = None, max_shards: int | None = None,
+                check_commits: bool = False) -> list[str]:
+    """Run ``specs`` (already-committed ones skipped) as shards and keep ``job.counts`` current; return failed
+    batch ids. ``check_commits``: the shards read each batch's commit before running it (a caller that has not
+    just listed the commits)."""
     logger = get_run_logger()
     done = set(committed_batch_ids(store, job.job_id)) if done is None else done
-    todo = deque(b for b in specs if b.batch_id not in done)
-    task = process_batch.with_options(retries=cfg.batch_retries, result_storage=saved_store(store))
+    todo_specs = [b for b in specs if b.batch_id not in done]
+    slots = worker_slots(cfg)
+    shards = deque((shard, check_commits) for shard in plan_shards(
+        todo_specs, slots, max_shards or Budget.of(cfg).process))
+    if todo_specs:
+        logger.info("%s batches in %s shards (task runs) over %s worker threads", len(todo_specs), len(shards), slots)
+    task = process_shard.with_options(retries=cfg.batch_retries, result_storage=saved_store(store))
     finished: queue.Queue = queue.Queue()
-    in_flight: dict[Any, BatchSpec] = {}
+    in_flight: dict[Any, Shard] = {}
     requeues: dict[str, int] = {}
+    counted: set[str] = set()
     failed: list[str] = []
     last_beat = 0.0
     watch = WorkerWatch(cfg)
+    feed = CommitFeed(job.job_id)
+    limit = max(1, min(cfg.max_in_flight, 2 * slots))
+
+    def fold(summary: dict[str, Any]) -> None:
+        if summary["batch_id"] not in counted:
+            counted.add(summary["batch_id"])
+            job.counts.add(summary)
 
     def beat(force: bool = False) -> None:
         nonlocal last_beat
+        for summary in feed.drain():
+            fold(summary)
         if force or time.monotonic() - last_beat >= HEARTBEAT_S:
             save_job(store, job)
             last_beat = time.monotonic()
             watch.check(waiting=bool(in_flight))
 
-    while todo or in_flight:
-        while todo and len(in_flight) < cfg.max_in_flight:
-            spec = todo.popleft()
-            future = task.submit(cfg, store, spec.to_dict(), handler_version=job.handler_version or "")
-            in_flight[future] = spec
-            future.add_done_callback(finished.put)
-        try:
-            future = finished.get(timeout=HEARTBEAT_S)
-        except queue.Empty:
-            beat()
-            continue
-        spec = in_flight.pop(future)
-        try:
-            summary = future.result()
-        except BaseException as exc:
-            if is_worker_loss(exc) and requeues.get(spec.batch_id, 0) < cfg.worker_loss_requeues:
-                requeues[spec.batch_id] = requeues.get(spec.batch_id, 0) + 1
-                job.worker_loss_requeues += 1
-                logger.warning("batch %s lost its worker (%s: %s); running it again (%s/%s)", spec.batch_id,
-                               type(exc).__name__, exc, requeues[spec.batch_id], cfg.worker_loss_requeues)
-                todo.appendleft(spec)
-                beat(force=True)  # rare: operators see the requeue in the job manifest at once
+    try:
+        while shards or in_flight:
+            while shards and len(in_flight) < limit:
+                shard, check = shards.popleft()
+                future = task.submit(cfg, store, shard.to_dict(), handler_version=job.handler_version or "",
+                                     check_commits=check)
+                in_flight[future] = shard
+                future.add_done_callback(finished.put)
+            try:
+                future = finished.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                beat()
                 continue
-            failed.append(spec.batch_id)
-            job.counts.batches_failed += 1
-            error = f"{type(exc).__name__}: {exc}"
-            logger.error("batch %s failed: %s", spec.batch_id, error)
-            store.put_json(Keys(job.job_id).failed_task(spec.batch_id), TaskManifest(
-                job_id=job.job_id, batch_id=spec.batch_id, task_id=spec.batch_id, group=spec.group, status="failed",
-                started_at=now(), finished_at=now(), items=spec.records, error=error[:2000],
-            ).model_dump(mode="json"))
-        else:
-            job.counts.add(summary)
-        beat()
+            shard = in_flight.pop(future)
+            try:
+                for summary in future.result():
+                    fold(summary)
+            except BaseException as exc:
+                beat()  # commits the shard reported before it ended are counted first
+                left = [s for s in shard.specs if s.batch_id not in counted]
+                if is_worker_loss(exc) and requeues.get(shard.name, 0) < cfg.worker_loss_requeues and left:
+                    again = Shard(tuple(left))
+                    requeues[again.name] = requeues.get(shard.name, 0) + 1
+                    job.worker_loss_requeues += 1
+                    logger.warning("shard %s lost its worker (%s: %s) with %s of its %s batches uncommitted; "
+                                   "running those again (%s/%s)", shard.name, type(exc).__name__, exc, len(left),
+                                   len(shard.specs), requeues[again.name], cfg.worker_loss_requeues)
+                    shards.appendleft((again, True))  # some may have committed unreported: check first
+                    beat(force=True)  # rare: operators see the requeue in the job manifest at once
+                    continue
+                failed += fail_uncommitted(store, job, left, f"{type(exc).__name__}: {exc}", fold)
+            beat()
+    finally:
+        feed.close()
     beat(force=True)
+    return failed
+
+
+def fail_uncommitted(store: ManifestStore, job: JobManifest, specs: list[BatchSpec], error: str,
+                     fold: Any) -> list[str]:
+    """A shard failed for good: its batches that did commit are counted, the others recorded as failed."""
+    logger = get_run_logger()
+    failed = []
+    keys = Keys(job.job_id)
+    for spec in specs:
+        committed = store.get_json(keys.task(spec.batch_id))
+        if committed is not None:  # committed, but its report was lost with the shard
+            fold(summary_of(committed))
+            continue
+        failed.append(spec.batch_id)
+        job.counts.batches_failed += 1
+        logger.error("batch %s failed: %s", spec.batch_id, error)
+        store.put_json(keys.failed_task(spec.batch_id), TaskManifest(
+            job_id=job.job_id, batch_id=spec.batch_id, task_id=spec.batch_id, group=spec.group, status="failed",
+            started_at=now(), finished_at=now(), items=spec.records, error=error[:2000],
+        ).model_dump(mode="json"))
     return failed
 
 

@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 
 from slurmctl.books.failures import committed_tasks, failure_state
 from slurmctl.books.manifests import Keys, now
+from slurmctl.books.shards import Budget
 from slurmctl.books.store import load_job, read_round_batches, save_job, store_for
 from slurmctl.config import parse_config
 from slurmctl.flows.process import run_batches
@@ -66,7 +67,7 @@ def retry_phase(job_id: str, config: dict[str, Any], round_no: int, classes: lis
     save_job(store, job)
     logger.info("retry round %s: %s items in %s batches (classes %s%s)", round_no, rounds[round_no]["items"],
                 len(specs), ",".join(sorted(classes)) or "-", ", deferred" if include_deferred else "")
-    failed = run_batches(cfg, store, job, specs)
+    failed = run_batches(cfg, store, job, specs, max_shards=Budget.of(cfg).retry_round)
     rounds[round_no]["finished_at"] = now()
     job.retry_rounds = [rounds[k] for k in sorted(rounds)]
     save_job(store, job)

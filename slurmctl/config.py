@@ -216,10 +216,17 @@ class JobConfig(_Strict):
     batch_size: int = Field(default=100, gt=0)
     cluster: ClusterConfig = Field(default_factory=LocalClusterConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    max_in_flight: int = Field(default=64, gt=0, description="Batch tasks submitted but not finished, at most.")
-    batch_retries: int = Field(default=2, ge=0, description="Prefect task retries for a whole batch (infra faults).")
-    worker_loss_requeues: int = Field(default=5, ge=0,
-                                      description="Times a batch whose worker died is run again (not a retry).")
+    max_in_flight: int = Field(default=64, gt=0, description=(
+        "Shards (task runs, each a run of batches) submitted but not finished, at most; the coordinator submits no "
+        "more than two per worker thread either."))
+    max_task_runs: int = Field(default=2000, ge=20, description=(
+        "Prefect task runs one run of the job creates at most, all phases together; batches are grouped into that "
+        "many shards whatever the job's size."))
+    batch_retries: int = Field(default=2, ge=0, description=(
+        "Prefect task retries of a shard whose batches hit an infrastructure fault (its committed batches are not "
+        "run again)."))
+    worker_loss_requeues: int = Field(default=5, ge=0, description=(
+        "Times a shard whose worker died is queued again with its uncommitted batches (not a retry)."))
     worker_ttl_s: float = Field(default=60, ge=5, description=(
         "A Dask worker silent this long (frozen node, network partition) is taken as lost and its batch re-queued; "
         "a worker that dies is noticed at once."))

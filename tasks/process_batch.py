@@ -1,22 +1,22 @@
-"""The unit of work: run the handler over one batch's items and commit the batch exactly once.
+"""One batch: run the handler over its items and commit it exactly once (``run_batch``; shards call it).
 
-* Before any handler call the task checks whether the batch already committed (a zombie worker, a Dask re-run of a
-  finished task after a worker died, a resumed job): then it returns the committed summary and calls nothing.
+* When asked (a re-executed shard, a re-queue after a worker died), it first checks whether the batch already
+  committed: then it returns the committed summary and calls nothing. A first execution skips that read: the
+  coordinator has just listed the commits, and the create-if-absent commit refuses a second one anyway.
 * Each item runs with in-batch retries for transient error classes (backoff with jitter, ``Retry-After``), and a
   circuit breaker that defers the rest of the batch when one transient class dominates.
 * A failing item never fails its batch: the batch commits its successes and records failures and deferred items in
-  its retry manifest. Only infrastructure faults (store unreachable, input changed) raise; Prefect task ``retries``
-  cover those.
+  its retry manifest. Only infrastructure faults (store unreachable, input changed) raise; the shard's Prefect task
+  ``retries`` cover those.
 * The commit is the task manifest, written create-if-absent after everything it points to, with the sha256 of each
   part it names. A refused commit deletes this attempt's files only when another attempt's manifest is there.
 
-The task returns a small summary (counts and keys), never the data.
+It returns a small summary (counts and keys), never the data.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import os
@@ -28,9 +28,6 @@ from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.context import get_run_context
-from prefect.logging import get_run_logger
 
 from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.books.limits import leasers_for
@@ -91,19 +88,28 @@ def error_policy(cfg: JobConfig) -> ErrorPolicy:
 
 def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: Any = None,
               run_ids: tuple[str | None, str | None] = (None, None),
-              sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
-    """Process one batch and commit it; return its summary. Plain function: benchmarks and tests call it directly."""
+              sleep: Callable[[float], None] = time.sleep, check_commit: bool = True,
+              read_range: Callable[[str, int, int], bytes] | None = None) -> dict[str, Any]:
+    """Process one batch and commit it; return its summary. Plain function: benchmarks and tests call it directly.
+
+    ``check_commit=False`` skips the read of the batch's commit before the handler runs: the coordinator passes it
+    for a batch it has just seen uncommitted in its listing, running for the first time (one store request fewer per
+    batch). The create-if-absent commit still refuses a second commit, so the output stays exactly once; only the
+    handler calls of a zombie from an earlier coordinator are repeated. ``read_range`` serves the slice (a shard
+    reads its batches' bytes in one request).
+    """
     keys = Keys(cfg.job_id)
-    committed = store.get_json(keys.task(spec.batch_id))
-    if committed is not None:
-        return {**summary_of(committed), "already_committed": True}
+    if check_commit:
+        committed = store.get_json(keys.task(spec.batch_id))
+        if committed is not None:
+            return {**summary_of(committed), "already_committed": True}
 
     started, t0 = now(), time.perf_counter()
     attempt = uuid.uuid4().hex[:12]
     handler = _handler(cfg.handler)
     id_field = cfg.input.id_field
     uri = cfg.input.uri if spec.source == "input" else store.uri(spec.source)
-    sliced = read_batch(store.open_uri, store.read_range, uri, cfg.input.format, spec, id_field)
+    sliced = read_batch(store.open_uri, read_range or store.read_range, uri, cfg.input.format, spec, id_field)
     if spec.digest and sliced.digest != spec.digest:
         raise InputChanged(f"{spec.batch_id}: input slice digest {sliced.digest} differs from the partitioned "
                            f"{spec.digest}; the input changed while the job ran — submit it as a new job")
@@ -218,20 +224,3 @@ def checked_summary(summary: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise CommitUnresolved(f"batch summary without {', '.join(missing)}: {summary}")
     return summary
-
-
-def batch_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """A batch's identity: job, batch, digest of its input slice, handler version. Never the flow run id, so a
-    re-run in any later flow run (resume, a Dask re-execution after worker loss) hits the cache."""
-    cfg, spec = parameters["cfg"], parameters["spec"]
-    ident = f"{cfg.job_id}|{spec['batch_id']}|{spec.get('digest', '')}|{parameters.get('handler_version', '')}"
-    return f"jobs/{cfg.job_id}/cache/{spec['batch_id']}-{hashlib.sha256(ident.encode()).hexdigest()[:24]}"
-
-
-@task(name="process-batch", task_run_name="{spec[batch_id]}", cache_key_fn=batch_cache_key, persist_result=True,
-      result_serializer="json", retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5)
-def process_batch(cfg: JobConfig, store: ManifestStore, spec: dict[str, Any], handler_version: str = "",
-                  ) -> dict[str, Any]:
-    ctx = get_run_context()
-    ids = (str(ctx.task_run.flow_run_id), str(ctx.task_run.id))
-    return checked_summary(run_batch(cfg, store, BatchSpec.from_dict(spec), logger=get_run_logger(), run_ids=ids))

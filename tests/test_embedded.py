@@ -48,14 +48,15 @@ def test_echo_job_end_to_end(tmp_path: Path, prefect_api: str, slurmctl_home: Pa
     assert {k: scanned[k] for k in ("batches_done", "items_succeeded", "items_rejected")} == {
         "batches_done": 11, "items_succeeded": 1000, "items_rejected": 2}
 
-    # Every batch task run is recorded, Completed, in the Prefect database the run used.
+    # Every task run (a shard: a run of batches) is recorded, Completed, in the Prefect database the run used; each
+    # batch names the one that committed it. 11 batches on 2 worker threads: 4 waves of 2 shards.
     tasks = [json.loads(p.read_text()) for p in sorted((store / "tasks").glob("batch-*.json"))]
     assert len(tasks) == 11 and all(t["status"] == "succeeded" and t["slurm_job_id"] is None for t in tasks)
     runs = task_runs_of(prefect_api, {t["flow_run_id"] for t in tasks})
-    batch_runs = {r.name: r for r in runs if r.name.startswith("batch-")}
-    assert sorted(batch_runs) == sorted(t["batch_id"] for t in tasks)
-    assert all(r.state.is_completed() for r in batch_runs.values())
-    assert {str(r.id) for r in batch_runs.values()} == {t["task_run_id"] for t in tasks}
+    shard_runs = {str(r.id): r for r in runs if r.name.startswith("batch-")}
+    assert len(shard_runs) == 8 and all(r.state.is_completed() for r in shard_runs.values())
+    assert {t["task_run_id"] for t in tasks} == set(shard_runs)
+    assert shard_runs[tasks[0]["task_run_id"]].name == "batch-000000..000001 (2)"
 
     # Submitting the same job id again is refused; resume of a completed job is a no-op.
     again = run_cli("submit", str(cfg))

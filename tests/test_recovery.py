@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
 from prefect import flow
 from support.jobs import (
     assert_exactly_once,
@@ -51,17 +52,20 @@ def make_job(tmp_path: Path, job_id: str, n: int, batch_size: int, **params) -> 
 
 @flow(name="resubmit-batches")
 def resubmit_batches(job_id: str, storage: dict[str, Any]) -> dict[str, Any]:
-    """Submit every planned batch of a job again as a ``process-batch`` task, as a coordinator that believes nothing
-    is committed would (``done=set()``); return the counters folded from the tasks' summaries."""
+    """Submit every planned batch of a job again, in shards that read each batch's commit first (as a re-queued or
+    retried shard does), as a coordinator that believes nothing is committed would (``done=set()``); return the
+    counters folded from the shards' summaries."""
     store = store_for(storage)
     job = load_job(store, job_id)
     job.counts = Counts(batches_total=job.counts.batches_total, items_total=job.counts.items_total)
-    failed = run_batches(parse_config(job.config), store, job, read_plan(store, job_id), done=set())
+    failed = run_batches(parse_config(job.config), store, job, read_plan(store, job_id), done=set(),
+                         check_commits=True)
     return {"failed": failed, "counts": job.counts.model_dump()}
 
 
-def cached_summaries(store: Path, job_id: str) -> list[dict[str, Any]]:
-    """The batch results Prefect persisted in the job's store (its cache records), one per batch."""
+def cached_summaries(store: Path, job_id: str) -> list[list[dict[str, Any]]]:
+    """The shard results Prefect persisted in the job's store (its cache records): one list of batch summaries per
+    shard."""
     records = [json.loads(p.read_bytes()) for p in sorted((store / "jobs" / job_id / "cache").iterdir())]
     return [json.loads(r["result"]) if isinstance(r["result"], str) else r["result"] for r in records]
 
@@ -73,7 +77,7 @@ def test_committed_batches_never_call_the_handler_again(tmp_path, prefect_api, s
     assert len(calls(calls_file)) == 200
     done = job_manifest(store, "no-rerun")["counts"]
     cache = store / "jobs/no-rerun/cache"
-    assert len(list(cache.iterdir())) == 10  # each batch's result persisted in the job's own store
+    assert len(list(cache.iterdir())) == 8  # each shard's result persisted in the job's own store (10 batches)
 
     # 1. The coordinator: `resume --force` of a completed job lists the commits and submits no batch at all.
     result = run_cli("resume", "no-rerun", "--force", "--wait")
@@ -81,8 +85,8 @@ def test_committed_batches_never_call_the_handler_again(tmp_path, prefect_api, s
     assert len(calls(calls_file)) == 200
     assert_exactly_once(status("no-rerun"), range(200))
 
-    # 2. The task itself: every batch submitted again (a coordinator that missed the commits, a Dask re-run), with
-    # the Prefect cache records gone so the cache cannot answer first. run_batch finds its commit and calls nothing.
+    # 2. The task itself: every batch submitted again (a re-queued shard, a Dask re-run), with the Prefect cache
+    # records gone so the cache cannot answer first. run_batch finds each batch's commit and calls nothing.
     shutil.rmtree(cache)
     storage = {"uri": f"file://{store}"}
     runner = task_runner_for(parse_config(job_manifest(store, "no-rerun")["config"]).cluster, job_id="no-rerun")
@@ -91,14 +95,14 @@ def test_committed_batches_never_call_the_handler_again(tmp_path, prefect_api, s
     assert first.is_completed(), first
     out = first.result()
     assert out["failed"] == [] and len(calls(calls_file)) == 200
-    summaries = cached_summaries(store, "no-rerun")
+    summaries = [s for shard in cached_summaries(store, "no-rerun") for s in shard]
     assert len(summaries) == 10 and all(s["already_committed"] for s in summaries), summaries
     # each summary is the committed batch's (not an empty "duplicate"): the counters add up to the job's
     assert {k: out["counts"][k] for k in ("batches_done", "items_succeeded", "rows_written")} == {
         k: done[k] for k in ("batches_done", "items_succeeded", "rows_written")}
     runs = [r for r in task_runs_of(prefect_api, {str(first.state_details.flow_run_id)})
             if r.name.startswith("batch-")]
-    assert len(runs) == 10 and {r.state.name for r in runs} == {"Completed"}  # ran: no cache hit
+    assert len(runs) == 8 and {r.state.name for r in runs} == {"Completed"}  # ran: no cache hit
 
     # 3. With its records present, the Prefect cache answers before the task body runs at all.
     with flows_reporting_to(prefect_api):
@@ -106,7 +110,7 @@ def test_committed_batches_never_call_the_handler_again(tmp_path, prefect_api, s
     assert second.is_completed() and second.result()["failed"] == []
     runs = [r for r in task_runs_of(prefect_api, {str(second.state_details.flow_run_id)})
             if r.name.startswith("batch-")]
-    assert len(runs) == 10 and {r.state.name for r in runs} == {"Cached"}
+    assert len(runs) == 8 and {r.state.name for r in runs} == {"Cached"}
     assert len(calls(calls_file)) == 200
 
 
@@ -129,13 +133,15 @@ def test_coordinator_sigkill_then_resume_finishes_exactly_once(tmp_path, prefect
     assert n <= handler_calls <= n + max_in_flight * batch_size, (handler_calls, committed_at_kill)
 
 
-def test_worker_sigkill_mid_batch_requeues_the_batch_without_spending_retries(tmp_path, prefect_api,
-                                                                               slurmctl_home):
-    n, batch_size, stalled = 200, 20, 57
-    victim_batch = f"batch-{stalled // batch_size:06d}"
+def test_worker_sigkill_mid_shard_loses_only_its_uncommitted_batches(tmp_path, prefect_api, slurmctl_home):
+    # 40 batches of 10 on 2 worker threads: 8 shards of 5 batches. Item 77 is in batch 7, the third batch of the
+    # shard batch-000005..000009: when its worker is killed there, batches 5 and 6 are committed and must not run
+    # again; batches 7-9 are queued again (batch 7 ran up to item 77 in the dead worker).
+    n, batch_size, stalled = 400, 10, 77
+    victim_batch, shard = "batch-000007", "batch-000005..000009 (5)"
     marker = tmp_path / "stalled-pid"
-    # batch_retries: 0 — a retry counted against the batch would fail the job
-    cfg = make_job(tmp_path, "kill-worker", n, batch_size, sleep_s=0.01,
+    # batch_retries: 0 — a retry counted against the shard would fail the job
+    cfg = make_job(tmp_path, "kill-worker", n, batch_size, sleep_s=0.005,
                    stall_once={"id": stalled, "marker": str(marker), "seconds": 600})
     assert run_cli("submit", str(cfg)).returncode == 0
     store, calls_file = tmp_path / "state", str(tmp_path / "calls")
@@ -143,24 +149,52 @@ def test_worker_sigkill_mid_batch_requeues_the_batch_without_spending_retries(tm
                           f"a worker to stall inside {victim_batch}"))
 
     # The victim is one of this job's Dask worker processes (spawned under the coordinator, not the coordinator),
-    # and it is inside the handler of a batch that has not committed.
+    # it is inside the handler of a batch that has not committed, and its shard's first two batches are committed.
     coordinator = job_manifest(store, "kill-worker")["coordinator_pid"]
     assert victim != coordinator and coordinator in {p.pid for p in psutil.Process(victim).parents()}
-    assert victim_batch not in committed_tasks(store, "kill-worker")
+    committed = committed_tasks(store, "kill-worker")
+    assert victim_batch not in committed and {"batch-000005", "batch-000006"} <= set(committed)
     os.kill(victim, signal.SIGKILL)
 
     view = wait_until_ended("kill-worker")
     assert view["status"] == "completed", view["error"] + log_tail(slurmctl_home, "kill-worker")
     assert_exactly_once(view, range(n))
-    # The batch ran again in another process, and that attempt is the one committed.
+    # Only the uncommitted batches ran again: items 70-77 of batch 7 twice (the second time in another process),
+    # every other item once.
+    ids = [item for _, item in calls(calls_file)]
+    twice = sorted(i for i in set(ids) if ids.count(i) == 2)
+    assert twice == list(range(70, 78)) and len(ids) == n + 8, twice
     callers = [pid for pid, item in calls(calls_file) if item == stalled]
-    assert len(callers) == 2 and callers[0] == victim and callers[1] != victim, callers
+    assert callers[0] == victim and callers[1] != victim, callers
     tasks = committed_tasks(store, "kill-worker")
     assert len(tasks) == n // batch_size and tasks[victim_batch]["items_succeeded"] == batch_size
-    # It came back through the coordinator's requeue of the KilledWorker (not a batch retry: there are none), which
+    assert tasks["batch-000005"]["task_run_id"] == tasks["batch-000006"]["task_run_id"] != \
+        tasks[victim_batch]["task_run_id"]
+    # It came back through the coordinator's requeue of the KilledWorker (not a shard retry: there are none), which
     # the job manifest counts and the log names.
     assert job_manifest(store, "kill-worker")["worker_loss_requeues"] >= 1
-    assert re.search(rf"batch {victim_batch} lost its worker \(KilledWorker", log_text(slurmctl_home, "kill-worker"))
+    assert re.search(rf"shard {re.escape(shard)} lost its worker \(KilledWorker.* 3 of its 5 batches uncommitted",
+                     log_text(slurmctl_home, "kill-worker"))
+
+
+def test_status_counters_move_as_batches_commit_inside_a_shard(tmp_path, prefect_api, slurmctl_home):
+    # One worker thread, 8 batches: 4 shards of 2. The first shard holds in its second batch (item 15): its first
+    # batch has committed, and status must already count it while the shard's task run is still running.
+    marker, release = tmp_path / "held", tmp_path / "release"
+    cfg = make_job(tmp_path, "progress", 80, 10, hold={"id": 15, "marker": str(marker), "release": str(release)})
+    config = yaml.safe_load(cfg.read_text())
+    cfg.write_text(yaml.safe_dump({**config, "cluster": {"kind": "local", "n_workers": 1}}))
+    assert run_cli("submit", str(cfg)).returncode == 0
+    store = tmp_path / "state"
+    wait_for(marker.exists, 240, "the shard to hold inside its second batch")
+    assert set(committed_tasks(store, "progress")) == {"batch-000000"}
+    view = wait_for(lambda: (v := status("progress"))["batches_done"] >= 1 and v, 30,
+                    "status to count the shard's first committed batch")
+    assert (view["batches_done"], view["items_succeeded"], view["status"]) == (1, 10, "running")
+    release.touch()
+    view = wait_until_ended("progress")
+    assert view["status"] == "completed" and view["batches_done"] == 8
+    assert_exactly_once(view, range(80))
 
 
 def test_retry_by_error_class_and_analyze_errors(tmp_path, prefect_api, slurmctl_home):

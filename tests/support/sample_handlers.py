@@ -10,6 +10,8 @@ Two params pin down *when* something happens, so tests wait for a condition inst
 * ``stall_once: {id, marker, seconds}``: the first call for item ``id`` (in any process) creates the file ``marker``
   holding its pid, then sleeps ``seconds`` inside the handler; later calls for that id go on at once. A test waits
   for the marker and knows which process is mid-batch, in which batch.
+* ``hold: {id, marker, release}``: the first call for item ``id`` creates ``marker`` (holding its pid) and waits
+  inside the handler until the file ``release`` exists: the test looks at the job mid-shard, then lets it go on.
 * ``rendezvous: {id, dir, parties, timeout_s}``: each call for item ``id`` registers in ``dir`` and waits until
   ``parties`` calls have registered: that many attempts of one batch are inside the handler at the same time.
 """
@@ -50,6 +52,23 @@ def stall_once(ctx: Any, item: dict[str, Any]) -> None:
     time.sleep(float(spec.get("seconds", 600)))
 
 
+def hold(ctx: Any, item: dict[str, Any]) -> None:
+    spec = ctx.params.get("hold")
+    if not spec or item["id"] != spec["id"]:
+        return
+    try:
+        fd = os.open(spec["marker"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + 600
+    while not os.path.exists(spec["release"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def rendezvous(ctx: Any, item: dict[str, Any]) -> None:
     spec = ctx.params.get("rendezvous")
     if not spec or item["id"] != spec["id"]:
@@ -67,6 +86,7 @@ def rendezvous(ctx: Any, item: dict[str, Any]) -> None:
 def counting(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     record_call(ctx, item)
     stall_once(ctx, item)
+    hold(ctx, item)
     rendezvous(ctx, item)
     if ctx.params.get("sleep_s"):
         time.sleep(float(ctx.params["sleep_s"]))

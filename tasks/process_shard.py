@@ -1,0 +1,143 @@
+"""The unit of execution: one Prefect task run processes a shard, committing each of its batches on its own.
+
+* Batches run one after another through ``run_batch``; each commits (or not) by itself, so a worker that dies
+  mid-shard loses only the batch it was in.
+* Each commit is reported at once as a Dask event (topic ``commits_topic(job_id)``), which the coordinator folds
+  into the job's counters: progress moves per batch, not per shard. The shard's return value (the summaries of all
+  its batches) is the authoritative list; the coordinator counts each batch once, whichever arrives first.
+* A batch that hits an infrastructure fault does not stop the others; the shard then raises ``ShardIncomplete``,
+  and Prefect's task retries run it again, re-reading the commits so committed batches are not run twice.
+* Contiguous batches of a jsonl/csv input are read with one range request for the whole shard (``ShardReader``).
+* The Prefect cache (key: the shard's batches, their input digests and the handler version) answers when the very
+  same shard is submitted again after it completed, e.g. Dask re-running a finished task whose worker died. Shards
+  are re-cut on resume, so a batch's "already done" check is its commit in the store, never the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable
+
+from prefect import task
+from prefect.context import get_run_context
+from prefect.logging import get_run_logger
+
+from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.books.shards import Shard
+from slurmctl.config import JobConfig
+from slurmctl.records import BatchSpec
+from slurmctl.tasks.process_batch import checked_summary, run_batch
+
+# One shard's input bytes are fetched in one request when its batches lie together and the span is at most this.
+PREFETCH_MAX_BYTES = 64 * 2**20
+
+
+class ShardIncomplete(RuntimeError):
+    """Some batches of the shard raised (infrastructure faults); the others committed."""
+
+
+class ShardAbandoned(RuntimeError):
+    """The worker lost its scheduler (the coordinator died or closed the cluster): the shard stops between batches
+    instead of running on as a zombie whose batches the next coordinator runs as well."""
+
+
+def commits_topic(job_id: str) -> str:
+    return f"slurmctl-commits-{job_id}"
+
+
+class ShardReader:
+    """``read_range`` for a shard: its batches' contiguous slices come from one request, other reads are cached
+    (a CSV header is read once per shard, not once per batch)."""
+
+    def __init__(self, store: ManifestStore, uri: str, specs: list[BatchSpec]) -> None:
+        self.store, self.uri = store, uri
+        self.block: tuple[int, int, bytes] | None = None
+        self.small: dict[tuple[str, int, int], bytes] = {}
+        if specs:
+            lo, hi = min(s.start for s in specs), max(s.end for s in specs)
+            wanted = sum(s.end - s.start for s in specs)
+            if 0 < hi - lo <= PREFETCH_MAX_BYTES and wanted * 2 >= hi - lo:
+                self.block = (lo, hi, b"")
+
+    def __call__(self, uri: str, start: int, end: int) -> bytes:
+        if self.block is not None and uri == self.uri and self.block[0] <= start and end <= self.block[1]:
+            lo, hi, data = self.block
+            if not data:
+                data = self.store.read_range(uri, lo, hi)
+                self.block = (lo, hi, data)
+            return data[start - lo:end - lo]
+        key = (uri, start, end)
+        if key not in self.small:
+            if len(self.small) > 4:
+                self.small.clear()
+            self.small[key] = self.store.read_range(uri, start, end)
+        return self.small[key]
+
+
+def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, check_commits: bool = True,
+              on_commit: Callable[[dict[str, Any]], None] | None = None, logger: Any = None,
+              run_ids: tuple[str | None, str | None] = (None, None),
+              wanted: Callable[[], bool] = lambda: True) -> list[dict[str, Any]]:
+    """Run and commit each batch of a shard; return their summaries. Plain function: tests call it directly.
+
+    ``wanted`` is asked before each batch; when it says no, the shard stops (``ShardAbandoned``)."""
+    if not specs:
+        return []
+    uri = cfg.input.uri if specs[0].source == "input" else store.uri(specs[0].source)
+    reader = ShardReader(store, uri, specs if cfg.input.format != "parquet" or specs[0].source != "input" else [])
+    summaries: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for spec in specs:
+        if not wanted():
+            raise ShardAbandoned(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} batches "
+                                 f"after it were not started: this worker lost its scheduler")
+        try:
+            summary = checked_summary(run_batch(cfg, store, spec, logger=logger, run_ids=run_ids,
+                                                check_commit=check_commits, read_range=reader))
+        except Exception as exc:  # an infrastructure fault in this batch: the others still run and commit
+            errors.append(f"{spec.batch_id}: {type(exc).__name__}: {exc}")
+            if logger is not None:
+                logger.warning("batch %s did not commit: %s: %s", spec.batch_id, type(exc).__name__, exc)
+            continue
+        summaries.append(summary)
+        if on_commit is not None:
+            on_commit(summary)
+    if errors:
+        raise ShardIncomplete(f"{len(errors)} of {len(specs)} batches did not commit: " + "; ".join(errors)[:1800])
+    return summaries
+
+
+def dask_hooks(job_id: str) -> tuple[Callable[[dict[str, Any]], None] | None, Callable[[], bool]]:
+    """On a Dask worker: send each commit to the coordinator as an event, and say whether the worker still has its
+    scheduler (it closes when the connection breaks). Outside one (unit tests), nothing listens and nothing stops."""
+    try:
+        from distributed import get_worker
+        from distributed.core import Status
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None, lambda: True
+    topic = commits_topic(job_id)
+    alive = (Status.running, Status.paused)
+    return (lambda summary: worker.log_event(topic, summary)), (lambda: worker.status in alive)
+
+
+def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """A shard's identity: job, its batches and their input digests, handler version. Never the flow run id."""
+    cfg, shard = parameters["cfg"], parameters["shard"]
+    ident = "|".join([cfg.job_id, parameters.get("handler_version", ""),
+                      *(f"{s['batch_id']}:{s.get('digest', '')}" for s in shard["specs"])])
+    first = shard["specs"][0]["batch_id"]
+    return f"jobs/{cfg.job_id}/cache/{first}-{hashlib.sha256(ident.encode()).hexdigest()[:24]}"
+
+
+@task(name="process-shard", task_run_name="{shard[name]}", cache_key_fn=shard_cache_key, persist_result=True,
+      result_serializer="json", retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5)
+def process_shard(cfg: JobConfig, store: ManifestStore, shard: dict[str, Any], handler_version: str = "",
+                  check_commits: bool = False) -> list[dict[str, Any]]:
+    """``check_commits``: read each batch's commit first (set for a re-queued shard; always on a Prefect retry)."""
+    ctx = get_run_context()
+    ids = (str(ctx.task_run.flow_run_id), str(ctx.task_run.id))
+    on_commit, wanted = dask_hooks(cfg.job_id)
+    return run_shard(cfg, store, Shard.specs_of(shard), check_commits=check_commits or ctx.task_run.run_count > 1,
+                     on_commit=on_commit, wanted=wanted, logger=get_run_logger(), run_ids=ids)
