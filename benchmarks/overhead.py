@@ -36,9 +36,10 @@ def make_input(path: Path, n: int) -> None:
                             for i in range(start, min(n, start + 10_000))))
 
 
-def baseline_batch(uri: str, spec: dict, out_dir: str) -> int:
-    """What one batch costs without Prefect or manifests: read the slice, call the handler, write Parquet."""
-    from slurmctl.blocks.manifest_store import LocalManifestStore
+def baseline_batch(uri: str, spec: dict, out_dir: str) -> dict:
+    """What one batch costs without Prefect or manifests: read the slice, call the handler, write Parquet. Returns
+    what the merge needs to verify the part (key, sha256, rows), as a task manifest would."""
+    from slurmctl.blocks.manifest_store import LocalManifestStore, sha256_bytes
     from slurmctl.handlers.echo import handle
     from slurmctl.records import BatchSpec, read_batch
     from slurmctl.tasks.process_batch import rows_to_parquet
@@ -47,8 +48,10 @@ def baseline_batch(uri: str, spec: dict, out_dir: str) -> int:
     spec_ = BatchSpec.from_dict(spec)
     sliced = read_batch(store.open_uri, store.read_range, uri, "jsonl", spec_, "id")
     rows = [handle(item, None) for _, item in sliced.items]
-    store.put_bytes(f"outputs/{spec_.batch_id}.parquet", rows_to_parquet(rows))
-    return len(rows)
+    data = rows_to_parquet(rows)
+    key = f"outputs/{spec_.batch_id}.parquet"
+    store.put_bytes(key, data)
+    return {"batch_id": spec_.batch_id, "output": key, "output_sha256": sha256_bytes(data), "rows_written": len(rows)}
 
 
 def run_baseline(uri: str, batch_size: int, work: Path, workers: int) -> float:
@@ -66,9 +69,10 @@ def run_baseline(uri: str, batch_size: int, work: Path, workers: int) -> float:
             plan = partition(f, "jsonl", batch_size)
         futures = client.map(baseline_batch, [uri] * len(plan.batches), [b.to_dict() for b in plan.batches],
                              [str(work)] * len(plan.batches), pure=False)
-        rows = sum(client.gather(futures))
+        parts = client.gather(futures)
+        rows = sum(p["rows_written"] for p in parts)
         store = LocalManifestStore(root=str(work))
-        merge_parquet(store, [f"outputs/{b.batch_id}.parquet" for b in plan.batches], "output/data.parquet")
+        merge_parquet(store, parts, "output/data.parquet")
         elapsed = time.perf_counter() - t0
     assert rows == plan.records, (rows, plan.records)
     return elapsed

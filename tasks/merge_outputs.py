@@ -39,19 +39,23 @@ def unify(schemas: list[pa.Schema]) -> pa.Schema:
 def merge_parquet(store: ManifestStore, tasks: list[dict[str, Any]], out_key: str) -> OutputFile:
     """Concatenate the committed outputs of ``tasks`` (in the given order) into ``out_key``.
 
-    Every part is verified against its task manifest (sha256, row count) before it is used; memory holds one part
-    at a time (a first pass reads the schemas, a second writes).
+    Every part is fetched once, verified against its task manifest (sha256, row count) and spooled to local disk;
+    the schemas are unified, then the spooled parts are written out. Memory holds one part at a time.
     """
     parts = [t for t in tasks if t.get("output")]
-    schemas = [pq.read_schema(io.BytesIO(committed_output(store, t))) for t in parts]
-    schema = unify(schemas) if schemas else pa.schema([])
     rows = 0
-    fd, tmp = tempfile.mkstemp(suffix=".parquet")
-    os.close(fd)
-    try:
+    with tempfile.TemporaryDirectory(prefix="slurmctl-merge-") as spool:
+        schemas = []
+        for i, t in enumerate(parts):
+            data = committed_output(store, t)
+            schemas.append(pq.read_schema(io.BytesIO(data)))
+            with open(os.path.join(spool, f"{i}.parquet"), "wb") as f:
+                f.write(data)
+        schema = unify(schemas) if schemas else pa.schema([])
+        tmp = os.path.join(spool, "merged.parquet")
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for t in parts:
-                table = pq.read_table(io.BytesIO(committed_output(store, t)))
+            for i in range(len(parts)):
+                table = pq.read_table(os.path.join(spool, f"{i}.parquet"))
                 table = pa.table({f.name: (table[f.name].cast(f.type) if f.name in table.column_names
                                            else pa.nulls(len(table), f.type)) for f in schema}, schema=schema)
                 writer.write_table(table)
@@ -59,8 +63,6 @@ def merge_parquet(store: ManifestStore, tasks: list[dict[str, Any]], out_key: st
         size, digest = os.path.getsize(tmp), _file_digest(tmp)
         with open(tmp, "rb") as f:
             store.put_bytes(out_key, f.read())
-    finally:
-        os.unlink(tmp)
     return OutputFile(uri=store.uri(out_key), rows=rows, bytes=size, sha256=digest)
 
 

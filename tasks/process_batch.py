@@ -89,20 +89,24 @@ def error_policy(cfg: JobConfig) -> ErrorPolicy:
 def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: Any = None,
               run_ids: tuple[str | None, str | None] = (None, None),
               sleep: Callable[[float], None] = time.sleep, check_commit: bool = True,
-              read_range: Callable[[str, int, int], bytes] | None = None) -> dict[str, Any]:
+              read_range: Callable[[str, int, int], bytes] | None = None,
+              committed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Process one batch and commit it; return its summary. Plain function: benchmarks and tests call it directly.
 
     ``check_commit=False`` skips the read of the batch's commit before the handler runs: the coordinator passes it
     for a batch it has just seen uncommitted in its listing, running for the first time (one store request fewer per
     batch). The create-if-absent commit still refuses a second commit, so the output stays exactly once; only the
     handler calls of a zombie from an earlier coordinator are repeated. ``read_range`` serves the slice (a shard
-    reads its batches' bytes in one request).
+    reads its batches' bytes in one request). The batch's committed task manifest (ours, or the attempt that won) is
+    appended to ``committed`` (a shard's commit log).
     """
     keys = Keys(cfg.job_id)
     if check_commit:
-        committed = store.get_json(keys.task(spec.batch_id))
-        if committed is not None:
-            return {**summary_of(committed), "already_committed": True}
+        winner = store.get_json(keys.task(spec.batch_id))
+        if winner is not None:
+            if committed is not None:
+                committed.append(winner)
+            return {**summary_of(winner), "already_committed": True}
 
     started, t0 = now(), time.perf_counter()
     attempt = uuid.uuid4().hex[:12]
@@ -194,10 +198,11 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     manifest.metrics = {**dict(ctx.metrics), **{f"item_retries_{k}": v for k, v in item_retries.items()},
                         "seconds": round(elapsed, 4)}
     manifest.finished_at = now()
-    return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written)
+    return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
 
 
-def commit(store: ManifestStore, key: str, manifest: dict[str, Any], written: list[str]) -> dict[str, Any]:
+def commit(store: ManifestStore, key: str, manifest: dict[str, Any], written: list[str],
+           committed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write the task manifest create-if-absent, last: the batch's commit. Return the committed batch's summary.
 
     A refusal is not proof that another attempt won: a conditional write whose response was lost (a 5xx after the
@@ -206,11 +211,15 @@ def commit(store: ManifestStore, key: str, manifest: dict[str, Any], written: li
     no readable winner raises ``CommitUnresolved`` (Prefect retries the task; nothing is cached).
     """
     if store.put_json(key, manifest, if_absent=True):
+        if committed is not None:
+            committed.append(manifest)
         return summary_of(manifest)
     winner = store.get_json(key)
     if winner is None:
         raise CommitUnresolved(f"{manifest['batch_id']}: the store refused the commit {store.uri(key)} as already "
                                f"present, but nothing can be read there; the batch will be retried")
+    if committed is not None:
+        committed.append(winner)
     if winner.get("attempt") == manifest["attempt"]:
         return summary_of(winner)  # our own write: the refusal answered a retry of it
     for part in written:  # another attempt committed first (a zombie, a re-run): ours is discarded

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from typing import Any, Callable
 
 from prefect import task
@@ -23,6 +24,7 @@ from prefect.context import get_run_context
 from prefect.logging import get_run_logger
 
 from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.books.manifests import Keys
 from slurmctl.books.shards import Shard
 from slurmctl.config import JobConfig
 from slurmctl.records import BatchSpec
@@ -87,13 +89,45 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
     reader = ShardReader(store, uri, specs if cfg.input.format != "parquet" or specs[0].source != "input" else [])
     summaries: list[dict[str, Any]] = []
     errors: list[str] = []
+    committed: list[dict[str, Any]] = []
+    try:
+        _run_batches(cfg, store, specs, reader, summaries, errors, committed, check_commits=check_commits,
+                     on_commit=on_commit, logger=logger, run_ids=run_ids, wanted=wanted)
+    finally:
+        write_commit_log(store, cfg.job_id, specs[0].batch_id, committed, logger)
+    if errors:
+        raise ShardIncomplete(f"{len(errors)} of {len(specs)} batches did not commit: " + "; ".join(errors)[:1800])
+    return summaries
+
+
+def write_commit_log(store: ManifestStore, job_id: str, first: str, committed: list[dict[str, Any]],
+                     logger: Any) -> None:
+    """One object with copies of the task manifests this shard committed, so readers of the books (aggregate,
+    resume, ``status --scan``) make one request per shard instead of one per batch. Best effort: a batch missing
+    from every log is read from its own task manifest, which stays the commit."""
+    if not committed:
+        return
+    try:
+        store.put_json(Keys(job_id).commit_log(first, uuid.uuid4().hex[:12]),
+                       {"schema_version": 1, "kind": "commit_log", "job_id": job_id, "tasks": committed})
+    except Exception as exc:
+        if logger is not None:
+            logger.warning("commit log of the shard starting at %s not written (%s: %s); its batches' task "
+                           "manifests are read one by one instead", first, type(exc).__name__, exc)
+
+
+def _run_batches(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], reader: ShardReader,
+                 summaries: list[dict[str, Any]], errors: list[str], committed: list[dict[str, Any]], *,
+                 check_commits: bool, on_commit: Callable[[dict[str, Any]], None] | None, logger: Any,
+                 run_ids: tuple[str | None, str | None], wanted: Callable[[], bool]) -> None:
     for spec in specs:
         if not wanted():
             raise ShardAbandoned(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} batches "
                                  f"after it were not started: this worker lost its scheduler")
         try:
             summary = checked_summary(run_batch(cfg, store, spec, logger=logger, run_ids=run_ids,
-                                                check_commit=check_commits, read_range=reader))
+                                                check_commit=check_commits, read_range=reader,
+                                                committed=committed))
         except Exception as exc:  # an infrastructure fault in this batch: the others still run and commit
             errors.append(f"{spec.batch_id}: {type(exc).__name__}: {exc}")
             if logger is not None:
@@ -102,9 +136,6 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
         summaries.append(summary)
         if on_commit is not None:
             on_commit(summary)
-    if errors:
-        raise ShardIncomplete(f"{len(errors)} of {len(specs)} batches did not commit: " + "; ".join(errors)[:1800])
-    return summaries
 
 
 def dask_hooks(job_id: str) -> tuple[Callable[[dict[str, Any]], None] | None, Callable[[], bool]]:

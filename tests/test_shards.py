@@ -14,7 +14,7 @@ from support.prefect_runs import flows_reporting_to, task_runs_of
 from support.sample_handlers import calls
 
 from slurmctl.blocks.manifest_store import LocalManifestStore
-from slurmctl.books.failures import committed_batch_ids
+from slurmctl.books.failures import committed_batch_ids, committed_tasks
 from slurmctl.books.manifests import Counts, Keys
 from slurmctl.books.shards import MAX_BATCHES_PER_SHARD, Budget, plan_shards, shard_count
 from slurmctl.config import parse_config
@@ -163,3 +163,21 @@ def test_a_resumed_run_cuts_only_the_uncommitted_batches(job, tmp_path, prefect_
     sizes = [int(r.name.rsplit("(", 1)[1].rstrip(")")) for r in runs]
     assert sum(sizes) == 34
     assert not any(r.name.startswith(f"batch-{i:06d}") for r in runs for i in done)
+
+
+def test_the_books_read_a_shards_commits_in_one_request(job, monkeypatch):
+    cfg, store, specs, _ = job()
+    run_shard(cfg, store, specs[:3], check_commits=False)
+    run_batch(cfg, store, specs[3], check_commit=False)  # committed outside a shard: no commit log names it
+    one_by_one = [{k: v for k, v in store.get_json(Keys("shard").task(s.batch_id)).items() if k != "checksum"}
+                  for s in specs[:4]]
+    reads: list[str] = []
+    real = LocalManifestStore.get_json
+
+    def get_json(self, key):
+        reads.append(key.split("/")[2])
+        return real(self, key)
+
+    monkeypatch.setattr(LocalManifestStore, "get_json", get_json)
+    assert committed_tasks(store, "shard") == one_by_one  # the same manifests, in commit order
+    assert sorted(reads) == ["commits", "tasks"]  # one commit log, and the one batch it does not hold

@@ -41,9 +41,30 @@ def committed_batch_ids(store: ManifestStore, job_id: str) -> list[str]:
 
 
 def committed_tasks(store: ManifestStore, job_id: str) -> list[dict[str, Any]]:
+    """Every committed task manifest, in commit order (initial batches, then each retry round).
+
+    Which batches are committed comes from the listing of ``tasks/`` (the commits themselves). Their contents come
+    from the shards' commit logs where one holds the batch (one request per shard, not per batch) and must be the
+    committed attempt; any other batch's task manifest is read on its own.
+    """
     keys = Keys(job_id)
-    tasks = [store.get_json(keys.task(b)) for b in committed_batch_ids(store, job_id)]
-    return sorted((t for t in tasks if t), key=lambda t: (round_of(t["batch_id"]), t["batch_id"]))
+    ids = set(committed_batch_ids(store, job_id))
+    found: dict[str, dict[str, Any]] = {}
+    for key in store.list_keys(keys.commit_logs_prefix):
+        log = store.get_json(key) if key.endswith(".json") else None
+        for t in (log or {}).get("tasks", []):
+            if t.get("batch_id") in ids:
+                found.setdefault(t["batch_id"], _bare(t))
+    for b in ids - found.keys():
+        t = store.get_json(keys.task(b))
+        if t:
+            found[b] = _bare(t)
+    return sorted(found.values(), key=lambda t: (round_of(t["batch_id"]), t["batch_id"]))
+
+
+def _bare(task: dict[str, Any]) -> dict[str, Any]:
+    """A task manifest without the store's checksum of its own file (a commit log's copy has none)."""
+    return {k: v for k, v in task.items() if k != "checksum"}
 
 
 def failure_state(store: ManifestStore, tasks: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:

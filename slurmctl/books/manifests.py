@@ -91,6 +91,14 @@ class Keys:
         name = key.rsplit("/", 1)[-1]
         return None if name.endswith(".failed.json") or not name.endswith(".json") else name[: -len(".json")]
 
+    @property
+    def commit_logs_prefix(self) -> str:
+        return self.root + "commits/"
+
+    def commit_log(self, first_batch_id: str, attempt: str) -> str:
+        """Copies of the task manifests one shard committed, written once at its end (``books.failures``)."""
+        return f"{self.root}commits/{first_batch_id}.{attempt}.json"
+
     def batch_output(self, batch_id: str, attempt: str) -> str:
         return f"{self.root}outputs/{batch_id}.{attempt}.parquet"
 

@@ -95,14 +95,16 @@ class _LoseRule:
 class FaultProxy(LocalHttpServer):
     """See the module docstring.
 
-    Counters: ``requests`` (all requests received), ``forwarded`` (answered by the upstream), ``injected``
+    Counters: ``requests`` (all requests received), ``classified`` (per label of the ``classify(method, path)``
+    given, if any), ``forwarded`` (answered by the upstream), ``injected``
     (``Counter`` kind -> count: ``"500"``, ``"503"``, ``"throttle"``, ``"outage"``), ``upstream_errors`` (the
     upstream could not be reached: answered 502). ``history`` keeps the last 1000 requests as dicts (method, path,
     target, headers, outcome) for tests that want to see what a client actually sent.
     """
 
     def __init__(self, upstream_url: str, rate_500: float = 0.0, rate_503: float = 0.0, rate_throttle: float = 0.0,
-                 seed: int = 0, *, host: str = "127.0.0.1", port: int = 0, upstream_timeout: float = 60.0) -> None:
+                 seed: int = 0, *, host: str = "127.0.0.1", port: int = 0, upstream_timeout: float = 60.0,
+                 classify: Any = None) -> None:
         u = urllib.parse.urlsplit(upstream_url)
         if u.scheme != "http" or not u.hostname:
             raise ValueError(f"upstream_url must be http://host[:port], got {upstream_url!r}")
@@ -110,6 +112,7 @@ class FaultProxy(LocalHttpServer):
         self._up_host, self._up_port = u.hostname, u.port or 80
         self._up_prefix = u.path.rstrip("/")
         self.upstream_timeout = upstream_timeout
+        self.classify = classify  # (method, path) -> a label: ``classified`` counts requests per label
         super().__init__(host, port)
         self._lock = threading.Lock()
         self.rate_500 = self.rate_503 = self.rate_throttle = 0.0
@@ -178,6 +181,7 @@ class FaultProxy(LocalHttpServer):
     def reset_counters(self) -> None:
         with self._lock:
             self.requests = self.forwarded = self.upstream_errors = self.responses_lost = 0
+            self.classified: Counter[str] = Counter()
             self.injected: Counter[str] = Counter()
             self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
 
@@ -301,6 +305,10 @@ class FaultProxy(LocalHttpServer):
                 body, fwd_headers = self._read_body(raw_headers)  # always: keeps the connection in sync
                 record["body_length"] = len(body)
                 kind = proxy._decide(self.path)
+                if proxy.classify is not None:
+                    label = proxy.classify(self.command, self.path)
+                    with proxy._lock:
+                        proxy.classified[label] += 1
                 if kind is not None:
                     record["outcome"] = kind
                     with proxy._lock:
