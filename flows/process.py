@@ -21,6 +21,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
+from prefect.settings import PREFECT_API_URL
 
 from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.failures import committed_batch_ids, committed_tasks
@@ -81,10 +82,17 @@ class WorkerWatch:
         return f" (Slurm worker jobs: {out.replace(chr(10), '; ') or 'none'})"
 
 
+_saved: set[str] = set()  # "<api url>|<block name>" saved by this process
+
+
 def saved_store(store: ManifestStore) -> ManifestStore:
-    """The store saved as a Prefect block (Prefect requires saved blocks for result storage); one per store URI."""
+    """The store saved as a Prefect block (Prefect requires saved blocks for result storage); one per store URI,
+    saved once per coordinator process (each save is an API round trip of ~0.5 s)."""
     name = "slurmctl-" + hashlib.sha256(store.uri("").encode()).hexdigest()[:16]
-    store.save(name, overwrite=True)
+    where = f"{PREFECT_API_URL.value()}|{name}"
+    if where not in _saved:
+        store.save(name, overwrite=True)
+        _saved.add(where)
     return store
 
 

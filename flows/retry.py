@@ -1,8 +1,8 @@
 """Phase 3: a retry round over the items that failed with chosen error classes, or were deferred by the breaker.
 
 A round's plan (``retry/round-NN.plan.jsonl``: one ``{"line", "item", "previous"}`` per item) is written once;
-its batches (task group ``retry_batch_N``) are slices of that plan, processed by the same ``process_batch`` task
-with the same commit protocol. Their successes join the job's output; what fails again stays listed with its class.
+its batches (task group ``retry_batch_N``) are slices of that plan, processed in shards by the same
+``process_shard`` task with the same commit protocol. Their successes join the job's output; what fails again stays listed with its class.
 A resumed round reuses its plan and skips its committed batches.
 """
 

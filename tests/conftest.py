@@ -146,10 +146,16 @@ def item_api() -> Iterator[tuple[str, Any]]:
 
 
 @pytest.fixture
-def slurmctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def slurmctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh ``SLURMCTL_HOME``. A job run without ``PREFECT_API_URL`` starts the local Prefect server there
+    (``slurmctl.prefect_server``): it is stopped when the test ends, so no server outlives its test."""
     home = tmp_path / "slurmctl-home"
     monkeypatch.setenv("SLURMCTL_HOME", str(home))
-    return home
+    yield home
+    if (home / "server.json").exists():
+        from slurmctl import prefect_server
+
+        prefect_server.stop()
 
 
 # ---- backends: each test runs against the local one and, as an integration test, the AWS one on moto ----------

@@ -186,12 +186,14 @@ def test_status_counters_move_as_batches_commit_inside_a_shard(tmp_path, prefect
     cfg.write_text(yaml.safe_dump({**config, "cluster": {"kind": "local", "n_workers": 1}}))
     assert run_cli("submit", str(cfg)).returncode == 0
     store = tmp_path / "state"
-    wait_for(marker.exists, 240, "the shard to hold inside its second batch")
-    assert set(committed_tasks(store, "progress")) == {"batch-000000"}
-    view = wait_for(lambda: (v := status("progress"))["batches_done"] >= 1 and v, 30,
-                    "status to count the shard's first committed batch")
-    assert (view["batches_done"], view["items_succeeded"], view["status"]) == (1, 10, "running")
-    release.touch()
+    try:
+        wait_for(marker.exists, 240, "the shard to hold inside its second batch")
+        assert set(committed_tasks(store, "progress")) == {"batch-000000"}
+        view = wait_for(lambda: (v := status("progress"))["batches_done"] >= 1 and v, 30,
+                        "status to count the shard's first committed batch")
+        assert (view["batches_done"], view["items_succeeded"], view["status"]) == (1, 10, "running")
+    finally:
+        release.touch()  # never leave the job holding
     view = wait_until_ended("progress")
     assert view["status"] == "completed" and view["batches_done"] == 8
     assert_exactly_once(view, range(80))

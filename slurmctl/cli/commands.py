@@ -10,6 +10,7 @@ does not stop the job; ``--wait`` just follows its progress from the job manifes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from slurmctl.config import ConfigError, JobConfig, StorageConfig, load_config
 from slurmctl.paths import coordinator_log, home
@@ -50,7 +51,9 @@ def storage_for_job(job_id: str, args: argparse.Namespace) -> StorageConfig:
 
 # --- running and watching the coordinator ---------------------------------------------------------------------
 def spawn_coordinator(job_id: str, storage: StorageConfig, retry_errors: list[str] | None = None,
-                      ) -> tuple[subprocess.Popen, Path]:
+                      standby: bool = False) -> tuple[subprocess.Popen, Path]:
+    """Start the job's coordinator process. ``standby``: it imports what it needs and waits for ``release``, so
+    its start-up overlaps with the caller's checks."""
     log = coordinator_log(job_id)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -60,9 +63,23 @@ def spawn_coordinator(job_id: str, storage: StorageConfig, retry_errors: list[st
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "slurmctl.cli.coordinator", job_id, "--storage-json", storage.model_dump_json(),
-             "--retry-errors", ",".join(retry_errors or [])],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+             "--retry-errors", ",".join(retry_errors or []), *(["--standby"] if standby else [])],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE if standby else subprocess.DEVNULL, env=env,
+            start_new_session=True)
     return proc, log
+
+
+def release(proc: subprocess.Popen, go: bool) -> None:
+    """Let a standby coordinator run the job (``go``), or end it: the job was not created, it has done nothing."""
+    if go:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(b"go\n")
+            proc.stdin.close()
+        return
+    proc.kill()
+    proc.wait()
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -93,8 +110,10 @@ def progress_line(view: dict[str, Any], started: float, first_done: int) -> str:
 COORDINATOR_EXIT_WAIT_S = 30
 
 
-def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, log: Path | None) -> int:
-    """Follow a job from its manifest until it ends; return the exit code for its final status."""
+def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, log: Path | None,
+          announce: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Follow a job from its manifest until it ends; return the exit code for its final status. ``announce`` sees
+    each status view (it prints the flow run's UI link once the coordinator has created the run)."""
     from slurmctl.books.manifests import TERMINAL_STATUSES, status_view
     from slurmctl.books.store import load_job, store_for
 
@@ -105,6 +124,8 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
         while True:
             job = load_job(store, job_id)
             view = status_view(job.model_dump(mode="json"))
+            if announce is not None:
+                announce(view)
             if first_done is None:
                 first_done = view["batches_done"]
             if view["status"] in TERMINAL_STATUSES:
@@ -124,7 +145,11 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
             elif time.monotonic() - last_print >= 10:
                 print(line, file=sys.stderr, flush=True)
                 last_print = time.monotonic()
-            time.sleep(1.0)
+            if proc is None:
+                time.sleep(1.0)
+            else:  # the next look comes at once when the coordinator exits (a job that just ended)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=1.0)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         _err(f"stopped watching; job {job_id} keeps running. `slurmctl status {job_id}` shows where it is")
@@ -147,12 +172,57 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
     return EXIT_FAILED
 
 
+# --- the local Prefect server (embedded default) ----------------------------------------------------------------
+def local_prefect_server() -> dict[str, Any] | None:
+    """On the embedded default (no ``PREFECT_API_URL``), make sure the local Prefect server runs before a
+    coordinator starts, so a job never waits for it unseen; return its record. None when ``PREFECT_API_URL`` names
+    the server to use. The coordinator finds the same server itself (``prefect_server.ensure``)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    from slurmctl import prefect_server
+
+    info = prefect_server.running()
+    if info is None:
+        print("starting the local Prefect server (takes 10-20 s) ...", file=sys.stderr, flush=True)
+        info = prefect_server.start()
+    return info
+
+
+def flow_run_link(server: dict[str, Any] | None, previous_run: str | None
+                  ) -> Callable[[dict[str, Any]], None] | None:
+    """For ``watch``: print ``Prefect UI: <flow run page>`` once, when the job manifest names a flow run other than
+    ``previous_run`` (a resumed job's manifest still names the old one until the new coordinator starts)."""
+    if not server:
+        return None
+    from slurmctl import prefect_server
+
+    shown = False
+
+    def announce(view: dict[str, Any]) -> None:
+        nonlocal shown
+        run = view.get("flow_run_id")
+        if not shown and run and run != previous_run:
+            shown = True
+            link = prefect_server.flow_run_url(server, run)
+            print(("\r\033[K" if sys.stderr.isatty() else "") + f"Prefect UI: {link}", file=sys.stderr, flush=True)
+
+    return announce
+
+
+@contextlib.contextmanager
+def prefect_api(server: dict[str, Any] | None) -> Iterator[None]:
+    """Prefect clients in this process talk to ``server`` (the local one) when PREFECT_API_URL names none."""
+    if not server:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server["api_url"]}):
+        yield
+
+
 # --- commands -----------------------------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
-    from slurmctl.books.admission import JobRefused, create_job
-    from slurmctl.books.manifests import Keys
-    from slurmctl.books.store import JobExists, store_for
-
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
@@ -164,25 +234,53 @@ def cmd_submit(args: argparse.Namespace) -> int:
         except Exception:
             _err("--job-id: must match [a-z0-9][a-z0-9-]{0,62}")
             return EXIT_USAGE
-    problems: list[tuple[str, str]] = []
+    # The coordinator starts now, on standby: its imports (~2.5 s) overlap with ours and with the admission checks.
+    new_log = not coordinator_log(cfg.job_id).exists()
+    proc, log = spawn_coordinator(cfg.job_id, cfg.storage, standby=True)
+    go = False
     try:
-        create_job(cfg, str(Path(args.config).resolve()))
-    except JobExists as exc:
-        problems.append(("job_id", str(exc)))
-    except JobRefused as exc:
-        problems = exc.problems
-    if problems:
-        _err(f"{args.config}: cannot submit\n" + "\n".join(f"  {f}: {m}" for f, m in problems))
-        return EXIT_USAGE
-    store = store_for(cfg.storage)
-    remember(cfg.job_id, cfg.storage)
-    proc, log = spawn_coordinator(cfg.job_id, cfg.storage)
+        from slurmctl.books.admission import JobRefused, create_job
+        from slurmctl.books.manifests import Keys
+        from slurmctl.books.store import JobExists, store_for
+
+        problems: list[tuple[str, str]] = []
+        try:
+            create_job(cfg, str(Path(args.config).resolve()))
+        except JobExists as exc:
+            problems.append(("job_id", str(exc)))
+        except JobRefused as exc:
+            problems = exc.problems
+        if problems:
+            _err(f"{args.config}: cannot submit\n" + "\n".join(f"  {f}: {m}" for f, m in problems))
+            return EXIT_USAGE
+        store = store_for(cfg.storage)
+        remember(cfg.job_id, cfg.storage)
+        try:
+            server = local_prefect_server()
+        except Exception as exc:  # ServerError (it says why), or an OSError of $SLURMCTL_HOME
+            from slurmctl.books.manifests import now
+            from slurmctl.books.store import update_job
+
+            update_job(store, cfg.job_id, status="failed", finished_at=now(),
+                       error=f"the local Prefect server did not start: {exc}"[:2000])
+            _err(f"job {cfg.job_id} is submitted but not started: the local Prefect server did not start: {exc}\n"
+                 f"  fix that (or set PREFECT_API_URL to a running server), then `slurmctl resume {cfg.job_id}`")
+            return EXIT_FAILED
+        go = True
+    finally:
+        release(proc, go)
+        if not go and new_log:
+            with contextlib.suppress(OSError):
+                if log.stat().st_size == 0:
+                    log.unlink()
     print(cfg.job_id)
     print(f"submitted {cfg.job_id} (store {store.uri(Keys(cfg.job_id).root)}, log {log})", file=sys.stderr)
     if not args.wait:
+        if server:
+            print(f"Prefect UI: {server['ui_url']}/runs", file=sys.stderr)
         print(f"follow it with `slurmctl status {cfg.job_id}`", file=sys.stderr)
         return EXIT_OK
-    return watch(cfg.job_id, cfg.storage, proc, log)
+    return watch(cfg.job_id, cfg.storage, proc, log, announce=flow_run_link(server, None))
 
 
 def coordinator_alive(job: Any, store: Any = None) -> bool:
@@ -306,11 +404,25 @@ def _write_control(store: Any, job_id: str, paused: bool) -> str | None:
 
 
 def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> int:
-    """Make a job go again: unpause it, and start a coordinator unless one is still running (resume, retry)."""
+    """Make a job go again: unpause it, and start a coordinator unless one is still running (resume, retry).
+
+    The coordinator starts at once, on standby (as in ``submit``): its imports overlap with the checks below, so a
+    resumed job's first batch runs seconds sooner. It is released only when a new coordinator is wanted."""
+    storage = storage_for_job(args.job_id, args)
+    standby = spawn_coordinator(args.job_id, storage, retry_errors, standby=True)
+    started: list[bool] = []
+    try:
+        return _restart(args, storage, retry_errors, standby, started)
+    finally:
+        if not started:
+            release(standby[0], False)
+
+
+def _restart(args: argparse.Namespace, storage: StorageConfig, retry_errors: list[str] | None,
+             standby: tuple[subprocess.Popen, Path], started: list[bool]) -> int:
     from slurmctl.books.manifests import Keys
     from slurmctl.books.store import JobNotFound, load_job, store_for, update_job
 
-    storage = storage_for_job(args.job_id, args)
     try:
         job = load_job(store_for(storage), args.job_id)
     except JobNotFound as exc:
@@ -345,15 +457,28 @@ def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> 
     if job.status == "completed" and not retry_errors and not getattr(args, "force", False):
         print(f"job {args.job_id} already completed; output {job.output}", file=sys.stderr)
         return EXIT_OK
+    try:
+        server = local_prefect_server()
+    except Exception as exc:  # ServerError (it says why), or an OSError of $SLURMCTL_HOME
+        _err(f"job {args.job_id} not resumed: the local Prefect server did not start: {exc}\n  fix that (or set "
+             f"PREFECT_API_URL to a running server) and run `slurmctl resume {args.job_id}` again")
+        return EXIT_FAILED
     if job.status == "running":
-        _take_over(job, storage)
+        with prefect_api(server):  # its flow run is in the local server's database
+            _take_over(job, storage)
     # Not terminal any more: a watcher must wait for the new coordinator rather than read the old outcome.
     update_job(store_for(storage), args.job_id, status="pending", phase="submitted", error=None, finished_at=None)
     remember(args.job_id, storage)
-    proc, log = spawn_coordinator(args.job_id, storage, retry_errors)
+    proc, log = standby
+    release(proc, True)
+    started.append(True)
     what = f"retrying {','.join(retry_errors)} of" if retry_errors else "resuming"
     print(f"{what} {args.job_id} (log {log})", file=sys.stderr)
-    return watch(args.job_id, storage, proc, log) if args.wait else EXIT_OK
+    if not args.wait:
+        if server:
+            print(f"Prefect UI: {server['ui_url']}/runs", file=sys.stderr)
+        return EXIT_OK
+    return watch(args.job_id, storage, proc, log, announce=flow_run_link(server, job.flow_run_id))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -496,6 +621,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from slurmctl import prefect_server
+
+    if args.action == "start":
+        if prefect_server.running() is None:
+            print("starting the local Prefect server ...", file=sys.stderr, flush=True)
+        try:
+            info = prefect_server.start(port=args.port)
+        except prefect_server.ServerError as exc:
+            _err(str(exc))
+            return EXIT_FAILED
+        print(info["api_url"])
+        print(f"Prefect server {'started' if info['started'] else 'already running'} (pid {info['pid']}): UI "
+              f"{info['ui_url']}, API {info['api_url']}, log {info['log']}", file=sys.stderr)
+        return EXIT_OK
+    if args.action == "stop":
+        stopped = prefect_server.stop()
+        print(f"stopped the local Prefect server (pid {stopped['pid']}, {stopped['ui_url']})" if stopped
+              else "no local Prefect server is running", file=sys.stderr)
+        return EXIT_OK
+    view = prefect_server.status()
+    if args.json:
+        print(json.dumps(view))
+    else:
+        width = max(len(k) for k in view)
+        for k, v in view.items():
+            if v is not None:
+                print(f"{k:<{width}}  {v}")
+    return EXIT_OK if view["healthy"] else EXIT_FAILED
+
+
 def _storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="store URI (file://… or s3://bucket/prefix) if not the one submit recorded")
     p.add_argument("--endpoint-url", help="S3 endpoint for --storage (e.g. a moto server)")
@@ -545,19 +701,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10)
     _storage_args(p)
     p.set_defaults(func=cmd_analyze_errors)
+    p = sub.add_parser(
+        "server", help="the local Prefect server (UI and API) jobs use when PREFECT_API_URL is not set",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The local Prefect server of the embedded default: started on first use by `submit`/`resume`, "
+                    "kept running for the next job.\nData in $SLURMCTL_HOME/prefect, log in "
+                    "$SLURMCTL_HOME/logs/prefect-server.log. An explicit PREFECT_API_URL wins over it.",
+        epilog="examples:\n  slurmctl server start              # port 4200, or a free one if 4200 is taken\n"
+               "  export PREFECT_API_URL=$(slurmctl server start --port 4300)\n"
+               "  slurmctl server status --json       # exit 0 if it answers, 1 if not\n"
+               "  slurmctl server stop")
+    server_sub = p.add_subparsers(dest="action", required=True)
+    for name, what in (("start", "start it unless it runs; print its API URL"),
+                       ("stop", "stop it (its database stays for the next start; a job still running loses its "
+                                "Prefect API)"),
+                       ("status", "is it running and answering; its URLs, pid, log (exit 1 if it does not answer)")):
+        full = what.replace(" it", " the local Prefect server", 1)
+        s = server_sub.add_parser(name, help=what, description=full[0].upper() + full[1:] + ".")
+        if name == "start":
+            s.add_argument("--port", type=int, help="port on 127.0.0.1 (default: 4200 if free, else any free port)")
+        if name == "status":
+            s.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_server)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits 2 on bad arguments
-    from slurmctl.books.store import JobTooNew
-
     try:
         return args.func(args)
-    except JobTooNew as exc:  # a job another release wrote: say which to use, no traceback
-        _err(str(exc))
-        return EXIT_USAGE
+    except Exception as exc:
+        # Imported here, not before the command: it brings in Prefect (~2 s), which `submit` loads while its
+        # coordinator starts, and `server status` never needs.
+        from slurmctl.books.store import JobTooNew
+
+        if isinstance(exc, JobTooNew):  # a job another release wrote: say which to use, no traceback
+            _err(str(exc))
+            return EXIT_USAGE
+        raise
 
 
 if __name__ == "__main__":

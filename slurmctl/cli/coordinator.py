@@ -17,6 +17,7 @@ from slurmctl.handler import ensure_import_path
 # With the API up that takes well under a second; the bound only matters when the API is unreachable, where Prefect's
 # client would otherwise retry each batch with exponential backoff for about 75 s before the process could exit.
 FLUSH_TIMEOUT_S = 5.0
+# A local server started on first use: a fresh database's migrations on a busy machine (see slurmctl.prefect_server).
 SERVER_STARTUP_TIMEOUT_S = 120
 
 
@@ -24,9 +25,9 @@ def flush_prefect(timeout: float = FLUSH_TIMEOUT_S) -> bool:
     """Send the log records and events Prefect's background workers still hold, and stop those workers.
 
     Prefect batches run logs (``APILogWorker``, every ~2 s) and task-run state events (``EventsWorker``) in
-    background services that are otherwise drained only at interpreter exit. A coordinator that stops its temporary
-    API server first leaves them retrying a dead server (about 75 s of "Error logging to API"), and loses the task
-    run states they carried. What is still unsent after ``timeout`` seconds (an unreachable API) is given up, so
+    background services that are otherwise drained only at interpreter exit, where an API that has gone away (a
+    server stopped meanwhile) leaves them retrying (about 75 s of "Error logging to API") and loses the task run
+    states they carried. What is still unsent after ``timeout`` seconds (an unreachable API) is given up, so
     that the exit-time drain does not wait for it either. Returns False if something was given up.
     """
     from prefect.events.worker import EventsWorker
@@ -57,32 +58,49 @@ def prefect_api_for_workers() -> Iterator[None]:
     it before the coordinator exits.
 
     With no ``PREFECT_API_URL`` Prefect would start a private ephemeral server in *each* worker process, and their
-    task runs would never reach the flow's database. So the coordinator starts the ephemeral server itself and
-    exports its URL, which worker processes inherit; it flushes Prefect's log and event workers before it stops that
-    server. On a real cluster set ``PREFECT_API_URL`` to a server the compute nodes can reach.
+    task runs would never reach the flow's database. So the coordinator uses the local persistent server
+    (``slurmctl.prefect_server``: started on first use, usually already running because ``slurmctl submit`` made
+    sure of it) and exports its URL, which worker processes inherit. The server outlives the job, so the next job
+    does not pay its start-up and the UI keeps this one's runs; Prefect's log and event workers are still flushed
+    before the coordinator exits. An explicit ``PREFECT_API_URL`` wins; on a real cluster set it to a server the
+    compute nodes can reach.
     """
-    if os.environ.get("PREFECT_API_URL"):
-        try:
-            yield
-        finally:
-            _flush_or_warn()
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    server = SubprocessASGIServer()
-    # Prefect's default (20 s) is too short for a fresh database's migrations on a busy machine.
-    server.start(timeout=max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), SERVER_STARTUP_TIMEOUT_S))
-    os.environ["PREFECT_API_URL"] = server.api_url
+    updates = _engine_settings()
+    if os.environ.get("PREFECT_API_URL"):
+        with temporary_settings(updates=updates):
+            try:
+                yield
+            finally:
+                _flush_or_warn()
+        return
+    from slurmctl import prefect_server
+
+    url = prefect_server.ensure(timeout=SERVER_STARTUP_TIMEOUT_S)
+    os.environ["PREFECT_API_URL"] = url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with temporary_settings(updates={**updates, PREFECT_API_URL: url}):
             try:
                 yield
             finally:
                 _flush_or_warn()
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        server.stop()
+
+
+def _engine_settings() -> dict[Any, Any]:
+    """Prefect settings for the job flow in this process.
+
+    Flow-run heartbeats off, unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set: Prefect's sync flow engine joins
+    its heartbeat thread when a (sub)flow ends, and that thread sleeps in 1 s steps, so every subflow (partition,
+    process, each retry round, aggregate) ended up to 1 s late — about 3 s of a one-record job. The heartbeat is
+    an event Prefect emits every 180 s for automations that detect dead runs; a job's liveness is its own heartbeat
+    (``heartbeat.json``), and ``slurmctl resume`` marks a dead coordinator's flow run Crashed.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+    return {} if os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") else {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
 
 
 def _flush_or_warn() -> None:
@@ -96,9 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_id")
     parser.add_argument("--storage-json", required=True)
     parser.add_argument("--retry-errors", default="", help="comma-separated error classes for a retry round")
+    parser.add_argument("--standby", action="store_true",
+                        help="import everything, then run only once stdin says `go` (EOF: exit, nothing done)")
     args = parser.parse_args(argv)
     ensure_import_path()
     from slurmctl.flows.job import run_job
+
+    # `slurmctl submit` starts us before it has created the job, so that our imports (~2.5 s: Prefect, Dask,
+    # pyarrow) overlap with its own checks; it says go once the job manifest exists, or closes stdin if the job
+    # was refused (or it died).
+    if args.standby and sys.stdin.readline().strip() != "go":
+        return 0
 
     try:
         with prefect_api_for_workers():
