@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
 from slurmctl.books.admission import create_job
-from slurmctl.books.failures import committed_batch_ids, round_of
+from slurmctl.books.failures import committed_batch_ids, recount, round_of
 from slurmctl.books.heartbeat import Heartbeat
 from slurmctl.books.limits import ensure_limits
 from slurmctl.books.manifests import Keys, now
@@ -26,7 +26,7 @@ from slurmctl.books.store import JobExists, load_job, read_round_batches, store_
 from slurmctl.config import load_config, parse_config
 from slurmctl.flows.aggregate import aggregate_phase
 from slurmctl.flows.partition import partition_phase
-from slurmctl.flows.process import process_phase, recount
+from slurmctl.flows.process import process_phase
 from slurmctl.flows.retry import retry_phase
 from slurmctl.flows.runners import task_runner_for
 

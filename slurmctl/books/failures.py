@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from typing import Any, Iterable
 
 from slurmctl.blocks.manifest_store import ManifestStore
-from slurmctl.books.manifests import Keys
+from slurmctl.books.manifests import Counts, Keys, counts_from_tasks
 from slurmctl.books.parts import committed_retry
 
 _ROUND = re.compile(r"^r(\d+)-")
@@ -40,15 +40,16 @@ def committed_batch_ids(store: ManifestStore, job_id: str) -> list[str]:
     return [b for b in map(Keys.committed_batch, store.list_keys(Keys(job_id).tasks_prefix)) if b]
 
 
-def committed_tasks(store: ManifestStore, job_id: str) -> list[dict[str, Any]]:
-    """Every committed task manifest, in commit order (initial batches, then each retry round).
+def committed_tasks(store: ManifestStore, job_id: str, ids: set[str] | None = None) -> list[dict[str, Any]]:
+    """Every committed task manifest (or those of ``ids``, known committed), in commit order (initial batches,
+    then each retry round).
 
     Which batches are committed comes from the listing of ``tasks/`` (the commits themselves). Their contents come
     from the shards' commit logs where one holds the batch (one request per shard, not per batch) and must be the
     committed attempt; any other batch's task manifest is read on its own.
     """
     keys = Keys(job_id)
-    ids = set(committed_batch_ids(store, job_id))
+    ids = set(committed_batch_ids(store, job_id)) if ids is None else ids
     found: dict[str, dict[str, Any]] = {}
     for key in store.list_keys(keys.commit_logs_prefix):
         log = store.get_json(key) if key.endswith(".json") else None
@@ -60,6 +61,12 @@ def committed_tasks(store: ManifestStore, job_id: str) -> list[dict[str, Any]]:
         if t:
             found[b] = _bare(t)
     return sorted(found.values(), key=lambda t: (round_of(t["batch_id"]), t["batch_id"]))
+
+
+def recount(store: ManifestStore, job_id: str, batches_total: int, items_total: int,
+            ids: set[str] | None = None) -> Counts:
+    """Counts from the committed task manifests alone (resume, ``status --scan``); ``ids``: of those batches."""
+    return counts_from_tasks(committed_tasks(store, job_id, ids), batches_total, items_total)
 
 
 def _bare(task: dict[str, Any]) -> dict[str, Any]:

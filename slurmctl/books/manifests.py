@@ -155,6 +155,13 @@ class Counts(BaseModel):
     items_rejected: int = 0
     rows_written: int = 0
 
+    def plus(self, delta: "Counts") -> "Counts":
+        """These counts with ``delta``'s progress added (totals stay these)."""
+        return Counts(batches_total=self.batches_total, items_total=self.items_total, **{
+            k: getattr(self, k) + getattr(delta, k) for k in (
+                "batches_done", "batches_failed", "items_succeeded", "items_failed", "items_deferred",
+                "items_rejected", "rows_written")})
+
     def add(self, summary: dict[str, Any]) -> None:
         """Fold one committed batch's summary in. A retry batch takes items out of failed/deferred."""
         self.batches_done += 1

@@ -589,9 +589,9 @@ def cmd_analyze_errors(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from slurmctl.books.failures import recount
     from slurmctl.books.heartbeat import read_heartbeat
     from slurmctl.books.manifests import Keys, status_view
-    from slurmctl.flows.process import recount
 
     found = _job_or_exit(args)
     if found is None:
