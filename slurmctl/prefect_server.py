@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from slurmctl.paths import home
+from slurmctl.procs import pid_alive
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200  # Prefect's own default: the URL users know
@@ -112,26 +113,9 @@ def _serves_home(url: str, prefect_home: Path) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    """True if ``pid`` is a live process (a zombie has exited: it only waits to be reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
 def _is_server(pid: int) -> bool:
     """Is ``pid`` a live ``prefect server start`` (and not another process that got a recorded server's pid)?"""
-    if not _alive(pid):
+    if not pid_alive(pid):
         return False
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -322,7 +306,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     while True:
         if proc is not None and proc.poll() is not None:
             return True
-        if proc is None and not _alive(pid):
+        if proc is None and not pid_alive(pid):
             return True
         if time.monotonic() > deadline:
             return False

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 from slurmctl.config import ConfigError, JobConfig, StorageConfig, load_config
 from slurmctl.paths import coordinator_log, home
+from slurmctl.procs import pid_alive
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DETACHED = 0, 1, 2, 130
 
@@ -300,12 +301,8 @@ def coordinator_alive(job: Any, store: Any = None) -> bool:
     beat = read_heartbeat(store if store is not None else store_for(job.config["storage"]), job.job_id)
     host, pid = (beat["host"], beat["pid"]) if beat else (job.coordinator_host, job.coordinator_pid)
     if host == socket.gethostname() and pid:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not pid_alive(pid):
             return False
-        except PermissionError:
-            return True
         if _is_coordinator(pid, job.job_id):
             return True
         # Alive but not `slurmctl.cli.coordinator JOB`: a reused pid, or a run started another way (a deployment):

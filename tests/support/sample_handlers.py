@@ -37,33 +37,33 @@ def record_call(ctx: Any, item: dict[str, Any]) -> None:
             os.close(fd)
 
 
-def stall_once(ctx: Any, item: dict[str, Any]) -> None:
-    spec = ctx.params.get("stall_once")
+def first_call(ctx: Any, item: dict[str, Any], param: str) -> dict[str, Any] | None:
+    """The ``param`` spec if this is the first call (in any process) for its item: its ``marker`` file is created
+    holding our pid. None for other items and for later calls (the batch running again)."""
+    spec = ctx.params.get(param)
     if not spec or item["id"] != spec["id"]:
-        return
+        return None
     try:
         fd = os.open(spec["marker"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
-        return  # stalled once already: this is the batch running again
+        return None
     try:
         os.write(fd, f"{os.getpid()}\n".encode())
     finally:
         os.close(fd)
-    time.sleep(float(spec.get("seconds", 600)))
+    return spec
+
+
+def stall_once(ctx: Any, item: dict[str, Any]) -> None:
+    spec = first_call(ctx, item, "stall_once")
+    if spec:
+        time.sleep(float(spec.get("seconds", 600)))
 
 
 def hold(ctx: Any, item: dict[str, Any]) -> None:
-    spec = ctx.params.get("hold")
-    if not spec or item["id"] != spec["id"]:
+    spec = first_call(ctx, item, "hold")
+    if not spec:
         return
-    try:
-        fd = os.open(spec["marker"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
     deadline = time.monotonic() + 600
     while not os.path.exists(spec["release"]) and time.monotonic() < deadline:
         time.sleep(0.02)
