@@ -39,7 +39,7 @@ from slurmctl.tasks.process_shard import commits_topic, process_shard
 HEARTBEAT_S = 2.0
 # Exceptions that mean "the worker (or its Slurm job) running this batch went away", not "the batch failed".
 WORKER_LOSS = ("KilledWorker", "FutureCancelledError", "CancelledError", "CommClosedError", "StreamClosedError",
-               "WorkerLost")
+               "WorkerLost", "ShardAbandoned")
 
 
 class NoWorkers(RuntimeError):

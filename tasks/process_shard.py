@@ -39,8 +39,9 @@ class ShardIncomplete(RuntimeError):
 
 
 class ShardAbandoned(RuntimeError):
-    """The worker lost its scheduler (the coordinator died or closed the cluster): the shard stops between batches
-    instead of running on as a zombie whose batches the next coordinator runs as well."""
+    """The worker is leaving (it lost its scheduler: the coordinator died or closed the cluster; or it is being
+    retired): the shard stops between batches instead of running on as a zombie whose batches the next coordinator
+    runs as well. The coordinator treats it as a lost worker: the uncommitted batches are queued again."""
 
 
 def commits_topic(job_id: str) -> str:
@@ -123,7 +124,7 @@ def _run_batches(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], r
     for spec in specs:
         if not wanted():
             raise ShardAbandoned(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} batches "
-                                 f"after it were not started: this worker lost its scheduler")
+                                 f"after it were not started: this worker is leaving (it lost its scheduler, or is retired)")
         try:
             summary = checked_summary(run_batch(cfg, store, spec, logger=logger, run_ids=run_ids,
                                                 check_commit=check_commits, read_range=reader,
@@ -162,8 +163,15 @@ def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"jobs/{cfg.job_id}/cache/{first}-{hashlib.sha256(ident.encode()).hexdigest()[:24]}"
 
 
+def retry_unless_abandoned(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retries a shard that hit an infrastructure fault; an abandoned one (its worker is leaving) goes back
+    to the coordinator at once, which queues its uncommitted batches again on another worker."""
+    return not isinstance(getattr(state, "data", None), ShardAbandoned)
+
+
 @task(name="process-shard", task_run_name="{shard[name]}", cache_key_fn=shard_cache_key, persist_result=True,
-      result_serializer="json", retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5)
+      result_serializer="json", retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5,
+      retry_condition_fn=retry_unless_abandoned)
 def process_shard(cfg: JobConfig, store: ManifestStore, shard: dict[str, Any], handler_version: str = "",
                   check_commits: bool = False) -> list[dict[str, Any]]:
     """``check_commits``: read each batch's commit first (set for a re-queued shard; always on a Prefect retry)."""

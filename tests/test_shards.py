@@ -181,3 +181,21 @@ def test_the_books_read_a_shards_commits_in_one_request(job, monkeypatch):
     monkeypatch.setattr(LocalManifestStore, "get_json", get_json)
     assert committed_tasks(store, "shard") == one_by_one  # the same manifests, in commit order
     assert sorted(reads) == ["commits", "tasks"]  # one commit log, and the one batch it does not hold
+
+
+def test_a_shard_whose_worker_is_leaving_stops_between_batches_and_goes_back_as_a_lost_worker(job):
+    from prefect.states import Failed
+
+    from slurmctl.flows.process import is_worker_loss
+    from slurmctl.tasks.process_shard import ShardAbandoned, retry_unless_abandoned
+
+    cfg, store, specs, calls_file = job()
+    asked = iter([True, True, False])
+    with pytest.raises(ShardAbandoned) as err:
+        run_shard(cfg, store, specs, check_commits=False, wanted=lambda: next(asked))
+    assert sorted(committed_batch_ids(store, "shard")) == ["batch-000000", "batch-000001"]
+    assert len(calls(calls_file)) == 20  # the third batch never started
+    # not retried in place by Prefect; the coordinator re-queues its uncommitted batches like a dead worker's
+    assert not retry_unless_abandoned(None, None, Failed(data=err.value))
+    assert retry_unless_abandoned(None, None, Failed(data=OSError("store unreachable")))
+    assert is_worker_loss(err.value)

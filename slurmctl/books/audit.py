@@ -107,7 +107,8 @@ def check(store: ManifestStore, job: JobManifest, tasks: list[dict[str, Any]],
     """``audit``, raising ``BooksUnbalanced`` when the books do not balance.
 
     Batches without a commit lose their Prefect cache records too, so that ``resume`` runs them again instead of
-    being answered from a cache entry whose commit is gone.
+    being answered from a cache entry whose commits are gone. A shard's record is keyed by its first batch, and a
+    shard is only submitted again unchanged when none of its batches is committed — its first batch among them.
     """
     books = audit(store, job, tasks, state)
     if not books.balanced:

@@ -16,7 +16,10 @@ job under the store root::
                                            attempts, the item) and items deferred by the circuit breaker
     jobs/<job_id>/retry/round-NN.plan.jsonl  the items a retry round takes (its batches are slices of it)
     jobs/<job_id>/retry/round-NN.batches.jsonl  that round's batch specs
-    jobs/<job_id>/cache/<batch_id>-<hash>  Prefect result records of batch tasks (the task cache)
+    jobs/<job_id>/commits/<batch_id>.<attempt>.json  a shard's commit log: copies of the task manifests it
+                                           committed (<batch_id> = its first batch); the tasks/ listing stays the truth
+    jobs/<job_id>/cache/<batch_id>-<hash>  Prefect result records of shard tasks (the task cache; <batch_id> = the
+                                           shard's first batch)
     jobs/<job_id>/output/data.parquet      the final dataset
     jobs/<job_id>/rejects.jsonl            all rejects, merged by aggregate
     jobs/<job_id>/result.json              ResultManifest: final outputs, row counts, sha256
@@ -117,7 +120,7 @@ class Keys:
 
     @property
     def cache_prefix(self) -> str:
-        """Prefect result records of batch tasks (the task cache), ``cache/<batch_id>-<hash>``."""
+        """Prefect result records of shard tasks (the task cache), ``cache/<first batch_id>-<hash>``."""
         return self.root + "cache/"
 
     @property
