@@ -124,7 +124,8 @@ def _run_batches(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], r
     for spec in specs:
         if not wanted():
             raise ShardAbandoned(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} batches "
-                                 f"after it were not started: this worker is leaving (it lost its scheduler, or is retired)")
+                                 f"after it were not started: this worker is leaving (it lost its scheduler, or "
+                                 f"is retired)")
         try:
             summary = checked_summary(run_batch(cfg, store, spec, logger=logger, run_ids=run_ids,
                                                 check_commit=check_commits, read_range=reader,
