@@ -42,6 +42,15 @@ WORKER_LOSS = ("KilledWorker", "FutureCancelledError", "CancelledError", "CommCl
                "WorkerLost", "ShardAbandoned")
 
 
+def dask_client() -> Any:
+    """The flow run's Dask client (its task runner starts the cluster on first use); None when the flow does not
+    run on a Dask task runner (unit tests): then there is nothing to watch, listen to or start."""
+    try:
+        return get_run_context().task_runner.client
+    except Exception:
+        return None
+
+
 class NoWorkers(RuntimeError):
     """Batches are waiting and no Dask worker has been alive for ``no_workers_timeout_s``: the cluster is lost."""
 
@@ -52,10 +61,7 @@ class WorkerWatch:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.since: float | None = None
-        try:
-            self.client = get_run_context().task_runner.client
-        except Exception:  # not on a Dask task runner (unit tests): nothing to watch
-            self.client = None
+        self.client = dask_client()
 
     def check(self, waiting: bool) -> None:
         if self.client is None:
@@ -105,10 +111,7 @@ class CommitFeed:
     def __init__(self, job_id: str) -> None:
         self.queue: queue.Queue = queue.Queue()
         self.topic = commits_topic(job_id)
-        try:
-            self.client = get_run_context().task_runner.client
-        except Exception:  # not on a Dask task runner (unit tests): the shards' results alone count
-            self.client = None
+        self.client = dask_client()  # None: the shards' results alone count
         if self.client is not None:
             self.client.subscribe_topic(self.topic, lambda event: self.queue.put(event[1]))
 
@@ -268,11 +271,9 @@ def _processed(failed: list[str], job: JobManifest) -> dict[str, Any]:
 def start_workers() -> None:
     """Start the Dask cluster (the task runner starts it on first use) and have its workers import the shard task
     now (Prefect, pyarrow, the blocks: ~2.7 s in a fresh process) instead of when the first shard arrives."""
-    try:
-        client = get_run_context().task_runner.client
-    except Exception:  # not on a Dask task runner: nothing to start
-        return
-    client.run(_import_shard_task, wait=False)
+    client = dask_client()
+    if client is not None:
+        client.run(_import_shard_task, wait=False)
 
 
 async def _import_shard_task() -> None:

@@ -90,10 +90,25 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
     reader = ShardReader(store, uri, specs if cfg.input.format != "parquet" or specs[0].source != "input" else [])
     summaries: list[dict[str, Any]] = []
     errors: list[str] = []
-    committed: list[dict[str, Any]] = []
+    committed: list[dict[str, Any]] = []  # the task manifests of this shard's commits: its commit log
     try:
-        _run_batches(cfg, store, specs, reader, summaries, errors, committed, check_commits=check_commits,
-                     on_commit=on_commit, logger=logger, run_ids=run_ids, wanted=wanted)
+        for spec in specs:
+            if not wanted():
+                raise ShardAbandoned(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} "
+                                     f"batches after it were not started: this worker is leaving (it lost its "
+                                     f"scheduler, or is retired)")
+            try:
+                summary = checked_summary(run_batch(cfg, store, spec, logger=logger, run_ids=run_ids,
+                                                    check_commit=check_commits, read_range=reader,
+                                                    committed=committed))
+            except Exception as exc:  # an infrastructure fault in this batch: the others still run and commit
+                errors.append(f"{spec.batch_id}: {type(exc).__name__}: {exc}")
+                if logger is not None:
+                    logger.warning("batch %s did not commit: %s: %s", spec.batch_id, type(exc).__name__, exc)
+                continue
+            summaries.append(summary)
+            if on_commit is not None:
+                on_commit(summary)
     finally:
         write_commit_log(store, cfg.job_id, specs[0].batch_id, committed, logger)
     if errors:
@@ -115,29 +130,6 @@ def write_commit_log(store: ManifestStore, job_id: str, first: str, committed: l
         if logger is not None:
             logger.warning("commit log of the shard starting at %s not written (%s: %s); its batches' task "
                            "manifests are read one by one instead", first, type(exc).__name__, exc)
-
-
-def _run_batches(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], reader: ShardReader,
-                 summaries: list[dict[str, Any]], errors: list[str], committed: list[dict[str, Any]], *,
-                 check_commits: bool, on_commit: Callable[[dict[str, Any]], None] | None, logger: Any,
-                 run_ids: tuple[str | None, str | None], wanted: Callable[[], bool]) -> None:
-    for spec in specs:
-        if not wanted():
-            raise ShardAbandoned(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} batches "
-                                 f"after it were not started: this worker is leaving (it lost its scheduler, or "
-                                 f"is retired)")
-        try:
-            summary = checked_summary(run_batch(cfg, store, spec, logger=logger, run_ids=run_ids,
-                                                check_commit=check_commits, read_range=reader,
-                                                committed=committed))
-        except Exception as exc:  # an infrastructure fault in this batch: the others still run and commit
-            errors.append(f"{spec.batch_id}: {type(exc).__name__}: {exc}")
-            if logger is not None:
-                logger.warning("batch %s did not commit: %s: %s", spec.batch_id, type(exc).__name__, exc)
-            continue
-        summaries.append(summary)
-        if on_commit is not None:
-            on_commit(summary)
 
 
 def dask_hooks(job_id: str) -> tuple[Callable[[dict[str, Any]], None] | None, Callable[[], bool]]:
