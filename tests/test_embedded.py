@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from support.jobs import log_tail, run_cli, status, write_config, write_jsonl
-from support.prefect_runs import task_runs_of
+from support.prefect_runs import settled_task_runs
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def test_echo_job_end_to_end(tmp_path: Path, prefect_api: str, slurmctl_home: Pa
     # batch names the one that committed it. 11 batches on 2 worker threads: 4 waves of 2 shards.
     tasks = [json.loads(p.read_text()) for p in sorted((store / "tasks").glob("batch-*.json"))]
     assert len(tasks) == 11 and all(t["status"] == "succeeded" and t["slurm_job_id"] is None for t in tasks)
-    runs = task_runs_of(prefect_api, {t["flow_run_id"] for t in tasks})
+    runs = settled_task_runs(prefect_api, {t["flow_run_id"] for t in tasks}, 8)
     shard_runs = {str(r.id): r for r in runs if r.name.startswith("batch-")}
     assert len(shard_runs) == 8 and all(r.state.is_completed() for r in shard_runs.values())
     assert {t["task_run_id"] for t in tasks} == set(shard_runs)

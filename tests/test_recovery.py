@@ -29,7 +29,7 @@ from support.jobs import (
     write_config,
     write_jsonl,
 )
-from support.prefect_runs import flows_reporting_to, task_runs_of
+from support.prefect_runs import flows_reporting_to, settled_task_runs
 from support.sample_handlers import calls
 
 from slurmctl.books.manifests import Counts
@@ -100,7 +100,7 @@ def test_committed_batches_never_call_the_handler_again(tmp_path, prefect_api, s
     # each summary is the committed batch's (not an empty "duplicate"): the counters add up to the job's
     assert {k: out["counts"][k] for k in ("batches_done", "items_succeeded", "rows_written")} == {
         k: done[k] for k in ("batches_done", "items_succeeded", "rows_written")}
-    runs = [r for r in task_runs_of(prefect_api, {str(first.state_details.flow_run_id)})
+    runs = [r for r in settled_task_runs(prefect_api, {str(first.state_details.flow_run_id)}, 8)
             if r.name.startswith("batch-")]
     assert len(runs) == 8 and {r.state.name for r in runs} == {"Completed"}  # ran: no cache hit
 
@@ -108,7 +108,7 @@ def test_committed_batches_never_call_the_handler_again(tmp_path, prefect_api, s
     with flows_reporting_to(prefect_api):
         second = resubmit_batches.with_options(task_runner=runner)("no-rerun", storage, return_state=True)
     assert second.is_completed() and second.result()["failed"] == []
-    runs = [r for r in task_runs_of(prefect_api, {str(second.state_details.flow_run_id)})
+    runs = [r for r in settled_task_runs(prefect_api, {str(second.state_details.flow_run_id)}, 8)
             if r.name.startswith("batch-")]
     assert len(runs) == 8 and {r.state.name for r in runs} == {"Cached"}
     assert len(calls(calls_file)) == 200

@@ -10,7 +10,7 @@ import pytest
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from support.jobs import write_jsonl
-from support.prefect_runs import flows_reporting_to, task_runs_of
+from support.prefect_runs import flows_reporting_to, settled_task_runs
 from support.sample_handlers import calls
 
 from slurmctl.blocks.manifest_store import LocalManifestStore
@@ -157,7 +157,7 @@ def test_a_resumed_run_cuts_only_the_uncommitted_batches(job, tmp_path, prefect_
     assert state.is_completed() and state.result() == []
     # the committed batches' items were not called again; every other batch ran once
     assert sorted(i for _, i in calls(calls_file)) == list(range(400))
-    runs = task_runs_of(prefect_api, {str(state.state_details.flow_run_id)})
+    runs = settled_task_runs(prefect_api, {str(state.state_details.flow_run_id)}, 8)
     # 34 uncommitted batches, 2 worker threads: 4 waves of 2 shards
     assert len(runs) == 8 and all(r.state.is_completed() for r in runs)
     sizes = [int(r.name.rsplit("(", 1)[1].rstrip(")")) for r in runs]

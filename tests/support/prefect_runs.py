@@ -51,6 +51,21 @@ def task_runs_of(api_url: str, flow_run_ids: set[str]) -> list[Any]:
     return _with_api(api_url, read)
 
 
+def settled_task_runs(api_url: str, flow_run_ids: set[str], count: int, timeout: float = 60) -> list[Any]:
+    """The flow runs' task runs once ``count`` of them are recorded in a final state. The server records task-run
+    states from the events the client sends, after the flow has returned: read too early, a run still shows its
+    first state (or its default name)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = task_runs_of(api_url, flow_run_ids)
+        if (len(runs) >= count and all(r.state is not None and r.state.is_final() for r in runs)) \
+                or time.monotonic() >= deadline:
+            return runs
+        time.sleep(0.2)
+
+
 def flow_run_state(api_url: str, flow_run_id: str) -> str:
     """The flow run's state type, e.g. ``"COMPLETED"``, ``"FAILED"``, ``"RUNNING"``."""
     from prefect.client.orchestration import get_client
