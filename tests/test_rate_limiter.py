@@ -152,10 +152,11 @@ def test_retry_after_pushes_every_workers_next_slot(backend):
     spec = LimitSpec(per_second=100, throttle_strikes=1)
     backend.lease("ra", spec, 1)
     before = backend.read("ra").epoch
+    reported = now_us()  # the Retry-After counts from the report, whenever the next lease is asked for
     backend.report_throttle("ra", spec, 2.0)
     assert backend.signal("ra").epoch == before + 1  # workers see a new epoch: their leases are void
     got = backend.lease("ra", spec, 1)
-    assert isinstance(got, Wait) or got.start_us >= now_us() + 1.5 * US
+    assert isinstance(got, Wait) or got.start_us >= reported + 2 * US
 
 
 def test_pause_and_rate_change(backend):
@@ -166,12 +167,13 @@ def test_pause_and_rate_change(backend):
     assert isinstance(got, Wait) and got.paused
     assert backend.signal("ctl").paused
     backend.set_paused("ctl", spec, False)
+    changed = now_us()
     backend.set_rate("ctl", spec, 50)
     assert not backend.signal("ctl").paused
     got = backend.lease("ctl", spec, 5)
     assert isinstance(got, Lease) and got.interval_us == 20_000 * spec.lane_count
     # the new rate's schedule starts after the grace in which every worker sees the signal
-    assert got.start_us >= now_us() + spec.grace_us - 0.5 * US
+    assert got.start_us >= changed + spec.grace_us
     with pytest.raises(ValueError, match="outside"):
         backend.set_rate("ctl", spec, 1000)
 
