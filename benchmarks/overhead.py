@@ -59,7 +59,8 @@ def run_baseline(uri: str, batch_size: int, work: Path, workers: int) -> float:
 
     from slurmctl.blocks.manifest_store import LocalManifestStore
     from slurmctl.records import partition
-    from slurmctl.tasks.merge_outputs import merge_parquet
+    from slurmctl.config import AggregateConfig
+    from slurmctl.tasks.merge import merge_all
 
     t0 = time.perf_counter()  # cluster start-up counts on both sides: the product starts its cluster per run
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
@@ -72,7 +73,7 @@ def run_baseline(uri: str, batch_size: int, work: Path, workers: int) -> float:
         parts = client.gather(futures)
         rows = sum(p["rows_written"] for p in parts)
         store = LocalManifestStore(root=str(work))
-        merge_parquet(store, parts, "output/data.parquet")
+        merge_all(store, "baseline", parts, AggregateConfig())  # the same merge tree, without Prefect
         elapsed = time.perf_counter() - t0
     assert rows == plan.records, (rows, plan.records)
     return elapsed

@@ -29,12 +29,14 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 from prefect.filesystems import WritableFileSystem
 from prefect_aws import AwsCredentials
@@ -43,6 +45,8 @@ from pydantic import Field
 from slurmctl.blocks.aws import aws_credentials
 
 CHECKSUM_FIELD = "checksum"
+#: Parts of 16 MB, four at a time: a multipart upload or download streams from disk with ~64 MB in flight at most.
+_TRANSFER = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=4)
 
 
 class ManifestCorrupt(ValueError):
@@ -101,6 +105,19 @@ class ManifestStore(WritableFileSystem, ABC):
     def delete(self, key: str) -> None:
         """Remove a key; absent keys are fine."""
 
+    @abstractmethod
+    def put_file(self, key: str, path: str) -> None:
+        """Atomically store the local file ``path`` under ``key``, streamed from disk (large outputs, merges)."""
+
+    @abstractmethod
+    def get_file(self, key: str, path: str) -> bool:
+        """Stream the object to the local file ``path``; False (and no file) when absent."""
+
+    @abstractmethod
+    def copy(self, src: str, dst: str) -> None:
+        """Atomically make ``dst`` a copy of ``src`` without passing the bytes through this process when the
+        backend can (S3 copies server-side)."""
+
     # --- Prefect WritableFileSystem (result storage) ----------------------------------------------------------
     # Prefect calls these with ``_sync=True`` from sync code and looks for ``a``-prefixed async twins.
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
@@ -122,6 +139,15 @@ class ManifestStore(WritableFileSystem, ABC):
     # --- shared behaviour -----------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
         return self.get_bytes(key) is not None
+
+    def local_path(self, key: str) -> str | None:
+        """The object's path when it is a file on this machine (read in place), else None (fetch it)."""
+        return None
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every key under ``prefix`` (a merge plan's intermediate files)."""
+        for key in list(self.list_keys(prefix)):
+            self.delete(key)
 
     def put_json(self, key: str, body: dict[str, Any], *, if_absent: bool = False) -> bool:
         body = {k: v for k, v in body.items() if k != CHECKSUM_FIELD}
@@ -259,6 +285,46 @@ class LocalManifestStore(ManifestStore):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def delete_prefix(self, prefix: str) -> None:
+        if prefix.endswith("/"):
+            shutil.rmtree(self._path(prefix), ignore_errors=True)
+        else:
+            super().delete_prefix(prefix)
+
+    def put_file(self, key: str, path: str) -> None:
+        self._place(key, lambda tmp: shutil.copyfile(path, tmp))
+
+    def get_file(self, key: str, path: str) -> bool:
+        try:
+            shutil.copyfile(self._path(key), path)
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def copy(self, src: str, dst: str) -> None:
+        source = self._path(src)
+        if not source.is_file():
+            raise FileNotFoundError(self.uri(src))
+        self._place(dst, lambda tmp: shutil.copyfile(source, tmp))
+
+    def local_path(self, key: str) -> str | None:
+        return str(self._path(key))
+
+    def _place(self, key: str, fill: Any) -> None:
+        """Write a temp file beside ``key`` with ``fill(tmp)``, fsync it and rename it into place."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            fill(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
     def _remove_probe(self, key: str) -> None:
         self.delete(key)
         self._path(key).parent.rmdir()  # the probe's own directory
@@ -336,6 +402,32 @@ class S3ManifestStore(ManifestStore):
 
     def delete(self, key: str) -> None:
         self._s3().delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        s3, keys = self._s3(), [self._key(k) for k in self.list_keys(prefix)]
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes up to 1,000 keys per request
+            s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]],
+                                                          "Quiet": True})
+
+    def put_file(self, key: str, path: str) -> None:
+        # boto3's managed transfer: a multipart upload read from disk part by part above the threshold (S3 makes
+        # the object visible only when the upload completes), a single PUT below it.
+        self._s3().upload_file(path, self.bucket, self._key(key), Config=_TRANSFER)
+
+    def get_file(self, key: str, path: str) -> bool:
+        try:
+            self._s3().download_file(self.bucket, self._key(key), path, Config=_TRANSFER)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                if os.path.exists(path):
+                    os.unlink(path)
+                return False
+            raise
+
+    def copy(self, src: str, dst: str) -> None:
+        # server-side: a single CopyObject up to 5 GB, a multipart copy above (the managed transfer decides)
+        self._s3().copy({"Bucket": self.bucket, "Key": self._key(src)}, self.bucket, self._key(dst), Config=_TRANSFER)
 
     def _advice(self) -> str:
         return ("slurmctl commits each batch with a conditional PUT (If-None-Match: *). Amazon S3 supports it; for an "

@@ -1,32 +1,128 @@
-"""Phase 4: merge the committed batch outputs into the final dataset and write the result manifest.
+"""Phase 4: merge the committed batch outputs into the job's dataset, hierarchically, and write the completion manifest.
 
-Before anything is merged the books must balance (``slurmctl.books.audit``): every planned batch — initial and retry
-rounds — has a commit, and succeeded + failed + rejected items equal the input's items. Otherwise the run fails
-naming the missing batches and the difference, and ``slurmctl resume`` finishes it. Every part is verified against
-its task manifest as it is read, and the merged output must hold exactly the rows the committed batches wrote.
+Before anything is merged the books must balance (``slurmctl.books.audit``): every planned batch (initial and retry
+rounds) has a commit, and succeeded + failed + rejected items equal the input's items. Otherwise the run fails
+naming the missing batches and the difference, and ``slurmctl resume`` finishes it.
 
-The aggregate also writes ``failures.jsonl``: every item that is not in the output and not rejected, with its error
-class (items still deferred by the circuit breaker after the automatic retry rounds are listed as failed with the
-class that tripped it).
+Then the merge tree of ``slurmctl.books.aggregation`` runs level by level, each level's merges spread over at most
+its share of the job's task-run budget (``merge_chunk``: a task run performs many merges), the final layout is
+written (``layout_output``) and published under ``output/``. Restarted after a crash at any point, it skips every
+merge whose ``.done`` marker is there.
+
+Deduplication: a key (item id, row index within the item's output) appears once in the output; the last committed
+attempt wins, and for an id repeated in the input its last occurrence. The rows dropped are counted per batch. The
+output must then hold, for every batch, exactly the rows it committed minus its dropped duplicates; otherwise the job
+fails listing the batches and the difference.
+
+``result.json`` (the completion manifest) is written last: output files with rows, sha256 and lineage (which
+batches went into which file), duplicates, rejects and ``failures.jsonl`` (every item that is not in the output and
+not rejected, with its error class). While the output is being replaced there is no ``result.json``: a reader never
+takes a half-published output for a complete one.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from prefect import flow, get_run_logger
 
+from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.books.aggregation import AggregationPlan, Merge, plan_aggregation
+from slurmctl.books.audit import SHOWN
 from slurmctl.books.audit import check as check_books
 from slurmctl.books.failures import committed_tasks, failure_state
 from slurmctl.books.manifests import Counts, Keys, ResultManifest
+from slurmctl.books.shards import Budget
 from slurmctl.books.store import load_job, save_job, store_for
-from slurmctl.config import parse_config
-from slurmctl.tasks.merge_outputs import merge_outputs, put_jsonl
+from slurmctl.config import JobConfig, parse_config
+from slurmctl.tasks.merge import concat_rejects, layout_output, merge_chunk, put_jsonl
 
 
 class OutputMismatch(RuntimeError):
-    """The merged output does not hold the rows the committed batches wrote."""
+    """The merged output does not hold the rows the committed batches wrote (minus the duplicates dropped)."""
+
+
+def needs_cluster(cfg: JobConfig, committed_batches: int) -> bool:
+    """More than one first-level merge: worth the job's cluster; else the merge runs in the coordinator's threads."""
+    return committed_batches > cfg.aggregate.fan_in
+
+
+def chunked(merges: list[Merge], runs: int) -> list[list[Merge]]:
+    """``merges`` in at most ``runs`` contiguous, near-equal chunks (one task run each)."""
+    runs = max(1, min(runs, len(merges)))
+    size, extra = divmod(len(merges), runs)
+    out, start = [], 0
+    for i in range(runs):
+        end = start + size + (1 if i < extra else 0)
+        out.append(merges[start:end])
+        start = end
+    return [c for c in out if c]
+
+
+def _chunk_name(chunk: list[Merge]) -> str:
+    first, last = chunk[0], chunk[-1]
+    return f"merge-{first.name}..{last.index:05d} ({len(chunk)})" if len(chunk) > 1 else f"merge-{first.name}"
+
+
+def run_levels(store: ManifestStore, plan: AggregationPlan, tasks: list[dict[str, Any]], cfg: JobConfig,
+               runs_per_level: int) -> Counter[int]:
+    """Run every unfinished merge, level by level; return the duplicates dropped per batch ordinal (whole plan)."""
+    logger = get_run_logger()
+    dropped: Counter[int] = Counter()
+    for level in plan.levels:
+        no = level[0].level
+        done = {k for k in store.list_keys(plan.level_prefix(no)) if k.endswith(".done")}
+        todo = [m for m in level if plan.done_key(m) not in done]
+        chunks = chunked(todo, runs_per_level)
+        logger.info("aggregate level %s: %s merge(s) (%s done before) in %s task run(s)", no, len(level),
+                    len(level) - len(todo), len(chunks))
+        futures = [merge_chunk.with_options(task_run_name=_chunk_name(c)).submit(
+            store, {"name": _chunk_name(c), "merges": [plan.merge_spec(m, tasks, cfg.input.id_field) for m in c]})
+            for c in chunks]
+        for f in futures:
+            f.result()  # raises the first failure (after its retries) naming the file
+        for m in level:  # every merge's manifest, run now or before: its duplicates belong to this plan
+            body = store.get_json(plan.manifest_key(m)) or {}
+            dropped.update({int(k): v for k, v in body.get("duplicates", {}).items()})
+    return dropped
+
+
+def check_rows(job_id: str, tasks: list[dict[str, Any]], dropped: Counter[int], per_batch: dict[str, int],
+               rows: int) -> int:
+    """The output holds, batch by batch, the rows committed minus the duplicates dropped; returns the duplicates."""
+    wrong = []
+    for o, t in enumerate(tasks):
+        want = (t.get("rows_written") or 0) - dropped.get(o, 0)
+        got = per_batch.get(str(o), 0)
+        if got != want:
+            wrong.append(f"{t['batch_id']} {got - want:+d}")
+    duplicates = sum(dropped.values())
+    expected = sum(t.get("rows_written") or 0 for t in tasks) - duplicates
+    if wrong or rows != expected:
+        more = f" and {len(wrong) - SHOWN} more" if len(wrong) > SHOWN else ""
+        raise OutputMismatch(f"job {job_id}: the merged output holds {rows} rows, but the committed batches wrote "
+                             f"{expected + duplicates} minus {duplicates} duplicate(s) = {expected} "
+                             f"({rows - expected:+d}); batches off: {', '.join(wrong[:SHOWN]) or 'none'}{more}. "
+                             f"Nothing was published; `slurmctl aggregate {job_id}` runs the aggregation again")
+    return duplicates
+
+
+def publish(store: ManifestStore, keys: Keys, files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copy the final files under ``output/`` and remove what the previous output had besides; the previous
+    completion manifest goes first, so nothing claims the output is complete while it changes."""
+    store.delete(keys.result)
+    published = []
+    for f in files:
+        key = keys.output_prefix + f["path"]
+        store.copy(f["key"], key)
+        published.append({**{k: v for k, v in f.items() if k not in ("key", "path")}, "uri": store.uri(key)})
+    keep = {keys.output_prefix + f["path"] for f in files}
+    for key in list(store.list_keys(keys.output_prefix)):
+        if key not in keep:
+            store.delete(key)
+    return published
 
 
 @flow(name="aggregate", log_prints=True)
@@ -34,15 +130,24 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     cfg = parse_config(config)
     store = store_for(cfg.storage)
     keys = Keys(job_id)
+    logger = get_run_logger()
     job = load_job(store, job_id)
     tasks = committed_tasks(store, job_id)
     state = failure_state(store, tasks)
     books = check_books(store, job, tasks, state)  # nothing is merged for a job that cannot complete
-    merged = merge_outputs(store, job_id, tasks)
-    rows = merged["output"]["rows"]
-    if rows != books.rows_written:
-        raise OutputMismatch(f"job {job_id}: the merged output {merged['output']['uri']} holds {rows} rows, but the "
-                             f"committed batches wrote {books.rows_written} ({rows - books.rows_written:+d})")
+    plan = plan_aggregation(job_id, tasks, cfg.aggregate, cfg.input.id_field)
+    runs_per_level = max(1, (Budget.of(cfg).aggregate - 1) // max(1, len(plan.levels)))
+    logger.info("aggregate plan %s: %s batch output(s), %s hash partition(s), fan-in %s, %s level(s), %s merge(s)",
+                plan.plan_id, sum(1 for t in tasks if t.get("output")), plan.buckets, plan.fan_in, len(plan.levels),
+                plan.merges)
+    dropped = run_levels(store, plan, tasks, cfg, runs_per_level)
+    layout_output.submit(store, plan.final_spec(tasks, cfg.aggregate)).result()
+    final = store.get_json(plan.final_manifest)
+    if final is None:
+        raise OutputMismatch(f"job {job_id}: the final layout's manifest {store.uri(plan.final_manifest)} is missing")
+    duplicates = check_rows(job_id, tasks, dropped, final["rows_per_batch"], final["rows"])
+    outputs = publish(store, keys, final["files"])
+    rejects = concat_rejects(store, tasks, keys.rejects)
     failures = None
     if state:
         lines = b"".join(json.dumps({k: v for k, v in r.items() if k != "item"}, default=str).encode() + b"\n"
@@ -50,16 +155,24 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
         failures = put_jsonl(store, keys.failures, lines)
     else:
         store.delete(keys.failures)
+    rows = final["rows"]
+    single = len(outputs) == 1 and not cfg.aggregate.partition_by and not cfg.aggregate.max_rows_per_file
+    output_uri = store.uri(keys.output) if single else store.uri(keys.output_prefix)
     result = ResultManifest(
-        job_id=job_id, outputs=[merged["output"]], rejects=merged["rejects"], failures=failures, rows=rows,
-        batches=len(tasks), items_total=books.items_total, items_succeeded=books.items_succeeded,
-        items_failed=books.items_failed, items_rejected=books.items_rejected)
+        job_id=job_id, output=output_uri, outputs=outputs, rejects=rejects, failures=failures, rows=rows,
+        duplicates=duplicates, batches=len(tasks), items_total=books.items_total,
+        items_succeeded=books.items_succeeded, items_failed=books.items_failed, items_rejected=books.items_rejected,
+        rows_written=books.rows_written, plan_id=plan.plan_id,
+        layout={"partition_by": cfg.aggregate.partition_by, "max_rows_per_file": cfg.aggregate.max_rows_per_file,
+                "hash_partitions": plan.buckets, "fan_in": plan.fan_in, "levels": len(plan.levels)})
     store.put_json(keys.result, result.model_dump(mode="json"))
+    job = load_job(store, job_id)
     job.counts = Counts(batches_total=books.batches_planned, batches_done=len(tasks), items_total=books.items_total,
                         items_succeeded=books.items_succeeded, items_failed=books.items_failed, items_deferred=0,
-                        items_rejected=books.items_rejected, rows_written=rows)
+                        items_rejected=books.items_rejected, rows_written=books.rows_written, duplicates=duplicates)
     save_job(store, job)
-    get_run_logger().info("wrote %s rows to %s; %s items succeeded, %s failed, %s rejected (of %s)", rows,
-                          merged["output"]["uri"], books.items_succeeded, books.items_failed, books.items_rejected,
-                          books.items_total)
-    return {"output": merged["output"]["uri"], "rows": rows}
+    store.delete_prefix(keys.aggregate_prefix)  # intermediate files of this plan and any earlier one
+    logger.info("wrote %s rows in %s file(s) to %s (%s duplicate row(s) dropped); %s items succeeded, %s failed, "
+                "%s rejected (of %s)", rows, len(outputs), output_uri, duplicates, books.items_succeeded,
+                books.items_failed, books.items_rejected, books.items_total)
+    return {"output": output_uri, "rows": rows, "duplicates": duplicates}

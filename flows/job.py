@@ -24,7 +24,7 @@ from slurmctl.books.limits import ensure_limits
 from slurmctl.books.manifests import Keys, now
 from slurmctl.books.store import JobExists, load_job, read_round_batches, store_for, update_job
 from slurmctl.config import load_config, parse_config
-from slurmctl.flows.aggregate import aggregate_phase
+from slurmctl.flows.aggregate import aggregate_phase, needs_cluster
 from slurmctl.flows.partition import partition_phase
 from slurmctl.flows.process import process_phase
 from slurmctl.flows.retry import retry_phase
@@ -51,10 +51,11 @@ def _runner(cfg: Any) -> Any:
 
 @flow(name="slurmctl-job", log_prints=True)
 def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, config_path: str | None = None,
-            retry_errors: list[str] | None = None) -> dict[str, Any]:
+            retry_errors: list[str] | None = None, aggregate_only: bool = False) -> dict[str, Any]:
     """Run or continue a job. ``job_id`` + ``storage`` name an existing job; ``config_path`` creates it first if
     needed (how a Prefect deployment starts one). ``retry_errors`` adds a retry round over the items that failed
-    with those error classes (``slurmctl retry``)."""
+    with those error classes (``slurmctl retry``). ``aggregate_only`` runs the aggregation alone (``slurmctl
+    aggregate``): it fails, naming them, if batches are not committed, instead of processing them."""
     if config_path:
         cfg = load_config(config_path)
         if job_id:
@@ -72,30 +73,20 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
     cfg = parse_config(job.config)
     config = cfg.model_dump(mode="json")
     logger = get_run_logger()
-    update_job(store, job_id, status="running", phase="partition", started_at=job.started_at or now(),
+    update_job(store, job_id, status="running", phase="aggregate" if aggregate_only else "partition",
+               started_at=job.started_at or now(),
                finished_at=None, error=None, flow_run_id=str(get_run_context().flow_run.id),
                coordinator_pid=os.getpid(), coordinator_host=socket.gethostname())
     heartbeat = Heartbeat(store, job_id, flow_run_id=str(get_run_context().flow_run.id)).start()  # every phase
     try:
         with dask.config.set(dask_settings(cfg)):
-            total = partition_phase(job_id, config)
-            update_job(store, job_id, phase="process")
-            initial_done = sum(1 for b in committed_batch_ids(store, job_id) if round_of(b) == 0)
-            if initial_done < total:  # else no cluster is started at all
-                ensure_limits(cfg)
-                processed = process_phase.with_options(task_runner=_runner(cfg))(job_id, config)
-            else:  # the counters may predate a coordinator's death: take them from the commits
-                counts = load_job(store, job_id).counts
-                update_job(store, job_id, counts=recount(store, job_id, max(total, counts.batches_total),
-                                                         counts.items_total))
-                processed = {"batches_failed": 0, "failed": []}
-            if processed["batches_failed"]:
-                raise JobFailed(f"{processed['batches_failed']} batch(es) failed: "
-                                f"{', '.join(processed['failed'][:10])} — see the task manifests under "
-                                f"{store.uri(Keys(job_id).tasks_prefix)}; `slurmctl resume {job_id}` runs them again")
-            run_retry_rounds(store, job_id, cfg, config, retry_errors or [])
-        update_job(store, job_id, phase="aggregate")
-        result = aggregate_phase(job_id, config)
+            if not aggregate_only:
+                process_and_retry(store, job_id, cfg, config, retry_errors or [])
+            update_job(store, job_id, phase="aggregate")
+            committed = len(committed_batch_ids(store, job_id))
+            aggregate = (aggregate_phase.with_options(task_runner=_runner(cfg)) if needs_cluster(cfg, committed)
+                         else aggregate_phase)  # a single merge runs in the coordinator: no cluster to start
+            result = aggregate(job_id, config)
     except BaseException as exc:
         update_job(store, job_id, status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
@@ -104,6 +95,26 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
     update_job(store, job_id, status="completed", phase="done", finished_at=now(), output=result["output"])
     logger.info("job %s completed: %s rows in %s", job_id, result["rows"], result["output"])
     return result
+
+
+def process_and_retry(store: Any, job_id: str, cfg: Any, config: dict[str, Any], retry_errors: list[str]) -> None:
+    """Partition, process the uncommitted batches, then the retry rounds."""
+    total = partition_phase(job_id, config)
+    update_job(store, job_id, phase="process")
+    initial_done = sum(1 for b in committed_batch_ids(store, job_id) if round_of(b) == 0)
+    if initial_done < total:  # else no cluster is started at all
+        ensure_limits(cfg)
+        processed = process_phase.with_options(task_runner=_runner(cfg))(job_id, config)
+    else:  # the counters may predate a coordinator's death: take them from the commits
+        counts = load_job(store, job_id).counts
+        update_job(store, job_id, counts=recount(store, job_id, max(total, counts.batches_total),
+                                                 counts.items_total))
+        processed = {"batches_failed": 0, "failed": []}
+    if processed["batches_failed"]:
+        raise JobFailed(f"{processed['batches_failed']} batch(es) failed: "
+                        f"{', '.join(processed['failed'][:10])} — see the task manifests under "
+                        f"{store.uri(Keys(job_id).tasks_prefix)}; `slurmctl resume {job_id}` runs them again")
+    run_retry_rounds(store, job_id, cfg, config, retry_errors)
 
 
 def run_retry_rounds(store: Any, job_id: str, cfg: Any, config: dict[str, Any], retry_errors: list[str]) -> None:

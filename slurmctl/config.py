@@ -182,6 +182,23 @@ class RateLimiterConfig(_Strict):
     region: str | None = None
 
 
+class AggregateConfig(_Strict):
+    """How the committed batch outputs become the job's dataset (``flows/aggregate.py``)."""
+
+    fan_in: int = Field(default=100, ge=2, description=(
+        "Files one merge reads: batch outputs at the first level, the previous level's files after that."))
+    rows_per_bucket: int = Field(default=500_000, ge=1000, description=(
+        "Rows are spread over hash partitions of the item id of about this many rows each, so deduplication "
+        "and every merge hold at most one partition in memory."))
+    partition_by: str | None = Field(default=None, min_length=1, description=(
+        "Write a dataset partitioned by this output column (hive layout: column=value/part-00000.parquet) "
+        "instead of one file."))
+    max_rows_per_file: int | None = Field(default=None, gt=0, description=(
+        "Start a new output file after this many rows (part-00000.parquet, part-00001.parquet, ...)."))
+    max_partitions: int = Field(default=1024, gt=0, description=(
+        "Distinct values of partition_by allowed (each is a directory with files of its own)."))
+
+
 ClusterConfig = Annotated[Union[LocalClusterConfig, SlurmClusterConfig], Field(discriminator="kind")]
 
 
@@ -237,6 +254,10 @@ class JobConfig(_Strict):
         default_factory=dict)
     rate_limiter: RateLimiterConfig = Field(default_factory=RateLimiterConfig)
     params: dict[str, Any] = Field(default_factory=dict, description="Free-form values handed to the handler as ctx.params.")
+    part_format: Literal["parquet", "sqlite"] = Field(default="parquet", description=(
+        "How each batch stores its rows before aggregation: Parquet, or a SQLite database (the local scratch "
+        "format of the PRD's workers); the aggregation reads either."))
+    aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
 
     @field_validator("handler")
     @classmethod

@@ -21,12 +21,12 @@ import io
 import json
 import os
 import socket
+import tempfile
 import time
 import uuid
 from collections import Counter
 from typing import Any, Callable
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
@@ -36,6 +36,7 @@ from slurmctl.config import JobConfig
 from slurmctl.errors import Backoff, CircuitBreaker, ErrorPolicy, call_with_retries
 from slurmctl.handler import BatchContext, load_handler, normalise_output
 from slurmctl.records import BatchSpec, read_batch
+from slurmctl.tables import rows_table, write_sqlite
 
 # A summary without any of these describes no batch (``checked_summary``); the rest may be None.
 REQUIRED_SUMMARY_FIELDS = ("batch_id", "status", "items_succeeded", "items_failed", "items_deferred", "items_rejected",
@@ -58,18 +59,23 @@ def _handler(spec: str) -> Callable[..., Any]:
     return load_handler(spec)
 
 
-def rows_to_parquet(rows: list[dict[str, Any]]) -> bytes:
-    """Rows (dicts, possibly with differing keys) as Parquet bytes; columns are the union of keys in first-seen order."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    arrays = {}
-    for c in columns:
-        try:
-            arrays[c] = pa.array([r.get(c) for r in rows])
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise TypeError(f"output column {c!r} has values of mixed types: {exc}") from None
+def rows_to_parquet(rows: list[dict[str, Any]], lines: list[int] | None = None,
+                    row_index: list[int] | None = None) -> bytes:
+    """Rows as Parquet bytes, with the input line and row index of each (``slurmctl.tables``)."""
+    table = rows_table(rows, lines if lines is not None else list(range(len(rows))),
+                       row_index if row_index is not None else [0] * len(rows))
     buf = io.BytesIO()
-    pq.write_table(pa.table(arrays), buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
+
+
+def rows_to_sqlite(rows: list[dict[str, Any]], lines: list[int], row_index: list[int]) -> bytes:
+    """Rows as the bytes of a SQLite database (``part_format: sqlite``), built in a scratch file."""
+    with tempfile.TemporaryDirectory(prefix="slurmctl-part-") as scratch:
+        path = os.path.join(scratch, "part.sqlite")
+        write_sqlite(rows_table(rows, lines, row_index), path)
+        with open(path, "rb") as f:
+            return f.read()
 
 
 def jsonl_bytes(records: list[dict[str, Any]]) -> bytes:
@@ -130,6 +136,8 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         ctx.count("item_retry_wait_s", wait)
 
     rows: list[dict[str, Any]] = []
+    lines: list[int] = []  # each row's input line and its index within its item's output (the dedup key's parts)
+    row_index: list[int] = []
     failed: list[dict[str, Any]] = []
     deferred: list[dict[str, Any]] = []
     succeeded = 0
@@ -144,6 +152,8 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         outcome = call_with_retries(call, policy, backoff, e.max_attempts, breaker, sleep=sleep, on_retry=on_retry)
         if outcome.ok:
             rows.extend(outcome.result)
+            lines.extend([line] * len(outcome.result))
+            row_index.extend(range(len(outcome.result)))
             succeeded += 1
         elif breaker is not None and breaker.open and outcome.error.transient:
             deferred.append({"id": item.get(id_field), "line": line, "item": item})
@@ -175,8 +185,12 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         task_run_id=run_ids[1], attempt=attempt)
     written: list[str] = []
     if rows:
-        data = rows_to_parquet(rows)
-        manifest.output, manifest.output_sha256 = keys.batch_output(spec.batch_id, attempt), sha256_bytes(data)
+        if cfg.part_format == "sqlite":
+            data, suffix = rows_to_sqlite(rows, lines, row_index), "sqlite"
+        else:
+            data, suffix = rows_to_parquet(rows, lines, row_index), "parquet"
+        manifest.output = keys.batch_output(spec.batch_id, attempt, suffix)
+        manifest.output_sha256 = sha256_bytes(data)
         store.put_bytes(manifest.output, data)
         written.append(manifest.output)
     if sliced.rejects:

@@ -18,7 +18,7 @@ from slurmctl.books.parts import PartCorrupt, PartMissing
 from slurmctl.books.store import load_job, save_job
 from slurmctl.config import parse_config
 from slurmctl.records import partition
-from slurmctl.tasks.merge_outputs import concat_rejects, merge_parquet
+from slurmctl.tasks.merge import concat_rejects, merge_all
 from slurmctl.tasks.process_batch import run_batch
 
 
@@ -111,7 +111,12 @@ def test_the_merge_verifies_each_part_against_its_task_manifest(planned, tmp_pat
     for spec in specs:
         run_batch(cfg, store, spec)
     tasks = committed_tasks(store, "books")
-    assert merge_parquet(store, tasks, "out.parquet").rows == 8
+
+    def merge(tasks: list[dict]) -> dict:
+        store.delete_prefix("jobs/books/aggregate/")  # as after a completed aggregation: nothing to skip
+        return merge_all(store, "books", tasks, cfg.aggregate)
+
+    assert merge(tasks)["rows"] == 8
 
     # a part damaged after its batch committed: same size, other bytes
     part = tasks[0]["output"]
@@ -119,19 +124,19 @@ def test_the_merge_verifies_each_part_against_its_task_manifest(planned, tmp_pat
     data[len(data) // 2] ^= 0xFF
     store.put_bytes(part, bytes(data))
     with pytest.raises(PartCorrupt, match=f"{store.uri(part)}.*has sha256"):
-        merge_parquet(store, tasks, "out.parquet")
+        merge(tasks)
 
     # a part replaced together with its recorded checksum, but not the row count
     other = tasks[1]["output"]
     rewrite_task(store, tasks[0]["batch_id"], output=other, output_sha256=tasks[1]["output_sha256"],
                  rows_written=3)
-    with pytest.raises(PartCorrupt, match="holds 4 rows, but 3 were committed"):
-        merge_parquet(store, committed_tasks(store, "books"), "out.parquet")
+    with pytest.raises(PartCorrupt, match="holds 4 rows, but 3 were recorded"):
+        merge(committed_tasks(store, "books"))
 
     # a committed part that is gone is an error, not an empty part
     store.delete(other)
     with pytest.raises(PartMissing, match=store.uri(other)):
-        merge_parquet(store, committed_tasks(store, "books"), "out.parquet")
+        merge(committed_tasks(store, "books"))
 
 
 def test_missing_rejects_or_retry_files_are_errors_not_empty(planned):

@@ -10,7 +10,8 @@ job under the store root::
     jobs/<job_id>/tasks/<batch_id>.json    TaskManifest of the committed attempt: written create-if-absent, it *is*
                                            the batch's commit (exactly one attempt wins)
     jobs/<job_id>/tasks/<batch_id>.failed.json  the last failure of a batch that has not committed
-    jobs/<job_id>/outputs/<batch_id>.<attempt>.parquet  an attempt's rows (only the committed one is ever read)
+    jobs/<job_id>/outputs/<batch_id>.<attempt>.parquet  an attempt's rows (.sqlite with part_format: sqlite;
+                                           only the committed one is ever read)
     jobs/<job_id>/rejects/<batch_id>.<attempt>.jsonl malformed records of that batch (line, reason, raw)
     jobs/<job_id>/retry/<batch_id>.<attempt>.json  retry manifest: failed items (id, line, class, message,
                                            attempts, the item) and items deferred by the circuit breaker
@@ -20,7 +21,9 @@ job under the store root::
                                            committed (<batch_id> = its first batch); the tasks/ listing stays the truth
     jobs/<job_id>/cache/<batch_id>-<hash>  Prefect result records of shard tasks (the task cache; <batch_id> = the
                                            shard's first batch)
-    jobs/<job_id>/output/data.parquet      the final dataset
+    jobs/<job_id>/aggregate/<plan_id>/     the aggregation's merges while it runs: L<level>/<n>.json (manifest),
+                                           <n>.done, <n>-b<partition>.parquet, final/ (books.aggregation)
+    jobs/<job_id>/output/data.parquet      the final dataset (or output/part-NNNNN.parquet, output/<col>=<v>/...)
     jobs/<job_id>/rejects.jsonl            all rejects, merged by aggregate
     jobs/<job_id>/result.json              ResultManifest: final outputs, row counts, sha256
 """
@@ -102,8 +105,8 @@ class Keys:
         """Copies of the task manifests one shard committed, written once at its end (``books.failures``)."""
         return f"{self.root}commits/{first_batch_id}.{attempt}.json"
 
-    def batch_output(self, batch_id: str, attempt: str) -> str:
-        return f"{self.root}outputs/{batch_id}.{attempt}.parquet"
+    def batch_output(self, batch_id: str, attempt: str, suffix: str = "parquet") -> str:
+        return f"{self.root}outputs/{batch_id}.{attempt}.{suffix}"
 
     def batch_rejects(self, batch_id: str, attempt: str) -> str:
         return f"{self.root}rejects/{batch_id}.{attempt}.jsonl"
@@ -122,6 +125,15 @@ class Keys:
     def cache_prefix(self) -> str:
         """Prefect result records of shard tasks (the task cache), ``cache/<first batch_id>-<hash>``."""
         return self.root + "cache/"
+
+    @property
+    def aggregate_prefix(self) -> str:
+        """Merge plans' intermediate files, manifests and ``.done`` markers (``books.aggregation``)."""
+        return self.root + "aggregate/"
+
+    @property
+    def output_prefix(self) -> str:
+        return self.root + "output/"
 
     @property
     def output(self) -> str:
@@ -157,6 +169,7 @@ class Counts(BaseModel):
     items_deferred: int = 0
     items_rejected: int = 0
     rows_written: int = 0
+    duplicates: int = 0  # output rows dropped by the aggregation's deduplication (set when it completes)
 
     def plus(self, delta: "Counts") -> "Counts":
         """These counts with ``delta``'s progress added (totals stay these)."""
@@ -247,13 +260,28 @@ class OutputFile(BaseModel):
     sha256: str
 
 
+class OutputPart(OutputFile):
+    """One file of the job's dataset, and its lineage: which batches' rows it holds (ranges in commit order)."""
+
+    partition: str | None = None  # "column=value" of a partitioned layout
+    batches: list[list[str]] = Field(default_factory=list)  # [[first batch id, last batch id], ...]
+
+
 class ResultManifest(_Manifest):
+    """The completion manifest. 2: ``output``, ``duplicates``, ``rows_written``, lineage per file, the layout."""
+
+    schema_version: int = 2
     kind: Literal["result"] = "result"
     job_id: str
-    outputs: list[OutputFile]
+    output: str | None = None  # the dataset: the one file, or the output/ prefix of a multi-file layout
+    outputs: list[OutputPart]
     rejects: OutputFile | None = None
     failures: OutputFile | None = None
     rows: int
+    rows_written: int | None = None  # by the committed batches; rows = rows_written - duplicates
+    duplicates: int = 0
+    plan_id: str | None = None
+    layout: dict[str, Any] = Field(default_factory=dict)
     items_total: int | None = None  # None in result manifests written before the books were checked
     items_succeeded: int
     items_failed: int

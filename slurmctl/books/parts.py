@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
 from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.tables import count_part_rows, file_digest, part_kind
 
 PartFormat = Literal["parquet", "jsonl"]
 
@@ -62,6 +64,37 @@ def read_part(store: ManifestStore, key: str, *, fmt: PartFormat, sha256: str | 
             raise PartCorrupt(f"committed part {uri} (named by {named_by}) holds {got_rows} rows, but "
                               f"{rows} were committed")
     return data
+
+
+def fetch_part(store: ManifestStore, key: str, scratch: str, *, sha256: str | None, rows: int | None,
+               named_by: str) -> str:
+    """A local path to the part ``key`` (in place for a local store, else streamed into ``scratch``), verified
+    like ``read_part`` before anyone reads it: present, sha256 and row count as recorded. Parquet or SQLite."""
+    uri = store.uri(key)
+    path = store.local_path(key)
+    if path is None:
+        path = os.path.join(scratch, key.replace("/", "__"))
+        if not store.get_file(key, path):
+            path = None
+    elif not os.path.isfile(path):
+        path = None
+    if path is None:
+        raise PartMissing(f"part {uri} (named by {named_by}) is missing; the job's output cannot be trusted until it "
+                          f"is restored or the batch is run again")
+    if sha256 is not None:
+        got = file_digest(path)
+        if got != sha256:
+            raise PartCorrupt(f"part {uri} (named by {named_by}) has sha256 {got}, but {sha256} was recorded: the "
+                              f"file was changed or damaged after it was written")
+    if rows is not None:
+        kind = part_kind(key)
+        try:
+            got_rows = count_part_rows(path, kind)
+        except Exception as exc:  # unreadable Parquet footer, not a database, and the like
+            raise PartCorrupt(f"part {uri} (named by {named_by}) is not readable {kind}: {exc}") from None
+        if got_rows != rows:
+            raise PartCorrupt(f"part {uri} (named by {named_by}) holds {got_rows} rows, but {rows} were recorded")
+    return path
 
 
 def committed_output(store: ManifestStore, task: dict[str, Any]) -> bytes:

@@ -1,0 +1,293 @@
+"""The units of the aggregation: a merge of the tree (``run_merge``), the final layout (``write_output``), and the
+Prefect tasks that run many merges per task run (``merge_chunk``, ``layout_output``).
+
+Every file a merge reads is verified first (sha256 and row count against the manifest that recorded it: a batch's
+task manifest, or the merge manifest of the level below); a mismatch fails naming the file. Every file it writes is
+stored atomically (``put_file``: rename on disk, a completed multipart upload on S3), then its manifest (checksum
+and row count of each file, rows in and out, duplicates dropped per batch), then its ``.done`` marker: a merge that
+crashed half way is simply run again, a finished one is never re-run, and nothing downstream reads a file whose
+manifest is not there. Rows stream through record batches; a merge holds one hash partition of its inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NONE
+
+from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
+from slurmctl.books.aggregation import plan_aggregation
+from slurmctl.books.manifests import OutputFile
+from slurmctl.books.parts import PartCorrupt, PartMissing, committed_rejects, fetch_part
+from slurmctl.config import AggregateConfig
+from slurmctl.tables import (
+    BATCH,
+    INTERNAL,
+    align,
+    buckets_of,
+    concat,
+    dedupe,
+    file_digest,
+    part_kind,
+    read_part_table,
+    unify,
+)
+
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+READ_BATCH_ROWS = 64 * 1024
+
+
+class MergeInputMissing(PartMissing):
+    """A merge's input manifest is not there: the level below did not finish."""
+
+
+class PartitionError(ValueError):
+    """The partitioned layout cannot be written (no such column, too many values); the message names the setting."""
+
+
+def _stored_file(store: ManifestStore, key: str, path: str, rows: int) -> dict[str, Any]:
+    entry = {"key": key, "rows": rows, "bytes": os.path.getsize(path), "sha256": file_digest(path)}
+    store.put_file(key, path)
+    return entry
+
+
+def _finish(store: ManifestStore, spec: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    store.put_json(spec["manifest"], {"schema_version": 1, "kind": "merge", **body})
+    store.put_bytes(spec["done"], b"")
+    return body
+
+
+def _read_level1(store: ManifestStore, spec: dict[str, Any], scratch: str) -> pa.Table:
+    tables = []
+    for inp in spec["inputs"]:
+        path = fetch_part(store, inp["key"], scratch, sha256=inp["sha256"], rows=inp["rows"],
+                          named_by=f"batch {inp['batch_id']}")
+        t = read_part_table(path, part_kind(inp["key"]), spec["id_field"])
+        tables.append(t.append_column(BATCH, pa.array(np.full(len(t), inp["ordinal"], dtype=np.int32))))
+    return concat(tables)
+
+
+def _read_upper(store: ManifestStore, spec: dict[str, Any], scratch: str) -> pa.Table:
+    tables = []
+    for key in spec["inputs"]:
+        below = store.get_json(key)
+        if below is None:
+            raise MergeInputMissing(f"merge {spec['name']} of plan {spec['plan_id']}: its input {store.uri(key)} "
+                                    f"is missing (the level below did not finish); run the aggregation again")
+        f = below["files"].get(str(spec["bucket"]))
+        if f:
+            path = fetch_part(store, f["key"], scratch, sha256=f["sha256"], rows=f["rows"],
+                              named_by=f"merge manifest {store.uri(key)}")
+            tables.append(pq.read_table(path))
+    return concat(tables)
+
+
+def run_merge(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
+    """One merge of the tree (``spec`` from ``flows.aggregate.merge_spec``); a finished one is skipped."""
+    if store.exists(spec["done"]):
+        done = store.get_json(spec["manifest"])
+        if done is not None:
+            return done
+    with tempfile.TemporaryDirectory(prefix="slurmctl-merge-") as scratch:
+        table = _read_level1(store, spec, scratch) if spec["level"] == 1 else _read_upper(store, spec, scratch)
+        rows_in = len(table)
+        table, dropped = dedupe(table, spec["id_field"])
+        files: dict[str, dict[str, Any]] = {}
+        if spec["level"] == 1 and spec["buckets"] > 1:
+            of_row = buckets_of(table, spec["id_field"], spec["buckets"])
+            order = np.argsort(of_row, kind="stable")  # each partition keeps commit order
+            bounds = np.searchsorted(of_row[order], np.arange(spec["buckets"] + 1))
+            pieces = {b: table.take(pa.array(order[bounds[b]:bounds[b + 1]])) for b in range(spec["buckets"])
+                      if bounds[b + 1] > bounds[b]}
+        else:
+            pieces = {spec["bucket"] or 0: table} if len(table) else {}
+        for b, piece in pieces.items():
+            path = os.path.join(scratch, f"out-{b}.parquet")
+            pq.write_table(piece, path, compression="zstd", compression_level=1)
+            files[str(b)] = _stored_file(store, spec["files"][str(b)], path, len(piece))
+    return _finish(store, spec, {"plan_id": spec["plan_id"], "name": spec["name"], "level": spec["level"],
+                                 "bucket": spec["bucket"], "files": files, "rows_in": rows_in,
+                                 "rows": sum(f["rows"] for f in files.values()),
+                                 "duplicates": {str(k): v for k, v in sorted(dropped.items())}})
+
+
+@task(name="merge", task_run_name="{chunk[name]}", cache_policy=NONE, persist_result=False, retries=2,
+      retry_delay_seconds=2)
+def merge_chunk(store: ManifestStore, chunk: dict[str, Any]) -> dict[str, Any]:
+    """Several merges of one level, one after another; returns their totals (small)."""
+    out = {"merges": 0, "rows": 0, "duplicates": 0}
+    for spec in chunk["merges"]:
+        body = run_merge(store, spec)
+        out["merges"] += 1
+        out["rows"] += body["rows"]
+        out["duplicates"] += sum(body["duplicates"].values())
+    return out
+
+
+# --- the final layout -----------------------------------------------------------------------------------------------
+class RollingWriter:
+    """Parquet files under one directory, a new one every ``max_rows`` rows; each file remembers its batches."""
+
+    def __init__(self, directory: str, schema: pa.Schema, max_rows: int | None, single_name: str | None):
+        self.directory, self.schema, self.max_rows, self.single_name = directory, schema, max_rows, single_name
+        self.files: list[dict[str, Any]] = []
+        self.writer: pq.ParquetWriter | None = None
+
+    def open(self) -> None:
+        name = self.single_name or f"part-{len(self.files):05d}.parquet"
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, name)
+        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self.files.append({"path": path, "rows": 0, "batches": set()})
+
+    def write(self, table: pa.Table, batches: pa.Array) -> None:
+        start = 0
+        while start < len(table):
+            if self.writer is None:
+                self.open()
+            current = self.files[-1]
+            room = len(table) - start if self.max_rows is None else self.max_rows - current["rows"]
+            take = min(room, len(table) - start)
+            self.writer.write_table(table.slice(start, take))
+            current["batches"].update(pc.unique(batches.slice(start, take)).to_pylist())
+            current["rows"] += take
+            start += take
+            if self.max_rows is not None and current["rows"] >= self.max_rows:
+                self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _ranges(ordinals: set[int], batch_ids: list[str]) -> list[list[str]]:
+    """Consecutive runs of batch ordinals as [first batch id, last batch id] (lineage of one file)."""
+    out: list[list[int]] = []
+    for o in sorted(ordinals):
+        if out and out[-1][1] == o - 1:
+            out[-1][1] = o
+        else:
+            out.append([o, o])
+    return [[batch_ids[a], batch_ids[b]] for a, b in out]
+
+
+def _partition_dir(column: str, value: Any) -> str:
+    return f"{column}={HIVE_NULL if value is None else quote(str(value), safe='')}"
+
+
+def write_output(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
+    """Stream the partitions' files into the layout under the plan's ``final/`` prefix; its manifest lists every
+    file with rows, sha256 and lineage, and how many rows of each batch it holds (the flow's row check)."""
+    if store.exists(spec["done"]):
+        done = store.get_json(spec["manifest"])
+        if done is not None:
+            return done
+    by = spec["partition_by"]
+    per_batch: Counter[int] = Counter()
+    with tempfile.TemporaryDirectory(prefix="slurmctl-output-") as scratch:
+        sources = []
+        for key, bucket in spec["sources"]:
+            below = store.get_json(key)
+            if below is None:
+                raise MergeInputMissing(f"final layout of plan {spec['plan_id']}: {store.uri(key)} is missing")
+            buckets = [str(bucket)] if bucket is not None else sorted(below["files"], key=int)
+            for b in buckets:
+                f = below["files"].get(b)
+                if f:
+                    sources.append(fetch_part(store, f["key"], scratch, sha256=f["sha256"], rows=f["rows"],
+                                              named_by=f"merge manifest {store.uri(key)}"))
+        full = unify(pq.read_schema(p) for p in sources)
+        data_schema = pa.schema([f for f in full if f.name not in INTERNAL and f.name != by])
+        if by is not None and by not in full.names:
+            raise PartitionError(f"aggregate.partition_by: column {by!r} is not in the output (its columns: "
+                                 f"{', '.join(n for n in full.names if n not in INTERNAL)})")
+        out_dir = os.path.join(scratch, "out")
+        writers: dict[str, RollingWriter] = {}
+
+        def writer(rel: str) -> RollingWriter:
+            if rel not in writers:
+                if len(writers) >= spec["max_partitions"]:
+                    raise PartitionError(f"aggregate.partition_by: column {by!r} has more than "
+                                         f"{spec['max_partitions']} distinct values; raise aggregate.max_partitions "
+                                         f"or partition by a coarser column")
+                single = None if spec["max_rows_per_file"] or by else "data.parquet"
+                writers[rel] = RollingWriter(os.path.join(out_dir, rel), data_schema, spec["max_rows_per_file"],
+                                             single)
+            return writers[rel]
+
+        for path in sources:
+            for rb in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH_ROWS):
+                table = align(pa.Table.from_batches([rb]), full)
+                batches = table[BATCH].combine_chunks()
+                per_batch.update(dict(zip(*np.unique(batches.to_numpy(), return_counts=True))))
+                data = table.select(data_schema.names)
+                if by is None:
+                    writer("").write(data, batches)
+                    continue
+                codes = pc.dictionary_encode(table[by].combine_chunks())
+                idx = codes.indices.fill_null(-1).to_numpy()
+                order = np.argsort(idx, kind="stable")
+                values, starts = np.unique(idx[order], return_index=True)
+                ends = list(starts[1:]) + [len(order)]
+                for v, a, z in zip(values, starts, ends):
+                    value = None if v < 0 else codes.dictionary[int(v)].as_py()
+                    take = pa.array(order[a:z])
+                    writer(_partition_dir(by, value)).write(data.take(take), batches.take(take))
+        if not writers and by is None:
+            writer("").open()  # no rows: still one (empty) file with the columns
+        for w in writers.values():
+            w.close()
+        files = []
+        for rel, w in sorted(writers.items()):
+            for f in w.files:
+                name = os.path.relpath(f["path"], out_dir)
+                entry = _stored_file(store, spec["final_prefix"] + name, f["path"], f["rows"])
+                files.append({**entry, "path": name, "partition": rel or None,
+                              "batches": _ranges(f["batches"], spec["batch_ids"])})
+    return _finish(store, spec, {"plan_id": spec["plan_id"], "files": files, "rows": sum(f["rows"] for f in files),
+                                 "rows_per_batch": {str(int(k)): int(v) for k, v in sorted(per_batch.items())}})
+
+
+@task(name="write-output", cache_policy=NONE, persist_result=False, retries=2, retry_delay_seconds=2)
+def layout_output(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
+    body = write_output(store, spec)
+    return {"files": len(body["files"]), "rows": body["rows"]}
+
+
+def merge_all(store: ManifestStore, job_id: str, tasks: list[dict[str, Any]], cfg: AggregateConfig,
+              id_field: str = "id") -> dict[str, Any]:
+    """The whole tree in this process, without Prefect (unit tests, the overhead benchmark's baseline): the final
+    layout's manifest."""
+    plan = plan_aggregation(job_id, tasks, cfg, id_field)
+    for level in plan.levels:
+        for m in level:
+            run_merge(store, plan.merge_spec(m, tasks, id_field))
+    return write_output(store, plan.final_spec(tasks, cfg))
+
+
+def concat_rejects(store: ManifestStore, tasks: list[dict[str, Any]], out_key: str) -> OutputFile | None:
+    """All committed rejects, verified, in one JSONL file (None, and no file, when there are none)."""
+    parts = [t for t in tasks if t.get("rejects")]
+    if not parts:
+        store.delete(out_key)
+        return None
+    return put_jsonl(store, out_key, b"".join(committed_rejects(store, t) for t in parts))
+
+
+def put_jsonl(store: ManifestStore, out_key: str, data: bytes) -> OutputFile:
+    store.put_bytes(out_key, data)
+    return OutputFile(uri=store.uri(out_key), rows=data.count(b"\n"), bytes=len(data), sha256=sha256_bytes(data))
+
+
+__all__ = ["MergeInputMissing", "PartCorrupt", "PartMissing", "PartitionError", "concat_rejects", "layout_output",
+           "merge_all", "merge_chunk", "put_jsonl", "run_merge", "write_output"]
