@@ -157,7 +157,7 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
         store.delete(keys.failures)
     rows = final["rows"]
     single = len(outputs) == 1 and not cfg.aggregate.partition_by and not cfg.aggregate.max_rows_per_file
-    output_uri = store.uri(keys.output) if single else store.uri(keys.output_prefix)
+    output_uri = store.uri(keys.output) if single else store.uri(keys.output_prefix).rstrip("/") + "/"
     result = ResultManifest(
         job_id=job_id, output=output_uri, outputs=outputs, rejects=rejects, failures=failures, rows=rows,
         duplicates=duplicates, batches=len(tasks), items_total=books.items_total,
@@ -167,6 +167,7 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
                 "hash_partitions": plan.buckets, "fan_in": plan.fan_in, "levels": len(plan.levels)})
     store.put_json(keys.result, result.model_dump(mode="json"))
     job = load_job(store, job_id)
+    job.output = output_uri
     job.counts = Counts(batches_total=books.batches_planned, batches_done=len(tasks), items_total=books.items_total,
                         items_succeeded=books.items_succeeded, items_failed=books.items_failed, items_deferred=0,
                         items_rejected=books.items_rejected, rows_written=books.rows_written, duplicates=duplicates)

@@ -61,7 +61,10 @@ class AggregationPlan:
         return f"{self.prefix}L{level}/"
 
     def manifest_key(self, m: Merge) -> str:
-        return f"{self.level_prefix(m.level)}{m.index:05d}.json"
+        return self.manifest_key_at(m.level, m.index)
+
+    def manifest_key_at(self, level: int, index: int) -> str:
+        return f"{self.level_prefix(level)}{index:05d}.json"
 
     def done_key(self, m: Merge) -> str:
         """Written last, after the merge's files and manifest: the merge is finished (restart skips it)."""
@@ -106,7 +109,7 @@ class AggregationPlan:
                                        "sha256": t["output_sha256"], "rows": t.get("rows_written")})
             spec["files"] = {str(b): self.file_key(m, b) for b in range(self.buckets)}
         else:
-            spec["inputs"] = [self.manifest_key(Merge(m.level - 1, i)) for i in m.inputs]
+            spec["inputs"] = [self.manifest_key_at(m.level - 1, i) for i in m.inputs]
             spec["files"] = {str(m.bucket): self.file_key(m, m.bucket)}
         return spec
 
@@ -150,6 +153,7 @@ def plan_aggregation(job_id: str, tasks: list[dict[str, Any]], cfg: AggregateCon
         below, level = level, []
         for b in range(buckets):
             sources = [m.index for m in below if m.bucket in (None, b)]
-            level += [Merge(below[0].level + 1, len(level), g, b) for g in _groups(sources, cfg.fan_in)]
+            start = len(level)
+            level += [Merge(below[0].level + 1, start + i, g, b) for i, g in enumerate(_groups(sources, cfg.fan_in))]
         plan.levels.append(level)
     return plan

@@ -52,7 +52,7 @@ def storage_for_job(job_id: str, args: argparse.Namespace) -> StorageConfig:
 
 # --- running and watching the coordinator ---------------------------------------------------------------------
 def spawn_coordinator(job_id: str, storage: StorageConfig, retry_errors: list[str] | None = None,
-                      standby: bool = False) -> tuple[subprocess.Popen, Path]:
+                      standby: bool = False, aggregate_only: bool = False) -> tuple[subprocess.Popen, Path]:
     """Start the job's coordinator process. ``standby``: it imports what it needs and waits for ``release``, so
     its start-up overlaps with the caller's checks."""
     log = coordinator_log(job_id)
@@ -64,7 +64,8 @@ def spawn_coordinator(job_id: str, storage: StorageConfig, retry_errors: list[st
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "slurmctl.cli.coordinator", job_id, "--storage-json", storage.model_dump_json(),
-             "--retry-errors", ",".join(retry_errors or []), *(["--standby"] if standby else [])],
+             "--retry-errors", ",".join(retry_errors or []), *(["--standby"] if standby else []),
+             *(["--aggregate-only"] if aggregate_only else [])],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE if standby else subprocess.DEVNULL, env=env,
             start_new_session=True)
     return proc, log
@@ -401,12 +402,14 @@ def _write_control(store: Any, job_id: str, paused: bool) -> str | None:
 
 
 def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> int:
-    """Make a job go again: unpause it, and start a coordinator unless one is still running (resume, retry).
+    """Make a job go again: unpause it, and start a coordinator unless one is still running (resume, retry,
+    aggregate).
 
     The coordinator starts at once, on standby (as in ``submit``): its imports overlap with the checks below, so a
     resumed job's first batch runs seconds sooner. It is released only when a new coordinator is wanted."""
     storage = storage_for_job(args.job_id, args)
-    standby = spawn_coordinator(args.job_id, storage, retry_errors, standby=True)
+    standby = spawn_coordinator(args.job_id, storage, retry_errors, standby=True,
+                                aggregate_only=getattr(args, "aggregate_only", False))
     started: list[bool] = []
     try:
         return _restart(args, storage, retry_errors, standby, started)
@@ -451,7 +454,8 @@ def _restart(args: argparse.Namespace, storage: StorageConfig, retry_errors: lis
              f"{beat.get('host', job.coordinator_host)}, heartbeat {beat.get('at', job.updated_at)}); "
              f"`slurmctl status {args.job_id}` follows it")
         return EXIT_USAGE
-    if job.status == "completed" and not retry_errors and not getattr(args, "force", False):
+    aggregate_only = getattr(args, "aggregate_only", False)
+    if job.status == "completed" and not retry_errors and not getattr(args, "force", False) and not aggregate_only:
         print(f"job {args.job_id} already completed; output {job.output}", file=sys.stderr)
         return EXIT_OK
     try:
@@ -469,7 +473,8 @@ def _restart(args: argparse.Namespace, storage: StorageConfig, retry_errors: lis
     proc, log = standby
     release(proc, True)
     started.append(True)
-    what = f"retrying {','.join(retry_errors)} of" if retry_errors else "resuming"
+    what = (f"retrying {','.join(retry_errors)} of" if retry_errors else "aggregating" if aggregate_only
+            else "resuming")
     print(f"{what} {args.job_id} (log {log})", file=sys.stderr)
     if not args.wait:
         if server:
@@ -555,6 +560,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
         _err("--errors: give one or more error classes, e.g. --errors=network,throttle")
         return EXIT_USAGE
     return restart(args, classes)
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    args.aggregate_only = True
+    return restart(args)
 
 
 def cmd_analyze_errors(args: argparse.Namespace) -> int:
@@ -682,6 +692,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true")
     _storage_args(p)
     p.set_defaults(func=cmd_retry)
+    p = sub.add_parser(
+        "aggregate", help="merge the committed batch outputs into the job's dataset again (e.g. after a retry)",
+        description="Run the aggregation alone: every planned batch must be committed (else it names the missing "
+                    "ones; `slurmctl resume` runs them). Finished merges of an interrupted aggregation are kept. "
+                    "Example: slurmctl aggregate backfill-2025-04-12 --wait")
+    p.add_argument("job_id")
+    p.add_argument("--wait", action="store_true", help="follow it until it ends; exit 0 if the job completed")
+    _storage_args(p)
+    p.set_defaults(func=cmd_aggregate)
+
     p = sub.add_parser("pause", help="stop workers taking rate-limit tokens (in-flight requests finish)")
     p.add_argument("job_id")
     _storage_args(p)

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_id")
     parser.add_argument("--storage-json", required=True)
     parser.add_argument("--retry-errors", default="", help="comma-separated error classes for a retry round")
+    parser.add_argument("--aggregate-only", action="store_true", help="run the aggregation alone")
     parser.add_argument("--standby", action="store_true",
                         help="import everything, then run only once stdin says `go` (EOF: exit, nothing done)")
     args = parser.parse_args(argv)
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with prefect_api_for_workers():
             run_job(args.job_id, json.loads(args.storage_json),
-                    retry_errors=[c for c in args.retry_errors.split(",") if c] or None)
+                    retry_errors=[c for c in args.retry_errors.split(",") if c] or None,
+                    aggregate_only=args.aggregate_only)
     except Exception as exc:  # the job manifest already records the failure; the log has the traceback
         print(f"job {args.job_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

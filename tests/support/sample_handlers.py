@@ -100,6 +100,12 @@ def counting(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     return {"id": item["id"], "doubled": item["id"] * 2}
 
 
+def rows_per_item(item: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
+    """``item["n"]`` rows (default 1; 0: none), each with the item's other fields and its index ``k``."""
+    extra = {k: v for k, v in item.items() if k not in ("id", "n")}
+    return [{"id": item["id"], "k": k, **extra} for k in range(item.get("n", 1))]
+
+
 def calls(path: str) -> list[tuple[int, Any]]:
     """(pid, id) per recorded call."""
     if not os.path.exists(path):

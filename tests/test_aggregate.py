@@ -1,0 +1,229 @@
+"""The aggregation subflow: a merge tree that is checksummed, restartable, deduplicated and lays out the dataset.
+
+Jobs here are processed with ``run_batch`` directly (the processing phase has tests of its own); the aggregation
+runs as the real Prefect subflow in this process, against the test's Prefect server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from support.jobs import output_ids, run_cli, status, write_config, write_jsonl
+from support.prefect_runs import flows_reporting_to
+
+from slurmctl.blocks.manifest_store import LocalManifestStore, S3ManifestStore, store_from_uri
+from slurmctl.books.admission import create_job
+from slurmctl.books.aggregation import plan_aggregation
+from slurmctl.books.failures import committed_tasks
+from slurmctl.books.manifests import Keys
+from slurmctl.books.parts import PartCorrupt
+from slurmctl.books.store import load_job
+from slurmctl.config import AggregateConfig, parse_config
+from slurmctl.records import partition
+from slurmctl.tasks.process_batch import run_batch
+
+JOB = "agg"
+
+
+@pytest.fixture
+def job(tmp_path: Path):
+    """A job whose batches are all committed: (cfg, store). ``records`` go through ``rows_per_item``."""
+    def make(records: list[Any], batch_size: int = 2, part_format: str = "parquet", **aggregate: Any):
+        write_jsonl(tmp_path / "in.jsonl", records)
+        cfg = parse_config({"job_id": JOB, "handler": "support.sample_handlers:rows_per_item",
+                            "input": {"uri": str(tmp_path / "in.jsonl")}, "batch_size": batch_size,
+                            "storage": {"uri": f"file://{tmp_path / 'store'}"}, "part_format": part_format,
+                            "aggregate": aggregate})
+        create_job(cfg, None)
+        store = LocalManifestStore(root=str(tmp_path / "store"))
+        with open(tmp_path / "in.jsonl", "rb") as f:
+            specs = partition(f, "jsonl", batch_size).batches
+        store.put_bytes(Keys(JOB).plan, b"".join(json.dumps(s.to_dict()).encode() + b"\n" for s in specs))
+        for spec in specs:
+            run_batch(cfg, store, spec, check_commit=False)
+        return cfg, store
+    return make
+
+
+def aggregate(cfg: Any, api: str) -> dict[str, Any]:
+    from slurmctl.flows.aggregate import aggregate_phase
+
+    with flows_reporting_to(api):
+        return aggregate_phase(cfg.job_id, cfg.model_dump(mode="json"))
+
+
+def result_of(store: LocalManifestStore) -> dict[str, Any]:
+    return store.get_json(Keys(JOB).result)
+
+
+def output_table(store: LocalManifestStore) -> Any:
+    return pq.read_table(store.local_path(Keys(JOB).output))
+
+
+@pytest.mark.parametrize("fan_in,levels", [(2, 5), (10, 2)])
+def test_merges_in_levels_and_keeps_every_row_once_in_input_order(job, prefect_api, fan_in, levels):
+    # 20 batches of 2 items; an item may give several rows, or none
+    records = [{"id": i, "n": (0 if i % 7 == 3 else 3 if i % 5 == 0 else 1)} for i in range(40)]
+    cfg, store = job(records, fan_in=fan_in)
+    got = aggregate(cfg, prefect_api)
+
+    result = result_of(store)
+    assert result["layout"]["levels"] == levels and result["layout"]["fan_in"] == fan_in
+    want = [(r["id"], k) for r in records for k in range(r["n"])]
+    table = output_table(store)
+    assert list(zip(table["id"].to_pylist(), table["k"].to_pylist())) == want  # exactly once, in input order
+    assert table.column_names == ["id", "k"]  # the bookkeeping columns stay out of the dataset
+    assert got["rows"] == result["rows"] == result["rows_written"] == len(want) and result["duplicates"] == 0
+    [out] = result["outputs"]
+    assert out["uri"] == store.uri(Keys(JOB).output) and out["rows"] == len(want)
+    assert out["batches"] == [["batch-000000", "batch-000019"]]  # lineage
+    assert out["sha256"].startswith("sha256:") and load_job(store, JOB).output == out["uri"]
+    assert list(store.list_keys(Keys(JOB).aggregate_prefix)) == []  # intermediate files are gone
+
+
+def test_the_plan_stays_within_the_task_run_budget_and_changes_with_its_inputs():
+    tasks = [{"batch_id": f"batch-{i:06d}", "output": f"o{i}", "output_sha256": "s", "rows_written": 100}
+             for i in range(50_000)]
+    cfg = AggregateConfig()
+    plan = plan_aggregation("big", tasks, cfg, "id")
+    # 5M rows: 10 hash partitions of ~500k rows; 500 first-level merges, then 5 and 1 per partition
+    assert plan.buckets == 10 and [len(level) for level in plan.levels] == [500, 50, 10]
+    assert all(m.bucket == b for b, m in enumerate(plan.levels[-1]))
+    tasks[7] = {**tasks[7], "output_sha256": "other"}  # e.g. a batch committed again after a lost commit
+    assert plan_aggregation("big", tasks, cfg, "id").plan_id != plan.plan_id
+
+
+def test_a_corrupted_part_fails_naming_the_file_and_publishes_nothing(job, prefect_api):
+    cfg, store = job([{"id": i} for i in range(10)], fan_in=2)
+    part = committed_tasks(store, JOB)[3]["output"]
+    data = bytearray(store.get_bytes(part))
+    data[len(data) // 2] ^= 0xFF
+    store.put_bytes(part, bytes(data))
+    with pytest.raises(PartCorrupt, match=f"{store.uri(part)}.*has sha256"):
+        aggregate(cfg, prefect_api)
+    assert result_of(store) is None and list(store.list_keys(Keys(JOB).output_prefix)) == []
+
+
+def test_a_crash_between_levels_restarts_from_the_finished_merges(job, prefect_api, monkeypatch):
+    import slurmctl.tasks.merge as merge
+
+    cfg, store = job([{"id": i} for i in range(40)], fan_in=2)  # 20 batches: levels of 10, 5, 3, 2, 1 merges
+    real, ran = merge.run_merge, []
+
+    def crash_at_level_3(store: Any, spec: dict[str, Any]) -> dict[str, Any]:
+        if spec["level"] == 3:
+            raise RuntimeError("coordinator lost (injected)")
+        ran.append(spec["name"])
+        return real(store, spec)
+
+    monkeypatch.setattr(merge, "run_merge", crash_at_level_3)
+    with pytest.raises(RuntimeError, match="injected"):
+        aggregate(cfg, prefect_api)
+    assert sorted(ran) == [f"L1-{i:05d}" for i in range(10)] + [f"L2-{i:05d}" for i in range(5)]
+    assert result_of(store) is None and list(store.list_keys(Keys(JOB).output_prefix)) == []
+
+    ran.clear()
+    monkeypatch.setattr(merge, "run_merge", lambda store, spec: (ran.append(spec["name"]), real(store, spec))[1])
+    aggregate(cfg, prefect_api)
+    assert sorted(ran) == ["L3-00000", "L3-00001", "L3-00002", "L4-00000", "L4-00001", "L5-00000"]
+    assert output_table(store)["id"].to_pylist() == list(range(40))
+
+
+@pytest.mark.parametrize("rows_per_bucket", [500_000, 1000], ids=["one-partition", "hash-partitions"])
+def test_duplicates_keep_the_last_occurrence_and_are_counted(job, prefect_api, rows_per_bucket):
+    records = [{"id": i, "v": "first"} for i in range(2500)]
+    records += [{"id": 5, "v": "again"}, {"id": 2400, "v": "again"}, {"id": 2400, "v": "last"}]  # same batch too
+    records += [{"id": 7, "n": 2, "v": "two rows"}]  # (7, 0) is a duplicate; (7, 1) is new
+    cfg, store = job(records, batch_size=50, fan_in=10, rows_per_bucket=rows_per_bucket)
+    aggregate(cfg, prefect_api)
+
+    result = result_of(store)
+    assert result["layout"]["hash_partitions"] == (1 if rows_per_bucket > 2600 else 3)
+    table = output_table(store)
+    rows = {(i, k): v for i, k, v in zip(table["id"].to_pylist(), table["k"].to_pylist(), table["v"].to_pylist())}
+    assert len(rows) == len(table) == 2501  # every key once
+    assert (rows[(5, 0)], rows[(2400, 0)], rows[(7, 0)], rows[(7, 1)]) == ("again", "last", "two rows", "two rows")
+    assert result["duplicates"] == 4 and result["rows_written"] == 2505 and result["rows"] == 2501
+    assert load_job(store, JOB).counts.duplicates == 4
+
+
+def test_sqlite_parts_merge_into_the_same_dataset(job, prefect_api, tmp_path):
+    records = [{"id": i, "score": i * 0.5, "name": f"u{i}", "tags": ["a", str(i)], "note": None if i % 2 else "x"}
+               for i in range(30)]
+    cfg, store = job(records, batch_size=4, part_format="sqlite", fan_in=3)
+    parts = [t["output"] for t in committed_tasks(store, JOB)]
+    assert parts and all(p.endswith(".sqlite") for p in parts)
+    aggregate(cfg, prefect_api)
+    table = output_table(store)
+    assert table.to_pylist() == [{"id": r["id"], "k": 0, **{k: r[k] for k in ("score", "name", "tags", "note")}}
+                                 for r in records]
+
+
+def test_a_partitioned_layout_with_files_of_at_most_n_rows(job, prefect_api):
+    records = [{"id": i, "group": "ab"[i % 2] if i % 10 else None} for i in range(40)]
+    cfg, store = job(records, fan_in=4, partition_by="group", max_rows_per_file=7)
+    got = aggregate(cfg, prefect_api)
+
+    result = result_of(store)
+    root = store.local_path(Keys(JOB).output_prefix)
+    assert got["output"] == result["output"] == store.uri(Keys(JOB).output_prefix) + "/"
+    files = {o["uri"][len(result["output"]):]: o for o in result["outputs"]}
+    assert sorted(files) == (["group=__HIVE_DEFAULT_PARTITION__/part-00000.parquet"]
+                             + [f"group={g}/part-{n:05d}.parquet" for g in "ab" for n in range(3)])
+    assert all(o["rows"] <= 7 and o["batches"] for o in files.values())
+    assert sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs) == sorted(files)
+    back = ds.dataset(root, format="parquet", partitioning="hive").to_table()
+    assert sorted(zip(back["id"].to_pylist(), back["group"].to_pylist())) == sorted(
+        (r["id"], r["group"]) for r in records)
+
+
+def test_a_row_count_mismatch_fails_the_job_listing_the_difference(job, prefect_api, monkeypatch):
+    import slurmctl.tasks.merge as merge
+
+    cfg, store = job([{"id": i} for i in range(20)], fan_in=4)
+    real = merge.dedupe
+    # a merge that loses a row without counting it (a bug, a library fault): the books must catch it
+    monkeypatch.setattr(merge, "dedupe", lambda table, id_field: real(table.slice(1), id_field))
+    from slurmctl.flows.aggregate import OutputMismatch
+
+    with pytest.raises(OutputMismatch, match=r"holds 16 rows.* = 20 \(-4\); batches off: batch-000000 -2, "
+                                             r"batch-000004 -1, batch-000008 -1\."):
+        aggregate(cfg, prefect_api)
+    assert result_of(store) is None
+
+
+@pytest.mark.integration
+def test_files_go_to_s3_as_multipart_uploads_streamed_from_disk(s3_bucket, moto_endpoint, tmp_path):
+    store = store_from_uri(f"s3://{s3_bucket}/mp", endpoint_url=moto_endpoint, region="us-east-1")
+    assert isinstance(store, S3ManifestStore)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(40 << 20))
+    store.put_file("out/big.bin", str(big))
+    head = store._s3().head_object(Bucket=s3_bucket, Key="mp/out/big.bin")
+    assert head["ContentLength"] == 40 << 20 and head["ETag"].strip('"').endswith("-3")  # 3 parts of 16 MB
+    store.copy("out/big.bin", "out/copy.bin")
+    assert store.get_file("out/copy.bin", str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
+    store.delete_prefix("out/")
+    assert list(store.list_keys("out/")) == []
+
+
+@pytest.mark.integration
+def test_slurmctl_aggregate_rebuilds_the_output_of_a_job(tmp_path, prefect_api, slurmctl_home):
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(30)])
+    cfg = write_config(tmp_path / "job.yaml", job_id="agg-cli", handler="support.sample_handlers:rows_per_item",
+                       input={"uri": "in.jsonl"}, batch_size=5, cluster={"kind": "local", "n_workers": 1},
+                       storage={"uri": "file://./state"}, aggregate={"fan_in": 2})
+    assert run_cli("submit", str(cfg), "--wait").returncode == 0
+    out = tmp_path / "state" / "jobs" / "agg-cli" / "output" / "data.parquet"
+    out.unlink()
+    result = run_cli("aggregate", "agg-cli", "--wait")
+    assert result.returncode == 0, result.stderr
+    view = status("agg-cli")
+    assert view["status"] == "completed" and view["duplicates"] == 0 and output_ids(view) == list(range(30))
