@@ -58,8 +58,8 @@ def run_baseline(uri: str, batch_size: int, work: Path, workers: int) -> float:
     from distributed import Client, LocalCluster
 
     from slurmctl.blocks.manifest_store import LocalManifestStore
-    from slurmctl.records import partition
     from slurmctl.config import AggregateConfig
+    from slurmctl.records import partition
     from slurmctl.tasks.merge import merge_all
 
     t0 = time.perf_counter()  # cluster start-up counts on both sides: the product starts its cluster per run
