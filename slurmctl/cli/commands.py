@@ -605,7 +605,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     job, store = found
     if args.scan:
-        job.counts = recount(store, args.job_id, job.counts.batches_total, job.counts.items_total)
+        scanned = recount(store, args.job_id, job.counts.batches_total, job.counts.items_total)
+        scanned.duplicates = job.counts.duplicates  # the aggregation's count: no task manifest holds it
+        job.counts = scanned
     view = status_view(job.model_dump(mode="json"), store.get_json(Keys(args.job_id).control),
                        read_heartbeat(store, args.job_id))
     if job.config.get("rate_limits"):
