@@ -63,7 +63,7 @@ def test_a_refusal_answering_our_own_commit_keeps_the_batch(tmp_path):
     assert store.lost == 1
     assert not summary.get("duplicate") and summary["items_succeeded"] == 10
     task = store.get_json(Keys("commit").task(spec.batch_id))
-    committed_output(store, task)  # still there, and it is what was committed
+    committed_output(store, task, str(tmp_path))  # still there, and it is what was committed
 
 
 def test_a_refusal_with_no_readable_winner_is_an_error_not_a_done_batch(tmp_path):
@@ -116,7 +116,7 @@ def test_s3_commit_whose_answer_is_lost_after_the_write_keeps_the_batch(tmp_path
         assert [r["outcome"] for r in retried] == ["200, answered 500", 412]  # what the client went through
     assert not summary.get("duplicate") and summary["items_succeeded"] == 10
     direct = store_from_uri(f"s3://{s3_bucket}/runs", endpoint_url=moto_endpoint, region="us-east-1")
-    committed_output(direct, direct.get_json(Keys("commit").task(spec.batch_id)))
+    committed_output(direct, direct.get_json(Keys("commit").task(spec.batch_id)), str(tmp_path))
     assert len(calls(str(tmp_path / "calls"))) == 10
 
 

@@ -2,23 +2,22 @@
 
 A part is a file a committed batch points to: its output rows (Parquet), its rejects (JSONL) or its retry manifest
 (JSON, checksummed by the store itself). The task manifest records each part's sha256 and row count when the batch
-commits; every reader (the merge, the failure state, the aggregation) goes through ``read_part`` so a part that was
+commits; every reader (the merges, the failure state) goes through ``read_part`` or ``fetch_part`` so a part that was
 truncated, replaced or lost is an error naming the file, never empty bytes or silently different data.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import pyarrow.parquet as pq
 
-from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.tables import count_part_rows, file_digest, part_kind
 
-PartFormat = Literal["parquet", "jsonl"]
+PartFormat = Literal["parquet", "sqlite", "jsonl"]
 
 
 class PartError(RuntimeError):
@@ -33,77 +32,68 @@ class PartCorrupt(PartError):
     pass
 
 
-def count_rows(data: bytes, fmt: PartFormat) -> int:
-    if fmt == "parquet":
-        return pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
-    return data.count(b"\n")
+def _verify(uri: str, named_by: str, fmt: str, sha256: str | None, digest: Callable[[], str], rows: int | None,
+            count: Callable[[], int]) -> None:
+    """The one check every reader of a part makes: sha256 as recorded (when recorded), ``rows`` rows (when given)."""
+    if sha256 is not None:
+        got = digest()
+        if got != sha256:
+            raise PartCorrupt(f"part {uri} (named by {named_by}) has sha256 {got}, but {sha256} was recorded: the "
+                              f"file was changed or damaged after it was written")
+    if rows is not None:
+        try:
+            got_rows = count()
+        except Exception as exc:  # unreadable Parquet footer, not a database, and the like
+            raise PartCorrupt(f"part {uri} (named by {named_by}) is not readable {fmt}: {exc}") from None
+        if got_rows != rows:
+            raise PartCorrupt(f"part {uri} (named by {named_by}) holds {got_rows} rows, but {rows} were recorded")
+
+
+def _missing(uri: str, named_by: str) -> PartMissing:
+    return PartMissing(f"part {uri} (named by {named_by}) is missing; the job's output cannot be trusted until it is "
+                       f"restored or the batch is run again")
 
 
 def read_part(store: ManifestStore, key: str, *, fmt: PartFormat, sha256: str | None, rows: int | None,
               named_by: str = "its task manifest") -> bytes:
     """The part's bytes, verified: present, sha256 as recorded (when recorded), ``rows`` rows (when given).
 
-    ``named_by`` says which manifest committed the part, for the error message.
+    ``named_by`` says which manifest committed the part, for the error message. Small parts (rejects); outputs go
+    through ``fetch_part``.
     """
     data = store.get_bytes(key)
-    uri = store.uri(key)
     if data is None:
-        raise PartMissing(f"committed part {uri} (named by {named_by}) is missing; the job's output cannot be "
-                          f"trusted until it is restored or the batch is run again")
-    if sha256 is not None:
-        got = "sha256:" + hashlib.sha256(data).hexdigest()
-        if got != sha256:
-            raise PartCorrupt(f"committed part {uri} (named by {named_by}) has sha256 {got}, but {sha256} was "
-                              f"committed: the file was changed or damaged after its batch committed")
-    if rows is not None:
-        try:
-            got_rows = count_rows(data, fmt)
-        except Exception as exc:  # unreadable Parquet footer and the like
-            raise PartCorrupt(f"committed part {uri} (named by {named_by}) is not readable {fmt}: {exc}") from None
-        if got_rows != rows:
-            raise PartCorrupt(f"committed part {uri} (named by {named_by}) holds {got_rows} rows, but "
-                              f"{rows} were committed")
+        raise _missing(store.uri(key), named_by)
+    _verify(store.uri(key), named_by, fmt, sha256, lambda: sha256_bytes(data), rows,
+            lambda: data.count(b"\n") if fmt == "jsonl" else pq.ParquetFile(io.BytesIO(data)).metadata.num_rows)
     return data
 
 
 def fetch_part(store: ManifestStore, key: str, scratch: str, *, sha256: str | None, rows: int | None,
                named_by: str) -> str:
     """A local path to the part ``key`` (in place for a local store, else streamed into ``scratch``), verified
-    like ``read_part`` before anyone reads it: present, sha256 and row count as recorded. Parquet or SQLite."""
-    uri = store.uri(key)
+    like ``read_part`` before anyone reads it. Parquet or SQLite."""
     path = store.local_path(key)
     if path is None:
         path = os.path.join(scratch, key.replace("/", "__"))
-        if not store.get_file(key, path):
-            path = None
-    elif not os.path.isfile(path):
-        path = None
-    if path is None:
-        raise PartMissing(f"part {uri} (named by {named_by}) is missing; the job's output cannot be trusted until it "
-                          f"is restored or the batch is run again")
-    if sha256 is not None:
-        got = file_digest(path)
-        if got != sha256:
-            raise PartCorrupt(f"part {uri} (named by {named_by}) has sha256 {got}, but {sha256} was recorded: the "
-                              f"file was changed or damaged after it was written")
-    if rows is not None:
-        kind = part_kind(key)
-        try:
-            got_rows = count_part_rows(path, kind)
-        except Exception as exc:  # unreadable Parquet footer, not a database, and the like
-            raise PartCorrupt(f"part {uri} (named by {named_by}) is not readable {kind}: {exc}") from None
-        if got_rows != rows:
-            raise PartCorrupt(f"part {uri} (named by {named_by}) holds {got_rows} rows, but {rows} were recorded")
+        found = store.get_file(key, path)
+    else:
+        found = os.path.isfile(path)
+    if not found:
+        raise _missing(store.uri(key), named_by)
+    kind = part_kind(key)
+    _verify(store.uri(key), named_by, kind, sha256, lambda: file_digest(path), rows,
+            lambda: count_part_rows(path, kind))
     return path
 
 
-def committed_output(store: ManifestStore, task: dict[str, Any]) -> bytes:
-    """A committed batch's output rows (Parquet), verified against its task manifest."""
+def committed_output(store: ManifestStore, task: dict[str, Any], scratch: str) -> str:
+    """A committed batch's output rows (Parquet or SQLite), verified against its task manifest: a local path."""
     if not task.get("output_sha256"):
         raise PartCorrupt(f"task manifest of {task.get('batch_id')} names output {task.get('output')} without its "
                           f"output_sha256: the manifest is damaged")
-    return read_part(store, task["output"], fmt="parquet", sha256=task["output_sha256"],
-                     rows=task.get("rows_written"), named_by=f"batch {task.get('batch_id')}")
+    return fetch_part(store, task["output"], scratch, sha256=task["output_sha256"], rows=task.get("rows_written"),
+                      named_by=f"batch {task.get('batch_id')}")
 
 
 def committed_rejects(store: ManifestStore, task: dict[str, Any]) -> bytes:
