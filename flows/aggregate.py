@@ -27,6 +27,7 @@ from collections import Counter
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.aggregation import AggregationPlan, Merge, plan_aggregation
@@ -34,9 +35,10 @@ from slurmctl.books.audit import SHOWN
 from slurmctl.books.audit import check as check_books
 from slurmctl.books.failures import committed_tasks, failure_state
 from slurmctl.books.manifests import Counts, Keys, ResultManifest
-from slurmctl.books.shards import Budget
+from slurmctl.books.shards import Budget, worker_slots
 from slurmctl.books.store import load_job, save_job, store_for
-from slurmctl.config import JobConfig, parse_config
+from slurmctl.config import JobConfig, LocalClusterConfig, parse_config
+from slurmctl.flows.runners import task_runner_for
 from slurmctl.tasks.merge import concat_rejects, layout_output, merge_chunk, put_jsonl
 
 
@@ -44,9 +46,27 @@ class OutputMismatch(RuntimeError):
     """The merged output does not hold the rows the committed batches wrote (minus the duplicates dropped)."""
 
 
-def needs_cluster(cfg: JobConfig, committed_batches: int) -> bool:
-    """More than one first-level merge: worth the job's cluster; else the merge runs in the coordinator's threads."""
-    return committed_batches > cfg.aggregate.fan_in
+def aggregate_runner(cfg: JobConfig, committed_batches: int) -> TaskRunner:
+    """Where the merges run.
+
+    On a Slurm cluster, the job's cluster (the data is spread over its nodes' work) when there is more than one
+    first-level merge. On the embedded default the cluster's workers would be this machine's cores anyway: the
+    coordinator's threads run the merges (pyarrow releases the GIL while it reads, hashes and writes), one per worker
+    slot, without starting a second cluster (each worker imports Prefect and slurmctl again: ~4 s on 2 cores). The
+    same tasks either way.
+    """
+    if isinstance(cfg.cluster, LocalClusterConfig):
+        return ThreadPoolTaskRunner(max_workers=worker_slots(cfg))
+    if committed_batches <= cfg.aggregate.fan_in:
+        return ThreadPoolTaskRunner(max_workers=1)
+    return task_runner_for(cfg.cluster, job_id=cfg.job_id)
+
+
+def runs_per_level(cfg: JobConfig, levels: int) -> int:
+    """Task runs a level's merges are spread over: two per worker slot (a slow one does not leave the others idle
+    for long; each task run costs Prefect ~0.2 s), within the level's share of the aggregation's budget."""
+    share = max(1, (Budget.of(cfg).aggregate - 1) // max(1, levels))  # the final layout is one more
+    return max(1, min(share, 2 * worker_slots(cfg)))
 
 
 def chunked(merges: list[Merge], runs: int) -> list[list[Merge]]:
@@ -67,7 +87,7 @@ def _chunk_name(chunk: list[Merge]) -> str:
 
 
 def run_levels(store: ManifestStore, plan: AggregationPlan, tasks: list[dict[str, Any]], cfg: JobConfig,
-               runs_per_level: int) -> Counter[int]:
+               runs: int) -> Counter[int]:
     """Run every unfinished merge, level by level; return the duplicates dropped per batch ordinal (whole plan)."""
     logger = get_run_logger()
     dropped: Counter[int] = Counter()
@@ -75,7 +95,7 @@ def run_levels(store: ManifestStore, plan: AggregationPlan, tasks: list[dict[str
         no = level[0].level
         done = {k for k in store.list_keys(plan.level_prefix(no)) if k.endswith(".done")}
         todo = [m for m in level if plan.done_key(m) not in done]
-        chunks = chunked(todo, runs_per_level)
+        chunks = chunked(todo, runs)
         logger.info("aggregate level %s: %s merge(s) (%s done before) in %s task run(s)", no, len(level),
                     len(level) - len(todo), len(chunks))
         futures = [merge_chunk.with_options(task_run_name=_chunk_name(c)).submit(
@@ -136,11 +156,10 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     state = failure_state(store, tasks)
     books = check_books(store, job, tasks, state)  # nothing is merged for a job that cannot complete
     plan = plan_aggregation(job_id, tasks, cfg.aggregate, cfg.input.id_field)
-    runs_per_level = max(1, (Budget.of(cfg).aggregate - 1) // max(1, len(plan.levels)))
     logger.info("aggregate plan %s: %s batch output(s), %s hash partition(s), fan-in %s, %s level(s), %s merge(s)",
                 plan.plan_id, sum(1 for t in tasks if t.get("output")), plan.buckets, plan.fan_in, len(plan.levels),
                 plan.merges)
-    dropped = run_levels(store, plan, tasks, cfg, runs_per_level)
+    dropped = run_levels(store, plan, tasks, cfg, runs_per_level(cfg, len(plan.levels)))
     layout_output.submit(store, plan.final_spec(tasks, cfg.aggregate)).result()
     final = store.get_json(plan.final_manifest)
     if final is None:

@@ -24,7 +24,7 @@ from slurmctl.books.limits import ensure_limits
 from slurmctl.books.manifests import Keys, now
 from slurmctl.books.store import JobExists, load_job, read_round_batches, store_for, update_job
 from slurmctl.config import load_config, parse_config
-from slurmctl.flows.aggregate import aggregate_phase, needs_cluster
+from slurmctl.flows.aggregate import aggregate_phase, aggregate_runner
 from slurmctl.flows.partition import partition_phase
 from slurmctl.flows.process import process_phase
 from slurmctl.flows.retry import retry_phase
@@ -84,9 +84,7 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
                 process_and_retry(store, job_id, cfg, config, retry_errors or [])
             update_job(store, job_id, phase="aggregate")
             committed = len(committed_batch_ids(store, job_id))
-            aggregate = (aggregate_phase.with_options(task_runner=_runner(cfg)) if needs_cluster(cfg, committed)
-                         else aggregate_phase)  # a single merge runs in the coordinator: no cluster to start
-            result = aggregate(job_id, config)
+            result = aggregate_phase.with_options(task_runner=aggregate_runner(cfg, committed))(job_id, config)
     except BaseException as exc:
         update_job(store, job_id, status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}"[:2000])
         raise

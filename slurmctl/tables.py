@@ -117,9 +117,8 @@ def count_part_rows(path: str, kind: PartKind) -> int:
     return sqlite_rows(path) if kind == "sqlite" else pq.ParquetFile(path).metadata.num_rows
 
 
-def read_part_table(path: str, kind: PartKind, id_field: str) -> pa.Table:
+def with_row_keys(table: pa.Table, id_field: str) -> pa.Table:
     """A part's rows with ``_slurmctl_line`` and ``_slurmctl_row`` (derived for parts written without them)."""
-    table = read_sqlite(path) if kind == "sqlite" else pq.read_table(path)
     if LINE not in table.column_names:
         table = table.append_column(LINE, pa.array(np.arange(len(table), dtype=np.int64)))
     if ROW not in table.column_names:
@@ -149,8 +148,13 @@ def align(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def concat(tables: list[pa.Table]) -> pa.Table:
-    schema = unify(t.schema for t in tables)
-    return pa.concat_tables([align(t, schema) for t in tables]) if tables else pa.table({})
+    """One table: missing columns null, null-typed columns promoted, as ``unify`` does."""
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    """A small Parquet file already in memory (a batch part): no dataset machinery, no thread pool."""
+    return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
 
 
 def dedupe(table: pa.Table, id_field: str) -> tuple[pa.Table, dict[int, int]]:

@@ -27,7 +27,7 @@ from prefect.cache_policies import NONE
 from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.books.aggregation import plan_aggregation
 from slurmctl.books.manifests import OutputFile
-from slurmctl.books.parts import PartCorrupt, PartMissing, committed_rejects, fetch_part
+from slurmctl.books.parts import PartCorrupt, PartMissing, committed_rejects, fetch_part, read_parquet_part
 from slurmctl.config import AggregateConfig
 from slurmctl.tables import (
     BATCH,
@@ -38,8 +38,9 @@ from slurmctl.tables import (
     dedupe,
     file_digest,
     part_kind,
-    read_part_table,
+    read_sqlite,
     unify,
+    with_row_keys,
 )
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
@@ -67,11 +68,17 @@ def _finish(store: ManifestStore, spec: dict[str, Any], body: dict[str, Any]) ->
 
 
 def _read_level1(store: ManifestStore, spec: dict[str, Any], scratch: str) -> pa.Table:
+    """The batch outputs, each verified then read: a Parquet part is read once into memory (it is one batch's rows)
+    and hashed, counted and decoded from those bytes; a SQLite part is a file on disk."""
     tables = []
     for inp in spec["inputs"]:
-        path = fetch_part(store, inp["key"], scratch, sha256=inp["sha256"], rows=inp["rows"],
-                          named_by=f"batch {inp['batch_id']}")
-        t = read_part_table(path, part_kind(inp["key"]), spec["id_field"])
+        named_by = f"batch {inp['batch_id']}"
+        if part_kind(inp["key"]) == "sqlite":
+            t = read_sqlite(fetch_part(store, inp["key"], scratch, sha256=inp["sha256"], rows=inp["rows"],
+                                       named_by=named_by))
+        else:
+            t = read_parquet_part(store, inp["key"], sha256=inp["sha256"], rows=inp["rows"], named_by=named_by)
+        t = with_row_keys(t, spec["id_field"])
         tables.append(t.append_column(BATCH, pa.array(np.full(len(t), inp["ordinal"], dtype=np.int32))))
     return concat(tables)
 

@@ -12,10 +12,11 @@ import io
 import os
 from typing import Any, Callable, Literal
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
-from slurmctl.tables import count_part_rows, file_digest, part_kind
+from slurmctl.tables import count_part_rows, file_digest, part_kind, read_parquet_bytes
 
 PartFormat = Literal["parquet", "sqlite", "jsonl"]
 
@@ -67,6 +68,19 @@ def read_part(store: ManifestStore, key: str, *, fmt: PartFormat, sha256: str | 
     _verify(store.uri(key), named_by, fmt, sha256, lambda: sha256_bytes(data), rows,
             lambda: data.count(b"\n") if fmt == "jsonl" else pq.ParquetFile(io.BytesIO(data)).metadata.num_rows)
     return data
+
+
+def read_parquet_part(store: ManifestStore, key: str, *, sha256: str | None, rows: int | None,
+                      named_by: str) -> pa.Table:
+    """A small Parquet part (one batch's rows) as a table, verified like ``read_part``; decoded once, and its rows
+    counted on the decoded table."""
+    data = store.get_bytes(key)
+    if data is None:
+        raise _missing(store.uri(key), named_by)
+    decoded: list[pa.Table] = []
+    _verify(store.uri(key), named_by, "parquet", sha256, lambda: sha256_bytes(data), rows,
+            lambda: decoded.append(read_parquet_bytes(data)) or decoded[0].num_rows)
+    return decoded[0] if decoded else read_parquet_bytes(data)
 
 
 def fetch_part(store: ManifestStore, key: str, scratch: str, *, sha256: str | None, rows: int | None,
