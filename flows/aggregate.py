@@ -31,7 +31,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.aggregation import AggregationPlan, Merge, plan_aggregation
-from slurmctl.books.audit import SHOWN
+from slurmctl.books.audit import SHOWN, BooksUnbalanced
 from slurmctl.books.audit import check as check_books
 from slurmctl.books.failures import committed_tasks, failure_state
 from slurmctl.books.manifests import Counts, Keys, ResultManifest
@@ -152,6 +152,9 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     keys = Keys(job_id)
     logger = get_run_logger()
     job = load_job(store, job_id)
+    if not store.exists(keys.plan):
+        raise BooksUnbalanced(f"job {job_id} has not been partitioned yet, so there is nothing to aggregate; "
+                              f"`slurmctl resume {job_id}` processes it (and aggregates at the end)")
     tasks = committed_tasks(store, job_id)
     state = failure_state(store, tasks)
     books = check_books(store, job, tasks, state)  # nothing is merged for a job that cannot complete

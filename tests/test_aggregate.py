@@ -227,3 +227,13 @@ def test_slurmctl_aggregate_rebuilds_the_output_of_a_job(tmp_path, prefect_api, 
     assert result.returncode == 0, result.stderr
     view = status("agg-cli")
     assert view["status"] == "completed" and view["duplicates"] == 0 and output_ids(view) == list(range(30))
+
+
+def test_a_job_never_partitioned_is_not_aggregated_into_an_empty_output(job, prefect_api):
+    from slurmctl.books.audit import BooksUnbalanced
+
+    cfg, store = job([{"id": 1}])
+    store.delete(Keys(JOB).plan)  # as right after submit: no plan, no batches yet
+    with pytest.raises(BooksUnbalanced, match="not been partitioned yet.*slurmctl resume agg"):
+        aggregate(cfg, prefect_api)
+    assert result_of(store) is None

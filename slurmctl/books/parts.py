@@ -33,9 +33,10 @@ class PartCorrupt(PartError):
     pass
 
 
-def _verify(uri: str, named_by: str, fmt: str, sha256: str | None, digest: Callable[[], str], rows: int | None,
-            count: Callable[[], int]) -> None:
+def _verify(store: ManifestStore, key: str, named_by: str, fmt: str, sha256: str | None, digest: Callable[[], str],
+            rows: int | None, count: Callable[[], int]) -> None:
     """The one check every reader of a part makes: sha256 as recorded (when recorded), ``rows`` rows (when given)."""
+    uri = _Uri(store, key)
     if sha256 is not None:
         got = digest()
         if got != sha256:
@@ -48,6 +49,16 @@ def _verify(uri: str, named_by: str, fmt: str, sha256: str | None, digest: Calla
             raise PartCorrupt(f"part {uri} (named by {named_by}) is not readable {fmt}: {exc}") from None
         if got_rows != rows:
             raise PartCorrupt(f"part {uri} (named by {named_by}) holds {got_rows} rows, but {rows} were recorded")
+
+
+class _Uri:
+    """A part's URI for an error message, built only if one is raised (a merge verifies thousands of parts)."""
+
+    def __init__(self, store: ManifestStore, key: str) -> None:
+        self.store, self.key = store, key
+
+    def __str__(self) -> str:
+        return self.store.uri(self.key)
 
 
 def _missing(uri: str, named_by: str) -> PartMissing:
@@ -65,7 +76,7 @@ def read_part(store: ManifestStore, key: str, *, fmt: PartFormat, sha256: str | 
     data = store.get_bytes(key)
     if data is None:
         raise _missing(store.uri(key), named_by)
-    _verify(store.uri(key), named_by, fmt, sha256, lambda: sha256_bytes(data), rows,
+    _verify(store, key, named_by, fmt, sha256, lambda: sha256_bytes(data), rows,
             lambda: data.count(b"\n") if fmt == "jsonl" else pq.ParquetFile(io.BytesIO(data)).metadata.num_rows)
     return data
 
@@ -78,7 +89,7 @@ def read_parquet_part(store: ManifestStore, key: str, *, sha256: str | None, row
     if data is None:
         raise _missing(store.uri(key), named_by)
     decoded: list[pa.Table] = []
-    _verify(store.uri(key), named_by, "parquet", sha256, lambda: sha256_bytes(data), rows,
+    _verify(store, key, named_by, "parquet", sha256, lambda: sha256_bytes(data), rows,
             lambda: decoded.append(read_parquet_bytes(data)) or decoded[0].num_rows)
     return decoded[0] if decoded else read_parquet_bytes(data)
 
@@ -96,7 +107,7 @@ def fetch_part(store: ManifestStore, key: str, scratch: str, *, sha256: str | No
     if not found:
         raise _missing(store.uri(key), named_by)
     kind = part_kind(key)
-    _verify(store.uri(key), named_by, kind, sha256, lambda: file_digest(path), rows,
+    _verify(store, key, named_by, kind, sha256, lambda: file_digest(path), rows,
             lambda: count_part_rows(path, kind))
     return path
 
