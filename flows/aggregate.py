@@ -145,7 +145,7 @@ def publish(store: ManifestStore, keys: Keys, files: list[dict[str, Any]]) -> li
     return published
 
 
-@flow(name="aggregate", log_prints=True)
+@flow(name="aggregate", flow_run_name="{job_id} / aggregate", log_prints=True)
 def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     cfg = parse_config(config)
     store = store_for(cfg.storage)

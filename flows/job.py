@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import yaml
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
@@ -49,7 +50,28 @@ def _runner(cfg: Any) -> Any:
     return task_runner_for(cfg.cluster, job_id=cfg.job_id)
 
 
-@flow(name="slurmctl-job", log_prints=True)
+def job_run_name() -> str:
+    """A job's flow run is named after the job (the UI lists ``backfill-2025-04-12``, not ``noble-cockatoo``): its
+    ``job_id``, else the ``job_id`` its config file names, else the config file's name."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    if params.get("job_id"):
+        return str(params["job_id"])
+    path = params.get("config_path")
+    if path:
+        try:
+            with open(path) as f:
+                named = (yaml.safe_load(f) or {}).get("job_id")
+            if named:
+                return str(named)
+        except (OSError, yaml.YAMLError, AttributeError):  # an unreadable config fails the run itself, by name
+            pass
+        return Path(path).stem
+    return "slurmctl-job"
+
+
+@flow(name="slurmctl-job", flow_run_name=job_run_name, log_prints=True)
 def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, config_path: str | None = None,
             retry_errors: list[str] | None = None, aggregate_only: bool = False) -> dict[str, Any]:
     """Run or continue a job. ``job_id`` + ``storage`` name an existing job; ``config_path`` creates it first if

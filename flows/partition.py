@@ -13,7 +13,7 @@ from slurmctl.config import parse_config
 from slurmctl.records import partition
 
 
-@flow(name="partition", log_prints=True)
+@flow(name="partition", flow_run_name="{job_id} / partition", log_prints=True)
 def partition_phase(job_id: str, config: dict[str, Any]) -> int:
     """Cut the input into batch descriptions; idempotent (a resumed job reuses the plan it already has)."""
     cfg = parse_config(config)

@@ -235,7 +235,7 @@ def fail_uncommitted(store: ManifestStore, job: JobManifest, specs: list[BatchSp
         ).model_dump(mode="json"))
 
 
-@flow(name="process", log_prints=True)
+@flow(name="process", flow_run_name="{job_id} / process", log_prints=True)
 def process_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     cfg = parse_config(config)
     store = store_for(cfg.storage)

@@ -49,7 +49,7 @@ def plan_round(store: Any, job_id: str, round_no: int, classes: set[str], includ
     return specs
 
 
-@flow(name="retry", log_prints=True)
+@flow(name="retry", flow_run_name="{job_id} / retry {round_no}", log_prints=True)
 def retry_phase(job_id: str, config: dict[str, Any], round_no: int, classes: list[str],
                 include_deferred: bool = True) -> dict[str, Any]:
     cfg = parse_config(config)

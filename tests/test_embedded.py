@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from support.jobs import log_tail, run_cli, status, write_config, write_jsonl
-from support.prefect_runs import settled_task_runs
+from support.prefect_runs import job_flow_run_names, settled_task_runs
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +57,10 @@ def test_echo_job_end_to_end(tmp_path: Path, prefect_api: str, slurmctl_home: Pa
     assert len(shard_runs) == 8 and all(r.state.is_completed() for r in shard_runs.values())
     assert {t["task_run_id"] for t in tasks} == set(shard_runs)
     assert shard_runs[tasks[0]["task_run_id"]].name == "batch-000000..000001 (2)"
+
+    # The runs are named after the job, so the UI's run list says which job each is.
+    assert job_flow_run_names(prefect_api, view["flow_run_id"]) == [
+        "echo-e2e", "echo-e2e / partition", "echo-e2e / process", "echo-e2e / aggregate"]
 
     # Submitting the same job id again is refused; resume of a completed job is a no-op.
     again = run_cli("submit", str(cfg))

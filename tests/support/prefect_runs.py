@@ -77,6 +77,23 @@ def flow_run_state(api_url: str, flow_run_id: str) -> str:
     return _with_api(api_url, read)
 
 
+def job_flow_run_names(api_url: str, flow_run_id: str) -> list[str]:
+    """The names of a job's flow run and of its subflow runs (in start order)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            parent = await client.read_flow_run(UUID(flow_run_id))
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])),
+                sort=FlowRunSort.START_TIME_ASC)
+            return [parent.name] + [c.name for c in children]
+
+    return _with_api(api_url, read)
+
+
 def registered_block_types(api_url: str, slugs: list[str]) -> list[str]:
     """Which of ``slugs`` the server knows as block types."""
     from prefect.client.orchestration import get_client
