@@ -27,7 +27,7 @@ from prefect.cache_policies import NONE
 from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.books.aggregation import plan_aggregation
 from slurmctl.books.manifests import OutputFile
-from slurmctl.books.parts import PartCorrupt, PartMissing, committed_rejects, fetch_part, read_parquet_part
+from slurmctl.books.parts import PartMissing, committed_rejects, fetch_part, read_parquet_part
 from slurmctl.config import AggregateConfig
 from slurmctl.tables import (
     BATCH,
@@ -294,7 +294,3 @@ def concat_rejects(store: ManifestStore, tasks: list[dict[str, Any]], out_key: s
 def put_jsonl(store: ManifestStore, out_key: str, data: bytes) -> OutputFile:
     store.put_bytes(out_key, data)
     return OutputFile(uri=store.uri(out_key), rows=data.count(b"\n"), bytes=len(data), sha256=sha256_bytes(data))
-
-
-__all__ = ["MergeInputMissing", "PartCorrupt", "PartMissing", "PartitionError", "concat_rejects", "layout_output",
-           "merge_all", "merge_chunk", "put_jsonl", "run_merge", "write_output"]
