@@ -19,13 +19,15 @@ from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
 from slurmctl.books.admission import create_job
-from slurmctl.books.failures import committed_batch_ids, recount, round_of
+from slurmctl.books.failures import analyze, committed_batch_ids, committed_tasks, failure_state, recount, round_of
 from slurmctl.books.heartbeat import Heartbeat
-from slurmctl.books.limits import ensure_limits
+from slurmctl.books.limits import ensure_limits, limits_status
 from slurmctl.books.manifests import Keys, now
 from slurmctl.books.store import JobExists, load_job, read_round_batches, store_for, update_job
 from slurmctl.config import load_config, parse_config
+from slurmctl.flows import artifacts
 from slurmctl.flows.aggregate import aggregate_phase, aggregate_runner
+from slurmctl.flows.artifacts import JobArtifacts
 from slurmctl.flows.partition import partition_phase
 from slurmctl.flows.process import process_phase
 from slurmctl.flows.retry import retry_phase
@@ -95,32 +97,61 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
     cfg = parse_config(job.config)
     config = cfg.model_dump(mode="json")
     logger = get_run_logger()
-    update_job(store, job_id, status="running", phase="aggregate" if aggregate_only else "partition",
-               started_at=job.started_at or now(),
-               finished_at=None, error=None, flow_run_id=str(get_run_context().flow_run.id),
-               coordinator_pid=os.getpid(), coordinator_host=socket.gethostname())
-    heartbeat = Heartbeat(store, job_id, flow_run_id=str(get_run_context().flow_run.id)).start()  # every phase
+    flow_run_id = str(get_run_context().flow_run.id)
+    job = update_job(store, job_id, status="running", phase="aggregate" if aggregate_only else "partition",
+                     started_at=job.started_at or now(), finished_at=None, error=None, flow_run_id=flow_run_id,
+                     coordinator_pid=os.getpid(), coordinator_host=socket.gethostname())
+    heartbeat = Heartbeat(store, job_id, flow_run_id=flow_run_id).start()  # every phase
+    arts = JobArtifacts(job, flow_run_id)
     try:
         with dask.config.set(dask_settings(cfg)):
             if not aggregate_only:
                 process_and_retry(store, job_id, cfg, config, retry_errors or [])
-            update_job(store, job_id, phase="aggregate")
+            arts.enter("aggregate", update_job(store, job_id, phase="aggregate"))
             committed = len(committed_batch_ids(store, job_id))
             result = aggregate_phase.with_options(task_runner=aggregate_runner(cfg, committed))(job_id, config)
     except BaseException as exc:
-        update_job(store, job_id, status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}"[:2000])
+        job = update_job(store, job_id, status="failed", finished_at=now(),
+                         error=f"{type(exc).__name__}: {exc}"[:2000])
+        finish_artifacts(arts, store, cfg, job)
         raise
     finally:
         heartbeat.stop()
-    update_job(store, job_id, status="completed", phase="done", finished_at=now(), output=result["output"])
+    job = update_job(store, job_id, status="completed", phase="done", finished_at=now(), output=result["output"])
+    finish_artifacts(arts, store, cfg, job)
     logger.info("job %s completed: %s rows in %s", job_id, result["rows"], result["output"])
     return result
+
+
+def finish_artifacts(arts: JobArtifacts, store: Any, cfg: Any, job: Any) -> None:
+    """The job's errors table and summary in the Prefect UI, from its manifests."""
+    keys = Keys(job.job_id)
+    errors = limits = None
+    try:
+        if job.counts.items_failed:
+            errors = analyze(job.job_id, failure_state(store, committed_tasks(store, job.job_id)))
+        limits = limits_status(cfg)
+    except Exception as exc:  # the summary is a view: a damaged part or an unreachable limiter fails nothing here
+        get_run_logger().warning("job summary without errors or limits: %s: %s", type(exc).__name__, exc)
+    result = store.get_json(keys.result) if job.status == "completed" else None
+    links = {"output": job.output, "completion manifest": result and store.uri(keys.result),
+             "failures": result and (result.get("failures") or {}).get("uri"),
+             "rejects": result and (result.get("rejects") or {}).get("uri"), "job manifest": store.uri(keys.job),
+             "batch manifests": store.uri(keys.tasks_prefix)}
+    arts.finish(job, errors, links, limits or {})
+
+
+def enter_phase(store: Any, job_id: str, phase: str) -> None:
+    job = update_job(store, job_id, phase=phase)
+    arts = artifacts.live(job_id)
+    if arts is not None:
+        arts.enter(phase, job)
 
 
 def process_and_retry(store: Any, job_id: str, cfg: Any, config: dict[str, Any], retry_errors: list[str]) -> None:
     """Partition, process the uncommitted batches, then the retry rounds."""
     total = partition_phase(job_id, config)
-    update_job(store, job_id, phase="process")
+    enter_phase(store, job_id, "process")
     initial_done = sum(1 for b in committed_batch_ids(store, job_id) if round_of(b) == 0)
     if initial_done < total:  # else no cluster is started at all
         ensure_limits(cfg)
@@ -143,7 +174,7 @@ def run_retry_rounds(store: Any, job_id: str, cfg: Any, config: dict[str, Any], 
     job = load_job(store, job_id)
 
     def run_round(round_no: int, classes: list[str]) -> dict[str, Any]:
-        update_job(store, job_id, phase="retry")
+        enter_phase(store, job_id, "retry")
         result = retry_phase.with_options(task_runner=_runner(cfg))(job_id, config, round_no, classes)
         if result["batches_failed"]:
             raise JobFailed(f"retry round {round_no}: {result['batches_failed']} batch(es) failed: "
@@ -160,7 +191,7 @@ def run_retry_rounds(store: Any, job_id: str, cfg: Any, config: dict[str, Any], 
     automatic = sum(1 for r in job.retry_rounds if not r["classes"])
     while load_job(store, job_id).counts.items_deferred > 0 and automatic < cfg.errors.auto_retry_rounds:
         wait = cfg.errors.retry_cooldown_s * (2 ** automatic)
-        update_job(store, job_id, phase="retry")  # the cooldown is part of the retry phase
+        enter_phase(store, job_id, "retry")  # the cooldown is part of the retry phase
         logger.info("%s items deferred by the circuit breaker; retry round %s in %.0f s",
                     load_job(store, job_id).counts.items_deferred, next_round, wait)
         time.sleep(wait)

@@ -32,6 +32,7 @@ from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, no
 from slurmctl.books.shards import Budget, Shard, plan_shards, worker_slots
 from slurmctl.books.store import load_job, read_plan, save_job, store_for
 from slurmctl.config import JobConfig, parse_config
+from slurmctl.flows import artifacts
 from slurmctl.records import BatchSpec
 from slurmctl.tasks.process_batch import summary_of
 from slurmctl.tasks.process_shard import commits_topic, process_shard
@@ -176,6 +177,9 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
         job.counts = (ready or start).plus(delta)
         if force or time.monotonic() - last_beat >= HEARTBEAT_S:
             save_job(store, job)
+            arts = artifacts.live(job.job_id)
+            if arts is not None:  # the Prefect UI, a few seconds behind the commits
+                arts.update(job)
             last_beat = time.monotonic()
             watch.check(waiting=bool(in_flight))
 

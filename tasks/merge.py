@@ -265,7 +265,8 @@ def write_output(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
                                  "rows_per_batch": {str(int(k)): int(v) for k, v in sorted(per_batch.items())}})
 
 
-@task(name="write-output", task_run_name="write-output", cache_policy=NONE, persist_result=False, retries=2, retry_delay_seconds=2)
+@task(name="write-output", task_run_name="write-output", cache_policy=NONE, persist_result=False, retries=2,
+      retry_delay_seconds=2)
 def layout_output(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
     body = write_output(store, spec)
     return {"files": len(body["files"]), "rows": body["rows"]}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from support.jobs import log_tail, run_cli, status, write_config, write_jsonl
-from support.prefect_runs import job_flow_run_names, settled_task_runs
+from support.prefect_runs import job_artifacts, job_flow_run_names, settled_task_runs
 
 pytestmark = pytest.mark.integration
 
@@ -62,6 +62,17 @@ def test_echo_job_end_to_end(tmp_path: Path, prefect_api: str, slurmctl_home: Pa
     assert job_flow_run_names(prefect_api, view["flow_run_id"]) == [
         "echo-e2e", "echo-e2e / partition", "echo-e2e / process", "echo-e2e / aggregate"]
 
+    # The job's flow run carries its progress, a status table and, at the end, a summary.
+    arts = job_artifacts(prefect_api, view["flow_run_id"])
+    assert arts["echo-e2e-progress"].data == 100.0
+    assert "11 of 11 batches" in arts["echo-e2e-progress"].description
+    status_table = arts["echo-e2e-status"].data
+    assert "| status | completed |" in status_table and "| rejected | 2 |" in status_table
+    summary = arts["echo-e2e-summary"].data
+    assert "echo-e2e: completed" in summary and view["output"] in summary and "| output rows | 1,000 |" in summary
+    assert "| process |" in summary and "| aggregate |" in summary  # time per phase
+    assert "echo-e2e-errors" not in arts  # nothing failed
+
     # Submitting the same job id again is refused; resume of a completed job is a no-op.
     again = run_cli("submit", str(cfg))
     assert again.returncode == 2 and "already exists" in again.stderr
@@ -80,6 +91,10 @@ def test_http_handler_job_counts_api_requests_and_records_failures(tmp_path: Pat
     view = status("http-e2e")
     assert (view["items_total"], view["items_succeeded"], view["items_failed"]) == (42, 40, 2)
     assert api.requests == 42
+    [errors] = [a for k, a in job_artifacts(prefect_api, view["flow_run_id"]).items() if k == "http-e2e-errors"]
+    rows = json.loads(errors.data)  # the UI's errors table: by class and message, with example ids
+    assert {r["error_class"] for r in rows} == {"not_found"} and sum(r["count"] for r in rows) == 2
+    assert sorted(int(i) for r in rows for i in r["example_ids"].split(", ")) == [-2, -1]
 
     store = tmp_path / "state" / "jobs" / "http-e2e"
     table = pq.read_table(view["output"][len("file://"):])

@@ -29,7 +29,7 @@ from support.jobs import (
     write_config,
     write_jsonl,
 )
-from support.prefect_runs import flows_reporting_to, settled_task_runs
+from support.prefect_runs import flows_reporting_to, job_artifacts, settled_task_runs
 from support.sample_handlers import calls
 
 from slurmctl.books.manifests import Counts
@@ -192,6 +192,11 @@ def test_status_counters_move_as_batches_commit_inside_a_shard(tmp_path, prefect
         view = wait_for(lambda: (v := status("progress"))["batches_done"] >= 1 and v, 30,
                         "status to count the shard's first committed batch")
         assert (view["batches_done"], view["items_succeeded"], view["status"]) == (1, 10, "running")
+        # the Prefect UI shows it too: the job's progress artifact (1 of 8 batches) and its status table
+        arts = wait_for(lambda: (a := job_artifacts(prefect_api, view["flow_run_id"])).get("progress-progress")
+                        and a["progress-progress"].data > 0 and a, 30, "the progress artifact to move")
+        assert arts["progress-progress"].data == 12.5 and "1 of 8 batches" in arts["progress-progress"].description
+        assert "| batches | 1 of 8 (12.5 %) |" in arts["progress-status"].data
     finally:
         release.touch()  # never leave the job holding
     view = wait_until_ended("progress")

@@ -94,6 +94,20 @@ def job_flow_run_names(api_url: str, flow_run_id: str) -> list[str]:
     return _with_api(api_url, read)
 
 
+def job_artifacts(api_url: str, flow_run_id: str) -> dict[str, Any]:
+    """The artifacts of a flow run by key (each as the API returns it now: ``data``, ``description``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> dict[str, Any]:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+            return {a.key: a for a in found if a.key}
+
+    return _with_api(api_url, read)
+
+
 def registered_block_types(api_url: str, slugs: list[str]) -> list[str]:
     """Which of ``slugs`` the server knows as block types."""
     from prefect.client.orchestration import get_client

@@ -1,0 +1,179 @@
+"""The job in the Prefect UI: artifacts on the job's flow run, kept current while it runs.
+
+* ``<job>-progress``: Prefect's progress artifact (one number: the share of batches committed), its description the
+  one-line state (items, items/s, ETA).
+* ``<job>-status``: a markdown table beside it — phase, batches and items by outcome, items/s, ETA, updated at —
+  because a progress artifact holds one number only.
+* at the end, ``<job>-errors`` (failed items by class, top messages, example ids) and ``<job>-summary`` (outcome,
+  counts, output, failures file, manifests, rate limits, time per phase).
+
+Both live artifacts are created once on the job's flow run and then updated in place by the coordinator's loop
+(``flows.process.run_batches`` updates them with the counters it saves, every ``HEARTBEAT_S``): the UI lags a batch
+commit by a few seconds. The coordinator is one process, so the subflows find the job's artifacts here (``live``)
+rather than through parameters. The UI is a view: a Prefect API that does not answer costs a warning, never the job.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from typing import Any
+from uuid import UUID
+
+from prefect.artifacts import (
+    MarkdownArtifact,
+    ProgressArtifact,
+    TableArtifact,
+    update_progress_artifact,
+)
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
+from prefect.logging import get_logger
+
+from slurmctl.books.manifests import Counts, JobManifest
+
+_live: dict[str, "JobArtifacts"] = {}
+logger = get_logger("slurmctl.artifacts")
+
+
+def live(job_id: str) -> "JobArtifacts | None":
+    """The artifacts of the job this coordinator runs (None outside a job flow: tests calling subflows directly)."""
+    return _live.get(job_id)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class JobArtifacts:
+    """Creates and updates one job run's artifacts (see the module docstring)."""
+
+    def __init__(self, job: JobManifest, flow_run_id: str) -> None:
+        self.job_id, self.flow_run_id = job.job_id, UUID(flow_run_id)
+        self.started = time.monotonic()
+        self.items_at_start = self._items_done(job.counts)
+        self.phase_started = time.monotonic()
+        self.phase = job.phase
+        self.phase_seconds: dict[str, float] = {}
+        self.progress_id: UUID | None = None
+        self.status_id: UUID | None = None
+        self.warned = False
+        self._safely(self._create, job)
+        _live[self.job_id] = self
+
+    @staticmethod
+    def _items_done(c: Counts) -> int:
+        return c.items_succeeded + c.items_failed + c.items_deferred + c.items_rejected
+
+    def _safely(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:  # the UI is a view; the manifests hold the truth
+            if not self.warned:
+                logger.warning("could not update the job's Prefect artifacts (%s: %s); the job goes on",
+                               type(exc).__name__, exc)
+                self.warned = True
+            return None
+
+    # --- live ----------------------------------------------------------------------------------------------------
+    def _create(self, job: JobManifest) -> None:
+        progress = ProgressArtifact(key=f"{self.job_id}-progress", progress=self._percent(job.counts),
+                                    description=self._line(job), flow_run_id=self.flow_run_id)
+        self.progress_id = progress.create().id
+        status = MarkdownArtifact(key=f"{self.job_id}-status", markdown=self._table(job),
+                                  description=f"{self.job_id}: live status", flow_run_id=self.flow_run_id)
+        self.status_id = status.create().id
+
+    def enter(self, phase: str, job: JobManifest) -> None:
+        """A new phase starts: time the one that ends, and show the new one."""
+        now = time.monotonic()
+        self.phase_seconds[self.phase] = self.phase_seconds.get(self.phase, 0.0) + now - self.phase_started
+        self.phase, self.phase_started = phase, now
+        self.update(job)
+
+    def update(self, job: JobManifest) -> None:
+        self._safely(self._update, job)
+
+    def _update(self, job: JobManifest) -> None:
+        if self.progress_id is None or self.status_id is None:
+            return
+        update_progress_artifact(self.progress_id, self._percent(job.counts), description=self._line(job))
+        get_client(sync_client=True).update_artifact(self.status_id, ArtifactUpdate(data=self._table(job)))
+
+    @staticmethod
+    def _percent(c: Counts) -> float:
+        return round(100.0 * c.batches_done / c.batches_total, 2) if c.batches_total else 0.0
+
+    def _rate(self, c: Counts) -> tuple[float | None, float | None]:
+        """Items per second in this run, and the seconds left at that rate."""
+        elapsed = time.monotonic() - self.started
+        done = self._items_done(c) - self.items_at_start
+        if elapsed <= 0 or done <= 0:
+            return None, None
+        rate = done / elapsed
+        left = max(0, c.items_total - self._items_done(c))
+        return rate, left / rate
+
+    def _line(self, job: JobManifest) -> str:
+        c = job.counts
+        rate, eta = self._rate(c)
+        speed = f", {rate:,.0f} items/s, ETA {_duration(eta)}" if rate else ""
+        return (f"{self.job_id}: {self.phase}, {c.batches_done:,} of {c.batches_total:,} batches, "
+                f"{self._items_done(c):,} of {c.items_total:,} items{speed}")
+
+    def _table(self, job: JobManifest) -> str:
+        c = job.counts
+        rate, eta = self._rate(c)
+        at = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S UTC")
+        rows = [("status", job.status), ("phase", self.phase),
+                ("batches", f"{c.batches_done:,} of {c.batches_total:,} ({self._percent(c):g} %)"),
+                ("items", f"{self._items_done(c):,} of {c.items_total:,}"),
+                ("succeeded", f"{c.items_succeeded:,}"), ("failed", f"{c.items_failed:,}"),
+                ("deferred", f"{c.items_deferred:,}"), ("rejected", f"{c.items_rejected:,}"),
+                ("batches failed", f"{c.batches_failed:,}"),
+                ("items/s", f"{rate:,.1f}" if rate else "—"), ("ETA", _duration(eta)), ("updated", at)]
+        return (f"### {self.job_id}\n\n| | |\n|---|---|\n"
+                + "".join(f"| {k} | {v} |\n" for k, v in rows))
+
+    # --- at the end ----------------------------------------------------------------------------------------------
+    def finish(self, job: JobManifest, errors: dict[str, Any] | None, links: dict[str, str | None],
+               limits: dict[str, Any]) -> None:
+        """The final state of the live artifacts, the errors table and the summary."""
+        self.enter("done", job)
+        _live.pop(self.job_id, None)
+        self._safely(self._finish, job, errors, links, limits)
+
+    def _finish(self, job: JobManifest, errors: dict[str, Any] | None, links: dict[str, str | None],
+                limits: dict[str, Any]) -> None:
+        if errors and errors.get("top_messages"):
+            rows = [{"error_class": m["error_class"], "count": m["count"], "example_ids": ", ".join(
+                map(str, m["example_ids"])), "message": m["message"]} for m in errors["top_messages"]]
+            TableArtifact(key=f"{self.job_id}-errors", table=rows, flow_run_id=self.flow_run_id,
+                          description=f"{self.job_id}: failed items by class ({errors['items_failed']} failed; "
+                                      f"`slurmctl analyze-errors {self.job_id}`)").create()
+        MarkdownArtifact(key=f"{self.job_id}-summary", markdown=self._summary(job, links, limits),
+                         description=f"{self.job_id}: {job.status}", flow_run_id=self.flow_run_id).create()
+
+    def _summary(self, job: JobManifest, links: dict[str, str | None], limits: dict[str, Any]) -> str:
+        c = job.counts
+        lines = [f"## {self.job_id}: {job.status}", ""]
+        if job.error:
+            lines += [f"**Error:** {job.error}", ""]
+        lines += ["| items | count |", "|---|---|", f"| total | {c.items_total:,} |",
+                  f"| succeeded | {c.items_succeeded:,} |", f"| failed | {c.items_failed:,} |",
+                  f"| rejected | {c.items_rejected:,} |", f"| output rows | {c.rows_written - c.duplicates:,} |",
+                  f"| duplicate rows dropped | {c.duplicates:,} |", ""]
+        lines += ["| where | |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in links.items() if v] + [""]
+        phases = {k: v for k, v in self.phase_seconds.items() if k not in ("submitted", "done")}
+        if phases:
+            lines += ["| phase | time |", "|---|---|"] + [f"| {k} | {_duration(v)} |" for k, v in phases.items()]
+            lines += [""]
+        if limits:
+            lines += ["| rate limit | target /s | granted | throttled (429) |", "|---|---|---|---|"]
+            lines += [f"| {name} | {s.get('target_per_s')} | {s.get('granted')} | {s.get('throttled')} |"
+                      for name, s in limits.items()]
+        return "\n".join(lines) + "\n"
