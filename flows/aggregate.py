@@ -101,11 +101,12 @@ def run_levels(store: ManifestStore, plan: AggregationPlan, tasks: list[dict[str
         futures = [merge_chunk.with_options(task_run_name=_chunk_name(c)).submit(
             store, {"name": _chunk_name(c), "merges": [plan.merge_spec(m, tasks, cfg.input.id_field) for m in c]})
             for c in chunks]
-        for f in futures:
-            f.result()  # raises the first failure (after its retries) naming the file
-        for m in level:  # every merge's manifest, run now or before: its duplicates belong to this plan
-            body = store.get_json(plan.manifest_key(m)) or {}
-            dropped.update({int(k): v for k, v in body.get("duplicates", {}).items()})
+        counts = [f.result() for f in futures]  # raises the first failure (after its retries) naming the file
+        # merges finished by an earlier run: their duplicates belong to this plan too, from their manifests
+        counts += [(store.get_json(plan.manifest_key(m)) or {}).get("duplicates", {}) for m in level
+                   if plan.done_key(m) in done]
+        for c in counts:
+            dropped.update({int(k): v for k, v in c.items()})
     return dropped
 
 

@@ -107,7 +107,7 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
         with dask.config.set(dask_settings(cfg)):
             if not aggregate_only:
                 process_and_retry(store, job_id, cfg, config, retry_errors or [])
-            arts.enter("aggregate", update_job(store, job_id, phase="aggregate"))
+            enter_phase(store, job_id, "aggregate")
             committed = len(committed_batch_ids(store, job_id))
             result = aggregate_phase.with_options(task_runner=aggregate_runner(cfg, committed))(job_id, config)
     except BaseException as exc:

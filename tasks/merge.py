@@ -83,27 +83,35 @@ def _read_level1(store: ManifestStore, spec: dict[str, Any], scratch: str) -> pa
     return concat(tables)
 
 
+def _files_below(store: ManifestStore, key: str, bucket: int | None, scratch: str, reader: str) -> list[str]:
+    """Local paths of the files a finished merge wrote (those of partition ``bucket``, or all, in partition order),
+    each verified against that merge's manifest ``key``."""
+    below = store.get_json(key)
+    if below is None:
+        raise MergeInputMissing(f"{reader}: its input {store.uri(key)} is missing (the level below did not finish); "
+                                f"run the aggregation again")
+    buckets = [str(bucket)] if bucket is not None else sorted(below["files"], key=int)
+    return [fetch_part(store, f["key"], scratch, sha256=f["sha256"], rows=f["rows"],
+                       named_by=f"merge manifest {store.uri(key)}")
+            for f in (below["files"].get(b) for b in buckets) if f]
+
+
 def _read_upper(store: ManifestStore, spec: dict[str, Any], scratch: str) -> pa.Table:
-    tables = []
-    for key in spec["inputs"]:
-        below = store.get_json(key)
-        if below is None:
-            raise MergeInputMissing(f"merge {spec['name']} of plan {spec['plan_id']}: its input {store.uri(key)} "
-                                    f"is missing (the level below did not finish); run the aggregation again")
-        f = below["files"].get(str(spec["bucket"]))
-        if f:
-            path = fetch_part(store, f["key"], scratch, sha256=f["sha256"], rows=f["rows"],
-                              named_by=f"merge manifest {store.uri(key)}")
-            tables.append(pq.read_table(path))
-    return concat(tables)
+    reader = f"merge {spec['name']} of plan {spec['plan_id']}"
+    return concat([pq.read_table(path) for key in spec["inputs"]
+                   for path in _files_below(store, key, spec["bucket"], scratch, reader)])
+
+
+def _finished(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a unit (a merge, the layout) that finished before: its ``.done`` marker is there."""
+    return store.get_json(spec["manifest"]) if store.exists(spec["done"]) else None
 
 
 def run_merge(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
-    """One merge of the tree (``spec`` from ``flows.aggregate.merge_spec``); a finished one is skipped."""
-    if store.exists(spec["done"]):
-        done = store.get_json(spec["manifest"])
-        if done is not None:
-            return done
+    """One merge of the tree (``spec`` from ``AggregationPlan.merge_spec``); a finished one is skipped."""
+    done = _finished(store, spec)
+    if done is not None:
+        return done
     with tempfile.TemporaryDirectory(prefix="slurmctl-merge-") as scratch:
         table = _read_level1(store, spec, scratch) if spec["level"] == 1 else _read_upper(store, spec, scratch)
         rows_in = len(table)
@@ -129,15 +137,13 @@ def run_merge(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
 
 @task(name="merge", task_run_name="{chunk[name]}", cache_policy=NONE, persist_result=False, retries=2,
       retry_delay_seconds=2)
-def merge_chunk(store: ManifestStore, chunk: dict[str, Any]) -> dict[str, Any]:
-    """Several merges of one level, one after another; returns their totals (small)."""
-    out = {"merges": 0, "rows": 0, "duplicates": 0}
+def merge_chunk(store: ManifestStore, chunk: dict[str, Any]) -> dict[str, int]:
+    """Several merges of one level, one after another; returns the duplicates they dropped, per batch ordinal
+    (small: usually empty)."""
+    dropped: Counter[str] = Counter()
     for spec in chunk["merges"]:
-        body = run_merge(store, spec)
-        out["merges"] += 1
-        out["rows"] += body["rows"]
-        out["duplicates"] += sum(body["duplicates"].values())
-    return out
+        dropped.update(run_merge(store, spec)["duplicates"])
+    return dict(dropped)
 
 
 # --- the final layout -----------------------------------------------------------------------------------------------
@@ -195,24 +201,15 @@ def _partition_dir(column: str, value: Any) -> str:
 def write_output(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
     """Stream the partitions' files into the layout under the plan's ``final/`` prefix; its manifest lists every
     file with rows, sha256 and lineage, and how many rows of each batch it holds (the flow's row check)."""
-    if store.exists(spec["done"]):
-        done = store.get_json(spec["manifest"])
-        if done is not None:
-            return done
+    done = _finished(store, spec)
+    if done is not None:
+        return done
     by = spec["partition_by"]
     per_batch: Counter[int] = Counter()
     with tempfile.TemporaryDirectory(prefix="slurmctl-output-") as scratch:
-        sources = []
-        for key, bucket in spec["sources"]:
-            below = store.get_json(key)
-            if below is None:
-                raise MergeInputMissing(f"final layout of plan {spec['plan_id']}: {store.uri(key)} is missing")
-            buckets = [str(bucket)] if bucket is not None else sorted(below["files"], key=int)
-            for b in buckets:
-                f = below["files"].get(b)
-                if f:
-                    sources.append(fetch_part(store, f["key"], scratch, sha256=f["sha256"], rows=f["rows"],
-                                              named_by=f"merge manifest {store.uri(key)}"))
+        reader = f"final layout of plan {spec['plan_id']}"
+        sources = [path for key, bucket in spec["sources"]
+                   for path in _files_below(store, key, bucket, scratch, reader)]
         full = unify(pq.read_schema(p) for p in sources)
         data_schema = pa.schema([f for f in full if f.name not in INTERNAL and f.name != by])
         if by is not None and by not in full.names:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slurmctl.books.manifests import Keys
-from slurmctl.books.parts import PartCorrupt
+from slurmctl.books.parts import output_sha256
 from slurmctl.config import AggregateConfig
 
 
@@ -102,11 +102,8 @@ class AggregationPlan:
             spec["inputs"] = []
             for o in m.inputs:
                 t = tasks[o]
-                if not t.get("output_sha256"):
-                    raise PartCorrupt(f"task manifest of {t['batch_id']} names output {t['output']} without its "
-                                      f"output_sha256: the manifest is damaged")
                 spec["inputs"].append({"ordinal": o, "batch_id": t["batch_id"], "key": t["output"],
-                                       "sha256": t["output_sha256"], "rows": t.get("rows_written")})
+                                       "sha256": output_sha256(t), "rows": t.get("rows_written")})
             spec["files"] = {str(b): self.file_key(m, b) for b in range(self.buckets)}
         else:
             spec["inputs"] = [self.manifest_key_at(m.level - 1, i) for i in m.inputs]

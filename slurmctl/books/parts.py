@@ -112,12 +112,17 @@ def fetch_part(store: ManifestStore, key: str, scratch: str, *, sha256: str | No
     return path
 
 
-def committed_output(store: ManifestStore, task: dict[str, Any], scratch: str) -> str:
-    """A committed batch's output rows (Parquet or SQLite), verified against its task manifest: a local path."""
+def output_sha256(task: dict[str, Any]) -> str:
+    """The sha256 a committed batch recorded for its output; a manifest naming an output without one is damaged."""
     if not task.get("output_sha256"):
         raise PartCorrupt(f"task manifest of {task.get('batch_id')} names output {task.get('output')} without its "
                           f"output_sha256: the manifest is damaged")
-    return fetch_part(store, task["output"], scratch, sha256=task["output_sha256"], rows=task.get("rows_written"),
+    return task["output_sha256"]
+
+
+def committed_output(store: ManifestStore, task: dict[str, Any], scratch: str) -> str:
+    """A committed batch's output rows (Parquet or SQLite), verified against its task manifest: a local path."""
+    return fetch_part(store, task["output"], scratch, sha256=output_sha256(task), rows=task.get("rows_written"),
                       named_by=f"batch {task.get('batch_id')}")
 
 
