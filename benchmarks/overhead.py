@@ -94,7 +94,7 @@ def run_product(uri: str, batch_size: int, work: Path, workers: int) -> tuple[fl
     create_job(cfg, None)
     with prefect_api_for_workers():
         t0 = time.perf_counter()
-        run_job(cfg.job_id, cfg.storage.model_dump())
+        run_job(job_id=cfg.job_id, storage=cfg.storage.model_dump())
         elapsed = time.perf_counter() - t0
     return elapsed, store.get_json("jobs/overhead-bench/result.json")
 

@@ -38,6 +38,7 @@ from slurmctl.books.manifests import Counts, Keys, ResultManifest
 from slurmctl.books.shards import Budget, worker_slots
 from slurmctl.books.store import load_job, save_job, store_for
 from slurmctl.config import JobConfig, LocalClusterConfig, parse_config
+from slurmctl.flows import cancel
 from slurmctl.flows.runners import task_runner_for
 from slurmctl.tasks.merge import concat_rejects, layout_output, merge_chunk, put_jsonl
 
@@ -92,6 +93,7 @@ def run_levels(store: ManifestStore, plan: AggregationPlan, tasks: list[dict[str
     logger = get_run_logger()
     dropped: Counter[int] = Counter()
     for level in plan.levels:
+        cancel.check(cfg.job_id)  # finished merges are kept: a resumed aggregation starts where this one stopped
         no = level[0].level
         done = {k for k in store.list_keys(plan.level_prefix(no)) if k.endswith(".done")}
         todo = [m for m in level if plan.done_key(m) not in done]
@@ -147,6 +149,7 @@ def publish(store: ManifestStore, keys: Keys, files: list[dict[str, Any]]) -> li
 
 
 @flow(name="aggregate", flow_run_name="{job_id} / aggregate", log_prints=True)
+@cancel.cancellable
 def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     cfg = parse_config(config)
     store = store_for(cfg.storage)

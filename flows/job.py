@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import dask
-import yaml
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
+from prefect.exceptions import CancelledRun
+from prefect.states import Cancelled
 
 from slurmctl.books.admission import create_job
 from slurmctl.books.failures import analyze, committed_batch_ids, committed_tasks, failure_state, recount, round_of
@@ -24,10 +24,11 @@ from slurmctl.books.heartbeat import Heartbeat
 from slurmctl.books.limits import ensure_limits, limits_status
 from slurmctl.books.manifests import Keys, now
 from slurmctl.books.store import JobExists, load_job, read_round_batches, store_for, update_job
-from slurmctl.config import load_config, parse_config
-from slurmctl.flows import artifacts
+from slurmctl.config import known_storage, parse_config
+from slurmctl.flows import artifacts, cancel, naming
 from slurmctl.flows.aggregate import aggregate_phase, aggregate_runner
 from slurmctl.flows.artifacts import JobArtifacts
+from slurmctl.flows.naming import job_run_name
 from slurmctl.flows.partition import partition_phase
 from slurmctl.flows.process import process_phase
 from slurmctl.flows.retry import retry_phase
@@ -52,56 +53,56 @@ def _runner(cfg: Any) -> Any:
     return task_runner_for(cfg.cluster, job_id=cfg.job_id)
 
 
-def job_run_name() -> str:
-    """A job's flow run is named after the job (the UI lists ``backfill-2025-04-12``, not ``noble-cockatoo``): its
-    ``job_id``, else the ``job_id`` its config file names, else the config file's name."""
-    from prefect.runtime import flow_run
+@flow(name="slurmctl-job", flow_run_name=job_run_name, log_prints=True, on_cancellation=[cancel.on_cancellation])
+def run_job(job_id: str | None = None, config_path: str | None = None, config: dict[str, Any] | None = None,
+            date: str | None = None, days_before: int = 0, timezone: str = "UTC",
+            retry_errors: list[str] | None = None, storage: dict[str, Any] | None = None,
+            aggregate_only: bool = False) -> Any:
+    """Run or continue a slurmctl job: partition, process, retry, aggregate.
 
-    params = flow_run.parameters
-    if params.get("job_id"):
-        return str(params["job_id"])
-    path = params.get("config_path")
-    if path:
-        try:
-            with open(path) as f:
-                named = (yaml.safe_load(f) or {}).get("job_id")
-            if named:
-                return str(named)
-        except (OSError, yaml.YAMLError, AttributeError):  # an unreadable config fails the run itself, by name
-            pass
-        return Path(path).stem
-    return "slurmctl-job"
+    Re-running with the same job id continues that job from its committed batches (a finished job only
+    re-aggregates). Give a config (``config_path`` or ``config``) to start a job, or ``job_id`` + ``storage`` for one
+    already submitted (``slurmctl submit``, ``resume``).
 
-
-@flow(name="slurmctl-job", flow_run_name=job_run_name, log_prints=True)
-def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, config_path: str | None = None,
-            retry_errors: list[str] | None = None, aggregate_only: bool = False) -> dict[str, Any]:
-    """Run or continue a job. ``job_id`` + ``storage`` name an existing job; ``config_path`` creates it first if
-    needed (how a Prefect deployment starts one). ``retry_errors`` adds a retry round over the items that failed
-    with those error classes (``slurmctl retry``). ``aggregate_only`` runs the aggregation alone (``slurmctl
-    aggregate``): it fails, naming them, if batches are not committed, instead of processing them."""
-    if config_path:
-        cfg = load_config(config_path)
-        if job_id:
-            cfg = parse_config({**cfg.model_dump(mode="json"), "job_id": job_id})
+    Args:
+        job_id: The job's id (e.g. backfill-2025-04-12). Default: the config's job_id; a run of a config without one
+            is a new job named after the run.
+        config_path: Path of the job's YAML config, as the worker running this flow sees it.
+        config: The job's config inline (the YAML's keys), instead of config_path.
+        date: The date a backfill is for (YYYY-MM-DD), put in place of {date} in the config. Default: the run's
+            scheduled date (minus days_before).
+        days_before: With no date: process the day this many days before the scheduled date (1 = yesterday).
+        timezone: The time zone of the scheduled date (an IANA name, e.g. Europe/Berlin).
+        retry_errors: Also retry the items that failed with these error classes (e.g. network, throttle).
+        storage: The store of an existing job_id (set by slurmctl submit and resume; leave empty with a config).
+        aggregate_only: Only merge the committed batch outputs again (slurmctl aggregate).
+    """
+    flow_run = get_run_context().flow_run
+    flow_run_id = str(flow_run.id)
+    if config_path or config is not None:
+        cfg = naming.config_of_run({"job_id": job_id, "config_path": config_path, "config": config, "date": date,
+                                    "days_before": days_before, "timezone": timezone},
+                                   flow_run.expected_start_time, flow_run_id)
         storage = cfg.storage.model_dump()
         job_id = cfg.job_id
         try:
-            create_job(cfg, str(Path(config_path).resolve()))
+            create_job(cfg, str(Path(config_path).resolve()) if config_path else None)
         except JobExists:
-            pass  # a re-run of the deployment continues the same job
-    if not job_id or storage is None:
-        raise ValueError("run_job needs config_path, or job_id and storage")
+            pass  # a re-run of the deployment (or of the same date) continues the same job
+    if not job_id:
+        raise ValueError("run_job needs a job_id, or a config (config_path or config)")
+    if storage is None:  # a job submitted from this machine (a retry or aggregate deployment's Run form)
+        storage = known_storage(job_id).model_dump()
     store = store_for(storage)
     job = load_job(store, job_id)
     cfg = parse_config(job.config)
     config = cfg.model_dump(mode="json")
     logger = get_run_logger()
-    flow_run_id = str(get_run_context().flow_run.id)
     job = update_job(store, job_id, status="running", phase="aggregate" if aggregate_only else "partition",
                      started_at=job.started_at or now(), finished_at=None, error=None, flow_run_id=flow_run_id,
                      coordinator_pid=os.getpid(), coordinator_host=socket.gethostname())
     heartbeat = Heartbeat(store, job_id, flow_run_id=flow_run_id).start()  # every phase
+    watch = cancel.CancelWatch(store, job_id, flow_run_id).start()
     arts = JobArtifacts(job, flow_run_id)
     try:
         with dask.config.set(dask_settings(cfg)):
@@ -111,11 +112,21 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
             committed = len(committed_batch_ids(store, job_id))
             result = aggregate_phase.with_options(task_runner=aggregate_runner(cfg, committed))(job_id, config)
     except BaseException as exc:
+        if cancel.is_cancellation(exc):
+            reason = watch.reason or "cancelled in Prefect"
+            ids = cancel.mark_cancelled(store, job_id, reason, cfg.cluster.kind)
+            logger.warning("job %s cancelled (%s); Slurm worker jobs cancelled: %s; `slurmctl resume %s` continues "
+                           "it", job_id, reason, ", ".join(ids) or "none left", job_id)
+            finish_artifacts(arts, store, cfg, load_job(store, job_id))
+            if isinstance(exc, (cancel.JobCancelled, CancelledRun)):
+                return Cancelled(message=f"{job_id}: {reason}")
+            raise  # a runner's SIGTERM: Prefect's engine records the cancellation
         job = update_job(store, job_id, status="failed", finished_at=now(),
                          error=f"{type(exc).__name__}: {exc}"[:2000])
         finish_artifacts(arts, store, cfg, job)
         raise
     finally:
+        watch.stop()
         heartbeat.stop()
     job = update_job(store, job_id, status="completed", phase="done", finished_at=now(), output=result["output"])
     finish_artifacts(arts, store, cfg, job)
@@ -151,6 +162,7 @@ def enter_phase(store: Any, job_id: str, phase: str) -> None:
 def process_and_retry(store: Any, job_id: str, cfg: Any, config: dict[str, Any], retry_errors: list[str]) -> None:
     """Partition, process the uncommitted batches, then the retry rounds."""
     total = partition_phase(job_id, config)
+    cancel.check(job_id)
     enter_phase(store, job_id, "process")
     initial_done = sum(1 for b in committed_batch_ids(store, job_id) if round_of(b) == 0)
     if initial_done < total:  # else no cluster is started at all
@@ -194,7 +206,7 @@ def run_retry_rounds(store: Any, job_id: str, cfg: Any, config: dict[str, Any], 
         enter_phase(store, job_id, "retry")  # the cooldown is part of the retry phase
         logger.info("%s items deferred by the circuit breaker; retry round %s in %.0f s",
                     load_job(store, job_id).counts.items_deferred, next_round, wait)
-        time.sleep(wait)
+        cancel.sleep(job_id, wait)
         run_round(next_round, [])
         next_round += 1
         automatic += 1

@@ -32,7 +32,7 @@ from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, no
 from slurmctl.books.shards import Budget, Shard, plan_shards, worker_slots
 from slurmctl.books.store import load_job, read_plan, save_job, store_for
 from slurmctl.config import JobConfig, parse_config
-from slurmctl.flows import artifacts
+from slurmctl.flows import artifacts, cancel
 from slurmctl.records import BatchSpec
 from slurmctl.tasks.process_batch import summary_of
 from slurmctl.tasks.process_shard import commits_topic, process_shard
@@ -80,7 +80,7 @@ class WorkerWatch:
     def slurm_diagnosis(self) -> str:
         if self.cfg.cluster.kind != "slurm" or not shutil.which("squeue"):
             return ""
-        from slurmctl.flows.runners import slurm_job_name
+        from slurmctl.slurm import slurm_job_name
 
         out = subprocess.run(["squeue", "-h", "--name", slurm_job_name(self.cfg.job_id), "-o", "%i %T %r"],
                              capture_output=True, text=True, timeout=30).stdout.strip()
@@ -182,6 +182,7 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
                 arts.update(job)
             last_beat = time.monotonic()
             watch.check(waiting=bool(in_flight))
+        cancel.check(job.job_id)  # between batches: what is committed stays, the rest is not started
 
     try:
         while shards or in_flight:
@@ -240,6 +241,7 @@ def fail_uncommitted(store: ManifestStore, job: JobManifest, specs: list[BatchSp
 
 
 @flow(name="process", flow_run_name="{job_id} / process", log_prints=True)
+@cancel.cancellable
 def process_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     cfg = parse_config(config)
     store = store_for(cfg.storage)

@@ -18,6 +18,7 @@ from slurmctl.books.manifests import Keys, now
 from slurmctl.books.shards import Budget
 from slurmctl.books.store import load_job, read_round_batches, save_job, store_for
 from slurmctl.config import parse_config
+from slurmctl.flows import cancel
 from slurmctl.flows.process import run_batches
 from slurmctl.records import BatchSpec
 
@@ -50,6 +51,7 @@ def plan_round(store: Any, job_id: str, round_no: int, classes: set[str], includ
 
 
 @flow(name="retry", flow_run_name="{job_id} / retry {round_no}", log_prints=True)
+@cancel.cancellable
 def retry_phase(job_id: str, config: dict[str, Any], round_no: int, classes: list[str],
                 include_deferred: bool = True) -> dict[str, Any]:
     cfg = parse_config(config)

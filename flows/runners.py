@@ -14,6 +14,7 @@ from prefect_dask import DaskTaskRunner
 
 from slurmctl.config import LocalClusterConfig, SlurmClusterConfig
 from slurmctl.paths import job_log_dir
+from slurmctl.slurm import slurm_job_name
 
 # Environment a Slurm-started worker needs to find the project, the Prefect API and AWS endpoints. sbatch exports
 # the submitting environment by default, but sites often set --export=NONE, so we state what matters.
@@ -29,11 +30,6 @@ def slurm_prologue(cfg: SlurmClusterConfig) -> list[str]:
     lines += [f"export {k}={shlex.quote(os.environ[k])}" for k in _FORWARDED_ENV
               if k in os.environ and k != "PYTHONPATH"]
     return lines + list(cfg.job_script_prologue)
-
-
-def slurm_job_name(job_id: str) -> str:
-    """The Slurm job name of every worker job of one slurmctl job: how resume and cancel find orphans."""
-    return f"slurmctl-{job_id}"[:64]
 
 
 def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: str = "job") -> DaskTaskRunner:

@@ -180,6 +180,26 @@ class RateLimiterConfig(_Strict):
     table: str = Field(default="slurmctl-rate-limits", min_length=3)
     endpoint_url: str | None = None
     region: str | None = None
+    block: str | None = Field(default=None, min_length=1, description=(
+        "A saved rate-limiter block (slurmctl DynamoDB or Local Rate Limiter) by name: it sets the fields above."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_block(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("block") and "kind" not in data:
+            data = {**_block_fields("limiter", data["block"]), **data}
+        return data
+
+
+def _block_fields(what: str, name: str) -> dict[str, Any]:
+    """The non-secret settings of a saved block (``slurmctl.blocks.saved``); a missing one is a config error."""
+    from slurmctl.blocks.saved import BlockNotFound, limiter_settings, store_settings
+
+    try:
+        fields = store_settings(name) if what == "store" else limiter_settings(name)
+    except BlockNotFound as exc:
+        raise ValueError(str(exc)) from None
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 class AggregateConfig(_Strict):
@@ -212,6 +232,16 @@ class StorageConfig(_Strict):
     uri: str = Field(default="file://./.slurmctl", min_length=1)
     endpoint_url: str | None = None
     region: str | None = None
+    block: str | None = Field(default=None, min_length=1, description=(
+        "A saved manifest-store block (slurmctl S3 or Local Manifest Store) by name: its URI, endpoint and region "
+        "fill the fields above, and its credentials are loaded by name where they are needed."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_block(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("block") and "uri" not in data:
+            data = {**_block_fields("store", data["block"]), **data}
+        return data
 
     @field_validator("uri")
     @classmethod
@@ -307,17 +337,10 @@ def parse_config(data: Any, source: str | None = None) -> JobConfig:
         raise ConfigError([(_field_path(e["loc"]), _message(e)) for e in exc.errors()], source) from None
 
 
-def load_config(path: str | Path) -> JobConfig:
-    """Read and validate a YAML job config. Relative local paths resolve against the config's directory."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError([("(file)", f"no such file: {path}")], str(path)) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([("(file)", f"not valid YAML: {exc}")], str(path)) from None
-    cfg = parse_config(data, str(path))
-    return resolve_paths(cfg, path.resolve().parent)
+def load_config(path: str | Path, date: str | _dt.date | None = None) -> JobConfig:
+    """Read and validate a YAML job config. Relative local paths resolve against the config's directory;
+    ``{date}`` fields are templated with ``date`` (see ``job_config``)."""
+    return job_config(path, date=date)
 
 
 def resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:
@@ -333,3 +356,90 @@ def resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:
     if not s.startswith("s3://"):
         cfg.storage.uri = "file://" + absolute(s[len("file://"):] if s.startswith("file://") else s)
     return cfg
+
+
+# --- dates templated into a config (recurring backfills) ---------------------------------------------------------
+_DATE_FIELD = re.compile(r"\{date(?::([^{}]+))?\}")
+
+
+def has_date_template(data: Any) -> bool:
+    """Does the raw config use ``{date}`` (or ``{date:%Y/%m/%d}``) anywhere?"""
+    if isinstance(data, str):
+        return bool(_DATE_FIELD.search(data))
+    if isinstance(data, dict):
+        return any(has_date_template(k) or has_date_template(v) for k, v in data.items())
+    if isinstance(data, list):
+        return any(has_date_template(v) for v in data)
+    return False
+
+
+def render_date(data: Any, date: _dt.date) -> Any:
+    """The raw config with ``{date}`` (ISO, ``2025-04-12``) and ``{date:FORMAT}`` (strftime) replaced, in every
+    string value, so a recurring deployment's runs each get their own input (``users-{date}.jsonl``) and job id
+    (``backfill-{date}``). Only these fields are templated: other braces are left as written."""
+    if isinstance(data, str):
+        return _DATE_FIELD.sub(lambda m: date.strftime(m.group(1)) if m.group(1) else date.isoformat(), data)
+    if isinstance(data, dict):
+        return {k: render_date(v, date) for k, v in data.items()}
+    if isinstance(data, list):
+        return [render_date(v, date) for v in data]
+    return data
+
+
+def parse_date(value: str | _dt.date, field: str = "date") -> _dt.date:
+    if isinstance(value, _dt.datetime):
+        return value.date()
+    if isinstance(value, _dt.date):
+        return value
+    try:
+        return _dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise ConfigError([(field, f"must be a date as YYYY-MM-DD, not {value!r}")]) from None
+
+
+def job_config(config_path: str | Path | None = None, config: dict[str, Any] | None = None, *,
+               job_id: str | None = None, date: str | _dt.date | None = None,
+               default_job_id: str | None = None) -> JobConfig:
+    """The job config a run starts from: a YAML file (``config_path``) or an inline mapping (``config``, relative
+    paths against the working directory), with ``{date}`` templated when ``date`` is given and the ``job_id``
+    override applied (else the config's own, else ``default_job_id`` (``{name}``: the
+    config's name), else ``<name>-<timestamp>``). A config that uses
+    ``{date}`` without a date is an error naming the field."""
+    if (config_path is None) == (config is None):
+        raise ConfigError([("config_path", "give either config_path or an inline config, not both or neither")])
+    source = str(config_path) if config_path is not None else "inline config"
+    if config_path is not None:
+        path = Path(config_path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError([("(file)", f"no such file: {path}")], source) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError([("(file)", f"not valid YAML: {exc}")], source) from None
+        base = path.resolve().parent
+    else:
+        data, base = config, Path.cwd()
+    if has_date_template(data):
+        if date is None:
+            raise ConfigError([("date", "the config uses {date}: give a date (a scheduled run takes its own)")],
+                              source)
+        data = render_date(data, parse_date(date))
+    if isinstance(data, dict) and (job_id or (default_job_id and not data.get("job_id"))):
+        data = {**data, "job_id": job_id or default_job_id.replace("{name}", str(data.get("name") or "job"))}
+    return resolve_paths(parse_config(data, source), base)
+
+
+def known_storage(job_id: str) -> StorageConfig:
+    """The store of a job submitted from this machine, for commands given only its id (``slurmctl status JOB``, a
+    retry deployment's run): the pointer ``submit`` left in ``$SLURMCTL_HOME/jobs``, else ``$SLURMCTL_STORAGE``
+    (with ``$SLURMCTL_ENDPOINT_URL``), else ``./.slurmctl``."""
+    import json
+    import os
+
+    from slurmctl.paths import home
+
+    pointer = home() / "jobs" / f"{job_id}.json"
+    if pointer.exists():
+        return StorageConfig.model_validate(json.loads(pointer.read_text())["storage"])
+    uri = os.environ.get("SLURMCTL_STORAGE", "file://" + str(Path(".slurmctl").resolve()))
+    return StorageConfig(uri=uri, endpoint_url=os.environ.get("SLURMCTL_ENDPOINT_URL"))

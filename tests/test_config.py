@@ -104,3 +104,58 @@ def test_cli_preflight_names_missing_input_and_bad_handler(tmp_path: Path, slurm
 def test_cli_bad_arguments_exit_2(slurmctl_home: Path):
     assert run_cli("submit").returncode == 2
     assert run_cli("frobnicate").returncode == 2
+
+
+# ---- {date} in a config: recurring backfills ---------------------------------------------------------------------
+
+def test_date_fields_are_templated_in_every_string(tmp_path: Path):
+    cfg = write_config(tmp_path / "backfill.yaml", name="backfill", job_id="backfill-{date}",
+                       handler="slurmctl.handlers.echo:handle", input={"uri": "days/{date:%Y/%m/%d}/users.jsonl"},
+                       params={"day": "{date}", "other": "{id} stays"})
+    job = load_config(cfg, date="2025-04-12")
+    assert job.job_id == "backfill-2025-04-12"
+    assert job.input.uri == str(tmp_path / "days/2025/04/12/users.jsonl")
+    assert job.params == {"day": "2025-04-12", "other": "{id} stays"}
+
+
+def test_a_templated_config_without_a_date_names_the_date(tmp_path: Path):
+    cfg = write_config(tmp_path / "backfill.yaml", job_id="backfill-{date}", **GOOD)
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert dict(info.value.errors)["date"].startswith("the config uses {date}")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, date="12/04/2025")
+    assert "YYYY-MM-DD" in dict(info.value.errors)["date"]
+
+
+def test_a_runs_date_is_its_scheduled_day_minus_days_before_in_its_timezone():
+    import datetime as dt
+
+    from slurmctl.flows.naming import run_date
+
+    start = dt.datetime(2025, 4, 13, 1, 30, tzinfo=dt.timezone.utc)
+    assert run_date({}, start) == dt.date(2025, 4, 13)
+    assert run_date({"days_before": 1}, start) == dt.date(2025, 4, 12)
+    assert run_date({"timezone": "America/Los_Angeles"}, start) == dt.date(2025, 4, 12)  # still the 12th there
+    assert run_date({"date": "2024-02-29", "days_before": 1}, start) == dt.date(2024, 2, 29)  # a re-run of one day
+    with pytest.raises(ConfigError) as info:
+        run_date({"timezone": "Mars/Olympus"}, start)
+    assert "timezone" in dict(info.value.errors)
+
+
+def test_a_deployment_run_without_a_job_id_is_a_job_of_its_own(tmp_path: Path):
+    from slurmctl.flows.naming import job_of_run
+
+    cfg = write_config(tmp_path / "job.yaml", name="geo", **{k: v for k, v in GOOD.items()})
+    params = {"config_path": str(cfg)}
+    first = job_of_run(params, None, "0a1b2c3d-0000-0000-0000-000000000000")
+    assert first[0] == "geo-0a1b2c3d" and first[1]["uri"].startswith("file://")
+    assert job_of_run(params, None, "ffffffff-0000-0000-0000-000000000000")[0] == "geo-ffffffff"
+    assert job_of_run({**params, "job_id": "geo-1"}, None, "0a1b2c3d")[0] == "geo-1"
+
+
+def test_submit_templates_the_date_from_the_command_line(tmp_path: Path, slurmctl_home: Path):
+    cfg = write_config(tmp_path / "backfill.yaml", job_id="backfill-{date}", handler="slurmctl.handlers.echo:handle",
+                       input={"uri": "users-{date}.jsonl"})
+    out = run_cli("submit", str(cfg), "--date", "2025-04-12")
+    assert out.returncode == 2 and "no such file" in out.stderr and "users-2025-04-12.jsonl" in out.stderr

@@ -44,6 +44,11 @@ def backend_for(cfg: JobConfig) -> Any:
         from slurmctl.books.store import store_for
 
         signals = store_for(cfg.storage)
+    if r.block:  # a saved block: its own credentials
+        from slurmctl.blocks.saved import LIMITER_TYPES, saved_block
+
+        block = saved_block(r.block, LIMITER_TYPES)
+        return block.model_copy(update={"signals": signals}) if r.kind == "dynamodb" else block
     return limiter_from_config(r.kind, path=path, table=r.table, endpoint_url=r.endpoint_url, region=r.region,
                                signals=signals)
 

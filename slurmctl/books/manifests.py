@@ -73,6 +73,12 @@ class Keys:
         return self.root + "control.json"
 
     @property
+    def cancel(self) -> str:
+        """A request to cancel the job's current run (``slurmctl cancel``): written by the CLI, read by the
+        coordinator (``flows/cancel.py``), which ignores one older than its own run."""
+        return self.root + "cancel.json"
+
+    @property
     def heartbeat(self) -> str:
         """Written by the coordinator's heartbeat thread only (``slurmctl.books.heartbeat``): one writer per object."""
         return self.root + "heartbeat.json"

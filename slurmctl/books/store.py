@@ -14,6 +14,10 @@ from slurmctl.records import BatchSpec
 
 def store_for(storage: StorageConfig | dict[str, Any]) -> ManifestStore:
     s = storage if isinstance(storage, StorageConfig) else StorageConfig.model_validate(storage)
+    if s.block:  # its credentials live in the saved block
+        from slurmctl.blocks.saved import STORE_TYPES, saved_block
+
+        return saved_block(s.block, STORE_TYPES)
     return store_from_uri(s.uri, endpoint_url=s.endpoint_url, region=s.region)
 
 

@@ -14,14 +14,13 @@ import contextlib
 import gc
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from slurmctl.config import ConfigError, JobConfig, StorageConfig, load_config
+from slurmctl.config import ConfigError, JobConfig, StorageConfig, job_config, known_storage
 from slurmctl.paths import coordinator_log, home
 from slurmctl.procs import pid_alive
 
@@ -43,11 +42,7 @@ def storage_for_job(job_id: str, args: argparse.Namespace) -> StorageConfig:
     """--storage wins; then the pointer submit left on this machine; then $SLURMCTL_STORAGE; then ./.slurmctl."""
     if getattr(args, "storage", None):
         return StorageConfig(uri=args.storage, endpoint_url=args.endpoint_url, region=args.region)
-    pointer = home() / "jobs" / f"{job_id}.json"
-    if pointer.exists():
-        return StorageConfig.model_validate(json.loads(pointer.read_text())["storage"])
-    uri = os.environ.get("SLURMCTL_STORAGE", "file://" + str(Path(".slurmctl").resolve()))
-    return StorageConfig(uri=uri, endpoint_url=os.environ.get("SLURMCTL_ENDPOINT_URL"))
+    return known_storage(job_id)
 
 
 # --- running and watching the coordinator ---------------------------------------------------------------------
@@ -225,17 +220,15 @@ def prefect_api(server: dict[str, Any] | None) -> Iterator[None]:
 
 # --- commands -----------------------------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
+    import datetime as dt
+
     try:
-        cfg = load_config(args.config)
+        cfg = job_config(args.config, job_id=args.job_id, date=args.date or dt.date.today())
     except ConfigError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    if args.job_id:
-        try:
-            cfg = JobConfig.model_validate({**cfg.model_dump(mode="json"), "job_id": args.job_id})
-        except Exception:
-            _err("--job-id: must match [a-z0-9][a-z0-9-]{0,62}")
-            return EXIT_USAGE
+    if args.deployment:
+        return submit_to_deployment(args, cfg)
     # The coordinator starts now, on standby: its imports (~2.5 s) overlap with ours and with the admission checks.
     new_log = not coordinator_log(cfg.job_id).exists()
     proc, log = spawn_coordinator(cfg.job_id, cfg.storage, standby=True)
@@ -322,10 +315,10 @@ def _is_coordinator(pid: int, job_id: str) -> bool:
 
 def _take_over(job: Any, storage: StorageConfig) -> None:
     """Before a new coordinator starts: cancel Slurm workers the dead one left, mark its flow run Crashed."""
-    from slurmctl.flows.runners import slurm_job_name
+    from slurmctl.slurm import cancel_worker_jobs
 
-    if job.cluster.get("kind") == "slurm" and shutil.which("scancel"):
-        subprocess.run(["scancel", "--name", slurm_job_name(job.job_id)], capture_output=True, timeout=60)
+    if job.cluster.get("kind") == "slurm":
+        cancel_worker_jobs(job.job_id)
     if job.flow_run_id:
         try:
             mark_flow_run_crashed(job.flow_run_id, "its coordinator died; continued by `slurmctl resume`")
@@ -481,6 +474,129 @@ def _restart(args: argparse.Namespace, storage: StorageConfig, retry_errors: lis
             print(f"Prefect UI: {server['ui_url']}/runs", file=sys.stderr)
         return EXIT_OK
     return watch(args.job_id, storage, proc, log, announce=flow_run_link(server, job.flow_run_id))
+
+
+def submit_to_deployment(args: argparse.Namespace, cfg: JobConfig) -> int:
+    """``submit --deployment``: admit the job here (a refused config never reaches Prefect), then create a flow run
+    of the deployment for it; the deployment's worker runs it."""
+    from slurmctl.books.admission import JobRefused, create_job
+    from slurmctl.books.store import JobExists
+
+    name = args.deployment if "/" in args.deployment else f"slurmctl-job/{args.deployment}"
+    try:
+        create_job(cfg, str(Path(args.config).resolve()))
+    except JobExists as exc:
+        _err(f"{args.config}: cannot submit\n  job_id: {exc}")
+        return EXIT_USAGE
+    except JobRefused as exc:
+        _err(f"{args.config}: cannot submit\n" + "\n".join(f"  {f}: {m}" for f, m in exc.problems))
+        return EXIT_USAGE
+    remember(cfg.job_id, cfg.storage)
+    server = None if os.environ.get("PREFECT_API_URL") else local_prefect_server()
+    try:
+        with prefect_api(server):
+            from prefect.deployments import run_deployment
+
+            run = run_deployment(name, parameters={"job_id": cfg.job_id, "storage": cfg.storage.model_dump()},
+                                 timeout=0, flow_run_name=cfg.job_id)
+    except Exception as exc:  # no such deployment, or the API is down: the job waits, nothing ran
+        from slurmctl.books.manifests import now
+        from slurmctl.books.store import store_for, update_job
+
+        update_job(store_for(cfg.storage), cfg.job_id, status="failed", finished_at=now(),
+                   error=f"no flow run of deployment {name}: {exc}"[:2000])
+        _err(f"job {cfg.job_id} is submitted but not started: could not run deployment {name!r}: {exc}\n  check "
+             f"`prefect deployment ls`, then `slurmctl resume {cfg.job_id}` (or run the deployment with job_id "
+             f"{cfg.job_id})")
+        return EXIT_FAILED
+    print(cfg.job_id)
+    print(f"submitted {cfg.job_id} as flow run {run.name} ({run.id}) of deployment {name}; its work pool's worker "
+          f"runs it", file=sys.stderr)
+    if not args.wait:
+        print(f"follow it with `slurmctl status {cfg.job_id}`", file=sys.stderr)
+        return EXIT_OK
+    return watch(cfg.job_id, cfg.storage, None, None)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Ask the job's run to stop (``cancel.json``, and its flow run Cancelling when Prefect is reachable); with no
+    live coordinator, finish the cancellation here. Then wait until the manifest says so and no Slurm job is left."""
+    import getpass
+    import socket
+
+    from slurmctl.books.manifests import TERMINAL_STATUSES
+    from slurmctl.books.store import load_job
+    from slurmctl.flows.cancel import mark_cancelled, request_cancel
+    from slurmctl.slurm import worker_jobs
+
+    found = _job_or_exit(args)
+    if found is None:
+        return EXIT_USAGE
+    job, store = found
+    if job.status in TERMINAL_STATUSES:
+        print(f"job {args.job_id} is not running (status {job.status}); nothing to cancel", file=sys.stderr)
+        return EXIT_OK
+    request_cancel(store, args.job_id, by=f"slurmctl cancel ({getpass.getuser()}@{socket.gethostname()})")
+    note = _cancel_flow_run(job.flow_run_id)
+    if not coordinator_alive(job, store):
+        ids = mark_cancelled(store, args.job_id, "cancelled by slurmctl cancel (no coordinator was running)",
+                             job.cluster.get("kind"))
+        print(f"cancelled {args.job_id} (its coordinator was not running; Slurm jobs cancelled: "
+              f"{', '.join(ids) or 'none'}){note}", file=sys.stderr)
+        return EXIT_OK
+    print(f"cancelling {args.job_id}: the coordinator stops after the batches in flight{note}", file=sys.stderr)
+    if args.no_wait:
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    left: list[str] = []
+    while time.monotonic() < deadline:
+        job = load_job(store, args.job_id)
+        left = worker_jobs(args.job_id) if job.cluster.get("kind") == "slurm" else []
+        if job.status in TERMINAL_STATUSES and not left:
+            break
+        time.sleep(0.5)
+    else:
+        _err(f"{args.job_id} did not stop within {args.timeout:g} s (status {job.status}, Slurm jobs left: "
+             f"{', '.join(left) or 'none'}); the request stands — `slurmctl status {args.job_id}` follows it")
+        return EXIT_FAILED
+    c = job.counts
+    print(f"{args.job_id} {job.status}: {c.batches_done}/{c.batches_total} batches committed and kept, 0 Slurm jobs "
+          f"left; `slurmctl resume {args.job_id}` continues it", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cancel_flow_run(flow_run_id: str | None) -> str:
+    """Move the job's flow run to Cancelling, as the Prefect UI's Cancel does (a deployment's worker then stops its
+    process); a note for the user when Prefect cannot be reached (the manifests' request still works)."""
+    if not flow_run_id:
+        return ""
+    from slurmctl import prefect_server
+
+    server = None if os.environ.get("PREFECT_API_URL") else prefect_server.running()
+    if server is None and not os.environ.get("PREFECT_API_URL"):
+        return " (no Prefect server running: the flow run's state is left as it is)"
+    try:
+        with prefect_api(server):
+            _set_cancelling(flow_run_id)
+    except Exception as exc:
+        return f" (the flow run's state in Prefect was not changed: {type(exc).__name__}: {exc})"
+    return ""
+
+
+def _set_cancelling(flow_run_id: str) -> None:
+    import asyncio
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    async def mark() -> None:
+        async with get_client() as client:
+            run = await client.read_flow_run(UUID(flow_run_id))
+            if run.state and not run.state.is_final():
+                await client.set_flow_run_state(UUID(flow_run_id), Cancelling(message="slurmctl cancel"))
+
+    asyncio.run(mark())
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -674,7 +790,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="path to the job's YAML config")
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends; exit 0 if it completed")
     p.add_argument("--job-id", help="override the config's job_id")
+    p.add_argument("--date", help="the date put in place of {date} in the config (YYYY-MM-DD; default today)")
+    p.add_argument("--deployment", metavar="NAME",
+                   help="start the job as a run of this Prefect deployment (e.g. slurmctl-job/example-echo; a name "
+                        "alone means slurmctl-job/NAME): it runs on that deployment's workers, like a run started "
+                        "from the UI")
     p.set_defaults(func=cmd_submit)
+    p = sub.add_parser(
+        "cancel", help="stop a running job: its Dask cluster and Slurm jobs; committed batches are kept",
+        description="Cancel a job's current run, as cancelling its flow run in the Prefect UI does: the coordinator "
+                    "stops between batches, the Dask cluster is closed, every Slurm job of the job is cancelled, and "
+                    "the job manifest says cancelled. `slurmctl resume JOB` continues it later. "
+                    "Example: slurmctl cancel backfill-2025-04-12")
+    p.add_argument("job_id")
+    p.add_argument("--no-wait", action="store_true", help="ask, and return without waiting for the job to stop")
+    p.add_argument("--timeout", type=float, default=120, help="seconds to wait for it to stop (default 120)")
+    _storage_args(p)
+    p.set_defaults(func=cmd_cancel)
     p = sub.add_parser("status", help="a job's status, from its manifests")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true", help="one JSON object")

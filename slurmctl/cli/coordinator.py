@@ -129,10 +129,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with prefect_api_for_workers():
-            run_job(args.job_id, json.loads(args.storage_json),
+            run_job(job_id=args.job_id, storage=json.loads(args.storage_json),
                     retry_errors=[c for c in args.retry_errors.split(",") if c] or None,
                     aggregate_only=args.aggregate_only)
     except Exception as exc:  # the job manifest already records the failure; the log has the traceback
+        from prefect.exceptions import CancelledRun
+
+        if isinstance(exc, CancelledRun):  # the manifest says cancelled; resume continues it
+            print(f"job {args.job_id} cancelled: {exc}", file=sys.stderr)
+            return 0
         print(f"job {args.job_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:

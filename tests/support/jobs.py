@@ -83,6 +83,19 @@ def log_text(home: Path, job_id: str) -> str:
 
 # ---- waiting ---------------------------------------------------------------------------------------------------
 
+def held_job(tmp_path: Path, job_id: str, n: int, **extra) -> tuple[Path, Path, Path]:
+    """A job of ``n`` items in batches of 10 on one local worker, whose item 25 holds (in the third batch) until
+    ``release`` exists; ``marker`` appears when it starts holding."""
+    marker, release = tmp_path / "held", tmp_path / "release"
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
+    cfg = write_config(tmp_path / "job.yaml", job_id=job_id, handler="support.sample_handlers:counting",
+                       input={"uri": "in.jsonl"}, batch_size=10, storage={"uri": "state"}, batch_retries=0,
+                       params={"calls_file": str(tmp_path / "calls"),
+                               "hold": {"id": 25, "marker": str(marker), "release": str(release)}},
+                       cluster={"kind": "local", "n_workers": 1}, **extra)
+    return cfg, marker, release
+
+
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
     """Poll ``predicate`` until it returns something truthy, and return that; fail naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -94,6 +94,34 @@ def job_flow_run_names(api_url: str, flow_run_id: str) -> list[str]:
     return _with_api(api_url, read)
 
 
+def job_flow_run_states(api_url: str, flow_run_id: str) -> dict[str, str]:
+    """State type by run name of a job's flow run and its subflow runs, e.g. ``{"j": "CANCELLED", "j / process":
+    "CANCELLED", "j / partition": "COMPLETED"}``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    async def read() -> dict[str, str]:
+        async with get_client() as client:
+            parent = await client.read_flow_run(UUID(flow_run_id))
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+            return {r.name: r.state.type.value for r in [parent, *children]}
+
+    return _with_api(api_url, read)
+
+
+def cancel_flow_run(api_url: str, flow_run_id: str) -> None:
+    """What the Prefect UI's Cancel button (and ``prefect flow-run cancel``) does: the run goes Cancelling."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    async def cancel() -> None:
+        async with get_client() as client:
+            await client.set_flow_run_state(UUID(flow_run_id), Cancelling())
+
+    _with_api(api_url, cancel)
+
+
 def job_artifacts(api_url: str, flow_run_id: str) -> dict[str, Any]:
     """The artifacts of a flow run by key (each as the API returns it now: ``data``, ``description``)."""
     from prefect.client.orchestration import get_client

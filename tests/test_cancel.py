@@ -1,0 +1,110 @@
+"""Cancelling a running job — from the Prefect UI/API or ``slurmctl cancel`` — stops it between batches, closes its
+Dask cluster, leaves no Slurm job behind, says ``cancelled`` in the job manifest, and keeps every commit:
+``slurmctl resume`` then finishes it with every item exactly once."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from support.jobs import (
+    assert_exactly_once,
+    committed_tasks,
+    held_job,
+    job_manifest,
+    log_tail,
+    run_cli,
+    status,
+    wait_for,
+)
+from support.prefect_runs import cancel_flow_run, job_flow_run_states
+from support.sample_handlers import calls
+
+
+def test_slurmctl_cancel_stops_the_job_and_resume_finishes_it(tmp_path, prefect_api, slurmctl_home):
+    cfg, marker, release = held_job(tmp_path, "cancel-cli", 60)
+    assert run_cli("submit", str(cfg)).returncode == 0
+    try:
+        wait_for(marker.exists, 240, "the job to hold in its third batch")
+        out = run_cli("cancel", "cancel-cli", timeout=180)
+        assert out.returncode == 0, out.stderr + log_tail(slurmctl_home, "cancel-cli")
+        assert "cancelled: 2/6 batches committed and kept, 0 Slurm jobs left" in out.stderr
+    finally:
+        release.touch()
+    view = status("cancel-cli")
+    assert view["status"] == "cancelled" and "slurmctl resume cancel-cli" in view["error"]
+    assert set(committed_tasks(tmp_path / "state", "cancel-cli")) == {"batch-000000", "batch-000001"}
+    # The Prefect UI shows the run and the phase it stopped in as Cancelled, not Failed.
+    states = wait_for(lambda: (s := job_flow_run_states(prefect_api, view["flow_run_id"]))["cancel-cli"]
+                      == "CANCELLED" and s, 30, "the flow run to be Cancelled")
+    assert states["cancel-cli / process"] == "CANCELLED" and states["cancel-cli / partition"] == "COMPLETED"
+    assert "cancel-cli / aggregate" not in states
+
+    # A second cancel has nothing to do; resume continues from the two commits.
+    assert "not running (status cancelled)" in run_cli("cancel", "cancel-cli").stderr
+    assert run_cli("resume", "cancel-cli", "--wait").returncode == 0, log_tail(slurmctl_home, "cancel-cli")
+    view = status("cancel-cli")
+    assert view["status"] == "completed" and view["batches_done"] == 6
+    assert_exactly_once(view, range(60))
+    assert not any(i < 20 for _, i in calls(str(tmp_path / "calls"))[20:])  # committed batches never ran again
+
+
+@pytest.mark.slurm
+def test_cancel_from_the_prefect_api_on_slurm_leaves_no_slurm_job(tmp_path, prefect_api, slurmctl_home, slurm):
+    from test_slurm import slurm_config, worker_jobs
+
+    n = 300
+    cfg = slurm_config(tmp_path, "cancel-slurm", n)
+    assert run_cli("submit", str(cfg)).returncode == 0
+    wait_for(lambda: len(calls(str(tmp_path / "calls"))) >= 40, 300, "batches running on Slurm workers")
+    assert worker_jobs("cancel-slurm")
+    flow_run_id = job_manifest(tmp_path / "state", "cancel-slurm")["flow_run_id"]
+    cancel_flow_run(prefect_api, flow_run_id)  # the UI's Cancel button
+
+    def stopped() -> bool:
+        left = subprocess.run(["squeue", "-h", "--name", "slurmctl-cancel-slurm", "-o", "%i"], capture_output=True,
+                              text=True, timeout=30).stdout.split()
+        return not left and status("cancel-slurm")["status"] == "cancelled"
+    wait_for(stopped, 30, "0 Slurm jobs of the run left and the job cancelled")
+    wait_for(lambda: job_flow_run_states(prefect_api, flow_run_id)["cancel-slurm"] == "CANCELLED", 30,
+             "the flow run to be Cancelled")
+    done_before = status("cancel-slurm")["batches_done"]
+    assert 0 < done_before < 30
+
+    assert run_cli("resume", "cancel-slurm", "--wait", timeout=900).returncode == 0, \
+        log_tail(slurmctl_home, "cancel-slurm")
+    view = status("cancel-slurm")
+    assert view["status"] == "completed" and view["batches_done"] == 30
+    assert_exactly_once(view, range(n))
+
+
+@pytest.mark.slurm
+def test_the_cancellation_hook_finds_the_jobs_slurm_jobs_by_name(tmp_path, slurm):
+    """Prefect may run ``on_cancellation`` in a deployment worker, after it killed the coordinator: no cluster
+    object there, only the flow run. The hook still cancels every Slurm job named after the job, and records the
+    cancellation."""
+    from types import SimpleNamespace
+
+    from prefect.states import Cancelling
+
+    from slurmctl.books.store import new_job_manifest, save_job, store_for
+    from slurmctl.config import parse_config
+    from slurmctl.flows.cancel import on_cancellation
+
+    cfg = parse_config({"job_id": "hook-test", "handler": "slurmctl.handlers.echo:handle",
+                        "input": {"uri": str(tmp_path / "in.jsonl")}, "storage": {"uri": str(tmp_path / "state")},
+                        "cluster": {"kind": "slurm", "queue": "debug"}})
+    job = new_job_manifest(cfg, None)
+    job.status = "running"
+    save_job(store_for(cfg.storage), job)
+    for _ in range(2):  # two worker jobs, as dask-jobqueue names them
+        subprocess.run(["sbatch", "--job-name", "slurmctl-hook-test", "--output", "/dev/null", "--wrap", "sleep 600"],
+                       check=True, capture_output=True, timeout=60)
+    queued = lambda: subprocess.run(["squeue", "-h", "--name", "slurmctl-hook-test", "-o", "%i"],  # noqa: E731
+                                    capture_output=True, text=True, timeout=30).stdout.split()
+    assert len(queued()) == 2
+    run = SimpleNamespace(id="00000000-0000-0000-0000-000000000000", expected_start_time=None,
+                          parameters={"job_id": "hook-test", "storage": cfg.storage.model_dump()})
+    on_cancellation(None, run, Cancelling())
+    wait_for(lambda: not queued(), 30, "the Slurm jobs named after the job to leave the queue")
+    assert status("hook-test", "--storage", str(tmp_path / "state"))["status"] == "cancelled"
