@@ -6,6 +6,10 @@
 # started, the Slurm tests are skipped with a loud warning here and in pytest's summary -- unless
 # SLURMCTL_REQUIRE_SLURM=1 (CI sets it: .ci/run), where this script fails before running any test.
 # SLURMCTL_SKIP_SLURM=1: do not try to start Slurm (a developer's choice; refused when Slurm is required).
+#
+# The browser test (tests/test_ui.py) drives headless Chromium: scripts/browser.sh installs Debian's chromium when
+# it is missing (root or `sudo -n`, as for Slurm). If it cannot, that test is skipped with a loud warning -- unless
+# SLURMCTL_REQUIRE_BROWSER=1 (CI sets it), where this script fails before running any test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +56,30 @@ else
   # Slurm is up: a Slurm test that finds it gone later fails instead of skipping.
   export SLURMCTL_REQUIRE_SLURM=1
 fi
+
+# Chromium, for the browser test: same rule as Slurm (CI fails, a developer gets a warning and a skipped test).
+browser_missing=""
+warn_browser_missing() {
+  cat >&2 <<EOF
+
+test: ##########################################################################################
+test: WARNING: Chromium could not be installed (\`scripts/browser.sh up\` failed: its error is above).
+test: The browser test (tests/test_ui.py) will be SKIPPED. Run \`sudo bash scripts/browser.sh up\`, or run as
+test: root; CI (.ci/run, SLURMCTL_REQUIRE_BROWSER=1) fails instead.
+test: ##########################################################################################
+
+EOF
+}
+if bash scripts/browser.sh up >/dev/null; then
+  export SLURMCTL_REQUIRE_BROWSER=1  # installed: a browser test that cannot find it later fails instead of skipping
+elif [ "${SLURMCTL_REQUIRE_BROWSER:-0}" = 1 ]; then
+  echo "test: ERROR: Chromium could not be installed (scripts/browser.sh up failed: see above), and" \
+       "SLURMCTL_REQUIRE_BROWSER=1 (CI) requires it for the browser test: not running the tests" >&2
+  exit 1
+else
+  browser_missing=1
+  warn_browser_missing
+fi
 bash scripts/setup.sh
 
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
@@ -62,5 +90,8 @@ rc=0
 .venv/bin/python -m pytest -p no:cacheprovider -ra "$@" || rc=$?
 if [ -n "$slurm_missing" ]; then
   warn_slurm_missing  # again, after pytest's output, where it is seen
+fi
+if [ -n "$browser_missing" ]; then
+  warn_browser_missing
 fi
 exit "$rc"

@@ -52,8 +52,10 @@ def _prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     log = home / "server.log"
+    # The UI is on (the browser test reads it; it adds nothing measurable to the ~11 s start), told where the API
+    # is: on a port other than 4200 it would call 4200 and show "Can't connect to Server API".
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": ""}
+           "PREFECT_UI_ENABLED": "true", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_API_URL": ""}
     with log.open("wb") as out:
         proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -72,6 +74,38 @@ def prefect_api(request: pytest.FixtureRequest) -> str:
     """A real ``prefect server`` (the ephemeral one drops task runs), exported as PREFECT_API_URL; one per session."""
     require_integration(request, "a Prefect server")
     return request.getfixturevalue("_prefect_server")
+
+
+@pytest.fixture
+def prefect_ui(prefect_api: str) -> str:
+    """The Prefect UI of the test server (``http://127.0.0.1:<port>``, pages such as ``/runs/flow-run/<id>``)."""
+    import urllib.request
+
+    base = prefect_api.removesuffix("/api")
+    try:
+        page = urllib.request.urlopen(base + "/", timeout=10).read().decode(errors="replace")
+    except Exception as e:  # noqa: BLE001 (any failure means the same: no UI there)
+        page = repr(e)
+    if "<html" not in page:
+        pytest.skip(f"the Prefect server at {prefect_api} serves no UI at {base}/ (SLURMCTL_TEST_PREFECT_API_URL "
+                    f"names a server started with PREFECT_UI_ENABLED=false?): {page[:200]}")
+    return base
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Any:
+    """Headless Chromium (``tests/support/browser.py``) working under the test's ``tmp_path``. Missing, the test is
+    skipped, loudly, or fails under ``SLURMCTL_REQUIRE_BROWSER=1`` (CI, and scripts/test.sh once it installed it)."""
+    from support.browser import Chromium, find_chromium
+
+    path = find_chromium()
+    if path is None:
+        msg = ("BROWSER TEST NOT RUN: Chromium is not installed. `bash scripts/browser.sh up` installs it (as root "
+               "or with passwordless sudo; scripts/test.sh runs it)")
+        if os.environ.get("SLURMCTL_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg + "; SLURMCTL_REQUIRE_BROWSER=1 requires it", pytrace=False)
+        pytest.skip(msg)
+    return Chromium(path, tmp_path / "chromium")
 
 
 @pytest.fixture(scope="session")
