@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import pyarrow.parquet as pq
 
+from slurmctl.batch_metrics import BatchMeter
 from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.books.limits import leasers_for
 from slurmctl.books.manifests import Keys, TaskManifest, now
@@ -114,7 +115,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
                 committed.append(winner)
             return {**summary_of(winner), "already_committed": True}
 
-    started, t0 = now(), time.perf_counter()
+    started = now()
     attempt = uuid.uuid4().hex[:12]
     handler = _handler(cfg.handler)
     id_field = cfg.input.id_field
@@ -130,6 +131,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     breaker = (CircuitBreaker(e.circuit_breaker.window, e.circuit_breaker.threshold, e.circuit_breaker.min_attempts,
                               policy.transient) if e.circuit_breaker.enabled else None)
     item_retries: Counter[str] = Counter()
+    meter = BatchMeter(ctx)
 
     def on_retry(err: Any, attempt_no: int, wait: float) -> None:
         item_retries[err.error_class] += 1
@@ -147,7 +149,9 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
             continue
 
         def call(item: dict[str, Any] = item) -> list[dict[str, Any]]:
-            return normalise_output(handler(item, ctx), item, id_field)
+            with meter.call():
+                result = handler(item, ctx)
+            return normalise_output(result, item, id_field)
 
         outcome = call_with_retries(call, policy, backoff, e.max_attempts, breaker, sleep=sleep, on_retry=on_retry)
         if outcome.ok:
@@ -208,10 +212,9 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
                                         "deferred": deferred, "tripped_by": manifest.tripped_by})
         written.append(manifest.retry)
 
-    elapsed = time.perf_counter() - t0
-    manifest.metrics = {**dict(ctx.metrics), **{f"item_retries_{k}": v for k, v in item_retries.items()},
-                        "seconds": round(elapsed, 4)}
-    manifest.finished_at = now()
+    manifest.metrics = meter.metrics(spec.records, {
+        **dict(ctx.metrics), **{f"item_retries_{k}": v for k, v in item_retries.items()}})
+    manifest.finished_at = manifest.metrics.finished_at or now()
     return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
 
 

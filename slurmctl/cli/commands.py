@@ -91,21 +91,32 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def progress_line(view: dict[str, Any], started: float, first_done: int) -> str:
+def progress_line(view: dict[str, Any]) -> str:
+    """The ``--wait`` line: a bar of the batches committed, the counters, items/s and ETA (``books.progress``)."""
     done, total = view["batches_done"], view["batches_total"]
-    items = view["items_succeeded"] + view["items_failed"] + view["items_rejected"]
-    elapsed = max(time.monotonic() - started, 1e-6)
-    rate = items / elapsed if items else 0.0
     pct = 100.0 * done / total if total else 0.0
     width = 24
     bar = "#" * int(width * pct / 100) + "-" * (width - int(width * pct / 100))
-    eta = ""
-    batch_rate = (done - first_done) / elapsed
-    if total and done < total and batch_rate > 0:
-        eta = f" ETA {_fmt_duration((total - done) / batch_rate)}"
     return (f"[{bar}] {pct:5.1f}% {view['phase']:<9} batches {done}/{total} failed {view['batches_failed']} "
             f"items ok {view['items_succeeded']} failed {view['items_failed']} rejected {view['items_rejected']} "
-            f"{rate:,.0f} items/s{eta}")
+            f"{speed_text(view)}")
+
+
+def speed_text(view: dict[str, Any]) -> str:
+    """``123 items/s ETA 4m05s`` from a status view (``—`` where not yet known)."""
+    rate, eta = view.get("items_per_s"), view.get("eta_s")
+    return (f"{rate:,.1f} items/s" if rate is not None else "— items/s") + (
+        f" ETA {_fmt_duration(eta)}" if eta is not None else "")
+
+
+def phase_lines(view: dict[str, Any]) -> list[str]:
+    """One line per phase of a status view: its state, share done and time."""
+    out = []
+    for p in view.get("phases") or []:
+        share = f"{100 * p['share_done']:5.1f}%" if p.get("share_done") is not None else "     —"
+        took = _fmt_duration(p["seconds"]) if p.get("seconds") is not None else ""
+        out.append(f"  {p['phase']:<10} {p['state']:<9} {share}  {took}".rstrip())
+    return out
 
 
 # How long `--wait` waits, once the job has ended, for its coordinator process to exit (normally 1-2 s).
@@ -121,15 +132,13 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
 
     store = store_for(storage)
     tty = sys.stderr.isatty()
-    started, first_done, last_print, view = time.monotonic(), None, 0.0, None
+    last_print, view = 0.0, None
     try:
         while True:
             job = load_job(store, job_id)
             view = status_view(job.model_dump(mode="json"))
             if announce is not None:
                 announce(view)
-            if first_done is None:
-                first_done = view["batches_done"]
             if view["status"] in TERMINAL_STATUSES:
                 break
             if proc is not None and proc.poll() is not None:
@@ -141,7 +150,7 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
                          f"see {log}; `slurmctl resume {job_id}` continues it")
                     return EXIT_FAILED
                 break
-            line = progress_line(view, started, first_done)
+            line = progress_line(view)
             if tty:
                 print("\r" + line[:160], end="", file=sys.stderr, flush=True)
             elif time.monotonic() - last_print >= 10:
@@ -156,7 +165,7 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
         print(file=sys.stderr)
         _err(f"stopped watching; job {job_id} keeps running. `slurmctl status {job_id}` shows where it is")
         return EXIT_DETACHED
-    print(("\r" if tty else "") + progress_line(view, started, first_done or 0)[:160], file=sys.stderr)
+    print(("\r" if tty else "") + progress_line(view)[:160], file=sys.stderr)
     if proc is not None:
         try:  # it exits within seconds of the job's end; the bound is for a coordinator stuck after it
             proc.wait(timeout=COORDINATOR_EXIT_WAIT_S)
@@ -623,8 +632,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(len(k) for k in view)
     for k, v in view.items():
-        if v is not None:
+        if v is not None and k not in ("items_per_s", "eta_s", "phases"):
             print(f"{k:<{width}}  {v}")
+    print(f"{'speed':<{width}}  {speed_text(view)}")
+    print("phases:\n" + "\n".join(phase_lines(view)))
     if view["stale"]:
         print(f"\nno heartbeat for a while: the coordinator may have died; `slurmctl resume {args.job_id}`")
     return EXIT_OK
