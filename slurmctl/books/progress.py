@@ -73,7 +73,10 @@ def job_progress(job: dict[str, Any]) -> dict[str, Any]:
     # process: the initial batches (the total less the retry rounds' batches)
     initial = batches_total - sum(r.get("batches") or 0 for r in rounds)
     process_share = _clamp(min(batches_done, initial) / initial) if initial > 0 else None
-    phases = [entry("partition", "partition", 1.0 if state("partition") == "done" else 0.0),
+    def whole(name: str) -> float | None:  # a phase whose share the manifests do not follow: 0, unknown, 1
+        return {"done": 1.0, "pending": 0.0}.get(state(name))
+
+    phases = [entry("partition", "partition", whole("partition")),
               entry("process", "process", process_share if state("process") != "pending" else 0.0)]
 
     # retry rounds: one entry each; the unfinished one while the phase runs is the one moving
@@ -97,8 +100,7 @@ def job_progress(job: dict[str, Any]) -> dict[str, Any]:
         retry_state = state("retry")
         phases.append({**entry("retry", "retry", None), "share_done": None,
                        "state": "skipped" if retry_state == "done" else retry_state})
-    phases.append(entry("aggregate", "aggregate", 1.0 if state("aggregate") == "done" else (
-        0.0 if state("aggregate") == "pending" else None)))
+    phases.append(entry("aggregate", "aggregate", whole("aggregate")))
 
     # items/s and ETA of the work phase
     rate: float | None = None

@@ -627,15 +627,26 @@ def cmd_status(args: argparse.Namespace) -> int:
             view["rate_limits"] = limits_status(parse_config(job.config))
         except Exception as exc:  # the limiter backend is optional for status: manifests come first
             view["rate_limits"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if args.batches:
+        from slurmctl.batch_metrics import slowest_batches
+        from slurmctl.books.failures import committed_tasks
+
+        view["slowest_batches"] = slowest_batches(committed_tasks(store, args.job_id), args.batches)
     if args.json:
         print(json.dumps(view))
         return EXIT_OK
     width = max(len(k) for k in view)
     for k, v in view.items():
-        if v is not None and k not in ("items_per_s", "eta_s", "phases"):
+        if v is not None and k not in ("items_per_s", "eta_s", "phases", "slowest_batches"):
             print(f"{k:<{width}}  {v}")
     print(f"{'speed':<{width}}  {speed_text(view)}")
     print("phases:\n" + "\n".join(phase_lines(view)))
+    if view.get("slowest_batches"):
+        print("slowest batches:     seconds  items  calls  p50 ms  p95 ms  waited s  cpu s  host (slurm job)")
+        for b in view["slowest_batches"]:
+            print(f"  {b['batch_id']:<16} {b['duration_s']:>8.1f} {b['items'] or 0:>6} {b['api_calls'] or 0:>6} "
+                  f"{b['p50_ms'] or 0:>7.0f} {b['p95_ms'] or 0:>7.0f} {b['tokens_waited_s'] or 0:>9.1f} "
+                  f"{b['cpu_s'] or 0:>6.1f}  {b['host']}" + (f" ({b['slurm_job_id']})" if b["slurm_job_id"] else ""))
     if view["stale"]:
         print(f"\nno heartbeat for a while: the coordinator may have died; `slurmctl resume {args.job_id}`")
     return EXIT_OK
@@ -690,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--scan", action="store_true", help="recount from the task manifests instead of the job's counters")
+    p.add_argument("--batches", type=int, metavar="N", help="also the N slowest committed batches, from their "
+                   "metrics (reads every task manifest)")
     _storage_args(p)
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("resume", help="make a paused, stopped or failed job go again; committed batches are not "
