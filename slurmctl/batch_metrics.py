@@ -33,31 +33,32 @@ def peak_rss_mb() -> float:
 
 
 class BatchMeter:
-    """Started when a batch starts; ``call`` wraps each handler call; ``metrics`` says what the batch cost.
+    """Started when a batch starts (before its slice is read); ``call`` wraps each handler call; ``metrics`` says
+    what the batch cost.
 
     CPU is ``time.thread_time()`` of the calling thread: a worker runs several batches at once in threads, and the
     process's CPU time would charge each batch with the others'. Work the batch hands to other threads (pyarrow's
-    compression pool) is not in it. ``ctx`` is the batch's ``BatchContext``: its ``limiter_blocked_s`` (time blocked
-    acquiring rate-limit tokens) is taken out of the latency of the call it happened in and reported on its own.
+    compression pool) is not in it. ``ctx`` (``call``'s argument) is the batch's ``BatchContext``: the time it was
+    blocked acquiring rate-limit tokens (``limiter_blocked_s``) is taken out of the latency of the call it happened
+    in, and reported on its own as ``tokens_waited_s``.
     """
 
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
+    def __init__(self) -> None:
         self.started_at = now()
         self.t0 = time.perf_counter()
         self.cpu0 = time.thread_time()
         self.latencies: list[float] = []  # seconds, one per handler call
 
     @contextlib.contextmanager
-    def call(self) -> Iterator[None]:
-        t, blocked = time.perf_counter(), self.ctx.limiter_blocked_s
+    def call(self, ctx: Any) -> Iterator[None]:
+        t, blocked = time.perf_counter(), ctx.limiter_blocked_s
         try:
             yield
         finally:
-            waited = self.ctx.limiter_blocked_s - blocked
+            waited = ctx.limiter_blocked_s - blocked
             self.latencies.append(max(0.0, time.perf_counter() - t - waited))
 
-    def metrics(self, items: int, counters: dict[str, float]) -> BatchMetrics:
+    def metrics(self, items: int, counters: dict[str, float], tokens_waited_s: float) -> BatchMetrics:
         ordered = sorted(self.latencies)
 
         def ms(p: float) -> float | None:
@@ -66,8 +67,7 @@ class BatchMeter:
 
         return BatchMetrics(
             **counters, items=items, api_calls=len(ordered),
-            latency_ms=Latency(p50=ms(50), p95=ms(95), max=ms(100)),
-            tokens_waited_s=round(self.ctx.limiter_blocked_s, 4),
+            latency_ms=Latency(p50=ms(50), p95=ms(95), max=ms(100)), tokens_waited_s=round(tokens_waited_s, 4),
             cpu_s=round(time.thread_time() - self.cpu0, 4), peak_rss_mb=peak_rss_mb(), host=socket.gethostname(),
             slurm_job_id=os.environ.get("SLURM_JOB_ID"), started_at=self.started_at, finished_at=now(),
             duration_s=round(time.perf_counter() - self.t0, 4))

@@ -115,7 +115,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
                 committed.append(winner)
             return {**summary_of(winner), "already_committed": True}
 
-    started = now()
+    meter = BatchMeter()  # the batch's clock, CPU time and handler-call latencies
     attempt = uuid.uuid4().hex[:12]
     handler = _handler(cfg.handler)
     id_field = cfg.input.id_field
@@ -131,7 +131,6 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     breaker = (CircuitBreaker(e.circuit_breaker.window, e.circuit_breaker.threshold, e.circuit_breaker.min_attempts,
                               policy.transient) if e.circuit_breaker.enabled else None)
     item_retries: Counter[str] = Counter()
-    meter = BatchMeter(ctx)
 
     def on_retry(err: Any, attempt_no: int, wait: float) -> None:
         item_retries[err.error_class] += 1
@@ -149,7 +148,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
             continue
 
         def call(item: dict[str, Any] = item) -> list[dict[str, Any]]:
-            with meter.call():
+            with meter.call(ctx):
                 result = handler(item, ctx)
             return normalise_output(result, item, id_field)
 
@@ -178,7 +177,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         job_id=cfg.job_id, batch_id=spec.batch_id, task_id=spec.batch_id.replace("batch", "task", 1),
         group=spec.group, phase="process" if spec.source == "input" else "retry",
         status="throttled" if breaker is not None and breaker.open else "succeeded",
-        input_digest=sliced.digest, started_at=started, finished_at=started, items=spec.records,
+        input_digest=sliced.digest, started_at=meter.started_at, finished_at=meter.started_at, items=spec.records,
         items_succeeded=succeeded, items_failed=len(failed), items_deferred=len(deferred),
         items_rejected=len(sliced.rejects), rows_written=len(rows),
         retried_failed=sliced.previous.get("failed", 0), retried_deferred=sliced.previous.get("deferred", 0),
@@ -213,7 +212,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         written.append(manifest.retry)
 
     manifest.metrics = meter.metrics(spec.records, {
-        **dict(ctx.metrics), **{f"item_retries_{k}": v for k, v in item_retries.items()}})
+        **dict(ctx.metrics), **{f"item_retries_{k}": v for k, v in item_retries.items()}}, ctx.limiter_blocked_s)
     manifest.finished_at = manifest.metrics.finished_at or now()
     return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
 

@@ -50,11 +50,11 @@ def test_latency_leaves_out_the_time_blocked_on_a_rate_limit():
         limiter_blocked_s = 0.0
 
     ctx = Ctx()
-    meter = BatchMeter(ctx)
-    with meter.call():
+    meter = BatchMeter()
+    with meter.call(ctx):
         time.sleep(0.5)  # as if blocked in ctx.limit for half a second: not the handler's latency
         ctx.limiter_blocked_s += 0.5
-    m = meter.metrics(1, {"api_requests": 1})
+    m = meter.metrics(1, {"api_requests": 1}, ctx.limiter_blocked_s)
     assert m.api_calls == 1 and m.latency_ms.p50 < 250 and m.tokens_waited_s == 0.5
     assert m.model_dump()["api_requests"] == 1  # the handler's counters stay beside the typed fields
 
@@ -125,7 +125,7 @@ def test_a_job_records_batch_metrics_and_status_shows_speed_and_phases(tmp_path,
         assert 50 <= m["latency_ms"]["p50"] <= m["latency_ms"]["p95"] <= m["latency_ms"]["max"]
         assert m["host"] == socket.gethostname() and m["slurm_job_id"] is None
         assert m["cpu_s"] >= 0 and m["peak_rss_mb"] > 10 and m["tokens_waited_s"] == 0
-        assert m["duration_s"] >= 0.5 and m["started_at"] <= m["finished_at"] == t["finished_at"]
+        assert m["duration_s"] >= 0.5 and t["started_at"] == m["started_at"] <= m["finished_at"] == t["finished_at"]
     assert tasks["batch-000001"]["metrics"]["latency_ms"]["max"] > tasks["batch-000002"]["metrics"]["latency_ms"][
         "max"]  # the held call
 
