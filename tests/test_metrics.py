@@ -135,6 +135,14 @@ def test_a_job_records_batch_metrics_and_status_shows_speed_and_phases(tmp_path,
     assert slow[0]["duration_s"] >= slow[1]["duration_s"] and slow[0]["items"] == 10
     assert "slowest batches:" in run_cli("status", "metrics", "--batches", "2").stdout
 
+    # a retry round over the network failure (item 3 fails again): its own phase entry and batch metrics
+    assert run_cli("retry", "metrics", "--errors=network", "--wait").returncode == 0, log_tail(slurmctl_home, "metrics")
+    view = status("metrics")
+    assert [(p["phase"], p["state"], p["share_done"]) for p in view["phases"]] == [
+        ("partition", "done", 1.0), ("process", "done", 1.0), ("retry 1", "done", 1.0), ("aggregate", "done", 1.0)]
+    retried = committed_tasks(tmp_path / "state", "metrics", "r01-batch-")["r01-batch-000000"]["metrics"]
+    assert (retried["items"], retried["api_calls"]) == (1, 3)
+
 
 # ---- job progress: items/s, ETA, phases ------------------------------------------------------------------------
 
