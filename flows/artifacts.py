@@ -31,6 +31,7 @@ from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.logging import get_logger
 
 from slurmctl.books.manifests import Counts, JobManifest
+from slurmctl.books.progress import job_progress
 
 _live: dict[str, "JobArtifacts"] = {}
 logger = get_logger("slurmctl.artifacts")
@@ -54,8 +55,6 @@ class JobArtifacts:
 
     def __init__(self, job: JobManifest, flow_run_id: str) -> None:
         self.job_id, self.flow_run_id = job.job_id, UUID(flow_run_id)
-        self.started = time.monotonic()
-        self.items_at_start = self._items_done(job.counts)
         self.phase_started = time.monotonic()
         self.phase = job.phase
         self.phase_seconds: dict[str, float] = {}
@@ -108,26 +107,22 @@ class JobArtifacts:
     def _percent(c: Counts) -> float:
         return round(100.0 * c.batches_done / c.batches_total, 2) if c.batches_total else 0.0
 
-    def _rate(self, c: Counts) -> tuple[float | None, float | None]:
-        """Items per second in this run, and the seconds left at that rate."""
-        elapsed = time.monotonic() - self.started
-        done = self._items_done(c) - self.items_at_start
-        if elapsed <= 0 or done <= 0:
-            return None, None
-        rate = done / elapsed
-        left = max(0, c.items_total - self._items_done(c))
-        return rate, left / rate
+    @staticmethod
+    def _rate(job: JobManifest) -> tuple[float | None, float | None]:
+        """Items per second of the work phase, and its seconds left: the numbers `slurmctl status` shows."""
+        p = job_progress(job.model_dump(mode="json"))
+        return p["items_per_s"], p["eta_s"]
 
     def _line(self, job: JobManifest) -> str:
         c = job.counts
-        rate, eta = self._rate(c)
+        rate, eta = self._rate(job)
         speed = f", {rate:,.0f} items/s, ETA {_duration(eta)}" if rate else ""
         return (f"{self.job_id}: {self.phase}, {c.batches_done:,} of {c.batches_total:,} batches, "
                 f"{self._items_done(c):,} of {c.items_total:,} items{speed}")
 
     def _table(self, job: JobManifest) -> str:
         c = job.counts
-        rate, eta = self._rate(c)
+        rate, eta = self._rate(job)
         at = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S UTC")
         rows = [("status", job.status), ("phase", self.phase),
                 ("batches", f"{c.batches_done:,} of {c.batches_total:,} ({self._percent(c):g} %)"),

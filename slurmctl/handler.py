@@ -12,6 +12,7 @@ import importlib
 import inspect
 import logging
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -113,6 +114,7 @@ class BatchContext:
         self.logger = logger or logging.getLogger(f"slurmctl.handler.{job_id}")
         self.metrics: Counter[str] = Counter()
         self.limiters = dict(limiters or {})
+        self.limiter_blocked_s = 0.0  # wall time spent in ``limit`` acquiring tokens (the batch's tokens_waited_s)
 
     @contextlib.contextmanager
     def limit(self, name: str, tokens: int = 1) -> Iterator[None]:
@@ -129,9 +131,11 @@ class BatchContext:
             raise KeyError(f"no rate limit {name!r}: declare it in the job config under rate_limits "
                            f"(declared: {', '.join(self.limiters) or 'none'})")
         costs: Counter[str] = Counter()
+        blocked = time.perf_counter()
         try:
             waited = leaser.acquire(tokens, tally=costs)
         finally:
+            self.limiter_blocked_s += time.perf_counter() - blocked
             self._add_costs(name, costs)
         self.metrics[f"ratelimit_{name}_tokens"] += tokens
         self.metrics[f"ratelimit_{name}_wait_s"] += waited

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import pyarrow.parquet as pq
 
+from slurmctl.batch_metrics import BatchMeter
 from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.books.limits import leasers_for
 from slurmctl.books.manifests import Keys, TaskManifest, now
@@ -114,7 +115,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
                 committed.append(winner)
             return {**summary_of(winner), "already_committed": True}
 
-    started, t0 = now(), time.perf_counter()
+    meter = BatchMeter()  # the batch's clock, CPU time and handler-call latencies
     attempt = uuid.uuid4().hex[:12]
     handler = _handler(cfg.handler)
     id_field = cfg.input.id_field
@@ -147,7 +148,9 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
             continue
 
         def call(item: dict[str, Any] = item) -> list[dict[str, Any]]:
-            return normalise_output(handler(item, ctx), item, id_field)
+            with meter.call(ctx):
+                result = handler(item, ctx)
+            return normalise_output(result, item, id_field)
 
         outcome = call_with_retries(call, policy, backoff, e.max_attempts, breaker, sleep=sleep, on_retry=on_retry)
         if outcome.ok:
@@ -174,7 +177,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         job_id=cfg.job_id, batch_id=spec.batch_id, task_id=spec.batch_id.replace("batch", "task", 1),
         group=spec.group, phase="process" if spec.source == "input" else "retry",
         status="throttled" if breaker is not None and breaker.open else "succeeded",
-        input_digest=sliced.digest, started_at=started, finished_at=started, items=spec.records,
+        input_digest=sliced.digest, started_at=meter.started_at, finished_at=meter.started_at, items=spec.records,
         items_succeeded=succeeded, items_failed=len(failed), items_deferred=len(deferred),
         items_rejected=len(sliced.rejects), rows_written=len(rows),
         retried_failed=sliced.previous.get("failed", 0), retried_deferred=sliced.previous.get("deferred", 0),
@@ -208,10 +211,9 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
                                         "deferred": deferred, "tripped_by": manifest.tripped_by})
         written.append(manifest.retry)
 
-    elapsed = time.perf_counter() - t0
-    manifest.metrics = {**dict(ctx.metrics), **{f"item_retries_{k}": v for k, v in item_retries.items()},
-                        "seconds": round(elapsed, 4)}
-    manifest.finished_at = now()
+    manifest.metrics = meter.metrics(spec.records, {
+        **dict(ctx.metrics), **{f"item_retries_{k}": v for k, v in item_retries.items()}}, ctx.limiter_blocked_s)
+    manifest.finished_at = manifest.metrics.finished_at or now()
     return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
 
 

@@ -8,7 +8,16 @@ import threading
 import pytest
 
 from slurmctl.blocks.manifest_store import LocalManifestStore, ManifestCorrupt, S3ManifestStore, store_from_uri
-from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, counts_from_tasks, now, status_view
+from slurmctl.books.manifests import (
+    TASK_SCHEMA_VERSION,
+    Counts,
+    JobManifest,
+    Keys,
+    TaskManifest,
+    counts_from_tasks,
+    now,
+    status_view,
+)
 
 
 @pytest.fixture
@@ -98,7 +107,7 @@ def test_manifest_models_round_trip(tmp_path):
                         started_at=now(), finished_at=now(), items=10, items_succeeded=9, items_failed=1)
     store.put_json(keys.task("batch-000001"), task.model_dump(mode="json"))
     again = TaskManifest.model_validate(store.get_json(keys.task("batch-000001")))
-    assert again.items_failed == 1 and again.schema_version == 1
+    assert again.items_failed == 1 and again.schema_version == TASK_SCHEMA_VERSION
     assert Keys.committed_batch(keys.task("batch-000001")) == "batch-000001"
     assert Keys.committed_batch(keys.failed_task("batch-000001")) is None
     c = counts_from_tasks([again.model_dump()], batches_total=3, items_total=30)

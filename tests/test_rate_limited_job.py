@@ -66,6 +66,9 @@ def test_a_strict_api_sees_no_request_over_its_quota(tmp_path, prefect_api, slur
     metrics = [json.loads(p.read_text())["metrics"] for p in (tmp_path / "state/jobs/strict/tasks").glob("*.json")]
     assert sum(m.get("ratelimit_api_tokens", 0) for m in metrics) == n
     assert sum(m.get("ratelimit_api_wait_s", 0) for m in metrics) > 0
+    # the time each batch was blocked on the limiter (its sleeps, and the lock and backend calls around them)
+    assert sum(m["tokens_waited_s"] for m in metrics) > 0
+    assert all(m["tokens_waited_s"] >= m["ratelimit_api_wait_s"] for m in metrics)
 
 
 def test_declared_as_the_api_documents_it_few_429s_and_full_use(tmp_path, prefect_api, slurmctl_home, monkeypatch):

@@ -46,6 +46,7 @@ def test_job_runs_on_slurm_workers(tmp_path: Path, prefect_api: str, slurmctl_ho
     assert len(tasks) == 8
     slurm_ids = {t["slurm_job_id"] for t in tasks}
     assert None not in slurm_ids and all(s.isdigit() for s in slurm_ids)
+    assert all(t["metrics"]["slurm_job_id"] == t["slurm_job_id"] for t in tasks)  # the batch's metrics say so too
     # Those are real Slurm jobs that Slurm accounted for: sacct is off here, so ask the worker logs. With no
     # cluster.log_directory they are in the job's log directory next to its coordinator log, one per worker job,
     # and none in the directory sbatch was called from.

@@ -36,7 +36,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from slurmctl.books.progress import job_progress
+
 SCHEMA_VERSION = 1
+#: The task manifest's schema. 2: ``metrics`` is a ``BatchMetrics`` (items, handler calls, latency percentiles, time
+#: blocked on rate limits, CPU, peak RSS, host, Slurm job, times) beside the batch's counters. A version-1 manifest
+#: still loads: its ``metrics`` holds the counters alone and the typed fields read as None.
+TASK_SCHEMA_VERSION = 2
 #: The job manifest's schema. 2 (slurmctl 0.2): handlers are named by their module in the one ``slurmctl`` package;
 #: ``slurmctl.books.store.load_job`` upgrades a version-1 manifest on read and refuses a newer one.
 JOB_SCHEMA_VERSION = 2
@@ -220,9 +226,43 @@ class JobManifest(_Manifest):
     coordinator_pid: int | None = None
     flow_run_id: str | None = None
     output: str | None = None
+    # When each phase this run entered started and ended, and how many items were done as it started (the base of
+    # its items/s): ``{"process": {"started_at", "finished_at", "items_at_start"}}`` (``books.store.update_job``).
+    phase_times: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class Latency(BaseModel):
+    """Percentiles of one batch's handler calls, in milliseconds (nearest rank over every call)."""
+
+    p50: float | None = None
+    p95: float | None = None
+    max: float | None = None
+
+
+class BatchMetrics(BaseModel):
+    """What one batch cost, measured by the worker that ran it (``slurmctl.batch_metrics.BatchMeter``).
+
+    Beside these typed fields it keeps the batch's free counters: the handler's ``ctx.count`` ones and the rate
+    limiter's ``ratelimit_<name>_*`` (``extra="allow"``); a counter named like a typed field is overwritten by it.
+    Every field is optional: manifests written before these fields existed load with None.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    items: int | None = None  # the batch's records (its rejects and items deferred by the breaker included)
+    api_calls: int | None = None  # handler calls, retries included
+    latency_ms: Latency | None = None  # of those calls, without the time they were blocked on a rate limit
+    tokens_waited_s: float | None = None  # time blocked acquiring rate-limit tokens (sleeps, pauses, lock, backend)
+    cpu_s: float | None = None  # CPU time of the thread that ran the batch (batches of a process run in threads)
+    peak_rss_mb: float | None = None  # the worker *process's* peak resident memory so far (ru_maxrss), not the batch's
+    host: str | None = None
+    slurm_job_id: str | None = None  # SLURM_JOB_ID of the worker, None outside Slurm
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None
 
 
 class TaskManifest(_Manifest):
+    schema_version: int = TASK_SCHEMA_VERSION
     kind: Literal["task"] = "task"
     job_id: str
     batch_id: str
@@ -250,7 +290,7 @@ class TaskManifest(_Manifest):
     rejects: str | None = None
     rejects_sha256: str | None = None
     retry: str | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: BatchMetrics | None = None
     error: str | None = None
     attempt: str | None = None
     host: str = Field(default_factory=socket.gethostname)
@@ -300,7 +340,7 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, hear
                 *, stale_after_s: int = STALE_AFTER_S) -> dict[str, Any]:
     """The flat JSON object ``slurmctl status --json`` prints, from the job manifest, its control object and the
     coordinator's heartbeat. ``stale``: not finished, and neither the manifest nor the heartbeat written for
-    ``stale_after_s``."""
+    ``stale_after_s``. ``items_done``, ``items_per_s``, ``eta_s`` and ``phases``: ``books.progress.job_progress``."""
     counts = job.get("counts", {})
     view = {
         "job_id": job["job_id"],
@@ -323,6 +363,7 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, hear
         age = (_dt.datetime.now(_dt.timezone.utc) - max(seen)).total_seconds()
         stale = age > stale_after_s
     view["stale"] = stale
+    view.update(job_progress(job))
     return view
 
 

@@ -67,10 +67,35 @@ def save_job(store: ManifestStore, job: JobManifest) -> None:
 def update_job(store: ManifestStore, job_id: str, **changes: Any) -> JobManifest:
     """Read-modify-write of the job manifest. Only the coordinator writes it, so no lost updates."""
     job = load_job(store, job_id)
+    last_seen = job.updated_at
     for k, v in changes.items():
         setattr(job, k, v)
+    time_phases(job, changes, last_seen)
     save_job(store, job)
     return job
+
+
+TIMED_PHASES = ("partition", "process", "retry", "aggregate")
+
+
+def time_phases(job: JobManifest, changes: dict[str, Any], last_seen: str) -> None:
+    """Keep ``job.phase_times`` (what ``slurmctl status`` reads for per-phase progress and items/s) in step with a
+    change of phase or status. Entering a phase starts its entry and notes the items already done (the base of its
+    items/s); entering the phase that is open again (another retry round) keeps it. Leaving a phase, or the job
+    ending, closes the open entry. A new run (status set to ``running``) or a restart (phase ``submitted``) closes
+    what an earlier coordinator left open at the last time it wrote the manifest, and starts its phase afresh."""
+    at = now()
+    entering = changes.get("phase")
+    ending = changes.get("status") in ("completed", "failed", "cancelled")
+    new_run = changes.get("status") == "running" or entering == "submitted"
+    open_ = [name for name, t in job.phase_times.items() if not t.get("finished_at")]
+    for name in open_:
+        if ending or (entering is not None and (entering != name or new_run)):
+            job.phase_times[name] = {**job.phase_times[name], "finished_at": last_seen if new_run else at}
+    if entering in TIMED_PHASES and (new_run or entering not in open_):
+        c = job.counts
+        job.phase_times[entering] = {"started_at": at, "finished_at": None, "items_at_start": (
+            c.items_succeeded + c.items_failed + c.items_deferred + c.items_rejected)}
 
 
 def _read_specs(store: ManifestStore, key: str) -> list[BatchSpec] | None:

@@ -86,21 +86,32 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def progress_line(view: dict[str, Any], started: float, first_done: int) -> str:
+def progress_line(view: dict[str, Any]) -> str:
+    """The ``--wait`` line: a bar of the batches committed, the counters, items/s and ETA (``books.progress``)."""
     done, total = view["batches_done"], view["batches_total"]
-    items = view["items_succeeded"] + view["items_failed"] + view["items_rejected"]
-    elapsed = max(time.monotonic() - started, 1e-6)
-    rate = items / elapsed if items else 0.0
     pct = 100.0 * done / total if total else 0.0
     width = 24
     bar = "#" * int(width * pct / 100) + "-" * (width - int(width * pct / 100))
-    eta = ""
-    batch_rate = (done - first_done) / elapsed
-    if total and done < total and batch_rate > 0:
-        eta = f" ETA {_fmt_duration((total - done) / batch_rate)}"
     return (f"[{bar}] {pct:5.1f}% {view['phase']:<9} batches {done}/{total} failed {view['batches_failed']} "
             f"items ok {view['items_succeeded']} failed {view['items_failed']} rejected {view['items_rejected']} "
-            f"{rate:,.0f} items/s{eta}")
+            f"{speed_text(view)}")
+
+
+def speed_text(view: dict[str, Any]) -> str:
+    """``123 items/s ETA 4m05s`` from a status view (``—`` where not yet known)."""
+    rate, eta = view.get("items_per_s"), view.get("eta_s")
+    return (f"{rate:,.1f} items/s" if rate is not None else "— items/s") + (
+        f" ETA {_fmt_duration(eta)}" if eta is not None else "")
+
+
+def phase_lines(view: dict[str, Any]) -> list[str]:
+    """One line per phase of a status view: its state, share done and time."""
+    out = []
+    for p in view.get("phases") or []:
+        share = f"{100 * p['share_done']:5.1f}%" if p.get("share_done") is not None else "     —"
+        took = _fmt_duration(p["seconds"]) if p.get("seconds") is not None else ""
+        out.append(f"  {p['phase']:<10} {p['state']:<9} {share}  {took}".rstrip())
+    return out
 
 
 # How long `--wait` waits, once the job has ended, for its coordinator process to exit (normally 1-2 s).
@@ -116,15 +127,13 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
 
     store = store_for(storage)
     tty = sys.stderr.isatty()
-    started, first_done, last_print, view = time.monotonic(), None, 0.0, None
+    last_print, view = 0.0, None
     try:
         while True:
             job = load_job(store, job_id)
             view = status_view(job.model_dump(mode="json"))
             if announce is not None:
                 announce(view)
-            if first_done is None:
-                first_done = view["batches_done"]
             if view["status"] in TERMINAL_STATUSES:
                 break
             if proc is not None and proc.poll() is not None:
@@ -136,7 +145,7 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
                          f"see {log}; `slurmctl resume {job_id}` continues it")
                     return EXIT_FAILED
                 break
-            line = progress_line(view, started, first_done)
+            line = progress_line(view)
             if tty:
                 print("\r" + line[:160], end="", file=sys.stderr, flush=True)
             elif time.monotonic() - last_print >= 10:
@@ -151,7 +160,7 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
         print(file=sys.stderr)
         _err(f"stopped watching; job {job_id} keeps running. `slurmctl status {job_id}` shows where it is")
         return EXIT_DETACHED
-    print(("\r" if tty else "") + progress_line(view, started, first_done or 0)[:160], file=sys.stderr)
+    print(("\r" if tty else "") + progress_line(view)[:160], file=sys.stderr)
     if proc is not None:
         try:  # it exits within seconds of the job's end; the bound is for a coordinator stuck after it
             proc.wait(timeout=COORDINATOR_EXIT_WAIT_S)
@@ -734,13 +743,26 @@ def cmd_status(args: argparse.Namespace) -> int:
             view["rate_limits"] = limits_status(parse_config(job.config))
         except Exception as exc:  # the limiter backend is optional for status: manifests come first
             view["rate_limits"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if args.batches:
+        from slurmctl.batch_metrics import slowest_batches
+        from slurmctl.books.failures import committed_tasks
+
+        view["slowest_batches"] = slowest_batches(committed_tasks(store, args.job_id), args.batches)
     if args.json:
         print(json.dumps(view))
         return EXIT_OK
     width = max(len(k) for k in view)
     for k, v in view.items():
-        if v is not None:
+        if v is not None and k not in ("items_per_s", "eta_s", "phases", "slowest_batches"):
             print(f"{k:<{width}}  {v}")
+    print(f"{'speed':<{width}}  {speed_text(view)}")
+    print("phases:\n" + "\n".join(phase_lines(view)))
+    if view.get("slowest_batches"):
+        print("slowest batches:     seconds  items  calls  p50 ms  p95 ms  waited s  cpu s  host (slurm job)")
+        for b in view["slowest_batches"]:
+            print(f"  {b['batch_id']:<16} {b['duration_s']:>8.1f} {b['items'] or 0:>6} {b['api_calls'] or 0:>6} "
+                  f"{b['p50_ms'] or 0:>7.0f} {b['p95_ms'] or 0:>7.0f} {b['tokens_waited_s'] or 0:>9.1f} "
+                  f"{b['cpu_s'] or 0:>6.1f}  {b['host']}" + (f" ({b['slurm_job_id']})" if b["slurm_job_id"] else ""))
     if view["stale"]:
         print(f"\nno heartbeat for a while: the coordinator may have died; `slurmctl resume {args.job_id}`")
     return EXIT_OK
@@ -811,6 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--scan", action="store_true", help="recount from the task manifests instead of the job's counters")
+    p.add_argument("--batches", type=int, metavar="N", help="also the N slowest committed batches, from their "
+                   "metrics (reads every task manifest)")
     _storage_args(p)
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("resume", help="make a paused, stopped or failed job go again; committed batches are not "

@@ -1,0 +1,90 @@
+"""Measuring one batch as it runs, for the ``metrics`` of its task manifest (``books.manifests.BatchMetrics``).
+
+Cheap enough for 10k-item batches: one float per handler call (its latency), sorted once at the end for the
+percentiles; nothing per item lands in the manifest. The worker measures, so the numbers are the batch's own wherever
+it ran (a LocalCluster process, a Slurm job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import socket
+import sys
+import time
+from typing import Any, Iterator
+
+from slurmctl.books.manifests import BatchMetrics, Latency, now
+
+
+def percentile(ordered: list[float], p: float) -> float | None:
+    """The nearest-rank ``p``-th percentile of an ascending list (None when empty): a value that was measured."""
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+class BatchMeter:
+    """Started when a batch starts (before its slice is read); ``call`` wraps each handler call; ``metrics`` says
+    what the batch cost.
+
+    CPU is ``time.thread_time()`` of the calling thread: a worker runs several batches at once in threads, and the
+    process's CPU time would charge each batch with the others'. Work the batch hands to other threads (pyarrow's
+    compression pool) is not in it. ``ctx`` (``call``'s argument) is the batch's ``BatchContext``: the time it was
+    blocked acquiring rate-limit tokens (``limiter_blocked_s``) is taken out of the latency of the call it happened
+    in, and reported on its own as ``tokens_waited_s``.
+    """
+
+    def __init__(self) -> None:
+        self.started_at = now()
+        self.t0 = time.perf_counter()
+        self.cpu0 = time.thread_time()
+        self.latencies: list[float] = []  # seconds, one per handler call
+
+    @contextlib.contextmanager
+    def call(self, ctx: Any) -> Iterator[None]:
+        t, blocked = time.perf_counter(), ctx.limiter_blocked_s
+        try:
+            yield
+        finally:
+            waited = ctx.limiter_blocked_s - blocked
+            self.latencies.append(max(0.0, time.perf_counter() - t - waited))
+
+    def metrics(self, items: int, counters: dict[str, float], tokens_waited_s: float) -> BatchMetrics:
+        ordered = sorted(self.latencies)
+
+        def ms(p: float) -> float | None:
+            v = percentile(ordered, p)
+            return None if v is None else round(v * 1000, 3)
+
+        return BatchMetrics(
+            **counters, items=items, api_calls=len(ordered),
+            latency_ms=Latency(p50=ms(50), p95=ms(95), max=ms(100)), tokens_waited_s=round(tokens_waited_s, 4),
+            cpu_s=round(time.thread_time() - self.cpu0, 4), peak_rss_mb=peak_rss_mb(), host=socket.gethostname(),
+            slurm_job_id=os.environ.get("SLURM_JOB_ID"), started_at=self.started_at, finished_at=now(),
+            duration_s=round(time.perf_counter() - self.t0, 4))
+
+
+def slowest_batches(tasks: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The ``n`` committed batches that took longest, with what their metrics say about why: handler latency,
+    time blocked on rate limits, CPU, where they ran (``slurmctl status --batches``). Batches committed before
+    metrics were recorded (no ``duration_s``) are left out."""
+    rows = []
+    for t in tasks:
+        m = t.get("metrics") or {}
+        if m.get("duration_s") is None:
+            continue
+        latency = m.get("latency_ms") or {}
+        rows.append({"batch_id": t["batch_id"], "duration_s": m["duration_s"], "items": m.get("items"),
+                     "api_calls": m.get("api_calls"), "p50_ms": latency.get("p50"), "p95_ms": latency.get("p95"),
+                     "tokens_waited_s": m.get("tokens_waited_s"), "cpu_s": m.get("cpu_s"), "host": m.get("host"),
+                     "slurm_job_id": m.get("slurm_job_id")})
+    return sorted(rows, key=lambda r: -r["duration_s"])[:n]

@@ -1,0 +1,229 @@
+"""What each batch cost (its task manifest's ``metrics``) and how fast the job goes (``slurmctl status``: items/s,
+ETA, per-phase progress), from the manifests alone."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.jobs import (
+    committed_tasks,
+    job_manifest,
+    log_tail,
+    run_cli,
+    status,
+    wait_for,
+    wait_until_ended,
+    write_config,
+    write_jsonl,
+)
+
+from slurmctl.batch_metrics import BatchMeter, percentile
+from slurmctl.blocks.manifest_store import LocalManifestStore
+from slurmctl.books.manifests import JobManifest, TaskManifest
+from slurmctl.books.progress import job_progress
+from slurmctl.books.store import load_job, save_job, update_job
+
+T0 = "2026-01-01T00:00:00.000Z"
+
+
+def at(seconds: float) -> str:
+    """``T0`` plus ``seconds``, as manifests write times."""
+    m, s = divmod(seconds, 60)
+    return f"2026-01-01T00:{int(m):02d}:{s:06.3f}Z"
+
+
+# ---- per-batch metrics -----------------------------------------------------------------------------------------
+
+def test_percentiles_are_nearest_rank_values_that_were_measured():
+    ordered = [float(i) for i in range(1, 101)]
+    assert (percentile(ordered, 50), percentile(ordered, 95), percentile(ordered, 100)) == (50.0, 95.0, 100.0)
+    assert percentile([7.0], 95) == 7.0 and percentile([], 50) is None
+
+
+def test_latency_leaves_out_the_time_blocked_on_a_rate_limit():
+    class Ctx:  # a BatchContext's limiter clock, advanced by hand
+        limiter_blocked_s = 0.0
+
+    ctx = Ctx()
+    meter = BatchMeter()
+    with meter.call(ctx):
+        time.sleep(0.5)  # as if blocked in ctx.limit for half a second: not the handler's latency
+        ctx.limiter_blocked_s += 0.5
+    m = meter.metrics(1, {"api_requests": 1}, ctx.limiter_blocked_s)
+    assert m.api_calls == 1 and m.latency_ms.p50 < 250 and m.tokens_waited_s == 0.5
+    assert m.model_dump()["api_requests"] == 1  # the handler's counters stay beside the typed fields
+
+
+def test_a_task_manifest_from_before_the_typed_metrics_still_loads():
+    old = {"schema_version": 1, "kind": "task", "job_id": "j", "batch_id": "batch-000000", "task_id": "task-000000",
+           "status": "succeeded", "started_at": T0, "finished_at": T0, "items": 10,
+           "metrics": {"seconds": 1.5, "api_requests": 10.0}}
+    task = TaskManifest.model_validate(old)
+    assert task.schema_version == 1 and task.metrics.items is None and task.metrics.latency_ms is None
+    assert task.metrics.model_dump()["seconds"] == 1.5
+    assert TaskManifest.model_validate({**old, "metrics": None}).metrics is None
+
+
+STATUS_KEYS = {"job_id", "status", "phase", "batches_total", "batches_done", "batches_failed", "items_total",
+               "items_succeeded", "items_failed", "items_deferred", "items_rejected", "rows_written", "duplicates",
+               "output", "submitted_at", "started_at", "updated_at", "heartbeat_at", "finished_at", "error",
+               "flow_run_id", "paused", "stale", "items_done", "items_per_s", "eta_s", "phases"}
+
+
+def sample_job(tmp_path: Path, job_id: str, n: int, **params: Any) -> Path:
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
+    return write_config(tmp_path / "job.yaml", job_id=job_id, handler="support.sample_handlers:counting",
+                        input={"uri": "in.jsonl"}, batch_size=10, storage={"uri": "state"},
+                        cluster={"kind": "local", "n_workers": 1}, params=params,
+                        errors={"backoff_base_s": 0.01, "backoff_max_s": 0.05})
+
+
+def test_a_job_records_batch_metrics_and_status_shows_speed_and_phases(tmp_path, prefect_api, slurmctl_home):
+    # One worker thread, 6 batches; every call sleeps 50 ms; item 3 fails 3 times (network: transient, retried);
+    # the first call for item 15 (batch 1) holds until the test lets it go, so the job is seen mid-process.
+    marker, release = tmp_path / "held", tmp_path / "release"
+    cfg = sample_job(tmp_path, "metrics", 60, sleep_s=0.05, fail={"3": "network"},
+                     hold={"id": 15, "marker": str(marker), "release": str(release)})
+    assert run_cli("submit", str(cfg)).returncode == 0
+    try:
+        wait_for(marker.exists, 240, "the job to hold inside its second batch")
+        view = wait_for(lambda: (v := status("metrics"))["batches_done"] >= 1 and v, 60,
+                        "status to count the first committed batch")
+        assert STATUS_KEYS <= set(view)  # `status --json` keeps its keys and adds items/s, ETA and phases
+        assert view["status"] == "running" and view["items_done"] == 10
+        assert view["items_per_s"] > 0 and view["eta_s"] == pytest.approx(50 / view["items_per_s"], rel=0.01)
+        phases = {p["phase"]: p for p in view["phases"]}
+        assert [p["phase"] for p in view["phases"]] == ["partition", "process", "retry", "aggregate"]
+        assert (phases["partition"]["state"], phases["partition"]["share_done"]) == ("done", 1.0)
+        assert (phases["process"]["state"], phases["process"]["share_done"]) == ("running", round(1 / 6, 4))
+        assert phases["retry"]["state"] == phases["aggregate"]["state"] == "pending"
+        human = run_cli("status", "metrics").stdout
+        assert "items/s ETA" in human and "  process    running    16.7%" in human, human
+    finally:
+        release.touch()  # never leave the job holding
+    view = wait_until_ended("metrics")
+    assert view["status"] == "completed", log_tail(slurmctl_home, "metrics")
+    assert view["eta_s"] == 0 and view["items_per_s"] > 0
+    assert [(p["phase"], p["state"]) for p in view["phases"]] == [
+        ("partition", "done"), ("process", "done"), ("retry", "skipped"), ("aggregate", "done")]
+    times = job_manifest(tmp_path / "state", "metrics")["phase_times"]
+    assert set(times) == {"partition", "process", "aggregate"}
+    assert all(t["started_at"] <= t["finished_at"] for t in times.values())
+    assert times["partition"]["finished_at"] <= times["process"]["started_at"]
+
+    tasks = committed_tasks(tmp_path / "state", "metrics")
+    assert len(tasks) == 6
+    for batch_id, t in tasks.items():
+        m = t["metrics"]
+        assert t["schema_version"] == 2 and m["items"] == t["items"] == 10, batch_id
+        assert m["api_calls"] == (12 if batch_id == "batch-000000" else 10)  # item 3: 3 attempts
+        assert 50 <= m["latency_ms"]["p50"] <= m["latency_ms"]["p95"] <= m["latency_ms"]["max"]
+        assert m["host"] == socket.gethostname() and m["slurm_job_id"] is None
+        assert m["cpu_s"] >= 0 and m["peak_rss_mb"] > 10 and m["tokens_waited_s"] == 0
+        assert m["duration_s"] >= 0.5 and t["started_at"] == m["started_at"] <= m["finished_at"] == t["finished_at"]
+    assert tasks["batch-000001"]["metrics"]["latency_ms"]["max"] > tasks["batch-000002"]["metrics"]["latency_ms"][
+        "max"]  # the held call
+
+    # `status --batches N`: the slowest batches from their metrics; the held one first
+    slow = json.loads(run_cli("status", "metrics", "--json", "--batches", "2").stdout)["slowest_batches"]
+    assert [b["batch_id"] for b in slow][:1] == ["batch-000001"] and len(slow) == 2
+    assert slow[0]["duration_s"] >= slow[1]["duration_s"] and slow[0]["items"] == 10
+    assert "slowest batches:" in run_cli("status", "metrics", "--batches", "2").stdout
+
+    # a retry round over the network failure (item 3 fails again): its own phase entry and batch metrics
+    assert run_cli("retry", "metrics", "--errors=network", "--wait").returncode == 0, log_tail(slurmctl_home, "metrics")
+    view = status("metrics")
+    assert [(p["phase"], p["state"], p["share_done"]) for p in view["phases"]] == [
+        ("partition", "done", 1.0), ("process", "done", 1.0), ("retry 1", "done", 1.0), ("aggregate", "done", 1.0)]
+    retried = committed_tasks(tmp_path / "state", "metrics", "r01-batch-")["r01-batch-000000"]["metrics"]
+    assert (retried["items"], retried["api_calls"]) == (1, 3)
+
+
+# ---- job progress: items/s, ETA, phases ------------------------------------------------------------------------
+
+def job(status: str, phase: str, updated: float, counts: dict[str, int], phase_times: dict[str, Any],
+        **extra: Any) -> dict[str, Any]:
+    return {"job_id": "j", "status": status, "phase": phase, "counts": counts, "started_at": T0,
+            "updated_at": at(updated), "phase_times": phase_times, **extra}
+
+
+def test_progress_mid_process():
+    # process started at 20 s with 100 items already done (a resume); 500 done at 100 s: 400 in 80 s.
+    p = job_progress(job("running", "process", 100, {"batches_total": 10, "batches_done": 5, "items_total": 1000,
+                                                      "items_succeeded": 480, "items_failed": 10,
+                                                      "items_rejected": 10},
+                         {"partition": {"started_at": at(0), "finished_at": at(10), "items_at_start": 100},
+                          "process": {"started_at": at(20), "finished_at": None, "items_at_start": 100}}))
+    assert (p["items_done"], p["items_per_s"], p["eta_s"]) == (500, 5.0, 100.0)
+    assert [(x["phase"], x["state"], x["share_done"], x["seconds"]) for x in p["phases"]] == [
+        ("partition", "done", 1.0, 10.0), ("process", "running", 0.5, 80.0), ("retry", "pending", None, None),
+        ("aggregate", "pending", 0.0, None)]
+
+
+def test_progress_of_a_running_retry_round():
+    # 10 initial batches done; round 1 (40 items, 4 batches) planned at 100 s, one of its batches done at 120 s.
+    rounds = [{"round": 1, "classes": ["network"], "items": 40, "batches": 4, "started_at": at(100),
+               "finished_at": None}]
+    p = job_progress(job("running", "retry", 120, {"batches_total": 14, "batches_done": 11, "items_total": 200,
+                                                    "items_succeeded": 160, "items_failed": 40},
+                         {"process": {"started_at": at(10), "finished_at": at(90), "items_at_start": 0},
+                          "retry": {"started_at": at(95), "finished_at": None, "items_at_start": 200}},
+                         retry_rounds=rounds))
+    assert (p["items_per_s"], p["eta_s"]) == (0.5, 60.0)  # 10 of its 40 items in 20 s
+    assert [(x["phase"], x["state"], x["share_done"]) for x in p["phases"]] == [
+        ("partition", "done", 1.0), ("process", "done", 1.0), ("retry 1", "running", 0.25),
+        ("aggregate", "pending", 0.0)]
+
+
+def test_progress_of_a_completed_and_of_a_failed_job():
+    counts = {"batches_total": 4, "batches_done": 4, "items_total": 400, "items_succeeded": 400}
+    times = {"partition": {"started_at": at(0), "finished_at": at(5), "items_at_start": 0},
+             "process": {"started_at": at(5), "finished_at": at(45), "items_at_start": 0},
+             "aggregate": {"started_at": at(45), "finished_at": at(50), "items_at_start": 400}}
+    done = job_progress(job("completed", "done", 50, counts, times, finished_at=at(50)))
+    assert (done["items_per_s"], done["eta_s"]) == (10.0, 0.0)  # the process phase's rate: 400 in 40 s
+    assert [(x["phase"], x["state"], x["share_done"]) for x in done["phases"]] == [
+        ("partition", "done", 1.0), ("process", "done", 1.0), ("retry", "skipped", None),
+        ("aggregate", "done", 1.0)]
+    failed = job_progress(job("failed", "aggregate", 50, counts, {**times, "aggregate": {**times["aggregate"]}},
+                              finished_at=at(50)))
+    assert failed["eta_s"] is None
+    assert [x["state"] for x in failed["phases"]] == ["done", "done", "skipped", "failed"]
+
+
+def test_progress_of_a_job_manifest_without_phase_times():
+    # written before phase_times existed: the rate runs from the job's start, the phases follow `phase`
+    p = job_progress(job("running", "process", 50, {"batches_total": 2, "batches_done": 1, "items_total": 200,
+                                                     "items_succeeded": 100}, {}))
+    assert (p["items_per_s"], p["eta_s"]) == (2.0, 50.0)
+    assert [x["state"] for x in p["phases"]] == ["done", "running", "pending", "pending"]
+
+
+def test_update_job_times_each_phase(tmp_path):
+    store = LocalManifestStore(root=str(tmp_path))
+    save_job(store, JobManifest(job_id="j", handler="h", input={}, batch_size=1, cluster={}, storage="s",
+                                config={}))
+    update_job(store, "j", status="running", phase="partition")
+    update_job(store, "j", phase="process")
+    update_job(store, "j", phase="retry")
+    first_retry = load_job(store, "j").phase_times["retry"]
+    update_job(store, "j", phase="retry")  # the next round: the phase goes on
+    times = load_job(store, "j").phase_times
+    assert times["retry"] == first_retry and times["retry"]["finished_at"] is None
+    assert times["partition"]["finished_at"] == times["process"]["started_at"] <= times["process"]["finished_at"]
+    assert times["process"]["finished_at"] == times["retry"]["started_at"]
+
+    # the coordinator dies mid-retry; a restart closes the phase when that coordinator last wrote, not now
+    last_written = load_job(store, "j").updated_at
+    update_job(store, "j", status="pending", phase="submitted")
+    assert load_job(store, "j").phase_times["retry"]["finished_at"] == last_written
+    job_ = update_job(store, "j", status="running", phase="partition")
+    assert job_.phase_times["partition"]["finished_at"] is None
+    assert job_.phase_times["partition"]["started_at"] >= last_written  # the new run's, not the first one's
+    ended = update_job(store, "j", status="failed")
+    assert last_written <= ended.phase_times["partition"]["finished_at"] <= ended.updated_at
