@@ -28,6 +28,7 @@ from slurmctl.config import load_config, parse_config
 from slurmctl.flows import artifacts
 from slurmctl.flows.aggregate import aggregate_phase, aggregate_runner
 from slurmctl.flows.artifacts import JobArtifacts
+from slurmctl.flows.events import JobEvents
 from slurmctl.flows.partition import partition_phase
 from slurmctl.flows.process import process_phase
 from slurmctl.flows.retry import retry_phase
@@ -103,6 +104,8 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
                      coordinator_pid=os.getpid(), coordinator_host=socket.gethostname())
     heartbeat = Heartbeat(store, job_id, flow_run_id=flow_run_id).start()  # every phase
     arts = JobArtifacts(job, flow_run_id)
+    emitter = JobEvents(cfg, flow_run_id)  # slurmctl's own events, for the alerts (`slurmctl alerts install`)
+    emitter.started(job.phase)
     try:
         with dask.config.set(dask_settings(cfg)):
             if not aggregate_only:
@@ -114,11 +117,13 @@ def run_job(job_id: str | None = None, storage: dict[str, Any] | None = None, co
         job = update_job(store, job_id, status="failed", finished_at=now(),
                          error=f"{type(exc).__name__}: {exc}"[:2000])
         finish_artifacts(arts, store, cfg, job)
+        emitter.ended("failed" if isinstance(exc, Exception) else "cancelled", job.counts, job.error)
         raise
     finally:
         heartbeat.stop()
     job = update_job(store, job_id, status="completed", phase="done", finished_at=now(), output=result["output"])
     finish_artifacts(arts, store, cfg, job)
+    emitter.ended("completed", job.counts)
     logger.info("job %s completed: %s rows in %s", job_id, result["rows"], result["output"])
     return result
 

@@ -83,8 +83,16 @@ def jsonl_bytes(records: list[dict[str, Any]]) -> bytes:
 
 
 def summary_of(task_manifest: dict[str, Any]) -> dict[str, Any]:
-    """The few fields of a task manifest the coordinator keeps (a task's return value: keys and counts, not data)."""
-    return {k: task_manifest.get(k) for k in SUMMARY_FIELDS}
+    """The few fields of a task manifest the coordinator keeps (a task's return value: keys and counts, not data),
+    and ``tokens_waited_s``: the seconds its handler calls waited for rate-limit tokens (the token-wait alert)."""
+    return {**{k: task_manifest.get(k) for k in SUMMARY_FIELDS},
+            "tokens_waited_s": tokens_waited_s(task_manifest.get("metrics") or {})}
+
+
+def tokens_waited_s(metrics: dict[str, Any]) -> float:
+    """The batch's wait for rate-limit tokens, all limits together (``ratelimit_<name>_wait_s`` metrics)."""
+    return round(sum(float(v or 0) for k, v in metrics.items()
+                     if k.startswith("ratelimit_") and k.endswith("_wait_s")), 3)
 
 
 def error_policy(cfg: JobConfig) -> ErrorPolicy:
