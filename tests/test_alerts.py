@@ -104,14 +104,15 @@ def test_a_stall_window_under_prefects_minimum_is_refused_before_anything_is_ins
 # --- on a real Prefect server -------------------------------------------------------------------------------------
 
 def test_a_stalled_job_calls_the_webhook_and_completes_when_released(tmp_path, webhook, prefect_api, slurmctl_home):
-    installed = installed_alerts()
-    assert {a["name"]: a["actions"] for a in installed} == {
-        name: ["call-webhook"] for name in ("slurmctl-job-error-rate", "slurmctl-job-failed",
-                                             "slurmctl-job-stalled", "slurmctl-job-token-wait")}
-    # installing again replaces ours, it does not add a second set
+    # Installing again (the fixture installed them) updates ours in place: still one set of four.
     assert run_cli("alerts", "install", "--webhook", f"{webhook.url}/alerts", "--stall-minutes",
                    f"{STALL_S / 60}").returncode == 0
-    assert len(installed_alerts()) == 4
+    installed = {a["name"]: a for a in installed_alerts()}
+    assert {name: a["actions"] for name, a in installed.items()} == {
+        name: ["call-webhook"] for name in ("slurmctl-job-error-rate", "slurmctl-job-failed",
+                                             "slurmctl-job-stalled", "slurmctl-job-token-wait")}
+    assert (installed["slurmctl-job-stalled"]["posture"], installed["slurmctl-job-stalled"]["within_s"]) == (
+        "Proactive", STALL_S)
 
     # Eight batches of 0.4 s (a few heartbeats of progress); the seventh holds inside its handler (item 65) until
     # the test lets it go.
@@ -171,3 +172,4 @@ def test_a_job_failing_items_emits_its_error_rate_once(tmp_path, webhook, prefec
     alert = wait_for(lambda: webhook.find(alert="slurmctl-job-error-rate", job_id="erring"), ALERT_LATENCY_S,
                      "the error-rate alert")[-1]
     assert alert["event"] == "slurmctl.job.error-rate"
+    assert job_events(prefect_api, "erring", "slurmctl.job.token-wait") == []  # no rate limit, no wait

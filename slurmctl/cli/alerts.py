@@ -40,7 +40,8 @@ def add_parser(sub: Any) -> None:
 def _describe(a: Any) -> dict[str, Any]:
     trigger = a.trigger
     return {"name": a.name, "id": str(a.id), "enabled": a.enabled, "description": a.description,
-            "posture": str(getattr(trigger, "posture", "")), "expect": sorted(getattr(trigger, "expect", []) or []),
+            "posture": getattr(getattr(trigger, "posture", None), "value", None),
+            "expect": sorted(getattr(trigger, "expect", []) or []),
             "within_s": trigger.within.total_seconds() if getattr(trigger, "within", None) is not None else None,
             "actions": [act.type for act in a.actions]}
 
