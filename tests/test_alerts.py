@@ -88,6 +88,44 @@ def test_the_window_judges_only_its_recent_samples():
     assert w.error_rate_pct(min_items=10) == 0.0 and w.token_wait_pct(worker_threads=2) == 5.0
 
 
+def test_the_coordinator_emits_one_progress_event_per_beat_and_an_error_rate_once(monkeypatch):
+    from slurmctl.books.manifests import Counts
+    from slurmctl.flows import events
+
+    sent: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(events, "emit_event", lambda event, **kw: sent.append((event, kw)))
+    cfg = parse_config({"job_id": "j", "handler": "m:f", "input": {"uri": "x.jsonl"},
+                        "alerts": {"error_rate_pct": 20, "min_items": 10}})
+    emitter = events.JobEvents(cfg, "00000000-0000-0000-0000-000000000001")
+    emitter.processing(batches=300, worker_threads=2)
+    for beat in range(3):  # 100 batches a beat; from the second beat on, half their items fail
+        for _ in range(100):
+            emitter.batch({"items_succeeded": 10 if beat == 0 else 5, "items_failed": 0 if beat == 0 else 5})
+        emitter.beat(Counts(batches_done=100 * (beat + 1)))
+    emitter.beat(Counts(batches_done=300))  # nothing committed since: no progress event
+    names = [e for e, _ in sent]
+    assert names == ["slurmctl.job.processing", "slurmctl.job.progress", "slurmctl.job.progress",
+                     "slurmctl.job.error-rate", "slurmctl.job.progress"]
+    error = sent[3][1]
+    assert error["resource"]["prefect.resource.id"] == "slurmctl.job.j"
+    assert error["related"][0]["prefect.resource.id"] == "prefect.flow-run.00000000-0000-0000-0000-000000000001"
+    assert error["payload"]["error_rate_pct"] == 25.0  # 500 failed of 2,000 finished in the window
+
+
+def test_an_emitter_that_cannot_reach_prefect_warns_once_and_the_job_goes_on(monkeypatch, caplog):
+    from slurmctl.flows import events
+
+    def unreachable(event: str, **kw: Any) -> None:
+        raise ConnectionError("all connection attempts failed")
+
+    monkeypatch.setattr(events, "emit_event", unreachable)
+    cfg = parse_config({"job_id": "j", "handler": "m:f", "input": {"uri": "x.jsonl"}})
+    emitter = events.JobEvents(cfg, "00000000-0000-0000-0000-000000000001")
+    emitter.started("partition")
+    emitter.processing(batches=1, worker_threads=1)
+    assert emitter.warned
+
+
 def test_alert_thresholds_are_job_config_fields_named_when_wrong():
     cfg = parse_config({"handler": "m:f", "input": {"uri": "x.jsonl"}, "alerts": {"error_rate_pct": 5}})
     assert (cfg.alerts.error_rate_pct, cfg.alerts.token_wait_pct) == (5, 50)
