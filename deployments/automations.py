@@ -97,7 +97,8 @@ def triggers(stall: timedelta) -> dict[str, EventTrigger]:
         STALLED: EventTrigger(
             match=_job_match(), for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
             after={ev.PROCESSING, ev.PROGRESS},
-            expect={ev.PROGRESS, ev.PROCESSED, ev.COMPLETED, ev.FAILED, ev.CANCELLED}, within=stall),
+            # processing is expected too: a retry round starting inside the previous pass's window opens its own
+            expect={ev.PROCESSING, ev.PROGRESS, ev.PROCESSED, ev.COMPLETED, ev.FAILED, ev.CANCELLED}, within=stall),
         ERROR_RATE: EventTrigger(match=_job_match(), for_each={"prefect.resource.id"}, expect={ev.ERROR_RATE},
                                  posture=Posture.Reactive, threshold=1, within=timedelta(0)),
         TOKEN_WAIT: EventTrigger(match=_job_match(), for_each={"prefect.resource.id"}, expect={ev.TOKEN_WAIT},
@@ -135,11 +136,6 @@ def install(settings: AlertSettings) -> list[Any]:
     """Create or update the automations (and the webhook block) on the current Prefect API; return them."""
     settings.check()
     webhook_id = notify_id = None
-    if settings.webhook_url:
-        from prefect.blocks.webhook import Webhook
-
-        webhook_id = Webhook(url=settings.webhook_url, method="POST",
-                             headers={"Content-Type": "application/json"}).save(WEBHOOK_BLOCK, overwrite=True)
     with get_client(sync_client=True) as client:
         if settings.notify_block:
             slug, name = settings.notify_block.split("/", 1)
@@ -148,6 +144,11 @@ def install(settings: AlertSettings) -> list[Any]:
             except Exception as exc:
                 raise AlertsError(f"--notify {settings.notify_block}: no such block on this Prefect API "
                                   f"({type(exc).__name__}); create it first (`prefect block create {slug}`)") from None
+        if settings.webhook_url:
+            from prefect.blocks.webhook import Webhook
+
+            webhook_id = Webhook(url=settings.webhook_url, method="POST",
+                                 headers={"Content-Type": "application/json"}).save(WEBHOOK_BLOCK, overwrite=True)
         existing: dict[str, list[Any]] = {}
         for a in client.read_automations():
             if a.name.startswith(PREFIX):

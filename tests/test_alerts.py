@@ -133,9 +133,11 @@ def test_alert_thresholds_are_job_config_fields_named_when_wrong():
         parse_config({"handler": "m:f", "input": {"uri": "x.jsonl"}, "alerts": {"error_rate_pct": 0}})
 
 
-def test_a_stall_window_under_prefects_minimum_is_refused_before_anything_is_installed(prefect_api):
+def test_a_short_stall_window_or_an_unknown_block_is_refused_before_anything_is_installed(prefect_api):
     result = run_cli("alerts", "install", "--stall-minutes", "0.1")
     assert result.returncode == 2 and "at least" in result.stderr
+    result = run_cli("alerts", "install", "--notify", "custom-webhook/nobody-saved-this")
+    assert result.returncode == 2 and "no such block" in result.stderr
     assert installed_alerts() == []
 
 
