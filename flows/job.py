@@ -28,6 +28,7 @@ from slurmctl.config import known_storage, parse_config
 from slurmctl.flows import artifacts, cancel, naming
 from slurmctl.flows.aggregate import aggregate_phase, aggregate_runner
 from slurmctl.flows.artifacts import JobArtifacts
+from slurmctl.flows.events import JobEvents
 from slurmctl.flows.naming import job_run_name
 from slurmctl.flows.partition import partition_phase
 from slurmctl.flows.process import process_phase
@@ -104,6 +105,8 @@ def run_job(job_id: str | None = None, config_path: str | None = None, config: d
     heartbeat = Heartbeat(store, job_id, flow_run_id=flow_run_id).start()  # every phase
     watch = cancel.CancelWatch(store, job_id, flow_run_id).start()
     arts = JobArtifacts(job, flow_run_id)
+    emitter = JobEvents(cfg, flow_run_id)  # slurmctl's own events, for the alerts (`slurmctl alerts install`)
+    emitter.started(job.phase)
     try:
         with dask.config.set(dask_settings(cfg)):
             if not aggregate_only:
@@ -117,19 +120,23 @@ def run_job(job_id: str | None = None, config_path: str | None = None, config: d
             ids = cancel.mark_cancelled(store, job_id, reason, cfg.cluster.kind)
             logger.warning("job %s cancelled (%s); Slurm worker jobs cancelled: %s; `slurmctl resume %s` continues "
                            "it", job_id, reason, ", ".join(ids) or "none left", job_id)
-            finish_artifacts(arts, store, cfg, load_job(store, job_id))
+            job = load_job(store, job_id)
+            finish_artifacts(arts, store, cfg, job)
+            emitter.ended("cancelled", job.counts, reason)
             if isinstance(exc, (cancel.JobCancelled, CancelledRun)):
                 return Cancelled(message=f"{job_id}: {reason}")
             raise  # a runner's SIGTERM: Prefect's engine records the cancellation
         job = update_job(store, job_id, status="failed", finished_at=now(),
                          error=f"{type(exc).__name__}: {exc}"[:2000])
         finish_artifacts(arts, store, cfg, job)
+        emitter.ended("failed", job.counts, job.error)
         raise
     finally:
         watch.stop()
         heartbeat.stop()
     job = update_job(store, job_id, status="completed", phase="done", finished_at=now(), output=result["output"])
     finish_artifacts(arts, store, cfg, job)
+    emitter.ended("completed", job.counts)
     logger.info("job %s completed: %s rows in %s", job_id, result["rows"], result["output"])
     return result
 

@@ -32,7 +32,7 @@ from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, no
 from slurmctl.books.shards import Budget, Shard, plan_shards, worker_slots
 from slurmctl.books.store import load_job, read_plan, save_job, store_for
 from slurmctl.config import JobConfig, parse_config
-from slurmctl.flows import artifacts, cancel
+from slurmctl.flows import artifacts, cancel, events
 from slurmctl.records import BatchSpec
 from slurmctl.tasks.process_batch import summary_of
 from slurmctl.tasks.process_shard import commits_topic, process_shard
@@ -155,6 +155,9 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
     watch = WorkerWatch(cfg)
     feed = CommitFeed(job.job_id)
     limit = max(1, min(cfg.max_in_flight, 2 * slots))
+    emitter = events.live(job.job_id)  # the job's Prefect events (alerts), one of each kind per beat at most
+    if emitter is not None:
+        emitter.processing(len(todo_specs), slots)
 
     start, delta = job.counts.model_copy(), Counts()  # job.counts = (recounted base, or start) + this run's
 
@@ -162,6 +165,8 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
         if summary["batch_id"] not in counted:
             counted.add(summary["batch_id"])
             delta.add(summary)
+            if emitter is not None:
+                emitter.batch(summary)
 
     def failed_one(batch_id: str) -> None:
         failed.append(batch_id)
@@ -180,6 +185,8 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
             arts = artifacts.live(job.job_id)
             if arts is not None:  # the Prefect UI, a few seconds behind the commits
                 arts.update(job)
+            if emitter is not None:
+                emitter.beat(job.counts)
             last_beat = time.monotonic()
             watch.check(waiting=bool(in_flight))
         cancel.check(job.job_id)  # between batches: what is committed stays, the rest is not started
@@ -219,6 +226,8 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
     finally:
         feed.close()
     beat(force=True)
+    if emitter is not None:
+        emitter.processed(job.counts)
     return failed
 
 

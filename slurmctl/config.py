@@ -219,6 +219,23 @@ class AggregateConfig(_Strict):
         "Distinct values of partition_by allowed (each is a directory with files of its own)."))
 
 
+class AlertsConfig(_Strict):
+    """When the coordinator emits its alert events (``slurmctl.job.error-rate``, ``slurmctl.job.token-wait``); the
+    automations ``slurmctl alerts install`` creates act on them. Each is emitted when its share crosses the threshold
+    upwards over the last ``window_s`` seconds, once, until it falls back below. The stall bound is the
+    automation's own (``slurmctl alerts install --stall-minutes``): the Prefect server watches for missing events."""
+
+    error_rate_pct: float = Field(default=10.0, gt=0, le=100, description=(
+        "Failed items as a share of the items finished in the window (succeeded + failed) above which "
+        "slurmctl.job.error-rate is emitted."))
+    token_wait_pct: float = Field(default=50.0, gt=0, le=100, description=(
+        "Share of the worker threads' time spent waiting for rate-limit tokens in the window above which "
+        "slurmctl.job.token-wait is emitted."))
+    window_s: float = Field(default=60.0, ge=2, description="The recent window the shares are measured over.")
+    min_items: int = Field(default=20, ge=1, description=(
+        "Items finished in the window below which no error rate is judged (a few failures of a few items is noise)."))
+
+
 ClusterConfig = Annotated[Union[LocalClusterConfig, SlurmClusterConfig], Field(discriminator="kind")]
 
 
@@ -288,6 +305,7 @@ class JobConfig(_Strict):
         "How each batch stores its rows before aggregation: Parquet, or a SQLite database (the local scratch "
         "format of the PRD's workers); the aggregation reads either."))
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @field_validator("handler")
     @classmethod

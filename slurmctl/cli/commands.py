@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from slurmctl.cli import alerts
 from slurmctl.config import ConfigError, JobConfig, StorageConfig, job_config, known_storage
 from slurmctl.paths import coordinator_log, home
 from slurmctl.procs import pid_alive
@@ -898,6 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             s.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_server)
+    alerts.add_parser(sub)
     return parser
 
 
