@@ -8,8 +8,9 @@ that need the credentials (coordinator, workers) load the block by name, once pe
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 from prefect.blocks.core import Block
 
@@ -30,15 +31,35 @@ def saved_block(name: str, types: tuple[str, ...]) -> Block:
     candidates = [slug] if slug else list(types)
     if slug and slug not in types:
         raise BlockNotFound(f"block {name!r}: type {slug!r} is not one of {', '.join(types)}")
-    for block_type in candidates:
-        try:
-            return Block.load(f"{block_type}/{bare}")
-        except ValueError as exc:  # Prefect: "Unable to find block document named ..."
-            if "Unable to find" not in str(exc):
-                raise
+    with _prefect_api(name):
+        for block_type in candidates:
+            try:
+                return Block.load(f"{block_type}/{bare}")
+            except ValueError as exc:  # Prefect: "Unable to find block document named ..."
+                if "Unable to find" not in str(exc):
+                    raise
     raise BlockNotFound(f"block {name!r}: no saved block of type {' or '.join(candidates)} has that name; save one "
                         f"(Prefect UI, Blocks; or `<BlockClass>(...).save({bare!r})` in Python) or check "
                         f"`prefect block ls` and PREFECT_API_URL")
+
+
+@contextlib.contextmanager
+def _prefect_api(name: str) -> Iterator[None]:
+    """Blocks live on ``PREFECT_API_URL``, else on the embedded default's local server; never on a throwaway
+    ephemeral server, which would hold no saved block."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from slurmctl import prefect_server
+
+    info = prefect_server.running()
+    if info is None:
+        raise BlockNotFound(f"block {name!r}: no Prefect API to load it from: set PREFECT_API_URL, or start the local "
+                            f"server (`slurmctl server start`) where it was saved")
+    with temporary_settings(updates={PREFECT_API_URL: info["api_url"]}):
+        yield
 
 
 def _endpoint_region(block: Any) -> dict[str, Any]:

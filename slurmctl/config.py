@@ -186,20 +186,22 @@ class RateLimiterConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _from_block(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("block") and "kind" not in data:
-            data = {**_block_fields("limiter", data["block"]), **data}
+        return _with_block_fields(data, "limiter", "kind")
+
+
+def _with_block_fields(data: Any, what: str, own_key: str) -> Any:
+    """A ``storage:``/``rate_limiter:`` mapping that names a saved ``block`` gets the block's non-secret settings
+    (``slurmctl.blocks.saved``), once: a mapping that already has ``own_key`` (a validated config read back from a
+    manifest) is left as it is. A missing block is a config error."""
+    if not (isinstance(data, dict) and data.get("block")) or own_key in data:
         return data
-
-
-def _block_fields(what: str, name: str) -> dict[str, Any]:
-    """The non-secret settings of a saved block (``slurmctl.blocks.saved``); a missing one is a config error."""
     from slurmctl.blocks.saved import BlockNotFound, limiter_settings, store_settings
 
     try:
-        fields = store_settings(name) if what == "store" else limiter_settings(name)
+        fields = store_settings(data["block"]) if what == "store" else limiter_settings(data["block"])
     except BlockNotFound as exc:
         raise ValueError(str(exc)) from None
-    return {k: v for k, v in fields.items() if v is not None}
+    return {**{k: v for k, v in fields.items() if v is not None}, **data}
 
 
 class AggregateConfig(_Strict):
@@ -256,9 +258,7 @@ class StorageConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _from_block(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("block") and "uri" not in data:
-            data = {**_block_fields("store", data["block"]), **data}
-        return data
+        return _with_block_fields(data, "store", "uri")
 
     @field_validator("uri")
     @classmethod

@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any
 
+from slurmctl.cli.common import _err, local_prefect_server, prefect_api
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -47,7 +49,6 @@ def _describe(a: Any) -> dict[str, Any]:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    from slurmctl.cli.commands import _err, local_prefect_server, prefect_api
     from slurmctl.deployments import automations
 
     with prefect_api(local_prefect_server()):

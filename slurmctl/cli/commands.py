@@ -18,18 +18,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from slurmctl.cli import alerts
+from slurmctl.cli.common import _err, local_prefect_server, prefect_api
 from slurmctl.config import ConfigError, JobConfig, StorageConfig, job_config, known_storage
 from slurmctl.paths import coordinator_log, home
 from slurmctl.procs import pid_alive
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DETACHED = 0, 1, 2, 130
-
-
-def _err(msg: str) -> None:
-    print(f"slurmctl: {msg}", file=sys.stderr)
 
 
 # --- finding a job's store ---------------------------------------------------------------------------------------
@@ -180,21 +177,6 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
 
 
 # --- the local Prefect server (embedded default) ----------------------------------------------------------------
-def local_prefect_server() -> dict[str, Any] | None:
-    """On the embedded default (no ``PREFECT_API_URL``), make sure the local Prefect server runs before a
-    coordinator starts, so a job never waits for it unseen; return its record. None when ``PREFECT_API_URL`` names
-    the server to use. The coordinator finds the same server itself (``prefect_server.ensure``)."""
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-    from slurmctl import prefect_server
-
-    info = prefect_server.running()
-    if info is None:
-        print("starting the local Prefect server (takes 10-20 s) ...", file=sys.stderr, flush=True)
-        info = prefect_server.start()
-    return info
-
-
 def flow_run_link(server: dict[str, Any] | None, previous_run: str | None
                   ) -> Callable[[dict[str, Any]], None] | None:
     """For ``watch``: print ``Prefect UI: <flow run page>`` once, when the job manifest names a flow run other than
@@ -214,18 +196,6 @@ def flow_run_link(server: dict[str, Any] | None, previous_run: str | None
             print(("\r\033[K" if sys.stderr.isatty() else "") + f"Prefect UI: {link}", file=sys.stderr, flush=True)
 
     return announce
-
-
-@contextlib.contextmanager
-def prefect_api(server: dict[str, Any] | None) -> Iterator[None]:
-    """Prefect clients in this process talk to ``server`` (the local one) when PREFECT_API_URL names none."""
-    if not server:
-        yield
-        return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: server["api_url"]}):
-        yield
 
 
 # --- commands -----------------------------------------------------------------------------------------------------
