@@ -47,19 +47,19 @@ def preflight(cfg: JobConfig) -> list[Problem]:
             problems.append(("input.uri", f"no such file: {uri}"))
     except (ClientError, BotoCoreError) as exc:
         problems.append(("input.uri", f"cannot read {uri}: {exc}"))
-    reachable = True
-    if cfg.storage.uri.startswith("s3://"):
-        try:
-            store._s3().head_bucket(Bucket=store.bucket)
-        except (ClientError, BotoCoreError) as exc:
-            reachable = False
-            problems.append(("storage.uri", f"bucket {store.bucket!r} is not reachable: {exc}"))
-    if reachable and not problems:  # the probe writes: only for a job that can otherwise run
+    # No HeadBucket: it needs ListBucket on the whole bucket, which the job's least-privilege policy (`slurmctl
+    # iam-policy`) does not grant; the probe's own write tells a missing or unreachable bucket.
+    if not problems:  # the probe writes: only for a job that can otherwise run
         try:
             store.check_conditional_writes()
         except StoreUnsupported as exc:
             problems.append(("storage.uri", str(exc)))
-        except (ClientError, BotoCoreError, OSError) as exc:
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            what = (f"bucket {getattr(store, 'bucket', '?')!r} does not exist" if code == "NoSuchBucket"
+                    else f"cannot write to {store.uri('')}: {exc}")
+            problems.append(("storage.uri", what))
+        except (BotoCoreError, OSError) as exc:
             problems.append(("storage.uri", f"cannot write to {store.uri('')}: {exc}"))
     if cfg.rate_limits and cfg.rate_limiter.kind == "dynamodb":
         from slurmctl.books.limits import backend_for

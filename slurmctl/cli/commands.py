@@ -579,6 +579,24 @@ def _set_cancelling(flow_run_id: str) -> None:
     asyncio.run(mark())
 
 
+def cmd_iam_policy(args: argparse.Namespace) -> int:
+    """Print the job's least-privilege IAM policy (``slurmctl.iam``)."""
+    import datetime as dt
+
+    from slurmctl.iam import policy_for
+
+    try:
+        cfg = job_config(args.config, date=args.date or dt.date.today())
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    policy = policy_for(cfg, account=args.account, region=args.region, create_table=args.create_table)
+    print(json.dumps(policy, indent=2))
+    if not policy["Statement"]:
+        print("note: this job uses no AWS service (local store, local limiter, local input)", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     return restart(args)
 
@@ -789,6 +807,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "alone means slurmctl-job/NAME): it runs on that deployment's workers, like a run started "
                         "from the UI")
     p.set_defaults(func=cmd_submit)
+    p = sub.add_parser(
+        "iam-policy", help="print the least-privilege IAM policy a job needs (S3 prefix, DynamoDB items)",
+        description="The IAM policy document for one job's coordinator and workers: its objects in the store's "
+                    "prefix, its S3 input, its rate-limit items in the DynamoDB table (by partition key), the KMS "
+                    "key of an encrypted store. Example: slurmctl iam-policy jobs/geocode.yaml --account "
+                    "123456789012 > policy.json")
+    p.add_argument("config", help="path to the job's YAML config")
+    p.add_argument("--account", default="*", help="AWS account id of the DynamoDB table (default *)")
+    p.add_argument("--region", help="region of the DynamoDB table (default: the config's, else *)")
+    p.add_argument("--create-table", action="store_true",
+                   help="also allow creating the DynamoDB table (admission creates a missing one)")
+    p.add_argument("--date", help="the date for {date} in the config (default today)")
+    p.set_defaults(func=cmd_iam_policy)
     p = sub.add_parser(
         "cancel", help="stop a running job: its Dask cluster and Slurm jobs; committed batches are kept",
         description="Cancel a job's current run, as cancelling its flow run in the Prefect UI does: the coordinator "

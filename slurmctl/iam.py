@@ -1,0 +1,73 @@
+"""The least-privilege IAM policy of one job (``slurmctl iam-policy CONFIG``): what its coordinator and workers do on
+AWS, and nothing else.
+
+It follows what the code calls, per backend:
+
+* the **manifest store** (``s3://bucket/prefix``): objects under ``<prefix>/jobs/<job_id>/`` (manifests, parts,
+  outputs, the task cache), ``<prefix>/_probes/`` (admission proves create-if-absent there) and, with a DynamoDB
+  limiter, ``<prefix>/rate-limits/`` (pause/rate signals, shared by the jobs of one store by design): Get, Put
+  (conditional PUTs and multipart uploads included), Delete, multipart abort/list-parts; ``ListBucket`` only for
+  those prefixes (``s3:prefix`` condition);
+* an **S3 input**: ``GetObject`` on that one object (ranged reads are GETs);
+* the **DynamoDB limiter**: ``GetItem``/``PutItem``/``UpdateItem`` on the table, only for items whose partition key
+  is one of the job's limit keys (``dynamodb:LeadingKeys``), and ``DescribeTable`` (``CreateTable`` only with
+  ``create_table``: admission creates a missing table);
+* **SSE-KMS** (a store with ``sse_kms_key_id``): ``kms:GenerateDataKey`` and ``kms:Decrypt`` on that key.
+
+Resources are exact ARNs; the account and region of the DynamoDB table are ``*`` unless given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slurmctl.config import JobConfig
+
+S3_OBJECT_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
+                     "s3:ListMultipartUploadParts"]
+DYNAMODB_ITEM_ACTIONS = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"]
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key.strip("/")
+
+
+def _under(prefix: str, path: str) -> str:
+    return f"{prefix}/{path}" if prefix else path
+
+
+def policy_for(cfg: JobConfig, *, account: str = "*", region: str | None = None,
+               create_table: bool = False) -> dict[str, Any]:
+    """The IAM policy document (``Version`` 2012-10-17) one job needs; no statement for local backends."""
+    statements: list[dict[str, Any]] = []
+    dynamodb = bool(cfg.rate_limits) and cfg.rate_limiter.kind == "dynamodb"
+    if cfg.storage.uri.startswith("s3://"):
+        bucket, prefix = _split_s3(cfg.storage.uri)
+        paths = [f"jobs/{cfg.job_id}/", "_probes/"] + (["rate-limits/"] if dynamodb else [])
+        statements.append({"Sid": "JobObjects", "Effect": "Allow", "Action": S3_OBJECT_ACTIONS,
+                           "Resource": [f"arn:aws:s3:::{bucket}/{_under(prefix, p)}*" for p in paths]})
+        statements.append({"Sid": "ListJobPrefixes", "Effect": "Allow", "Action": ["s3:ListBucket"],
+                           "Resource": [f"arn:aws:s3:::{bucket}"],
+                           "Condition": {"StringLike": {"s3:prefix": [f"{_under(prefix, p)}*" for p in paths]}}})
+    if cfg.input.uri.startswith("s3://"):
+        bucket, key = _split_s3(cfg.input.uri)
+        statements.append({"Sid": "ReadInput", "Effect": "Allow", "Action": ["s3:GetObject"],
+                           "Resource": [f"arn:aws:s3:::{bucket}/{key}"]})
+    if dynamodb:
+        from slurmctl.books.limits import limit_key
+
+        where = region or cfg.rate_limiter.region or "*"
+        table = f"arn:aws:dynamodb:{where}:{account}:table/{cfg.rate_limiter.table}"
+        statements.append({"Sid": "RateLimitItems", "Effect": "Allow", "Action": DYNAMODB_ITEM_ACTIONS,
+                           "Resource": [table],
+                           "Condition": {"ForAllValues:StringEquals": {
+                               "dynamodb:LeadingKeys": sorted(limit_key(cfg, n) for n in cfg.rate_limits)}}})
+        statements.append({"Sid": "RateLimitTable", "Effect": "Allow",
+                           "Action": ["dynamodb:DescribeTable"] + (["dynamodb:CreateTable"] if create_table else []),
+                           "Resource": [table]})
+    kms_key = getattr(cfg.storage, "sse_kms_key_id", None)
+    if kms_key:
+        statements.append({"Sid": "StoreEncryption", "Effect": "Allow",
+                           "Action": ["kms:GenerateDataKey", "kms:Decrypt"], "Resource": [kms_key]})
+    return {"Version": "2012-10-17", "Statement": statements}
