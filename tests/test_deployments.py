@@ -19,7 +19,6 @@ from support.jobs import (
     TESTS,
     assert_exactly_once,
     held_job,
-    log_tail,
     run_cli,
     status,
     wait_for,
@@ -162,6 +161,9 @@ def test_the_daily_schedule_gives_each_run_its_own_date(prefect_api, pool, monke
 
 def test_submit_to_a_deployment_then_cancel_the_workers_run_from_prefect(tmp_path, prefect_api, slurmctl_home,
                                                                         pool):
+    """The worker's runner stops the run (SIGTERM with a cancel intent) and runs the flow's on_cancellation hook in
+    its own process; the coordinator's watch may notice the Cancelling state first: either way the job is
+    cancelled."""
     cfg, marker, release = held_job(tmp_path, "dep-cancel", 60)
     out = run_cli("submit", str(cfg), "--deployment", "job")
     assert out.returncode == 0, out.stderr
@@ -177,8 +179,6 @@ def test_submit_to_a_deployment_then_cancel_the_workers_run_from_prefect(tmp_pat
                  "the flow run to be Cancelled")
     finally:
         release.touch()
-    assert status("dep-cancel")["batches_done"] == 2
-    assert run_cli("resume", "dep-cancel", "--wait").returncode == 0, log_tail(slurmctl_home, "dep-cancel")
     view = status("dep-cancel")
-    assert view["status"] == "completed"
-    assert_exactly_once(view, range(60))
+    assert view["batches_done"] == 2 and "slurmctl resume dep-cancel" in view["error"]
+    # (resuming a cancelled job: tests/test_cancel.py, on Slurm and locally)
