@@ -87,15 +87,25 @@ def test_scancel_of_a_worker_job_mid_run_loses_nothing(tmp_path: Path, prefect_a
     n = 300
     cfg = slurm_config(tmp_path, "scancel-one", n)
     assert run_cli("submit", str(cfg)).returncode == 0
-    wait_for(lambda: len(calls(str(tmp_path / "calls"))) >= 40, 300, "batches running on Slurm workers")
-    victim = worker_jobs("scancel-one")[0]
+    # The victim is a worker job that has committed batches and is still running: killing one that never got work
+    # (both jobs are started, but one may take every batch) would test nothing.
+    tasks_dir = tmp_path / "state/jobs/scancel-one/tasks"
+
+    def a_working_job() -> str | None:
+        running = set(worker_jobs("scancel-one"))
+        worked = {json.loads(p.read_text())["slurm_job_id"] for p in tasks_dir.glob("batch-*.json")}
+        return min(running & worked, default=None)
+
+    victim = wait_for(lambda: len(calls(str(tmp_path / "calls"))) >= 40 and a_working_job(), 300,
+                      "batches committed by a running Slurm worker job", interval=1.0)
     subprocess.run(["scancel", victim], check=True, timeout=30)
 
     view = wait_until_ended("scancel-one", 600)
     assert view["status"] == "completed", view["error"] + log_tail(slurmctl_home, "scancel-one")
     assert_exactly_once(view, range(n))
-    tasks = [json.loads(p.read_text()) for p in (tmp_path / "state/jobs/scancel-one/tasks").glob("batch-*.json")]
-    assert len({t["slurm_job_id"] for t in tasks}) >= 2  # batches ran in more than one Slurm job
+    tasks = [json.loads(p.read_text()) for p in tasks_dir.glob("batch-*.json")]
+    ran_in = {t["slurm_job_id"] for t in tasks}
+    assert victim in ran_in and len(ran_in) >= 2, ran_in  # the rest ran in another Slurm job
 
 
 @pytest.mark.chaos
