@@ -9,27 +9,63 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any, Sequence
 
+from dask_jobqueue import SLURMCluster
 from prefect_dask import DaskTaskRunner
 
 from slurmctl.config import LocalClusterConfig, SlurmClusterConfig
-from slurmctl.paths import job_log_dir
+from slurmctl.paths import job_log_dir, job_secrets_file
+from slurmctl.secret_env import remove_env_file, source_lines, split_env, write_env_file
 from slurmctl.slurm import slurm_job_name
 
 # Environment a Slurm-started worker needs to find the project, the Prefect API and AWS endpoints. sbatch exports
-# the submitting environment by default, but sites often set --export=NONE, so we state what matters.
+# the submitting environment by default, but sites often set --export=NONE, so we state what matters. The secret
+# ones (``slurmctl.secret_env.is_secret``: AWS keys and session token, PREFECT_API_KEY) never go into the job script:
+# it sources them from the job's secrets file (``SecretEnvSLURMCluster``).
 _FORWARDED_ENV = ("PYTHONPATH", "PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_KEY", "AWS_ACCESS_KEY_ID",
                   "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
                   "SLURMCTL_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")
 
 
-def slurm_prologue(cfg: SlurmClusterConfig) -> list[str]:
+def slurm_prologue(cfg: SlurmClusterConfig, secrets_file: Path | None = None) -> list[str]:
+    """The job script's first lines: where to run, the non-secret environment inline, and (when some forwarded
+    variable is secret) the line sourcing ``secrets_file``: the script holds its path, never a secret value."""
     cwd = Path.cwd()
     pythonpath = os.pathsep.join(dict.fromkeys([str(cwd), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
     lines = [f"cd {shlex.quote(str(cwd))}", f"export PYTHONPATH={shlex.quote(pythonpath)}"]
-    lines += [f"export {k}={shlex.quote(os.environ[k])}" for k in _FORWARDED_ENV
-              if k in os.environ and k != "PYTHONPATH"]
+    inline, secret = split_env([k for k in _FORWARDED_ENV if k != "PYTHONPATH"], os.environ)
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in inline.items()]
+    if secret and secrets_file is not None:
+        lines += source_lines(secrets_file)
     return lines + list(cfg.job_script_prologue)
+
+
+class SecretEnvSLURMCluster(SLURMCluster):
+    """dask-jobqueue's SLURMCluster that writes the forwarded secret variables to ``secrets_file`` (0600) as it
+    starts, for its job scripts to source, and removes the file when it closes: the secrets are on disk exactly as
+    long as a worker job may start. Values are read from this (the coordinator's) environment, never passed in."""
+
+    def __init__(self, *args: Any, secrets_file: str | None = None, secret_names: Sequence[str] = (),
+                 **kwargs: Any) -> None:
+        self._secrets_file = Path(secrets_file) if secrets_file and secret_names else None
+        if self._secrets_file is not None:
+            write_env_file(self._secrets_file, {k: os.environ[k] for k in secret_names if k in os.environ})
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._remove_secrets()
+            raise
+
+    def _remove_secrets(self) -> None:
+        if self._secrets_file is not None:
+            remove_env_file(self._secrets_file)
+
+    def close(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().close(*args, **kwargs)
+        finally:
+            self._remove_secrets()
 
 
 def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: str = "job") -> DaskTaskRunner:
@@ -37,14 +73,17 @@ def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: st
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
             "n_workers": cluster.n_workers, "threads_per_worker": cluster.threads_per_worker,
             "processes": cluster.processes, "dashboard_address": None})
+    secrets = job_secrets_file(job_id).absolute()
+    _, secret_names = split_env(_FORWARDED_ENV, os.environ)
     kwargs = {
         "queue": cluster.queue, "account": cluster.account, "cores": cluster.cores, "processes": cluster.processes,
         "memory": cluster.memory, "walltime": cluster.walltime,
         "job_extra_directives": list(cluster.job_extra_directives),
-        "job_script_prologue": slurm_prologue(cluster), "python": sys.executable,
+        "job_script_prologue": slurm_prologue(cluster, secrets), "python": sys.executable,
         "scheduler_options": {"dashboard_address": None}, "job_name": slurm_job_name(job_id),
         # Workers orphaned by a dead coordinator exit by themselves instead of holding Slurm allocations.
         "death_timeout": 60,
+        "secrets_file": str(secrets), "secret_names": secret_names,
     }
     if cluster.local_directory:
         kwargs["local_directory"] = cluster.local_directory
@@ -52,5 +91,5 @@ def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: st
     # other logs (the directory must be on a filesystem the compute nodes share).
     kwargs["log_directory"] = cluster.log_directory or str(job_log_dir(job_id).absolute())
     kwargs = {k: v for k, v in kwargs.items() if v is not None} | cluster.options
-    return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs=kwargs,
+    return DaskTaskRunner(cluster_class=SecretEnvSLURMCluster, cluster_kwargs=kwargs,
                           adapt_kwargs={"minimum_jobs": cluster.min_jobs, "maximum_jobs": cluster.max_jobs})

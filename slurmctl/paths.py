@@ -23,3 +23,9 @@ def coordinator_log(job_id: str) -> Path:
 def job_log_dir(job_id: str) -> Path:
     """The job's log directory next to its coordinator log: Slurm worker job logs go here by default."""
     return home() / "logs" / job_id
+
+
+def job_secrets_file(job_id: str) -> Path:
+    """The job's secret environment for its Slurm workers (0600; ``slurmctl.secret_env``): there only while its
+    cluster runs."""
+    return home() / "secrets" / f"{job_id}.env"

@@ -18,6 +18,8 @@ Two params pin down *when* something happens, so tests wait for a condition inst
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import time
@@ -98,6 +100,33 @@ def counting(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     if cls:
         raise ItemError(f"injected {cls} error", error_class=cls)
     return {"id": item["id"], "doubled": item["id"] * 2}
+
+
+@functools.lru_cache(maxsize=8)
+def secret_block_value(name: str) -> str:
+    """A Prefect ``Secret`` block's value, loaded once per worker process, as a handler holding an API token does."""
+    from prefect.blocks.system import Secret
+
+    return Secret.load(name).get()
+
+
+def sha256(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def using_secrets(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """``counting``, using secrets the way a real handler does, and writing none of them anywhere: the Prefect
+    ``Secret`` block ``params["secret_block"]`` and the environment variables named in ``params["env_sha256"]``
+    must hold the values whose sha256 the params give (``secret_sha256``, ``env_sha256: {NAME: hex}``), else the
+    item fails naming what did not match (never a value): the job only succeeds if the secrets reached the worker."""
+    if sha256(secret_block_value(ctx.params["secret_block"])) != ctx.params["secret_sha256"]:
+        raise ItemError(f"Secret block {ctx.params['secret_block']!r} does not hold the expected value",
+                        error_class="secret")
+    for name, digest in ctx.params.get("env_sha256", {}).items():
+        if sha256(os.environ.get(name, "")) != digest:
+            raise ItemError(f"environment variable {name} is missing or not the expected value",
+                            error_class="secret")
+    return counting(item, ctx)
 
 
 def rows_per_item(item: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
