@@ -498,6 +498,9 @@ def known_storage(job_id: str) -> StorageConfig:
 
     from slurmctl.paths import home
 
+    if not re.fullmatch(JOB_ID_PATTERN, job_id or ""):  # it names a file here: never read one outside jobs/
+        raise ConfigError([("job_id", f"{str(job_id)[:200]!r} is not a job id: "
+                                      f"{name_problem(job_id or '') or 'must match ' + JOB_ID_PATTERN}")])
     pointer = home() / "jobs" / f"{job_id}.json"
     if pointer.exists():
         return StorageConfig.model_validate(json.loads(pointer.read_text())["storage"])

@@ -14,7 +14,7 @@ from support.jobs import run_cli
 
 from slurmctl.blocks.manifest_store import LocalManifestStore, S3ManifestStore
 from slurmctl.books.manifests import Keys
-from slurmctl.config import ConfigError, parse_config
+from slurmctl.config import ConfigError, known_storage, parse_config
 from slurmctl.safe_keys import UnsafeKey, key_problem, name_problem, safe_key
 
 GOOD = {"handler": "slurmctl.handlers.echo:handle", "input": {"uri": "data/users.jsonl"}, "batch_size": 10}
@@ -149,3 +149,11 @@ def test_cli_refuses_a_job_id_that_is_not_one_with_exit_2(slurmctl_home: Path, j
     assert f"slurmctl: {job_id!r} is not a job id: it {why}" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (slurmctl_home / "jobs").exists()
+
+
+def test_a_job_id_from_a_flow_parameter_never_names_a_pointer_outside_jobs(slurmctl_home: Path):
+    """A retry deployment's run gives only a job id: its store is looked up in $SLURMCTL_HOME/jobs/<job_id>.json."""
+    (slurmctl_home / "secret.json").parent.mkdir(parents=True, exist_ok=True)
+    (slurmctl_home / "secret.json").write_text('{"storage": {"uri": "s3://elsewhere/x"}}')
+    with pytest.raises(ConfigError, match="job_id: '../secret' is not a job id: must not contain '..'"):
+        known_storage("../secret")
