@@ -15,6 +15,8 @@ Guarantees every caller relies on:
   did (S3 ``If-None-Match: *``; a hard link on a filesystem). This is the primitive a commit is built on.
 * ``put_json``/``get_json`` write and verify a sha256 checksum over the canonical JSON body; a body without its
   checksum is refused like a corrupt one (every manifest slurmctl writes has one).
+* Every key goes through ``slurmctl.safe_keys.safe_key`` before it reaches the filesystem or S3: a local store never
+  touches a path outside its root, an S3 store never a key outside its prefix (``UnsafeKey`` otherwise).
 * ``check_conditional_writes`` proves the create-if-absent primitive on this very store before a job relies on it:
   an S3-compatible server that ignores ``If-None-Match`` would silently turn every commit into last-writer-wins.
 
@@ -34,15 +36,16 @@ import tempfile
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Literal
 
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 from prefect.filesystems import WritableFileSystem
 from prefect_aws import AwsCredentials
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from slurmctl.blocks.aws import aws_credentials
+from slurmctl.safe_keys import MAX_KEY_BYTES, UnsafeKey, safe_key
 
 CHECKSUM_FIELD = "checksum"
 #: Parts of 16 MB, four at a time: a multipart upload or download streams from disk with ~64 MB in flight at most.
@@ -235,7 +238,21 @@ class LocalManifestStore(ManifestStore):
     root: str = Field(description="Absolute directory path holding the store.")
 
     def _path(self, key: str) -> Path:
-        return Path(self.root) / key
+        return Path(self._inside(key))
+
+    def _inside(self, key: str) -> str:
+        """The absolute path of ``key``, after checking it cannot leave the root.
+
+        ``safe_key`` refuses ``..``, leading ``/`` and the rest; then the normalised path must still be the root or
+        below it. The check is on the path's text, not on symlinks: a directory an operator links into the root
+        (scratch on another filesystem) keeps working, and no key slurmctl builds can create a link.
+        """
+        safe_key(key, self.root)
+        root = os.path.abspath(self.root)
+        path = os.path.normpath(os.path.join(root, key))
+        if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
+            raise UnsafeKey(f"refusing store key {key!r}: it leaves the store root {root}")
+        return path
 
     def uri(self, key: str) -> str:
         return "file://" + str(self._path(key))
@@ -265,7 +282,7 @@ class LocalManifestStore(ManifestStore):
 
     def get_bytes(self, key: str) -> bytes | None:
         try:
-            with open(os.path.join(self.root, key), "rb") as f:  # not Path: this runs once per part and manifest
+            with open(self._inside(key), "rb") as f:  # not Path: this runs once per part and manifest
                 return f.read()
         except (FileNotFoundError, NotADirectoryError):
             return None
@@ -276,6 +293,7 @@ class LocalManifestStore(ManifestStore):
     def list_keys(self, prefix: str) -> Iterator[str]:
         # os.scandir, not Path.rglob: a listing of 25,000 commits is strings and d_type, not 50,000 Path objects and
         # stat calls (0.05 s instead of 0.5 s)
+        safe_key(prefix, self.root)
         directory = prefix if prefix.endswith("/") else prefix[: prefix.rfind("/") + 1]
         found: list[str] = []
         pending = [directory]
@@ -370,16 +388,42 @@ class S3ManifestStore(ManifestStore):
 
     bucket: str = Field(min_length=3)
     prefix: str = Field(default="", description="Key prefix for everything this store writes.")
+    sse: Literal["AES256", "aws:kms"] | None = Field(default=None, description=(
+        "Server-side encryption of every object this store writes (PutObject, multipart uploads, copies): "
+        "AES256 (SSE-S3, keys managed by S3) or aws:kms (SSE-KMS). None: the bucket's default encryption."))
+    sse_kms_key_id: str | None = Field(default=None, min_length=1, description=(
+        "With sse aws:kms: the KMS key (id, ARN or alias) to encrypt with; None uses the account's aws/s3 key."))
+
+    @model_validator(mode="after")
+    def _sse_key_needs_kms(self) -> "S3ManifestStore":
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise ValueError("sse_kms_key_id is only used with sse: aws:kms; set sse to aws:kms or drop the key id")
+        return self
 
     def _key(self, key: str) -> str:
+        """The S3 key of ``key``: checked by ``safe_key`` (so it stays under the prefix), 1,024 bytes at most."""
         p = self.prefix.strip("/")
-        return f"{p}/{key}" if p else key
+        full = f"{p}/{safe_key(key, f's3://{self.bucket}/{p}')}" if p else safe_key(key, f"s3://{self.bucket}")
+        if len(full.encode()) > MAX_KEY_BYTES:
+            raise UnsafeKey(f"refusing store key {key[:200]!r}: with the prefix it is {len(full.encode())} bytes, "
+                            f"and S3 keys are at most {MAX_KEY_BYTES}; use a shorter prefix or shorter names")
+        return full
+
+    def _sse_args(self) -> dict[str, str]:
+        """The encryption arguments of every write (PutObject, CreateMultipartUpload, CopyObject)."""
+        if not self.sse:
+            return {}
+        args = {"ServerSideEncryption": self.sse}
+        if self.sse == "aws:kms" and self.sse_kms_key_id:
+            args["SSEKMSKeyId"] = self.sse_kms_key_id
+        return args
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         kwargs: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+        kwargs.update(self._sse_args())
         try:
             self._s3().put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **kwargs)
         except ClientError as exc:
@@ -425,7 +469,8 @@ class S3ManifestStore(ManifestStore):
     def put_file(self, key: str, path: str) -> None:
         # boto3's managed transfer: a multipart upload read from disk part by part above the threshold (S3 makes
         # the object visible only when the upload completes), a single PUT below it.
-        self._s3().upload_file(path, self.bucket, self._key(key), Config=_TRANSFER)
+        self._s3().upload_file(path, self.bucket, self._key(key), ExtraArgs=self._sse_args() or None,
+                               Config=_TRANSFER)
 
     def get_file(self, key: str, path: str) -> bool:
         try:
@@ -440,7 +485,8 @@ class S3ManifestStore(ManifestStore):
 
     def copy(self, src: str, dst: str) -> None:
         # server-side: a single CopyObject up to 5 GB, a multipart copy above (the managed transfer decides)
-        self._s3().copy({"Bucket": self.bucket, "Key": self._key(src)}, self.bucket, self._key(dst), Config=_TRANSFER)
+        self._s3().copy({"Bucket": self.bucket, "Key": self._key(src)}, self.bucket, self._key(dst),
+                        ExtraArgs=self._sse_args() or None, Config=_TRANSFER)
 
     def _advice(self) -> str:
         return ("slurmctl commits each batch with a conditional PUT (If-None-Match: *). Amazon S3 supports it; for an "
@@ -492,11 +538,14 @@ class _S3RangeReader(io.RawIOBase):
         return len(data)
 
 
-def store_from_uri(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> ManifestStore:
-    """Build the store a config's ``storage.uri`` names: ``s3://bucket/prefix`` or a local path / ``file://``."""
+def store_from_uri(uri: str, *, endpoint_url: str | None = None, region: str | None = None,
+                   sse: str | None = None, sse_kms_key_id: str | None = None) -> ManifestStore:
+    """Build the store a config's ``storage.uri`` names: ``s3://bucket/prefix`` or a local path / ``file://``.
+    ``sse``/``sse_kms_key_id``: server-side encryption of an S3 store's writes (ignored for a local one)."""
     creds = aws_credentials(endpoint_url, region)
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[5:].partition("/")
-        return S3ManifestStore(bucket=bucket, prefix=prefix, aws_credentials=creds)
+        return S3ManifestStore(bucket=bucket, prefix=prefix, aws_credentials=creds, sse=sse,
+                               sse_kms_key_id=sse_kms_key_id)
     path = uri[7:] if uri.startswith("file://") else uri
     return LocalManifestStore(root=str(Path(path).resolve()), aws_credentials=creds)

@@ -75,7 +75,8 @@ def store_settings(name: str) -> dict[str, Any]:
 
     block = saved_block(name, STORE_TYPES)
     if isinstance(block, S3ManifestStore):
-        return {"uri": f"s3://{block.bucket}/{block.prefix.strip('/')}".rstrip("/"), **_endpoint_region(block)}
+        return {"uri": f"s3://{block.bucket}/{block.prefix.strip('/')}".rstrip("/"), **_endpoint_region(block),
+                "sse": block.sse, "sse_kms_key_id": block.sse_kms_key_id}
     return {"uri": "file://" + block.root}
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from slurmctl.safe_keys import key_problem, name_problem, path_problem
 
 JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 FORMATS = ("jsonl", "csv", "parquet")
@@ -160,7 +162,16 @@ class RateLimitConfig(_Strict):
                                   "are sporadic: only their requests wait their Retry-After.")
     recovery_s: float = Field(default=30, gt=0, description="Time to recover from floor to target after 429s.")
     key: str | None = Field(default=None, min_length=1, description="Share this limit's state across jobs "
-                                                                    "(default: private to the job).")
+                            "(default: private to the job). Names separated by '/', each of letters, digits, '-', "
+                            "'_' or '.'; it lives under the shared rate-limits/ prefix, so no '..' or '/' at the ends.")
+
+    @field_validator("key")
+    @classmethod
+    def _safe_key(cls, v: str | None) -> str | None:
+        problem = path_problem(v) if v is not None else None
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _bounds(self) -> "RateLimitConfig":
@@ -254,6 +265,10 @@ class StorageConfig(_Strict):
     block: str | None = Field(default=None, min_length=1, description=(
         "A saved manifest-store block (slurmctl S3 or Local Manifest Store) by name: its URI, endpoint and region "
         "fill the fields above, and its credentials are loaded by name where they are needed."))
+    sse: Literal["AES256", "aws:kms"] | None = Field(default=None, description=(
+        "s3:// only: server-side encryption of every object written (AES256 = SSE-S3, aws:kms = SSE-KMS)."))
+    sse_kms_key_id: str | None = Field(default=None, min_length=1, description=(
+        "With sse: aws:kms, the KMS key id, ARN or alias (default: the account's aws/s3 key)."))
 
     @model_validator(mode="before")
     @classmethod
@@ -267,6 +282,24 @@ class StorageConfig(_Strict):
             raise ValueError("must be a file:// or s3:// URI, or a local path")
         if v.startswith("s3://") and len(v[5:].split("/", 1)[0]) < 3:
             raise ValueError("s3 bucket name must have at least 3 characters")
+        if v.startswith("s3://"):
+            problem = key_problem(v[5:].partition("/")[2].strip("/"))
+            if problem:
+                raise ValueError(f"the key prefix after the bucket {problem}")
+        return v
+
+    @field_validator("sse")
+    @classmethod
+    def _sse_on_s3(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and not str(info.data.get("uri", "")).startswith("s3://"):
+            raise ValueError("server-side encryption applies to an s3:// store only; drop it or use an s3:// uri")
+        return v
+
+    @field_validator("sse_kms_key_id")
+    @classmethod
+    def _kms_key_needs_kms(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("sse") != "aws:kms":
+            raise ValueError("is only used with sse: aws:kms; set storage.sse to aws:kms or drop the key id")
         return v
 
 
@@ -306,6 +339,15 @@ class JobConfig(_Strict):
         "format of the PRD's workers); the aggregation reads either."))
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _limit_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            problem = name_problem(name)
+            if problem:  # the pattern already refuses '/', '%' and control characters; this catches '.' and '..'
+                raise ValueError(f"limit name {name!r} {problem}")
+        return v
 
     @field_validator("handler")
     @classmethod
@@ -456,6 +498,9 @@ def known_storage(job_id: str) -> StorageConfig:
 
     from slurmctl.paths import home
 
+    if not re.fullmatch(JOB_ID_PATTERN, job_id or ""):  # it names a file here: never read one outside jobs/
+        raise ConfigError([("job_id", f"{str(job_id)[:200]!r} is not a job id: "
+                                      f"{name_problem(job_id or '') or 'must match ' + JOB_ID_PATTERN}")])
     pointer = home() / "jobs" / f"{job_id}.json"
     if pointer.exists():
         return StorageConfig.model_validate(json.loads(pointer.read_text())["storage"])

@@ -12,7 +12,8 @@ It follows what the code calls, per backend:
 * the **DynamoDB limiter**: ``GetItem``/``PutItem``/``UpdateItem`` on the table, only for items whose partition key
   is one of the job's limit keys (``dynamodb:LeadingKeys``), and ``DescribeTable`` (``CreateTable`` only with
   ``create_table``: admission creates a missing table);
-* **SSE-KMS** (a store with ``sse_kms_key_id``): ``kms:GenerateDataKey`` and ``kms:Decrypt`` on that key.
+* **SSE-KMS** (a store with ``sse_kms_key_id``): ``kms:GenerateDataKey`` and ``kms:Decrypt`` on that key (with the
+  account's default ``aws/s3`` key, its own key policy already lets S3 use it for the account: no statement).
 
 Resources are exact ARNs; the account and region of the DynamoDB table are ``*`` unless given.
 """
@@ -35,6 +36,20 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 def _under(prefix: str, path: str) -> str:
     return f"{prefix}/{path}" if prefix else path
+
+
+def _kms_statement(key: str, account: str, region: str) -> dict[str, Any]:
+    """Use of the store's KMS key. IAM matches KMS calls against the *key's* ARN, never an alias's: a key id becomes
+    its key ARN; an alias (``alias/NAME`` or its ARN) allows the account's keys in that region only when the request
+    names that alias (``kms:RequestAlias``, as S3 passes the configured ``SSEKMSKeyId`` on)."""
+    statement: dict[str, Any] = {"Sid": "StoreEncryption", "Effect": "Allow",
+                                 "Action": ["kms:GenerateDataKey", "kms:Decrypt"]}
+    alias = key if key.startswith("alias/") else key.partition(":alias/")[1] and "alias/" + key.partition(":alias/")[2]
+    if alias:
+        return statement | {"Resource": [f"arn:aws:kms:{region}:{account}:key/*"],
+                            "Condition": {"StringEquals": {"kms:RequestAlias": alias}}}
+    arn = key if key.startswith("arn:") else f"arn:aws:kms:{region}:{account}:key/{key}"
+    return statement | {"Resource": [arn]}
 
 
 def policy_for(cfg: JobConfig, *, account: str = "*", region: str | None = None,
@@ -66,8 +81,6 @@ def policy_for(cfg: JobConfig, *, account: str = "*", region: str | None = None,
         statements.append({"Sid": "RateLimitTable", "Effect": "Allow",
                            "Action": ["dynamodb:DescribeTable"] + (["dynamodb:CreateTable"] if create_table else []),
                            "Resource": [table]})
-    kms_key = getattr(cfg.storage, "sse_kms_key_id", None)
-    if kms_key:
-        statements.append({"Sid": "StoreEncryption", "Effect": "Allow",
-                           "Action": ["kms:GenerateDataKey", "kms:Decrypt"], "Resource": [kms_key]})
+    if cfg.storage.sse_kms_key_id:
+        statements.append(_kms_statement(cfg.storage.sse_kms_key_id, account, region or cfg.storage.region or "*"))
     return {"Version": "2012-10-17", "Statement": statements}

@@ -60,6 +60,24 @@ def test_no_rate_limits_means_no_dynamodb_and_no_signal_prefix():
         "arn:aws:s3:::b-1/jobs/geo-1/*"  # a store at the bucket's root
 
 
+@pytest.mark.parametrize("key_id, resource, condition", [
+    ("1234abcd-12ab-34cd-56ef-1234567890ab", "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+     None),
+    ("arn:aws:kms:us-east-2:111122223333:key/mrk-1", "arn:aws:kms:us-east-2:111122223333:key/mrk-1", None),
+    ("alias/slurmctl", "arn:aws:kms:eu-west-1:123456789012:key/*", {"StringEquals": {"kms:RequestAlias": "alias/slurmctl"}}),
+    ("arn:aws:kms:eu-west-1:123456789012:alias/team", "arn:aws:kms:eu-west-1:123456789012:key/*",
+     {"StringEquals": {"kms:RequestAlias": "alias/team"}}),
+])
+def test_an_sse_kms_store_may_use_its_key_by_the_keys_arn(key_id: str, resource: str, condition: dict | None):
+    # IAM matches KMS calls against the key's ARN, never the alias's, so an alias becomes a condition on the request.
+    storage = {**S3_JOB["storage"], "sse": "aws:kms", "sse_kms_key_id": key_id}
+    s = statements({**S3_JOB, "storage": storage}, account="123456789012")["StoreEncryption"]
+    assert s["Action"] == ["kms:GenerateDataKey", "kms:Decrypt"]
+    assert s["Resource"] == [resource] and s.get("Condition") == condition
+    plain = {**S3_JOB["storage"], "sse": "aws:kms"}  # the account's aws/s3 key: its key policy lets S3 use it
+    assert "StoreEncryption" not in statements({**S3_JOB, "storage": plain})
+
+
 def test_a_local_job_needs_nothing(tmp_path: Path, slurmctl_home: Path):
     cfg = write_config(tmp_path / "job.yaml", job_id="local", handler="slurmctl.handlers.echo:handle",
                        input={"uri": "in.jsonl"})

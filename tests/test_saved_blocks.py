@@ -47,7 +47,8 @@ def test_a_job_uses_saved_store_and_limiter_blocks_by_name(tmp_path: Path, prefe
                       aws_secret_access_key="testing")
     job = json.loads(s3.get_object(Bucket=s3_bucket, Key="team/jobs/by-name/job.json")["Body"].read())
     assert job["config"]["storage"] == {"uri": f"s3://{s3_bucket}/team", "endpoint_url": moto_endpoint,
-                                        "region": "us-east-1", "block": f"team-store-{suffix}"}
+                                        "region": "us-east-1", "block": f"team-store-{suffix}", "sse": None,
+                                        "sse_kms_key_id": None}
     assert job["config"]["rate_limiter"]["kind"] == "dynamodb" and job["config"]["rate_limiter"]["table"] == table
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="team/")["Contents"]]
     for key in keys:  # no credential in any manifest or output

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from slurmctl.books.progress import job_progress
+from slurmctl.safe_keys import check_name
 
 SCHEMA_VERSION = 1
 #: The task manifest's schema. 2: ``metrics`` is a ``BatchMetrics`` (items, handler calls, latency percentiles, time
@@ -63,10 +64,14 @@ def parse_time(s: str) -> _dt.datetime:
 
 
 class Keys:
-    """Where each manifest and file of one job lives in the store."""
+    """Where each manifest and file of one job lives in the store.
+
+    Every part taken from outside (the job id, batch ids, attempts) is checked to be one safe name
+    (``slurmctl.safe_keys``): a key built here cannot leave ``jobs/<job_id>/``.
+    """
 
     def __init__(self, job_id: str):
-        self.job_id = job_id
+        self.job_id = check_name(job_id, "job id")
         self.root = f"jobs/{job_id}/"
 
     @property
@@ -98,10 +103,10 @@ class Keys:
         return self.root + "tasks/"
 
     def task(self, batch_id: str) -> str:
-        return f"{self.root}tasks/{batch_id}.json"
+        return f"{self.root}tasks/{_batch(batch_id)}.json"
 
     def failed_task(self, batch_id: str) -> str:
-        return f"{self.root}tasks/{batch_id}.failed.json"
+        return f"{self.root}tasks/{_batch(batch_id)}.failed.json"
 
     @staticmethod
     def committed_batch(key: str) -> str | None:
@@ -115,16 +120,16 @@ class Keys:
 
     def commit_log(self, first_batch_id: str, attempt: str) -> str:
         """Copies of the task manifests one shard committed, written once at its end (``books.failures``)."""
-        return f"{self.root}commits/{first_batch_id}.{attempt}.json"
+        return f"{self.root}commits/{_batch(first_batch_id)}.{_attempt(attempt)}.json"
 
     def batch_output(self, batch_id: str, attempt: str, suffix: str = "parquet") -> str:
-        return f"{self.root}outputs/{batch_id}.{attempt}.{suffix}"
+        return f"{self.root}outputs/{_batch(batch_id)}.{_attempt(attempt)}.{suffix}"
 
     def batch_rejects(self, batch_id: str, attempt: str) -> str:
-        return f"{self.root}rejects/{batch_id}.{attempt}.jsonl"
+        return f"{self.root}rejects/{_batch(batch_id)}.{_attempt(attempt)}.jsonl"
 
     def batch_retry(self, batch_id: str, attempt: str) -> str:
-        return f"{self.root}retry/{batch_id}.{attempt}.json"
+        return f"{self.root}retry/{_batch(batch_id)}.{_attempt(attempt)}.json"
 
     def retry_plan(self, round_no: int) -> str:
         return f"{self.root}retry/round-{round_no:02d}.plan.jsonl"
@@ -162,6 +167,14 @@ class Keys:
     @property
     def result(self) -> str:
         return self.root + "result.json"
+
+
+def _batch(batch_id: str) -> str:
+    return check_name(batch_id, "batch id")
+
+
+def _attempt(attempt: str) -> str:
+    return check_name(attempt, "attempt id")
 
 
 class _Manifest(BaseModel):

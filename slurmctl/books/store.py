@@ -17,8 +17,12 @@ def store_for(storage: StorageConfig | dict[str, Any]) -> ManifestStore:
     if s.block:  # its credentials live in the saved block
         from slurmctl.blocks.saved import STORE_TYPES, saved_block
 
-        return saved_block(s.block, STORE_TYPES)
-    return store_from_uri(s.uri, endpoint_url=s.endpoint_url, region=s.region)
+        store = saved_block(s.block, STORE_TYPES)
+        if s.sse and hasattr(store, "sse"):  # the config's encryption wins over the block's
+            store = store.model_copy(update={"sse": s.sse, "sse_kms_key_id": s.sse_kms_key_id})
+        return store
+    return store_from_uri(s.uri, endpoint_url=s.endpoint_url, region=s.region, sse=s.sse,
+                          sse_kms_key_id=s.sse_kms_key_id)
 
 
 class JobNotFound(LookupError):

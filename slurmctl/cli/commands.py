@@ -14,6 +14,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,9 +23,10 @@ from typing import Any, Callable
 
 from slurmctl.cli import alerts
 from slurmctl.cli.common import _err, local_prefect_server, prefect_api
-from slurmctl.config import ConfigError, JobConfig, StorageConfig, job_config, known_storage
+from slurmctl.config import JOB_ID_PATTERN, ConfigError, JobConfig, StorageConfig, job_config, known_storage
 from slurmctl.paths import coordinator_log, home
 from slurmctl.procs import pid_alive
+from slurmctl.safe_keys import UnsafeKey, name_problem
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DETACHED = 0, 1, 2, 130
 
@@ -904,11 +906,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def job_id_problem(job_id: str | None) -> str | None:
+    """Why a job id given on the command line cannot be one (it names files and store keys), or None."""
+    if job_id is None or re.fullmatch(JOB_ID_PATTERN, job_id):
+        return None
+    why = name_problem(job_id) or f"must match {JOB_ID_PATTERN} (lower-case letters, digits and '-')"
+    return f"{job_id[:200]!r} is not a job id: it {why}; `slurmctl submit` prints the id of each job it starts"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits 2 on bad arguments
+    bad_id = job_id_problem(getattr(args, "job_id", None))
+    if bad_id:
+        _err(bad_id)
+        return EXIT_USAGE
     try:
         return args.func(args)
+    except UnsafeKey as exc:  # a key that would leave the job's prefix: refused before any read or write
+        _err(str(exc))
+        return EXIT_USAGE
     except Exception as exc:
         # Imported here, not before the command: it brings in Prefect (~2 s), which `submit` loads while its
         # coordinator starts, and `server status` never needs.
