@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from slurmctl.cli import alerts
+from slurmctl.cli import alerts, capacity
 from slurmctl.cli.common import _err, local_prefect_server, prefect_api
 from slurmctl.config import ConfigError, JobConfig, StorageConfig, job_config, known_storage
 from slurmctl.paths import coordinator_log, home
@@ -870,6 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_server)
     alerts.add_parser(sub)
+    capacity.add_parser(sub)
     return parser
 
 
