@@ -1,17 +1,20 @@
 """``slurmctl capacity``: partitions, nodes and CPUs, the queue and our worker jobs from one ``sinfo`` and one
-``squeue``, and when a job's workers would start."""
+``squeue``, and when a job's workers would start; and the ``--wait`` progress bar on a terminal."""
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
+import re
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 from support.command_counter import count_commands
-from support.jobs import run_cli, wait_for, write_config
+from support.jobs import log_tail, run_cli, wait_for, write_config, write_jsonl
+from support.terminal import run_cli_on_terminal
 
 from slurmctl.capacity import estimate, node_category, parse_sinfo, summarize
 
@@ -112,6 +115,33 @@ def test_estimate_says_never_or_unknown_and_why():
         "unknown"
 
 
+def test_progress_on_a_terminal_is_a_rich_bar_fed_from_the_status_view():
+    from rich.console import Console
+
+    from slurmctl.cli.progress_display import TerminalProgress
+
+    out = io.StringIO()
+    view = {"phase": "process", "items_done": 400, "items_total": 1000, "items_per_s": 12.5, "eta_s": 48,
+            "batches_done": 4, "batches_total": 10, "batches_failed": 0, "items_failed": 3, "items_rejected": 0}
+    with TerminalProgress("backfill-1", console=Console(force_terminal=True, file=out, width=200)) as bar:
+        bar.update(view)
+    drawn = out.getvalue()
+    assert "\x1b[" in drawn  # drawn with terminal control codes, redrawn in place
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+    for part in ("backfill-1", "process", "40%", "400/1000 items", "12.5 items/s ETA 48s", "batches 4/10"):
+        assert part in text, (part, text)
+
+
+
+def test_progress_off_a_terminal_stays_the_plain_line():
+    from slurmctl.cli.commands import progress_line
+
+    view = {"phase": "process", "batches_done": 4, "batches_total": 10, "batches_failed": 0, "items_succeeded": 397,
+            "items_failed": 3, "items_rejected": 0, "items_per_s": 12.5, "eta_s": 48}
+    assert progress_line(view) == ("[#########---------------]  40.0% process   batches 4/10 failed 0 items ok 397 "
+                                   "failed 3 rejected 0 12.5 items/s ETA 48s")
+
+
 @pytest.mark.integration
 @pytest.mark.slurm
 def test_capacity_json_on_the_real_slurm_with_one_sinfo_and_one_squeue(tmp_path: Path, slurm: None,
@@ -148,3 +178,18 @@ def test_capacity_json_on_the_real_slurm_with_one_sinfo_and_one_squeue(tmp_path:
             human.stdout + human.stderr
     finally:
         subprocess.run(["scancel", slurm_id], capture_output=True, timeout=60)
+
+
+@pytest.mark.integration
+def test_submit_wait_on_a_terminal_shows_the_rich_bar_not_the_plain_lines(tmp_path: Path, prefect_api: str,
+                                                                          slurmctl_home: Path):
+    write_jsonl(tmp_path / "items.jsonl", [{"id": i} for i in range(40)])
+    cfg = write_config(tmp_path / "job.yaml", job_id="on-a-terminal", handler="slurmctl.handlers.echo:handle",
+                       input={"uri": "items.jsonl"}, batch_size=10, cluster={"kind": "local", "n_workers": 1},
+                       storage={"uri": "file://./state"})
+    code, _, shown = run_cli_on_terminal("submit", str(cfg), "--wait")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown)
+    assert code == 0, shown[-3000:] + log_tail(slurmctl_home, "on-a-terminal")
+    assert "━" in text and "40/40 items" in text and "batches 4/4" in text, text[-3000:]
+    assert "items/s" in text and "job on-a-terminal completed" in text, text[-3000:]
+    assert "[####" not in text and "[----" not in text  # no hand-drawn bar
