@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from slurmctl.cli import alerts
+from slurmctl.cli import alerts, capacity
 from slurmctl.cli.common import _err, local_prefect_server, prefect_api
 from slurmctl.config import JOB_ID_PATTERN, ConfigError, JobConfig, StorageConfig, job_config, known_storage
 from slurmctl.paths import coordinator_log, home
@@ -87,7 +87,8 @@ def _fmt_duration(seconds: float) -> str:
 
 
 def progress_line(view: dict[str, Any]) -> str:
-    """The ``--wait`` line: a bar of the batches committed, the counters, items/s and ETA (``books.progress``)."""
+    """The ``--wait`` line when stderr is not a terminal (a terminal gets ``progress_display``'s live bar): a bar of
+    the batches committed, the counters, items/s and ETA (``books.progress``)."""
     done, total = view["batches_done"], view["batches_total"]
     pct = 100.0 * done / total if total else 0.0
     width = 24
@@ -127,40 +128,51 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
 
     store = store_for(storage)
     tty = sys.stderr.isatty()
+    display = None
+    if tty:  # a live rich bar; the plain lines below otherwise (logs, CI, pipes)
+        from slurmctl.cli.progress_display import TerminalProgress
+
+        display = TerminalProgress(job_id)
     last_print, view = 0.0, None
     try:
-        while True:
-            job = load_job(store, job_id)
-            view = status_view(job.model_dump(mode="json"))
-            if announce is not None:
-                announce(view)
-            if view["status"] in TERMINAL_STATUSES:
-                break
-            if proc is not None and proc.poll() is not None:
-                job = load_job(store, job_id)  # it may have finished between our two reads
+        with display or contextlib.nullcontext():
+            while True:
+                job = load_job(store, job_id)
                 view = status_view(job.model_dump(mode="json"))
-                if view["status"] not in TERMINAL_STATUSES:
-                    print(file=sys.stderr)
-                    _err(f"the coordinator exited (code {proc.returncode}) before the job finished; "
-                         f"see {log}; `slurmctl resume {job_id}` continues it")
-                    return EXIT_FAILED
-                break
-            line = progress_line(view)
-            if tty:
-                print("\r" + line[:160], end="", file=sys.stderr, flush=True)
-            elif time.monotonic() - last_print >= 10:
-                print(line, file=sys.stderr, flush=True)
-                last_print = time.monotonic()
-            if proc is None:
-                time.sleep(1.0)
-            else:  # the next look comes at once when the coordinator exits (a job that just ended)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=1.0)
+                if announce is not None:
+                    announce(view)
+                if view["status"] in TERMINAL_STATUSES:
+                    break
+                if proc is not None and proc.poll() is not None:
+                    job = load_job(store, job_id)  # it may have finished between our two reads
+                    view = status_view(job.model_dump(mode="json"))
+                    if view["status"] not in TERMINAL_STATUSES:
+                        if display is None:
+                            print(file=sys.stderr)
+                        else:
+                            display.update(view)
+                        _err(f"the coordinator exited (code {proc.returncode}) before the job finished; "
+                             f"see {log}; `slurmctl resume {job_id}` continues it")
+                        return EXIT_FAILED
+                    break
+                if display is not None:
+                    display.update(view)
+                elif time.monotonic() - last_print >= 10:
+                    print(progress_line(view), file=sys.stderr, flush=True)
+                    last_print = time.monotonic()
+                if proc is None:
+                    time.sleep(1.0)
+                else:  # the next look comes at once when the coordinator exits (a job that just ended)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=1.0)
+            if display is not None:
+                display.update(view)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         _err(f"stopped watching; job {job_id} keeps running. `slurmctl status {job_id}` shows where it is")
         return EXIT_DETACHED
-    print(("\r" if tty else "") + progress_line(view)[:160], file=sys.stderr)
+    if display is None:
+        print(progress_line(view)[:160], file=sys.stderr)
     if proc is not None:
         try:  # it exits within seconds of the job's end; the bound is for a coordinator stuck after it
             proc.wait(timeout=COORDINATOR_EXIT_WAIT_S)
@@ -195,7 +207,8 @@ def flow_run_link(server: dict[str, Any] | None, previous_run: str | None
         if not shown and run and run != previous_run:
             shown = True
             link = prefect_server.flow_run_url(server, run)
-            print(("\r\033[K" if sys.stderr.isatty() else "") + f"Prefect UI: {link}", file=sys.stderr, flush=True)
+            # on a terminal this lands above the live progress bar (rich redirects stderr while it shows)
+            print(f"Prefect UI: {link}", file=sys.stderr, flush=True)
 
     return announce
 
@@ -903,6 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_server)
     alerts.add_parser(sub)
+    capacity.add_parser(sub)
     return parser
 
 
