@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from slurmctl.cli import alerts, capacity
 from slurmctl.cli.common import _err, local_prefect_server, prefect_api
+from slurmctl.cli.progress_display import TerminalProgress, phase_lines, progress_line, speed_text
 from slurmctl.config import JOB_ID_PATTERN, ConfigError, JobConfig, StorageConfig, job_config, known_storage
 from slurmctl.paths import coordinator_log, home
 from slurmctl.procs import pid_alive
@@ -79,42 +80,6 @@ def release(proc: subprocess.Popen, go: bool) -> None:
         proc.stdin.close()
 
 
-def _fmt_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def progress_line(view: dict[str, Any]) -> str:
-    """The ``--wait`` line when stderr is not a terminal (a terminal gets ``progress_display``'s live bar): a bar of
-    the batches committed, the counters, items/s and ETA (``books.progress``)."""
-    done, total = view["batches_done"], view["batches_total"]
-    pct = 100.0 * done / total if total else 0.0
-    width = 24
-    bar = "#" * int(width * pct / 100) + "-" * (width - int(width * pct / 100))
-    return (f"[{bar}] {pct:5.1f}% {view['phase']:<9} batches {done}/{total} failed {view['batches_failed']} "
-            f"items ok {view['items_succeeded']} failed {view['items_failed']} rejected {view['items_rejected']} "
-            f"{speed_text(view)}")
-
-
-def speed_text(view: dict[str, Any]) -> str:
-    """``123 items/s ETA 4m05s`` from a status view (``—`` where not yet known)."""
-    rate, eta = view.get("items_per_s"), view.get("eta_s")
-    return (f"{rate:,.1f} items/s" if rate is not None else "— items/s") + (
-        f" ETA {_fmt_duration(eta)}" if eta is not None else "")
-
-
-def phase_lines(view: dict[str, Any]) -> list[str]:
-    """One line per phase of a status view: its state, share done and time."""
-    out = []
-    for p in view.get("phases") or []:
-        share = f"{100 * p['share_done']:5.1f}%" if p.get("share_done") is not None else "     —"
-        took = _fmt_duration(p["seconds"]) if p.get("seconds") is not None else ""
-        out.append(f"  {p['phase']:<10} {p['state']:<9} {share}  {took}".rstrip())
-    return out
-
-
 # How long `--wait` waits, once the job has ended, for its coordinator process to exit (normally 1-2 s).
 COORDINATOR_EXIT_WAIT_S = 30
 
@@ -130,7 +95,6 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
     tty = sys.stderr.isatty()
     display = None
     if tty:  # a live rich bar; the plain lines below otherwise (logs, CI, pipes)
-        from slurmctl.cli.progress_display import TerminalProgress
 
         display = TerminalProgress(job_id)
     last_print, view = 0.0, None
@@ -826,8 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
         "iam-policy", help="print the least-privilege IAM policy a job needs (S3 prefix, DynamoDB items)",
         description="The IAM policy document for one job's coordinator and workers: its objects in the store's "
                     "prefix, its S3 input, its rate-limit items in the DynamoDB table (by partition key), the KMS "
-                    "key of an encrypted store. Example: slurmctl iam-policy jobs/geocode.yaml --account "
-                    "123456789012 > policy.json")
+                    "key of an encrypted store.")
     p.add_argument("config", help="path to the job's YAML config")
     p.add_argument("--account", default="*", help="AWS account id of the DynamoDB table (default *)")
     p.add_argument("--region", help="region of the DynamoDB table (default: the config's, else *)")
@@ -839,8 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cancel", help="stop a running job: its Dask cluster and Slurm jobs; committed batches are kept",
         description="Cancel a job's current run, as cancelling its flow run in the Prefect UI does: the coordinator "
                     "stops between batches, the Dask cluster is closed, every Slurm job of the job is cancelled, and "
-                    "the job manifest says cancelled. `slurmctl resume JOB` continues it later. "
-                    "Example: slurmctl cancel backfill-2025-04-12")
+                    "the job manifest says cancelled. `slurmctl resume JOB` continues it later.")
     p.add_argument("job_id")
     p.add_argument("--no-wait", action="store_true", help="ask, and return without waiting for the job to stop")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for it to stop (default 120)")
@@ -870,8 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "aggregate", help="merge the committed batch outputs into the job's dataset again (e.g. after a retry)",
         description="Run the aggregation alone: every planned batch must be committed (else it names the missing "
-                    "ones; `slurmctl resume` runs them). Finished merges of an interrupted aggregation are kept. "
-                    "Example: slurmctl aggregate backfill-2025-04-12 --wait")
+                    "ones; `slurmctl resume` runs them). Finished merges of an interrupted aggregation are kept.")
     p.add_argument("job_id")
     p.add_argument("--wait", action="store_true", help="follow it until it ends; exit 0 if the job completed")
     _storage_args(p)
@@ -917,7 +878,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_server)
     alerts.add_parser(sub)
     capacity.add_parser(sub)
+    for name, command in sub.choices.items():
+        if command.epilog is None:
+            command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+            command.formatter_class = _ExamplesFormatter
     return parser
+
+
+class _ExamplesFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that an ``examples:`` epilog keeps its lines (one command per line)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
+# Each command's --help ends with these (commands that build their own epilog, e.g. `server`, keep it).
+EXAMPLES: dict[str, list[str]] = {
+    "submit": ["slurmctl submit examples/echo/job.yaml --wait",
+               "slurmctl submit backfill.yaml --date 2025-04-12     # {date} in the config becomes 2025-04-12",
+               "slurmctl submit job.yaml --deployment job           # as a run of slurmctl-job/job on its workers"],
+    "iam-policy": ["slurmctl iam-policy jobs/geocode.yaml --account 123456789012 > policy.json",
+                   "slurmctl iam-policy backfill.yaml --date 2025-04-12 --create-table"],
+    "cancel": ["slurmctl cancel backfill-2025-04-12", "slurmctl cancel backfill-2025-04-12 --no-wait"],
+    "status": ["slurmctl status backfill-2025-04-12",
+               "slurmctl status backfill-2025-04-12 --json | jq '{status, items_done, items_per_s, eta_s}'",
+               "slurmctl status backfill-2025-04-12 --batches 10     # and its 10 slowest batches",
+               "slurmctl status old-job --storage s3://team-bucket/runs --region eu-west-1"],
+    "resume": ["slurmctl resume backfill-2025-04-12 --wait",
+               "slurmctl resume backfill-2025-04-12 --force         # re-aggregate a completed job"],
+    "retry": ["slurmctl retry backfill-2025-04-12 --errors network,throttle --wait"],
+    "aggregate": ["slurmctl aggregate backfill-2025-04-12 --wait"],
+    "pause": ["slurmctl pause backfill-2025-04-12                   # then: slurmctl resume backfill-2025-04-12"],
+    "rate": ["slurmctl rate backfill-2025-04-12 --limit geo --per-second 5"],
+    "analyze-errors": ["slurmctl analyze-errors backfill-2025-04-12",
+                       "slurmctl analyze-errors backfill-2025-04-12 --json --top 3"],
+}
 
 
 def job_id_problem(job_id: str | None) -> str | None:

@@ -1,4 +1,5 @@
-"""The ``--wait`` progress display on a terminal: a ``rich.progress`` bar fed from the job's status view.
+"""How a job's progress is shown: the status lines (speed, phases), the plain ``--wait`` line off a terminal, and on
+a terminal a ``rich.progress`` bar fed from the job's status view.
 
 Rich (a dependency of Prefect) redraws the bar in place, fits it to the terminal's width and keeps lines printed
 meanwhile (the Prefect UI link, an error) above it. The numbers are the status view's (``books.progress``: items done
@@ -13,7 +14,41 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
 
-from slurmctl.cli.commands import speed_text
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def progress_line(view: dict[str, Any]) -> str:
+    """The ``--wait`` line when stderr is not a terminal (a terminal gets ``progress_display``'s live bar): a bar of
+    the batches committed, the counters, items/s and ETA (``books.progress``)."""
+    done, total = view["batches_done"], view["batches_total"]
+    pct = 100.0 * done / total if total else 0.0
+    width = 24
+    bar = "#" * int(width * pct / 100) + "-" * (width - int(width * pct / 100))
+    return (f"[{bar}] {pct:5.1f}% {view['phase']:<9} batches {done}/{total} failed {view['batches_failed']} "
+            f"items ok {view['items_succeeded']} failed {view['items_failed']} rejected {view['items_rejected']} "
+            f"{speed_text(view)}")
+
+
+def speed_text(view: dict[str, Any]) -> str:
+    """``123 items/s ETA 4m05s`` from a status view (``—`` where not yet known)."""
+    rate, eta = view.get("items_per_s"), view.get("eta_s")
+    return (f"{rate:,.1f} items/s" if rate is not None else "— items/s") + (
+        f" ETA {_fmt_duration(eta)}" if eta is not None else "")
+
+
+def phase_lines(view: dict[str, Any]) -> list[str]:
+    """One line per phase of a status view: its state, share done and time."""
+    out = []
+    for p in view.get("phases") or []:
+        share = f"{100 * p['share_done']:5.1f}%" if p.get("share_done") is not None else "     —"
+        took = _fmt_duration(p["seconds"]) if p.get("seconds") is not None else ""
+        out.append(f"  {p['phase']:<10} {p['state']:<9} {share}  {took}".rstrip())
+    return out
 
 
 class TerminalProgress:
