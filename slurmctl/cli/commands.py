@@ -896,7 +896,7 @@ class _ExamplesFormatter(argparse.HelpFormatter):
 
 # Each command's --help ends with these (commands that build their own epilog, e.g. `server`, keep it).
 EXAMPLES: dict[str, list[str]] = {
-    "submit": ["slurmctl submit examples/echo/job.yaml --wait",
+    "submit": ["slurmctl submit examples/echo/config.yaml --wait",
                "slurmctl submit backfill.yaml --date 2025-04-12     # {date} in the config becomes 2025-04-12",
                "slurmctl submit job.yaml --deployment job           # as a run of slurmctl-job/job on its workers"],
     "iam-policy": ["slurmctl iam-policy jobs/geocode.yaml --account 123456789012 > policy.json",
