@@ -19,6 +19,7 @@ object does not exist, so it finds the job from the run's parameters and its Slu
 
 from __future__ import annotations
 
+import contextvars
 import datetime as _dt
 import logging
 import threading
@@ -61,7 +62,12 @@ class CancelWatch:
 
     def start(self) -> "CancelWatch":
         _live[self.job_id] = self
-        self._thread = threading.Thread(target=self._run, name=f"cancel-watch-{self.job_id}", daemon=True)
+        # The thread runs in a copy of this context: Prefect's settings (the API URL of the local server the
+        # coordinator chose) live in a context variable, and a bare thread would see only the process's import-time
+        # settings, start a throwaway ephemeral server of its own and watch a flow run that is not there.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name=f"cancel-watch-{self.job_id}",
+                                        daemon=True)
         self._thread.start()
         return self
 

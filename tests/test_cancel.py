@@ -108,3 +108,44 @@ def test_the_cancellation_hook_finds_the_jobs_slurm_jobs_by_name(tmp_path, slurm
     on_cancellation(None, run, Cancelling())
     wait_for(lambda: not queued(), 30, "the Slurm jobs named after the job to leave the queue")
     assert status("hook-test", "--storage", str(tmp_path / "state"))["status"] == "cancelled"
+
+
+# The coordinator of the embedded default, as `slurmctl submit` starts it: no PREFECT_API_URL in its environment,
+# the local server's URL put in Prefect's settings context when the job starts (slurmctl.cli.coordinator).
+_WATCH_WITH_THE_COORDINATORS_SETTINGS = """
+import sys, time
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Cancelling
+from slurmctl.blocks.manifest_store import LocalManifestStore
+from slurmctl.flows.cancel import CancelWatch
+
+@flow(name="watched")
+def watched():
+    pass
+
+with temporary_settings(updates={PREFECT_API_URL: sys.argv[1]}):
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(watched)
+        client.set_flow_run_state(run.id, Cancelling(), force=True)
+    watch = CancelWatch(LocalManifestStore(root=sys.argv[2]), "ctx-job", str(run.id), interval_s=0.5).start()
+    deadline = time.monotonic() + 60
+    while watch.reason is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    watch.stop()
+    print(watch.reason)
+"""
+
+
+def test_the_cancel_watch_asks_the_api_the_coordinator_uses(tmp_path, prefect_api):
+    """The watch polls from its own thread; it must ask the server the flow runs on, not a throwaway one."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = subprocess.run([sys.executable, "-c", _WATCH_WITH_THE_COORDINATORS_SETTINGS, prefect_api,
+                             str(tmp_path / "state")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting temporary server" not in result.stderr
+    assert result.stdout.strip() == "its flow run was cancelled in Prefect (Cancelling)", result.stdout + result.stderr[-2000:]
