@@ -87,7 +87,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false
 unset PREFECT_API_URL PREFECT_API_KEY
 export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)}"
 rc=0
-.venv/bin/python -m pytest -p no:cacheprovider -ra --durations=25 "$@" || rc=$?
+.venv/bin/python -m pytest -p no:cacheprovider -ra --durations=0 --durations-min=8 "$@" || rc=$?
 if [ -n "$slurm_missing" ]; then
   warn_slurm_missing  # again, after pytest's output, where it is seen
 fi
