@@ -5,7 +5,8 @@
 * ``<job>-status``: a markdown table beside it — phase, batches and items by outcome, items/s, ETA, updated at —
   because a progress artifact holds one number only.
 * at the end, ``<job>-errors`` (failed items by class, top messages, example ids) and ``<job>-summary`` (outcome,
-  counts, output, failures file, manifests, rate limits, time per phase).
+  counts, what it spent — API calls, core-hours, cost when priced — against its budget, output, failures file,
+  manifests, rate limits, time per phase).
 
 Both live artifacts are created once on the job's flow run and then updated in place by the coordinator's loop
 (``flows.process.run_batches`` updates them with the counters it saves, every ``HEARTBEAT_S``): the UI lags a batch
@@ -30,6 +31,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.logging import get_logger
 
+from slurmctl.books.budget import fmt, usage_view
 from slurmctl.books.manifests import Counts, JobManifest
 from slurmctl.books.progress import job_progress
 
@@ -129,7 +131,7 @@ class JobArtifacts:
                 ("items", f"{self._items_done(c):,} of {c.items_total:,}"),
                 ("succeeded", f"{c.items_succeeded:,}"), ("failed", f"{c.items_failed:,}"),
                 ("deferred", f"{c.items_deferred:,}"), ("rejected", f"{c.items_rejected:,}"),
-                ("batches failed", f"{c.batches_failed:,}"),
+                ("batches failed", f"{c.batches_failed:,}"), ("API calls", f"{c.api_calls:,}"),
                 ("items/s", f"{rate:,.1f}" if rate else "—"), ("ETA", _duration(eta)), ("updated", at)]
         return (f"### {self.job_id}\n\n| | |\n|---|---|\n"
                 + "".join(f"| {k} | {v} |\n" for k, v in rows))
@@ -153,6 +155,22 @@ class JobArtifacts:
         MarkdownArtifact(key=f"{self.job_id}-summary", markdown=self._summary(job, links, limits),
                          description=f"{self.job_id}: {job.status}", flow_run_id=self.flow_run_id).create()
 
+    @staticmethod
+    def _spend(job: JobManifest) -> list[str]:
+        """What the job spent, against its budget where it has one (``slurmctl.books.budget``)."""
+        usage = usage_view(job.model_dump(mode="json"))
+        budget = usage["budget"] or {}
+        rows = [("API calls", "max_api_calls", job.counts.api_calls), ("core-hours", "max_core_hours",
+                                                                        usage["core_hours"])]
+        if usage["cost_usd"] is not None:
+            rows.append(("cost (USD)", "max_usd", usage["cost_usd"]))
+        out = ["| spent | | budget |", "|---|---|---|"]
+        for label, key, value in rows:
+            limit = budget.get(key)
+            share = f"{fmt(key, limit['max'])} ({100 * limit['share']:.0f} %)" if limit else "—"
+            out.append(f"| {label} | {fmt(key, value)} | {share} |")
+        return out + [""]
+
     def _summary(self, job: JobManifest, links: dict[str, str | None], limits: dict[str, Any]) -> str:
         c = job.counts
         lines = [f"## {self.job_id}: {job.status}", ""]
@@ -162,6 +180,7 @@ class JobArtifacts:
                   f"| succeeded | {c.items_succeeded:,} |", f"| failed | {c.items_failed:,} |",
                   f"| rejected | {c.items_rejected:,} |", f"| output rows | {c.rows_written - c.duplicates:,} |",
                   f"| duplicate rows dropped | {c.duplicates:,} |", ""]
+        lines += self._spend(job)
         lines += ["| where | |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in links.items() if v] + [""]
         phases = {k: v for k, v in self.phase_seconds.items() if k not in ("submitted", "done")}
         if phases:

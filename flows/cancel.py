@@ -153,9 +153,12 @@ def sleep(job_id: str, seconds: float) -> None:
 
 
 def cancellable(fn: Callable[..., T]) -> Callable[..., Any]:
-    """For a phase's subflow: a ``JobCancelled`` ends it *Cancelled* (not Failed) in the Prefect UI. The caller gets
-    Prefect's ``CancelledRun``."""
+    """For a phase's subflow: a ``JobCancelled`` ends it *Cancelled* (not Failed) in the Prefect UI, a
+    ``BudgetReached`` (``flows/budget.py``) Cancelled-type named *Paused*. The caller gets Prefect's
+    ``CancelledRun``."""
     import functools
+
+    from slurmctl.books.budget import BudgetReached
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -165,6 +168,8 @@ def cancellable(fn: Callable[..., T]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except JobCancelled as exc:
             return Cancelled(message=str(exc))
+        except BudgetReached as exc:
+            return Cancelled(name="Paused", message=f"paused: {exc}")
     return wrapper
 
 

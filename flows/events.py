@@ -3,7 +3,8 @@
 The open-source Prefect server evaluates event triggers, not metric ones, so the coordinator says what it sees as
 events of the resource ``slurmctl.job.<job_id>`` (its flow run a related resource, so they show on the run's page):
 
-* ``slurmctl.job.started`` / ``.completed`` / ``.failed`` / ``.cancelled`` — the job flow run begins and ends;
+* ``slurmctl.job.started`` / ``.completed`` / ``.failed`` / ``.cancelled`` / ``.paused`` — the job flow run begins
+  and ends (``paused``: at a budget limit, the reason in ``error``, its spend in ``counts.api_calls``);
 * ``slurmctl.job.processing`` / ``.processed`` — a pass over batches (the first, or a retry round) begins and ends;
 * ``slurmctl.job.progress`` — batches committed since the last heartbeat (counters in the payload). At most one
   per heartbeat (``flows.process.HEARTBEAT_S``), never one per batch: the stall alert expects it;
@@ -29,7 +30,8 @@ from slurmctl.config import JobConfig
 from slurmctl.job_health import Sample, Window, crossed
 
 PREFIX = "slurmctl.job"
-STARTED, COMPLETED, FAILED, CANCELLED = (f"{PREFIX}.{s}" for s in ("started", "completed", "failed", "cancelled"))
+STARTED, COMPLETED, FAILED, CANCELLED, PAUSED = (f"{PREFIX}.{s}" for s in (
+    "started", "completed", "failed", "cancelled", "paused"))
 PROCESSING, PROCESSED, PROGRESS = f"{PREFIX}.processing", f"{PREFIX}.processed", f"{PREFIX}.progress"
 ERROR_RATE, TOKEN_WAIT = f"{PREFIX}.error-rate", f"{PREFIX}.token-wait"
 
@@ -48,7 +50,8 @@ def resource_id(job_id: str) -> str:
 
 def _counts(c: Counts) -> dict[str, int]:
     return {k: getattr(c, k) for k in ("batches_done", "batches_total", "batches_failed", "items_total",
-                                       "items_succeeded", "items_failed", "items_deferred", "items_rejected")}
+                                       "items_succeeded", "items_failed", "items_deferred", "items_rejected",
+                                       "api_calls")}
 
 
 class JobEvents:
@@ -86,7 +89,7 @@ class JobEvents:
         self.emit(STARTED, phase=phase)
 
     def ended(self, status: str, counts: Counts, error: str | None = None) -> None:
-        """The job run ended: ``completed``, ``failed`` or ``cancelled``."""
+        """The job run ended: ``completed``, ``failed``, ``cancelled`` or ``paused``."""
         _live.pop(self.job_id, None)
         self.emit(f"{PREFIX}.{status}", counts=_counts(counts), **({"error": error} if error else {}))
 

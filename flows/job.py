@@ -25,7 +25,7 @@ from slurmctl.books.limits import ensure_limits, limits_status
 from slurmctl.books.manifests import Keys, now
 from slurmctl.books.store import JobExists, load_job, read_round_batches, store_for, update_job
 from slurmctl.config import known_storage, parse_config
-from slurmctl.flows import artifacts, cancel, naming
+from slurmctl.flows import artifacts, budget, cancel, naming
 from slurmctl.flows.aggregate import aggregate_phase, aggregate_runner
 from slurmctl.flows.artifacts import JobArtifacts
 from slurmctl.flows.events import JobEvents
@@ -102,6 +102,7 @@ def run_job(job_id: str | None = None, config_path: str | None = None, config: d
     job = update_job(store, job_id, status="running", phase="aggregate" if aggregate_only else "partition",
                      started_at=job.started_at or now(), finished_at=None, error=None, flow_run_id=flow_run_id,
                      coordinator_pid=os.getpid(), coordinator_host=socket.gethostname())
+    budget.forget(job_id)
     heartbeat = Heartbeat(store, job_id, flow_run_id=flow_run_id).start()  # every phase
     watch = cancel.CancelWatch(store, job_id, flow_run_id).start()
     arts = JobArtifacts(job, flow_run_id)
@@ -115,6 +116,13 @@ def run_job(job_id: str | None = None, config_path: str | None = None, config: d
             committed = len(committed_batch_ids(store, job_id))
             result = aggregate_phase.with_options(task_runner=aggregate_runner(cfg, committed))(job_id, config)
     except BaseException as exc:
+        paused = budget.pause_of(exc, job_id)
+        if paused:  # at a budget limit: between batches, everything committed kept (flows/budget.py)
+            job = budget.mark_paused(store, job_id, paused, cfg.cluster.kind)
+            logger.warning("job %s paused: %s", job_id, paused)
+            finish_artifacts(arts, store, cfg, job)
+            emitter.ended("paused", job.counts, paused)
+            return Cancelled(name=budget.PAUSED, message=f"{job_id} paused: {paused}")
         if cancel.is_cancellation(exc):
             reason = watch.reason or "cancelled in Prefect"
             ids = cancel.mark_cancelled(store, job_id, reason, cfg.cluster.kind)
@@ -173,6 +181,7 @@ def process_and_retry(store: Any, job_id: str, cfg: Any, config: dict[str, Any],
     enter_phase(store, job_id, "process")
     initial_done = sum(1 for b in committed_batch_ids(store, job_id) if round_of(b) == 0)
     if initial_done < total:  # else no cluster is started at all
+        budget.check_before_run(cfg, load_job(store, job_id))  # at its limit: paused again, no cluster started
         ensure_limits(cfg)
         processed = process_phase.with_options(task_runner=_runner(cfg))(job_id, config)
     else:  # the counters may predate a coordinator's death: take them from the commits

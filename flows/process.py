@@ -5,7 +5,9 @@ task runs whatever the job's size), keeps at most two per worker thread in fligh
 the job's counters as its commit is reported (a Dask event per commit; the shard's result confirms them), writes the
 counters to the job manifest every couple of seconds (the progress ``slurmctl status`` reads; the coordinator's
 liveness is its separate heartbeat), and when a worker dies queues its shard's uncommitted batches again, without
-touching the retry budget. Batches already committed are skipped, so a resumed job re-cuts only what is left.
+touching the retry budget. Batches already committed are skipped, so a resumed job re-cuts only what is left. A job
+with a ``budget:`` is watched after each commit (``flows/budget.py``): at a limit no further batch starts, the ones
+running commit, and the pass ends with ``BudgetReached``.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, no
 from slurmctl.books.shards import Budget, Shard, plan_shards, worker_slots
 from slurmctl.books.store import load_job, read_plan, save_job, store_for
 from slurmctl.config import JobConfig, parse_config
-from slurmctl.flows import artifacts, cancel, events
+from slurmctl.flows import artifacts, budget, cancel, events
+from slurmctl.flows.budget import BudgetGuard
 from slurmctl.records import BatchSpec
 from slurmctl.tasks.process_batch import summary_of
-from slurmctl.tasks.process_shard import commits_topic, process_shard
+from slurmctl.tasks.process_shard import ShardStopped, commits_topic, process_shard
 
 HEARTBEAT_S = 2.0
 # Exceptions that mean "the worker (or its Slurm job) running this batch went away", not "the batch failed".
@@ -107,14 +110,20 @@ def is_worker_loss(exc: BaseException) -> bool:
 
 
 class CommitFeed:
-    """Batch commits as the shards report them (Dask events), so the counters move per batch, not per shard."""
+    """Batch commits as the shards report them (Dask events), so the counters move per batch, not per shard.
+    ``wake``: called after each commit arrives (a job with a budget looks at its spend at once)."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, wake: Any = None) -> None:
         self.queue: queue.Queue = queue.Queue()
         self.topic = commits_topic(job_id)
         self.client = dask_client()  # None: the shards' results alone count
         if self.client is not None:
-            self.client.subscribe_topic(self.topic, lambda event: self.queue.put(event[1]))
+            def on_event(event: Any) -> None:
+                self.queue.put(event[1])
+                if wake is not None:
+                    wake()
+
+            self.client.subscribe_topic(self.topic, on_event)
 
     def drain(self) -> list[dict[str, Any]]:
         out = []
@@ -153,7 +162,10 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
     failed: list[str] = []
     last_beat = 0.0
     watch = WorkerWatch(cfg)
-    feed = CommitFeed(job.job_id)
+    guard = BudgetGuard(cfg, watch.client, _pass_id())
+    wake = object()  # in ``finished``: a commit arrived (budget jobs only), not a shard that ended
+    feed = CommitFeed(job.job_id, (lambda: finished.put(wake)) if guard.active else None)
+    stopped_left: list[BatchSpec] = []  # batches of shards stopped at the budget, not seen committed
     limit = max(1, min(cfg.max_in_flight, 2 * slots))
     emitter = events.live(job.job_id)  # the job's Prefect events (alerts), one of each kind per beat at most
     if emitter is not None:
@@ -180,7 +192,11 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
             base.result()  # the final counts wait for the recount
         ready = base.result() if base is not None and base.done() else None
         job.counts = (ready or start).plus(delta)
-        if force or time.monotonic() - last_beat >= HEARTBEAT_S:
+        due = force or time.monotonic() - last_beat >= HEARTBEAT_S
+        guard.tick(job, sample_cores=due)
+        if guard.check(job):
+            shards.clear()  # nothing more is submitted; the shards in flight stop after their running batch
+        if due:
             save_job(store, job)
             arts = artifacts.live(job.job_id)
             if arts is not None:  # the Prefect UI, a few seconds behind the commits
@@ -191,6 +207,8 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
             watch.check(waiting=bool(in_flight))
         cancel.check(job.job_id)  # between batches: what is committed stays, the rest is not started
 
+    if guard.check(job):  # a job already at its budget (a re-run without raising it) starts nothing
+        shards.clear()
     try:
         while shards or in_flight:
             while shards and len(in_flight) < limit:
@@ -204,6 +222,9 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
             except queue.Empty:
                 beat()
                 continue
+            if future is wake:
+                beat()
+                continue
             shard = in_flight.pop(future)
             try:
                 for summary in future.result():
@@ -211,6 +232,10 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
             except BaseException as exc:
                 beat()  # commits the shard reported before it ended are counted first
                 left = [s for s in shard.specs if s.batch_id not in counted]
+                if guard.stopping and (is_worker_loss(exc) or isinstance(exc, ShardStopped)):
+                    stopped_left += left  # stopped at the budget (or lost meanwhile): left for resume, not failed
+                    beat()
+                    continue
                 if is_worker_loss(exc) and requeues.get(shard.name, 0) < cfg.worker_loss_requeues and left:
                     again = Shard(tuple(left))
                     requeues[again.name] = requeues.get(shard.name, 0) + 1
@@ -225,10 +250,28 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
             beat()
     finally:
         feed.close()
+    if stopped_left:  # a commit whose report was lost with its shard is still counted
+        committed = set(committed_batch_ids(store, job.job_id))
+        for spec in stopped_left:
+            if spec.batch_id in committed:
+                fold(summary_of(store.get_json(Keys(job.job_id).task(spec.batch_id))))
     beat(force=True)
+    if guard.stopping:
+        if any(s.batch_id not in counted for s in todo_specs):
+            raise guard.reached_error(job)  # the phase ends Paused; the job flow records why
+        budget.forget(job.job_id)  # the limit came with the last batch: nothing is left to pause
     if emitter is not None:
         emitter.processed(job.counts)
     return failed
+
+
+def _pass_id() -> str | None:
+    """This pass's flow run id (the process or retry subflow): the shards' task runs carry it, so a stop reaches
+    only them. None outside a flow run (unit tests)."""
+    try:
+        return str(get_run_context().flow_run.id)
+    except Exception:
+        return None
 
 
 def fail_uncommitted(store: ManifestStore, job: JobManifest, specs: list[BatchSpec], error: str,

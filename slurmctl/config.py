@@ -249,6 +249,50 @@ class AlertsConfig(_Strict):
         "Items finished in the window below which no error rate is judged (a few failures of a few items is noise)."))
 
 
+class BudgetConfig(_Strict):
+    """What a job may spend (``slurmctl.books.budget``): API calls, core-hours and, with prices, dollars.
+
+    ``submit`` refuses a job whose projection reaches 90 % of a limit; a running job pauses itself when its spend
+    reaches 100 % (``slurmctl resume JOB --raise-budget KEY=VALUE`` continues it). API calls are handler calls,
+    in-batch retries included (the batches' ``metrics.api_calls``); core-hours are the Dask workers' cores times
+    the time they were up while batches ran. The projection takes ``calls_per_item`` and ``core_seconds_per_item``
+    (or what ``submit --sample N`` measured) times the input's items."""
+
+    calls_per_item: float | None = Field(default=None, ge=0, description=(
+        "API calls (handler calls) each item makes, retries included: the projection's input."))
+    core_seconds_per_item: float | None = Field(default=None, ge=0, description=(
+        "Seconds of one worker thread (one core) each item takes: the core-hour projection's input."))
+    usd_per_api_call: float | None = Field(default=None, ge=0, description="Price of one API call, in USD.")
+    usd_per_core_hour: float | None = Field(default=None, ge=0, description="Price of one core-hour, in USD.")
+    max_api_calls: int | None = Field(default=None, gt=0, description="API calls the job may make.")
+    max_core_hours: float | None = Field(default=None, gt=0, description="Core-hours the job may hold.")
+    max_usd: float | None = Field(default=None, gt=0, description=(
+        "Dollars the job may cost, from the prices above (at least one is required)."))
+
+    @field_validator("max_usd")
+    @classmethod
+    def _priced(cls, v: float | None, info: Any) -> float | None:
+        # The prices are declared before max_usd, so they are validated (and in info.data) by now; a price that
+        # failed its own validation is missing there, and reported on its own.
+        prices = ("usd_per_api_call", "usd_per_core_hour")
+        if v is not None and all(k in info.data for k in prices) and all(info.data[k] is None for k in prices):
+            raise ValueError("needs a price to count dollars: set budget.usd_per_api_call and/or "
+                             "budget.usd_per_core_hour")
+        return v
+
+    @property
+    def limits(self) -> dict[str, float]:
+        """The limits set, by key (``max_api_calls``, ``max_core_hours``, ``max_usd``)."""
+        return {k: getattr(self, k) for k in BUDGET_LIMITS if getattr(self, k) is not None}
+
+    @property
+    def priced(self) -> bool:
+        return self.usd_per_api_call is not None or self.usd_per_core_hour is not None
+
+
+BUDGET_LIMITS = ("max_api_calls", "max_core_hours", "max_usd")
+
+
 ClusterConfig = Annotated[Union[LocalClusterConfig, SlurmClusterConfig], Field(discriminator="kind")]
 
 
@@ -339,6 +383,7 @@ class JobConfig(_Strict):
         "format of the PRD's workers); the aggregation reads either."))
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
     @field_validator("rate_limits")
     @classmethod

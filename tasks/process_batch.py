@@ -85,9 +85,12 @@ def jsonl_bytes(records: list[dict[str, Any]]) -> bytes:
 
 def summary_of(task_manifest: dict[str, Any]) -> dict[str, Any]:
     """The few fields of a task manifest the coordinator keeps (a task's return value: keys and counts, not data),
-    and ``tokens_waited_s``: the seconds its handler calls were blocked on rate limits (the token-wait alert)."""
+    ``tokens_waited_s``: the seconds its handler calls were blocked on rate limits (the token-wait alert), and
+    ``api_calls``: its handler calls (the budget)."""
+    metrics = task_manifest.get("metrics") or {}
     return {**{k: task_manifest.get(k) for k in SUMMARY_FIELDS},
-            "tokens_waited_s": float((task_manifest.get("metrics") or {}).get("tokens_waited_s") or 0)}
+            "tokens_waited_s": float(metrics.get("tokens_waited_s") or 0),
+            "api_calls": int(metrics.get("api_calls") or 0)}
 
 
 def error_policy(cfg: JobConfig) -> ErrorPolicy:

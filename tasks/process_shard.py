@@ -11,6 +11,9 @@
 * The Prefect cache (key: the shard's batches, their input digests and the handler version) answers when the very
   same shard is submitted again after it completed, e.g. Dask re-running a finished task whose worker died. Shards
   are re-cut on resume, so a batch's "already done" check is its commit in the store, never the cache.
+* When the job reaches its budget the coordinator tells every worker (``stop_pass``, through ``Client.run``): its
+  shards start no further batch, and raise ``ShardStopped`` (never retried, never cached) once the batch they are
+  in has committed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,30 @@ PREFETCH_MAX_BYTES = 64 * 2**20
 
 class ShardIncomplete(RuntimeError):
     """Some batches of the shard raised (infrastructure faults); the others committed."""
+
+
+class ShardStopped(RuntimeError):
+    """The coordinator said to start no further batch of this pass (the job reached its budget): the shard ends
+    between batches; its uncommitted batches wait for ``slurmctl resume``. Raised, not returned as a Cancelled
+    state: Prefect would store a returned state's (empty) result under the shard's cache key, and the same shard cut
+    again at resume would be answered from that cache without running."""
+
+
+# Passes (the flow run ids of a process or retry phase) whose coordinator said "start no further batch": set on every
+# worker by ``stop_pass`` (the coordinator runs it through ``Client.run``), read by each shard before each batch.
+_stopped: set[str] = set()
+
+
+def stop_pass(pass_id: str) -> None:
+    """Run on each worker (and in the coordinator) when the job reaches its budget: the shards of this pass start no
+    further batch. Cheap to repeat (the coordinator repeats it for workers that joined since)."""
+    _stopped.add(pass_id)
+
+
+def pass_stopped(pass_id: str) -> bool:
+    # A module-level function, so the task (which cloudpickle ships by value, with copies of the globals it names)
+    # reads this module's ``_stopped`` on the worker, not a copy of it.
+    return pass_id in _stopped
 
 
 class ShardAbandoned(RuntimeError):
@@ -80,10 +107,12 @@ class ShardReader:
 def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, check_commits: bool = True,
               on_commit: Callable[[dict[str, Any]], None] | None = None, logger: Any = None,
               run_ids: tuple[str | None, str | None] = (None, None),
-              wanted: Callable[[], bool] = lambda: True) -> list[dict[str, Any]]:
+              wanted: Callable[[], bool] = lambda: True,
+              stopped: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
     """Run and commit each batch of a shard; return their summaries. Plain function: tests call it directly.
 
-    ``wanted`` is asked before each batch; when it says no, the shard stops (``ShardAbandoned``)."""
+    ``wanted`` is asked before each batch; when it says no, the shard stops (``ShardAbandoned``). ``stopped`` too:
+    when it says yes (the job reached its budget), the shard stops (``ShardStopped``)."""
     if not specs:
         return []
     uri = cfg.input.uri if specs[0].source == "input" else store.uri(specs[0].source)
@@ -93,6 +122,9 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
     committed: list[dict[str, Any]] = []  # the task manifests of this shard's commits: its commit log
     try:
         for spec in specs:
+            if stopped():
+                raise ShardStopped(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} batches "
+                                   f"after it were not started: the job reached its budget")
             if not wanted():
                 raise ShardAbandoned(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} "
                                      f"batches after it were not started: this worker is leaving (it lost its "
@@ -158,8 +190,9 @@ def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 
 def retry_unless_abandoned(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect retries a shard that hit an infrastructure fault; an abandoned one (its worker is leaving) goes back
-    to the coordinator at once, which queues its uncommitted batches again on another worker."""
-    return not isinstance(getattr(state, "data", None), ShardAbandoned)
+    to the coordinator at once, which queues its uncommitted batches again on another worker; a stopped one (the
+    job reached its budget) too, which leaves them for ``slurmctl resume``."""
+    return not isinstance(getattr(state, "data", None), (ShardAbandoned, ShardStopped))
 
 
 @task(name="process-shard", task_run_name="{shard[name]}", cache_key_fn=shard_cache_key, persist_result=True,
@@ -172,4 +205,5 @@ def process_shard(cfg: JobConfig, store: ManifestStore, shard: dict[str, Any], h
     ids = (str(ctx.task_run.flow_run_id), str(ctx.task_run.id))
     on_commit, wanted = dask_hooks(cfg.job_id)
     return run_shard(cfg, store, Shard.specs_of(shard), check_commits=check_commits or ctx.task_run.run_count > 1,
-                     on_commit=on_commit, wanted=wanted, logger=get_run_logger(), run_ids=ids)
+                     on_commit=on_commit, wanted=wanted, stopped=lambda: pass_stopped(ids[0]),
+                     logger=get_run_logger(), run_ids=ids)

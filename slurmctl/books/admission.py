@@ -2,8 +2,9 @@
 
 ``create_job`` is the one way a job comes into being — ``slurmctl submit``, a Prefect deployment run, a scheduled
 run — so the checks live here, not in the CLI: a bad handler, a missing input, an unreachable bucket or DynamoDB
-table, and a manifest store that does not honour create-if-absent (on which every commit would silently become
-last-writer-wins) all refuse the job before its manifest is written, each problem naming its config field.
+table, a manifest store that does not honour create-if-absent (on which every commit would silently become
+last-writer-wins), and a job projected to spend 90 % or more of its budget (``slurmctl.books.budget``) all refuse
+the job before its manifest is written, each problem naming its config field.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from slurmctl.blocks.manifest_store import StoreUnsupported
+from slurmctl.books import budget
 from slurmctl.books.manifests import JobManifest, Keys, now
 from slurmctl.books.store import JobExists, new_job_manifest, store_for
 from slurmctl.config import JobConfig
@@ -71,19 +73,25 @@ def preflight(cfg: JobConfig) -> list[Problem]:
     return problems
 
 
-def create_job(cfg: JobConfig, config_file: str | None) -> JobManifest:
+def create_job(cfg: JobConfig, config_file: str | None, sample: budget.Sample | None = None) -> JobManifest:
     """Admit a new job and write its manifest; refuse an existing job id (that is what resume is for).
 
-    Raises ``JobExists`` for a job id already in the store, ``JobRefused`` when the preflight finds problems.
+    ``sample``: what ``submit --sample N`` measured, for the budget's projection (else the config's declared
+    per-item figures). Raises ``JobExists`` for a job id already in the store, ``JobRefused`` when the preflight
+    or the budget finds problems.
     """
     store = store_for(cfg.storage)
     key = Keys(cfg.job_id).job
     if store.exists(key):
         raise _exists(cfg, store)
     problems = preflight(cfg)
+    projection = None
+    if not problems:  # the projection reads the input: only once it is known to be there
+        problems, projection = budget.admission_problems(cfg, store, sample)
     if problems:
         raise JobRefused(cfg.job_id, problems)
     job = new_job_manifest(cfg, config_file)
+    job.budget_projection = projection and projection.as_dict(cfg.budget)
     job.handler_version = handler_version(cfg.handler)
     job.updated_at = now()
     if not store.put_json(key, job.model_dump(mode="json"), if_absent=True):

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from slurmctl.books.budget import usage_view
 from slurmctl.books.progress import job_progress
 from slurmctl.safe_keys import check_name
 
@@ -44,14 +45,18 @@ SCHEMA_VERSION = 1
 #: blocked on rate limits, CPU, peak RSS, host, Slurm job, times) beside the batch's counters. A version-1 manifest
 #: still loads: its ``metrics`` holds the counters alone and the typed fields read as None.
 TASK_SCHEMA_VERSION = 2
-#: The job manifest's schema. 2 (slurmctl 0.2): handlers are named by their module in the one ``slurmctl`` package;
-#: ``slurmctl.books.store.load_job`` upgrades a version-1 manifest on read and refuses a newer one.
-JOB_SCHEMA_VERSION = 2
+#: The job manifest's schema. 2 (slurmctl 0.2): handlers are named by their module in the one ``slurmctl`` package.
+#: 3: the budget — status ``paused`` (the job stopped itself at a budget limit), ``counts.api_calls``,
+#: ``core_seconds``, ``budget_changes`` and ``budget_projection``; an earlier release cannot read a paused job, so
+#: it is refused with the upgrade message rather than misread. ``slurmctl.books.store.load_job`` upgrades versions 1
+#: and 2 on read (their new fields start at zero) and refuses a newer one.
+JOB_SCHEMA_VERSION = 3
 
-JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+JobStatus = Literal["pending", "running", "completed", "failed", "cancelled", "paused"]
 Phase = Literal["submitted", "partition", "process", "retry", "aggregate", "done"]
 BatchStatus = Literal["succeeded", "throttled", "failed"]
-TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+# The statuses of a job whose run has ended (``paused``: it stopped itself at a budget limit; resume continues it).
+TERMINAL_STATUSES = ("completed", "failed", "cancelled", "paused")
 STALE_AFTER_S = 120  # a running job whose heartbeat is older than this is reported as stale
 
 
@@ -195,13 +200,14 @@ class Counts(BaseModel):
     items_rejected: int = 0
     rows_written: int = 0
     duplicates: int = 0  # output rows dropped by the aggregation's deduplication (set when it completes)
+    api_calls: int = 0  # handler calls of the committed batches, retries included (their metrics.api_calls)
 
     def plus(self, delta: "Counts") -> "Counts":
         """These counts with ``delta``'s progress added (totals stay these)."""
         return Counts(batches_total=self.batches_total, items_total=self.items_total, **{
             k: getattr(self, k) + getattr(delta, k) for k in (
                 "batches_done", "batches_failed", "items_succeeded", "items_failed", "items_deferred",
-                "items_rejected", "rows_written")})
+                "items_rejected", "rows_written", "api_calls")})
 
     def add(self, summary: dict[str, Any]) -> None:
         """Fold one committed batch's summary in. A retry batch takes items out of failed/deferred."""
@@ -211,6 +217,7 @@ class Counts(BaseModel):
         self.items_deferred += (summary.get("items_deferred") or 0) - (summary.get("retried_deferred") or 0)
         self.items_rejected += summary.get("items_rejected") or 0
         self.rows_written += summary.get("rows_written") or 0
+        self.api_calls += api_calls_of(summary)
 
 
 class JobManifest(_Manifest):
@@ -242,6 +249,14 @@ class JobManifest(_Manifest):
     # When each phase this run entered started and ended, and how many items were done as it started (the base of
     # its items/s): ``{"process": {"started_at", "finished_at", "items_at_start"}}`` (``books.store.update_job``).
     phase_times: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Core-seconds the job's Dask workers held while batches ran (their cores x the time they were up, all runs):
+    # the budget's core-hours (``slurmctl.books.budget``). Measured by the coordinator, saved with the counters.
+    core_seconds: float = 0.0
+    # Each ``slurmctl resume --raise-budget``: ``{"at", "by", "changes": {key: {"from", "to"}}}``; the budget in
+    # force is ``config["budget"]``.
+    budget_changes: list[dict[str, Any]] = Field(default_factory=list)
+    # What admission projected the job to spend (``slurmctl.books.budget.Projection.as_dict``), None without one.
+    budget_projection: dict[str, Any] | None = None
 
 
 class Latency(BaseModel):
@@ -353,7 +368,8 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, hear
                 *, stale_after_s: int = STALE_AFTER_S) -> dict[str, Any]:
     """The flat JSON object ``slurmctl status --json`` prints, from the job manifest, its control object and the
     coordinator's heartbeat. ``stale``: not finished, and neither the manifest nor the heartbeat written for
-    ``stale_after_s``. ``items_done``, ``items_per_s``, ``eta_s`` and ``phases``: ``books.progress.job_progress``."""
+    ``stale_after_s``. ``items_done``, ``items_per_s``, ``eta_s`` and ``phases``: ``books.progress.job_progress``;
+    ``core_hours``, ``cost_usd`` and ``budget`` (``api_calls`` is a counter): ``books.budget.usage_view``."""
     counts = job.get("counts", {})
     view = {
         "job_id": job["job_id"],
@@ -368,7 +384,9 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, hear
         "finished_at": job.get("finished_at"),
         "error": job.get("error"),
         "flow_run_id": job.get("flow_run_id"),
-        "paused": bool((control or {}).get("paused")),
+        # Paused by `slurmctl pause` (rate limits: the run goes on without tokens), or at a budget limit (the run
+        # ended; status "paused").
+        "paused": bool((control or {}).get("paused")) or job["status"] == "paused",
     }
     stale = False
     seen = [parse_time(t) for t in (job.get("updated_at"), view["heartbeat_at"]) if t]
@@ -377,7 +395,17 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, hear
         stale = age > stale_after_s
     view["stale"] = stale
     view.update(job_progress(job))
+    view.update(usage_view(job))
     return view
+
+
+def api_calls_of(summary: dict[str, Any]) -> int:
+    """A committed batch's handler calls: its summary's ``api_calls``, or a task manifest's ``metrics.api_calls``
+    (0 for a manifest written before metrics were recorded)."""
+    calls = summary.get("api_calls")
+    if calls is None:
+        calls = (summary.get("metrics") or {}).get("api_calls")
+    return int(calls or 0)
 
 
 def counts_from_tasks(tasks: list[dict[str, Any]], batches_total: int, items_total: int) -> Counts:

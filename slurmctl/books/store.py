@@ -42,6 +42,8 @@ def upgrade_job(body: dict[str, Any]) -> dict[str, Any]:
 
     1 -> 2: slurmctl's own handlers moved into the ``slurmctl`` package (``handlers.echo`` is now
     ``slurmctl.handlers.echo``). ``handler_version`` keeps its old text: it only names the batches' cache keys.
+    2 -> 3: the budget's fields (``counts.api_calls``, ``core_seconds``, ``budget_changes``) start at zero; an old
+    job's committed calls are counted again from its task manifests when it resumes.
     """
     version = body.get("schema_version", 1)
     if version > JOB_SCHEMA_VERSION:
@@ -53,6 +55,8 @@ def upgrade_job(body: dict[str, Any]) -> dict[str, Any]:
         if new is not None:
             body = {**body, "handler": new, "config": {**body.get("config", {}), "handler": new}}
         body = {**body, "schema_version": 2}
+    if body["schema_version"] < 3:  # 2 -> 3: the budget's fields, which start at zero
+        body = {**body, "schema_version": 3}
     return body
 
 
@@ -90,7 +94,7 @@ def time_phases(job: JobManifest, changes: dict[str, Any], last_seen: str) -> No
     what an earlier coordinator left open at the last time it wrote the manifest, and starts its phase afresh."""
     at = now()
     entering = changes.get("phase")
-    ending = changes.get("status") in ("completed", "failed", "cancelled")
+    ending = changes.get("status") in ("completed", "failed", "cancelled", "paused")
     new_run = changes.get("status") == "running" or entering == "submitted"
     open_ = [name for name, t in job.phase_times.items() if not t.get("finished_at")]
     for name in open_:

@@ -186,8 +186,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _err(str(exc))
         return EXIT_USAGE
+    sample, problems = sample_for(args, cfg)
+    if problems:
+        _err(f"{args.config}: cannot submit\n" + "\n".join(f"  {f}: {m}" for f, m in problems))
+        return EXIT_USAGE
     if args.deployment:
-        return submit_to_deployment(args, cfg)
+        return submit_to_deployment(args, cfg, sample)
     # The coordinator starts now, on standby: its imports (~2.5 s) overlap with ours and with the admission checks.
     new_log = not coordinator_log(cfg.job_id).exists()
     proc, log = spawn_coordinator(cfg.job_id, cfg.storage, standby=True)
@@ -197,9 +201,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         from slurmctl.books.manifests import Keys
         from slurmctl.books.store import JobExists, store_for
 
-        problems: list[tuple[str, str]] = []
+        problems = []
+        job = None
         try:
-            create_job(cfg, str(Path(args.config).resolve()))
+            job = create_job(cfg, str(Path(args.config).resolve()), sample)
         except JobExists as exc:
             problems.append(("job_id", str(exc)))
         except JobRefused as exc:
@@ -229,6 +234,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     log.unlink()
     print(cfg.job_id)
     print(f"submitted {cfg.job_id} (store {store.uri(Keys(cfg.job_id).root)}, log {log})", file=sys.stderr)
+    _budget_note(cfg, job)
     if not args.wait:
         if server:
             print(f"Prefect UI: {server['ui_url']}/runs", file=sys.stderr)
@@ -381,6 +387,10 @@ def _restart(args: argparse.Namespace, storage: StorageConfig, retry_errors: lis
         _err(f"{exc}; pass --storage URI if the job lives elsewhere")
         return EXIT_USAGE
     store = store_for(storage)
+    raised = budget_raise(args, job, store)
+    if raised is not None:
+        return raised
+    job = load_job(store, args.job_id)
     if (store.get_json(Keys(args.job_id).control) or {}).get("paused"):
         # The limits first, the intent last: while any limit may still be paused, control.json says paused, so
         # running resume again unpauses again.
@@ -435,7 +445,7 @@ def _restart(args: argparse.Namespace, storage: StorageConfig, retry_errors: lis
     return watch(args.job_id, storage, proc, log, announce=flow_run_link(server, job.flow_run_id))
 
 
-def submit_to_deployment(args: argparse.Namespace, cfg: JobConfig) -> int:
+def submit_to_deployment(args: argparse.Namespace, cfg: JobConfig, sample: Any = None) -> int:
     """``submit --deployment``: admit the job here (a refused config never reaches Prefect), then create a flow run
     of the deployment for it; the deployment's worker runs it."""
     from slurmctl.books.admission import JobRefused, create_job
@@ -443,7 +453,7 @@ def submit_to_deployment(args: argparse.Namespace, cfg: JobConfig) -> int:
 
     name = args.deployment if "/" in args.deployment else f"slurmctl-job/{args.deployment}"
     try:
-        create_job(cfg, str(Path(args.config).resolve()))
+        job = create_job(cfg, str(Path(args.config).resolve()), sample)
     except JobExists as exc:
         _err(f"{args.config}: cannot submit\n  job_id: {exc}")
         return EXIT_USAGE
@@ -471,6 +481,7 @@ def submit_to_deployment(args: argparse.Namespace, cfg: JobConfig) -> int:
     print(cfg.job_id)
     print(f"submitted {cfg.job_id} as flow run {run.name} ({run.id}) of deployment {name}; its work pool's worker "
           f"runs it", file=sys.stderr)
+    _budget_note(cfg, job)
     if not args.wait:
         print(f"follow it with `slurmctl status {cfg.job_id}`", file=sys.stderr)
         return EXIT_OK
@@ -556,6 +567,82 @@ def _set_cancelling(flow_run_id: str) -> None:
                 await client.set_flow_run_state(UUID(flow_run_id), Cancelling(message="slurmctl cancel"))
 
     asyncio.run(mark())
+
+
+# --- the budget -------------------------------------------------------------------------------------------------
+def sample_for(args: argparse.Namespace, cfg: JobConfig) -> tuple[Any, list[tuple[str, str]]]:
+    """``submit --sample N``: run the handler on the input's first N items to measure calls and time per item for
+    the budget's projection (``slurmctl.books.budget.measure_sample``). It calls the real API, so it runs only when
+    asked, and says so first. Returns the sample (None without ``--sample``) and the problems found."""
+    if not getattr(args, "sample", None):
+        return None, []
+    if args.sample < 1:
+        return None, [("--sample", "must be at least 1 item")]
+    if not cfg.budget.limits:
+        print(f"note: --sample {args.sample} skipped: the config sets no budget limit (budget.max_api_calls, "
+              f"max_core_hours or max_usd) to project against", file=sys.stderr)
+        return None, []
+    from slurmctl.books.budget import measure_sample
+    from slurmctl.books.store import store_for
+
+    print(f"--sample {args.sample}: calling the handler {cfg.handler} on the first {args.sample} items of "
+          f"{cfg.input.uri} to measure the API calls and time per item. THIS CALLS THE REAL API; nothing is written",
+          file=sys.stderr, flush=True)
+    try:
+        sample = measure_sample(cfg, store_for(cfg.storage), args.sample)
+    except Exception as exc:  # an unimportable handler, an unreadable input: the same words as admission's
+        return None, [("--sample", f"{type(exc).__name__}: {exc}")]
+    if not sample.items:
+        return None, [("--sample", f"no good item among the first records of {cfg.input.uri}")]
+    errors = f", {sum(sample.errors.values())} failed ({dict(sample.errors)})" if sample.errors else ""
+    print(f"sample: {sample.items} items, {sample.calls} handler calls ({sample.calls_per_item:.3g} per item), "
+          f"{sample.seconds_per_item:.3g} s per item{errors}", file=sys.stderr)
+    return sample, []
+
+
+def _budget_note(cfg: JobConfig, job: Any) -> None:
+    from slurmctl.books.budget import projection_note
+
+    note = projection_note(cfg, job.budget_projection if job is not None else None)
+    if note:
+        print(note, file=sys.stderr)
+
+
+def budget_raise(args: argparse.Namespace, job: Any, store: Any) -> int | None:
+    """Before a job goes again: a job paused at its budget needs ``--raise-budget`` (exit 2 without), which is
+    written into its manifest's config (the source of truth the next coordinator reads). Returns an exit code to
+    stop with, or None to go on."""
+    from slurmctl.books.budget import BUDGET_LIMITS, parse_raises, raise_budget, who
+    from slurmctl.books.store import update_job
+
+    pairs = getattr(args, "raise_budget", None) or []
+    if not pairs:
+        if job.status == "paused":
+            _err(f"job {args.job_id} is paused: {job.error or 'at its budget'}\n  it stays paused until its budget is "
+                 f"raised: `slurmctl resume {args.job_id} --raise-budget KEY=VALUE` (KEY one of "
+                 f"{', '.join(BUDGET_LIMITS)}; VALUE none removes that limit)")
+            return EXIT_USAGE
+        return None
+    try:
+        changes = parse_raises(pairs)
+    except ValueError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    if coordinator_alive(job, store):
+        _err(f"job {args.job_id} is running: its budget is raised while it is stopped (it pauses itself at a limit; "
+             f"`slurmctl cancel {args.job_id}` stops it sooner), so the running coordinator never overwrites it")
+        return EXIT_USAGE
+    try:
+        config = raise_budget(job, changes, who())
+    except ValueError as exc:
+        _err(f"{args.job_id}: {exc}")
+        return EXIT_USAGE
+    update_job(store, args.job_id, config=config, budget_changes=job.budget_changes)
+    old = job.config.get("budget") or {}
+    print(f"{args.job_id}: budget " + ", ".join(f"{k} {'none' if old.get(k) is None else old[k]} -> "
+                                                 f"{'none' if v is None else v}" for k, v in changes.items()),
+          file=sys.stderr)
+    return None
 
 
 def cmd_iam_policy(args: argparse.Namespace) -> int:
@@ -721,8 +808,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(len(k) for k in view)
     for k, v in view.items():
-        if v is not None and k not in ("items_per_s", "eta_s", "phases", "slowest_batches"):
+        if v is not None and k not in ("items_per_s", "eta_s", "phases", "slowest_batches", "budget"):
             print(f"{k:<{width}}  {v}")
+    if view.get("budget"):
+        from slurmctl.books.budget import fmt
+
+        print(f"{'budget':<{width}}  " + "; ".join(
+            f"{key} {fmt(key, b['used'])}/{fmt(key, b['max'])} ({100 * b['share']:.0f} %)"
+            for key, b in view["budget"].items()))
     print(f"{'speed':<{width}}  {speed_text(view)}")
     print("phases:\n" + "\n".join(phase_lines(view)))
     if view.get("slowest_batches"):
@@ -785,6 +878,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the job as a run of this Prefect deployment (e.g. slurmctl-job/example-echo; a name "
                         "alone means slurmctl-job/NAME): it runs on that deployment's workers, like a run started "
                         "from the UI")
+    p.add_argument("--sample", type=int, metavar="N",
+                   help="before admitting the job, run its handler on the input's first N items to measure API calls "
+                        "and time per item for the budget's projection (THIS CALLS THE REAL API; nothing is written)")
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser(
         "iam-policy", help="print the least-privilege IAM policy a job needs (S3 prefix, DynamoDB items)",
@@ -817,10 +913,17 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_args(p)
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("resume", help="make a paused, stopped or failed job go again; committed batches are not "
-                                      "re-run")
+                                      "re-run",
+                       description="Make a job go again: unpause its rate limits, or start a coordinator for a job "
+                                   "that stopped (failed, cancelled, its coordinator dead, paused at its budget). "
+                                   "Committed batches are not run again. Example: slurmctl resume geocode-2025-04-12 "
+                                   "--raise-budget max_api_calls=200000 --wait")
     p.add_argument("job_id")
     p.add_argument("--wait", action="store_true")
     p.add_argument("--force", action="store_true", help="run even if the job completed (re-aggregates)")
+    p.add_argument("--raise-budget", action="append", metavar="KEY=VALUE",
+                   help="new budget limit (max_api_calls, max_core_hours, max_usd; none removes it), recorded in the "
+                        "job manifest; repeatable. A job paused at its budget needs it")
     _storage_args(p)
     p.set_defaults(func=cmd_resume)
     p = sub.add_parser("retry", help="a retry round over the items that failed with the given error classes")
@@ -898,7 +1001,8 @@ class _ExamplesFormatter(argparse.HelpFormatter):
 EXAMPLES: dict[str, list[str]] = {
     "submit": ["slurmctl submit examples/echo/config.yaml --wait",
                "slurmctl submit backfill.yaml --date 2025-04-12     # {date} in the config becomes 2025-04-12",
-               "slurmctl submit job.yaml --deployment job           # as a run of slurmctl-job/job on its workers"],
+               "slurmctl submit job.yaml --deployment job           # as a run of slurmctl-job/job on its workers",
+               "slurmctl submit job.yaml --sample 20                # measure calls/item on 20 real items (budget)"],
     "iam-policy": ["slurmctl iam-policy jobs/geocode.yaml --account 123456789012 > policy.json",
                    "slurmctl iam-policy backfill.yaml --date 2025-04-12 --create-table"],
     "cancel": ["slurmctl cancel backfill-2025-04-12", "slurmctl cancel backfill-2025-04-12 --no-wait"],
@@ -907,7 +1011,8 @@ EXAMPLES: dict[str, list[str]] = {
                "slurmctl status backfill-2025-04-12 --batches 10     # and its 10 slowest batches",
                "slurmctl status old-job --storage s3://team-bucket/runs --region eu-west-1"],
     "resume": ["slurmctl resume backfill-2025-04-12 --wait",
-               "slurmctl resume backfill-2025-04-12 --force         # re-aggregate a completed job"],
+               "slurmctl resume backfill-2025-04-12 --force         # re-aggregate a completed job",
+               "slurmctl resume backfill-2025-04-12 --raise-budget max_api_calls=250000,max_usd=400"],
     "retry": ["slurmctl retry backfill-2025-04-12 --errors network,throttle --wait"],
     "aggregate": ["slurmctl aggregate backfill-2025-04-12 --wait"],
     "pause": ["slurmctl pause backfill-2025-04-12                   # then: slurmctl resume backfill-2025-04-12"],

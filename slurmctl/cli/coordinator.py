@@ -135,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the job manifest already records the failure; the log has the traceback
         from prefect.exceptions import CancelledRun
 
-        if isinstance(exc, CancelledRun):  # the manifest says cancelled; resume continues it
-            print(f"job {args.job_id} cancelled: {exc}", file=sys.stderr)
+        if isinstance(exc, CancelledRun):  # the manifest says cancelled or paused; resume continues it
+            from slurmctl.flows.budget import paused_reason
+
+            paused = paused_reason(args.job_id)
+            print(f"job {args.job_id} paused: {paused}" if paused else f"job {args.job_id} cancelled: {exc}",
+                  file=sys.stderr)
             return 0
         print(f"job {args.job_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -77,6 +77,19 @@ def flow_run_state(api_url: str, flow_run_id: str) -> str:
     return _with_api(api_url, read)
 
 
+def flow_run_final_state(api_url: str, flow_run_id: str) -> tuple[str, str, str]:
+    """The flow run's state as the UI shows it: its type, its name and its message, e.g. ``("CANCELLED", "Paused",
+    "j paused: budget max_api_calls ...")``."""
+    from prefect.client.orchestration import get_client
+
+    async def read() -> tuple[str, str, str]:
+        async with get_client() as client:
+            state = (await client.read_flow_run(UUID(flow_run_id))).state
+            return state.type.value, state.name, state.message or ""
+
+    return _with_api(api_url, read)
+
+
 def job_flow_run_names(api_url: str, flow_run_id: str) -> list[str]:
     """The names of a job's flow run and of its subflow runs (in start order)."""
     from prefect.client.orchestration import get_client
