@@ -160,6 +160,11 @@ def status_class(status: int) -> str | None:
 class ErrorPolicy:
     """How item errors are classified, and which classes are worth retrying."""
 
+    @classmethod
+    def of(cls, errors: Any) -> "ErrorPolicy":
+        """The policy of a job config's ``errors:`` section (``slurmctl.config.ErrorsConfig``)."""
+        return cls(exceptions=errors.exceptions, http_status=errors.http_status, transient=errors.transient)
+
     def __init__(self, *, exceptions: dict[str, str] | None = None, http_status: dict[int, str] | None = None,
                  transient: Iterable[str] = DEFAULT_TRANSIENT):
         self.exceptions = dict(exceptions or {})
@@ -201,6 +206,11 @@ class Backoff:
     max_s: float = 30.0
     retry_after_max_s: float = 120.0
     rng: random.Random | None = None
+
+    @classmethod
+    def of(cls, errors: Any) -> "Backoff":
+        """The backoff of a job config's ``errors:`` section (``slurmctl.config.ErrorsConfig``)."""
+        return cls(errors.backoff_base_s, errors.backoff_max_s, errors.retry_after_max_s)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""

@@ -93,11 +93,6 @@ def summary_of(task_manifest: dict[str, Any]) -> dict[str, Any]:
             "api_calls": int(metrics.get("api_calls") or 0)}
 
 
-def error_policy(cfg: JobConfig) -> ErrorPolicy:
-    e = cfg.errors
-    return ErrorPolicy(exceptions=e.exceptions, http_status=e.http_status, transient=e.transient)
-
-
 def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: Any = None,
               run_ids: tuple[str | None, str | None] = (None, None),
               sleep: Callable[[float], None] = time.sleep, check_commit: bool = True,
@@ -131,8 +126,8 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
                            f"{spec.digest}; the input changed while the job ran — submit it as a new job")
     ctx = BatchContext(cfg.job_id, spec.batch_id, params=cfg.params, logger=logger, limiters=leasers_for(cfg))
     e = cfg.errors
-    policy = error_policy(cfg)
-    backoff = Backoff(e.backoff_base_s, e.backoff_max_s, e.retry_after_max_s)
+    policy = ErrorPolicy.of(e)
+    backoff = Backoff.of(e)
     breaker = (CircuitBreaker(e.circuit_breaker.window, e.circuit_breaker.threshold, e.circuit_breaker.min_attempts,
                               policy.transient) if e.circuit_breaker.enabled else None)
     item_retries: Counter[str] = Counter()

@@ -263,8 +263,7 @@ def measure_sample(cfg: JobConfig, store: Any, n: int) -> Sample:
     ctx = BatchContext(cfg.job_id, "sample", params=cfg.params,
                        limiters={name: _Pacer(limit.per_second) for name, limit in cfg.rate_limits.items()})
     e = cfg.errors
-    policy = ErrorPolicy(exceptions=e.exceptions, http_status=e.http_status, transient=e.transient)
-    backoff = Backoff(e.backoff_base_s, e.backoff_max_s, e.retry_after_max_s)
+    policy, backoff = ErrorPolicy.of(e), Backoff.of(e)
     calls = 0
     errors: Counter = Counter()
 
