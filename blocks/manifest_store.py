@@ -19,6 +19,10 @@ Guarantees every caller relies on:
   touches a path outside its root, an S3 store never a key outside its prefix (``UnsafeKey`` otherwise).
 * ``check_conditional_writes`` proves the create-if-absent primitive on this very store before a job relies on it:
   an S3-compatible server that ignores ``If-None-Match`` would silently turn every commit into last-writer-wins.
+* A local store's write is durable when it returns: the file is fsynced, then the directory that names it (and the
+  parent of any directory created for it), so a commit reported and counted survives a crash.
+* An S3 store's ``delete_prefix`` either empties the prefix or raises ``DeleteIncomplete`` naming what is left
+  (``DeleteObjects`` reports keys it did not delete inside a successful answer).
 
 Input data may live anywhere (``s3://`` or a local path) independently of where the store keeps manifests;
 ``open_uri`` returns a seekable binary stream for either, reading S3 in ranged GETs so a large input is never held in
@@ -27,6 +31,7 @@ memory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -36,7 +41,7 @@ import tempfile
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Literal
+from typing import Any, BinaryIO, Callable, Iterator, Literal
 
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
@@ -50,6 +55,7 @@ from slurmctl.safe_keys import MAX_KEY_BYTES, UnsafeKey, safe_key
 CHECKSUM_FIELD = "checksum"
 #: Parts of 16 MB, four at a time: a multipart upload or download streams from disk with ~64 MB in flight at most.
 _TRANSFER = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=4)
+DELETE_ERRORS_SHOWN = 5  # keys named in a ``DeleteIncomplete`` message
 
 
 class ManifestCorrupt(ValueError):
@@ -58,6 +64,19 @@ class ManifestCorrupt(ValueError):
 
 class StoreUnsupported(RuntimeError):
     """The store cannot give the guarantees a job relies on (create-if-absent); the message says what to use."""
+
+
+class DeleteIncomplete(RuntimeError):
+    """Some keys under a prefix are still there after a delete and one retry of them (S3 ``DeleteObjects`` answers
+    200 and lists per-key ``Errors``: access denied, a slow-down, an internal error). Raised so a caller never takes
+    a prefix for empty when it is not; the message says how many keys and names the first few."""
+
+    def __init__(self, uri: str, failed: list[tuple[str, str]], total: int):
+        self.uri, self.failed, self.total = uri, failed, total
+        shown = ", ".join(f"{key} ({why})" for key, why in failed[:DELETE_ERRORS_SHOWN])
+        more = f" and {len(failed) - DELETE_ERRORS_SHOWN} more" if len(failed) > DELETE_ERRORS_SHOWN else ""
+        super().__init__(f"{len(failed)} of {total} key(s) under {uri} could not be deleted (tried twice): "
+                         f"{shown}{more}")
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -105,6 +124,15 @@ class ManifestStore(WritableFileSystem, ABC):
         """Keys under ``prefix`` (relative to the store root), in lexical order."""
 
     @abstractmethod
+    def list_modified(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """``(key, modified)`` under ``prefix``, in lexical order, from the listing alone (no request per key).
+
+        ``modified`` is when the object was last written, in nanoseconds since the epoch, by the store's own clock
+        and at its own granularity: S3 gives ``LastModified`` to the second (floored), a filesystem its mtime (the
+        kernel's coarse clock: a few milliseconds). Two equal times are therefore in no known order, and an earlier
+        time means an earlier write (``books.failures`` relies on both)."""
+
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove a key; absent keys are fine."""
 
@@ -147,10 +175,22 @@ class ManifestStore(WritableFileSystem, ABC):
         """The object's path when it is a file on this machine (read in place), else None (fetch it)."""
         return None
 
-    def delete_prefix(self, prefix: str) -> None:
-        """Remove every key under ``prefix`` (a merge plan's intermediate files)."""
-        for key in list(self.list_keys(prefix)):
-            self.delete(key)
+    def delete_prefix(self, prefix: str, *, first: Callable[[str], bool] | None = None) -> None:
+        """Remove every key under ``prefix`` (a merge plan's intermediate files); the keys ``first`` picks (markers
+        that vouch for the others, such as a merge's ``.done``) go before the rest, so a delete cut short never
+        leaves a marker whose files are gone. Raises ``DeleteIncomplete`` when keys are left."""
+        keys = list(self.list_keys(prefix))
+        failed: list[tuple[str, str]] = []
+        for group in _first_then_rest(keys, first):
+            for key in group:
+                try:
+                    self.delete(key)
+                except OSError as exc:
+                    failed.append((key, f"{type(exc).__name__}: {exc}"))
+            if failed:
+                break
+        if failed:
+            raise DeleteIncomplete(self.uri(prefix), failed, len(keys))
 
     def put_json(self, key: str, body: dict[str, Any], *, if_absent: bool = False) -> bool:
         body = {k: v for k, v in body.items() if k != CHECKSUM_FIELD}
@@ -206,6 +246,19 @@ class ManifestStore(WritableFileSystem, ABC):
     def _remove_probe(self, key: str) -> None:
         self.delete(key)
 
+    def input_identity(self, uri: str) -> str:
+        """This version of an input file, without reading it: its ETag and size on S3 (one HEAD), its mtime in
+        nanoseconds and size on a filesystem (one stat). Partitioning records it and each batch compares it after
+        reading its slice: a Parquet batch's digest covers only the file's shape, so a file rewritten with the same
+        shape would otherwise pass."""
+        if uri.startswith("s3://"):
+            bucket, _, key = uri[5:].partition("/")
+            head = self._s3().head_object(Bucket=bucket, Key=key)
+            etag = head["ETag"].strip('"')
+            return f"s3:etag={etag}:size={head['ContentLength']}"
+        st = os.stat(uri[7:] if uri.startswith("file://") else uri)
+        return f"file:mtime_ns={st.st_mtime_ns}:size={st.st_size}"
+
     def open_uri(self, uri: str) -> BinaryIO:
         """A seekable binary stream over a local path, ``file://`` URI or ``s3://`` URI."""
         if uri.startswith("s3://"):
@@ -259,7 +312,7 @@ class LocalManifestStore(ManifestStore):
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_dirs(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -272,9 +325,11 @@ class LocalManifestStore(ManifestStore):
                 except FileExistsError:
                     # An NFS client may retransmit a LINK whose reply was lost: the retry then fails with EEXIST
                     # although the link is ours. Same inode as our temp file: we won.
-                    return _same_file(tmp, path)
+                    if not _same_file(tmp, path):
+                        return False
             else:
                 os.replace(tmp, path)
+            _sync_entries(path.parent, created)
             return True
         finally:
             if os.path.exists(tmp):
@@ -291,11 +346,18 @@ class LocalManifestStore(ManifestStore):
         return self._path(key).is_file()
 
     def list_keys(self, prefix: str) -> Iterator[str]:
-        # os.scandir, not Path.rglob: a listing of 25,000 commits is strings and d_type, not 50,000 Path objects and
-        # stat calls (0.05 s instead of 0.5 s)
+        return iter(sorted(key for key, _ in self._scan(prefix, times=False)))
+
+    def list_modified(self, prefix: str) -> Iterator[tuple[str, int]]:
+        return iter(sorted(self._scan(prefix, times=True)))
+
+    def _scan(self, prefix: str, *, times: bool) -> list[tuple[str, int]]:
+        """Files under ``prefix`` with their mtime in nanoseconds, or 0 without ``times``. os.scandir, not
+        Path.rglob: a listing of 25,000 commits is strings and d_type, not 50,000 Path objects and stat calls (0.05 s
+        instead of 0.5 s); with ``times``, one stat per file."""
         safe_key(prefix, self.root)
         directory = prefix if prefix.endswith("/") else prefix[: prefix.rfind("/") + 1]
-        found: list[str] = []
+        found: list[tuple[str, int]] = []
         pending = [directory]
         while pending:
             rel = pending.pop()
@@ -309,18 +371,23 @@ class LocalManifestStore(ManifestStore):
                         continue
                     if e.is_dir():
                         pending.append(f"{rel}{e.name}/")
-                    elif e.is_file():
-                        found.append(rel + e.name)
-        return iter(sorted(k for k in found if k.startswith(prefix)))
+                    elif e.is_file() and (rel + e.name).startswith(prefix):
+                        modified = _mtime_ns(e) if times else 0
+                        if modified is not None:
+                            found.append((rel + e.name, modified))
+        return found
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def delete_prefix(self, prefix: str) -> None:
-        if prefix.endswith("/"):
-            shutil.rmtree(self._path(prefix), ignore_errors=True)
-        else:
-            super().delete_prefix(prefix)
+    def delete_prefix(self, prefix: str, *, first: Callable[[str], bool] | None = None) -> None:
+        if not prefix.endswith("/") or first is not None:
+            super().delete_prefix(prefix, first=first)
+        failed: list[tuple[str, str]] = []
+        if prefix.endswith("/") and self._path(prefix).exists():  # what is left: directories (and a prefix/ tree)
+            shutil.rmtree(self._path(prefix), onerror=lambda fn, path, exc: failed.append((path, repr(exc[1]))))
+        if failed:
+            raise DeleteIncomplete(self.uri(prefix), failed, len(failed))
 
     def put_file(self, key: str, path: str) -> None:
         self._place(key, lambda tmp: shutil.copyfile(path, tmp))
@@ -342,9 +409,10 @@ class LocalManifestStore(ManifestStore):
         return str(self._path(key))
 
     def _place(self, key: str, fill: Any) -> None:
-        """Write a temp file beside ``key`` with ``fill(tmp)``, fsync it and rename it into place."""
+        """Write a temp file beside ``key`` with ``fill(tmp)``, fsync it, rename it into place and fsync the
+        directory (``_sync_entries``)."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_dirs(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
@@ -352,6 +420,7 @@ class LocalManifestStore(ManifestStore):
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            _sync_entries(path.parent, created)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -363,6 +432,55 @@ class LocalManifestStore(ManifestStore):
     def _advice(self) -> str:
         return ("put `storage.uri` on a local or shared POSIX filesystem that supports hard links (ext4, xfs, NFS, "
                 "Lustre, GPFS), or use an s3:// store")
+
+
+def _first_then_rest(keys: list[str], first: Callable[[str], bool] | None) -> list[list[str]]:
+    """``keys`` as the groups a delete goes through in order: those ``first`` picks, then the others."""
+    if first is None:
+        return [keys]
+    return [[k for k in keys if first(k)], [k for k in keys if not first(k)]]
+
+
+def _mtime_ns(entry: os.DirEntry) -> int | None:
+    """A listed file's mtime in nanoseconds; None when it was removed since it was listed."""
+    try:
+        return entry.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """``mkdir -p directory``; return the directories it created, outermost first (their entries need an fsync)."""
+    missing: list[Path] = []
+    d = directory
+    while not d.is_dir():
+        missing.append(d)
+        d = d.parent
+    if missing:
+        directory.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def _sync_entries(directory: Path, created: list[Path]) -> None:
+    """Make a file just linked or renamed into ``directory`` durable: fsync the directory (its new entry), and the
+    parent of each directory ``created`` for it (their entries). An fsync of the file alone leaves the name in the
+    page cache, so a commit reported, counted and listed could vanish with a crash of the machine or the file
+    server. ``created`` is outermost first: each parent is synced before the entries below it are relied on."""
+    for d in [*(c.parent for c in created), directory]:
+        _fsync_dir(d)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # A filesystem that cannot fsync a directory (some FUSE and CIFS mounts) says EINVAL: it has nothing more
+        # durable to offer, and refusing every write there would help nobody.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -451,20 +569,39 @@ class S3ManifestStore(ManifestStore):
             raise
 
     def list_keys(self, prefix: str) -> Iterator[str]:
+        return (key for key, _ in self.list_modified(prefix))
+
+    def list_modified(self, prefix: str) -> Iterator[tuple[str, int]]:
         strip = len(self._key(""))
         pages = self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
         for page in pages:
             for obj in page.get("Contents", []):
-                yield obj["Key"][strip:]
+                yield obj["Key"][strip:], int(obj["LastModified"].timestamp()) * 1_000_000_000
 
     def delete(self, key: str) -> None:
         self._s3().delete_object(Bucket=self.bucket, Key=self._key(key))
 
-    def delete_prefix(self, prefix: str) -> None:
-        s3, keys = self._s3(), [self._key(k) for k in self.list_keys(prefix)]
+    def delete_prefix(self, prefix: str, *, first: Callable[[str], bool] | None = None) -> None:
+        """``DeleteObjects`` in requests of 1,000 keys (those ``first`` picks before the rest). It answers 200 even
+        when some keys were not deleted, listing them in ``Errors`` (Quiet mode lists only those): they are tried
+        once more, then ``DeleteIncomplete``."""
+        keys = [self._key(k) for k in self.list_keys(prefix)]
+        strip = len(self._key(""))
+        for group in _first_then_rest(keys, first and (lambda k: first(k[strip:]))):
+            failed = self._delete_keys(group)
+            if failed:  # once more: a slow-down or an internal error usually passes
+                failed = self._delete_keys([k for k, _ in failed])
+            if failed:
+                raise DeleteIncomplete(self.uri(prefix), failed, len(keys))
+
+    def _delete_keys(self, keys: list[str]) -> list[tuple[str, str]]:
+        """Delete S3 ``keys``; return those DeleteObjects did not delete, with the error it gave for each."""
+        s3, failed = self._s3(), []
         for i in range(0, len(keys), 1000):  # DeleteObjects takes up to 1,000 keys per request
-            s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]],
-                                                          "Quiet": True})
+            resp = s3.delete_objects(Bucket=self.bucket, Delete={
+                "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+            failed += [(e["Key"], f"{e.get('Code')}: {e.get('Message')}") for e in resp.get("Errors", [])]
+        return failed
 
     def put_file(self, key: str, path: str) -> None:
         # boto3's managed transfer: a multipart upload read from disk part by part above the threshold (S3 makes

@@ -9,10 +9,12 @@ its share of the job's task-run budget (``merge_chunk``: a task run performs man
 written (``layout_output``) and published under ``output/``. Restarted after a crash at any point, it skips every
 merge whose ``.done`` marker is there.
 
-Deduplication: a key (item id, row index within the item's output) appears once in the output; the last committed
-attempt wins, and for an id repeated in the input its last occurrence. The rows dropped are counted per batch. The
-output must then hold, for every batch, exactly the rows it committed minus its dropped duplicates; otherwise the job
-fails listing the batches and the difference.
+Deduplication: each input item id appears once in the output, with the rows of its latest occurrence: the last
+committed attempt wins, and for an id repeated in the input its last occurrence. The rows dropped are counted per
+batch (``duplicates``), and so are the item occurrences whose rows were replaced (``duplicate_items``: the books
+count every occurrence of an id as an item, the output holds one). The output must then hold, for every batch,
+exactly the rows it committed minus its dropped duplicates; otherwise the job fails listing the batches and the
+difference.
 
 ``result.json`` (the completion manifest) is written last: output files with rows, sha256 and lineage (which
 batches went into which file), duplicates, rejects and ``failures.jsonl`` (every item that is not in the output and
@@ -29,7 +31,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.blocks.manifest_store import DeleteIncomplete, ManifestStore
 from slurmctl.books.aggregation import AggregationPlan, Merge, plan_aggregation
 from slurmctl.books.audit import SHOWN, BooksUnbalanced
 from slurmctl.books.audit import check as check_books
@@ -40,7 +42,7 @@ from slurmctl.books.store import load_job, save_job, store_for
 from slurmctl.config import JobConfig, LocalClusterConfig, parse_config
 from slurmctl.flows import cancel
 from slurmctl.flows.runners import task_runner_for
-from slurmctl.tasks.merge import concat_rejects, layout_output, merge_chunk, put_jsonl
+from slurmctl.tasks.merge import concat_rejects, dropped_by, layout_output, merge_chunk, put_jsonl
 
 
 class OutputMismatch(RuntimeError):
@@ -88,10 +90,12 @@ def _chunk_name(chunk: list[Merge]) -> str:
 
 
 def run_levels(store: ManifestStore, plan: AggregationPlan, tasks: list[dict[str, Any]], cfg: JobConfig,
-               runs: int) -> Counter[int]:
-    """Run every unfinished merge, level by level; return the duplicates dropped per batch ordinal (whole plan)."""
+               runs: int) -> tuple[Counter[int], Counter[int]]:
+    """Run every unfinished merge, level by level; return what the whole plan dropped per batch ordinal: rows
+    (duplicates) and item occurrences (superseded by a later occurrence of their id)."""
     logger = get_run_logger()
-    dropped: Counter[int] = Counter()
+    rows: Counter[int] = Counter()
+    items: Counter[int] = Counter()
     for level in plan.levels:
         cancel.check(cfg.job_id)  # finished merges are kept: a resumed aggregation starts where this one stopped
         no = level[0].level
@@ -104,12 +108,13 @@ def run_levels(store: ManifestStore, plan: AggregationPlan, tasks: list[dict[str
             store, {"name": _chunk_name(c), "merges": [plan.merge_spec(m, tasks, cfg.input.id_field) for m in c]})
             for c in chunks]
         counts = [f.result() for f in futures]  # raises the first failure (after its retries) naming the file
-        # merges finished by an earlier run: their duplicates belong to this plan too, from their manifests
-        counts += [(store.get_json(plan.manifest_key(m)) or {}).get("duplicates", {}) for m in level
-                   if plan.done_key(m) in done]
+        # merges finished by an earlier run: what they dropped belongs to this plan too, from their manifests
+        counts.append(dropped_by([store.get_json(plan.manifest_key(m)) or {} for m in level
+                                  if plan.done_key(m) in done]))
         for c in counts:
-            dropped.update({int(k): v for k, v in c.items()})
-    return dropped
+            rows.update({int(k): v for k, v in c["duplicates"].items()})
+            items.update({int(k): v for k, v in c["superseded"].items()})
+    return rows, items
 
 
 def check_rows(job_id: str, tasks: list[dict[str, Any]], dropped: Counter[int], per_batch: dict[str, int],
@@ -148,6 +153,18 @@ def publish(store: ManifestStore, keys: Keys, files: list[dict[str, Any]]) -> li
     return published
 
 
+def remove_intermediates(store: ManifestStore, keys: Keys, logger: Any) -> None:
+    """Remove the merge trees' files (this plan's and any earlier one's) once the output is published. Their
+    ``.done`` markers go first: a delete cut short must not leave a marker vouching for a merge whose files are gone
+    (a later aggregation with the same plan would skip that merge and fail reading them). What is left is said, not
+    hidden; the output is complete either way."""
+    try:
+        store.delete_prefix(keys.aggregate_prefix, first=lambda key: key.endswith(".done"))
+    except DeleteIncomplete as exc:
+        logger.warning("the output is published, but intermediate files were left behind: %s. They only cost "
+                       "storage; the next `slurmctl aggregate` removes them again", exc)
+
+
 @flow(name="aggregate", flow_run_name="{job_id} / aggregate", log_prints=True)
 @cancel.cancellable
 def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +183,8 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     logger.info("aggregate plan %s: %s batch output(s), %s hash partition(s), fan-in %s, %s level(s), %s merge(s)",
                 plan.plan_id, sum(1 for t in tasks if t.get("output")), plan.buckets, plan.fan_in, len(plan.levels),
                 plan.merges)
-    dropped = run_levels(store, plan, tasks, cfg, runs_per_level(cfg, len(plan.levels)))
+    dropped, superseded = run_levels(store, plan, tasks, cfg, runs_per_level(cfg, len(plan.levels)))
+    duplicate_items = sum(superseded.values())
     layout_output.submit(store, plan.final_spec(tasks, cfg.aggregate)).result()
     final = store.get_json(plan.final_manifest)
     if final is None:
@@ -186,7 +204,7 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     output_uri = store.uri(keys.output) if single else store.uri(keys.output_prefix).rstrip("/") + "/"
     result = ResultManifest(
         job_id=job_id, output=output_uri, outputs=outputs, rejects=rejects, failures=failures, rows=rows,
-        duplicates=duplicates, batches=len(tasks), items_total=books.items_total,
+        duplicates=duplicates, duplicate_items=duplicate_items, batches=len(tasks), items_total=books.items_total,
         items_succeeded=books.items_succeeded, items_failed=books.items_failed, items_rejected=books.items_rejected,
         rows_written=books.rows_written, plan_id=plan.plan_id,
         layout={"partition_by": cfg.aggregate.partition_by, "max_rows_per_file": cfg.aggregate.max_rows_per_file,
@@ -197,10 +215,12 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     job.counts = Counts(batches_total=books.batches_planned, batches_done=len(tasks), items_total=books.items_total,
                         items_succeeded=books.items_succeeded, items_failed=books.items_failed, items_deferred=0,
                         items_rejected=books.items_rejected, rows_written=books.rows_written, duplicates=duplicates,
+                        duplicate_items=duplicate_items,
                         api_calls=sum(api_calls_of(t) for t in tasks))
     save_job(store, job)
-    store.delete_prefix(keys.aggregate_prefix)  # intermediate files of this plan and any earlier one
+    remove_intermediates(store, keys, logger)
     logger.info("wrote %s rows in %s file(s) to %s (%s duplicate row(s) dropped); %s items succeeded, %s failed, "
-                "%s rejected (of %s)", rows, len(outputs), output_uri, duplicates, books.items_succeeded,
-                books.items_failed, books.items_rejected, books.items_total)
-    return {"output": output_uri, "rows": rows, "duplicates": duplicates}
+                "%s rejected (of %s); %s item(s) superseded by a later occurrence of their id", rows, len(outputs),
+                output_uri, duplicates, books.items_succeeded, books.items_failed, books.items_rejected,
+                books.items_total, duplicate_items)
+    return {"output": output_uri, "rows": rows, "duplicates": duplicates, "duplicate_items": duplicate_items}

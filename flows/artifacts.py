@@ -179,7 +179,8 @@ class JobArtifacts:
         lines += ["| items | count |", "|---|---|", f"| total | {c.items_total:,} |",
                   f"| succeeded | {c.items_succeeded:,} |", f"| failed | {c.items_failed:,} |",
                   f"| rejected | {c.items_rejected:,} |", f"| output rows | {c.rows_written - c.duplicates:,} |",
-                  f"| duplicate rows dropped | {c.duplicates:,} |", ""]
+                  f"| duplicate rows dropped | {c.duplicates:,} |",
+                  f"| repeated ids superseded by their last occurrence | {c.duplicate_items:,} |", ""]
         lines += self._spend(job)
         lines += ["| where | |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in links.items() if v] + [""]
         phases = {k: v for k, v in self.phase_seconds.items() if k not in ("submitted", "done")}

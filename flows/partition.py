@@ -7,10 +7,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.manifests import Keys
 from slurmctl.books.store import load_job, store_for, update_job
-from slurmctl.config import parse_config
-from slurmctl.records import partition
+from slurmctl.config import JobConfig, parse_config
+from slurmctl.records import Plan, partition
 
 
 @flow(name="partition", flow_run_name="{job_id} / partition", log_prints=True)
@@ -22,11 +23,19 @@ def partition_phase(job_id: str, config: dict[str, Any]) -> int:
     job = load_job(store, job_id)
     if store.exists(keys.plan) and job.counts.batches_total:
         return job.counts.batches_total
-    with store.open_uri(cfg.input.uri) as f:
-        plan = partition(f, cfg.input.format, cfg.batch_size)
+    plan = plan_input(store, cfg)
     store.put_bytes(keys.plan, b"".join(json.dumps(b.to_dict()).encode() + b"\n" for b in plan.batches))
     counts = job.counts.model_copy(update={"batches_total": len(plan.batches), "items_total": plan.records})
     update_job(store, job_id, counts=counts)
     get_run_logger().info("partitioned %s records (%s bytes) into %s batches of up to %s",
                           plan.records, plan.input_bytes, len(plan.batches), cfg.batch_size)
     return len(plan.batches)
+
+
+def plan_input(store: ManifestStore, cfg: JobConfig) -> Plan:
+    """Stream the input once into batch slices. A Parquet input's identity (``ManifestStore.input_identity``) is
+    taken first and recorded in every batch: taken before the file is read, a file rewritten meanwhile fails the
+    check in its batches instead of passing it."""
+    identity = store.input_identity(cfg.input.uri) if cfg.input.format == "parquet" else ""
+    with store.open_uri(cfg.input.uri) as f:
+        return partition(f, cfg.input.format, cfg.batch_size, input_identity=identity)

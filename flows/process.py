@@ -26,10 +26,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
+from prefect.exceptions import MissingContextError
 from prefect.settings import PREFECT_API_URL
 
 from slurmctl.blocks.manifest_store import ManifestStore
-from slurmctl.books.failures import committed_batch_ids, recount
+from slurmctl.books.failures import committed_batch_ids, list_batches, recount
 from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, now
 from slurmctl.books.shards import Budget, Shard, plan_shards, worker_slots
 from slurmctl.books.store import load_job, read_plan, save_job, store_for
@@ -47,12 +48,19 @@ WORKER_LOSS = ("KilledWorker", "FutureCancelledError", "CancelledError", "CommCl
 
 
 def dask_client() -> Any:
-    """The flow run's Dask client (its task runner starts the cluster on first use); None when the flow does not
-    run on a Dask task runner (unit tests): then there is nothing to watch, listen to or start."""
+    """The flow run's Dask client (its task runner starts the cluster on first use); None when there is no flow
+    run here or its task runner is not a Dask one (unit tests): then there is nothing to watch, listen to or start.
+
+    Only those two cases mean "no client". Anything the client itself raises (the cluster failing to start, the
+    scheduler unreachable) propagates: swallowed, it would silently switch off ``WorkerWatch`` (a lost cluster
+    would then be waited for forever), the commit feed and the budget guard."""
     try:
-        return get_run_context().task_runner.client
-    except Exception:
+        runner = get_run_context().task_runner
+    except (MissingContextError, AttributeError):  # not in a run; a task run's context carries no task runner
         return None
+    if "client" not in dir(runner):  # dir() lists the property without calling it: not a Dask task runner
+        return None
+    return runner.client
 
 
 class NoWorkers(RuntimeError):
@@ -139,15 +147,35 @@ class CommitFeed:
                 self.client.unsubscribe_topic(self.topic)
 
 
+def listed_commits(store: ManifestStore, job_id: str) -> tuple[set[str], set[str]]:
+    """The committed batches and the batches still carrying a failure marker, from one listing of ``tasks/`` (a
+    phase's start). Markers of batches committed since they were written are removed here."""
+    listing = list_batches(store, job_id)
+    clear_markers(store, job_id, listing.stale_markers)
+    return set(listing.committed), listing.marked - listing.stale_markers
+
+
+def clear_markers(store: ManifestStore, job_id: str, batch_ids: set[str]) -> None:
+    """Remove the failure markers (``tasks/<batch>.failed.json``) of batches that committed: the marker says why a
+    batch did not commit, which is no longer true (and what it says would mislead whoever reads it)."""
+    keys = Keys(job_id)
+    for batch_id in sorted(batch_ids):
+        store.delete(keys.failed_task(batch_id))
+
+
 def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: list[BatchSpec],
                 done: set[str] | None = None, max_shards: int | None = None,
-                check_commits: bool = False, base: Future | None = None) -> list[str]:
+                check_commits: bool = False, base: Future | None = None,
+                marked: set[str] | None = None) -> list[str]:
     """Run ``specs`` (already-committed ones skipped) as shards and keep ``job.counts`` current; return failed
     batch ids. ``check_commits``: the shards read each batch's commit before running it (a caller that has not
     just listed the commits). ``base``: the counts of the ``done`` batches, still being recounted (a resume):
-    until it is ready the counters start from the job manifest's last saved ones."""
+    until it is ready the counters start from the job manifest's last saved ones. ``marked``: uncommitted batches
+    with a failure marker (``listed_commits``); the markers of those that commit in this pass are removed at its
+    end (listed here when ``done`` is not given)."""
     logger = get_run_logger()
-    done = set(committed_batch_ids(store, job.job_id)) if done is None else done
+    if done is None:
+        done, marked = listed_commits(store, job.job_id)
     todo_specs = [b for b in specs if b.batch_id not in done]
     slots = worker_slots(cfg)
     shards = deque((shard, check_commits) for shard in plan_shards(
@@ -205,7 +233,12 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
                 emitter.beat(job.counts)
             last_beat = time.monotonic()
             watch.check(waiting=bool(in_flight))
-        cancel.check(job.job_id)  # between batches: what is committed stays, the rest is not started
+        try:
+            cancel.check(job.job_id)  # between batches: what is committed stays, the rest is not started
+        except cancel.JobCancelled:
+            if not due:  # the cancelled job's manifest counts every commit seen so far (status reads it)
+                save_job(store, job)
+            raise
 
     if guard.check(job):  # a job already at its budget (a re-run without raising it) starts nothing
         shards.clear()
@@ -256,6 +289,7 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
             if spec.batch_id in committed:
                 fold(summary_of(store.get_json(Keys(job.job_id).task(spec.batch_id))))
     beat(force=True)
+    clear_markers(store, job.job_id, (marked or set()) & counted)  # every batch counted has a commit
     if guard.stopping:
         if any(s.batch_id not in counted for s in todo_specs):
             raise guard.reached_error(job)  # the phase ends Paused; the job flow records why
@@ -306,19 +340,19 @@ def process_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
                  for fn, args in ((start_workers, ()), (saved_store, (store,)))]
         job = load_job(store, job_id)
         plan = read_plan(store, job_id)
-        done = set(committed_batch_ids(store, job_id))
+        done, marked = listed_commits(store, job_id)
         for f in setup:
             f.result()
         total = max(len(plan), job.counts.batches_total)
         if not done:
             job.counts = Counts(batches_total=len(plan), items_total=job.counts.items_total)
-            return _processed(run_batches(cfg, store, job, plan, done), job)
+            return _processed(run_batches(cfg, store, job, plan, done, marked=marked), job)
         # Resuming: the first shards start at once; the committed batches are recounted meanwhile (one commit log
         # read per shard; ~1.4 s for 25,000 batches), and until then status shows the last saved counters.
         logger.info("resuming: %s batches already committed, %s in the plan", len(done), len(plan))
         job.counts = job.counts.model_copy(update={"batches_total": total})
         base = pool.submit(recount, store, job_id, total, job.counts.items_total, done)
-        return _processed(run_batches(cfg, store, job, plan, done, base=base), job)
+        return _processed(run_batches(cfg, store, job, plan, done, base=base, marked=marked), job)
 
 
 def _processed(failed: list[str], job: JobManifest) -> dict[str, Any]:

@@ -9,14 +9,13 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from dask_jobqueue import SLURMCluster
 from prefect_dask import DaskTaskRunner
 
 from slurmctl.config import LocalClusterConfig, SlurmClusterConfig
 from slurmctl.paths import job_log_dir, job_secrets_file
-from slurmctl.secret_env import remove_env_file, source_lines, split_env, write_env_file
+from slurmctl.secret_env import source_lines, split_env
 from slurmctl.slurm import slurm_job_name
 
 # Environment a Slurm-started worker needs to find the project, the Prefect API and AWS endpoints. sbatch exports
@@ -39,33 +38,6 @@ def slurm_prologue(cfg: SlurmClusterConfig, secrets_file: Path | None = None) ->
     if secret and secrets_file is not None:
         lines += source_lines(secrets_file)
     return lines + list(cfg.job_script_prologue)
-
-
-class SecretEnvSLURMCluster(SLURMCluster):
-    """dask-jobqueue's SLURMCluster that writes the forwarded secret variables to ``secrets_file`` (0600) as it
-    starts, for its job scripts to source, and removes the file when it closes: the secrets are on disk exactly as
-    long as a worker job may start. Values are read from this (the coordinator's) environment, never passed in."""
-
-    def __init__(self, *args: Any, secrets_file: str | None = None, secret_names: Sequence[str] = (),
-                 **kwargs: Any) -> None:
-        self._secrets_file = Path(secrets_file) if secrets_file and secret_names else None
-        if self._secrets_file is not None:
-            write_env_file(self._secrets_file, {k: os.environ[k] for k in secret_names if k in os.environ})
-        try:
-            super().__init__(*args, **kwargs)
-        except BaseException:
-            self._remove_secrets()
-            raise
-
-    def _remove_secrets(self) -> None:
-        if self._secrets_file is not None:
-            remove_env_file(self._secrets_file)
-
-    def close(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().close(*args, **kwargs)
-        finally:
-            self._remove_secrets()
 
 
 def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: str = "job") -> DaskTaskRunner:
@@ -91,5 +63,15 @@ def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: st
     # other logs (the directory must be on a filesystem the compute nodes share).
     kwargs["log_directory"] = cluster.log_directory or str(job_log_dir(job_id).absolute())
     kwargs = {k: v for k, v in kwargs.items() if v is not None} | cluster.options
+    from slurmctl.flows.slurm_cluster import SecretEnvSLURMCluster  # not at import: see that module
+
     return DaskTaskRunner(cluster_class=SecretEnvSLURMCluster, cluster_kwargs=kwargs,
                           adapt_kwargs={"minimum_jobs": cluster.min_jobs, "maximum_jobs": cluster.max_jobs})
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SecretEnvSLURMCluster":  # its home is slurmctl.flows.slurm_cluster, imported when first used
+        from slurmctl.flows.slurm_cluster import SecretEnvSLURMCluster
+
+        return SecretEnvSLURMCluster
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

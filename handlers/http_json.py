@@ -3,7 +3,8 @@
 Plain Python (urllib from the standard library), so it can be unit-tested without Prefect, Dask or AWS. Job
 params: ``base_url`` (required), ``path`` (default ``/items/{id}``), ``timeout_s`` (default 10), ``limit`` (the
 name of a rate limit declared in the job config; each request spends one token of it). The response's JSON
-object becomes the output row, with the item's id. HTTP errors propagate as ``urllib.error.HTTPError`` — with the
+object becomes the output row, with the item's id (an ``id`` of the API's own, when it differs, is kept as
+``handler_id``: ``slurmctl.handler.normalise_output``). HTTP errors propagate as ``urllib.error.HTTPError`` — with the
 status and ``Retry-After`` header slurmctl's error classes read.
 """
 

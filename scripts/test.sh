@@ -29,10 +29,19 @@ test: ##########################################################################
 EOF
 }
 
-cleanup() { if [ "$started_slurm" = 1 ]; then bash scripts/slurm.sh down || true; fi; }
+# The Python environment installs (pip, network-bound) while Slurm and Chromium install (apt) and start: on a fresh
+# machine that is a minute or two saved. Its output is shown once it is done; a Slurm failure stops it.
+setup_log=$(mktemp)
+bash scripts/setup.sh >"$setup_log" 2>&1 &
+setup_pid=$!
+
+cleanup() {
+  kill "$setup_pid" 2>/dev/null || true
+  if [ "$started_slurm" = 1 ]; then bash scripts/slurm.sh down || true; fi
+  rm -f "$setup_log"
+}
 trap cleanup EXIT
 
-# Slurm first: in CI a missing Slurm fails the run before minutes of installing Python packages.
 if bash scripts/slurm.sh status >/dev/null 2>&1; then
   :  # running (not ours: left alone)
 elif [ "${SLURMCTL_SKIP_SLURM:-0}" = 1 ]; then
@@ -80,7 +89,13 @@ else
   browser_missing=1
   warn_browser_missing
 fi
-bash scripts/setup.sh
+setup_rc=0
+wait "$setup_pid" || setup_rc=$?
+cat "$setup_log" >&2
+if [ "$setup_rc" != 0 ]; then
+  echo "test: ERROR: scripts/setup.sh failed (its output is above)" >&2
+  exit "$setup_rc"
+fi
 
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 # Tests start their own Prefect and moto servers; never talk to a developer's configured Prefect server.

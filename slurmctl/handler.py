@@ -165,16 +165,48 @@ class BatchContext:
         self.metrics[name] += n
 
 
+def returned_id_column(id_field: str) -> str:
+    """Where an output row keeps the id its handler returned when that differs from its input item's id."""
+    return f"handler_{id_field}"
+
+
+def same_id(returned: Any, item_id: Any) -> bool:
+    """The handler returned its item's own id (perhaps written differently: ``7`` for the CSV text ``"7"``)."""
+    if returned == item_id and type(returned) is type(item_id):
+        return True
+    return (isinstance(returned, (str, int)) and not isinstance(returned, bool)
+            and isinstance(item_id, (str, int)) and not isinstance(item_id, bool) and str(returned) == str(item_id))
+
+
 def normalise_output(result: Any, item: dict[str, Any], id_field: str) -> list[dict[str, Any]]:
-    """A handler's return value as output rows, each carrying the input's id."""
+    """A handler's return value as output rows, each carrying its input item's id in ``id_field``.
+
+    Identity is the input item's, never what a handler returns: the output, its deduplication and its books are
+    keyed by the item. A row without ``id_field`` gets the item's id. A row whose ``id_field`` is another value (an
+    API answering with its own record id, a place shared by many users) keeps that value under
+    ``handler_<id_field>`` and gets the item's id in ``id_field``; a handler that returns both is refused (the item
+    fails with class ``handler``), since one of them would be lost. The same id written differently (``7`` for the
+    item's ``"7"``) is the item's id, written as the input wrote it.
+    """
     if result is None:
         return []
     rows = [result] if isinstance(result, dict) else list(result)
+    item_id = item[id_field]
+    returned_col = returned_id_column(id_field)
     out = []
     for row in rows:
         if not isinstance(row, dict):
             raise TypeError(f"handler must return a dict, a list of dicts or None, got {type(row).__name__}")
         if id_field not in row:
-            row = {id_field: item[id_field], **row}
+            row = {id_field: item_id, **row}
+        elif not same_id(row[id_field], item_id):
+            if returned_col in row:
+                raise TypeError(f"handler returned {id_field}={row[id_field]!r} for item {item_id!r} and a "
+                                f"{returned_col!r} column too: the output keeps the item's id in {id_field!r} and "
+                                f"a differing returned id in {returned_col!r}, so rename one of yours")
+            row = {id_field: item_id, returned_col: row[id_field],
+                   **{k: v for k, v in row.items() if k != id_field}}
+        elif row[id_field] is not item_id and type(row[id_field]) is not type(item_id):
+            row = {**row, id_field: item_id}
         out.append(row)
     return out

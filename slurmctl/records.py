@@ -36,9 +36,17 @@ class BatchSpec:
     digest: str = ""  # sha256 of the slice's bytes (JSONL/CSV) or of its identity in the file (Parquet)
     source: str = "input"  # "input", or the store key of a retry plan whose lines this batch takes
     group: str = "initial_batch"  # Prefect task group / PRD TaskGroup: initial_batch, retry_batch_1, ...
+    # Parquet: the input file's identity when it was partitioned (``ManifestStore.input_identity``: S3 ETag and
+    # size, or mtime and size), checked when the batch reads, since ``digest`` covers only the file's shape. Empty
+    # for JSONL/CSV (``digest`` hashes the slice's bytes) and in plans written before it existed (not checked).
+    input_identity: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As a plan line; an empty ``input_identity`` is left out, so a JSONL/CSV plan is what it always was."""
+        d = asdict(self)
+        if not d["input_identity"]:
+            del d["input_identity"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BatchSpec":
@@ -70,17 +78,19 @@ def batch_id_for(index: int) -> str:
 
 # --- partitioning ---------------------------------------------------------------------------------------------
 def partition(stream: BinaryIO, fmt: str, batch_size: int, on_batch: Callable[[BatchSpec], None] | None = None,
-              ) -> Plan:
+              input_identity: str = "") -> Plan:
     """Stream ``stream`` once and cut it into batches of ``batch_size`` records.
 
     ``on_batch`` sees each batch as it is cut (progress reporting); the plan also keeps them, which at 50k batches
-    is a few MB of small dataclasses, never the data.
+    is a few MB of small dataclasses, never the data. ``input_identity`` (Parquet: the file's identity taken
+    before it was opened) is recorded in each batch.
     """
     plan = Plan()
+    identity = input_identity if fmt == "parquet" else ""
 
     def emit(start: int, end: int, first_line: int, records: int, header_end: int = 0, digest: str = "") -> None:
         spec = BatchSpec(batch_id_for(len(plan.batches)), len(plan.batches), start, end, first_line, records,
-                         header_end, digest)
+                         header_end, digest, input_identity=identity)
         plan.batches.append(spec)
         plan.records += records
         if on_batch:

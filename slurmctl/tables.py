@@ -3,9 +3,11 @@
 Every row a batch writes carries two bookkeeping columns besides the handler's own: ``_slurmctl_line`` (the input
 line of the item it came from) and ``_slurmctl_row`` (its index within that item's output; a handler may return
 several rows for an item, or none). The aggregation adds ``_slurmctl_batch`` (the batch's place in commit order).
-Together they say which row wins when one key, (item id, row index), appears more than once: the one from the
-latest commit, and within a batch the latest input line, that is: the last committed attempt, and for an id repeated
-in the input, its last occurrence. The final dataset leaves them out.
+The id column always holds the input item's id (``slurmctl.handler.normalise_output``), so together they say which
+rows survive when one item id appears in more than one occurrence: those of its latest occurrence, the one from the
+latest commit and within a batch from the latest input line, that is: the last committed attempt, and for an id
+repeated in the input, its last occurrence (all of that occurrence's rows, whatever the earlier ones returned). The
+final dataset leaves them out.
 
 Parts written before these columns existed are read with ``_slurmctl_line`` = the row's position in the part and
 ``_slurmctl_row`` = how many earlier rows of the part have the same id (an id repeated within one such batch then
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +33,7 @@ INTERNAL = (BATCH, LINE, ROW)
 SQLITE_TABLE = "rows"
 
 PartKind = Literal["parquet", "sqlite"]
+_LINE_SPAN = 1 << 32  # an occurrence is (batch ordinal, input line) as one int64: batch * 2**32 + line
 
 
 def rows_table(rows: list[dict[str, Any]], lines: list[int], row_index: list[int]) -> pa.Table:
@@ -118,15 +121,20 @@ def count_part_rows(path: str, kind: PartKind) -> int:
 
 
 def with_row_keys(table: pa.Table, id_field: str) -> pa.Table:
-    """A part's rows with ``_slurmctl_line`` and ``_slurmctl_row`` (derived for parts written without them)."""
-    if LINE not in table.column_names:
-        table = table.append_column(LINE, pa.array(np.arange(len(table), dtype=np.int64)))
-    if ROW not in table.column_names:
-        import pandas as pd  # only for parts of an earlier release
+    """A part's rows with ``_slurmctl_line`` and ``_slurmctl_row`` (derived for parts written without them: the rows
+    of one id in such a part are one item, at the line of its first row, with several rows)."""
+    if LINE in table.column_names and ROW in table.column_names:
+        return table
+    import pandas as pd  # only for parts of an earlier release
 
-        ids = table[id_field].to_pandas() if id_field in table.column_names else pd.Series(np.zeros(len(table)))
-        nth = ids.groupby(ids.map(_key), sort=False).cumcount().to_numpy(dtype=np.int32)
-        table = table.append_column(ROW, pa.array(nth))
+    ids = table[id_field].to_pandas() if id_field in table.column_names else pd.Series(np.zeros(len(table)))
+    groups = ids.groupby(ids.map(_key), sort=False)
+    if LINE not in table.column_names:
+        first = pd.Series(np.arange(len(table), dtype=np.int64), index=ids.index).groupby(groups.ngroup()).transform(
+            "min")
+        table = table.append_column(LINE, pa.array(first.to_numpy(dtype=np.int64)))
+    if ROW not in table.column_names:
+        table = table.append_column(ROW, pa.array(groups.cumcount().to_numpy(dtype=np.int32)))
     return table
 
 
@@ -157,22 +165,44 @@ def read_parquet_bytes(data: bytes) -> pa.Table:
     return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
 
 
-def dedupe(table: pa.Table, id_field: str) -> tuple[pa.Table, dict[int, int]]:
-    """Keep the last row of each key (item id, row index), ``table`` being in commit order; the order of the kept
-    rows is unchanged. Returns the rows kept and, per batch ordinal, how many of its rows were dropped."""
+class Dropped(NamedTuple):
+    """What a deduplication dropped, per batch ordinal: rows, and item occurrences (input lines) whose rows went."""
+
+    rows: dict[int, int]
+    items: dict[int, int]
+
+
+def dedupe(table: pa.Table, id_field: str) -> tuple[pa.Table, Dropped]:
+    """Keep, for each item id, the rows of its latest occurrence, ``table`` being in commit order: the occurrence
+    of the latest commit (batch ordinal), and within a batch the latest input line. The order of the kept rows is
+    unchanged. Returns the rows kept and what was dropped, per batch ordinal.
+
+    The key is the input item's id (``id_field`` always holds it: ``slurmctl.handler.normalise_output``), so
+    distinct items never collapse whatever their handler returned; an id repeated in the input is one item in the
+    output, its last occurrence, with all of that occurrence's rows (never a mix of two occurrences' rows). The
+    rule is associative (a latest occurrence of a union is the latest of the latest), so a merge tree may apply it
+    at every level.
+    """
     n = len(table)
     if n == 0 or id_field not in table.column_names:
-        return table, {}
-    keys = pa.table({"k": table[id_field], "r": table[ROW], "i": pa.array(np.arange(n, dtype=np.int64))})
-    last = keys.group_by(["k", "r"], use_threads=False).aggregate([("i", "max")])["i_max"]
-    if len(last) == n:
-        return table, {}
-    kept = np.sort(last.to_numpy())
-    mask = np.ones(n, dtype=bool)
-    mask[kept] = False
-    dropped = pc.value_counts(table[BATCH].filter(pa.array(mask)))
-    counts = {int(d["values"]): int(d["counts"]) for d in dropped.to_pylist()}
-    return table.take(pa.array(kept)), counts
+        return table, Dropped({}, {})
+    lines = table[LINE].to_numpy().astype(np.int64, copy=False)
+    if len(lines) and (lines.min() < 0 or lines.max() >= _LINE_SPAN):
+        raise ValueError(f"input line numbers must lie in [0, {_LINE_SPAN}) to be deduplicated")
+    occurrence = table[BATCH].to_numpy().astype(np.int64) * _LINE_SPAN + lines
+    ids = pc.dictionary_encode(table[id_field].combine_chunks(), null_encoding="encode")
+    group = ids.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    latest = np.full(len(ids.dictionary), -1, dtype=np.int64)
+    np.maximum.at(latest, group, occurrence)
+    keep = occurrence == latest[group]
+    if keep.all():
+        return table, Dropped({}, {})
+    dropped = ~keep
+    batches = table[BATCH].to_numpy()[dropped]
+    rows = dict(zip(*(v.tolist() for v in np.unique(batches, return_counts=True))))
+    items_batches = np.unique(occurrence[dropped]) // _LINE_SPAN
+    items = dict(zip(*(v.tolist() for v in np.unique(items_batches, return_counts=True))))
+    return table.filter(pa.array(keep)), Dropped(rows, items)
 
 
 def buckets_of(table: pa.Table, id_field: str, buckets: int) -> np.ndarray:

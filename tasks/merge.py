@@ -132,18 +132,26 @@ def run_merge(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
     return _finish(store, spec, {"plan_id": spec["plan_id"], "name": spec["name"], "level": spec["level"],
                                  "bucket": spec["bucket"], "files": files, "rows_in": rows_in,
                                  "rows": sum(f["rows"] for f in files.values()),
-                                 "duplicates": {str(k): v for k, v in sorted(dropped.items())}})
+                                 "duplicates": {str(k): v for k, v in sorted(dropped.rows.items())},
+                                 "superseded": {str(k): v for k, v in sorted(dropped.items.items())}})
 
 
 @task(name="merge", task_run_name="{chunk[name]}", cache_policy=NONE, persist_result=False, retries=2,
       retry_delay_seconds=2)
-def merge_chunk(store: ManifestStore, chunk: dict[str, Any]) -> dict[str, int]:
-    """Several merges of one level, one after another; returns the duplicates they dropped, per batch ordinal
-    (small: usually empty)."""
-    dropped: Counter[str] = Counter()
-    for spec in chunk["merges"]:
-        dropped.update(run_merge(store, spec)["duplicates"])
-    return dict(dropped)
+def merge_chunk(store: ManifestStore, chunk: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Several merges of one level, one after another; returns what they dropped, per batch ordinal (small: usually
+    empty): ``duplicates`` (rows) and ``superseded`` (item occurrences replaced by a later one of the same id)."""
+    return dropped_by([run_merge(store, spec) for spec in chunk["merges"]])
+
+
+def dropped_by(manifests: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """The rows and item occurrences that merges (their manifests) dropped, per batch ordinal. Merges finished by a
+    release before ``superseded`` was recorded count none there."""
+    out: dict[str, Counter[str]] = {"duplicates": Counter(), "superseded": Counter()}
+    for m in manifests:
+        for what, counter in out.items():
+            counter.update(m.get(what) or {})
+    return {what: dict(counter) for what, counter in out.items()}
 
 
 # --- the final layout -----------------------------------------------------------------------------------------------

@@ -124,6 +124,12 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     if spec.digest and sliced.digest != spec.digest:
         raise InputChanged(f"{spec.batch_id}: input slice digest {sliced.digest} differs from the partitioned "
                            f"{spec.digest}; the input changed while the job ran — submit it as a new job")
+    if spec.input_identity and spec.source == "input":  # after the read: a rewrite during it is caught too
+        identity = store.input_identity(uri)
+        if identity != spec.input_identity:
+            raise InputChanged(f"{spec.batch_id}: the input {uri} is now {identity}, but was {spec.input_identity} "
+                               f"when it was partitioned; the input changed while the job ran — submit it as a new "
+                               f"job")
     ctx = BatchContext(cfg.job_id, spec.batch_id, params=cfg.params, logger=logger, limiters=leasers_for(cfg))
     e = cfg.errors
     policy = ErrorPolicy.of(e)

@@ -152,7 +152,9 @@ def write_commit_log(store: ManifestStore, job_id: str, first: str, committed: l
                      logger: Any) -> None:
     """One object with copies of the task manifests this shard committed, so readers of the books (aggregate,
     resume, ``status --scan``) make one request per shard instead of one per batch. Best effort: a batch missing
-    from every log is read from its own task manifest, which stays the commit."""
+    from every log is read from its own task manifest, which stays the commit; so is one whose copy the readers
+    cannot prove current (``books.failures.committed_tasks``). Written once, after every commit it copies: that
+    order is what the readers rely on."""
     if not committed:
         return
     try:

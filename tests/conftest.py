@@ -78,7 +78,9 @@ def prefect_api(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def prefect_ui(prefect_api: str) -> str:
-    """The Prefect UI of the test server (``http://127.0.0.1:<port>``, pages such as ``/runs/flow-run/<id>``)."""
+    """The Prefect UI of the test server (``http://127.0.0.1:<port>``, pages such as ``/runs/flow-run/<id>``). A
+    server serving no UI skips the test, loudly, or fails it under ``SLURMCTL_REQUIRE_BROWSER=1`` (CI), as the
+    ``chromium`` fixture does: there a browser test that did not run is a failure."""
     import urllib.request
 
     base = prefect_api.removesuffix("/api")
@@ -87,8 +89,11 @@ def prefect_ui(prefect_api: str) -> str:
     except Exception as e:  # noqa: BLE001 (any failure means the same: no UI there)
         page = repr(e)
     if "<html" not in page:
-        pytest.skip(f"the Prefect server at {prefect_api} serves no UI at {base}/ (SLURMCTL_TEST_PREFECT_API_URL "
-                    f"names a server started with PREFECT_UI_ENABLED=false?): {page[:200]}")
+        msg = (f"BROWSER TEST NOT RUN: the Prefect server at {prefect_api} serves no UI at {base}/ "
+               f"(SLURMCTL_TEST_PREFECT_API_URL names a server started with PREFECT_UI_ENABLED=false?): {page[:200]}")
+        if os.environ.get("SLURMCTL_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg + "; SLURMCTL_REQUIRE_BROWSER=1 requires it", pytrace=False)
+        pytest.skip(msg)
     return base
 
 

@@ -32,11 +32,19 @@ JOB = "agg"
 
 
 @pytest.fixture
-def job(tmp_path: Path):
+def job(job_with):
     """A job whose batches are all committed: (cfg, store). ``records`` go through ``rows_per_item``."""
     def make(records: list[Any], batch_size: int = 2, part_format: str = "parquet", **aggregate: Any):
+        return job_with("support.sample_handlers:rows_per_item", records, batch_size, part_format, **aggregate)
+    return make
+
+
+@pytest.fixture
+def job_with(tmp_path: Path):
+    """A job whose batches are all committed by ``handler``: (cfg, store)."""
+    def make(handler: str, records: list[Any], batch_size: int = 2, part_format: str = "parquet", **aggregate: Any):
         write_jsonl(tmp_path / "in.jsonl", records)
-        cfg = parse_config({"job_id": JOB, "handler": "support.sample_handlers:rows_per_item",
+        cfg = parse_config({"job_id": JOB, "handler": handler,
                             "input": {"uri": str(tmp_path / "in.jsonl")}, "batch_size": batch_size,
                             "storage": {"uri": f"file://{tmp_path / 'store'}"}, "part_format": part_format,
                             "aggregate": aggregate})
@@ -137,9 +145,10 @@ def test_a_crash_between_levels_restarts_from_the_finished_merges(job, prefect_a
 
 @pytest.mark.parametrize("rows_per_bucket", [500_000, 1000], ids=["one-partition", "hash-partitions"])
 def test_duplicates_keep_the_last_occurrence_and_are_counted(job, prefect_api, rows_per_bucket):
-    records = [{"id": i, "v": "first"} for i in range(2500)]
+    records = [{"id": i, "v": "first", **({"n": 3} if i == 9 else {})} for i in range(2500)]
     records += [{"id": 5, "v": "again"}, {"id": 2400, "v": "again"}, {"id": 2400, "v": "last"}]  # same batch too
-    records += [{"id": 7, "n": 2, "v": "two rows"}]  # (7, 0) is a duplicate; (7, 1) is new
+    records += [{"id": 7, "n": 2, "v": "two rows"}]  # the last occurrence has more rows than the first
+    records += [{"id": 9, "v": "one row"}]  # and fewer: none of the first occurrence's three rows is kept
     cfg, store = job(records, batch_size=50, fan_in=10, rows_per_bucket=rows_per_bucket)
     aggregate(cfg, prefect_api)
 
@@ -147,10 +156,31 @@ def test_duplicates_keep_the_last_occurrence_and_are_counted(job, prefect_api, r
     assert result["layout"]["hash_partitions"] == (1 if rows_per_bucket > 2600 else 3)
     table = output_table(store)
     rows = {(i, k): v for i, k, v in zip(table["id"].to_pylist(), table["k"].to_pylist(), table["v"].to_pylist())}
-    assert len(rows) == len(table) == 2501  # every key once
-    assert (rows[(5, 0)], rows[(2400, 0)], rows[(7, 0)], rows[(7, 1)]) == ("again", "last", "two rows", "two rows")
-    assert result["duplicates"] == 4 and result["rows_written"] == 2505 and result["rows"] == 2501
-    assert load_job(store, JOB).counts.duplicates == 4
+    assert len(rows) == len(table) == 2501  # every item once, with the rows of its last occurrence
+    assert (rows[(5, 0)], rows[(2400, 0)], rows[(7, 0)], rows[(7, 1)], rows[(9, 0)]) == (
+        "again", "last", "two rows", "two rows", "one row")
+    assert (9, 1) not in rows and (9, 2) not in rows  # never a mix of two occurrences' rows
+    assert result["duplicates"] == 7 and result["rows_written"] == 2508 and result["rows"] == 2501
+    # the books count each occurrence as an item; five of them were superseded by a later one of their id
+    assert result["duplicate_items"] == 5 and result["items_succeeded"] == 2505
+    counts = load_job(store, JOB).counts
+    assert (counts.duplicates, counts.duplicate_items) == (7, 5)
+
+
+def test_items_stay_distinct_whatever_id_their_handler_returns(job_with, prefect_api):
+    # An API answering with its own id, shared by many users (7 places for 300 users): the output holds one row per
+    # user, keyed by the user's id, with the API's id beside it; nothing is booked as a duplicate.
+    cfg, store = job_with("support.sample_handlers:place_of", [{"id": f"user-{i}", "zip": i % 7} for i in range(300)],
+                          batch_size=20, fan_in=4)
+    aggregate(cfg, prefect_api)
+
+    table = output_table(store)
+    assert sorted(table["id"].to_pylist()) == sorted(f"user-{i}" for i in range(300))
+    assert sorted(set(table["handler_id"].to_pylist())) == [f"place-{n}" for n in range(7)]
+    assert table.column_names[:2] == ["id", "handler_id"]
+    result = result_of(store)
+    assert (result["rows"], result["duplicates"], result["duplicate_items"], result["items_succeeded"]) == (
+        300, 0, 0, 300)
 
 
 def test_sqlite_parts_merge_into_the_same_dataset(job, prefect_api, tmp_path):

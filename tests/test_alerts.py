@@ -1,8 +1,10 @@
 """Alerts: slurmctl's own Prefect events and the automations `slurmctl alerts install` puts on a real Prefect server.
 
-The server's trigger service evaluates proactive triggers every 5 s (PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY's
-default), so a stall alert arrives within the stall window + 5 s of the last commit, plus the action's own latency;
-the tests allow the window + 45 s on a busy machine.
+An alert is followed through the records the server leaves (``support.alerts.AlertChain``): the event it
+evaluates, its ``prefect.automation.triggered``, the action's ``executed``, then the webhook's request. When each
+happens is the server's business (events are written in batches every 5 s, proactive triggers are checked every
+5 s: PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY), so the tests wait for each record and the timeouts are only a
+safety net for a broken chain, naming the link that broke.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.alerts import WebhookReceiver, job_events
+from support.alerts import AlertChain, WebhookReceiver, job_events
 from support.jobs import run_cli, status, wait_for, wait_until_ended, why, write_config, write_jsonl
 
 from slurmctl.config import parse_config
 from slurmctl.job_health import Sample, Window, crossed, error_rate_pct, token_wait_pct
 
-STALL_S = 15  # the smallest window Prefect allows is 10 s
-ALERT_LATENCY_S = 45
+STALL_S = 12  # Prefect allows 10 s at the least (given in minutes here: 10 / 60 * 60 falls just under)
+CHAIN_S = 180  # safety net for each link of an alert's chain on the server (AlertChain): not a latency estimate
+RECEIVED_S = 30  # from the server's record that the webhook answered to the request seen by our receiver
 
 
 def make_job(tmp_path: Path, job_id: str, n: int, config: dict[str, Any] | None = None, **params: Any) -> Path:
@@ -113,17 +116,42 @@ def test_the_coordinator_emits_one_progress_event_per_beat_and_an_error_rate_onc
 
 
 def test_an_emitter_that_cannot_reach_prefect_warns_once_and_the_job_goes_on(monkeypatch, caplog):
+    import logging
+
+    from slurmctl.books.manifests import Counts
     from slurmctl.flows import events
 
+    attempts = []
+
     def unreachable(event: str, **kw: Any) -> None:
+        attempts.append(event)
         raise ConnectionError("all connection attempts failed")
 
     monkeypatch.setattr(events, "emit_event", unreachable)
-    cfg = parse_config({"job_id": "j", "handler": "m:f", "input": {"uri": "x.jsonl"}})
+    # Prefect's logging config may stop its loggers propagating to the root logger, where caplog listens: listen
+    # on ours directly (and only there, so a record is not counted twice).
+    monkeypatch.setattr(events.logger, "propagate", False)
+    monkeypatch.setattr(events.logger, "handlers", [caplog.handler])
+    caplog.set_level(logging.DEBUG, logger=events.logger.name)
+    cfg = parse_config({"job_id": "j", "handler": "m:f", "input": {"uri": "x.jsonl"},
+                        "alerts": {"error_rate_pct": 5, "min_items": 1}})
     emitter = events.JobEvents(cfg, "00000000-0000-0000-0000-000000000001")
-    emitter.started("partition")
-    emitter.processing(batches=1, worker_threads=1)
-    assert emitter.warned
+    counts = Counts(batches_done=1, batches_total=2, items_total=20, items_succeeded=5, items_failed=5)
+    try:  # every kind of emit, each failing: none may raise into the job
+        emitter.started("partition")
+        emitter.processing(batches=2, worker_threads=1)
+        emitter.batch({"items_succeeded": 5, "items_failed": 5})
+        emitter.beat(counts)  # progress, and the error rate crossing 5 %: two more events
+        emitter.processed(counts)
+        emitter.ended("failed", counts, error="boom")
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"an emit that cannot reach Prefect raised into the job: {type(exc).__name__}: {exc}")
+    assert attempts == [events.STARTED, events.PROCESSING, events.PROGRESS, events.ERROR_RATE, events.PROCESSED,
+                        events.FAILED]  # each one was tried, and failed
+    warnings = [r for r in caplog.records if r.name == events.logger.name and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "could not emit the job's Prefect events" in warnings[0].getMessage()
+    assert "all connection attempts failed" in warnings[0].getMessage() and emitter.warned
 
 
 def test_alert_thresholds_are_job_config_fields_named_when_wrong():
@@ -166,9 +194,10 @@ def test_a_stalled_job_calls_the_webhook_and_completes_when_released(tmp_path, w
         # The alert for this stall: a window after the last commit (made just before the hold). On a machine so
         # busy that the first commit came more than a window after the pass started, that was a stall too, and its
         # alert came earlier: it does not count here.
+        chain = AlertChain(prefect_api, "slurmctl-job-stalled", "slurmctl.job.stalls")
+        chain.acted(chain.fired(STALL_S + CHAIN_S, after=held_at), CHAIN_S)
         alert = wait_for(lambda: [a for a in webhook.find(alert="slurmctl-job-stalled", job_id="stalls")
-                                  if a["received"] > held_at], STALL_S + ALERT_LATENCY_S,
-                         f"the stall alert (window {STALL_S} s)")[0]
+                                  if a["received"] > held_at], RECEIVED_S, f"the stall alert (window {STALL_S} s)")[0]
         assert alert["received"] - held_at >= STALL_S - 2, alert
         assert alert["resource"] == "slurmctl.job.stalls" and alert["summary"].startswith("no batch committed")
         assert status("stalls")["status"] == "running"
@@ -177,7 +206,7 @@ def test_a_stalled_job_calls_the_webhook_and_completes_when_released(tmp_path, w
     view = wait_until_ended("stalls")
     assert view["status"] == "completed", why(slurmctl_home, "stalls")
     names = wait_for(lambda: "slurmctl.job.completed" in (n := [e["event"] for e in job_events(
-        prefect_api, "stalls")]) and n, 60, "the job's completed event")
+        prefect_api, "stalls")]) and n, CHAIN_S, "the job's completed event")
     assert names[0] == "slurmctl.job.started" and names[-1] == "slurmctl.job.completed"
     assert {"slurmctl.job.processing", "slurmctl.job.progress", "slurmctl.job.processed"} <= set(names)
     progress = [e for e in job_events(prefect_api, "stalls", "slurmctl.job.progress")]
@@ -186,7 +215,7 @@ def test_a_stalled_job_calls_the_webhook_and_completes_when_released(tmp_path, w
     assert progress[0]["related"][0]["prefect.resource.id"] == f"prefect.flow-run.{view['flow_run_id']}"
 
 
-def test_a_failed_job_run_calls_the_webhook(tmp_path, webhook, slurmctl_home):
+def test_a_failed_job_run_calls_the_webhook(tmp_path, webhook, prefect_api, slurmctl_home):
     # The worker dies inside the first batch and the job may not re-queue it: the batch fails, so does the run.
     marker = tmp_path / "held"
     cfg = make_job(tmp_path, "fails", 20, hold={"id": 3, "marker": str(marker), "release": str(tmp_path / "never")},
@@ -194,8 +223,12 @@ def test_a_failed_job_run_calls_the_webhook(tmp_path, webhook, slurmctl_home):
     assert run_cli("submit", str(cfg)).returncode == 0
     pid = int(wait_for(lambda: marker.exists() and marker.read_text().strip(), 240, "the worker to hold"))
     os.kill(pid, signal.SIGKILL)
-    assert wait_until_ended("fails")["status"] == "failed"
-    alert = wait_for(lambda: webhook.find(alert="slurmctl-job-failed", job_id="fails"), ALERT_LATENCY_S,
+    view = wait_until_ended("fails")
+    assert view["status"] == "failed"
+    chain = AlertChain(prefect_api, "slurmctl-job-failed", f"prefect.flow-run.{view['flow_run_id']}")
+    chain.evaluated_event(["prefect.flow-run.Failed", "prefect.flow-run.Crashed"], CHAIN_S)
+    chain.acted(chain.fired(CHAIN_S), CHAIN_S)
+    alert = wait_for(lambda: webhook.find(alert="slurmctl-job-failed", job_id="fails"), RECEIVED_S,
                      "the failed-run alert")[-1]
     assert alert["event"] == "prefect.flow-run.Failed" and alert["resource"].startswith("prefect.flow-run.")
 
@@ -205,11 +238,13 @@ def test_a_job_failing_items_emits_its_error_rate_once(tmp_path, webhook, prefec
     fail = {str(i): "not_found" for i in range(0, 40, 3)}
     cfg = make_job(tmp_path, "erring", 40, fail=fail, config={"alerts": {"error_rate_pct": 20, "min_items": 10}})
     assert run_cli("submit", str(cfg), "--wait").returncode == 0, why(slurmctl_home, "erring")
-    events = wait_for(lambda: job_events(prefect_api, "erring", "slurmctl.job.error-rate"), 60,
+    events = wait_for(lambda: job_events(prefect_api, "erring", "slurmctl.job.error-rate"), CHAIN_S,
                       "the job's error-rate event")
     assert len(events) == 1
     assert events[0]["payload"]["error_rate_pct"] > 20 and events[0]["payload"]["threshold_pct"] == 20
-    alert = wait_for(lambda: webhook.find(alert="slurmctl-job-error-rate", job_id="erring"), ALERT_LATENCY_S,
+    chain = AlertChain(prefect_api, "slurmctl-job-error-rate", "slurmctl.job.erring")
+    chain.acted(chain.fired(CHAIN_S), CHAIN_S)
+    alert = wait_for(lambda: webhook.find(alert="slurmctl-job-error-rate", job_id="erring"), RECEIVED_S,
                      "the error-rate alert")[-1]
     assert alert["event"] == "slurmctl.job.error-rate"
     assert job_events(prefect_api, "erring", "slurmctl.job.token-wait") == []  # no rate limit, no wait

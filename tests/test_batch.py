@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from support.jobs import write_jsonl
 from support.sample_handlers import calls
@@ -112,6 +115,33 @@ def test_input_changed_under_the_job_fails_the_batch_loudly(job, tmp_path):
     assert not calls_file.exists()
 
 
+def test_a_parquet_input_rewritten_with_the_same_shape_fails_its_batches(tmp_path):
+    """A Parquet batch's digest covers the file's shape, not its rows: the file's identity at partition time
+    (mtime and size here, ETag and size on S3) tells a rewrite apart."""
+    from slurmctl.flows.partition import plan_input
+    from slurmctl.records import BatchSpec, parquet_slice_digest
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": list(range(20)), "name": [f"user-{i:02d}" for i in range(20)]}), path)
+    cfg = parse_config({"job_id": "unit", "handler": "support.sample_handlers:counting",
+                        "input": {"uri": str(path)}, "batch_size": 10,
+                        "storage": {"uri": f"file://{tmp_path / 'store'}"},
+                        "params": {"calls_file": str(tmp_path / "calls")}})
+    store = LocalManifestStore(root=str(tmp_path / "store"))
+    specs = plan_input(store, cfg).batches
+    run_batch(cfg, store, specs[0])  # the input as partitioned
+    time.sleep(0.05)  # file times advance in clock ticks of a few ms
+    pq.write_table(pa.table({"id": list(range(100, 120)), "name": [f"anon-{i:02d}" for i in range(20)]}), path)
+    assert parquet_slice_digest(pq.ParquetFile(path).metadata, 10, 20) == specs[1].digest  # same shape
+    with pytest.raises(InputChanged, match="the input changed while the job ran — submit it as a new job"):
+        run_batch(cfg, store, specs[1])
+    assert len(calls(str(tmp_path / "calls"))) == 10  # nothing of the new file was processed
+
+    # a plan written before input identities were recorded still runs (unchecked, as it always was)
+    old = BatchSpec.from_dict({k: v for k, v in specs[1].to_dict().items() if k != "input_identity"})
+    assert run_batch(cfg, store, old)["items_succeeded"] == 10
+
+
 def test_worker_loss_is_told_apart_from_batch_failure():
     from distributed.scheduler import KilledWorker
 
@@ -120,3 +150,33 @@ def test_worker_loss_is_told_apart_from_batch_failure():
     assert is_worker_loss(KilledWorker("batch-000001", "tcp://127.0.0.1:1234", allowed_failures=3))
     assert not is_worker_loss(InputChanged("input changed"))
     assert not is_worker_loss(ValueError("bad"))
+
+
+def test_dask_client_is_none_only_where_no_dask_task_runner_runs(monkeypatch):
+    """No client means nothing watches the cluster: only a run without a Dask task runner may have none. A cluster
+    that fails to start must fail the phase, not leave it waiting for workers that never come."""
+    from types import SimpleNamespace
+
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from slurmctl.flows import process
+
+    def running_on(runner=None, **context) -> None:
+        context = {"task_runner": runner} if runner is not None else context
+        monkeypatch.setattr(process, "get_run_context", lambda: SimpleNamespace(**context))
+
+    assert process.dask_client() is None  # no run here at all (the real get_run_context)
+    running_on(task_run=object())  # a task run's context: no task runner
+    assert process.dask_client() is None
+    running_on(ThreadPoolTaskRunner())
+    assert process.dask_client() is None
+
+    def no_cluster(**kwargs):
+        raise RuntimeError("sbatch: error: invalid partition specified: gpu")
+
+    running_on(DaskTaskRunner(cluster_class=no_cluster))
+    with pytest.raises(RuntimeError, match="invalid partition"):
+        process.dask_client()
+    running_on(SimpleNamespace(client="the client"))
+    assert process.dask_client() == "the client"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -15,24 +18,26 @@ from slurmctl.books.audit import BooksUnbalanced, audit, check
 from slurmctl.books.failures import committed_tasks, failure_state
 from slurmctl.books.manifests import Keys
 from slurmctl.books.parts import PartCorrupt, PartMissing
-from slurmctl.books.store import load_job, save_job
+from slurmctl.books.store import load_job, save_job, store_for
 from slurmctl.config import parse_config
 from slurmctl.records import partition
 from slurmctl.tasks.merge import concat_rejects, merge_all
 from slurmctl.tasks.process_batch import run_batch
+from slurmctl.tasks.process_shard import run_shard
 
 
 @pytest.fixture
 def planned(tmp_path: Path):
-    """A job created and partitioned in a local store, no batch run yet: (cfg, store, specs)."""
-    def make(records: list, batch_size: int = 4, **params):
+    """A job created and partitioned in a store (a local one unless ``storage`` says), no batch run yet:
+    (cfg, store, specs)."""
+    def make(records: list, batch_size: int = 4, storage: dict | None = None, **params):
         write_jsonl(tmp_path / "in.jsonl", records)
         cfg = parse_config({"job_id": "books", "handler": "support.sample_handlers:counting",
                             "input": {"uri": str(tmp_path / "in.jsonl")}, "batch_size": batch_size,
-                            "storage": {"uri": f"file://{tmp_path / 'store'}"},
+                            "storage": storage or {"uri": f"file://{tmp_path / 'store'}"},
                             "params": {"calls_file": str(tmp_path / "calls"), **params}})
         create_job(cfg, None)
-        store = LocalManifestStore(root=str(tmp_path / "store"))
+        store = store_for(cfg.storage)
         with open(tmp_path / "in.jsonl", "rb") as f:
             specs = partition(f, "jsonl", batch_size).batches
         store.put_bytes(Keys("books").plan, b"".join(json.dumps(s.to_dict()).encode() + b"\n" for s in specs))
@@ -158,6 +163,116 @@ def test_a_manifest_without_its_checksum_is_corrupt(tmp_path):
     store.put_bytes("m.json", json.dumps({"schema_version": 1, "kind": "task"}).encode())
     with pytest.raises(ManifestCorrupt, match="no 'checksum' field"):
         store.get_json("m.json")
+
+
+# --- commit logs are an index; the task manifest is the truth ------------------------------------------------------
+def set_mtime(store, key: str, when: float) -> None:
+    """Give a local store's object another modification time (what the store's listing reports)."""
+    os.utime(store.local_path(key), (when, when))
+
+
+def age(store, prefix: str, seconds: float) -> None:
+    """Everything under ``prefix`` as if written ``seconds`` earlier."""
+    for key in store.list_keys(prefix):
+        set_mtime(store, key, os.stat(store.local_path(key)).st_mtime - seconds)
+
+
+def commit_again(cfg, store, spec, **params) -> dict:
+    """The batch's commit is lost and the batch runs again: another attempt, other files (``params``: how the
+    handler behaves this time). Returns the new task manifest."""
+    store.delete(Keys("books").task(spec.batch_id))
+    run_batch(cfg.model_copy(update={"params": {**cfg.params, **params}}), store, spec, sleep=lambda s: None)
+    return store.get_json(Keys("books").task(spec.batch_id))
+
+
+def merged_rows(store, cfg) -> int:
+    store.delete_prefix("jobs/books/aggregate/")
+    return merge_all(store, "books", committed_tasks(store, "books"), cfg.aggregate)["rows"]
+
+
+def test_a_batch_committed_again_after_its_commit_log_is_read_from_its_task_manifest(planned):
+    cfg, store, specs = planned([{"id": i} for i in range(8)])
+    run_shard(cfg, store, specs)  # both batches committed, then the shard's commit log with their copies
+    age(store, "jobs/books/", 100)
+    first = store.get_json(Keys("books").task(specs[0].batch_id))
+    second = commit_again(cfg, store, specs[0], fail={"1": "not_found"})  # this time item 1 fails
+    assert second["attempt"] != first["attempt"] and second["output"] != first["output"]
+
+    [task, _] = committed_tasks(store, "books")
+    assert (task["attempt"], task["output"], task["items_failed"]) == (second["attempt"], second["output"], 1)
+    books = books_of(store)
+    assert (books.items_succeeded, books.items_failed, books.balanced) == (7, 1, True)
+    assert merged_rows(store, cfg) == 7
+    store.delete(first["output"])  # the old attempt's part is gone too: nothing reads it
+    assert merged_rows(store, cfg) == 7
+
+
+def test_a_commit_log_is_used_only_when_written_after_the_commit(planned, monkeypatch):
+    cfg, store, specs = planned([{"id": i} for i in range(8)])
+    run_shard(cfg, store, specs)
+    [log] = store.list_keys("jobs/books/commits/")
+    reads: list[str] = []
+    real = LocalManifestStore.get_json
+    monkeypatch.setattr(LocalManifestStore, "get_json", lambda self, key: reads.append(key) or real(self, key))
+
+    def manifests_read() -> list[str]:
+        reads.clear()
+        assert [t["batch_id"] for t in committed_tasks(store, "books")] == [s.batch_id for s in specs]
+        return sorted(k.rsplit("/", 1)[-1] for k in reads if "/tasks/" in k)
+
+    now = time.time()
+    for spec in specs:
+        set_mtime(store, Keys("books").task(spec.batch_id), now - 10)
+    set_mtime(store, log, now)
+    assert manifests_read() == []  # one request for the shard
+    set_mtime(store, Keys("books").task(specs[1].batch_id), now)  # equal times (S3: in one second): no order
+    assert manifests_read() == ["batch-000001.json"]
+
+
+def test_commit_logs_naming_two_attempts_of_a_batch_are_not_trusted_for_it(planned):
+    """A shard that committed attempt 1 and writes its log only after the batch was committed again (a zombie
+    whose worker lost its coordinator): its log is newer than the commit, but another log names attempt 2."""
+    cfg, store, specs = planned([{"id": i} for i in range(8)])
+    run_shard(cfg, store, specs)
+    [zombie] = store.list_keys("jobs/books/commits/")
+    store.delete(Keys("books").task(specs[0].batch_id))
+    run_shard(cfg.model_copy(update={"params": {**cfg.params, "fail": {"1": "not_found"}}}), store, specs[:1])
+    [own] = set(store.list_keys("jobs/books/commits/")) - {zombie}
+    second = store.get_json(Keys("books").task(specs[0].batch_id))
+    now = time.time()
+    set_mtime(store, Keys("books").task(specs[0].batch_id), now - 100)
+    set_mtime(store, own, now - 100)  # the re-commit's own log, in the same second as it: not usable by time
+    set_mtime(store, zombie, now)  # the zombie's log: later than the commit it does not hold
+    assert committed_tasks(store, "books")[0]["attempt"] == second["attempt"]
+
+
+@pytest.mark.integration
+@pytest.mark.aws
+def test_on_s3_a_batch_committed_again_after_its_commit_log_is_read_from_its_task_manifest(planned, moto_endpoint,
+                                                                                            s3_bucket):
+    cfg, store, specs = planned([{"id": i} for i in range(8)], storage={
+        "uri": f"s3://{s3_bucket}/runs", "endpoint_url": moto_endpoint, "region": "us-east-1"})
+    run_shard(cfg, store, specs)
+    time.sleep(1.1)  # S3's LastModified is in seconds: the new commit lands in a later second than the log
+    second = commit_again(cfg, store, specs[0], fail={"1": "not_found"})
+    assert committed_tasks(store, "books")[0]["attempt"] == second["attempt"]
+    books = books_of(store)
+    assert (books.items_succeeded, books.items_failed, books.balanced) == (7, 1, True)
+
+
+def test_a_corrupt_commit_log_falls_back_to_the_task_manifests(planned, caplog):
+    cfg, store, specs = planned([{"id": i} for i in range(8)] + ["not json"])
+    run_shard(cfg, store, specs)
+    [log] = store.list_keys("jobs/books/commits/")
+    age(store, "jobs/books/tasks/", 10)  # the log is usable by its time: only its checksum is wrong
+    store.put_bytes(log, store.get_bytes(log).replace(b'"items_succeeded": 4', b'"items_succeeded": 5'))
+    with caplog.at_level(logging.WARNING, logger="slurmctl"):
+        tasks = committed_tasks(store, "books")
+    assert [t["items_succeeded"] for t in tasks] == [4, 4, 0]
+    assert f"commit log {store.uri(log)} skipped" in caplog.text and "checksum mismatch" in caplog.text
+    assert check(store, load_job(store, "books"), tasks).balanced  # the audit
+    assert merged_rows(store, cfg) == 8  # and the aggregation
+    assert concat_rejects(store, tasks, "jobs/books/rejects.jsonl").rows == 1
 
 
 # --- end to end: a real job, then its manifests damaged ----------------------------------------------------------

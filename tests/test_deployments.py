@@ -9,6 +9,8 @@ import datetime as dt
 import json
 import os
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Iterator
 from uuid import UUID
@@ -18,7 +20,9 @@ from support.jobs import (
     ROOT,
     TESTS,
     assert_exactly_once,
+    current_status,
     held_job,
+    log_tail,
     run_cli,
     status,
     wait_for,
@@ -45,6 +49,9 @@ def pool(_prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     home = tmp_path_factory.mktemp("pool")
     env = {**os.environ, "PREFECT_API_URL": _prefect_server, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "SLURMCTL_HOME": str(home / "slurmctl-home"),
+           # the worker looks for runs every second, not every 10 s (Prefect's default): each run a test creates
+           # starts when the worker sees it, so a slow poll is only time spent waiting
+           "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     made = prefect("work-pool", "create", name, "--type", "process", env=env)
     assert made.returncode == 0 or "already exists" in made.stdout + made.stderr, made.stdout + made.stderr
@@ -159,6 +166,36 @@ def test_the_daily_schedule_gives_each_run_its_own_date(prefect_api, pool, monke
     assert len({job_id for _, job_id in planned}) == len(planned)  # one job per day
 
 
+def test_the_job_flow_loads_off_the_main_thread_as_a_workers_cancellation_hook_does(tmp_path):
+    """A deployment worker loads the flow in a worker thread to run its on_cancellation hook (Prefect's
+    ``_workspace_runtime_bootstrap``): an import on the way that only works on the main thread (dask_jobqueue's
+    ``signal.signal`` at import) made every such load fail ("Runner failed to retrieve flow to execute
+    on_cancellation hooks"), and the hook never ran. A fresh interpreter, as the worker's hook subprocess is."""
+    import yaml
+
+    entrypoints = sorted({d["entrypoint"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]})
+    code = textwrap.dedent(f"""
+        import threading
+        from prefect.flows import load_flow_from_entrypoint
+
+        loaded = []
+        def load():
+            try:
+                loaded.extend(load_flow_from_entrypoint(e).on_cancellation_hooks for e in {entrypoints!r})
+            except BaseException as exc:
+                loaded.append(f"{{type(exc).__name__}}: {{exc}}")
+        thread = threading.Thread(target=load)
+        thread.start()
+        thread.join()
+        print(loaded)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    hooks = result.stdout.strip().splitlines()[-1]
+    assert hooks.count("on_cancellation") == len(entrypoints) and "Error" not in hooks, result.stdout + result.stderr
+
+
 def test_submit_to_a_deployment_then_cancel_the_workers_run_from_prefect(tmp_path, prefect_api, slurmctl_home,
                                                                         pool):
     """The worker's runner stops the run (SIGTERM with a cancel intent) and runs the flow's on_cancellation hook in
@@ -174,11 +211,22 @@ def test_submit_to_a_deployment_then_cancel_the_workers_run_from_prefect(tmp_pat
         run = _client_call(prefect_api, lambda c: c.read_flow_run(UUID(view["flow_run_id"])))
         assert run.deployment_id is not None and run.name == "dep-cancel"  # a run of the deployment, on the worker
         cancel_flow_run(prefect_api, view["flow_run_id"])  # the UI's Cancel button
-        wait_for(lambda: status("dep-cancel")["status"] == "cancelled", 60, "the job to be cancelled")
+        wait_for(lambda: current_status("dep-cancel")["status"] == "cancelled", 60, "the job to be cancelled")
         wait_for(lambda: flow_run_state(prefect_api, view["flow_run_id"]) == "CANCELLED", 60,
                  "the flow run to be Cancelled")
+        # The hook ran in the worker's process too (its own line; the flow's says "cancelled (<reason>)"): it is what
+        # cancels a Slurm job's workers by name when the killed flow process could not.
+        wait_for(lambda: "job dep-cancel cancelled; Slurm worker jobs cancelled" in pool["log"].read_text(), 120,
+                 f"the worker to run the flow's on_cancellation hook (worker log: {pool['log']})")
+        assert "failed to retrieve flow to execute on_cancellation hooks" not in pool["log"].read_text()
     finally:
         release.touch()
     view = status("dep-cancel")
     assert view["batches_done"] == 2 and "slurmctl resume dep-cancel" in view["error"]
-    # (resuming a cancelled job: tests/test_cancel.py, on Slurm and locally)
+    # Resuming the job the worker's run was cancelled in (here, not by a worker): it continues from its two commits
+    # and every item is in the output exactly once.
+    resumed = run_cli("resume", "dep-cancel", "--wait")
+    assert resumed.returncode == 0, resumed.stderr + log_tail(slurmctl_home, "dep-cancel")
+    view = status("dep-cancel")
+    assert view["status"] == "completed"
+    assert_exactly_once(view, range(60))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from support.jobs import log_tail, run_cli, status, write_config, write_jsonl
+from support.jobs import cli_status, log_tail, run_cli, status, write_config, write_jsonl
 from support.prefect_runs import job_artifacts, job_flow_run_names, settled_task_runs
 
 pytestmark = pytest.mark.integration
@@ -25,6 +25,7 @@ def test_echo_job_end_to_end(tmp_path: Path, prefect_api: str, slurmctl_home: Pa
     assert result.returncode == 0, result.stderr + log_tail(slurmctl_home, "echo-e2e")
 
     view = status("echo-e2e")
+    assert cli_status("echo-e2e") == view  # the command prints the view the tests compute in-process
     assert view["status"] == "completed" and view["phase"] == "done"
     assert view["batches_total"] == view["batches_done"] == 11 and view["batches_failed"] == 0
     assert (view["items_total"], view["items_succeeded"], view["items_failed"], view["items_rejected"]) == (

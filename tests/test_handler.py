@@ -65,6 +65,21 @@ def test_output_normalisation_keeps_the_id():
         normalise_output(["nope"], item, "id")
 
 
+def test_an_output_row_carries_its_items_id_whatever_the_handler_returned():
+    # an API answering with its own record id (a place shared by many users): the row is the item's, the API's id
+    # is kept beside it
+    user = {"id": "user-7", "zip": "10115"}
+    assert normalise_output({"id": "place-3", "city": "Berlin"}, user, "id") == [
+        {"id": "user-7", "handler_id": "place-3", "city": "Berlin"}]
+    # the same id written differently (a CSV's text "7", a handler's int 7) is the item's, as the input wrote it
+    assert normalise_output({"id": 7, "v": 1}, {"id": "7"}, "id") == [{"id": "7", "v": 1}]
+    assert normalise_output({"id": "7"}, {"id": 7}, "id") == [{"id": 7}]
+    assert normalise_output({"id": True}, {"id": 1}, "id") == [{"id": 1, "handler_id": True}]
+    # both would not fit: the item fails (class handler) rather than losing one
+    with pytest.raises(TypeError, match="'handler_id' column too"):
+        normalise_output({"id": "place-3", "handler_id": "x"}, user, "id")
+
+
 def test_http_handler_against_a_local_api(item_api):
     url, state = item_api
     ctx = BatchContext("j", "b", params={"base_url": url})

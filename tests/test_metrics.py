@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from support.jobs import (
     committed_tasks,
+    current_status,
     job_manifest,
     log_tail,
     run_cli,
@@ -92,7 +93,7 @@ def test_a_job_records_batch_metrics_and_status_shows_speed_and_phases(tmp_path,
     assert run_cli("submit", str(cfg)).returncode == 0
     try:
         wait_for(marker.exists, 240, "the job to hold inside its second batch")
-        view = wait_for(lambda: (v := status("metrics"))["batches_done"] >= 1 and v, 60,
+        view = wait_for(lambda: (v := current_status("metrics"))["batches_done"] >= 1 and v, 60,
                         "status to count the first committed batch")
         assert STATUS_KEYS <= set(view)  # `status --json` keeps its keys and adds items/s, ETA and phases
         assert view["status"] == "running" and view["items_done"] == 10
@@ -204,10 +205,39 @@ def test_progress_of_a_job_manifest_without_phase_times():
     assert [x["state"] for x in p["phases"]] == ["done", "running", "pending", "pending"]
 
 
-def test_update_job_times_each_phase(tmp_path):
+class FakeClock:
+    """``slurmctl.books.manifests.now`` that advances 1 s per call, from ``T0``: no two manifest times are equal
+    however fast the machine (the real clock gives millisecond strings, often the same one twice)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        return at(self.calls)
+
+    @property
+    def last(self) -> str:
+        """The latest time handed out."""
+        return at(self.calls)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    import slurmctl.books.manifests
+    import slurmctl.books.store
+
+    fake = FakeClock()
+    # where save_job / update_job / time_phases take it from (a name imported into books.store), and its home
+    monkeypatch.setattr(slurmctl.books.store, "now", fake)
+    monkeypatch.setattr(slurmctl.books.manifests, "now", fake)
+    return fake
+
+
+def test_update_job_times_each_phase(tmp_path, clock):
     store = LocalManifestStore(root=str(tmp_path))
     save_job(store, JobManifest(job_id="j", handler="h", input={}, batch_size=1, cluster={}, storage="s",
-                                config={}))
+                                config={}, submitted_at=clock()))
     update_job(store, "j", status="running", phase="partition")
     update_job(store, "j", phase="process")
     update_job(store, "j", phase="retry")
@@ -215,15 +245,22 @@ def test_update_job_times_each_phase(tmp_path):
     update_job(store, "j", phase="retry")  # the next round: the phase goes on
     times = load_job(store, "j").phase_times
     assert times["retry"] == first_retry and times["retry"]["finished_at"] is None
-    assert times["partition"]["finished_at"] == times["process"]["started_at"] <= times["process"]["finished_at"]
+    assert times["partition"]["started_at"] < times["partition"]["finished_at"]
+    assert times["partition"]["finished_at"] == times["process"]["started_at"] < times["process"]["finished_at"]
     assert times["process"]["finished_at"] == times["retry"]["started_at"]
 
     # the coordinator dies mid-retry; a restart closes the phase when that coordinator last wrote, not now
     last_written = load_job(store, "j").updated_at
-    update_job(store, "j", status="pending", phase="submitted")
-    assert load_job(store, "j").phase_times["retry"]["finished_at"] == last_written
+    restarted = update_job(store, "j", status="pending", phase="submitted")
+    assert restarted.phase_times["retry"]["finished_at"] == last_written < restarted.updated_at
+    before = clock.last
     job_ = update_job(store, "j", status="running", phase="partition")
     assert job_.phase_times["partition"]["finished_at"] is None
-    assert job_.phase_times["partition"]["started_at"] >= last_written  # the new run's, not the first one's
+    # the new run's start: a time of this write, after the restart's, not the first run's
+    assert before < job_.phase_times["partition"]["started_at"] <= job_.updated_at
+    assert job_.phase_times["partition"]["started_at"] > restarted.updated_at > times["partition"]["started_at"]
+    # the job ends: the open phase closes at a time of the ending write (the one that says failed), not before
+    before = clock.last
     ended = update_job(store, "j", status="failed")
-    assert last_written <= ended.phase_times["partition"]["finished_at"] <= ended.updated_at
+    assert before < ended.phase_times["partition"]["finished_at"] <= ended.updated_at
+    assert ended.phase_times["partition"]["finished_at"] > job_.phase_times["partition"]["started_at"]

@@ -186,13 +186,139 @@ def clean_copy(dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.integration
-def test_the_wheel_holds_one_package_and_runs_a_user_project_with_its_own_handlers(tmp_path: Path, prefect_api: str):
-    tree = clean_copy(tmp_path / "tree")  # a stale build/lib/flows/ in the working tree would land in the wheel
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, built once per module from a clean copy of the tree (``pip wheel --no-deps``: ~4 s)."""
+    where = tmp_path_factory.mktemp("wheel")
+    tree = clean_copy(where / "tree")  # a stale build/lib/flows/ in the working tree would land in the wheel
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(tree)], check=True,
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(where / "dist"), str(tree)], check=True,
                    capture_output=True, timeout=600)
-    (wheel,) = (tmp_path / "dist").glob("slurmctl-*.whl")
+    (built,) = (where / "dist").glob("slurmctl-*.whl")
+    return built
+
+
+# ---- the wheel's imports against its declared requirements ------------------------------------------------------
+# `pip check` (below) only checks what the wheel declares: a module importing a package that pyproject does not list
+# passes it, here where the test environment has everything installed, and fails on a user's machine. So every
+# import in the wheel (module level, inside functions, under try or TYPE_CHECKING, and importlib.import_module of a
+# literal name: all are imports the package makes) must name a distribution its declared requirements bring.
+
+# Imported, but only reachable through another declared requirement, and deliberately not declared themselves:
+# each comes with (and is pinned by) the one named. Anything else we import must be listed in pyproject.toml.
+TRANSITIVE_OK = {
+    "botocore": "boto3 (boto3 pins its botocore; we import its exceptions and Config)",
+    "numpy": "pandas (arrays under the tables and merges)",
+}
+
+
+def wheel_imports(wheel: Path) -> dict[str, list[str]]:
+    """Top-level names every module in ``wheel`` imports (absolute imports anywhere in the file, and
+    ``importlib.import_module`` / ``__import__`` of a string literal) -> where (``file:line``)."""
+    found: dict[str, list[str]] = {}
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if not name.endswith(".py"):
+                continue
+            for node in ast.walk(ast.parse(zf.read(name), name)):
+                if isinstance(node, ast.Import):
+                    modules = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    modules = [node.module or ""] if node.level == 0 else []  # relative: the package itself
+                elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                      and isinstance(node.args[0].value, str)
+                      and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                           or (isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__")))):
+                    modules = [node.args[0].value]
+                else:
+                    continue
+                for module in modules:
+                    found.setdefault(module.split(".")[0], []).append(f"{name}:{node.lineno}")
+    return found
+
+
+def wheel_requirements(wheel: Path) -> list[str]:
+    """The ``Requires-Dist`` lines of the wheel's METADATA."""
+    import email.parser
+
+    with zipfile.ZipFile(wheel) as zf:
+        (meta,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+        return email.parser.Parser().parsestr(zf.read(meta).decode()).get_all("Requires-Dist") or []
+
+
+def requirement_closure(requirements: list[str], extras: frozenset[str] = frozenset()) -> set[str]:
+    """The distributions (canonical names) ``requirements`` bring here, transitively, with ``extras`` of the top
+    level (markers evaluated for this interpreter, as pip would); the metadata is the test environment's, where
+    the pinned versions are installed."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    def wanted(req: Requirement, with_extras: frozenset[str]) -> bool:
+        if req.marker is None:
+            return True
+        return any(req.marker.evaluate({"extra": e}) for e in (with_extras or {""}))
+
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements if wanted(Requirement(r), extras)]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen and not req.extras:
+            continue
+        seen.add(name)
+        try:
+            sub = md.requires(req.name) or []
+        except md.PackageNotFoundError:
+            pytest.fail(f"{req.name}, required by the wheel, is not installed in the test environment", pytrace=False)
+        todo += [r for r in map(Requirement, sub) if wanted(r, frozenset(req.extras))
+                 and (canonicalize_name(r.name) not in seen or r.extras)]
+    return seen
+
+
+def test_every_import_in_the_wheel_is_a_declared_requirement(wheel: Path):
+    """A module importing a package the wheel does not declare would install and pass `pip check`, then fail on a
+    machine without that package; test-only packages (the ``test`` extra: pytest, moto) must never be imported by
+    what we ship."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    imports = {name: where for name, where in wheel_imports(wheel).items()
+               if name not in sys.stdlib_module_names and name != "slurmctl"}
+    assert {"prefect", "yaml", "pyarrow", "boto3"} <= set(imports)  # the scan sees our imports at all
+    assert "importlib" not in imports and "__future__" not in imports
+    declared = wheel_requirements(wheel)
+    runtime = [r for r in declared if not (Requirement(r).marker and "extra" in str(Requirement(r).marker))]
+    direct = {canonicalize_name(Requirement(r).name) for r in runtime}
+    closure = requirement_closure(runtime)
+    test_only = requirement_closure([r for r in declared if r not in runtime], frozenset({"test"})) - closure
+    assert {"moto", "pytest"} <= test_only, test_only  # the test extra is read, and is not the runtime's
+    providers = md.packages_distributions()  # import name -> the distributions that install it
+
+    undeclared, test_imports, only_transitive = [], [], []
+    for name, where in sorted(imports.items()):
+        dists = {canonicalize_name(d) for d in providers.get(name, [])}
+        at = ", ".join(where[:3]) + (f" (+{len(where) - 3})" if len(where) > 3 else "")
+        if not dists & closure:
+            (test_imports if dists & test_only else undeclared).append(
+                f"{name} ({'/'.join(sorted(dists)) or 'no installed distribution'}) at {at}")
+        elif not dists & direct and name not in TRANSITIVE_OK:
+            only_transitive.append(f"{name} ({'/'.join(sorted(dists))}, comes only through another requirement) "
+                                   f"at {at}")
+    assert test_imports == [], "the wheel imports test-only packages (the `test` extra): " + "; ".join(test_imports)
+    assert undeclared == [], ("the wheel imports packages its requirements do not bring (add them to "
+                              "[project] dependencies in pyproject.toml): " + "; ".join(undeclared))
+    assert only_transitive == [], ("the wheel imports packages it does not declare itself (list them in [project] "
+                                   "dependencies, or in TRANSITIVE_OK with why): " + "; ".join(only_transitive))
+    assert set(TRANSITIVE_OK) <= set(imports), "TRANSITIVE_OK names a package we no longer import: drop it"
+
+
+@pytest.mark.integration
+def test_the_wheel_holds_one_package_and_runs_a_user_project_with_its_own_handlers(tmp_path: Path, prefect_api: str,
+                                                                                    wheel: Path):
     names = zipfile.ZipFile(wheel).namelist()
     dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
     assert [n for n in names if n.split("/")[0] not in ("slurmctl", dist_info)] == []
@@ -202,7 +328,8 @@ def test_the_wheel_holds_one_package_and_runs_a_user_project_with_its_own_handle
 
     # A fresh venv gets the wheel alone; its dependencies are the test environment's, on sys.path through a .pth
     # line (a path, not a site dir: that environment's editable install of this tree is not loaded). Installing
-    # them from the registry again took ~50 s and tested pip; `pip check` still proves the wheel's requirements met.
+    # them from the registry again took ~50 s and tested pip; `pip check` still proves the wheel's requirements met
+    # (and test_every_import_in_the_wheel_is_a_declared_requirement that they are all it imports).
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     vpy = str(venv / "bin" / "python")

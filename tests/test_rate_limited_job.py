@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 from support.chaos_api import ChaosApi
-from support.jobs import assert_exactly_once, log_tail, run_cli, status, wait_for, write_config, write_jsonl
+from support.jobs import (
+    ReadyCommand,
+    assert_exactly_once,
+    log_tail,
+    run_cli,
+    status,
+    wait_for,
+    write_config,
+    write_jsonl,
+)
 from support.rates import bucket_needed, max_in_window, steady_buckets
 
 from slurmctl.ratelimit.lanes import LimitSpec
@@ -107,12 +116,17 @@ def quiet_for(api: ChaosApi, seconds: float) -> bool:
 def test_pause_rate_and_resume_from_the_cli(tmp_path, prefect_api, slurmctl_home, job_backends):
     # Default leases (32 slots of a 2/s lane: 16 s each) outlive the pause bound: the pause reaches workers through
     # the limit's signal (SQLite row, or an S3 object next to the job's manifests), not by leases running out.
-    n, rate, new_rate, burst = 200, 20, 8, 2
-    with ChaosApi() as api:
+    # About 80 requests before the pause holds (40, then up to the bound at 20/s); after the resume at least 5 s at
+    # the new rate (the windows checked below), and not much more: every request left is 1/8 s of the test.
+    n, rate, new_rate, burst = 150, 20, 8, 2
+    with ChaosApi() as api, ReadyCommand("pause", "pausable") as pause:
         cfg = limited_job(tmp_path, "pausable", api.url, n, rate, burst, **job_backends)
         assert run_cli("submit", str(cfg)).returncode == 0
+        # refused, changing nothing (checked while the job starts: no need to hold it paused for them)
+        assert run_cli("rate", "pausable", "--limit", "nope", "--per-second", "5").returncode == 2
+        assert run_cli("rate", "pausable", "--limit", "api", "--per-second", "5000").returncode == 2  # > ceiling
         wait_for(lambda: api.stats()["requests"] >= 40, 180, "the job's first 40 requests")
-        assert run_cli("pause", "pausable").returncode == 0
+        assert pause.run().returncode == 0  # `slurmctl pause`, imported ahead: it acts now, not seconds later
         paused_at = time.monotonic()  # `pause` returns once the pause is published
         wait_for(lambda: time.monotonic() >= paused_at + PAUSE_BOUND_S and quiet_for(api, 1.0), 60,
                  "requests to stop after the pause")
@@ -130,8 +144,6 @@ def test_pause_rate_and_resume_from_the_cli(tmp_path, prefect_api, slurmctl_home
 
         result = run_cli("rate", "pausable", "--limit", "api", "--per-second", str(new_rate))
         assert result.returncode == 0, result.stderr
-        assert run_cli("rate", "pausable", "--limit", "nope", "--per-second", "5").returncode == 2
-        assert run_cli("rate", "pausable", "--limit", "api", "--per-second", "5000").returncode == 2  # > ceiling
         resumed_at = time.monotonic()
         late = [round(t - paused_at, 2) for t in api.arrivals() if t > paused_at + PAUSE_BOUND_S]
         assert late == [], f"requests went on while paused, at +{late} s"

@@ -15,9 +15,11 @@ import psutil
 import pytest
 import yaml
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 from support.jobs import (
     assert_exactly_once,
     committed_tasks,
+    current_status,
     job_manifest,
     log_tail,
     log_text,
@@ -32,11 +34,14 @@ from support.jobs import (
 from support.prefect_runs import flows_reporting_to, job_artifacts, settled_task_runs
 from support.sample_handlers import calls
 
-from slurmctl.books.manifests import Counts
+from slurmctl.books.admission import create_job
+from slurmctl.books.manifests import Counts, Keys, TaskManifest, now
 from slurmctl.books.store import load_job, read_plan, store_for
 from slurmctl.config import parse_config
 from slurmctl.flows.process import run_batches
 from slurmctl.flows.runners import task_runner_for
+from slurmctl.records import partition
+from slurmctl.tasks.process_batch import run_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -189,7 +194,7 @@ def test_status_counters_move_as_batches_commit_inside_a_shard(tmp_path, prefect
     try:
         wait_for(marker.exists, 240, "the shard to hold inside its second batch")
         assert set(committed_tasks(store, "progress")) == {"batch-000000"}
-        view = wait_for(lambda: (v := status("progress"))["batches_done"] >= 1 and v, 30,
+        view = wait_for(lambda: (v := current_status("progress"))["batches_done"] >= 1 and v, 30,
                         "status to count the shard's first committed batch")
         assert (view["batches_done"], view["items_succeeded"], view["status"]) == (1, 10, "running")
         # the Prefect UI shows it too: the job's progress artifact (1 of 8 batches) and its status table
@@ -232,3 +237,79 @@ def test_retry_by_error_class_and_analyze_errors(tmp_path, prefect_api, slurmctl
     assert [(f["id"], f["error_class"]) for f in failures] == [(27, "not_found")]
     job = job_manifest(tmp_path / "state", "retry-cls")
     assert [(r["round"], r["classes"], r["items"]) for r in job["retry_rounds"]] == [(1, ["network", "server"], 3)]
+
+
+@flow(name="process-a-plan", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def process_plan(job_id: str, storage: dict[str, Any]) -> list[str]:
+    """A pass over a job's whole plan as the process phase makes it, on threads: ``run_batches`` lists the
+    commits (and the failure markers) itself."""
+    store = store_for(storage)
+    job = load_job(store, job_id)
+    return run_batches(parse_config(job.config), store, job, read_plan(store, job_id))
+
+
+def mark_failed(store: Any, job_id: str, batch_id: str) -> None:
+    """The marker ``fail_uncommitted`` leaves for a batch whose shard failed for good."""
+    store.put_json(Keys(job_id).failed_task(batch_id), TaskManifest(
+        job_id=job_id, batch_id=batch_id, task_id=batch_id, status="failed", started_at=now(), finished_at=now(),
+        error="OSError: store unreachable").model_dump(mode="json"))
+
+
+def test_a_failure_marker_goes_once_its_batch_commits(tmp_path, prefect_api):
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(30)])
+    cfg = parse_config({"job_id": "markers", "handler": "support.sample_handlers:counting",
+                        "input": {"uri": str(tmp_path / "in.jsonl")}, "batch_size": 10,
+                        "storage": {"uri": f"file://{tmp_path / 'state'}"},
+                        "params": {"calls_file": str(tmp_path / "calls")}})
+    create_job(cfg, None)
+    store = store_for(cfg.storage)
+    with open(tmp_path / "in.jsonl", "rb") as f:
+        specs = partition(f, "jsonl", 10).batches
+    store.put_bytes(Keys("markers").plan, b"".join(json.dumps(s.to_dict()).encode() + b"\n" for s in specs))
+    for spec in specs[:2]:
+        mark_failed(store, "markers", spec.batch_id)  # an earlier pass failed batches 0 and 1 for good
+    run_batch(cfg, store, specs[0])  # batch 0 was committed since (the next pass lists it committed)
+    with flows_reporting_to(prefect_api):
+        state = process_plan("markers", {"uri": f"file://{tmp_path / 'state'}"}, return_state=True)
+    assert state.is_completed() and state.result() == []
+    tasks = tmp_path / "state" / "jobs" / "markers" / "tasks"
+    assert sorted(committed_tasks(tmp_path / "state", "markers")) == [s.batch_id for s in specs]
+    assert [p.name for p in tasks.glob("*.failed.json")] == []  # 0: at the pass's start; 1: once it committed
+
+
+class CancelledAfterACommit:
+    """Stands in for the coordinator's ``CancelWatch``: a cancellation asked for as soon as a batch committed."""
+
+    def __init__(self, store: Any, job_id: str) -> None:
+        self.store, self.job_id = store, job_id
+
+    def check(self) -> None:
+        from slurmctl.books.failures import committed_batch_ids
+        from slurmctl.flows.cancel import JobCancelled
+
+        if committed_batch_ids(self.store, self.job_id):
+            raise JobCancelled("cancelled by the test")
+
+
+def test_a_cancelled_pass_leaves_the_counts_of_the_commits_it_saw(tmp_path, prefect_api, monkeypatch):
+    # The counters are written every HEARTBEAT_S; a cancel between two writes must not leave the cancelled job
+    # saying fewer batches are done than the coordinator counted (status reads them; seen: 0 done after 4 commits).
+    import slurmctl.flows.process as process
+    from slurmctl.flows import cancel
+
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(30)])
+    cfg = parse_config({"job_id": "cancel-counts", "handler": "support.sample_handlers:counting",
+                        "input": {"uri": str(tmp_path / "in.jsonl")}, "batch_size": 10,
+                        "storage": {"uri": f"file://{tmp_path / 'state'}"}})
+    create_job(cfg, None)
+    store = store_for(cfg.storage)
+    with open(tmp_path / "in.jsonl", "rb") as f:
+        specs = partition(f, "jsonl", 10).batches
+    store.put_bytes(Keys("cancel-counts").plan, b"".join(json.dumps(s.to_dict()).encode() + b"\n" for s in specs))
+    monkeypatch.setattr(process, "HEARTBEAT_S", 1e6)  # no write of the counters is due during the pass
+    monkeypatch.setitem(cancel._live, "cancel-counts", CancelledAfterACommit(store, "cancel-counts"))
+    with flows_reporting_to(prefect_api):
+        state = process_plan("cancel-counts", {"uri": f"file://{tmp_path / 'state'}"}, return_state=True)
+    assert not state.is_completed(), state  # the pass stopped
+    done = load_job(store, "cancel-counts").counts
+    assert done.batches_done >= 1 and done.items_succeeded == 10 * done.batches_done, (done, state)

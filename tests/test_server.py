@@ -1,5 +1,7 @@
 """The local Prefect server of the embedded default: started on first use, reused by the next job, served with its UI,
-stopped by `slurmctl server stop` — all through the real `slurmctl` command, with no PREFECT_API_URL set."""
+stopped by `slurmctl server stop` — all through the real `slurmctl` command, with no PREFECT_API_URL set. The
+one-record jobs that start and reuse it are also where a job's processes are seen to end with it
+(``support.processes``)."""
 
 from __future__ import annotations
 
@@ -10,26 +12,20 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from support.jobs import ROOT, TESTS, job_manifest, log_tail, run_cli, wait_for, write_config, write_jsonl
+from support.jobs import ROOT, TESTS, job_manifest, run_cli, wait_for, write_config, write_jsonl
 from support.prefect_runs import flow_run_state
+from support.processes import assert_ended_with_its_coordinator, pid_alive
 from support.servers import free_port
 
 pytestmark = pytest.mark.integration
 
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` is a live process (a zombie has exited: it only waits to be reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def get(url: str) -> tuple[int, str]:
@@ -120,9 +116,10 @@ def test_local_server_starts_on_first_use_outlives_the_job_and_is_reused(
     home = no_prefect_api
     assert server_record(home) is None
 
-    # First use: `submit` starts the server (4200 is taken, so another port) and the job reports to it.
+    # First use: `submit` starts the server (4200 is taken, so another port) and the job reports to it. The job's
+    # processes end when it does (support/processes.py): the coordinator, not the server.
     first = run_cli("submit", str(one_record_job(tmp_path, "first")), "--wait")
-    assert first.returncode == 0, first.stderr + log_tail(home, "first")
+    assert_ended_with_its_coordinator(first, time.time(), home, tmp_path / "state", "first")
     record = server_record(home)
     assert record is not None, first.stderr
     port, api = record["port"], record["api_url"]
@@ -141,7 +138,7 @@ def test_local_server_starts_on_first_use_outlives_the_job_and_is_reused(
 
     # A second job reuses the very same server process; both flow runs are there.
     second = run_cli("submit", str(one_record_job(tmp_path, "second")), "--wait")
-    assert second.returncode == 0, second.stderr + log_tail(home, "second")
+    assert_ended_with_its_coordinator(second, time.time(), home, tmp_path / "state", "second")
     assert "starting the local Prefect server" not in second.stderr
     assert server_record(home)["pid"] == record["pid"] and servers_of(home) == [record["pid"]]
     run_2 = job_manifest(tmp_path / "state", "second")["flow_run_id"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import threading
 import time
 import urllib.error
 from io import BytesIO
@@ -294,24 +293,26 @@ def test_a_signal_poll_in_an_outage_fails_at_once_instead_of_stalling_the_worker
 
 
 @pytest.mark.integration
-def test_a_failed_signal_write_is_retried(moto_endpoint, s3_bucket):
+def test_a_failed_signal_write_is_retried(moto_endpoint, s3_bucket, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="slurmctl.ratelimit")
     spec = LimitSpec(per_second=20, floor=1)
     with FaultProxy(moto_endpoint) as proxy:
         limiter = dynamodb_limiter(moto_endpoint, proxy.url, s3_bucket)
         limiter.ensure_limit("rt", spec)
-        proxy.configure(rate_503=1.0)
-
-        def heal_after_one_failed_attempt() -> None:  # botocore's three tries of the first write fail
-            deadline = time.monotonic() + 60
-            while proxy.stats()["injected"].get("503", 0) < 3 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            proxy.configure(rate_503=0.0)
-
-        healer = threading.Thread(target=heal_after_one_failed_attempt, daemon=True)
-        healer.start()
-        state = limiter.set_rate("rt", spec, 5)
-        healer.join()
-    body = signal_object(moto_endpoint, s3_bucket, "rt")
+        s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+        listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="job/rate-limits/rt.signal.json").get("Contents", [])
+        assert listed == []  # no signal yet: the one read below can only be set_rate's
+        # The first write of the new signal fails: botocore's three tries of it (SIGNAL_WRITE_CONFIG) are answered
+        # 503 without reaching the store. Only a write of slurmctl's own (a second attempt) can then publish it.
+        proxy.fail_requests(method="PUT", path_contains="rate-limits/rt.signal.json", times=3, kind="503")
+        proxy.reset_counters()
+        state = limiter.set_rate("rt", spec, 5)  # returns: no SignalNotPublished
+        puts = [r["outcome"] for r in proxy.history
+                if r["method"] == "PUT" and "rate-limits/rt.signal.json" in r["path"]]
+    assert puts == ["503", "503", "503", 200], puts  # attempt 1 (three tries, none reached S3), then attempt 2
+    failed = ratelimit_records(caplog, logging.WARNING, "writing its signal")
+    assert [r.message.split("(attempt ")[1].split(")")[0] for r in failed] == ["1 of 4"]  # one failed attempt
+    body = signal_object(moto_endpoint, s3_bucket, "rt")  # the retry's write is there
     assert (body["epoch"], body["target"]) == (state.epoch, 5)
 
 

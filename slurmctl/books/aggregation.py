@@ -121,7 +121,7 @@ class AggregationPlan:
 
 def plan_id_of(tasks: list[dict[str, Any]], cfg: AggregateConfig, buckets: int, id_field: str) -> str:
     """A digest of what the plan merges (each commit's output and checksum, in order) and how."""
-    h = hashlib.sha256(json.dumps([2, cfg.fan_in, buckets, id_field, cfg.partition_by, cfg.max_rows_per_file],
+    h = hashlib.sha256(json.dumps([3, cfg.fan_in, buckets, id_field, cfg.partition_by, cfg.max_rows_per_file],
                                   default=str).encode())
     for t in tasks:
         h.update(f"\n{t['batch_id']} {t.get('output')} {t.get('output_sha256')}".encode())

@@ -13,15 +13,19 @@ occurrence is an item of its own that must be accounted for.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.blocks.manifest_store import ManifestCorrupt, ManifestStore
 from slurmctl.books.manifests import Counts, Keys, counts_from_tasks
 from slurmctl.books.parts import committed_retry
 
 _ROUND = re.compile(r"^r(\d+)-")
+_MARKER = ".failed.json"
+logger = logging.getLogger("slurmctl.books.failures")
 
 
 def round_of(batch_id: str) -> int:
@@ -37,7 +41,33 @@ def id_key(value: Any) -> str:
 
 def committed_batch_ids(store: ManifestStore, job_id: str) -> list[str]:
     """Batch ids with a committed task manifest: one LIST per 1,000 batches, no GETs."""
-    return [b for b in map(Keys.committed_batch, store.list_keys(Keys(job_id).tasks_prefix)) if b]
+    return list_batches(store, job_id).committed
+
+
+@dataclass
+class BatchListing:
+    """What one listing of ``tasks/`` says: the committed batches, and the batches with a failure marker
+    (``<batch>.failed.json``, written by ``flows.process.fail_uncommitted``) — some of them committed since."""
+
+    committed: list[str] = field(default_factory=list)
+    marked: set[str] = field(default_factory=set)
+
+    @property
+    def stale_markers(self) -> set[str]:
+        """Batches whose failure marker is out of date: a later run committed them."""
+        return self.marked.intersection(self.committed)
+
+
+def list_batches(store: ManifestStore, job_id: str) -> BatchListing:
+    """One listing of ``tasks/``: its commits and its failure markers."""
+    listing = BatchListing()
+    for key in store.list_keys(Keys(job_id).tasks_prefix):
+        batch = Keys.committed_batch(key)
+        if batch:
+            listing.committed.append(batch)
+        elif key.endswith(_MARKER):
+            listing.marked.add(key.rsplit("/", 1)[-1][: -len(_MARKER)])
+    return listing
 
 
 def committed_tasks(store: ManifestStore, job_id: str, ids: set[str] | None = None) -> list[dict[str, Any]]:
@@ -45,22 +75,53 @@ def committed_tasks(store: ManifestStore, job_id: str, ids: set[str] | None = No
     then each retry round).
 
     Which batches are committed comes from the listing of ``tasks/`` (the commits themselves). Their contents come
-    from the shards' commit logs where one holds the batch (one request per shard, not per batch) and must be the
-    committed attempt; any other batch's task manifest is read on its own.
+    from the shards' commit logs where one holds the batch (one request per shard, not per batch); any other
+    batch's task manifest is read on its own. The task manifest is the truth and a log only a copy of it, taken
+    when the shard committed: logs are never deleted, so a batch whose commit was lost and made again by a later
+    attempt still has its old attempt in an old log. A log's copy of batch B is therefore used only when
+
+    * the log was written strictly after ``tasks/B.json``, by the listed times at the store's granularity (S3 gives
+      seconds, a filesystem its mtime's clock ticks: equal times are in no known order and such a copy is not
+      used), and
+    * no log names another attempt of B (a log written after a re-commit by a shard that copied the earlier
+      attempt before it, e.g. a zombie, is caught whenever the re-commit's own log exists).
+
+    Otherwise B's task manifest is read. Sound because a log is written once, after the task manifests it copies:
+    a commit re-created after a log was written is newer than that log. A log that fails its checksum is skipped
+    with a warning naming it (logs are a best-effort index): its batches are read from their task manifests.
     """
     keys = Keys(job_id)
-    ids = set(committed_batch_ids(store, job_id)) if ids is None else ids
-    found: dict[str, dict[str, Any]] = {}
-    for key in store.list_keys(keys.commit_logs_prefix):
-        log = store.get_json(key) if key.endswith(".json") else None
-        for t in (log or {}).get("tasks", []):
-            if t.get("batch_id") in ids:
-                found.setdefault(t["batch_id"], _bare(t))
+    committed_at = {b: t for k, t in store.list_modified(keys.tasks_prefix) if (b := Keys.committed_batch(k))}
+    ids = set(committed_at) if ids is None else ids
+    usable: dict[str, dict[str, Any]] = {}  # batch -> a copy from a log written after its commit
+    attempts: dict[str, set[Any]] = defaultdict(set)  # batch -> the attempts any log names
+    for key, written in store.list_modified(keys.commit_logs_prefix):
+        for t in _log_tasks(store, key):
+            b = t.get("batch_id")
+            if b not in ids:
+                continue
+            attempts[b].add(t.get("attempt"))
+            if b in committed_at and committed_at[b] < written:
+                usable.setdefault(b, t)
+    found = {b: _bare(t) for b, t in usable.items() if len(attempts[b]) == 1}
     for b in ids - found.keys():
         t = store.get_json(keys.task(b))
         if t:
             found[b] = _bare(t)
     return sorted(found.values(), key=lambda t: (round_of(t["batch_id"]), t["batch_id"]))
+
+
+def _log_tasks(store: ManifestStore, key: str) -> list[dict[str, Any]]:
+    """The task manifest copies of one commit log; none (and a warning) when it is corrupt."""
+    if not key.endswith(".json"):
+        return []
+    try:
+        log = store.get_json(key)
+    except ManifestCorrupt as exc:
+        logger.warning("commit log %s skipped, its batches are read from their task manifests: %s",
+                       store.uri(key), exc)
+        return []
+    return list((log or {}).get("tasks", []))
 
 
 def recount(store: ManifestStore, job_id: str, batches_total: int, items_total: int,

@@ -200,6 +200,9 @@ class Counts(BaseModel):
     items_rejected: int = 0
     rows_written: int = 0
     duplicates: int = 0  # output rows dropped by the aggregation's deduplication (set when it completes)
+    # item occurrences (counted in items_succeeded) whose rows were replaced by a later occurrence of the same id
+    # in the input: the output holds one item per id (set when the aggregation completes)
+    duplicate_items: int = 0
     api_calls: int = 0  # handler calls of the committed batches, retries included (their metrics.api_calls)
 
     def plus(self, delta: "Counts") -> "Counts":
@@ -354,6 +357,7 @@ class ResultManifest(_Manifest):
     rows: int
     rows_written: int | None = None  # by the committed batches; rows = rows_written - duplicates
     duplicates: int = 0
+    duplicate_items: int = 0  # item occurrences superseded by a later occurrence of their id (Counts')
     plan_id: str | None = None
     layout: dict[str, Any] = Field(default_factory=dict)
     items_total: int | None = None  # None in result manifests written before the books were checked

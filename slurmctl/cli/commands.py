@@ -147,8 +147,11 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
     # ~150k objects the imports left (over 1 s on a busy 2-core machine). Everything is still freed at exit.
     gc.freeze()
     if view["status"] == "completed":
+        superseded = view.get("duplicate_items") or 0
         print(f"job {job_id} completed: {view['items_succeeded']} items ok, {view['items_failed']} failed, "
-              f"{view['items_rejected']} rejected; output {view['output']}", file=sys.stderr)
+              f"{view['items_rejected']} rejected"
+              + (f" ({superseded} repeated id(s) superseded by their last occurrence)" if superseded else "")
+              + f"; output {view['output']}", file=sys.stderr)
         return EXIT_OK
     _err(f"job {job_id} {view['status']}: {view['error']}" + (f" (log: {log})" if log else ""))
     return EXIT_FAILED
@@ -776,33 +779,13 @@ def cmd_analyze_errors(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from slurmctl.books.failures import recount
-    from slurmctl.books.heartbeat import read_heartbeat
-    from slurmctl.books.manifests import Keys, status_view
+    from slurmctl.books.status import job_status
 
     found = _job_or_exit(args)
     if found is None:
         return EXIT_USAGE
     job, store = found
-    if args.scan:
-        scanned = recount(store, args.job_id, job.counts.batches_total, job.counts.items_total)
-        scanned.duplicates = job.counts.duplicates  # the aggregation's count: no task manifest holds it
-        job.counts = scanned
-    view = status_view(job.model_dump(mode="json"), store.get_json(Keys(args.job_id).control),
-                       read_heartbeat(store, args.job_id))
-    if job.config.get("rate_limits"):
-        try:
-            from slurmctl.books.limits import limits_status
-            from slurmctl.config import parse_config
-
-            view["rate_limits"] = limits_status(parse_config(job.config))
-        except Exception as exc:  # the limiter backend is optional for status: manifests come first
-            view["rate_limits"] = {"error": f"{type(exc).__name__}: {exc}"}
-    if args.batches:
-        from slurmctl.batch_metrics import slowest_batches
-        from slurmctl.books.failures import committed_tasks
-
-        view["slowest_batches"] = slowest_batches(committed_tasks(store, args.job_id), args.batches)
+    view = job_status(store, job, scan=args.scan, batches=args.batches)
     if args.json:
         print(json.dumps(view))
         return EXIT_OK

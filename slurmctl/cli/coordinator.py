@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import datetime as _dt
 import gc
 import json
 import os
@@ -109,6 +111,16 @@ def _flush_or_warn() -> None:
               "(the job's manifests are complete)", file=sys.stderr)
 
 
+# The last line a coordinator writes to its log ($SLURMCTL_HOME/logs/<job_id>.log), with the time it exits in the
+# manifests' format: how long it lived after the job's last state write (``updated_at``) reads off its own clock.
+EXIT_LINE = "slurmctl coordinator exit: job {job_id} pid {pid} at {at}"
+
+
+def _log_exit(job_id: str) -> None:
+    at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    print(EXIT_LINE.format(job_id=job_id, pid=os.getpid(), at=at), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slurmctl.cli.coordinator")
     parser.add_argument("job_id")
@@ -118,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--standby", action="store_true",
                         help="import everything, then run only once stdin says `go` (EOF: exit, nothing done)")
     args = parser.parse_args(argv)
+    # Registered before anything else (Prefect's and Dask's exit hooks, registered later, run before it): the exit
+    # line comes after every exit-time drain of logs and events.
+    atexit.register(_log_exit, args.job_id)
     ensure_import_path()
     from slurmctl.flows.job import run_job
 

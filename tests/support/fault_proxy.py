@@ -19,6 +19,11 @@ a 5xx behind a load balancer or a read timeout looks like to a client): ``lose_r
 header=, times=, kind=)`` forwards matching requests, then answers ``kind`` (``"500"``/``"503"``, the bodies above)
 or, with ``kind="reset"``, closes the connection without an answer. Counted in ``responses_lost``.
 
+Faults on chosen requests, *before* forwarding (they never reach the store): ``fail_requests(method=,
+path_contains=, header=, times=, kind=)`` answers the next ``times`` matching requests with ``kind`` (``"500"``,
+``"503"``, ``"throttle"``, ``"outage"``: the bodies above) without forwarding them, counted in ``injected`` like the
+random ones. Deterministic, where a rate of 1.0 healed by another thread races the client's retries.
+
 A store that ignores a request header (an S3-compatible server without conditional writes):
 ``ignore_request_headers("If-None-Match")`` drops those headers before forwarding.
 
@@ -118,6 +123,7 @@ class FaultProxy(LocalHttpServer):
         self.rate_500 = self.rate_503 = self.rate_throttle = 0.0
         self._outage_until = 0.0
         self._lose: list[_LoseRule] = []
+        self._fail: list[_LoseRule] = []  # fail_requests: the same matching, applied before forwarding
         self._ignored_headers: set[str] = set()
         self._rng = random.Random(seed)
         self.reset_counters()
@@ -153,15 +159,24 @@ class FaultProxy(LocalHttpServer):
         with self._lock:
             self._lose.append(_LoseRule(method, path_contains, header, times, kind))
 
+    def fail_requests(self, *, method: str | None = None, path_contains: str | None = None,
+                      header: str | None = None, times: int | None = None, kind: str = "503") -> None:
+        """Answer matching requests ``kind`` without forwarding them (``times`` of them; None: all; see the module
+        doc). Checked before the random faults."""
+        if kind not in _ERRORS:
+            raise ValueError(f"kind must be one of {sorted(_ERRORS)}, got {kind!r}")
+        with self._lock:
+            self._fail.append(_LoseRule(method, path_contains, header, times, kind))
+
     def ignore_request_headers(self, *names: str) -> None:
         """Drop these request headers before forwarding (case-insensitive)."""
         with self._lock:
             self._ignored_headers |= {n.lower() for n in names}
 
     def clear_rules(self) -> None:
-        """Forget ``lose_responses`` rules and ignored headers."""
+        """Forget ``lose_responses`` and ``fail_requests`` rules and ignored headers."""
         with self._lock:
-            self._lose, self._ignored_headers = [], set()
+            self._lose, self._fail, self._ignored_headers = [], [], set()
 
     def _lost(self, method: str, path: str, headers: Any) -> str | None:
         """Under the lock: the kind of answer to give instead of the upstream's, for a request already forwarded."""
@@ -192,12 +207,18 @@ class FaultProxy(LocalHttpServer):
 
     # ---- request handling -----------------------------------------------------------------------------------
 
-    def _decide(self, path: str) -> str | None:
+    def _decide(self, path: str, method: str | None = None, headers: Any = None) -> str | None:
         """Under the lock: count the request, return the fault kind to inject or None to forward."""
         with self._lock:
             self.requests += 1
             if path.startswith("/moto-api"):
                 return None
+            for rule in self._fail:
+                if method is not None and rule.matches(method, path, headers if headers is not None else {}):
+                    if rule.times is not None:
+                        rule.times -= 1
+                    self.injected[rule.kind] += 1
+                    return rule.kind
             if time.monotonic() < self._outage_until:
                 self.injected["outage"] += 1
                 return "outage"
@@ -304,7 +325,7 @@ class FaultProxy(LocalHttpServer):
                                           "headers": dict(self.headers.items())}
                 body, fwd_headers = self._read_body(raw_headers)  # always: keeps the connection in sync
                 record["body_length"] = len(body)
-                kind = proxy._decide(self.path)
+                kind = proxy._decide(self.path, self.command, self.headers)
                 if proxy.classify is not None:
                     label = proxy.classify(self.command, self.path)
                     with proxy._lock:

@@ -37,6 +37,42 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path = ROOT) -> subprocess.Co
                           text=True, timeout=timeout)
 
 
+# A `slurmctl` command whose imports are done before it is told to run (one line on stdin): what the command does,
+# exactly, only without its start-up in the middle of what a test times.
+_READY = """
+import sys
+import slurmctl.blocks, slurmctl.books.limits, slurmctl.books.store, slurmctl.cli.commands
+from slurmctl.cli.commands import main
+if sys.stdin.readline().strip() == "go":
+    sys.exit(main(sys.argv[1:]))
+sys.exit(3)
+"""
+
+
+class ReadyCommand:
+    """``slurmctl ARGS`` started ahead and held once imported; ``run()`` lets it go and waits for it. For a test
+    that must act at a moment (pause a job at its 40th request): a fresh ``slurmctl`` takes seconds to import, and
+    the job does not wait meanwhile."""
+
+    def __init__(self, *args: str, cwd: Path = ROOT) -> None:
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+        self.args = args
+        self.proc = subprocess.Popen([sys.executable, "-c", _READY, *args], cwd=cwd, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def run(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        out, err = self.proc.communicate("go\n", timeout=timeout)
+        return subprocess.CompletedProcess(["slurmctl", *self.args], self.proc.returncode, out, err)
+
+    def __enter__(self) -> "ReadyCommand":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc.poll() is None:  # never told to run: it does nothing
+            self.proc.communicate("", timeout=60)
+
+
 def write_jsonl(path: Path, records: Iterable[Any]) -> Path:
     """One JSON value per line; strings are written as they are (to make malformed lines)."""
     with path.open("w") as f:
@@ -53,10 +89,39 @@ def write_config(path: Path, **cfg: Any) -> Path:
 
 
 def status(job_id: str, *extra: str) -> dict[str, Any]:
-    """``slurmctl status JOB --json`` (extra arguments such as ``--scan`` or ``--storage`` passed on)."""
+    """What ``slurmctl status JOB --json`` prints. With extra arguments (``--scan``, ``--storage``) the command runs;
+    without, the view is computed in this process by the function the command prints (``current_status``): a
+    ``slurmctl`` process costs seconds of CPU, which on a 2-core machine a running job under test needs too.
+    tests/test_embedded.py holds that the two agree."""
+    if not extra:
+        return current_status(job_id)
+    return cli_status(job_id, *extra)
+
+
+def cli_status(job_id: str, *extra: str) -> dict[str, Any]:
+    """``slurmctl status JOB --json`` run as a command (extra arguments passed on)."""
     result = run_cli("status", job_id, "--json", *extra)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def current_status(job_id: str) -> dict[str, Any]:
+    """The view ``slurmctl status JOB --json`` prints, computed in this process from the job's manifests (the same
+    function, the same store lookup)."""
+    import contextlib
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from slurmctl.books.status import job_status
+    from slurmctl.books.store import load_job, store_for
+    from slurmctl.config import known_storage
+
+    # the Prefect API the command would see: this process's environment now, not its settings at import (a store
+    # saved as a block is loaded from it)
+    api = os.environ.get("PREFECT_API_URL")
+    with temporary_settings(updates={PREFECT_API_URL: api}) if api else contextlib.nullcontext():
+        store = store_for(known_storage(job_id))
+        return job_status(store, load_job(store, job_id))
 
 
 def log_tail(home: Path, job_id: str, chars: int = 6000) -> str:
@@ -110,7 +175,7 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
 
 def wait_until_ended(job_id: str, timeout: float = 300) -> dict[str, Any]:
     """Wait for a job started without ``--wait`` to end; its final status view."""
-    return wait_for(lambda: (v := status(job_id))["status"] in ("completed", "failed") and v, timeout,
+    return wait_for(lambda: (v := current_status(job_id))["status"] in ("completed", "failed") and v, timeout,
                     f"job {job_id} to end", interval=0.5)
 
 

@@ -135,6 +135,11 @@ def rows_per_item(item: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
     return [{"id": item["id"], "k": k, **extra} for k in range(item.get("n", 1))]
 
 
+def place_of(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """An API answering with its own record's id: the place a user lives in, shared by many users."""
+    return {"id": f"place-{item['zip']}", "user": item["id"], "city": f"city-{item['zip']}"}
+
+
 def calls(path: str) -> list[tuple[int, Any]]:
     """(pid, id) per recorded call."""
     if not os.path.exists(path):
