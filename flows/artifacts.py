@@ -132,7 +132,7 @@ class JobArtifacts:
                 ("succeeded", f"{c.items_succeeded:,}"), ("failed", f"{c.items_failed:,}"),
                 ("deferred", f"{c.items_deferred:,}"), ("rejected", f"{c.items_rejected:,}"),
                 ("batches failed", f"{c.batches_failed:,}"), ("API calls", f"{c.api_calls:,}"),
-                ("items/s", f"{rate:,.1f}" if rate else "—"), ("ETA", _duration(eta)), ("updated", at)]
+                ("in flight (per worker, peak)", f"{c.in_flight_max:,}"), ("items/s", f"{rate:,.1f}" if rate else "—"), ("ETA", _duration(eta)), ("updated", at)]
         return (f"### {self.job_id}\n\n| | |\n|---|---|\n"
                 + "".join(f"| {k} | {v} |\n" for k, v in rows))
 

@@ -34,6 +34,7 @@ from slurmctl.flows.partition import partition_phase
 from slurmctl.flows.process import process_phase
 from slurmctl.flows.retry import retry_phase
 from slurmctl.flows.runners import task_runner_for
+from slurmctl.item_run import shards_per_thread
 
 
 # Notice a silent worker (network partition, frozen node) within 10 s; a killed one is noticed at once.
@@ -51,7 +52,7 @@ class JobFailed(RuntimeError):
 
 
 def _runner(cfg: Any) -> Any:
-    return task_runner_for(cfg.cluster, job_id=cfg.job_id)
+    return task_runner_for(cfg.cluster, job_id=cfg.job_id, threads_factor=shards_per_thread(cfg))
 
 
 @flow(name="slurmctl-job", flow_run_name=job_run_name, log_prints=True, on_cancellation=[cancel.on_cancellation])

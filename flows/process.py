@@ -35,8 +35,9 @@ from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, no
 from slurmctl.books.shards import Budget, Shard, plan_shards, worker_slots
 from slurmctl.books.store import load_job, read_plan, save_job, store_for
 from slurmctl.config import JobConfig, parse_config
-from slurmctl.flows import artifacts, budget, cancel, events
+from slurmctl.flows import artifacts, budget, cancel, events, worker_plugin
 from slurmctl.flows.budget import BudgetGuard
+from slurmctl.item_run import shards_per_thread
 from slurmctl.records import BatchSpec
 from slurmctl.tasks.process_batch import summary_of
 from slurmctl.tasks.process_shard import ShardStopped, commits_topic, process_shard
@@ -177,7 +178,7 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
     if done is None:
         done, marked = listed_commits(store, job.job_id)
     todo_specs = [b for b in specs if b.batch_id not in done]
-    slots = worker_slots(cfg)
+    slots = worker_slots(cfg) * shards_per_thread(cfg)  # the process phase's Dask threads (``_runner``)
     shards = deque((shard, check_commits) for shard in plan_shards(
         todo_specs, slots, max_shards or Budget.of(cfg).process))
     if todo_specs:
@@ -190,6 +191,8 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
     failed: list[str] = []
     last_beat = 0.0
     watch = WorkerWatch(cfg)
+    if watch.client is not None:
+        worker_plugin.register(watch.client)  # workers close the handler instances they built when they stop
     guard = BudgetGuard(cfg, watch.client, _pass_id())
     wake = object()  # in ``finished``: a commit arrived (budget jobs only), not a shard that ended
     feed = CommitFeed(job.job_id, (lambda: finished.put(wake)) if guard.active else None)

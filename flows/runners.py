@@ -40,10 +40,14 @@ def slurm_prologue(cfg: SlurmClusterConfig, secrets_file: Path | None = None) ->
     return lines + list(cfg.job_script_prologue)
 
 
-def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: str = "job") -> DaskTaskRunner:
+def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: str = "job",
+                    threads_factor: int = 1) -> DaskTaskRunner:
+    """``threads_factor``: Dask threads per configured thread (``slurmctl.item_run.shards_per_thread``: 2 when a
+    job's items are in flight together). On Slurm the extra threads book no CPU: ``cores`` (Dask's threads) grows,
+    ``job_cpu`` (the CPUs sbatch books) stays what the config says."""
     if isinstance(cluster, LocalClusterConfig):
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-            "n_workers": cluster.n_workers, "threads_per_worker": cluster.threads_per_worker,
+            "n_workers": cluster.n_workers, "threads_per_worker": cluster.threads_per_worker * threads_factor,
             "processes": cluster.processes, "dashboard_address": None})
     secrets = job_secrets_file(job_id).absolute()
     _, secret_names = split_env(_FORWARDED_ENV, os.environ)
@@ -62,6 +66,8 @@ def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: st
     # sbatch writes each worker job's output to its submit directory unless told otherwise; keep them with the job's
     # other logs (the directory must be on a filesystem the compute nodes share).
     kwargs["log_directory"] = cluster.log_directory or str(job_log_dir(job_id).absolute())
+    if threads_factor > 1:
+        kwargs["cores"], kwargs["job_cpu"] = cluster.cores * threads_factor, cluster.cores
     kwargs = {k: v for k, v in kwargs.items() if v is not None} | cluster.options
     from slurmctl.flows.slurm_cluster import SecretEnvSLURMCluster  # not at import: see that module
 

@@ -17,6 +17,7 @@ import time
 from typing import Any, Iterator
 
 from slurmctl.books.manifests import BatchMetrics, Latency, now
+from slurmctl.handler import call_blocked
 
 
 def percentile(ordered: list[float], p: float) -> float | None:
@@ -43,20 +44,28 @@ class BatchMeter:
     in, and reported on its own as ``tokens_waited_s``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, concurrent: bool = False) -> None:
         self.started_at = now()
         self.t0 = time.perf_counter()
         self.cpu0 = time.thread_time()
         self.latencies: list[float] = []  # seconds, one per handler call
+        self.concurrent = concurrent  # items in flight together: each call's own token wait, not the batch's
 
     @contextlib.contextmanager
-    def call(self, ctx: Any) -> Iterator[None]:
+    def call(self, ctx: Any) -> Iterator[list[float]]:
+        """Time one handler call; the yielded cell holds its latency afterwards (``[0]``, seconds). With items in
+        flight together, the time this call was blocked in ``ctx.limit`` is its own (a context variable), not the
+        batch's total, which moves with the other items' waits."""
         t, blocked = time.perf_counter(), ctx.limiter_blocked_s
+        cell = [0.0]
+        token = call_blocked.set(cell)
         try:
-            yield
+            yield cell
         finally:
-            waited = ctx.limiter_blocked_s - blocked
-            self.latencies.append(max(0.0, time.perf_counter() - t - waited))
+            call_blocked.reset(token)
+            waited = cell[0] if self.concurrent else ctx.limiter_blocked_s - blocked
+            cell[0] = max(0.0, time.perf_counter() - t - waited)
+            self.latencies.append(cell[0])
 
     def metrics(self, items: int, counters: dict[str, float], tokens_waited_s: float) -> BatchMetrics:
         ordered = sorted(self.latencies)

@@ -378,6 +378,13 @@ class JobConfig(_Strict):
         default_factory=dict)
     rate_limiter: RateLimiterConfig = Field(default_factory=RateLimiterConfig)
     params: dict[str, Any] = Field(default_factory=dict, description="Free-form values handed to the handler as ctx.params.")
+    concurrency: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(default=None, description=(
+        "Items of a batch in flight at once in a worker process: N, or auto (grows until the declared rate limits "
+        "are saturated, or the API's latency says it queues our calls; shrinks on 429). Default: auto for an async "
+        "handler, 1 for a sync one (a sync handler run with N > 1 or auto runs in threads and must be "
+        "thread-safe)."))
+    max_concurrency: int = Field(default=256, gt=0, description=(
+        "The most items in flight in one worker process under concurrency: auto."))
     part_format: Literal["parquet", "sqlite"] = Field(default="parquet", description=(
         "How each batch stores its rows before aggregation: Parquet, or a SQLite database (the local scratch "
         "format of the PRD's workers); the aggregation reads either."))

@@ -25,7 +25,7 @@ import random
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 BUILTIN_CLASSES = ("network", "timeout", "throttle", "server", "not_found", "client", "handler")
 DEFAULT_TRANSIENT = frozenset({"network", "timeout", "throttle", "server"})
@@ -259,26 +259,71 @@ class ItemOutcome:
     attempts: int = 0
 
 
+class _Attempts:
+    """One item's attempts: what to do after each (succeeded, give up, or wait and try again). Shared by the
+    blocking loop (``call_with_retries``) and the async one (``acall_with_retries``), so both retry alike."""
+
+    def __init__(self, policy: ErrorPolicy, backoff: Backoff, max_attempts: int, breaker: CircuitBreaker | None,
+                 on_retry: Callable[[Classified, int, float], None] | None):
+        self.policy, self.backoff, self.max_attempts = policy, backoff, max_attempts
+        self.breaker, self.on_retry = breaker, on_retry
+        self.attempt = 0
+
+    def succeeded(self, result: Any) -> ItemOutcome:
+        if self.breaker is not None:
+            self.breaker.record(None)
+        return ItemOutcome(True, result=result, attempts=self.attempt)
+
+    def failed(self, exc: Exception) -> ItemOutcome | float:
+        """The outcome when the item gives up; else the seconds to wait before its next attempt."""
+        err = self.policy.classify(exc)
+        if self.breaker is not None:
+            self.breaker.record(err.error_class)
+        if (not err.transient or self.attempt >= self.max_attempts
+                or (self.breaker is not None and self.breaker.open)):
+            return ItemOutcome(False, error=err, attempts=self.attempt)
+        wait = self.backoff.delay(self.attempt, err.retry_after)
+        if self.on_retry:
+            self.on_retry(err, self.attempt, wait)
+        return wait
+
+
 def call_with_retries(func: Callable[[], Any], policy: ErrorPolicy, backoff: Backoff, max_attempts: int,
                       breaker: CircuitBreaker | None = None, sleep: Callable[[float], None] = time.sleep,
                       on_retry: Callable[[Classified, int, float], None] | None = None) -> ItemOutcome:
     """Call ``func`` until it succeeds, fails permanently, exhausts ``max_attempts`` or the breaker opens."""
-    attempt = 0
+    attempts = _Attempts(policy, backoff, max_attempts, breaker, on_retry)
     while True:
-        attempt += 1
+        attempts.attempt += 1
         try:
             result = func()
         except Exception as exc:
-            err = policy.classify(exc)
-            if breaker is not None:
-                breaker.record(err.error_class)
-            if not err.transient or attempt >= max_attempts or (breaker is not None and breaker.open):
-                return ItemOutcome(False, error=err, attempts=attempt)
-            wait = backoff.delay(attempt, err.retry_after)
-            if on_retry:
-                on_retry(err, attempt, wait)
-            sleep(wait)
+            next_step = attempts.failed(exc)
+            if isinstance(next_step, ItemOutcome):
+                return next_step
+            sleep(next_step)
         else:
-            if breaker is not None:
-                breaker.record(None)
-            return ItemOutcome(True, result=result, attempts=attempt)
+            return attempts.succeeded(result)
+
+
+async def acall_with_retries(func: Callable[[], Awaitable[Any]], policy: ErrorPolicy, backoff: Backoff,
+                             max_attempts: int, breaker: CircuitBreaker | None = None,
+                             sleep: Callable[[float], Awaitable[Any]] | None = None,
+                             on_retry: Callable[[Classified, int, float], None] | None = None) -> ItemOutcome:
+    """``call_with_retries`` for a coroutine: the backoff is an async sleep, so a retrying item holds up no other."""
+    import asyncio
+
+    attempts = _Attempts(policy, backoff, max_attempts, breaker, on_retry)
+    while True:
+        attempts.attempt += 1
+        try:
+            result = await func()
+        except Exception as exc:
+            next_step = attempts.failed(exc)
+            if isinstance(next_step, ItemOutcome):
+                return next_step
+            await (sleep or asyncio.sleep)(next_step)
+            if breaker is not None and breaker.open:  # other items tripped it while this one waited: defer it
+                return ItemOutcome(False, error=policy.classify(exc), attempts=attempts.attempt)
+        else:
+            return attempts.succeeded(result)

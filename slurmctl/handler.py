@@ -1,21 +1,34 @@
 """Loading a user's handler and the ``ctx`` it receives.
 
-A handler is plain Python: ``def handle(item: dict, ctx) -> dict | list[dict] | None``. It knows nothing of Prefect,
-Dask or AWS, so a user unit-tests it with ``BatchContext(job_id="t", batch_id="b")``.
+A handler is plain Python, in one of four forms, and knows nothing of Prefect, Dask or AWS:
+
+* a function, ``def handle(item: dict, ctx) -> dict | list[dict] | None``;
+* a coroutine function, ``async def handle(item, ctx)``: a worker process keeps many items in flight on one event
+  loop (``concurrency: auto`` by default), spending rate limits with ``async with ctx.limit("api")``;
+* a class, ``handler: mypkg.geo:Geocoder``: built once per worker process as ``Geocoder(params)`` (the job's
+  ``params``), called per item (``__call__(item, ctx)``, sync or async), closed when the worker stops (``close()`` or
+  ``aclose()``), so an HTTP session, a client pool or a model is built once and shared by every item.
+
+A user unit-tests any of them with ``BatchContext(job_id="t", batch_id="b")`` (``call_once`` runs an async one).
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import atexit
+import contextvars
+import functools
 import hashlib
 import importlib
 import inspect
+import json
 import logging
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 Handler = Callable[[dict[str, Any], "BatchContext"], Any]
 
@@ -80,13 +93,96 @@ def load_handler(spec: str) -> Handler:
         raise HandlerError(f"handler {spec!r}: module {module_name!r} has no attribute {func_name!r}")
     if not callable(func):
         raise HandlerError(f"handler {spec!r}: {func_name!r} is not callable")
+    if inspect.isclass(func):
+        _check_signature(spec, func, (None,), f"class {func_name} must be built as {func_name}(params)")
+        if not any("__call__" in vars(c) for c in func.__mro__[:-1]):
+            raise HandlerError(f"handler {spec!r}: class {func_name} must define __call__(self, item, ctx)")
+        _check_signature(spec, func.__call__, (None, None, None), f"{func_name}.__call__ must accept (self, item, ctx)")
+    else:
+        _check_signature(spec, func, (None, None), "must accept two arguments (item, ctx)")
+    return func
+
+
+def _check_signature(spec: str, func: Any, args: tuple[None, ...], what: str) -> None:
     try:
-        inspect.signature(func).bind(None, None)
+        inspect.signature(func).bind(*args)
     except TypeError:
-        raise HandlerError(f"handler {spec!r}: must accept two arguments (item, ctx)") from None
+        raise HandlerError(f"handler {spec!r}: {what}") from None
     except ValueError:
         pass  # builtins without signatures: trust them
-    return func
+
+
+def is_async(handler: Any) -> bool:
+    """Does calling ``handler`` (a function, or an instance of a handler class) return a coroutine?"""
+    if inspect.iscoroutinefunction(handler):
+        return True
+    call = getattr(type(handler), "__call__", None) if not inspect.isfunction(handler) else None
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+# --- worker-scoped handler instances -----------------------------------------------------------------------------
+_instances: dict[tuple[str, str], Any] = {}
+_instances_lock = threading.Lock()
+
+
+def handler_for(spec: str, params: dict[str, Any] | None = None) -> Handler:
+    """The callable a worker process calls per item: the function ``spec`` names, or the one instance of the class it
+    names, built on first use as ``Cls(params)`` and kept until ``close_handlers`` (the worker stops). Built under a
+    lock, so the threads of one worker never build two."""
+    target = _loaded(spec)
+    if not inspect.isclass(target):
+        return target
+    key = (spec, json.dumps(params or {}, sort_keys=True, default=str))
+    with _instances_lock:
+        instance = _instances.get(key)
+        if instance is None:
+            instance = _instances[key] = target(dict(params or {}))
+            if len(_instances) == 1:
+                atexit.register(close_handlers)
+        return instance
+
+
+@functools.lru_cache(maxsize=16)
+def _loaded(spec: str) -> Any:
+    return load_handler(spec)  # one import (and check) per worker process, not one per batch
+
+
+def close_handlers(run: Callable[[Any], Any] | None = None) -> int:
+    """Close every handler instance this process built (``aclose()`` awaited, else ``close()``), once each; return how
+    many were closed. ``run`` runs a coroutine to completion (the worker's event loop); by default a fresh loop.
+    Called when a Dask worker stops (``slurmctl.flows.worker_plugin``) and at interpreter exit; a close that raises
+    is logged, never raised, so the others are closed too."""
+    with _instances_lock:
+        instances = list(_instances.values())
+        _instances.clear()
+    closed = 0
+    for instance in instances:
+        try:
+            aclose, close = getattr(instance, "aclose", None), getattr(instance, "close", None)
+            if callable(aclose):
+                (run or asyncio.run)(aclose())
+            elif callable(close):
+                result = close()
+                if inspect.isawaitable(result):
+                    (run or asyncio.run)(result)
+            else:
+                continue
+            closed += 1
+        except Exception:
+            logging.getLogger("slurmctl.handler").exception("closing handler %r failed", instance)
+    return closed
+
+
+def call_once(handler: Handler, item: dict[str, Any], ctx: "BatchContext") -> Any:
+    """Call a handler of any form on one item and return what it returned: an async one runs to completion on a
+    fresh event loop. For unit tests and samples; a worker keeps many items in flight instead."""
+    result = handler(item, ctx)
+    if inspect.isawaitable(result):
+        async def finish() -> Any:
+            return await result
+
+        return asyncio.run(finish())
+    return result
 
 
 def handler_version(spec: str) -> str:
@@ -114,55 +210,156 @@ class BatchContext:
         self.logger = logger or logging.getLogger(f"slurmctl.handler.{job_id}")
         self.metrics: Counter[str] = Counter()
         self.limiters = dict(limiters or {})
-        self.limiter_blocked_s = 0.0  # wall time spent in ``limit`` acquiring tokens (the batch's tokens_waited_s)
+        self.limiter_blocked_s = 0.0  # time spent in ``limit`` acquiring tokens, summed over the batch's items
+        # wall time during which at least one of the batch's items was acquiring tokens (the batch's tokens_waited_s:
+        # the same as the sum when items run one at a time, at most the batch's duration when many are in flight)
+        self.limiter_waiting_s = 0.0
+        self._waiting, self._waiting_since = 0, 0.0
+        self.observer: Any = None  # the worker's concurrency control, told of token waits and throttling
+        self._lock = threading.Lock()  # items of a sync handler with ``concurrency: N`` count from N threads
 
-    @contextlib.contextmanager
-    def limit(self, name: str, tokens: int = 1) -> Iterator[None]:
-        """Wrap one request (``tokens`` for several) to an API whose limit the job config declares.
+    def limit(self, name: str, tokens: int = 1) -> "_Limit":
+        """Wrap one request (``tokens`` for several) to an API whose limit the job config declares:
+        ``with ctx.limit("api"):`` in a sync handler, ``async with ctx.limit("api"):`` in an async one.
 
-        Blocks until this worker's share of the job-wide rate allows it (and while the job is paused). When the
-        request raises a throttling error (HTTP 429, AWS throttling), the shared rate backs off for every worker.
-        What the limiter cost this batch lands in its metrics as ``ratelimit_<name>_<counter>``: tokens, wait_s,
-        throttled, late_ms_max (how late after its slot a token was handed out: the jitter this side adds), and (when
-        not zero) backend_calls, expired, paused_s, signal_errors, throttle_report_errors.
+        Waits until this worker's share of the job-wide rate allows it (and while the job is paused); an async
+        handler's wait blocks no other item. When the request raises a throttling error (HTTP 429, AWS throttling),
+        the shared rate backs off for every worker. What the limiter cost this batch lands in its metrics as
+        ``ratelimit_<name>_<counter>``: tokens, wait_s, throttled, late_ms_max (how late after its slot a token was
+        handed out: the jitter this side adds), and (when not zero) backend_calls, expired, paused_s, signal_errors,
+        throttle_report_errors.
         """
         leaser = self.limiters.get(name)
         if leaser is None:
             raise KeyError(f"no rate limit {name!r}: declare it in the job config under rate_limits "
                            f"(declared: {', '.join(self.limiters) or 'none'})")
-        costs: Counter[str] = Counter()
-        blocked = time.perf_counter()
-        try:
-            waited = leaser.acquire(tokens, tally=costs)
-        finally:
-            self.limiter_blocked_s += time.perf_counter() - blocked
-            self._add_costs(name, costs)
-        self.metrics[f"ratelimit_{name}_tokens"] += tokens
-        self.metrics[f"ratelimit_{name}_wait_s"] += waited
-        try:
-            yield
-        except Exception as exc:
-            from slurmctl.errors import ErrorPolicy
+        return _Limit(self, name, leaser, tokens)
 
-            err = ErrorPolicy().classify(exc)
-            if err.error_class == "throttle":
-                self.metrics[f"ratelimit_{name}_throttled"] += 1
-                costs = Counter()
-                leaser.throttled(err.retry_after, tally=costs)  # never raises: the API's error is what we raise
-                self._add_costs(name, costs)
-            raise
+    def _wait_begins(self) -> None:
+        with self._lock:
+            if self._waiting == 0:
+                self._waiting_since = time.perf_counter()
+            self._waiting += 1
+
+    def _wait_ends(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+            if self._waiting == 0:
+                self.limiter_waiting_s += time.perf_counter() - self._waiting_since
+
+    def _acquired(self, name: str, tokens: int, waited: float, blocked_s: float, costs: Counter[str]) -> None:
+        cell = call_blocked.get()
+        if cell is not None:
+            cell[0] += blocked_s
+        with self._lock:
+            self.limiter_blocked_s += blocked_s
+            self.metrics[f"ratelimit_{name}_tokens"] += tokens
+            self.metrics[f"ratelimit_{name}_wait_s"] += waited
+        self._add_costs(name, costs)
+
+    def _throttled(self, name: str, exc: BaseException) -> Any:
+        """The classified error when ``exc`` says the API throttled (counted), else None."""
+        if not isinstance(exc, Exception):
+            return None
+        from slurmctl.errors import ErrorPolicy
+
+        err = ErrorPolicy().classify(exc)
+        if err.error_class != "throttle":
+            return None
+        self.count(f"ratelimit_{name}_throttled")
+        if self.observer is not None:
+            self.observer.throttled()
+        return err
 
     def _add_costs(self, name: str, costs: Counter[str]) -> None:
-        for counter, value in costs.items():
-            key = f"ratelimit_{name}_{counter}"
-            if counter.endswith("_max"):
-                self.metrics[key] = max(self.metrics[key], value)
-            else:
-                self.metrics[key] += value
+        with self._lock:
+            for counter, value in costs.items():
+                key = f"ratelimit_{name}_{counter}"
+                if counter.endswith("_max"):
+                    self.metrics[key] = max(self.metrics[key], value)
+                else:
+                    self.metrics[key] += value
 
     def count(self, name: str, n: float = 1) -> None:
-        """Add ``n`` to the counter ``name``; counters land in the batch's task manifest ``metrics``."""
-        self.metrics[name] += n
+        """Add ``n`` to the counter ``name``; counters land in the batch's task manifest ``metrics``. Safe from the
+        threads of a sync handler run with ``concurrency: N``."""
+        with self._lock:
+            self.metrics[name] += n
+
+
+# The time one handler call spent blocked in ``ctx.limit`` (``BatchMeter`` takes it out of that call's latency):
+# a cell per call, since the items of a batch may be in flight together.
+call_blocked: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("slurmctl_call_blocked",
+                                                                                  default=None)
+
+# One thread per limiter hands tokens to async callers in order (a leaser hands out slots in time order and sleeps
+# until each is due, holding its lock): the event loop never blocks, and any number of items can wait for tokens.
+_dispensers: dict[int, Any] = {}
+_dispensers_lock = threading.Lock()
+
+
+def _dispenser(leaser: Any) -> Any:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _dispensers_lock:
+        pool = _dispensers.get(id(leaser))
+        if pool is None:
+            pool = _dispensers[id(leaser)] = ThreadPoolExecutor(1, thread_name_prefix="slurmctl-tokens")
+        return pool
+
+
+class _Limit:
+    """``ctx.limit(name)``: a context manager for sync handlers and an async one for async handlers."""
+
+    def __init__(self, ctx: BatchContext, name: str, leaser: Any, tokens: int):
+        self.ctx, self.name, self.leaser, self.tokens = ctx, name, leaser, tokens
+
+    def __enter__(self) -> None:
+        costs: Counter[str] = Counter()
+        blocked = time.perf_counter()
+        waited, got = 0.0, 0
+        self.ctx._wait_begins()
+        try:
+            waited, got = self.leaser.acquire(self.tokens, tally=costs), self.tokens
+        finally:
+            self.ctx._wait_ends()
+            self.ctx._acquired(self.name, got, waited, time.perf_counter() - blocked, costs)
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        err = self.ctx._throttled(self.name, exc)
+        if err is not None:
+            costs: Counter[str] = Counter()
+            self.leaser.throttled(err.retry_after, tally=costs)  # never raises: the API's error is what we raise
+            self.ctx._add_costs(self.name, costs)
+
+    async def __aenter__(self) -> None:
+        costs: Counter[str] = Counter()
+        blocked = time.perf_counter()
+        waited, got = 0.0, 0
+        observer = self.ctx.observer
+        if observer is not None:
+            observer.waiting(1)
+        self.ctx._wait_begins()
+        try:
+            loop = asyncio.get_running_loop()
+            waited = await loop.run_in_executor(_dispenser(self.leaser),
+                                                lambda: self.leaser.acquire(self.tokens, tally=costs))
+            got = self.tokens
+        finally:
+            self.ctx._wait_ends()
+            if observer is not None:
+                observer.waiting(-1)
+                if costs.get("expired"):
+                    observer.expired(int(costs["expired"]))  # slots passed with nobody ready for them
+            self.ctx._acquired(self.name, got, waited, time.perf_counter() - blocked, costs)
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        err = self.ctx._throttled(self.name, exc)
+        if err is not None:  # reported from a thread: the leaser's lock may be held by a caller waiting for a slot
+            costs: Counter[str] = Counter()
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.leaser.throttled(err.retry_after, tally=costs))
+            self.ctx._add_costs(self.name, costs)
 
 
 def returned_id_column(id_field: str) -> str:

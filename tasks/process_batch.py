@@ -4,7 +4,8 @@
   committed: then it returns the committed summary and calls nothing. A first execution skips that read: the
   coordinator has just listed the commits, and the create-if-absent commit refuses a second one anyway.
 * Each item runs with in-batch retries for transient error classes (backoff with jitter, ``Retry-After``), and a
-  circuit breaker that defers the rest of the batch when one transient class dominates.
+  circuit breaker that defers the rest of the batch when one transient class dominates; one at a time, or many in
+  flight for an async handler or ``concurrency`` (``slurmctl.item_run``), its outcomes collected in input order.
 * A failing item never fails its batch: the batch commits its successes and records failures and deferred items in
   its retry manifest. Only infrastructure faults (store unreachable, input changed) raise; the shard's Prefect task
   ``retries`` cover those.
@@ -16,7 +17,6 @@ It returns a small summary (counts and keys), never the data.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -34,8 +34,9 @@ from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.books.limits import leasers_for
 from slurmctl.books.manifests import Keys, TaskManifest, now
 from slurmctl.config import JobConfig
-from slurmctl.errors import Backoff, CircuitBreaker, ErrorPolicy, call_with_retries
-from slurmctl.handler import BatchContext, load_handler, normalise_output
+from slurmctl.errors import CircuitBreaker, ErrorPolicy
+from slurmctl.handler import BatchContext, handler_for
+from slurmctl.item_run import ItemRun, concurrency_of
 from slurmctl.records import BatchSpec, read_batch
 from slurmctl.tables import rows_table, write_sqlite
 
@@ -52,12 +53,6 @@ class InputChanged(RuntimeError):
 class CommitUnresolved(RuntimeError):
     """The store refused our create-if-absent commit but no committed manifest can be read: an infrastructure
     fault (retried like one), never a batch counted done."""
-
-
-@functools.lru_cache(maxsize=16)
-def _handler(spec: str) -> Callable[..., Any]:
-    # One import per worker process, not one per batch.
-    return load_handler(spec)
 
 
 def rows_to_parquet(rows: list[dict[str, Any]], lines: list[int] | None = None,
@@ -85,12 +80,13 @@ def jsonl_bytes(records: list[dict[str, Any]]) -> bytes:
 
 def summary_of(task_manifest: dict[str, Any]) -> dict[str, Any]:
     """The few fields of a task manifest the coordinator keeps (a task's return value: keys and counts, not data),
-    ``tokens_waited_s``: the seconds its handler calls were blocked on rate limits (the token-wait alert), and
-    ``api_calls``: its handler calls (the budget)."""
+    ``tokens_waited_s``: the seconds its handler calls were blocked on rate limits (the token-wait alert),
+    ``api_calls``: its handler calls (the budget), and ``in_flight_max``: the most items its worker process had in
+    flight while it ran (1: one at a time)."""
     metrics = task_manifest.get("metrics") or {}
     return {**{k: task_manifest.get(k) for k in SUMMARY_FIELDS},
             "tokens_waited_s": float(metrics.get("tokens_waited_s") or 0),
-            "api_calls": int(metrics.get("api_calls") or 0)}
+            "api_calls": int(metrics.get("api_calls") or 0), "in_flight_max": int(metrics.get("in_flight_max") or 1)}
 
 
 def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: Any = None,
@@ -115,9 +111,9 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
                 committed.append(winner)
             return {**summary_of(winner), "already_committed": True}
 
-    meter = BatchMeter()  # the batch's clock, CPU time and handler-call latencies
     attempt = uuid.uuid4().hex[:12]
-    handler = _handler(cfg.handler)
+    handler = handler_for(cfg.handler, cfg.params)
+    meter = BatchMeter(concurrent=concurrency_of(cfg, handler) != 1)  # the batch's clock, CPU and call latencies
     id_field = cfg.input.id_field
     uri = cfg.input.uri if spec.source == "input" else store.uri(spec.source)
     sliced = read_batch(store.open_uri, read_range or store.read_range, uri, cfg.input.format, spec, id_field)
@@ -132,15 +128,16 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
                                f"job")
     ctx = BatchContext(cfg.job_id, spec.batch_id, params=cfg.params, logger=logger, limiters=leasers_for(cfg))
     e = cfg.errors
-    policy = ErrorPolicy.of(e)
-    backoff = Backoff.of(e)
     breaker = (CircuitBreaker(e.circuit_breaker.window, e.circuit_breaker.threshold, e.circuit_breaker.min_attempts,
-                              policy.transient) if e.circuit_breaker.enabled else None)
+                              ErrorPolicy.of(e).transient) if e.circuit_breaker.enabled else None)
     item_retries: Counter[str] = Counter()
 
     def on_retry(err: Any, attempt_no: int, wait: float) -> None:
         item_retries[err.error_class] += 1
         ctx.count("item_retry_wait_s", wait)
+
+    run = ItemRun(cfg, handler, ctx, meter, breaker, on_retry, sleep)
+    outcomes = run.concurrently(sliced.items) if run.concurrent else run.one_by_one(sliced.items)
 
     rows: list[dict[str, Any]] = []
     lines: list[int] = []  # each row's input line and its index within its item's output (the dedup key's parts)
@@ -148,18 +145,10 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     failed: list[dict[str, Any]] = []
     deferred: list[dict[str, Any]] = []
     succeeded = 0
-    for line, item in sliced.items:
-        if breaker is not None and breaker.open:
+    for (line, item), outcome in zip(sliced.items, outcomes):
+        if outcome is None:  # not started: the breaker had opened
             deferred.append({"id": item.get(id_field), "line": line, "item": item})
-            continue
-
-        def call(item: dict[str, Any] = item) -> list[dict[str, Any]]:
-            with meter.call(ctx):
-                result = handler(item, ctx)
-            return normalise_output(result, item, id_field)
-
-        outcome = call_with_retries(call, policy, backoff, e.max_attempts, breaker, sleep=sleep, on_retry=on_retry)
-        if outcome.ok:
+        elif outcome.ok:
             rows.extend(outcome.result)
             lines.extend([line] * len(outcome.result))
             row_index.extend(range(len(outcome.result)))
@@ -218,7 +207,8 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         written.append(manifest.retry)
 
     manifest.metrics = meter.metrics(spec.records, {
-        **dict(ctx.metrics), **{f"item_retries_{k}": v for k, v in item_retries.items()}}, ctx.limiter_blocked_s)
+        **dict(ctx.metrics), **{f"item_retries_{k}": v for k, v in item_retries.items()}, **run.reached()},
+        ctx.limiter_waiting_s)
     manifest.finished_at = manifest.metrics.finished_at or now()
     return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
 

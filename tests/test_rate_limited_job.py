@@ -43,13 +43,14 @@ PAUSE_BOUND_S = 2.0  # `slurmctl pause`: workers take no more tokens within ~2 s
 
 
 def limited_job(tmp_path: Path, job_id: str, api_url: str, n: int, per_second: float, burst: int = 2,
-                lease_size: int | None = None, batch_size: int = 20, **extra) -> Path:
+                lease_size: int | None = None, batch_size: int = 20,
+                handler: str = "slurmctl.handlers.http_json:handle", **extra) -> Path:
     write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
     fields = {"storage": {"uri": "state"}, **extra}
     limit = {"per_second": per_second, "burst": burst, "floor": 1, "ceiling": 200}
     if lease_size:
         limit["lease_size"] = lease_size
-    return write_config(tmp_path / "job.yaml", job_id=job_id, handler="slurmctl.handlers.http_json:handle",
+    return write_config(tmp_path / "job.yaml", job_id=job_id, handler=handler,
                         input={"uri": "in.jsonl"}, batch_size=batch_size, params={"base_url": api_url, "limit": "api"},
                         rate_limits={"api": limit}, **fields)
 
@@ -116,11 +117,15 @@ def quiet_for(api: ChaosApi, seconds: float) -> bool:
 def test_pause_rate_and_resume_from_the_cli(tmp_path, prefect_api, slurmctl_home, job_backends):
     # Default leases (32 slots of a 2/s lane: 16 s each) outlive the pause bound: the pause reaches workers through
     # the limit's signal (SQLite row, or an S3 object next to the job's manifests), not by leases running out.
-    # About 80 requests before the pause holds (40, then up to the bound at 20/s); after the resume at least 5 s at
-    # the new rate (the windows checked below), and not much more: every request left is 1/8 s of the test.
-    n, rate, new_rate, burst = 150, 20, 8, 2
+    # About 80 requests before the pause holds (40, then up to the bound at 20/s), and 20 more for each second the
+    # `pause` command takes to publish under load (0.5-1.5 s measured): after the resume at least 5 s at the new rate
+    # (the windows checked below), and not much more: every request left is 1/8 s of the test.
+    n, rate, new_rate, burst = 180, 20, 8, 2
+    # On the embedded default the handler is async (many items in flight, waiting for tokens together when the pause
+    # comes); with DynamoDB it is the sync one: both ways of waiting for a token must stop at a pause.
+    handler = "slurmctl.handlers.http_json:" + ("handle" if job_backends else "AsyncClient")
     with ChaosApi() as api, ReadyCommand("pause", "pausable") as pause:
-        cfg = limited_job(tmp_path, "pausable", api.url, n, rate, burst, **job_backends)
+        cfg = limited_job(tmp_path, "pausable", api.url, n, rate, burst, handler=handler, **job_backends)
         assert run_cli("submit", str(cfg)).returncode == 0
         # refused, changing nothing (checked while the job starts: no need to hold it paused for them)
         assert run_cli("rate", "pausable", "--limit", "nope", "--per-second", "5").returncode == 2
@@ -131,7 +136,7 @@ def test_pause_rate_and_resume_from_the_cli(tmp_path, prefect_api, slurmctl_home
         wait_for(lambda: time.monotonic() >= paused_at + PAUSE_BOUND_S and quiet_for(api, 1.0), 60,
                  "requests to stop after the pause")
         view = status("pausable")
-        assert view["paused"] and view["rate_limits"]["api"]["paused"] and view["status"] == "running"
+        assert view["paused"] and view["rate_limits"]["api"]["paused"] and view["status"] == "running", view
         if job_backends:  # DynamoDB: the pause was published where workers poll it
             import boto3
 

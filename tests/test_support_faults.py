@@ -83,7 +83,7 @@ def test_chaos_api_answers_items_and_404():
         err = http_error(api, -1)
         assert err.code == 404 and json.loads(err.body) == {"error": "not found"}
         assert api.stats() == {"requests": 2, "ok": 1, "not_found": 1, "over_limit": 0, "faults": {},
-                               "by_id": {21: 1, -1: 1}}
+                               "by_id": {21: 1, -1: 1}, "in_flight_max": 1}
 
 
 @pytest.mark.parametrize("code", [429, 503, 500])

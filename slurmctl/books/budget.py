@@ -255,10 +255,10 @@ def measure_sample(cfg: JobConfig, store: Any, n: int) -> Sample:
     """Run the job's handler on the input's first ``n`` items, as a batch would (in-batch retries of transient
     errors included), and measure its calls and time per item. **This calls the real API.** Nothing is written:
     the results are thrown away, and rate limits are paced in this process alone (``_Pacer``)."""
-    from slurmctl.errors import Backoff, ErrorPolicy, call_with_retries
-    from slurmctl.handler import BatchContext, load_handler
+    from slurmctl.errors import Backoff, ErrorPolicy, acall_with_retries, call_with_retries
+    from slurmctl.handler import BatchContext, handler_for, is_async
 
-    handler = load_handler(cfg.handler)
+    handler = handler_for(cfg.handler, cfg.params)
     items = first_items(cfg, store, n)
     ctx = BatchContext(cfg.job_id, "sample", params=cfg.params,
                        limiters={name: _Pacer(limit.per_second) for name, limit in cfg.rate_limits.items()})
@@ -273,10 +273,21 @@ def measure_sample(cfg: JobConfig, store: Any, n: int) -> Sample:
         return handler(item, ctx)
 
     t0 = time.perf_counter()
-    for item in items:
-        outcome = call_with_retries(lambda item=item: call(item), policy, backoff, e.max_attempts)
-        if not outcome.ok:
-            errors[outcome.error.error_class] += 1
+    if is_async(handler):  # one item at a time, on this process's item loop (where a class handler's clients live)
+        from slurmctl.inflight import worker_loop
+
+        async def run_all() -> None:
+            for item in items:
+                outcome = await acall_with_retries(lambda item=item: call(item), policy, backoff, e.max_attempts)
+                if not outcome.ok:
+                    errors[outcome.error.error_class] += 1
+
+        worker_loop().run(run_all())
+    else:
+        for item in items:
+            outcome = call_with_retries(lambda item=item: call(item), policy, backoff, e.max_attempts)
+            if not outcome.ok:
+                errors[outcome.error.error_class] += 1
     seconds = max(0.0, time.perf_counter() - t0 - ctx.limiter_blocked_s)
     return Sample(items=len(items), calls=calls, seconds=seconds, errors=errors)
 

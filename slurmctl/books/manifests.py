@@ -204,13 +204,17 @@ class Counts(BaseModel):
     # in the input: the output holds one item per id (set when the aggregation completes)
     duplicate_items: int = 0
     api_calls: int = 0  # handler calls of the committed batches, retries included (their metrics.api_calls)
+    # the most items in flight at once in one worker process, over the committed batches (their metrics'
+    # in_flight_max; 0 before concurrency was measured, 1 for a sync handler run one item at a time)
+    in_flight_max: int = 0
 
     def plus(self, delta: "Counts") -> "Counts":
         """These counts with ``delta``'s progress added (totals stay these)."""
         return Counts(batches_total=self.batches_total, items_total=self.items_total, **{
             k: getattr(self, k) + getattr(delta, k) for k in (
                 "batches_done", "batches_failed", "items_succeeded", "items_failed", "items_deferred",
-                "items_rejected", "rows_written", "api_calls")})
+                "items_rejected", "rows_written", "api_calls")}, in_flight_max=max(self.in_flight_max,
+                                                                                     delta.in_flight_max))
 
     def add(self, summary: dict[str, Any]) -> None:
         """Fold one committed batch's summary in. A retry batch takes items out of failed/deferred."""
@@ -221,6 +225,7 @@ class Counts(BaseModel):
         self.items_rejected += summary.get("items_rejected") or 0
         self.rows_written += summary.get("rows_written") or 0
         self.api_calls += api_calls_of(summary)
+        self.in_flight_max = max(self.in_flight_max, in_flight_of(summary))
 
 
 class JobManifest(_Manifest):
@@ -282,7 +287,9 @@ class BatchMetrics(BaseModel):
     items: int | None = None  # the batch's records (its rejects and items deferred by the breaker included)
     api_calls: int | None = None  # handler calls, retries included
     latency_ms: Latency | None = None  # of those calls, without the time they were blocked on a rate limit
-    tokens_waited_s: float | None = None  # time blocked acquiring rate-limit tokens (sleeps, pauses, lock, backend)
+    # time blocked acquiring rate-limit tokens (sleeps, pauses, lock, backend): with items in flight together, the
+    # time during which at least one of them was (so at most the batch's duration)
+    tokens_waited_s: float | None = None
     cpu_s: float | None = None  # CPU time of the thread that ran the batch (batches of a process run in threads)
     peak_rss_mb: float | None = None  # the worker *process's* peak resident memory so far (ru_maxrss), not the batch's
     host: str | None = None
@@ -401,6 +408,13 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, hear
     view.update(job_progress(job))
     view.update(usage_view(job))
     return view
+
+
+def in_flight_of(summary: dict[str, Any]) -> int:
+    """The most items a committed batch's worker process had in flight while it ran: its summary's
+    ``in_flight_max``, or a task manifest's ``metrics.in_flight_max`` (1: one at a time, or not measured)."""
+    peak = summary.get("in_flight_max") or (summary.get("metrics") or {}).get("in_flight_max")
+    return int(peak or 1)
 
 
 def api_calls_of(summary: dict[str, Any]) -> int:

@@ -75,7 +75,8 @@ class ChaosApi(LocalHttpServer):
 
     Counters (read them freely; they are updated under a lock): ``requests`` (all requests), ``ok`` (normal 200s,
     i.e. not a fault), ``not_found`` (404s), ``faults`` (``Counter`` fault kind -> count, deterministic and random
-    alike), ``by_id`` (``Counter`` item id -> requests, faults included), ``over_limit`` (429s from the limiter).
+    alike), ``by_id`` (``Counter`` item id -> requests, faults included), ``over_limit`` (429s from the limiter),
+    ``in_flight_max`` (the most normal requests being answered at once: how many calls a job had in flight).
     """
 
     def __init__(self, *, rate_429: float = 0.0, rate_503: float = 0.0, rate_500: float = 0.0,
@@ -154,6 +155,7 @@ class ChaosApi(LocalHttpServer):
     def reset_counters(self) -> None:
         with self._lock:
             self.requests = self.ok = self.not_found = self.over_limit = 0
+            self.in_flight = self.in_flight_max = 0  # requests being answered (sleeping their latency) at once
             self.faults: Counter[str] = Counter()
             self.by_id: Counter[int] = Counter()
             self._arrivals: list[tuple[float, int | None]] = []
@@ -162,7 +164,8 @@ class ChaosApi(LocalHttpServer):
         """A consistent snapshot of the counters."""
         with self._lock:
             return {"requests": self.requests, "ok": self.ok, "not_found": self.not_found,
-                    "over_limit": self.over_limit, "faults": dict(self.faults), "by_id": dict(self.by_id)}
+                    "over_limit": self.over_limit, "faults": dict(self.faults), "by_id": dict(self.by_id),
+                    "in_flight_max": self.in_flight_max}
 
     def arrivals(self, item_id: int | None = None) -> list[float]:
         """``time.monotonic()`` of each request's arrival (all requests, or those for ``item_id``), in order."""
@@ -271,8 +274,14 @@ class ChaosApi(LocalHttpServer):
                     if action == "normal":
                         with api._lock:
                             api.ok += 1
-                        if api.latency_s > 0:
-                            time.sleep(api.latency_s)
+                            api.in_flight += 1
+                            api.in_flight_max = max(api.in_flight_max, api.in_flight)
+                        try:
+                            if api.latency_s > 0:
+                                time.sleep(api.latency_s)
+                        finally:
+                            with api._lock:
+                                api.in_flight -= 1
                     self._json(200, {"id": item_id, "value": item_id * 2})
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (e.g. timed out)
                     self.close_connection = True

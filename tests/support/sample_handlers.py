@@ -149,3 +149,155 @@ def calls(path: str) -> list[tuple[int, Any]]:
         pid, item_id = line.split(" ", 1)
         out.append((int(pid), int(item_id) if item_id.lstrip("-").isdigit() else item_id))
     return out
+
+
+# --- async and class handlers (issue 22): the same behaviour as ``counting``, in flight together ----------------------
+def _injected_failure(ctx: Any, item: dict[str, Any]) -> None:
+    cls = dict(ctx.params.get("fail") or {}).get(str(item["id"]))
+    if cls:
+        raise ItemError(f"injected {cls} error", error_class=cls)
+
+
+def _note(path: str | None, text: str) -> None:
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{os.getpid()} {text}\n".encode())
+        finally:
+            os.close(fd)
+
+
+class _InFlight:
+    """How many calls are inside a handler at once in this process (the most seen: ``peak``)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.now = self.peak = 0
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+    def __exit__(self, *exc: Any) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+in_flight = _InFlight()
+
+
+async def counting_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """``counting`` as a coroutine: ``sleep_s`` is an async sleep (``jitter_s`` adds a random part, so items finish
+    out of input order); ``fail`` injects errors; ``stall_once`` stalls one item (the others go on)."""
+    import asyncio
+    import random
+
+    record_call(ctx, item)
+    stalled = first_call(ctx, item, "stall_once")  # as in ``counting``, without blocking the other items
+    with in_flight:
+        await asyncio.sleep(float(ctx.params.get("sleep_s") or 0) + random.uniform(0, ctx.params.get("jitter_s", 0))
+                            + (float(stalled.get("seconds", 600)) if stalled else 0))
+    _injected_failure(ctx, item)
+    return {"id": item["id"], "doubled": item["id"] * 2}
+
+
+def counting_threads(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """``counting_async`` as a blocking function, for ``concurrency: N`` in threads."""
+    import random
+
+    record_call(ctx, item)
+    with in_flight:
+        time.sleep(float(ctx.params.get("sleep_s") or 0) + random.uniform(0, ctx.params.get("jitter_s", 0)))
+    _injected_failure(ctx, item)
+    return {"id": item["id"], "doubled": item["id"] * 2}
+
+
+class Session:
+    """A class handler: built once per worker process from the job's params (noted in ``instances_file``), called per
+    item, closed once when the worker stops (noted in ``closes_file``)."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+        self.calls = 0
+        _note(params.get("instances_file"), "built")
+
+    def __call__(self, item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        self.calls += 1
+        record_call(ctx, item)
+        _injected_failure(ctx, item)
+        return {"id": item["id"], "doubled": item["id"] * 2, "session_calls": self.calls}
+
+    def close(self) -> None:
+        _note(self.params.get("closes_file"), "closed")
+
+
+class AsyncSession(Session):
+    """``Session`` whose calls are coroutines and whose close is ``aclose``."""
+
+    async def __call__(self, item: dict[str, Any], ctx: Any) -> dict[str, Any]:  # type: ignore[override]
+        import asyncio
+
+        self.calls += 1
+        calls = self.calls
+        record_call(ctx, item)
+        with in_flight:
+            await asyncio.sleep(float(self.params.get("sleep_s") or 0))
+        _injected_failure(ctx, item)
+        return {"id": item["id"], "doubled": item["id"] * 2, "session_calls": calls}
+
+    async def aclose(self) -> None:
+        _note(self.params.get("closes_file"), "closed")
+
+
+def _api_session_class() -> type:
+    from slurmctl.handlers.http_json import AsyncClient
+
+    class ApiSession(AsyncClient):
+        """The shipped ``http_json:AsyncClient``, noting when a worker process builds it and closes it."""
+
+        def __init__(self, params: dict[str, Any]) -> None:
+            super().__init__(params)
+            _note(params.get("instances_file"), "built")
+
+        async def aclose(self) -> None:
+            await super().aclose()
+            _note(self.params.get("closes_file"), "closed")
+
+    return ApiSession
+
+
+ApiSession = _api_session_class()
+
+
+async def flaky_once_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Fails the first call of each id listed in the JSON file ``fail_once`` (``{id: class}``), then succeeds."""
+    record_call(ctx, item)
+    path = ctx.params["fail_once"]
+    with open(path) as f:
+        pending = json.load(f)
+    cls = pending.pop(str(item["id"]), None)
+    if cls:
+        with open(path, "w") as f:
+            json.dump(pending, f)
+        raise ItemError(f"injected {cls} error, once", error_class=cls)
+    return {"id": item["id"]}
+
+
+class NoCall:
+    """Not a handler: nothing to call per item."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        pass
+
+
+class NeedsTwo:
+    """Not a handler: cannot be built from the params alone."""
+
+    def __init__(self, params: dict[str, Any], other: Any) -> None:
+        pass
+
+    def __call__(self, item: dict[str, Any], ctx: Any) -> None:
+        pass

@@ -1,0 +1,206 @@
+"""API-bound jobs: how much of a declared rate limit a job uses, with no concurrency number given by the user.
+
+    .venv/bin/python benchmarks/api_bound.py --json
+    .venv/bin/python benchmarks/api_bound.py --latency-ms 200 --rate 500 --handlers async --json   # one cell
+
+A local API (``api_server.py``: an ASGI app under uvicorn, in its own process) answers each ``GET /items/{id}`` after
+L with its own token bucket of R/s, burst 5 (429 above it). Per cell one job runs on the embedded default (2 worker
+processes x 1 thread, ``slurmctl submit --wait``, one Prefect server for the run) with ``rate_limits`` declared
+exactly as the API's bucket, and one of three handlers:
+
+* ``async``: ``slurmctl.handlers.http_json:AsyncClient`` (a class handler on ``httpx.AsyncClient``), concurrency auto
+  (its default);
+* ``sync-auto``: ``slurmctl.handlers.http_json:handle`` (urllib) with ``concurrency: auto`` (threads);
+* ``sync-1``: the same handler one item at a time (``concurrency: 1``, the default for a sync handler).
+
+A cell's job has about ``--seconds`` of work at the rate it can reach. Printed per cell: the expected rate (R, or for
+``sync-1`` the threads' ``2 / L`` when lower), the achieved rate in steady state (1 s buckets counted at the API, the
+first and last 2 s left out), ``utilisation`` (achieved / R), the 429 share, the API's most requests in flight, and
+the concurrency the workers reached (their batches' metrics). ``--ceiling`` adds R = inf, L = 0 (what one worker
+process reaches) beside a bare httpx/asyncio client loop against the same server in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests")]
+
+from support.jobs import write_config  # noqa: E402
+from support.servers import BIN, free_port, stop, wait_http  # noqa: E402
+
+HANDLERS = {
+    "async": ("slurmctl.handlers.http_json:AsyncClient", {}),
+    "sync-auto": ("slurmctl.handlers.http_json:handle", {"concurrency": "auto"}),
+    "sync-1": ("slurmctl.handlers.http_json:handle", {}),
+}
+
+
+def api_get(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def steady(per_second: list[list[int]]) -> list[int]:
+    """The 1 s buckets between the first and last request, the first and last 2 s left out."""
+    if not per_second:
+        return []
+    counts = dict(per_second)
+    first, last = min(counts), max(counts)
+    return [counts.get(s, 0) for s in range(first + 2, last - 1)]
+
+
+def job_metrics(folder: Path, job_id: str) -> dict:
+    from slurmctl.blocks.manifest_store import store_from_uri
+
+    store = store_from_uri(str(folder / "state"))
+    out = {"in_flight_max": 0, "concurrency_max": 0, "batches": 0}
+    tokens = calls = expired = 0
+    for key in store.list_keys(f"jobs/{job_id}/tasks/"):
+        m = (store.get_json(key) or {}).get("metrics") or {}
+        out["batches"] += 1
+        out["in_flight_max"] = max(out["in_flight_max"], m.get("in_flight_max") or 1)
+        out["concurrency_max"] = max(out["concurrency_max"], m.get("concurrency") or 1)
+        tokens += m.get("ratelimit_api_tokens") or 0
+        calls += m.get("ratelimit_api_backend_calls") or 0
+        expired += m.get("ratelimit_api_expired") or 0
+    if tokens:
+        out["limiter_calls_per_token"] = round(calls / tokens, 4)
+        out["limiter_expired_slots"] = expired
+    return out
+
+
+def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: str, latency_ms: float,
+             rate: float | None) -> dict:
+    latency = latency_ms / 1000
+    reach = rate or args.ceiling_rate
+    if handler == "sync-1" and latency > 0:
+        reach = min(reach, 2 / latency)
+    items = int(max(20, min(args.max_items, reach * args.seconds)))
+    batch = max(5, min(1000, items // 40))
+    job_id = f"api-{handler}-{int(latency_ms)}ms-{int(rate or 0)}-{os.urandom(2).hex()}"
+    folder = tmp / job_id
+    folder.mkdir()
+    (folder / "in.jsonl").write_text("".join(f'{{"id": {i}}}\n' for i in range(items)))
+    spec, extra = HANDLERS[handler]
+    fields = dict(extra)
+    params = {"base_url": api}
+    if rate:
+        params["limit"] = "api"
+        fields["rate_limits"] = {"api": {"per_second": rate, "burst": 5}}
+    api_get_post(f"{api}/config?latency={latency}&rate={rate or 0}&burst=5")
+    cfg = write_config(folder / "job.yaml", job_id=job_id, handler=spec, input={"uri": "in.jsonl"}, batch_size=batch,
+                       params=params, storage={"uri": "state"}, errors={"max_attempts": 10}, **fields)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "slurmctl.cli", "submit", str(cfg), "--wait"], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    wall = time.monotonic() - started
+    stats = api_get(f"{api}/stats")
+    buckets = steady(stats.get("per_second") or [])
+    achieved = sum(buckets) / len(buckets) if buckets else 0.0
+    out = {"handler": handler, "latency_ms": latency_ms, "rate": rate, "items": items, "batch_size": batch,
+           "job_exit": done.returncode, "job_seconds": round(wall, 1), "expected_per_s": round(reach, 1),
+           "achieved_per_s": round(achieved, 1), "utilisation": round(achieved / rate, 3) if rate else None,
+           "of_expected": round(achieved / reach, 3), "steady_seconds": len(buckets),
+           "requests": stats.get("requests", 0), "responses_429": stats.get("429", 0),
+           "share_429": round(stats.get("429", 0) / max(1, stats.get("requests", 0)), 5),
+           "api_in_flight_max": stats.get("in_flight_max"), **job_metrics(folder, job_id)}
+    if done.returncode != 0:
+        out["stderr"] = done.stderr[-1500:]
+    return out
+
+
+def api_get_post(url: str) -> None:
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=30).read()
+
+
+def bare_client(api: str, seconds: float, in_flight: int = 256) -> float:
+    """Requests/s a bare httpx.AsyncClient loop reaches against the server (no limit, no latency): one core's
+    physical limit for this client."""
+    import httpx
+
+    async def main() -> float:
+        done = 0
+        stop_at = time.monotonic() + seconds
+        limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+            async def worker(k: int) -> None:
+                nonlocal done
+                i = k
+                while time.monotonic() < stop_at:
+                    (await client.get(f"{api}/items/{i}")).raise_for_status()
+                    done += 1
+                    i += in_flight
+            t0 = time.monotonic()
+            await asyncio.gather(*(worker(k) for k in range(in_flight)))
+            return done / (time.monotonic() - t0)
+
+    return asyncio.run(main())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--latency-ms", type=float, nargs="+", default=[20, 200, 1000])
+    p.add_argument("--rate", type=float, nargs="+", default=[50, 500, 2000])
+    p.add_argument("--handlers", nargs="+", choices=list(HANDLERS), default=list(HANDLERS))
+    p.add_argument("--seconds", type=float, default=12, help="work per cell at the rate it can reach")
+    p.add_argument("--max-items", type=int, default=30000)
+    p.add_argument("--ceiling", action="store_true", help="also R = inf, L = 0, beside a bare client loop")
+    p.add_argument("--ceiling-rate", type=float, default=1500, help="items/s a ceiling cell is sized for")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-api-bound-"))
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "SLURMCTL_HOME": str(tmp / "home"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT / "tests")])}
+    procs, cells = [], []
+    try:
+        port = free_port()
+        prefect_env = {**env, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": ""}
+        procs.append(subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                       str(port)], env=prefect_env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        api_port = free_port()
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "api_server.py"), str(api_port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        api = f"http://127.0.0.1:{api_port}"
+        wait_http(api + "/stats", 60)
+        wait_http(env["PREFECT_API_URL"] + "/health", 180)
+        for latency in args.latency_ms:
+            for rate in args.rate:
+                for handler in args.handlers:
+                    cell = run_cell(args, env, tmp, api, handler, latency, rate)
+                    cells.append(cell)
+                    print(json.dumps(cell), file=sys.stderr, flush=True)
+        ceiling = None
+        if args.ceiling:
+            api_get_post(f"{api}/config?latency=0&rate=0")
+            bare = bare_client(api, 10)
+            cell = run_cell(args, env, tmp, api, "async", 0, None)
+            ceiling = {"bare_httpx_per_s": round(bare, 1), "job": cell,
+                       "job_share_of_bare": round(cell["achieved_per_s"] / bare, 3),
+                       "note": "the job has 2 worker processes; the bare loop is one process"}
+            print(json.dumps(ceiling), file=sys.stderr, flush=True)
+    finally:
+        for proc in procs:
+            stop(proc)
+    out = {"burst": 5, "workers": "2 processes x 1 thread (embedded default)", "cells": cells, "ceiling": ceiling}
+    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

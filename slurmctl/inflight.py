@@ -1,0 +1,363 @@
+"""Many items in flight in one worker process: its event loop, its concurrency control, a batch's items run together.
+
+Concurrency is not cores. An API-bound job needs ``rate x latency`` calls in flight (Little's law): 500 requests/s
+at 200 ms is 100 in flight, which one core drives easily when the calls wait on the network instead of on threads.
+So a worker process runs one event loop (a daemon thread, ``worker_loop``) on which the items of every batch its
+threads hold are in flight together: an async handler's coroutines directly, a sync handler's calls in a thread
+pool (``concurrency: N`` or ``auto`` for a sync handler). A batch's thread hands its items to the loop and waits
+for their outcomes, which it collects in input order, so a batch commits as before: once, when every one of its
+items has an outcome.
+
+How many are in flight at once is a gate:
+
+* ``FixedGate``: ``concurrency: N``, at most N items of the batch at once.
+* ``AutoGate``: ``concurrency: auto``, one per worker process and job, shared by its batches. It starts low and
+  doubles while more in flight brings more done (slow start), then climbs by a quarter. It stops growing when the
+  job's rate limits are saturated: items queue for tokens in ``ctx.limit`` and no slot passes unused; it then holds, trimming only a long
+  queue down to the calls in progress (Little's law: ``rate x latency``) plus half as many waiting, so the limiter
+  never idles. Without a saturated
+  limit it climbs while more in flight brings more done, steps back when it does not (the API queues our calls), and
+  now and then probes lower, keeping the lower limit when the rate does not fall: so it follows an API that slows
+  down. An answer of 429 (or any throttling error) shrinks it by 30 %. It never exceeds ``max_concurrency``.
+
+What a gate reached lands in each batch's metrics (``concurrency``: the gate's limit when the batch ended,
+``in_flight_max``: the most items in flight in the process during the batch), and from there in ``status`` and the
+progress artifact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class EventLoopThread:
+    """An asyncio loop running in a daemon thread: other threads hand it coroutines and wait for their results."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="slurmctl-items", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, R]) -> R:
+        """Run ``coro`` on the loop and block this (other) thread until it is done."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+
+
+_loop: EventLoopThread | None = None
+_pool: ThreadPoolExecutor | None = None
+_gates: dict[tuple[str, int], "AutoGate"] = {}
+_lock = threading.Lock()
+
+
+def worker_loop() -> EventLoopThread:
+    """This process's event loop for items in flight, started on first use."""
+    global _loop
+    with _lock:
+        if _loop is None or not _loop.thread.is_alive():
+            if _loop is None:
+                atexit.register(close_worker)
+            _loop = EventLoopThread()
+        return _loop
+
+
+def close_worker() -> int:
+    """The worker is stopping: close its handler instances (async ones on this loop, where their clients were built)
+    and stop the loop. Returns how many were closed. Also run at interpreter exit."""
+    from slurmctl.handler import close_handlers
+
+    global _loop
+    with _lock:
+        loop, _loop = _loop, None
+    if loop is None or not loop.thread.is_alive():
+        return close_handlers()
+    try:
+        return close_handlers(run=loop.run)
+    finally:
+        loop.stop()
+
+
+def thread_pool(size: int) -> ThreadPoolExecutor:
+    """This process's threads for sync handlers run with ``concurrency: N``/``auto``: as many as the largest
+    concurrency asked (threads are started only when that many calls are in flight)."""
+    global _pool
+    with _lock:
+        if _pool is None or _pool._max_workers < size:
+            old, _pool = _pool, ThreadPoolExecutor(size, thread_name_prefix="slurmctl-handler")
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool
+
+
+def auto_gate(job_id: str, maximum: int) -> "AutoGate":
+    """The process's auto-concurrency gate for a job: its batches share one limit, which persists between them."""
+    with _lock:
+        gate = _gates.get((job_id, maximum))
+        if gate is None:
+            gate = _gates[(job_id, maximum)] = AutoGate(maximum)
+        return gate
+
+
+class FixedGate:
+    """At most ``limit`` items in flight (``concurrency: N``, one gate per batch)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.in_flight_max = 0
+        self._slots: asyncio.Semaphore | None = None
+
+    async def acquire(self) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limit)
+        await self._slots.acquire()
+        self.in_flight += 1
+        self.in_flight_max = max(self.in_flight_max, self.in_flight)
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        assert self._slots is not None
+        self._slots.release()
+
+    def observe(self, latency_s: float) -> None:  # a fixed gate does not adapt
+        pass
+
+    def waiting(self, delta: int) -> None:  # ctx.limit's observer: a fixed gate does not adapt
+        pass
+
+    def throttled(self) -> None:
+        pass
+
+    def expired(self, slots: int) -> None:
+        pass
+
+    def watch(self) -> list[int]:  # the gate is the batch's own: its peak is the batch's
+        return [0]
+
+    def unwatch(self, cell: list[int]) -> int:
+        return self.in_flight_max
+
+
+class AutoGate:
+    """``concurrency: auto``: the in-flight limit of one worker process for one job, adapted every interval from
+    what the completions say (see the module docstring). Lives on the worker's event loop: not thread-safe, and needs
+    none (only the loop's thread touches it)."""
+
+    START = 4
+    MIN_INTERVAL_S = 0.25  # an interval lasts at least this, and 1.5 x the calls' latency
+    MIN_DONE = 20  # completions an interval needs before its rate is compared (unless it lasted MAX_INTERVAL_S)
+    MAX_INTERVAL_S = 5.0
+    BACKOFF = 0.7  # on throttling
+    QUEUE_SHARE = 0.5  # a saturated limiter's queue is trimmed when longer than this share of the calls in progress
+    FED = 2  # items waiting for tokens, on average, that mean the rate limits are saturated (one is being served)
+    PAYS = 0.3  # a step up is kept when the rate rose by this share of the step (a step down: fell by less)
+    PROBE_DOWN = 0.8
+    HOLD = 4  # intervals a limit holds after a step that did not pay, before the next probe
+
+    def __init__(self, maximum: int = 256, start: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.maximum = max(1, maximum)
+        self.limit = min(self.maximum, start or self.START)
+        self.clock = clock
+        self.in_flight = 0
+        self.slow_start = True
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._watches: list[list[int]] = []
+        self._last: tuple[int, float] | None = None  # (limit, rate) before the last step of the climb
+        self._hold = 0
+        self._probe_down = False
+        self.token_waiters = 0  # items waiting in ctx.limit for a token right now
+        self._reset(self.clock())
+        self.history: list[tuple[float, int]] = []  # (when, limit) after each change, for tests and benchmarks
+
+    def _reset(self, at: float) -> None:
+        self.t0 = self.t_last = at
+        self.done = 0
+        self.latency_sum = 0.0
+        self.throttles = 0
+        self.starved = 0  # rate-limit slots that passed unused: nobody was waiting for a token
+        self.waiter_area = 0.0  # integral of token waiters over time: their mean over the interval
+        self.in_flight_area = 0.0
+
+    def _tick(self) -> None:
+        now = self.clock()
+        self.waiter_area += self.token_waiters * (now - self.t_last)
+        self.in_flight_area += self.in_flight * (now - self.t_last)
+        self.t_last = now
+
+    # --- the gate ----------------------------------------------------------------------------------------------------
+    async def acquire(self) -> None:
+        while self.in_flight >= self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                raise
+        self._tick()
+        self.in_flight += 1
+        for watch in self._watches:
+            watch[0] = max(watch[0], self.in_flight)
+
+    def release(self) -> None:
+        self._tick()
+        self.in_flight -= 1
+        self._wake()
+
+    def observe(self, latency_s: float) -> None:
+        """One handler call ended after ``latency_s`` (its time waiting for rate-limit tokens not included)."""
+        self.done += 1
+        self.latency_sum += latency_s
+        self._maybe_adjust()
+        self._wake()
+
+    def _wake(self) -> None:
+        free = self.limit - self.in_flight
+        while free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+    # --- what ctx.limit tells it -------------------------------------------------------------------------------------
+    def waiting(self, delta: int) -> None:
+        self._tick()
+        self.token_waiters += delta
+
+    def throttled(self) -> None:
+        self.throttles += 1
+
+    def expired(self, slots: int) -> None:
+        self.starved += slots
+
+    def watch(self) -> list[int]:
+        """Start counting the most items in flight (a batch's ``in_flight_max``): the cell's ``[0]``, until
+        ``unwatch``. Batches that overlap each count their own time."""
+        cell = [self.in_flight]
+        self._watches.append(cell)
+        return cell
+
+    def unwatch(self, cell: list[int]) -> int:
+        self._watches.remove(cell)
+        return cell[0]
+
+    # --- the control ---------------------------------------------------------------------------------------------------
+    def _maybe_adjust(self) -> None:
+        now = self.clock()
+        elapsed = now - self.t0
+        if self.done == 0 or elapsed < max(self.MIN_INTERVAL_S, 1.5 * self.latency_sum / self.done):
+            return
+        if self.done < self.MIN_DONE and elapsed < self.MAX_INTERVAL_S:
+            return  # too few completions to compare rates yet
+        rate = self.done / elapsed
+        waiters = self.waiter_area / elapsed
+        used = self.in_flight_area / elapsed
+        old = self.limit
+        if self.throttles:
+            self.limit = math.floor(self.limit * self.BACKOFF)
+            self.slow_start, self._last, self._hold = False, None, self.HOLD
+        elif self.starved and waiters < self.limit / 2 and used >= 0.7 * self.limit:
+            # The limiter had slots nobody was ready for: more must be in flight (a starved limiter is not saturated).
+            self.limit = max(self.limit + 1, math.ceil(self.limit * 1.25))
+            self.slow_start, self._last = False, None
+        elif waiters >= self.FED:
+            # The rate limits are saturated: items queue for tokens, so more in flight would only queue longer. Hold,
+            # and trim only a long queue, down to the calls in progress (Little's law: rate x latency, measured)
+            # plus a queue that keeps the limiter fed through the calls' jitter. Never from the achieved rate alone:
+            # a limiter starved for a moment would shrink the limit, and starve it more.
+            calling = max(0.0, used - waiters)
+            keep = max(self.FED * 2, self.QUEUE_SHARE * calling)
+            if waiters > keep:
+                self.limit = max(math.ceil(calling + keep), math.floor(self.limit * 0.9))
+            self.slow_start, self._last = False, None
+        elif used >= 0.7 * self.limit:  # judge only a limit that is used
+            self._climb(rate)
+        else:
+            self._last = None
+        self.limit = max(1, min(self.maximum, self.limit))
+        if self.limit != old:
+            self.history.append((now, self.limit))
+            if len(self.history) > 1000:
+                del self.history[:500]
+        self._reset(now)
+
+    def _climb(self, rate: float) -> None:
+        """No limit saturated: find the concurrency past which more in flight brings no more done (hill climbing on
+        the measured rate). A step up is kept when the rate rose with it (at least 30 % of the step), a step down
+        when the rate did not fall with it; otherwise the previous limit comes back and holds a few intervals.
+        While holding, the next probe alternates up and down, so a limit follows an API that slows down too."""
+        last = self._last
+        if last is not None:
+            before, before_rate = last
+            step = self.limit / before - 1
+            if step > 0 and rate < before_rate * (1 + self.PAYS * step):
+                self.limit, self.slow_start, self._last, self._hold = before, False, None, self.HOLD
+                return
+            if step < 0 and rate < before_rate * (1 + self.PAYS * step):
+                self.limit, self._last, self._hold = before, None, self.HOLD
+                return
+            self._last = (self.limit, rate)  # the step paid (up) or cost nothing (down): go on the same way
+            self._step(down=step < 0)
+            return
+        if self._hold > 0:
+            self._hold -= 1
+            return
+        self._probe_down = not self._probe_down and not self.slow_start
+        self._last = (self.limit, rate)
+        self._step(down=self._probe_down)
+
+    def _step(self, down: bool) -> None:
+        if down and self.limit > 1:
+            self.limit = math.floor(self.limit * self.PROBE_DOWN)
+        elif not down and self.limit < self.maximum:
+            self.limit = self.limit * 2 if self.slow_start else max(self.limit + 1, math.ceil(self.limit * 1.25))
+        else:
+            self._last = None  # nowhere to go
+
+
+async def run_all(items: list[T], run_one: Callable[[T], Awaitable[R]], gate: Any,
+                  stop: Callable[[], bool] = lambda: False) -> list[R | None]:
+    """Run ``run_one`` over ``items`` with as many in flight as ``gate`` allows, started in input order; return
+    their results in input order. Once ``stop()`` says so (a batch's circuit breaker opened), no further item
+    starts: those not started are None. Items already in flight always finish."""
+    results: list[R | None] = [None] * len(items)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(i: int, item: T) -> None:
+        try:
+            results[i] = await run_one(item)
+        finally:
+            gate.release()
+
+    try:
+        for i, item in enumerate(items):
+            await gate.acquire()
+            if stop():
+                gate.release()
+                break
+            task = asyncio.ensure_future(one(i, item))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+    return results

@@ -1,0 +1,154 @@
+"""Running a batch's items through its handler: one by one, or many in flight (``slurmctl.inflight``).
+
+Either way each item gets the same in-batch retries (``slurmctl.errors``), the same circuit breaker and the same
+measurements, and the outcomes come back in input order, one per item (None for an item not started because the
+breaker had opened), so the batch assembles its rows and its books the same way whatever the concurrency.
+
+* A sync handler with ``concurrency: 1`` (its default) runs in the batch's own thread, as it always has: it need not
+  be thread-safe.
+* An async handler (default ``concurrency: auto``) runs on the worker process's event loop; a sync handler with
+  ``concurrency: N`` or ``auto`` runs in the process's thread pool, driven from that loop. A retry's backoff is an
+  async sleep that gives the item's slot to another item meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from typing import Any, Callable
+
+from slurmctl import inflight
+from slurmctl.batch_metrics import BatchMeter
+from slurmctl.config import JobConfig
+from slurmctl.errors import Backoff, CircuitBreaker, ErrorPolicy, ItemOutcome, acall_with_retries, call_with_retries
+from slurmctl.handler import BatchContext, Handler, is_async, normalise_output
+
+Items = list[tuple[int, dict[str, Any]]]
+
+
+def concurrency_of(cfg: JobConfig, handler: Handler) -> int | str:
+    """The job's ``concurrency`` for this handler: as configured, else ``auto`` for an async one and 1 for a sync one."""
+    if cfg.concurrency is not None:
+        return cfg.concurrency
+    return "auto" if is_async(handler) else 1
+
+
+def runs_concurrently(cfg: JobConfig) -> bool:
+    """Does the job keep several items of a batch in flight (an async handler, or ``concurrency`` other than 1)?
+    Imports the handler's module when ``concurrency`` is not set."""
+    if cfg.concurrency is not None:
+        return cfg.concurrency != 1
+    from slurmctl.handler import handler_for
+
+    return is_async(handler_for(cfg.handler, cfg.params))
+
+
+def shards_per_thread(cfg: JobConfig) -> int:
+    """Shards each of a worker's configured threads runs at once: 2 when items are in flight together, so when one
+    shard drains (its last batch's last calls, the task run's end, the next one's start) the other keeps the
+    worker's calls in flight; those threads mostly wait, and book no more cores (``flows.runners``). Else 1."""
+    return SHARDS_PER_THREAD if runs_concurrently(cfg) else 1
+
+
+SHARDS_PER_THREAD = 2
+
+
+class ItemRun:
+    """One batch's items through the handler, with retries, the breaker and the meter."""
+
+    def __init__(self, cfg: JobConfig, handler: Handler, ctx: BatchContext, meter: BatchMeter,
+                 breaker: CircuitBreaker | None, on_retry: Callable[..., None],
+                 sleep: Callable[[float], None]) -> None:
+        self.cfg, self.handler, self.ctx, self.meter = cfg, handler, ctx, meter
+        self.breaker, self.on_retry, self.sleep = breaker, on_retry, sleep
+        e = cfg.errors
+        self.policy, self.backoff, self.max_attempts = ErrorPolicy.of(e), Backoff.of(e), e.max_attempts
+        self.id_field = cfg.input.id_field
+        self.concurrency = concurrency_of(cfg, handler)
+        self.is_async = is_async(handler)
+        self.concurrent = self.is_async or self.concurrency != 1
+        self.gate: Any = None
+        self.in_flight_max = 0
+
+    def _broken(self) -> bool:
+        return self.breaker is not None and self.breaker.open
+
+    # --- one by one, in the batch's thread ------------------------------------------------------------------------
+    def one_by_one(self, items: Items) -> list[ItemOutcome | None]:
+        outcomes: list[ItemOutcome | None] = []
+        for _, item in items:
+            if self._broken():
+                outcomes.append(None)
+                continue
+
+            def call(item: dict[str, Any] = item) -> list[dict[str, Any]]:
+                with self.meter.call(self.ctx):
+                    result = self.handler(item, self.ctx)
+                return normalise_output(result, item, self.id_field)
+
+            outcomes.append(call_with_retries(call, self.policy, self.backoff, self.max_attempts, self.breaker,
+                                              sleep=self.sleep, on_retry=self.on_retry))
+        return outcomes
+
+    # --- many in flight, on the worker's event loop ----------------------------------------------------------------
+    def concurrently(self, items: Items) -> list[ItemOutcome | None]:
+        if self.concurrency == "auto":
+            self.gate = inflight.auto_gate(self.cfg.job_id or "", self.cfg.max_concurrency)
+            pool_size = self.cfg.max_concurrency
+        else:
+            self.gate = inflight.FixedGate(int(self.concurrency))
+            pool_size = int(self.concurrency) * SHARDS_PER_THREAD  # N per batch; a thread may hold two batches
+        self.ctx.observer = self.gate
+        pool = None if self.is_async else inflight.thread_pool(pool_size)
+        return inflight.worker_loop().run(self._run_all(items, pool))
+
+    async def _run_all(self, items: Items, pool: Any) -> list[ItemOutcome | None]:
+        gate, loop = self.gate, asyncio.get_running_loop()
+        peak = gate.watch()
+
+        async def attempt(item: dict[str, Any]) -> list[dict[str, Any]]:
+            with self.meter.call(self.ctx) as latency:
+                if pool is None:
+                    result = await self.handler(item, self.ctx)
+                else:  # a sync handler in a thread: the call's context (its token-wait cell) goes with it
+                    result = await loop.run_in_executor(pool, contextvars.copy_context().run, self.handler, item,
+                                                        self.ctx)
+            gate.observe(latency[0])
+            return normalise_output(result, item, self.id_field)
+
+        async def backoff(seconds: float) -> None:
+            gate.release()  # the slot goes to another item while this one waits
+            try:
+                if self.sleep is time.sleep:
+                    await asyncio.sleep(seconds)
+                else:
+                    self.sleep(seconds)  # a test's clock
+            finally:
+                await gate.acquire()
+
+        def on_retry(err: Any, attempt_no: int, wait: float) -> None:
+            if err.error_class == "throttle":
+                gate.throttled()
+            self.on_retry(err, attempt_no, wait)
+
+        async def run_one(entry: tuple[int, dict[str, Any]]) -> ItemOutcome:
+            item = entry[1]
+            outcome = await acall_with_retries(lambda: attempt(item), self.policy, self.backoff, self.max_attempts,
+                                               self.breaker, sleep=backoff, on_retry=on_retry)
+            if not outcome.ok and outcome.error.error_class == "throttle":
+                gate.throttled()
+            return outcome
+
+        try:
+            return await inflight.run_all(items, run_one, gate, stop=self._broken)
+        finally:
+            self.in_flight_max = gate.unwatch(peak)
+
+    def reached(self) -> dict[str, int]:
+        """For the batch's metrics: the concurrency its gate allowed when it ended and the most items in flight in
+        its worker process while it ran."""
+        if self.gate is None:
+            return {}
+        return {"concurrency": int(self.gate.limit), "in_flight_max": int(self.in_flight_max)}
+

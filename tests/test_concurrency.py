@@ -1,0 +1,296 @@
+"""Many items in flight: async handlers, sync handlers in threads, class handlers built once per worker process, and
+``concurrency: auto`` finding how many in flight the API and the declared rate limits allow.
+
+The batch-level tests run ``run_batch`` directly (no Prefect, no Dask); the gate's control is driven by a simulated
+API on a fake clock; one real job on the embedded default is checked where it matters, at the API.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from support import sample_handlers
+from support.chaos_api import ChaosApi
+from support.jobs import (
+    assert_exactly_once,
+    committed_tasks,
+    job_manifest,
+    log_tail,
+    run_cli,
+    status,
+    wait_for,
+    wait_until_ended,
+    write_config,
+    write_jsonl,
+)
+from support.sample_handlers import calls
+
+from slurmctl import inflight
+from slurmctl.blocks.manifest_store import LocalManifestStore
+from slurmctl.books.failures import committed_tasks as committed_in, failure_state
+from slurmctl.config import ConfigError, parse_config
+from slurmctl.handler import BatchContext, HandlerError, call_once, handler_for, load_handler
+from slurmctl.records import partition
+from slurmctl.tasks.process_batch import run_batch
+
+
+@pytest.fixture
+def batch(tmp_path: Path):
+    """A one-batch job of ``n`` items for ``handler``: returns (summary, task manifest, output ids in row order)."""
+    def run(handler: str, n: int = 60, errors: dict | None = None, store: str = "store", **fields):
+        write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
+        params = {"calls_file": str(tmp_path / "calls"), **fields.pop("params", {})}
+        cfg = parse_config({"job_id": "unit", "handler": f"support.sample_handlers:{handler}",
+                            "input": {"uri": str(tmp_path / "in.jsonl")}, "batch_size": n,
+                            "storage": {"uri": f"file://{tmp_path / store}"}, "params": params,
+                            "errors": {"backoff_base_s": 0.01, "backoff_max_s": 0.02, **(errors or {})}, **fields})
+        books = LocalManifestStore(root=str(tmp_path / store))
+        with open(tmp_path / "in.jsonl", "rb") as f:
+            [spec] = partition(f, "jsonl", n).batches
+        summary = run_batch(cfg, books, spec)
+        task = books.get_json(f"jobs/unit/tasks/{spec.batch_id}.json")
+        rows = pq.read_table(io.BytesIO(books.read_range(books.uri(task["output"]), 0, 1 << 30))).to_pylist() \
+            if task["output"] else []
+        return summary, task, rows, books
+    sample_handlers.in_flight.peak = 0
+    inflight._gates.clear()  # each test's job starts with a fresh auto-concurrency gate
+    return run
+
+
+def test_an_async_handler_keeps_many_items_in_flight_and_commits_them_in_input_order(batch, tmp_path):
+    # Items finish out of order (a random part of each sleep); some fail for good, one throttles every time.
+    summary, task, rows, store = batch("counting_async", n=300, params={
+        "sleep_s": 0.02, "jitter_s": 0.05, "fail": {"3": "not_found", "250": "throttle"}})
+    assert [r["id"] for r in rows] == [i for i in range(300) if i not in (3, 250)]  # input order, as committed
+    assert (summary["items_succeeded"], summary["items_failed"]) == (298, 2)
+    state = failure_state(store, committed_in(store, "unit"))
+    assert {r["id"]: (r["error_class"], r["attempts"]) for r in state.values()} == {3: ("not_found", 1),
+                                                                                    250: ("throttle", 3)}
+    assert Counter(i for _, i in calls(str(tmp_path / "calls")))[250] == 3  # retried with the others in flight
+    m = task["metrics"]
+    assert sample_handlers.in_flight.peak > 4 and m["in_flight_max"] >= sample_handlers.in_flight.peak
+    assert m["api_calls"] == 302 and m["concurrency"] >= 1
+    assert summary["in_flight_max"] == m["in_flight_max"]
+
+
+def test_a_sync_handler_runs_one_item_at_a_time_unless_told_otherwise(batch):
+    summary, task, rows, _ = batch("counting_threads", n=30, params={"sleep_s": 0.005})
+    assert sample_handlers.in_flight.peak == 1 and "in_flight_max" not in task["metrics"]
+    assert summary["in_flight_max"] == 1 and [r["id"] for r in rows] == list(range(30))
+
+
+def test_a_sync_handler_with_concurrency_n_runs_at_most_n_items_at_once_in_threads(batch):
+    summary, task, rows, _ = batch("counting_threads", n=40, concurrency=4,
+                                   params={"sleep_s": 0.03, "jitter_s": 0.03, "fail": {"7": "handler"}})
+    assert 1 < sample_handlers.in_flight.peak <= 4 and task["metrics"]["in_flight_max"] <= 4
+    assert [r["id"] for r in rows] == [i for i in range(40) if i != 7] and summary["items_failed"] == 1
+
+
+def test_a_retry_backoff_hands_its_slot_to_another_item(batch, tmp_path):
+    # One slot (concurrency: 1) and item 0 fails once with a transient class: while it waits its backoff (at least
+    # half a second), the other items take the slot. Holding the slot while sleeping, they would all wait for it.
+    (tmp_path / "fail.json").write_text(json.dumps({"0": "server"}))
+    summary, _, rows, _ = batch("flaky_once_async", n=10, concurrency=1,
+                                errors={"backoff_base_s": 1.0, "backoff_max_s": 1.0},
+                                params={"fail_once": str(tmp_path / "fail.json")})
+    order = [i for _, i in calls(str(tmp_path / "calls"))]
+    assert order == [0, *range(1, 10), 0], order
+    assert summary["items_succeeded"] == 10 and [r["id"] for r in rows] == list(range(10))
+
+
+def test_with_items_in_flight_the_circuit_breaker_defers_the_rest_of_the_batch(batch, tmp_path):
+    # Every call fails with a transient class: once the breaker opens, the items in flight or waiting their backoff
+    # are deferred with the ones never started, and no item spends its remaining attempts against the failing API.
+    summary, task, rows, _ = batch("counting_async", n=200, params={
+        "sleep_s": 0.01, "fail": {str(i): "server" for i in range(200)}},
+        errors={"circuit_breaker": {"window": 6, "min_attempts": 6, "threshold": 0.8}})
+    assert (summary["status"], summary["items_deferred"], summary["items_failed"]) == ("throttled", 200, 0)
+    assert len(calls(str(tmp_path / "calls"))) < 40  # a few items' attempts, not 200 x 3
+
+
+def test_a_class_handler_is_built_once_per_process_and_closed_once(batch, tmp_path):
+    params = {"instances_file": str(tmp_path / "built"), "closes_file": str(tmp_path / "closed")}
+    inflight.close_worker()  # start clean: no instance left by another test
+    for handler in ("Session", "AsyncSession"):
+        batch(handler, n=5, params=params, store=f"{handler}-1")
+        _, _, rows, _ = batch(handler, n=5, params=params, store=f"{handler}-2")  # a second batch, same process
+        assert [r["session_calls"] for r in rows] == [6, 7, 8, 9, 10]  # the same instance went on counting
+    assert (tmp_path / "built").read_text().count("built") == 2  # one per class, not one per batch
+    assert not (tmp_path / "closed").exists()
+    assert inflight.close_worker() == 2  # the worker stops: each closed (aclose on the loop it was built on)
+    assert inflight.close_worker() == 0 and (tmp_path / "closed").read_text().count("closed") == 2
+
+
+def test_handlers_of_every_form_can_be_unit_tested_with_a_batch_context():
+    ctx = BatchContext(job_id="t", batch_id="b", params={"sleep_s": 0})
+    for name in ("counting_async", "counting_threads", "Session", "AsyncSession"):
+        handler = handler_for(f"support.sample_handlers:{name}", {})
+        assert call_once(handler, {"id": 4}, ctx)["doubled"] == 8
+
+
+def test_a_class_handler_that_cannot_be_built_or_called_is_refused_before_submission():
+    with pytest.raises(HandlerError, match=r"NoCall must define __call__"):
+        load_handler("support.sample_handlers:NoCall")
+    with pytest.raises(HandlerError, match=r"built as NeedsTwo\(params\)"):
+        load_handler("support.sample_handlers:NeedsTwo")
+
+
+def test_concurrency_is_validated_naming_the_field():
+    base = {"handler": "slurmctl.handlers.echo:handle", "input": {"uri": "x.jsonl"}}
+    for bad in (0, -3, "many"):
+        with pytest.raises(ConfigError) as err:
+            parse_config({**base, "concurrency": bad})
+        assert "concurrency" in str(err.value)
+    assert parse_config({**base, "concurrency": "auto"}).concurrency == "auto"
+    assert parse_config(base).concurrency is None and parse_config(base).max_concurrency == 256
+
+
+# --- concurrency: auto, driven by a simulated API on a fake clock -------------------------------------------------
+class SimulatedApi:
+    """An API that serves ``capacity`` calls at once in ``service_s`` each (more queue: latency grows, throughput
+    does not), behind a client-side rate limit of ``rate``/s (calls beyond it wait for tokens: ``waiters``)."""
+
+    def __init__(self, service_s: float, capacity: float = math.inf, rate: float = math.inf) -> None:
+        self.service_s, self.capacity, self.rate = service_s, capacity, rate
+
+    def step(self, gate: inflight.AutoGate, now: list[float], dt: float = 0.01) -> None:
+        n = gate.limit  # the job always has items waiting: the gate is full
+        calling = min(n, self.rate * self.service_s) if self.rate < math.inf else n
+        gate.in_flight = n
+        gate.waiting(round(n - calling) - gate.token_waiters)
+        latency = self.service_s * max(1.0, calling / self.capacity)
+        done = calling / latency * dt  # completions in this step (Little's law)
+        gate.carry = getattr(gate, "carry", 0.0) + done
+        now[0] += dt
+        while gate.carry >= 1:
+            gate.carry -= 1
+            gate.observe(latency)
+
+    def run(self, gate: inflight.AutoGate, now: list[float], seconds: float) -> list[int]:
+        limits = []
+        for _ in range(int(seconds / 0.01)):
+            self.step(gate, now)
+            limits.append(gate.limit)
+        return limits
+
+
+def auto_gate(maximum: int = 256) -> tuple[inflight.AutoGate, list[float]]:
+    now = [0.0]
+    return inflight.AutoGate(maximum, clock=lambda: now[0]), now
+
+
+def test_auto_concurrency_rises_until_the_declared_rate_is_saturated_and_no_further():
+    # 500/s declared, 200 ms answers: Little's law needs 100 in flight. It gets there, and keeps only a small queue.
+    gate, now = auto_gate()
+    limits = SimulatedApi(0.2, rate=500).run(gate, now, 30)
+    reached = limits.index(next(n for n in limits if n >= 100))
+    assert reached < len(limits) / 3, gate.history  # in the first 10 s
+    assert 100 <= min(limits[reached:]) and max(limits[reached:]) <= 2 * 100 + 10, gate.history  # never starved
+    assert gate.limit <= 100 * (1 + inflight.AutoGate.QUEUE_SHARE) + 10, gate.history  # and only a short queue
+
+
+def test_auto_concurrency_without_a_declared_limit_stops_where_the_api_queues_and_falls_when_it_slows():
+    gate, now = auto_gate()
+    api = SimulatedApi(0.1, capacity=40)
+    api.run(gate, now, 30)
+    assert 30 <= gate.limit <= 80, gate.history  # about the API's capacity: beyond it, latency grows, not throughput
+    api.capacity = 10  # the API slows down: four times fewer calls served at once
+    api.run(gate, now, 30)
+    assert gate.limit <= 25, gate.history
+
+
+def test_auto_concurrency_shrinks_on_throttling_and_never_passes_its_maximum():
+    gate, now = auto_gate(maximum=50)
+    SimulatedApi(0.05).run(gate, now, 20)
+    assert gate.limit == 50  # an API that scales: up to the maximum, not beyond
+    before = gate.limit
+    gate.throttled()
+    SimulatedApi(0.05).run(gate, now, 0.3)
+    assert gate.history[-1][1] == math.floor(before * inflight.AutoGate.BACKOFF) or gate.limit < before
+
+
+# --- a real job on the embedded default, checked at the API -------------------------------------------------------
+@pytest.mark.integration
+def test_an_async_class_handler_saturates_a_slow_rate_limited_api_without_more_threads(tmp_path, prefect_api,
+                                                                                      slurmctl_home):
+    # 2 worker processes x 1 thread, an API answering in 200 ms with a bucket of 50/s (burst 5), declared the same:
+    # Little's law needs 10 calls in flight, five times the threads. Nobody gives a concurrency number.
+    n, rate, latency = 500, 50, 0.2
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
+    with ChaosApi(max_per_second=rate, burst=5, latency_s=latency) as api:
+        cfg = write_config(tmp_path / "job.yaml", job_id="inflight", handler="support.sample_handlers:ApiSession",
+                           input={"uri": "in.jsonl"}, batch_size=25, storage={"uri": "state"},
+                           params={"base_url": api.url, "limit": "api", "instances_file": str(tmp_path / "built"),
+                                   "closes_file": str(tmp_path / "closed")},
+                           rate_limits={"api": {"per_second": rate, "burst": 5}})
+        result = run_cli("submit", str(cfg), "--wait")
+        assert result.returncode == 0, result.stderr + log_tail(slurmctl_home, "inflight")
+        stats = api.stats()
+    assert stats["over_limit"] <= 0.001 * stats["requests"] and stats["requests"] == n, stats
+    # Concurrency rose to what the declared rate needs (Little's law), five times the threads. How much of the rate
+    # the job then uses is the benchmark's to measure (benchmarks/api_bound.py), not a timed assertion's.
+    assert stats["in_flight_max"] >= rate * latency, stats
+    view = status("inflight")
+    assert_exactly_once(view, range(n))
+    assert view["in_flight_max"] >= 4
+    # Built once per worker process that ran batches, closed once by each when the cluster stopped.
+    built = Counter(line.split()[0] for line in (tmp_path / "built").read_text().splitlines())
+    closed = Counter(line.split()[0] for line in (tmp_path / "closed").read_text().splitlines())
+    assert set(built.values()) == {1} and closed == built, (built, closed)
+
+
+def test_items_in_flight_run_two_shards_per_thread_on_threads_that_book_no_cpu():
+    # A shard that drains (its last calls, its task run ending, the next starting) would leave the worker's calls in
+    # flight at nothing: a second shard per thread keeps them going. Those threads mostly wait: Slurm books the
+    # configured CPUs (job_cpu), not Dask's threads.
+    from dask_jobqueue.slurm import SLURMJob
+
+    from slurmctl.flows.runners import task_runner_for
+    from slurmctl.item_run import shards_per_thread
+
+    base = {"handler": "support.sample_handlers:counting_async", "input": {"uri": "x.jsonl"}}
+    slurm = parse_config({**base, "cluster": {"kind": "slurm", "cores": 1, "processes": 1}})
+    assert shards_per_thread(slurm) == 2
+    assert shards_per_thread(parse_config({**base, "concurrency": 1})) == 1
+    assert shards_per_thread(parse_config({**base, "handler": "support.sample_handlers:counting"})) == 1
+    kwargs = task_runner_for(slurm.cluster, "j", threads_factor=2).cluster_kwargs
+    script = SLURMJob(scheduler="tcp://127.0.0.1:8786", name="w", cores=kwargs["cores"], memory="1GB",
+                      job_cpu=kwargs["job_cpu"], processes=kwargs["processes"]).job_script()
+    assert "--cpus-per-task=1" in script and "--nthreads 2" in script
+    local = task_runner_for(parse_config(base).cluster, "j", threads_factor=2).cluster_kwargs
+    assert local["threads_per_worker"] == 2
+
+
+@pytest.mark.integration
+@pytest.mark.chaos
+def test_a_killed_worker_with_items_in_flight_loses_only_its_uncommitted_batches(tmp_path, prefect_api, slurmctl_home):
+    # An async handler, many items in flight in each worker process, two shards per thread. Item 77 stalls its batch;
+    # its worker is killed there. Every item ends in the output once; only items of batches that had not committed
+    # when it died ran again, and none more than twice.
+    n, batch_size, stalled = 400, 10, 77
+    marker = tmp_path / "stalled-pid"
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
+    cfg = write_config(tmp_path / "job.yaml", job_id="kill-inflight", handler="support.sample_handlers:counting_async",
+                       input={"uri": "in.jsonl"}, batch_size=batch_size, storage={"uri": "state"}, batch_retries=0,
+                       params={"calls_file": str(tmp_path / "calls"), "sleep_s": 0.01,
+                               "stall_once": {"id": stalled, "marker": str(marker), "seconds": 600}})
+    assert run_cli("submit", str(cfg)).returncode == 0
+    victim = int(wait_for(lambda: marker.exists() and marker.read_text().strip(), 240, "item 77 to stall"))
+    os.kill(victim, signal.SIGKILL)
+    committed_at_kill = set(committed_tasks(tmp_path / "state", "kill-inflight"))  # the victim commits no more
+    view = wait_until_ended("kill-inflight")
+    assert view["status"] == "completed", view["error"] + log_tail(slurmctl_home, "kill-inflight")
+    assert_exactly_once(view, range(n))
+    made = Counter(item for _, item in calls(str(tmp_path / "calls")))
+    again = {i for i, k in made.items() if k > 1}
+    assert stalled in again and max(made.values()) == 2 and set(made) == set(range(n))
+    assert not {f"batch-{i // batch_size:06d}" for i in again} & committed_at_kill, sorted(again)
+    assert job_manifest(tmp_path / "state", "kill-inflight")["worker_loss_requeues"] >= 1
