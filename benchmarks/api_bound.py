@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
 from support.jobs import write_config  # noqa: E402
-from support.servers import BIN, free_port, stop, wait_http  # noqa: E402
+from support.servers import benchmark_env, free_port, start_prefect_server, stop, wait_http  # noqa: E402
 
 HANDLERS = {
     "async": ("slurmctl.handlers.http_json:AsyncClient", {}),
@@ -164,22 +164,15 @@ def main() -> None:
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-api-bound-"))
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "SLURMCTL_HOME": str(tmp / "home"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT / "tests")])}
+    env = benchmark_env(tmp, ROOT)
     procs, cells = [], []
     try:
-        port = free_port()
-        prefect_env = {**env, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": ""}
-        procs.append(subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                       str(port)], env=prefect_env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        procs.append(start_prefect_server(env, tmp / "prefect-home"))
         api_port = free_port()
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "api_server.py"), str(api_port)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         api = f"http://127.0.0.1:{api_port}"
         wait_http(api + "/stats", 60)
-        wait_http(env["PREFECT_API_URL"] + "/health", 180)
         for latency in args.latency_ms:
             for rate in args.rate:
                 for handler in args.handlers:

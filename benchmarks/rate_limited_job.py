@@ -36,7 +36,7 @@ sys.path[:0] = [str(ROOT / "tests")]
 from support.chaos_api import ChaosApi  # noqa: E402
 from support.jobs import write_config  # noqa: E402
 from support.rates import steady_buckets  # noqa: E402
-from support.servers import BIN, free_port, stop, wait_http  # noqa: E402
+from support.servers import BIN, benchmark_env, free_port, start_prefect_server, stop, wait_http  # noqa: E402
 
 
 def run_cell(args: argparse.Namespace, env: dict, tmp: Path, workers: int, threads: int, latency_ms: float,
@@ -123,17 +123,10 @@ def main() -> None:
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-limited-job-"))
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "SLURMCTL_HOME": str(tmp / "home"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT / "tests")])}
+    env = benchmark_env(tmp, ROOT)
     procs = []
     try:
-        port = free_port()
-        prefect_env = {**env, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": ""}
-        procs.append(subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                       str(port)], env=prefect_env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-        wait_http(env["PREFECT_API_URL"] + "/health", 180)
+        procs.append(start_prefect_server(env, tmp / "prefect-home"))
         backend: dict = {}
         if args.backend == "dynamodb":
             os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")

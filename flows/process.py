@@ -286,6 +286,8 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
             beat()
     finally:
         feed.close()
+    if watch.client is not None:  # every shard has ended: workers close the handler instances they built
+        worker_plugin.close_on_workers(watch.client, logger)
     if stopped_left:  # a commit whose report was lost with its shard is still counted
         committed = set(committed_batch_ids(store, job.job_id))
         for spec in stopped_left:

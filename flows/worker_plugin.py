@@ -1,9 +1,12 @@
-"""What a Dask worker does for slurmctl when it stops: close the handler instances it built (``close()``/``aclose()``
-of a class handler, on the event loop its async clients were built on) and stop that loop.
+"""Closing the handler instances a Dask worker built (``close()``/``aclose()`` of a class handler, on the event loop
+its async clients were built on), and stopping that loop.
 
-Registered with the cluster by the process phase (``register``), so every worker, including those that join later
-(adaptive Slurm jobs), runs it when it closes. A worker that is killed (SIGKILL, a node lost) closes nothing: a
-handler must not rely on ``close`` for correctness, only for tidiness (connections, sessions).
+Two ways, since neither covers every end: a pass that finishes asks every live worker to close them at once
+(``close_on_workers``): a Slurm cluster is torn down with ``scancel``, whose SIGTERM reaches the worker process
+before any teardown runs. And a plugin registered with the cluster (``register``) closes them when a worker stops
+gracefully (scale-down, retirement), including workers that joined later. A worker that is killed (SIGKILL, a node
+lost, walltime) closes nothing: a handler must not rely on ``close`` for correctness, only for tidiness
+(connections, sessions).
 """
 
 from __future__ import annotations
@@ -27,3 +30,13 @@ class CloseHandlers(WorkerPlugin):
 def register(client: Any) -> None:
     """Register the plugin with ``client``'s cluster (idempotent: registered by name)."""
     client.register_plugin(CloseHandlers(), name=NAME)
+
+
+def close_on_workers(client: Any, logger: Any = None) -> None:
+    """The pass is over (no shard runs): every live worker closes its handler instances now. A worker that cannot be
+    reached is skipped (its plugin or its exit closes them, if anything does)."""
+    try:
+        client.run(inflight.close_worker, on_error="ignore")
+    except Exception as exc:  # the cluster is going anyway: tidiness, never a reason to fail the pass
+        if logger is not None:
+            logger.warning("could not ask the workers to close their handlers: %s: %s", type(exc).__name__, exc)

@@ -120,6 +120,15 @@ def is_async(handler: Any) -> bool:
     return call is not None and inspect.iscoroutinefunction(call)
 
 
+def is_async_spec(spec: str) -> bool:
+    """Is the handler ``spec`` names async (a coroutine function, or a class whose ``__call__`` is one)? Answered
+    from the code, without building a class handler (the coordinator asks; only workers build)."""
+    target = _loaded(spec)
+    if inspect.isclass(target):
+        return inspect.iscoroutinefunction(getattr(target, "__call__", None))
+    return inspect.iscoroutinefunction(target)
+
+
 # --- worker-scoped handler instances -----------------------------------------------------------------------------
 _instances: dict[tuple[str, str], Any] = {}
 _instances_lock = threading.Lock()

@@ -22,7 +22,7 @@ from slurmctl import inflight
 from slurmctl.batch_metrics import BatchMeter
 from slurmctl.config import JobConfig
 from slurmctl.errors import Backoff, CircuitBreaker, ErrorPolicy, ItemOutcome, acall_with_retries, call_with_retries
-from slurmctl.handler import BatchContext, Handler, is_async, normalise_output
+from slurmctl.handler import BatchContext, Handler, is_async, is_async_spec, normalise_output
 
 Items = list[tuple[int, dict[str, Any]]]
 
@@ -36,12 +36,10 @@ def concurrency_of(cfg: JobConfig, handler: Handler) -> int | str:
 
 def runs_concurrently(cfg: JobConfig) -> bool:
     """Does the job keep several items of a batch in flight (an async handler, or ``concurrency`` other than 1)?
-    Imports the handler's module when ``concurrency`` is not set."""
+    Imports the handler's module when ``concurrency`` is not set; never builds a class handler."""
     if cfg.concurrency is not None:
         return cfg.concurrency != 1
-    from slurmctl.handler import handler_for
-
-    return is_async(handler_for(cfg.handler, cfg.params))
+    return is_async_spec(cfg.handler)
 
 
 def shards_per_thread(cfg: JobConfig) -> int:

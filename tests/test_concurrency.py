@@ -35,7 +35,8 @@ from support.sample_handlers import calls
 
 from slurmctl import inflight
 from slurmctl.blocks.manifest_store import LocalManifestStore
-from slurmctl.books.failures import committed_tasks as committed_in, failure_state
+from slurmctl.books.failures import committed_tasks as committed_in
+from slurmctl.books.failures import failure_state
 from slurmctl.config import ConfigError, parse_config
 from slurmctl.handler import BatchContext, HandlerError, call_once, handler_for, load_handler
 from slurmctl.records import partition

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -33,8 +34,12 @@ def our_slurm_jobs() -> list[str]:
 
 
 def test_job_runs_on_slurm_workers(tmp_path: Path, prefect_api: str, slurmctl_home: Path, slurm: None):
+    # An async class handler: many items in flight in each worker job of `cores: 1`, the instance built once per
+    # worker process and closed when its worker stops.
     write_jsonl(tmp_path / "users.jsonl", [{"id": i} for i in range(400)])
-    cfg = write_config(tmp_path / "job.yaml", job_id="on-slurm", handler="slurmctl.handlers.echo:handle",
+    built, closed = tmp_path / "built", tmp_path / "closed"
+    cfg = write_config(tmp_path / "job.yaml", job_id="on-slurm", handler="support.sample_handlers:AsyncSession",
+                       params={"sleep_s": 0.05, "instances_file": str(built), "closes_file": str(closed)},
                        input={"uri": "users.jsonl"}, batch_size=50, storage={"uri": "state"},
                        cluster={"kind": "slurm", "queue": "debug", "cores": 1, "processes": 1, "memory": "1GB",
                                 "walltime": "00:10:00", "min_jobs": 2, "max_jobs": 2})
@@ -47,6 +52,7 @@ def test_job_runs_on_slurm_workers(tmp_path: Path, prefect_api: str, slurmctl_ho
     slurm_ids = {t["slurm_job_id"] for t in tasks}
     assert None not in slurm_ids and all(s.isdigit() for s in slurm_ids)
     assert all(t["metrics"]["slurm_job_id"] == t["slurm_job_id"] for t in tasks)  # the batch's metrics say so too
+    assert max(t["metrics"]["in_flight_max"] for t in tasks) > 2  # more than the worker's threads
     # Those are real Slurm jobs that Slurm accounted for: sacct is off here, so ask the worker logs. With no
     # cluster.log_directory they are in the job's log directory next to its coordinator log, one per worker job,
     # and none in the directory sbatch was called from.
@@ -64,6 +70,9 @@ def test_job_runs_on_slurm_workers(tmp_path: Path, prefect_api: str, slurmctl_ho
     while our_slurm_jobs() and time.monotonic() < deadline:
         time.sleep(2)
     assert our_slurm_jobs() == []
+    builders = Counter(line.split()[0] for line in built.read_text().splitlines())
+    closers = Counter(line.split()[0] for line in closed.read_text().splitlines()) if closed.exists() else Counter()
+    assert set(builders.values()) == {1} and closers == builders, (builders, closers)
 
 
 def slurm_config(tmp_path: Path, job_id: str, n: int, **extra) -> Path:

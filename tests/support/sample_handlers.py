@@ -30,13 +30,7 @@ from slurmctl.errors import ItemError
 
 
 def record_call(ctx: Any, item: dict[str, Any]) -> None:
-    path = ctx.params.get("calls_file")
-    if path:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"{os.getpid()} {item['id']}\n".encode())
-        finally:
-            os.close(fd)
+    _note(ctx.params.get("calls_file"), str(item["id"]))
 
 
 def first_call(ctx: Any, item: dict[str, Any], param: str) -> dict[str, Any] | None:
@@ -159,6 +153,7 @@ def _injected_failure(ctx: Any, item: dict[str, Any]) -> None:
 
 
 def _note(path: str | None, text: str) -> None:
+    """Append ``<pid> <text>`` to the file ``path`` (O_APPEND: safe across processes), if given."""
     if path:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

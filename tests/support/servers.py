@@ -42,3 +42,24 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def benchmark_env(tmp: Path, root: Path) -> dict[str, str]:
+    """The environment a benchmark's jobs run in: their own SLURMCTL_HOME under ``tmp``, our benchmarks and test
+    support importable (handlers the benchmarks name live there)."""
+    import os
+
+    return {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "SLURMCTL_HOME": str(tmp / "home"),
+            "PYTHONPATH": os.pathsep.join([str(root / "benchmarks"), str(root / "tests")])}
+
+
+def start_prefect_server(env: dict[str, str], home: Path) -> subprocess.Popen:
+    """A Prefect server of its own (its database under ``home``) for the jobs of one run; ``env`` gets its
+    PREFECT_API_URL. Returns once it answers."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env={**env, "PREFECT_HOME": str(home), "PREFECT_API_URL": ""},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    wait_http(env["PREFECT_API_URL"] + "/health", 180, proc)
+    return proc
