@@ -13,12 +13,12 @@ How many are in flight at once is a gate:
 * ``FixedGate``: ``concurrency: N``, at most N items of the batch at once.
 * ``AutoGate``: ``concurrency: auto``, one per worker process and job, shared by its batches. It starts low and
   doubles while more in flight brings more done (slow start), then climbs by a quarter. It stops growing when the
-  job's rate limits are saturated: items queue for tokens in ``ctx.limit`` and no slot passes unused; it then holds, trimming only a long
-  queue down to the calls in progress (Little's law: ``rate x latency``) plus half as many waiting, so the limiter
-  never idles. Without a saturated
-  limit it climbs while more in flight brings more done, steps back when it does not (the API queues our calls), and
-  now and then probes lower, keeping the lower limit when the rate does not fall: so it follows an API that slows
-  down. An answer of 429 (or any throttling error) shrinks it by 30 %. It never exceeds ``max_concurrency``.
+  job's rate limits are saturated (items queue for tokens in ``ctx.limit`` and no slot passes unused); it then
+  holds, trimming only a long queue down to the calls in progress (Little's law: ``rate x latency``) plus half as
+  many waiting, so the limiter never idles. Without a saturated limit it climbs while more in flight brings more
+  done, steps back when it does not (the API queues our calls), and now and then probes lower, keeping the lower
+  limit when the rate does not fall: so it follows an API that slows down. An answer of 429 (or any throttling
+  error) shrinks it by 30 %. It never exceeds ``max_concurrency``.
 
 What a gate reached lands in each batch's metrics (``concurrency``: the gate's limit when the batch ended,
 ``in_flight_max``: the most items in flight in the process during the batch), and from there in ``status`` and the
@@ -274,7 +274,7 @@ class AutoGate:
             self.slow_start, self._last, self._hold = False, None, self.HOLD
         elif self.starved and waiters < self.limit / 2 and used >= 0.7 * self.limit:
             # The limiter had slots nobody was ready for: more must be in flight (a starved limiter is not saturated).
-            self.limit = max(self.limit + 1, math.ceil(self.limit * 1.25))
+            self.limit = self._grown()
             self.slow_start, self._last = False, None
         elif waiters >= self.FED:
             # The rate limits are saturated: items queue for tokens, so more in flight would only queue longer. Hold,
@@ -306,11 +306,9 @@ class AutoGate:
         if last is not None:
             before, before_rate = last
             step = self.limit / before - 1
-            if step > 0 and rate < before_rate * (1 + self.PAYS * step):
-                self.limit, self.slow_start, self._last, self._hold = before, False, None, self.HOLD
-                return
-            if step < 0 and rate < before_rate * (1 + self.PAYS * step):
+            if rate < before_rate * (1 + self.PAYS * step):  # up: did not pay; down: cost too much. Step back.
                 self.limit, self._last, self._hold = before, None, self.HOLD
+                self.slow_start = self.slow_start and step < 0
                 return
             self._last = (self.limit, rate)  # the step paid (up) or cost nothing (down): go on the same way
             self._step(down=step < 0)
@@ -326,9 +324,12 @@ class AutoGate:
         if down and self.limit > 1:
             self.limit = math.floor(self.limit * self.PROBE_DOWN)
         elif not down and self.limit < self.maximum:
-            self.limit = self.limit * 2 if self.slow_start else max(self.limit + 1, math.ceil(self.limit * 1.25))
+            self.limit = self.limit * 2 if self.slow_start else self._grown()
         else:
             self._last = None  # nowhere to go
+
+    def _grown(self) -> int:
+        return max(self.limit + 1, math.ceil(self.limit * 1.25))
 
 
 async def run_all(items: list[T], run_one: Callable[[T], Awaitable[R]], gate: Any,

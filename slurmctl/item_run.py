@@ -34,6 +34,11 @@ def concurrency_of(cfg: JobConfig, handler: Handler) -> int | str:
     return "auto" if is_async(handler) else 1
 
 
+def is_concurrent(cfg: JobConfig, handler: Handler) -> bool:
+    """Do this handler's items run on the worker's event loop (async, or a ``concurrency`` other than 1)?"""
+    return is_async(handler) or concurrency_of(cfg, handler) != 1
+
+
 def runs_concurrently(cfg: JobConfig) -> bool:
     """Does the job keep several items of a batch in flight (an async handler, or ``concurrency`` other than 1)?
     Imports the handler's module when ``concurrency`` is not set; never builds a class handler."""
@@ -65,7 +70,7 @@ class ItemRun:
         self.id_field = cfg.input.id_field
         self.concurrency = concurrency_of(cfg, handler)
         self.is_async = is_async(handler)
-        self.concurrent = self.is_async or self.concurrency != 1
+        self.concurrent = is_concurrent(cfg, handler)
         self.gate: Any = None
         self.in_flight_max = 0
 

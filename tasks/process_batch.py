@@ -36,7 +36,7 @@ from slurmctl.books.manifests import Keys, TaskManifest, now
 from slurmctl.config import JobConfig
 from slurmctl.errors import CircuitBreaker, ErrorPolicy
 from slurmctl.handler import BatchContext, handler_for
-from slurmctl.item_run import ItemRun, concurrency_of
+from slurmctl.item_run import ItemRun, is_concurrent
 from slurmctl.records import BatchSpec, read_batch
 from slurmctl.tables import rows_table, write_sqlite
 
@@ -113,7 +113,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
 
     attempt = uuid.uuid4().hex[:12]
     handler = handler_for(cfg.handler, cfg.params)
-    meter = BatchMeter(concurrent=concurrency_of(cfg, handler) != 1)  # the batch's clock, CPU and call latencies
+    meter = BatchMeter(concurrent=is_concurrent(cfg, handler))  # the batch's clock, CPU and call latencies
     id_field = cfg.input.id_field
     uri = cfg.input.uri if spec.source == "input" else store.uri(spec.source)
     sliced = read_batch(store.open_uri, read_range or store.read_range, uri, cfg.input.format, spec, id_field)
