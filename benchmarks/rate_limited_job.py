@@ -36,7 +36,7 @@ sys.path[:0] = [str(ROOT / "tests")]
 from support.chaos_api import ChaosApi  # noqa: E402
 from support.jobs import write_config  # noqa: E402
 from support.rates import steady_buckets  # noqa: E402
-from support.servers import BIN, benchmark_env, free_port, start_prefect_server, stop, wait_http  # noqa: E402
+from support.servers import BIN, benchmark_env, free_port, moto_command, start_prefect_server, stop, wait_http  # noqa: E402
 
 
 def run_cell(args: argparse.Namespace, env: dict, tmp: Path, workers: int, threads: int, latency_ms: float,
@@ -131,7 +131,7 @@ def main() -> None:
         if args.backend == "dynamodb":
             os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
             moto_port = free_port()
-            procs.append(subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
+            procs.append(subprocess.Popen(moto_command(moto_port),
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             endpoint = f"http://127.0.0.1:{moto_port}"
             wait_http(endpoint + "/moto-api/", 60)

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from support.servers import BIN, free_port, wait_http  # noqa: E402
+from support.servers import BIN, free_port, moto_command, wait_http  # noqa: E402
 
 
 def get(url: str) -> int:
@@ -152,7 +152,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="slurmctl-ratebench-"))
     moto_port = free_port()
-    moto = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
+    moto = subprocess.Popen(moto_command(moto_port),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     out: dict = {"rate": args.rate, "workers": args.workers, "seconds": args.seconds, "lease_size": args.lease_size,

@@ -169,10 +169,10 @@ def main() -> None:
     if args.s3:
         import boto3
         from support.fault_proxy import FaultProxy
-        from support.servers import BIN, free_port, stop, wait_http
+        from support.servers import free_port, moto_command, stop, wait_http
 
         port = free_port()
-        moto = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        moto = subprocess.Popen(moto_command(port),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_http(f"http://127.0.0.1:{port}/moto-api/", 60, moto)
         proxy = FaultProxy(f"http://127.0.0.1:{port}", classify=request_kind).start()

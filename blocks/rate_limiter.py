@@ -111,7 +111,7 @@ class RateLimiter(Block, ABC):
 
     def report_throttle(self, key: str, spec: LimitSpec, retry_after_s: float | None) -> LimitState:
         return self._update(key, spec, lambda state: throttled_state(
-            state, now_us(), retry_after_s, spec.grace_us, strikes=spec.throttle_strikes,
+            state, now_us(), retry_after_s, spec.grace_us, strikes=spec.strikes_needed,
             window_us=spec.strike_window_us))[1]
 
     def set_rate(self, key: str, spec: LimitSpec, per_second: float) -> LimitState:

@@ -8,9 +8,14 @@ object becomes the output row, with the item's id (an ``id`` of the API's own, w
 status and ``Retry-After`` header slurmctl's error classes read.
 
 ``AsyncClient`` is the same handler for APIs that need many calls in flight (``handler:
-slurmctl.handlers.http_json:AsyncClient``): a class handler, so each worker process builds one ``httpx.AsyncClient``
-(one connection pool, kept alive) and closes it when the worker stops; its calls are coroutines, so the job runs them
-with ``concurrency: auto`` by default. Extra param: ``max_connections`` (default 1000 per worker process).
+slurmctl.handlers.http_json:AsyncClient``): a class handler, so each worker process builds its ``httpx.AsyncClient``
+connection pools once (kept alive) and closes them when the worker stops; its calls are coroutines, so the job runs
+them with ``concurrency: auto`` by default. Extra param: ``max_connections`` (default 1000 per worker process).
+
+Why several small pools and not one: httpcore's pool scans all of its connections on every request and every
+answer, so one pool of 64 connections here spent 12 ms of CPU per request (78 requests/s from a whole core), and
+pools of 8 spent 1.1 ms (850/s) for the same 64 in flight (``benchmarks/api_bound.py``, docs/benchmarks.md). A
+request goes to the pool with the fewest in flight; a new pool opens when every pool has ``POOL_CONNECTIONS``.
 """
 
 from __future__ import annotations
@@ -39,26 +44,41 @@ def _url(params: dict[str, Any], item: dict[str, Any]) -> str:
 
 
 class AsyncClient:
-    """``handle`` on one ``httpx.AsyncClient`` per worker process, many requests in flight (see the module doc)."""
+    """``handle`` on ``httpx.AsyncClient`` pools built once per worker process, many requests in flight (see the
+    module doc)."""
+
+    POOL_CONNECTIONS = 8  # connections per httpx pool: its per-request cost grows with the connections it holds
 
     def __init__(self, params: dict[str, Any]) -> None:
         if "base_url" not in params:
             raise ValueError("params.base_url is required by slurmctl.handlers.http_json:AsyncClient")
         self.params = params
-        self.client: Any = None  # built on the worker's event loop, on first use
+        self.pools: list[list[Any]] = []  # [client, requests in flight], built on the worker's loop on first use
 
-    async def __call__(self, item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    def _pool(self) -> list[Any]:
         import httpx
 
-        if self.client is None:
-            n = int(self.params.get("max_connections", 1000))
-            self.client = httpx.AsyncClient(timeout=float(self.params.get("timeout_s", 10)),
-                                            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+        pool = min(self.pools, key=lambda p: p[1], default=None)
+        most = max(1, -(-int(self.params.get("max_connections", 1000)) // self.POOL_CONNECTIONS))
+        if (pool is None or pool[1] >= self.POOL_CONNECTIONS) and len(self.pools) < most:
+            size = self.POOL_CONNECTIONS
+            pool = [httpx.AsyncClient(timeout=float(self.params.get("timeout_s", 10)),
+                                      limits=httpx.Limits(max_connections=size, max_keepalive_connections=size)), 0]
+            self.pools.append(pool)
+        assert pool is not None
+        return pool
+
+    async def __call__(self, item: dict[str, Any], ctx: Any) -> dict[str, Any]:
         url = _url(self.params, item)
         ctx.count("api_requests")
         limit = self.params.get("limit")
         async with ctx.limit(limit) if limit else contextlib.nullcontext():
-            resp = await self.client.get(url)
+            pool = self._pool()
+            pool[1] += 1
+            try:
+                resp = await pool[0].get(url)
+            finally:
+                pool[1] -= 1
             resp.raise_for_status()  # inside the limit: a 429 slows the shared rate down
         body = resp.json()
         if not isinstance(body, dict):
@@ -66,6 +86,6 @@ class AsyncClient:
         return body
 
     async def aclose(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-            self.client = None
+        pools, self.pools = self.pools, []
+        for client, _ in pools:
+            await client.aclose()

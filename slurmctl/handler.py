@@ -350,9 +350,7 @@ class _Limit:
             observer.waiting(1)
         self.ctx._wait_begins()
         try:
-            loop = asyncio.get_running_loop()
-            waited = await loop.run_in_executor(_dispenser(self.leaser),
-                                                lambda: self.leaser.acquire(self.tokens, tally=costs))
+            waited = await self._tokens(costs)
             got = self.tokens
         finally:
             self.ctx._wait_ends()
@@ -361,6 +359,35 @@ class _Limit:
                 if costs.get("expired"):
                     observer.expired(int(costs["expired"]))  # slots passed with nobody ready for them
             self.ctx._acquired(self.name, got, waited, time.perf_counter() - blocked, costs)
+
+    RESERVE_AHEAD_S = 0.5  # a slot further ahead is reserved by the dispenser thread, which renews and reads signals
+    SIGNAL_CHECK_S = 0.25  # a caller asleep until its slot wakes this often to let a due signal be read
+
+    async def _tokens(self, costs: Counter[str]) -> float:
+        """Wait for our tokens on the loop: reserve a slot, sleep until it, claim it right before the request
+        (``Leaser.reserve``). Whatever needs the backend (a renewal, the signal, a pause, lanes that are all taken)
+        runs in this leaser's dispenser thread, which reserves the slot and leaves the waiting to the loop; a pause
+        or rate change signalled meanwhile voids the slot at its claim."""
+        loop = asyncio.get_running_loop()
+        leaser, caller = self.leaser, id(loop)
+        waited, got = 0.0, 0
+        while got < self.tokens:
+            slot = leaser.reserve(self.RESERVE_AHEAD_S, caller, tally=costs)
+            if slot is None:
+                slot = await loop.run_in_executor(_dispenser(leaser), lambda: leaser.reserve_wait(caller, tally=costs))
+            slot_us, lane, epoch = slot
+            start = time.monotonic()
+            while (delay := (slot_us - leaser.clock()) / 1_000_000) > 0:
+                await asyncio.sleep(min(delay, self.SIGNAL_CHECK_S))
+                if leaser.signal_due() and leaser.clock() < slot_us:
+                    await loop.run_in_executor(_dispenser(leaser), leaser.check_signal)
+                    if leaser.epoch != epoch:
+                        break  # a pause, a rate change or throttling: the slot is void
+            slept = time.monotonic() - start
+            waited += slept
+            if leaser.claim(slot_us, lane, epoch, slept, tally=costs):
+                got += 1
+        return waited
 
     async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         err = self.ctx._throttled(self.name, exc)

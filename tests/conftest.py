@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from support.servers import BIN, free_port, stop, wait_http  # noqa: F401 (idem)
+from support.servers import BIN, free_port, moto_command, stop, wait_http  # noqa: F401 (idem)
 
 # Fixtures that start (or need) a server process; a test using any of them is an integration test.
 SERVER_FIXTURES = frozenset({"prefect_api", "moto_endpoint", "s3_bucket", "slurm"})
@@ -118,7 +118,7 @@ def _moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        proc = subprocess.Popen(moto_command(port),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}

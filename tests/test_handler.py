@@ -85,3 +85,18 @@ def test_http_handler_against_a_local_api(item_api):
     ctx = BatchContext("j", "b", params={"base_url": url})
     assert http_json.handle({"id": 21}, ctx) == {"id": 21, "value": 42}
     assert ctx.metrics["api_requests"] == 1 and state.requests == 1
+
+
+def test_the_async_http_handler_spreads_its_requests_over_small_connection_pools():
+    """One httpx pool scans all its connections on every request: 64 in one pool cost 12 ms of CPU per request here,
+    pools of 8 cost 1.1 ms. Requests go to the least busy pool; a pool opens only when every pool is full."""
+    import asyncio
+
+    handler = http_json.AsyncClient({"base_url": "http://127.0.0.1:9", "max_connections": 24})
+    for _ in range(30):
+        handler._pool()[1] += 1  # a request in flight on the pool it was given
+    assert [n for _, n in handler.pools] == [10, 10, 10]  # 24 connections: 3 pools of 8, then the least busy
+    handler.pools[1][1] = 0
+    assert handler._pool() is handler.pools[1]
+    asyncio.run(handler.aclose())
+    assert handler.pools == []

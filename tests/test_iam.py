@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 from support.jobs import log_tail, run_cli, status, write_config
-from support.servers import BIN, free_port, stop, wait_http
+from support.servers import free_port, moto_command, stop, wait_http
 
 from slurmctl.config import parse_config
 from slurmctl.iam import policy_for
@@ -97,7 +97,7 @@ def iam_moto(tmp_path: Path) -> Iterator[str]:
     log = tmp_path / "moto-iam.log"
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_ACTIONS)}
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=env,
+        proc = subprocess.Popen(moto_command(port), env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

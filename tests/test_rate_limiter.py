@@ -29,11 +29,13 @@ def backend(limiter_args):
 
 
 def test_one_lane_leases_are_consecutive_slots_at_the_rate(backend):
-    spec = LimitSpec(per_second=100, burst=1, lease_size=10, lanes=1)
+    # A lease spans 1 s: the second is asked for well within it, even from a loaded machine (at 100/s a 10-slot lease
+    # spanned 100 ms, and one slow moto answer made the second start on a later grid point, as it should).
+    spec = LimitSpec(per_second=10, burst=1, lease_size=10, lanes=1)
     a = backend.lease("k", spec, 10)
     b = backend.lease("k", spec, 10)
     assert isinstance(a, Lease) and isinstance(b, Lease)
-    assert a.interval_us == b.interval_us == 10_000
+    assert a.interval_us == b.interval_us == 100_000
     assert b.start_us == a.end_us  # disjoint, back to back: the sum of all leases never beats the rate
     assert backend.read("k").granted == 20
 
@@ -410,3 +412,67 @@ def test_a_jobs_workers_open_a_new_local_limiter_file_together():
                 p.join(120)
             failed += [r for r in (results.get(timeout=10) for _ in procs) if r != "ok"]
     assert failed == []
+
+
+def test_an_async_caller_reserves_slots_in_time_order_and_claims_them_on_time_or_not_at_all(backend):
+    spec = LimitSpec(per_second=50, burst=3, lease_size=8, lanes=2)  # slots 20 ms apart, 20 ms late at most
+    leaser = Leaser(backend, "loop", spec)
+    leaser.acquire()  # the first lease and the signal: done by the blocking path
+    slots = [leaser.reserve(1.0, "loop") for _ in range(5)]
+    assert all(s is not None for s in slots)
+    times = [s[0] for s in slots]
+    assert times == sorted(times) and len(set(times)) == 5  # one caller per slot, earliest first
+    first, lane, epoch = slots[0]
+    while now_us() < first:
+        time.sleep(0.001)
+    assert leaser.claim(first, lane, epoch, 0.0)
+    # a slot reached later than the allowance has passed: it is not used (the API's burst is not ours to spend)
+    second, lane2, _ = slots[1]
+    late = second + int(spec.late_allowance_s * US) + 15_000
+    while now_us() < late:
+        time.sleep(0.001)
+    tally: dict[str, float] = {}
+    assert not leaser.claim(second, lane2, epoch, 0.0, tally=tally)
+    assert tally["expired"] == 1
+    # a new epoch (pause, rate change, throttling) voids what was reserved before it
+    third, lane3, _ = slots[2]
+    leaser.epoch += 1
+    assert not leaser.claim(third, lane3, epoch, 0.0)
+
+
+def test_an_async_caller_asks_the_blocking_path_whenever_the_backend_or_the_signal_is_due(backend):
+    spec = LimitSpec(per_second=50, burst=3, lease_size=8, lanes=2)
+    leaser = Leaser(backend, "loop-due", spec)
+    assert leaser.reserve(1.0, "loop") is None  # nothing leased yet
+    leaser.acquire()
+    assert leaser.reserve(1.0, "loop") is not None
+    leaser.next_signal_us = 0  # the signal is due: only the blocking path reads it (a pause is never missed)
+    assert leaser.reserve(1.0, "loop") is None
+
+
+def test_a_process_keeps_its_lanes_through_a_moment_of_idleness(backend):
+    """An async process's one caller looks idle whenever its items are between calls: giving lanes away then and
+    taking them back a second later (from others, if at all) lost a third of a 500/s limit."""
+    spec = LimitSpec(per_second=20, lease_size=8, lanes=4)
+    leaser = Leaser(backend, "keep", spec)
+    spend_for(leaser, 1.5)
+    assert leaser.wanted_lanes() == 4
+    pace = next(iter(leaser.pace.values()))
+    pace.work_s = 1.0  # a second with nothing to do: one lane would do
+    assert leaser.wanted_lanes() == 4  # kept for KEEP_S
+    leaser.kept_at_us -= int(Leaser.KEEP_S * US)
+    assert leaser.wanted_lanes() == 1  # then given up
+
+
+def test_at_high_rates_a_few_late_requests_answered_429_are_not_a_quota_cut(backend):
+    assert LimitSpec(per_second=50).strikes_needed == 3
+    assert LimitSpec(per_second=500).strikes_needed == 10  # 1 % of the 2 s window's 1000 slots
+    assert LimitSpec(per_second=500, throttle_strikes=1).strikes_needed == 1  # as configured
+    spec = LimitSpec(per_second=500)
+    backend.lease("jit", spec, 1)
+    for _ in range(9):
+        backend.report_throttle("jit", spec, None)
+    state = backend.read("jit")
+    assert (state.decreases, state.rate, state.throttled) == (0, 500, 9)  # counted, the rate untouched
+    backend.report_throttle("jit", spec, None)
+    assert backend.read("jit").decreases == 1  # the tenth within the window: the API cut its quota

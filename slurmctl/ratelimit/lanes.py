@@ -25,8 +25,9 @@ span (sized to about 32 of its tokens), not one per request. So:
   learn of a new epoch through a cheap *signal* (the limit's row in SQLite, or a small object in the job's manifest
   store next to DynamoDB) that they check about once a second: a change applies everywhere within ~1-2 s;
 * a sporadic 429 is not a quota change: the request that got it waits its ``Retry-After`` and is retried, and the
-  others go on. ``throttle_strikes`` 429s within a few seconds are: the shared rate halves (at most once per second,
-  not below ``floor``, resuming after ``Retry-After``) and recovers linearly over ``recovery_s``.
+  others go on. ``throttle_strikes`` 429s within a few seconds (by default 3, or at high rates 1 % of those seconds'
+  slots) are: the shared rate halves (at most once per second, not below ``floor``, resuming after ``Retry-After``)
+  and recovers linearly over ``recovery_s``.
 
 The worker-side spender is ``slurmctl.ratelimit.leaser.Leaser``. The backend is the truth and the signal only makes
 changes fast: a lease is granted in the backend's current epoch
@@ -47,6 +48,8 @@ from typing import Any, Iterable, Mapping, Protocol
 US = 1_000_000
 LANE_RATE = 1.25  # requests/s of one lane by default: fine enough that a slow worker holds a fair share of lanes
 MAX_LANES = 64  # keeps the DynamoDB item near 1 KB (one write unit per lease)
+STRIKES = 3  # 429s within a few seconds that mean a quota change (at low rates)
+STRIKE_SHARE = 0.01  # 429s on this share of a strike window's slots (at least `throttle_strikes`) are a quota change
 
 
 def now_us() -> int:
@@ -75,7 +78,8 @@ class LimitSpec:
     late_s: float | None = None  # a slot may still be used this late (default: half the jitter room the burst leaves)
     recovery_s: float = 30.0  # time to climb from floor back to the target after throttling
     signal_s: float = 1.0  # how often a worker checks the limit's signal (pause, rate change, throttling)
-    throttle_strikes: int = 3  # 429s within `strike_window_s` that mean the quota changed (fewer: sporadic)
+    throttle_strikes: int | None = None  # 429s within the strike window that mean the quota changed (default:
+    # `strikes_needed`; fewer: sporadic)
     workers: int | None = None  # processes expected to share the limit: each may hold 1/workers of the lanes
 
     @property
@@ -111,6 +115,16 @@ class LimitSpec:
     def strike_window_us(self) -> int:
         """429s this close together count towards a quota change (at least 2 s, at least 8 slots)."""
         return int(max(2.0, 8 / self.per_second) * US)
+
+    @property
+    def strikes_needed(self) -> int:
+        """429s within the strike window that mean the quota changed: ``throttle_strikes`` when given, else 3 or,
+        at high rates, 1 % of the window's slots. A quota cut answers a large share of requests with 429. Requests
+        that reach the API a few ms late at 500/s (a busy event loop's jitter beyond the burst's room) draw a few per
+        thousand; halving the rate for them three times held a 250/s job at 43/s (docs/benchmarks.md)."""
+        if self.throttle_strikes is not None:
+            return self.throttle_strikes
+        return max(STRIKES, math.ceil(STRIKE_SHARE * self.per_second * self.strike_window_us / US))
 
     @property
     def fair_lanes(self) -> int:

@@ -80,6 +80,7 @@ class Leaser:
     PROBE_S = (1.0, 16.0)  # looking for more lanes when the last answer showed none free: after this, doubling
     TOKENS_PER_CALL = 32  # a lease is sized to last this many of our tokens
     SETTLE_S = 2.0  # a worker of a job takes no more than its fair share of lanes this long after it first asked
+    KEEP_S = 2.0  # lanes wanted are given up only once fewer were wanted for this long (a caller idle for a moment)
 
     def __init__(self, backend: LimiterBackend, key: str, spec: LimitSpec,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], int] = now_us):
@@ -94,8 +95,12 @@ class Leaser:
         self.free_last = spec.lane_count  # lanes free in the backend's last answer: looking for more is worth a call
         self.late_us = int(spec.late_allowance_s * US)  # a slot may be handed out this late, no later
         self.probe_at_us, self.probe_step_s = 0, self.PROBE_S[0]
+        self.kept_want, self.kept_at_us = 0, 0  # the most lanes wanted lately, and since when
         self.granted = 0
         self.expired = 0
+        self._claims = threading.Lock()  # claims by async callers: never behind a backend call
+        self.claim_expired = 0  # reserved slots their async callers reached too late
+        self.claim_waited_s = 0.0
         self.waited_s = 0.0
         self.backend_calls = 0
         self.signal_calls = 0
@@ -135,12 +140,19 @@ class Leaser:
         fair = self.spec.fair_lanes
         if self.spec.workers and self.spec.workers > 1 and self.clock() - self.started_us < self.SETTLE_S * US:
             owned = min(owned, fair)  # the job's other workers are starting too: their share is theirs to take
-        return max(1, min(self.spec.lane_count, max(owned, fair)))
+        want = max(1, min(self.spec.lane_count, max(owned, fair)))
+        # Give lanes up slowly: a caller pauses between batches, and an async process's one dispenser thread looks
+        # idle whenever its items are between calls; dropping lanes then and taking them back a second later (when
+        # others may hold them) lost a third of a 500/s limit. Lanes kept too long only pass unused for KEEP_S.
+        now = self.clock()
+        if want >= self.kept_want or now - self.kept_at_us >= self.KEEP_S * US:
+            self.kept_want, self.kept_at_us = want, now
+        return max(want, self.kept_want)
 
-    def _note_work(self, pace: _Pace) -> None:
+    def _note_work(self, pace: _Pace, queued: bool = False) -> None:
         pace.seen_at = time.monotonic()
         if pace.returned_at is not None:
-            sample = min(pace.seen_at - pace.returned_at, self.lane_interval_us / US)
+            sample = 0.0 if queued else min(pace.seen_at - pace.returned_at, self.lane_interval_us / US)
             pace.work_s = sample if pace.work_s is None else 0.8 * pace.work_s + 0.2 * sample
 
     # --- leases ----------------------------------------------------------------------------------------------------
@@ -261,20 +273,7 @@ class Leaser:
         while True:
             self._check_signal()
             self._top_up()
-            late_ok = self.clock() - self.late_us
-            best: tuple[int, _Held] | None = None
-            for h in self.held:
-                lease = h.lease
-                # Slots later than `late_ok` have passed unused: skip them, keep the rest of the lease.
-                first_usable = max(h.used, -(-(late_ok - lease.start_us) // lease.interval_us))
-                if first_usable > h.used:
-                    skipped = min(first_usable, lease.count) - h.used
-                    self.expired += skipped
-                    h.used += skipped
-                if h.left > 0:
-                    slot = lease.start_us + h.used * lease.interval_us
-                    if best is None or slot < best[0]:
-                        best = (slot, h)
+            best = self._earliest(self.clock())
             self.held = [h for h in self.held if h.left > 0 or not h.renewed]
             if best is not None:
                 best[1].used += 1
@@ -325,6 +324,109 @@ class Leaser:
                 if tally is not None:
                     tally["late_ms_max"] = max(tally.get("late_ms_max", 0), round(late_max / 1000, 1))
 
+    # --- the event loop's path: reserve a slot, wait for it on the loop, then claim it --------------------------------
+    # Why: one thread handing out tokens to an event loop hands them late. It wakes at its slot and waits for the GIL
+    # the loop's thread holds while it parses answers (up to the 5 ms switch interval), and then the loop must notice
+    # the token before the request is sent. At 500/s and burst 5 the allowance is 4 ms: a third of the slots passed
+    # unused. An async caller instead sleeps on the loop until its slot and claims it there, right before its
+    # request, so the lateness checked is the lateness the API sees. The loop never waits for the lock: a thread
+    # holding it may be in a backend call (or asleep through a pause).
+    def reserve(self, ahead_s: float, caller: Any, tally: MutableMapping[str, float] | None = None,
+                ) -> tuple[int, int, int] | None:
+        """A slot reserved without blocking: (slot µs, lane, epoch); None when that needs the backend (a renewal or
+        the signal is due), the lock is busy, or the slot lies more than ``ahead_s`` ahead: then ``reserve_wait`` in
+        a thread."""
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            now = self.clock()
+            if now >= self.next_signal_us or self._renewal_due():
+                return None
+            before = self._counters()
+            best = self._earliest(now)
+            self._tally(before, tally)
+            if best is None or best[0] - now > ahead_s * US:
+                return None
+            return self._reserved(best[0], best[1], now, caller)
+        finally:
+            self.lock.release()
+
+    def reserve_wait(self, caller: Any, tally: MutableMapping[str, float] | None = None) -> tuple[int, int, int]:
+        """``reserve`` for when the backend is needed: renews, reads the signal, waits out a pause or a full limit,
+        and returns the next slot without waiting for it (blocking: run it in a thread)."""
+        with self.lock:
+            before = self._counters()
+            try:
+                slot, lane = self._next_slot()
+                return slot, lane, self._reserved_mark(slot, self.clock(), caller)
+            finally:
+                self._tally(before, tally)
+
+    def signal_due(self) -> bool:
+        return self.clock() >= self.next_signal_us
+
+    def check_signal(self) -> None:
+        """Read the signal if it is due (blocking: a thread's job; a pause holds the caller here)."""
+        with self.lock:
+            self._check_signal()
+
+    def claim(self, slot_us: int, lane: int, epoch: int, waited_s: float,
+              tally: MutableMapping[str, float] | None = None) -> bool:
+        """The reserved slot is due: True if it still stands (same epoch, not later than the allowance), else it
+        passed (counted as expired) and the caller reserves another. Never waits for the leaser's lock."""
+        handed = self.clock()
+        late = handed - slot_us
+        with self._claims:
+            if epoch != self.epoch:
+                return False
+            if late > self.late_us:
+                self.claim_expired += 1
+                if tally is not None:
+                    tally["expired"] = tally.get("expired", 0) + 1
+                return False
+            self.late_us_max = max(self.late_us_max, late)
+            self.claim_waited_s += waited_s
+            self.trace.note(slot_us, handed, lane)
+        if tally is not None:
+            tally["late_ms_max"] = max(tally.get("late_ms_max", 0), round(max(0, late) / 1000, 1))
+        return True
+
+    def _earliest(self, now: int) -> tuple[int, _Held] | None:
+        """Our earliest slot not handed out yet (slots already too late are skipped and counted as expired)."""
+        late_ok = now - self.late_us
+        best: tuple[int, _Held] | None = None
+        for h in self.held:
+            lease = h.lease
+            # Slots later than `late_ok` have passed unused: skip them, keep the rest of the lease.
+            first_usable = max(h.used, -(-(late_ok - lease.start_us) // lease.interval_us))
+            if first_usable > h.used:
+                skipped = min(first_usable, lease.count) - h.used
+                self.expired += skipped
+                h.used += skipped
+            if h.left > 0:
+                slot = lease.start_us + h.used * lease.interval_us
+                if best is None or slot < best[0]:
+                    best = (slot, h)
+        return best
+
+    def _reserved(self, slot: int, held: _Held, now: int, caller: Any) -> tuple[int, int, int]:
+        held.used += 1
+        return slot, held.lease.lane, self._reserved_mark(slot, now, caller)
+
+    def _reserved_mark(self, slot: int, now: int, caller: Any) -> int:
+        """Note the async callers' pace (their demand) and return the epoch the slot belongs to. The loop's callers
+        are many: its pace is the time between reservations, except that a slot more than one of our slot spacings
+        ahead means callers queue for tokens, so they could spend more lanes than we hold."""
+        pace = self.pace.setdefault(caller, _Pace())
+        spacing = self.lane_interval_us / max(1, len(self._live()))
+        self._note_work(pace, queued=slot - now > spacing)
+        pace.returned_at = time.monotonic()
+        return self.epoch
+
+    def _renewal_due(self) -> bool:
+        live = self._live()
+        return not live or any(h.left <= min(self.PREFETCH, h.lease.count // 2) for h in live)
+
     def throttled(self, retry_after_s: float | None, tally: MutableMapping[str, float] | None = None) -> None:
         """The API said 429. The backend counts it; several close together are a quota change (a new epoch, which
         voids our leases too). A sporadic one changes nothing here: the request waits its Retry-After."""
@@ -346,7 +448,8 @@ class Leaser:
             self._tally(before, tally)
 
     def _counters(self) -> dict[str, float]:
-        return {"backend_calls": self.backend_calls, "expired": self.expired, "paused_s": self.paused_s,
+        return {"backend_calls": self.backend_calls, "expired": self.expired + self.claim_expired,
+                "paused_s": self.paused_s,
                 "signal_errors": self.signal_errors, "throttle_report_errors": self.throttle_report_errors}
 
     def _tally(self, before: dict[str, float], tally: MutableMapping[str, float] | None) -> None:
@@ -375,9 +478,11 @@ class Leaser:
             self.held = []
 
     def metrics(self, name: str) -> dict[str, float]:
-        return {f"ratelimit_{name}_granted": self.granted, f"ratelimit_{name}_wait_s": round(self.waited_s, 3),
+        return {f"ratelimit_{name}_granted": self.granted,
+                f"ratelimit_{name}_wait_s": round(self.waited_s + self.claim_waited_s, 3),
                 f"ratelimit_{name}_backend_calls": self.backend_calls,
-                f"ratelimit_{name}_expired": self.expired, f"ratelimit_{name}_paused_s": round(self.paused_s, 3),
+                f"ratelimit_{name}_expired": self.expired + self.claim_expired,
+                f"ratelimit_{name}_paused_s": round(self.paused_s, 3),
                 f"ratelimit_{name}_signal_errors": self.signal_errors,
                 f"ratelimit_{name}_throttle_report_errors": self.throttle_report_errors,
                 f"ratelimit_{name}_late_ms_max": round(self.late_us_max / 1000, 1)}

@@ -12,6 +12,12 @@ from pathlib import Path
 BIN = Path(sys.executable).parent  # the venv's scripts: prefect, moto_server
 
 
+def moto_command(port: int) -> list[str]:
+    """A moto server on 127.0.0.1:``port`` that applies one request at a time, as real AWS applies a conditional
+    write atomically (``support/moto_atomic.py`` says why)."""
+    return [sys.executable, str(Path(__file__).with_name("moto_atomic.py")), "-H", "127.0.0.1", "-p", str(port)]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on right now."""
     with socket.socket() as s:
