@@ -13,7 +13,7 @@ BIN = Path(sys.executable).parent  # the venv's scripts: prefect, moto_server
 
 
 def moto_command(port: int) -> list[str]:
-    """A moto server on 127.0.0.1:``port`` that applies one request at a time, as real AWS applies a conditional
+    """A moto server on 127.0.0.1:``port`` that applies one write at a time, as real AWS applies a conditional
     write atomically (``support/moto_atomic.py`` says why)."""
     return [sys.executable, str(Path(__file__).with_name("moto_atomic.py")), "-H", "127.0.0.1", "-p", str(port)]
 
