@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/api_bound.py --json
     .venv/bin/python benchmarks/api_bound.py --latency-ms 200 --rate 500 --handlers async --json   # one cell
     .venv/bin/python benchmarks/api_bound.py --rate --ceiling --json                                  # the ceiling only
+    .venv/bin/python benchmarks/api_bound.py --latency-ms 200 --rate 500 --handlers async sync-auto --slurm --json
 
 A local API (``api_server.py``: an ASGI app under uvicorn, in its own process) answers each ``GET /items/{id}`` after
 L with its own token bucket of R/s, burst 5 (429 above it). Per cell one job runs on the embedded default (2 worker
@@ -96,6 +97,9 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
     (folder / "in.jsonl").write_text("".join(f'{{"id": {i}}}\n' for i in range(items)))
     spec, extra = HANDLERS[handler]
     fields = dict(extra)
+    if args.slurm:
+        fields["cluster"] = {"kind": "slurm", "queue": "debug", "cores": 1, "processes": 1, "min_jobs": 2,
+                             "max_jobs": 2}
     params = {"base_url": api}
     if rate:
         params["limit"] = "api"
@@ -165,6 +169,8 @@ def main() -> None:
     p.add_argument("--max-items", type=int, default=30000)
     p.add_argument("--ceiling", action="store_true", help="also R = inf, L = 0, beside a bare client loop")
     p.add_argument("--ceiling-rate", type=float, default=1500, help="items/s a ceiling cell is sized for")
+    p.add_argument("--slurm", action="store_true",
+                   help="workers on the real Slurm: 2 worker jobs of cores: 1 (scripts/slurm.sh up first)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -197,7 +203,8 @@ def main() -> None:
     finally:
         for proc in procs:
             stop(proc)
-    out = {"burst": 5, "workers": "2 processes x 1 thread (embedded default)", "cells": cells, "ceiling": ceiling}
+    workers = "2 Slurm worker jobs of cores: 1" if args.slurm else "2 processes x 1 thread (embedded default)"
+    out = {"burst": 5, "workers": workers, "cells": cells, "ceiling": ceiling}
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
 
 

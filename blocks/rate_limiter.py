@@ -45,6 +45,7 @@ from slurmctl.ratelimit.lanes import (
     free_lanes,
     now_us,
     plan_lanes,
+    share_of,
     throttled_state,
 )
 from slurmctl.ratelimit.leaser import Leaser
@@ -77,17 +78,20 @@ class RateLimiter(Block, ABC):
         return Signal(state.epoch, state.paused) if state else None
 
     def lease_lanes(self, key: str, spec: LimitSpec, n: int, *, renew: Mapping[int, int] | None = None,
-                    hold: Iterable[int] = (), want: int = 1, must: int = 1) -> Grant | Wait:
+                    hold: Iterable[int] = (), want: int = 1, must: int = 1, owner: str = "",
+                    share: bool = False) -> Grant | Wait:
         """``n`` slots of each of the lanes ``plan_lanes`` picks, in one transaction; or how long to wait."""
         def change(state: LimitState) -> Grant | Wait:
             at = now_us()
-            out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=want, must=must)
+            out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=want, must=must,
+                             owner=owner, share=share)
             if isinstance(out, Wait):
                 return out
             for lease in out:
                 state.tats[lease.lane] = lease.end_us
+                state.own(lease.lane, owner)
             state.granted += n * len(out)
-            return Grant(tuple(out), 1, len(free_lanes(state, at)))
+            return Grant(tuple(out), 1, len(free_lanes(state, at)), *share_of(state, at, owner))
         return self._update(key, spec, change)[0]
 
     def lease(self, key: str, spec: LimitSpec, n: int, *, hold: Iterable[int] = ()) -> Lease | Wait:
@@ -212,7 +216,7 @@ class LocalRateLimiter(RateLimiter):
 
 
 # --- many machines: DynamoDB --------------------------------------------------------------------------------------
-_NUMERIC = {f.name for f in fields(LimitState)} - {"key", "paused", "tats"}
+_NUMERIC = {f.name for f in fields(LimitState)} - {"key", "paused", "tats", "owners"}
 _INTS = {f.name for f in fields(LimitState) if f.type in ("int", int)}
 
 
@@ -223,12 +227,15 @@ def _to_item(state: LimitState) -> dict[str, Any]:
         item[name] = {"N": repr(getattr(state, name))}
     for j, tat in enumerate(state.tats):  # one attribute per lane: a lease updates only its own
         item[f"t{j}"] = {"N": str(tat)}
+        if state.owner(j):
+            item[f"o{j}"] = {"S": state.owner(j)}
     return item
 
 
 def _from_item(item: dict[str, Any]) -> LimitState:
     values: dict[str, Any] = {"key": item["key"]["S"], "paused": item.get("paused", {}).get("BOOL", False),
                               "tats": [int(item[f"t{j}"]["N"]) for j in range(int(item["lanes"]["N"]))]}
+    values["owners"] = [item.get(f"o{j}", {}).get("S", "") for j in range(len(values["tats"]))]
     for name in _NUMERIC:
         if name in item:
             raw = item[name]["N"]
@@ -246,14 +253,19 @@ def _remember(cache_key: tuple[str, str], state: LimitState) -> LimitState:
     return state
 
 
-def _lane_swaps(changes: list[tuple[int, int, int]], values: dict[str, Any]) -> tuple[list[str], list[str]]:
+def _lane_swaps(changes: list[tuple[int, int, int]], values: dict[str, Any], owner: str = ""
+                ) -> tuple[list[str], list[str]]:
     """SET and condition clauses moving each lane's tat from ``old`` to ``new`` ((lane, old, new) triples), only if
-    it is still ``old``: one ``UpdateItem`` changes several lanes, and lanes other workers change never conflict."""
+    it is still ``old``: one ``UpdateItem`` changes several lanes, and lanes other workers change never conflict.
+    ``owner``: also note who booked them."""
     sets, conds = [], []
     for i, (lane, old, new) in enumerate(changes):
         sets.append(f"t{lane} = :new{i}")
         conds.append(f"t{lane} = :old{i}")
         values[f":new{i}"], values[f":old{i}"] = {"N": str(new)}, {"N": str(old)}
+        if owner:
+            sets.append(f"o{lane} = :owner")
+            values[":owner"] = {"S": owner}
     return sets, conds
 
 # botocore's retry budget for signals, far shorter than the job store's (10 retries with backoff of up to 20 s: about
@@ -432,7 +444,8 @@ class DynamoDBRateLimiter(RateLimiter):
         raise RuntimeError(f"rate limit {key!r}: too much contention updating its state")
 
     def lease_lanes(self, key: str, spec: LimitSpec, n: int, *, renew: Mapping[int, int] | None = None,
-                    hold: Iterable[int] = (), want: int = 1, must: int = 1) -> Grant | Wait:
+                    hold: Iterable[int] = (), want: int = 1, must: int = 1, owner: str = "",
+                    share: bool = False) -> Grant | Wait:
         """One conditional ``UpdateItem`` for all the lanes of a lease, planned from this process's last view of the
         item (every answer, success or not, returns the whole item and refreshes that view). Each lane's condition is
         its exact tat, so workers leasing other lanes never conflict; a conflict is planned again from the item the
@@ -450,17 +463,19 @@ class DynamoDBRateLimiter(RateLimiter):
         wanted = min(want, len(set(hold)) + len(renew or {})) if stale else want
         for _ in range(20 if must else 3):  # more lanes are opportunistic: a few tries
             at = now_us()
-            out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=wanted, must=must)
+            plan = dict(renew=renew, hold=hold, want=wanted, must=must, owner=owner, share=share)
+            out = plan_lanes(state, n, at, spec.horizon_s, **plan)  # type: ignore[arg-type]
             if isinstance(out, Wait) and out.paused:  # only a read tells when the pause ends
                 state, calls = _remember(cache_key, self._current(key, spec)), calls + 1
-                out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=wanted, must=must)
+                out = plan_lanes(state, n, at, spec.horizon_s, **plan)  # type: ignore[arg-type]
             if isinstance(out, Wait):
                 return Wait(out.seconds, out.paused, calls)  # booked ahead: wait (a stale view is corrected later)
             if not out:
-                return Grant((), calls, 0)  # nothing free in our view: no call
+                return Grant((), calls, 0, *share_of(state, at, owner))  # nothing free in our view: no call
             values: dict[str, Any] = {":g": {"N": str(n * len(out))}, ":f": {"BOOL": False},
                                       ":e": {"N": str(state.epoch)}}
-            sets, conds = _lane_swaps([(lease.lane, state.tats[lease.lane], lease.end_us) for lease in out], values)
+            sets, conds = _lane_swaps([(lease.lane, state.tats[lease.lane], lease.end_us) for lease in out], values,
+                                      owner)
             calls += 1
             try:
                 resp = client.update_item(TableName=self.table_name, Key={"key": {"S": key}},
@@ -479,7 +494,7 @@ class DynamoDBRateLimiter(RateLimiter):
                 wanted = want  # a fresh view now
                 continue
             state = _remember(cache_key, _from_item(resp["Attributes"]))
-            return Grant(tuple(out), calls, len(free_lanes(state, at)))
+            return Grant(tuple(out), calls, len(free_lanes(state, at)), *share_of(state, at, owner))
         return Wait(0.05, calls=calls) if must else Grant((), calls, 0)
 
     def release_lanes(self, key: str, tails: list[tuple[Lease, int]]) -> int:

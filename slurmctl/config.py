@@ -154,7 +154,7 @@ class RateLimitConfig(_Strict):
     floor: float | None = Field(default=None, gt=0, description="Lowest rate after 429s (default per_second/10).")
     ceiling: float | None = Field(default=None, gt=0, description="Highest rate `slurmctl rate` may set "
                                                                  "(default per_second*10).")
-    lease_size: int = Field(default=16, gt=0, description="Slots of each lane a worker leases in one backend write.")
+    lease_size: int = Field(default=32, gt=0, description="Slots of each lane a worker leases in one backend write.")
     lanes: int | None = Field(default=None, ge=1, le=64, description="Interleaved schedules a lease is taken from "
                                                                     "(default: one per 1.25 requests/s, at most 64).")
     throttle_strikes: int | None = Field(default=None, ge=1, description="429s within a few seconds (at least 2 s, "

@@ -16,7 +16,7 @@ import pytest
 from support.rates import max_in_window, rate_bound
 
 from slurmctl.blocks.rate_limiter import limiter_from_config
-from slurmctl.ratelimit.lanes import US, Lease, LimitSpec, Wait, now_us
+from slurmctl.ratelimit.lanes import US, Lease, LimitSpec, Wait, fair_share, now_us
 from slurmctl.ratelimit.leaser import Leaser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +103,41 @@ def test_one_call_leases_many_lanes_spread_over_the_grid(backend):
     more = backend.lease_lanes("many", spec, 4, hold=lanes, want=8, must=0)
     both = sorted(lanes + [lease.lane for lease in more.leases])
     assert len(both) == 8 and {(b - a) % 16 for a, b in zip(both, both[1:] + both[:1])} == {2}, both
+
+
+def test_lanes_go_to_whoever_asks_behind_those_holding_more_than_their_share(backend):
+    """No process knows how many share the limit: the backend's owner of each lane's tail tells. A newcomer books
+    its fair share right behind the lanes of whoever holds more, who then cannot renew them."""
+    spec = LimitSpec(per_second=40, lease_size=4)  # 32 lanes of 1.25/s
+    first = backend.lease_lanes("share", spec, 4, want=32, must=1, owner="a", share=True)
+    assert len(first.leases) == 32 and (first.holders, first.share) == (1, 32)
+    second = backend.lease_lanes("share", spec, 4, want=32, must=1, owner="b", share=True)
+    assert len(second.leases) == 16 and (second.holders, second.share) == (2, 16)
+    ends = {lease.lane: lease.end_us for lease in first.leases}
+    assert all(lease.start_us == ends[lease.lane] for lease in second.leases)  # queued, never overlapping
+    renewed = backend.lease_lanes("share", spec, 4, renew=ends, want=32, must=0, owner="a", share=True)
+    assert {lease.lane for lease in renewed.leases} == set(ends) - {lease.lane for lease in second.leases}
+    # a third that can spend only 2 lanes takes 2 (max-min: the two fast ones are not cut to an equal third)
+    slow = backend.lease_lanes("share", spec, 4, want=2, must=1, owner="c", share=True)
+    assert len(slow.leases) == 2 and slow.holders == 3
+    state = backend.read("share")
+    assert state.owners.count("c") == 2 and state.owners.count("a") + state.owners.count("b") == 30
+
+
+def test_time_shared_lanes_are_leased_twice_as_long(backend):
+    """More processes than lanes: every hand-over costs the previous holder a refused renewal on DynamoDB, two calls
+    per lease, so a lease is then twice as long (0.05-0.06 calls per token at 64 processes on 32 lanes; 0.03 so)."""
+    leaser = Leaser(backend, "time-shared", LimitSpec(per_second=40))  # 32 lanes
+    assert leaser._lease_size(1) == 32  # ~32 tokens a lease: 32 slots of one lane
+    leaser.holders = 33
+    assert leaser._lease_size(1) == 64
+
+
+def test_a_fair_share_is_max_min():
+    assert fair_share(32, []) == 32
+    assert fair_share(32, [4] * 7) == 4 and fair_share(32, [1] * 63) == 1  # more holders than lanes: time-shared
+    assert fair_share(32, [1, 1, 1, 1, 4, 4, 16]) == 10  # four slow ones hold 1 each: 28 left for 4 fast ones,
+    assert fair_share(32, [1, 1, 1, 1, 7, 7, 7]) == 7  # ... who settle at 7 each
 
 
 def test_default_lanes_are_fine_grained():
@@ -322,12 +357,14 @@ def spend(backend_args: dict, key: str, spec: dict, seconds: float, out: str, st
         json.dump({"stamps": stamps, "calls": backend.calls, "granted": leaser.granted, "expired": leaser.expired}, f)
 
 
-def run_together(limiter_args: dict, key: str, spec: dict, procs: int, seconds: float, tmp_path: Path,
-                 ) -> tuple[float, list[dict]]:
-    """``procs`` spawned spenders started at one moment; that moment and what each logged."""
+def run_together(limiter_args: dict, key: str, spec: dict | list[dict], procs: int, seconds: float,
+                 tmp_path: Path) -> tuple[float, list[dict]]:
+    """``procs`` spawned spenders started at one moment (``spec``: theirs, or each one's); that moment and what
+    each logged."""
     ctx = multiprocessing.get_context("spawn")
     ready, at = ctx.Queue(), ctx.Value("d", 0.0)
-    workers = [ctx.Process(target=spend, args=(limiter_args, key, spec, seconds, str(tmp_path / f"w{i}.json"),
+    specs = spec if isinstance(spec, list) else [spec] * procs
+    workers = [ctx.Process(target=spend, args=(limiter_args, key, specs[i], seconds, str(tmp_path / f"w{i}.json"),
                                                (ready, at))) for i in range(procs)]
     for w in workers:
         w.start()
@@ -340,9 +377,13 @@ def run_together(limiter_args: dict, key: str, spec: dict, procs: int, seconds: 
 
 
 def test_many_processes_never_exceed_rate_plus_burst(limiter_args, tmp_path):
-    rate, burst, procs, seconds, lease_size = 40, 5, 6, 8.0, 8
+    """Six processes of two jobs on one key: four that do not know how many share the limit, and two of a job that
+    believes its two workers are alone (its ``workers`` hint). Together they keep to the rate, use it, share it
+    fairly once the lanes are shared out, and cost a few backend writes per hundred tokens."""
+    rate, burst, procs, seconds, lease_size = 40, 5, 6, 12.0, 8
     spec = {"per_second": rate, "burst": burst, "lease_size": lease_size}  # 32 lanes at 1.25/s
-    start, results = run_together(limiter_args, "many", spec, procs, seconds, tmp_path)
+    start, results = run_together(limiter_args, "many", [spec] * 4 + [{**spec, "workers": 2}] * 2, procs, seconds,
+                                  tmp_path)
     stamps = sorted(t for r in results for t in r["stamps"])
     calls = sorted(t for r in results for t in r["calls"])
     # Never more than rate x T + burst in any window, from the first token on (grants hold rate x T + 1; the API's
@@ -360,6 +401,11 @@ def test_many_processes_never_exceed_rate_plus_burst(limiter_args, tmp_path):
     steady_calls = [t for t in calls if t >= start + 1.0]
     assert len(steady_calls) <= 0.05 * len(steady) + procs, (len(steady_calls), len(steady))
     assert len(calls) - len(steady_calls) <= 4 * procs, len(calls) - len(steady_calls)
+    # Shared out within two leases of a lane (each 8 slots, 6.4 s): 5 lanes each (the other 2 to someone), so in
+    # the last 4 s every process gets at least 4 x 5 x 1.25 = 25 tokens. (Before the backend knew the lanes'
+    # owners, whoever took them first kept them: 2 of 4 processes of two jobs got none.)
+    tail = [sum(1 for t in r["stamps"] if t >= start + seconds - 4.0) for r in results]
+    assert min(tail) >= 0.8 * 25, tail
 
 
 def test_a_killed_workers_lease_does_not_leak_capacity(limiter_args, tmp_path):

@@ -10,7 +10,9 @@ Why lanes: a lease of consecutive slots must be spent by one worker at the full 
 takes longer than ``1/rate`` cannot do (its slots pass unused). A lane runs at ``rate/L`` (about 1.25/s by default),
 so a worker holds as many lanes as its threads can spend, a fast worker all of them, and the lanes of one worker are
 spread over the grid. One write renews all of a worker's lanes, so the backend sees a write per worker every lease
-span (sized to about 32 of its tokens), not one per request. So:
+span (sized to about 32 of its tokens), not one per request. Each lane records who booked its tail (``owners``), so
+the backend knows who holds lanes, of any job on the key, and a worker below its fair share (``fair_share``) books
+behind whoever holds more (``plan_lanes``): lanes go to whoever asks without anyone being told how many share. So:
 
 * across all workers, *grants* in any window of ``T`` seconds are at most ``rate * T + 1``: slots are disjoint and
   the lanes' grids interleave, so the sum of all lanes is evenly spaced at ``rate``. The limiter never spends a
@@ -42,7 +44,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Protocol
 
 US = 1_000_000
@@ -72,7 +74,7 @@ class LimitSpec:
     burst: int = 1  # the API's own bucket: room for jitter, never spent by the limiter itself
     floor: float | None = None  # lowest rate after throttling (default: per_second / 10)
     ceiling: float | None = None  # highest rate `slurmctl rate` may set (default: per_second * 10)
-    lease_size: int = 16  # slots of each lane per lease
+    lease_size: int = 32  # most slots of each lane per lease (a lease is sized to ~32 of its holder's tokens)
     lanes: int | None = None  # interleaved schedules (default: one per LANE_RATE requests/s, at most MAX_LANES)
     horizon_s: float = 60.0  # never book a lease that starts further ahead than this (workers queue behind others)
     late_s: float | None = None  # a slot may still be used this late (default: half the jitter room the burst leaves)
@@ -80,7 +82,7 @@ class LimitSpec:
     signal_s: float = 1.0  # how often a worker checks the limit's signal (pause, rate change, throttling)
     throttle_strikes: int | None = None  # 429s within the strike window that mean the quota changed (default:
     # `strikes_needed`; fewer: sporadic)
-    workers: int | None = None  # processes expected to share the limit: each may hold 1/workers of the lanes
+    workers: int | None = None  # the job's worker processes, a hint for their first seconds (then the backend tells)
 
     @property
     def floor_rate(self) -> float:
@@ -128,7 +130,7 @@ class LimitSpec:
 
     @property
     def fair_lanes(self) -> int:
-        """Lanes a worker may hold even when it cannot spend them all: its share when ``workers`` share the limit."""
+        """A worker's share of the lanes before the backend has told it (``workers`` hinted: lanes / workers)."""
         return max(1, self.lane_count // self.workers) if self.workers else 1
 
     @property
@@ -158,6 +160,7 @@ class LimitState:
     strikes: int = 0  # 429s reported since `strike_at` (a quota change once there are `throttle_strikes`)
     strike_at: int = 0  # µs of the first of them
     decreases: int = 0  # times the rate was decreased because of 429s
+    owners: list[str] = field(default_factory=list)  # who booked each lane's tail (a Leaser's tag; "": unknown)
 
     @classmethod
     def new(cls, key: str, spec: LimitSpec, at_us: int) -> "LimitState":
@@ -184,6 +187,16 @@ class LimitState:
         self.epoch += 1
         self.anchor = anchor_us
         self.tats = [anchor_us + j * interval for j in range(self.lanes)]
+        self.owners = []  # nobody holds a lane of the new epoch yet
+
+    def own(self, lane: int, owner: str) -> None:
+        """Note who booked ``lane``'s tail."""
+        if len(self.owners) < self.lanes:
+            self.owners += [""] * (self.lanes - len(self.owners))
+        self.owners[lane] = owner
+
+    def owner(self, lane: int) -> str:
+        return self.owners[lane] if lane < len(self.owners) else ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,11 +217,14 @@ class Lease:
 
 @dataclass(frozen=True)
 class Grant:
-    """What one lease call got: a lease per lane (possibly none), the backend calls it took, lanes left free."""
+    """What one lease call got: a lease per lane (possibly none), the backend calls it took, lanes left free, how
+    many processes hold lanes now (the caller included) and the caller's fair share of them (``fair_share``)."""
 
     leases: tuple[Lease, ...]
     calls: int = 1
     free: int = 0
+    holders: int = 0  # 0: not known
+    share: int = 0  # 0: not known
 
 
 @dataclass(frozen=True)
@@ -267,8 +283,42 @@ def free_lanes(state: LimitState, at_us: int, taken: Iterable[int] = ()) -> list
     return [j for j in range(state.lanes) if j not in skip and state.tats[j] <= at_us + lane_interval]
 
 
+def holdings(state: LimitState, at_us: int) -> dict[str, int]:
+    """Lanes booked beyond now, by owner: who is spending (or queued to spend) this limit. Lanes of unknown owners
+    (booked by a release before owners were recorded, or by a direct backend call) are not counted."""
+    out: dict[str, int] = {}
+    for lane, tat in enumerate(state.tats):
+        owner = state.owner(lane)
+        if tat > at_us and owner:
+            out[owner] = out.get(owner, 0) + 1
+    return out
+
+
+def fair_share(lanes: int, others: Iterable[int]) -> int:
+    """A caller's fair share when other holders hold ``others`` lanes (max-min fairness, by water-filling): holders
+    below an equal share are taken to want no more (a process that cannot spend more holds only what it can), and
+    the rest is divided equally among the others and the caller. A holder below that share because it lost lanes
+    queues for its own share at its next renewal, so nobody is starved by being taken for content."""
+    left, n = lanes, 1
+    counts = sorted(others)
+    n += len(counts)
+    for count in counts:
+        if count >= left // n:
+            break
+        left, n = left - count, n - 1
+    return max(1, left // n)
+
+
+def share_of(state: LimitState, at_us: int, owner: str = "") -> tuple[int, int]:
+    """(processes holding lanes, ``owner`` included; ``owner``'s fair share of the lanes)."""
+    owned = holdings(state, at_us)
+    owned.pop(owner, None)
+    return len(owned) + 1, fair_share(state.lanes, owned.values())
+
+
 def plan_lanes(state: LimitState, n: int, at_us: int, horizon_s: float, *, renew: Mapping[int, int] | None = None,
-               hold: Iterable[int] = (), want: int = 1, must: int = 1) -> list[Lease] | Wait:
+               hold: Iterable[int] = (), want: int = 1, must: int = 1, owner: str = "",
+               share: bool = False) -> list[Lease] | Wait:
     """The leases (``n`` slots of each lane) one call gets, so that the caller holds ``want`` lanes in all.
 
     ``renew``: lanes whose lease is running out (lane -> that lease's end): each continues back to back while nobody
@@ -276,6 +326,12 @@ def plan_lanes(state: LimitState, n: int, at_us: int, horizon_s: float, *, renew
     ``hold``: lanes the caller holds and is not renewing. Then free lanes are added, spread away from the caller's
     others; if the caller would still hold fewer than ``must`` lanes, it queues on the lanes free soonest (within the
     horizon; otherwise it is told how long to wait). An empty list: nothing to add right now.
+
+    ``share``: ``must`` is at least the caller's fair share (``fair_share``, at most ``want``), and it queues first
+    behind the lanes of holders above that share. Whoever holds more than their share keeps it while nobody
+    else wants it; once someone books behind one of those lanes, its holder cannot renew it (its lease ends where
+    the newcomer's starts). So lanes go to whoever asks, from every process and job on the key, without anyone
+    knowing how many share it: the backend's owner of each lane's tail tells.
     """
     if state.paused:
         return Wait(0.5, paused=True)
@@ -294,6 +350,11 @@ def plan_lanes(state: LimitState, n: int, at_us: int, horizon_s: float, *, renew
     taken = held | set(renew) | set(chosen)
     free = [j for j in free_lanes(state, at_us, taken) if starts[j] <= latest]
     chosen += spread_pick(free, want - len(held) - len(chosen), held | set(chosen), state.lanes)
+    owned = holdings(state, at_us)
+    owned.pop(owner, None)
+    fair = fair_share(state.lanes, owned.values())
+    if share:
+        must = max(must, min(want, fair))
     if len(held) + len(chosen) < must:
         rest = [j for j in range(state.lanes) if j not in taken and j not in chosen] or \
             [j for j in range(state.lanes) if j not in chosen]
@@ -301,8 +362,27 @@ def plan_lanes(state: LimitState, n: int, at_us: int, horizon_s: float, *, renew
         within = [j for j in queue if starts[j] <= latest]
         if not within and not chosen:
             return Wait((starts[queue[0]] - latest) / US)
-        chosen += within[: must - len(held) - len(chosen)]
+        chosen += _queue_behind(state, within, must - len(held) - len(chosen), owned, fair)
     return [Lease(starts[j], lane_interval, n, j, state.epoch) for j in chosen]
+
+
+def _queue_behind(state: LimitState, lanes: list[int], k: int, owned: Mapping[str, int], fair: int) -> list[int]:
+    """``k`` of ``lanes`` (soonest first) to book behind: first those of holders above their fair share, no more of
+    each one's than its surplus (so one call moves the lanes a newcomer needs, from whoever has too many), at random
+    among the soonest ``2k`` of them; then, with more holders than lanes (lanes are time-shared), any, at random.
+    Random: many processes queueing at once (64 sharing 32 lanes) planned the same lane, and on DynamoDB all but one
+    of their conditional writes failed, again and again. Among the soonest: a lane just renewed for 25 s is a long
+    wait (fair shares took twice as long to settle)."""
+    surplus = {owner: count - fair for owner, count in owned.items() if count > fair}
+    over = [j for j in lanes if surplus.get(state.owner(j), 0) > 0]
+    soon = over[: 2 * k]
+    picked: list[int] = []
+    for lane in random.sample(soon, len(soon)) + over[2 * k:]:
+        if len(picked) < k and surplus[state.owner(lane)] > 0:
+            surplus[state.owner(lane)] -= 1
+            picked.append(lane)
+    rest = [j for j in lanes if j not in picked]
+    return picked + random.sample(rest, len(rest))[: k - len(picked)]
 
 
 def throttled_state(state: LimitState, at_us: int, retry_after_s: float | None, grace_us: int, *,
@@ -336,8 +416,9 @@ class LimiterBackend(Protocol):
     """What a rate-limiter block provides (DynamoDB, or SQLite for one machine)."""
 
     def lease_lanes(self, key: str, spec: LimitSpec, n: int, *, renew: Mapping[int, int] | None = None,
-                    hold: Iterable[int] = (), want: int = 1, must: int = 1) -> Grant | Wait:
-        """One call: the leases ``plan_lanes`` plans from the backend's current state."""
+                    hold: Iterable[int] = (), want: int = 1, must: int = 1, owner: str = "",
+                    share: bool = False) -> Grant | Wait:
+        """One call: the leases ``plan_lanes`` plans from the backend's current state, booked for ``owner``."""
 
     def release_lanes(self, key: str, tails: list[tuple[Lease, int]]) -> int:
         """Give back each lease's unused tail (lease, slots) while it is still its lane's tail; the slots given."""

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,14 +71,19 @@ class Leaser:
     Thread-safe. ``acquire(n)`` blocks until ``n`` slots are due and returns the seconds it waited. How many lanes it
     holds follows how fast its callers are: each calling thread's time between tokens is measured, and the process
     holds as many lanes as its threads could spend without falling behind (their summed pace within 80 % of the
-    slots' spacing), or its fair share (``LimitSpec.workers``) when that is more and the lanes are free — a slow worker
-    then has a slot close to whenever it is ready. All its lanes are renewed in one backend call.
+    slots' spacing). All its lanes are renewed in one backend call.
+
+    Sharing: every lease books its lanes under this leaser's ``owner`` tag, and the backend's answer says how many
+    processes hold lanes (of any job on the key) and our fair share (``lanes.fair_share``). A process holding fewer
+    than its fair share of what it can spend queues behind the lanes of those holding more, in its renewal call (no extra calls), and
+    they cannot renew a lane once someone booked behind it. Lanes nobody else asks for stay with whoever spends them.
     """
 
     PREFETCH = 2  # renew leases when this many slots are left, so the lanes continue without a gap
     SIGNAL_RETRY_S = 0.2  # a failed signal read is tried again this soon (then doubling, up to signal_s)
     PAUSE_RECHECK_S = 10.0  # while the signal says paused, ask the backend this often whether the pause holds
-    PROBE_S = (1.0, 16.0)  # looking for more lanes when the last answer showed none free: after this, doubling
+    PROBE_S = (1.0, 4.0)  # below our fair share, looking for more lanes: after this, doubling (a lease of one lane
+    # lasts up to 25 s: waiting for the renewal left a process at half its share that long)
     TOKENS_PER_CALL = 32  # a lease is sized to last this many of our tokens
     SETTLE_S = 2.0  # a worker of a job takes no more than its fair share of lanes this long after it first asked
     KEEP_S = 2.0  # lanes wanted are given up only once fewer were wanted for this long (a caller idle for a moment)
@@ -96,6 +102,9 @@ class Leaser:
         self.late_us = int(spec.late_allowance_s * US)  # a slot may be handed out this late, no later
         self.probe_at_us, self.probe_step_s = 0, self.PROBE_S[0]
         self.kept_want, self.kept_at_us = 0, 0  # the most lanes wanted lately, and since when
+        self.owner = secrets.token_hex(3)  # our tag on the lanes we book: the backend counts holders by it
+        self.holders = 0  # processes holding lanes, by the backend's last answer (0: no answer yet)
+        self.share = 0  # our fair share of the lanes, by the backend's last answer (0: no answer yet)
         self.granted = 0
         self.expired = 0
         self._claims = threading.Lock()  # claims by async callers: never behind a backend call
@@ -134,13 +143,21 @@ class Leaser:
             total += 1 / max(pace.work_s, 1e-4)
         return total or None
 
+    def fair_lanes(self) -> int:
+        """Our fair share of the lanes among the processes holding some (the backend's last answer), or, before
+        any answer, among the job's worker processes (``LimitSpec.workers``, a hint)."""
+        return self.share or self.spec.fair_lanes
+
     def wanted_lanes(self) -> int:
+        """Lanes we want: as many as our callers can spend (before their pace is measured: one, or the job's share
+        when ``LimitSpec.workers`` hints how many share the limit)."""
         capacity = self.capacity()
-        owned = int(capacity * 0.8 * self.lane_interval_us / US) if capacity else 0
-        fair = self.spec.fair_lanes
+        if not capacity:
+            return max(1, min(self.spec.lane_count, self.spec.fair_lanes))  # a first guess: not kept
+        want = int(capacity * 0.8 * self.lane_interval_us / US)
         if self.spec.workers and self.spec.workers > 1 and self.clock() - self.started_us < self.SETTLE_S * US:
-            owned = min(owned, fair)  # the job's other workers are starting too: their share is theirs to take
-        want = max(1, min(self.spec.lane_count, max(owned, fair)))
+            want = min(want, self.spec.fair_lanes)  # the job's other workers are starting too: theirs to take
+        want = max(1, min(self.spec.lane_count, want))
         # Give lanes up slowly: a caller pauses between batches, and an async process's one dispenser thread looks
         # idle whenever its items are between calls; dropping lanes then and taking them back a second later (when
         # others may hold them) lost a third of a 500/s limit. Lanes kept too long only pass unused for KEEP_S.
@@ -159,24 +176,34 @@ class Leaser:
     def _lease_size(self, lanes: int) -> int:
         """Slots per lane for a lease of ``lanes`` lanes: enough for about ``TOKENS_PER_CALL`` tokens at the pace this
         process spends them (so the backend sees ~1 call per that many tokens), at most ``lease_size``. A process
-        holding many lanes thus holds each briefly: lanes it stops spending come free within seconds."""
+        holding many lanes thus holds each briefly: lanes it stops spending come free within seconds.
+
+        With more processes than lanes (the backend's last answer), lanes are time-shared and every hand-over costs
+        the previous holder a refused renewal besides the newcomer's booking: two calls per lease, so leases are then
+        twice as long (64 processes on 32 lanes of a 40/s limit on DynamoDB: 0.05-0.06 calls per token, 0.03 so)."""
         lane_rate = US / self.lane_interval_us
         spend = lanes * lane_rate
         capacity = self.capacity()
         if capacity:
             spend = min(spend, capacity)
-        slots = math.ceil(self.TOKENS_PER_CALL / (spend * self.lane_interval_us / US))
-        return max(2 * self.PREFETCH, min(self.spec.lease_size, slots))
+        shared = 2 if self.holders > self.spec.lane_count else 1
+        slots = math.ceil(shared * self.TOKENS_PER_CALL / (spend * self.lane_interval_us / US))
+        return max(2 * self.PREFETCH, min(shared * self.spec.lease_size, slots))
 
     def _lease(self, *, want: int, **kw: Any) -> Grant | Wait:
         self.asked_backend_us = self.clock()
-        # sized for the lanes we will likely hold: ours, plus what the last answer showed free, up to what we want
-        likely = min(want, max(1, len(self._live()) + self.free_last))
-        got = self.backend.lease_lanes(self.key, self.spec, self._lease_size(likely), want=want, **kw)
+        # Sized for the lanes we will likely hold: those renewed or held, plus what the last answer showed free, up to
+        # what we want. (Counting only live leases sized a renewal of 29 lanes as one of a single lane: 16 slots
+        # each, 13 s during which nobody else could have them.)
+        mine = len(kw.get("renew") or ()) + len(set(kw.get("hold") or ()))
+        likely = min(want, max(1, mine + self.free_last))
+        got = self.backend.lease_lanes(self.key, self.spec, self._lease_size(likely), want=want, owner=self.owner,
+                                       share=True, **kw)
         self.backend_calls += got.calls
         if isinstance(got, Wait):
             self.free_last = 0
             return got
+        self.holders, self.share = got.holders or self.holders, got.share or self.share
         if got.leases and got.leases[0].epoch > self.epoch:
             self.held = [h for h in self.held if h.lease.epoch >= got.leases[0].epoch]
             self.epoch = got.leases[0].epoch
@@ -192,11 +219,11 @@ class Leaser:
 
     def _top_up(self) -> None:
         """Renew all our leases when one is about to run out (one call, which also takes more lanes if wanted and
-        free); between renewals, take more lanes when the backend's last answer showed free ones, and queue for our
-        fair share if we hold less."""
+        free, and queues for our fair share if we hold less); between renewals, take more lanes when the backend's
+        last answer showed free ones, and now and then queue for our fair share if we hold less."""
         live = self._live()
         want = self.wanted_lanes()
-        if any(h.left <= min(self.PREFETCH, h.lease.count // 2) for h in live):
+        if live and self._renewal_due():
             renew = live  # all of them: one call per lease span, however the lanes' phases drift apart
             for h in renew:
                 h.renewed = True
@@ -206,10 +233,9 @@ class Leaser:
         # free lanes; and, below our fair share, now and then even when it did not (someone's extra lanes come free
         # within their lease, and we queue behind them).
         now = self.clock()
-        fair = min(want, self.spec.fair_lanes)
-        below_fair = len(live) < fair
+        below_fair = len(live) < min(want, self.fair_lanes())
         if live and len(live) < want and (self.free_last > 0 or (below_fair and now >= self.probe_at_us)):
-            got = self._lease(hold=[h.lease.lane for h in live], want=want, must=fair if below_fair else 0)
+            got = self._lease(hold=[h.lease.lane for h in live], want=want, must=0)
             if isinstance(got, Grant) and got.leases:
                 self.probe_step_s = self.PROBE_S[0]
             elif below_fair:
@@ -279,8 +305,7 @@ class Leaser:
                 best[1].used += 1
                 return best[0], best[1].lease.lane
             self.held = [h for h in self.held if h.left > 0]
-            want = self.wanted_lanes()
-            got = self._lease(hold=(), want=want, must=max(1, min(want, self.spec.fair_lanes)))
+            got = self._lease(hold=(), want=self.wanted_lanes(), must=1)
             if isinstance(got, Wait):
                 # Spread the retries of workers that were all told to wait: no thundering herd on the backend.
                 pause = got.seconds + random.uniform(0, self.spec.signal_s)
@@ -340,7 +365,7 @@ class Leaser:
             return None
         try:
             now = self.clock()
-            if now >= self.next_signal_us or self._renewal_due():
+            if self.signal_due() or self._renewal_due():
                 return None
             before = self._counters()
             best = self._earliest(now)
