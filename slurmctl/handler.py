@@ -301,8 +301,8 @@ class BatchContext:
 call_blocked: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("slurmctl_call_blocked",
                                                                                   default=None)
 
-# One thread per limiter hands tokens to async callers in order (a leaser hands out slots in time order and sleeps
-# until each is due, holding its lock): the event loop never blocks, and any number of items can wait for tokens.
+# One thread per limiter does for async callers what needs the backend or may block (renewals, the signal, a pause,
+# waiting for lanes that are all taken): the event loop never blocks, and any number of items can wait for tokens.
 _dispensers: dict[int, Any] = {}
 _dispensers_lock = threading.Lock()
 

@@ -276,11 +276,12 @@ class Leaser:
             self.waited_s += self.spec.signal_s
             self.sleep(self.spec.signal_s)
 
-    def _wait_until(self, slot_us: int) -> tuple[float, bool]:
-        """Sleep until our slot, checking the signal on the way: a slot can lie a lease span ahead (seconds), and a
-        pause, rate change or throttling signalled meanwhile voids it. Returns (seconds slept, whether the slot still
-        stands); a voided slot is given up and the caller asks for a new one (after the pause, at the new rate)."""
-        epoch, slept = self.epoch, 0.0
+    def _wait_until(self, slot_us: int, epoch: int) -> tuple[float, bool]:
+        """Sleep until our slot without the lock, reading the signal on the way: a slot can lie a lease span ahead
+        (seconds), and a pause, rate change or throttling signalled meanwhile voids it. Returns (seconds slept,
+        whether the slot still stands); a voided slot is given up and the caller asks for a new one (after the pause,
+        at the new rate)."""
+        slept = 0.0
         while True:
             now = self.clock()
             if now >= slot_us:
@@ -289,10 +290,11 @@ class Leaser:
             if step > 0:
                 self.sleep(step / US)
                 slept += step / US
-            if self.clock() < slot_us:
-                self._check_signal()
-                if self.epoch != epoch:
-                    return slept, False
+            if self.clock() < slot_us and self.signal_due():
+                with self.lock:
+                    self._check_signal()
+            if self.epoch != epoch:
+                return slept, False
 
     def _next_slot(self) -> tuple[int, int]:
         """The time and lane of this process's next slot, leasing more when needed."""
@@ -318,36 +320,24 @@ class Leaser:
     def acquire(self, tokens: int = 1, tally: MutableMapping[str, float] | None = None) -> float:
         """Block until ``tokens`` slots are due; return the seconds waited for them. ``tally`` (e.g. a batch's
         metrics) gets what this call cost besides: backend calls, expired slots, time paused, signal errors, and
-        ``late_ms_max``, how late after its slot a token was handed out (jitter this side adds to the request)."""
-        with self.lock:
-            before = self._counters()
-            late_max = 0
-            try:
-                pace = self.pace.setdefault(threading.get_ident(), _Pace())
-                self._note_work(pace)
-                waited = 0.0
-                for i in range(tokens):
-                    if i:  # tokens asked for at once: the caller spends them as fast as they come
-                        pace.work_s = 0.8 * (pace.work_s or 0.0)
-                    while True:
-                        slot, lane = self._next_slot()
-                        slept, valid = self._wait_until(slot)
-                        waited += slept
-                        handed = self.clock()
-                        if valid and handed - slot <= self.late_us:
-                            break
-                        if valid:  # the process was held up (GIL, scheduler) past the allowance: that slot passed
-                            self.expired += 1
-                    late_max = max(late_max, handed - slot)
-                    self.trace.note(slot, handed, lane)
-                self.late_us_max = max(self.late_us_max, late_max)
-                self.waited_s += waited
-                pace.returned_at = time.monotonic()
-                return waited
-            finally:
-                self._tally(before, tally)
-                if tally is not None:
-                    tally["late_ms_max"] = max(tally.get("late_ms_max", 0), round(late_max / 1000, 1))
+        ``late_ms_max``, how late after its slot a token was handed out (jitter this side adds to the request).
+
+        The lock is held to pick a slot, never while sleeping toward it: a process's threads wait for their slots
+        side by side and each claims its own when due, as async callers do. (Sleeping with the lock held made them
+        take turns, one slot per wake-up and GIL hand-off; at 500/s the late ones expired and sync handlers with
+        ``concurrency: auto`` reached 0.2-0.45 of the rate.)"""
+        caller, waited, got = threading.get_ident(), 0.0, 0
+        while got < tokens:
+            slot, lane, epoch = self.reserve_wait(caller, tally)
+            slept, valid = self._wait_until(slot, epoch)
+            waited += slept
+            if valid and self.claim(slot, lane, epoch, slept, tally):
+                got += 1
+                # A thread's pace is the work it does between tokens, not its wait for a slot: time it from here.
+                pace = self.pace.get(caller)
+                if pace is not None:
+                    pace.returned_at = time.monotonic()
+        return waited
 
     # --- the event loop's path: reserve a slot, wait for it on the loop, then claim it --------------------------------
     # Why: one thread handing out tokens to an event loop hands them late. It wakes at its slot and waits for the GIL
@@ -402,6 +392,7 @@ class Leaser:
         handed = self.clock()
         late = handed - slot_us
         with self._claims:
+            self.claim_waited_s += waited_s
             if epoch != self.epoch:
                 return False
             if late > self.late_us:
@@ -410,7 +401,6 @@ class Leaser:
                     tally["expired"] = tally.get("expired", 0) + 1
                 return False
             self.late_us_max = max(self.late_us_max, late)
-            self.claim_waited_s += waited_s
             self.trace.note(slot_us, handed, lane)
         if tally is not None:
             tally["late_ms_max"] = max(tally.get("late_ms_max", 0), round(max(0, late) / 1000, 1))
