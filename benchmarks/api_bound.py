@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -91,6 +92,11 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
         reach = min(reach, 2 / latency)
     items = int(max(20, min(args.max_items, reach * args.seconds)))
     batch = max(5, min(1000, items // 40))
+    if rate and latency and handler != "sync-1":
+        # A worker thread's items in flight are its batch's: two workers holding one batch each must have
+        # rate x latency in flight between them, with room for each batch's tail (Little's law, x 2).
+        batch = max(batch, min(1000, math.ceil(rate * latency)))
+        items = max(items, 10 * batch)
     job_id = f"api-{handler}-{int(latency_ms)}ms-{int(rate or 0)}-{os.urandom(2).hex()}"
     folder = tmp / job_id
     folder.mkdir()

@@ -333,6 +333,7 @@ class _Limit:
         finally:
             self.ctx._wait_ends()
             self.ctx._acquired(self.name, got, waited, time.perf_counter() - blocked, costs)
+        self._offer()
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         err = self.ctx._throttled(self.name, exc)
@@ -359,6 +360,14 @@ class _Limit:
                 if costs.get("expired"):
                     observer.expired(int(costs["expired"]))  # slots passed with nobody ready for them
             self.ctx._acquired(self.name, got, waited, time.perf_counter() - blocked, costs)
+        self._offer()
+
+    def _offer(self) -> None:
+        """Tell the concurrency control what rate this limit offers the process: with the latency it measures,
+        Little's law gives the calls in flight that spend it (one dict write: safe from a handler's thread)."""
+        observer, offer = self.ctx.observer, getattr(self.leaser, "offer_per_s", None)
+        if observer is not None and offer is not None:
+            observer.offered(self.name, offer())
 
     RESERVE_AHEAD_S = 0.5  # a slot further ahead is reserved by the dispenser thread, which renews and reads signals
     SIGNAL_CHECK_S = 0.25  # a caller asleep until its slot wakes this often to let a due signal be read

@@ -11,8 +11,10 @@ items has an outcome.
 How many are in flight at once is a gate:
 
 * ``FixedGate``: ``concurrency: N``, at most N items of the batch at once.
-* ``AutoGate``: ``concurrency: auto``, one per worker process and job, shared by its batches. It starts low and
-  doubles while more in flight brings more done (slow start), then climbs by a quarter. It stops growing when the
+* ``AutoGate``: ``concurrency: auto``, one per worker process and job, shared by its batches. It starts low. When
+  a declared rate limit tells it the rate it offers this process (its fair share), it goes to that rate times the
+  latency of the first answers at once (Little's law), plus a queue. Otherwise it doubles while more in flight
+  brings more done (slow start), then climbs by a quarter. It stops growing when the
   job's rate limits are saturated (items queue for tokens in ``ctx.limit`` and no slot passes unused); it then
   holds, trimming only a long queue down to the calls in progress (Little's law: ``rate x latency``) plus half as
   many waiting, so the limiter never idles. Without a saturated limit it climbs while more in flight brings more
@@ -145,6 +147,9 @@ class FixedGate:
     def expired(self, slots: int) -> None:
         pass
 
+    def offered(self, name: str, per_second: float) -> None:
+        pass
+
     def watch(self) -> list[int]:  # the gate is the batch's own: its peak is the batch's
         return [0]
 
@@ -181,6 +186,7 @@ class AutoGate:
         self._hold = 0
         self._probe_down = False
         self.token_waiters = 0  # items waiting in ctx.limit for a token right now
+        self.offers: dict[str, float] = {}  # tokens/s each rate limit offers this process (ctx.limit tells us)
         self._reset(self.clock())
         self.history: list[tuple[float, int]] = []  # (when, limit) after each change, for tests and benchmarks
 
@@ -246,6 +252,10 @@ class AutoGate:
     def expired(self, slots: int) -> None:
         self.starved += slots
 
+    def offered(self, name: str, per_second: float) -> None:
+        """The rate limit ``name`` offers this process ``per_second`` tokens (its fair share of the declared rate)."""
+        self.offers[name] = per_second
+
     def watch(self) -> list[int]:
         """Start counting the most items in flight (a batch's ``in_flight_max``): the cell's ``[0]``, until
         ``unwatch``. Batches that overlap each count their own time."""
@@ -263,6 +273,18 @@ class AutoGate:
         elapsed = now - self.t0
         if self.done == 0 or elapsed < max(self.MIN_INTERVAL_S, 1.5 * self.latency_sum / self.done):
             return
+        if self.slow_start and self.offers and not self.throttles:
+            # A declared limit offers us a rate and the calls' latency is measured: Little's law says how many must
+            # be in flight, so go there at once (plus a queue that keeps the limiter fed) instead of doubling an
+            # interval at a time. At 1 s answers each doubling waited for enough answers: about 10 s to reach 50/s.
+            # Too many is harmless (items queue for tokens, and the saturated branch trims the queue).
+            need = math.ceil(min(self.offers.values()) * self.latency_sum / self.done * (1 + self.QUEUE_SHARE / 2))
+            if need > self.limit:
+                self.history.append((now, min(self.maximum, need)))
+                self.limit = min(self.maximum, need)
+                self.slow_start, self._last = False, None
+                self._reset(now)
+                return
         if self.done < self.MIN_DONE and elapsed < self.MAX_INTERVAL_S:
             return  # too few completions to compare rates yet
         rate = self.done / elapsed

@@ -198,6 +198,25 @@ def test_auto_concurrency_rises_until_the_declared_rate_is_saturated_and_no_furt
     assert gate.limit <= 100 * (1 + inflight.AutoGate.QUEUE_SHARE) + 10, gate.history  # and only a short queue
 
 
+def test_auto_concurrency_jumps_to_rate_times_latency_once_it_knows_both():
+    # 50/s offered to this process, 1 s answers: 50 in flight. Doubling from 4 with a rate comparison per interval
+    # took about 10 s to get there (each interval needs enough answers at 4-8 in flight); Little's law needs one
+    # interval of latency measured (1.5 s).
+    gate, now = auto_gate()
+    api = SimulatedApi(1.0, rate=50)
+    limits: list[int] = []
+    for _ in range(int(4.0 / 0.01)):
+        gate.offered("api", 50.0)  # what ctx.limit tells the gate with each token
+        api.step(gate, now)
+        limits.append(gate.limit)
+    assert max(limits) >= 50, gate.history
+    assert limits.index(max(limits)) <= 200, gate.history  # within 2 s
+    assert max(limits) <= 50 * 1.5, gate.history  # and not past rate x latency plus a queue
+    gate, now = auto_gate()
+    limits = SimulatedApi(1.0, rate=50).run(gate, now, 4.0)  # the same API, nothing offered: still climbing
+    assert max(limits) < 50, gate.history
+
+
 def test_auto_concurrency_without_a_declared_limit_stops_where_the_api_queues_and_falls_when_it_slows():
     gate, now = auto_gate()
     api = SimulatedApi(0.1, capacity=40)

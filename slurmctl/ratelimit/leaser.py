@@ -148,6 +148,11 @@ class Leaser:
         any answer, among the job's worker processes (``LimitSpec.workers``, a hint)."""
         return self.share or self.spec.fair_lanes
 
+    def offer_per_s(self) -> float:
+        """Tokens/s our fair share of the lanes carries: what this process's callers can count on (the concurrency
+        they need is this times their calls' latency)."""
+        return self.fair_lanes() * US / self.lane_interval_us
+
     def wanted_lanes(self) -> int:
         """Lanes we want: as many as our callers can spend (before their pace is measured: one, or the job's share
         when ``LimitSpec.workers`` hints how many share the limit)."""
