@@ -29,6 +29,7 @@ from uuid import UUID
 from slurmctl.books.heartbeat import HEARTBEAT_S
 from slurmctl.books.manifests import TERMINAL_STATUSES, Keys, now, parse_time
 from slurmctl.books.store import load_job, store_for, update_job
+from slurmctl.flows import stop
 from slurmctl.slurm import cancel_worker_jobs
 
 log = logging.getLogger("slurmctl.flows.cancel")
@@ -49,19 +50,24 @@ def request_cancel(store: Any, job_id: str, by: str) -> str:
 
 class CancelWatch:
     """A background thread that notices a cancellation asked for while the coordinator runs: the job's flow run
-    in Prefect moved to Cancelling/Cancelled, or a ``cancel.json`` newer than this run. The coordinator asks
-    ``check()`` between batches (every ~2 s)."""
+    in Prefect moved to Cancelling/Cancelled, or a ``cancel.json`` newer than this run; or a stop signal
+    (``flows/stop.py``). The coordinator asks ``check()`` between batches (every ~2 s)."""
 
-    def __init__(self, store: Any, job_id: str, flow_run_id: str | None, *, interval_s: float = HEARTBEAT_S):
+    def __init__(self, store: Any, job_id: str, flow_run_id: str | None, *, interval_s: float = HEARTBEAT_S,
+                 kind: str | None = None):
         self.store, self.job_id, self.flow_run_id, self.interval_s = store, job_id, flow_run_id, interval_s
+        self.kind = kind  # the cluster's: a stop's last words cancel the Slurm jobs by name
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.reason: str | None = None
+        self.stopped: stop.StopRequest | None = None  # a signal's stop request, not a cancellation
+        self._unlisten: Callable[[], None] | None = None
         self._stop = threading.Event()
         self._cancelled = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> "CancelWatch":
         _live[self.job_id] = self
+        self._unlisten = stop.listen(self._stop_requested, self._last_words)
         # The thread runs in a copy of this context: Prefect's settings (the API URL of the local server the
         # coordinator chose) live in a context variable, and a bare thread would see only the process's import-time
         # settings, start a throwaway ephemeral server of its own and watch a flow run that is not there.
@@ -73,8 +79,23 @@ class CancelWatch:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._unlisten is not None:
+            self._unlisten()
         if _live.get(self.job_id) is self:
             del _live[self.job_id]
+
+    def _stop_requested(self, request: stop.StopRequest) -> None:
+        """A signal's handler calls this: set flags only (no I/O, no locks the interrupted code may hold)."""
+        self.stopped, self.reason = request, request.reason
+        self._cancelled.set()
+
+    def _last_words(self, request: stop.StopRequest) -> None:
+        """A second signal: record the stop before the process exits (in a thread, bounded by the caller)."""
+        try:
+            mark_stopped(self.store, self.job_id, request.reason + ", then exited at once on a second signal",
+                         self.kind)
+        except Exception as exc:  # the books are consistent anyway: the status then reads a dead coordinator
+            log.error("recording the stop of %s failed: %s: %s", self.job_id, type(exc).__name__, exc)
 
     def _run(self) -> None:
         client = None
@@ -95,6 +116,22 @@ class CancelWatch:
         finally:
             if client is not None:
                 client.__exit__(None, None, None)
+
+    def asked_now(self) -> str | None:
+        """Was a cancellation asked for (the store's request, the flow run's state)? Read once, now: a stop signal
+        ends the watch's polling, and a deployment's runner that could not announce its cancel sends a bare
+        SIGTERM after moving the run to Cancelling, which is a cancellation, not a stop."""
+        reason = self._asked_in_store()
+        if reason or not self.flow_run_id:
+            return reason
+        try:
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                return self._asked_in_prefect(client)
+        except Exception as exc:  # Prefect unreachable: the signal was a stop
+            log.debug("reading flow run %s failed: %s", self.flow_run_id, exc)
+            return None
 
     def _asked_in_store(self) -> str | None:
         try:
@@ -135,6 +172,13 @@ class CancelWatch:
 _live: dict[str, CancelWatch] = {}
 
 
+def stop_deadline(job_id: str) -> float | None:
+    """When a stop signal came for this job's run: by when (``time.monotonic()``) the batches running should have
+    committed. None: no stop requested (a cancellation does not wait for them)."""
+    watch = _live.get(job_id)
+    return watch.stopped.deadline if watch is not None and watch.stopped is not None else None
+
+
 def check(job_id: str) -> None:
     """Raise ``JobCancelled`` if the job's run was asked to stop (no-op outside a coordinator)."""
     watch = _live.get(job_id)
@@ -155,7 +199,7 @@ def sleep(job_id: str, seconds: float) -> None:
 def cancellable(fn: Callable[..., T]) -> Callable[..., Any]:
     """For a phase's subflow: a ``JobCancelled`` ends it *Cancelled* (not Failed) in the Prefect UI, a
     ``BudgetReached`` (``flows/budget.py``) Cancelled-type named *Paused*. The caller gets Prefect's
-    ``CancelledRun``."""
+    ``CancelledRun``. A stop signal during the phase is a stop request (``flows/stop.py``)."""
     import functools
 
     from slurmctl.books.budget import BudgetReached
@@ -165,7 +209,8 @@ def cancellable(fn: Callable[..., T]) -> Callable[..., Any]:
         from prefect.states import Cancelled
 
         try:
-            return fn(*args, **kwargs)
+            with stop.on_signals():  # Prefect put its SIGTERM handler back for this subflow: ours again
+                return fn(*args, **kwargs)
         except JobCancelled as exc:
             return Cancelled(message=str(exc))
         except BudgetReached as exc:
@@ -197,6 +242,17 @@ def mark_cancelled(store: Any, job_id: str, reason: str, kind: str | None) -> li
     job = load_job(store, job_id)
     if job.status not in TERMINAL_STATUSES:
         update_job(store, job_id, status="cancelled", finished_at=job.finished_at or now(),
+                   error=f"{reason}; `slurmctl resume {job_id}` continues it (committed batches are kept)"[:2000])
+    return cancelled
+
+
+def mark_stopped(store: Any, job_id: str, reason: str, kind: str | None) -> list[str]:
+    """A stop signal's last steps (``flows/stop.py``): cancel the job's Slurm jobs by name and record ``stopped``
+    with how to continue it, unless the job already ended. Returns the Slurm job ids cancelled."""
+    cancelled = cancel_worker_jobs(job_id) if kind == "slurm" else []
+    job = load_job(store, job_id)
+    if job.status not in TERMINAL_STATUSES:
+        update_job(store, job_id, status="stopped", finished_at=job.finished_at or now(),
                    error=f"{reason}; `slurmctl resume {job_id}` continues it (committed batches are kept)"[:2000])
     return cancelled
 

@@ -30,8 +30,8 @@ from slurmctl.config import JobConfig
 from slurmctl.job_health import Sample, Window, crossed
 
 PREFIX = "slurmctl.job"
-STARTED, COMPLETED, FAILED, CANCELLED, PAUSED = (f"{PREFIX}.{s}" for s in (
-    "started", "completed", "failed", "cancelled", "paused"))
+STARTED, COMPLETED, FAILED, CANCELLED, PAUSED, STOPPED = (f"{PREFIX}.{s}" for s in (
+    "started", "completed", "failed", "cancelled", "paused", "stopped"))
 PROCESSING, PROCESSED, PROGRESS = f"{PREFIX}.processing", f"{PREFIX}.processed", f"{PREFIX}.progress"
 ERROR_RATE, TOKEN_WAIT = f"{PREFIX}.error-rate", f"{PREFIX}.token-wait"
 
@@ -89,7 +89,7 @@ class JobEvents:
         self.emit(STARTED, phase=phase)
 
     def ended(self, status: str, counts: Counts, error: str | None = None) -> None:
-        """The job run ended: ``completed``, ``failed``, ``cancelled`` or ``paused``."""
+        """The job run ended: ``completed``, ``failed``, ``cancelled``, ``paused`` or ``stopped``."""
         _live.pop(self.job_id, None)
         self.emit(f"{PREFIX}.{status}", counts=_counts(counts), **({"error": error} if error else {}))
 

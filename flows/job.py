@@ -15,7 +15,7 @@ from typing import Any
 import dask
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
-from prefect.exceptions import CancelledRun
+from prefect.exceptions import CancelledRun, TerminationSignal
 from prefect.states import Cancelled
 
 from slurmctl.books.admission import create_job
@@ -25,7 +25,7 @@ from slurmctl.books.limits import ensure_limits, limits_status
 from slurmctl.books.manifests import Keys, now
 from slurmctl.books.store import JobExists, load_job, read_round_batches, store_for, update_job
 from slurmctl.config import known_storage, parse_config
-from slurmctl.flows import artifacts, budget, cancel, naming
+from slurmctl.flows import artifacts, budget, cancel, naming, stop
 from slurmctl.flows.aggregate import aggregate_phase, aggregate_runner
 from slurmctl.flows.artifacts import JobArtifacts
 from slurmctl.flows.events import JobEvents
@@ -99,20 +99,28 @@ def run_job(job_id: str | None = None, config_path: str | None = None, config: d
     job = load_job(store, job_id)
     cfg = parse_config(job.config)
     config = cfg.model_dump(mode="json")
-    logger = get_run_logger()
     job = update_job(store, job_id, status="running", phase="aggregate" if aggregate_only else "partition",
                      started_at=job.started_at or now(), finished_at=None, error=None, flow_run_id=flow_run_id,
                      coordinator_pid=os.getpid(), coordinator_host=socket.gethostname())
     budget.forget(job_id)
     heartbeat = Heartbeat(store, job_id, flow_run_id=flow_run_id).start()  # every phase
-    watch = cancel.CancelWatch(store, job_id, flow_run_id).start()
+    watch = cancel.CancelWatch(store, job_id, flow_run_id, kind=cfg.cluster.kind).start()
     arts = JobArtifacts(job, flow_run_id)
     emitter = JobEvents(cfg, flow_run_id)  # slurmctl's own events, for the alerts (`slurmctl alerts install`)
     emitter.started(job.phase)
+    with stop.on_signals():  # SIGTERM, SIGINT, SIGHUP: stop between batches (flows/stop.py)
+        return _run_phases(store, job_id, cfg, config, retry_errors or [], aggregate_only, watch, arts, emitter,
+                           heartbeat)
+
+
+def _run_phases(store: Any, job_id: str, cfg: Any, config: dict[str, Any], retry_errors: list[str],
+                aggregate_only: bool, watch: Any, arts: JobArtifacts, emitter: JobEvents, heartbeat: Heartbeat) -> Any:
+    """The phases and how the run ends: completed, paused, stopped, cancelled or failed."""
+    logger = get_run_logger()
     try:
         with dask.config.set(dask_settings(cfg)):
             if not aggregate_only:
-                process_and_retry(store, job_id, cfg, config, retry_errors or [])
+                process_and_retry(store, job_id, cfg, config, retry_errors)
             enter_phase(store, job_id, "aggregate")
             committed = len(committed_batch_ids(store, job_id))
             result = aggregate_phase.with_options(task_runner=aggregate_runner(cfg, committed))(job_id, config)
@@ -124,7 +132,22 @@ def run_job(job_id: str | None = None, config_path: str | None = None, config: d
             finish_artifacts(arts, store, cfg, job)
             emitter.ended("paused", job.counts, paused)
             return Cancelled(name=budget.PAUSED, message=f"{job_id} paused: {paused}")
-        if cancel.is_cancellation(exc):
+        request = stop.requested()
+        signalled = request is not None and (cancel.is_cancellation(exc) or isinstance(
+            exc, (TerminationSignal, KeyboardInterrupt)))
+        asked = watch.asked_now() if signalled else None  # a runner's bare SIGTERM for a Cancel is a cancellation
+        if asked:
+            watch.reason = asked
+        elif signalled:
+            assert request is not None
+            ids = cancel.mark_stopped(store, job_id, request.reason, cfg.cluster.kind)
+            logger.warning("job %s %s; Slurm worker jobs cancelled: %s; `slurmctl resume %s` continues it", job_id,
+                           request.reason, ", ".join(ids) or "none left", job_id)
+            job = load_job(store, job_id)
+            finish_artifacts(arts, store, cfg, job)
+            emitter.ended("stopped", job.counts, request.reason)
+            return Cancelled(message=f"{job_id}: {request.reason}; `slurmctl resume {job_id}` continues it")
+        if cancel.is_cancellation(exc) or asked:
             reason = watch.reason or "cancelled in Prefect"
             ids = cancel.mark_cancelled(store, job_id, reason, cfg.cluster.kind)
             logger.warning("job %s cancelled (%s); Slurm worker jobs cancelled: %s; `slurmctl resume %s` continues "

@@ -11,10 +11,12 @@ from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.manifests import Keys
 from slurmctl.books.store import load_job, store_for, update_job
 from slurmctl.config import JobConfig, parse_config
+from slurmctl.flows import cancel
 from slurmctl.records import Plan, partition
 
 
 @flow(name="partition", flow_run_name="{job_id} / partition", log_prints=True)
+@cancel.cancellable
 def partition_phase(job_id: str, config: dict[str, Any]) -> int:
     """Cut the input into batch descriptions; idempotent (a resumed job reuses the plan it already has)."""
     cfg = parse_config(config)

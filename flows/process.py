@@ -197,6 +197,7 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
     wake = object()  # in ``finished``: a commit arrived (budget jobs only), not a shard that ended
     feed = CommitFeed(job.job_id, (lambda: finished.put(wake)) if guard.active else None)
     stopped_left: list[BatchSpec] = []  # batches of shards stopped at the budget, not seen committed
+    draining = [False]  # a stop signal came: nothing more is submitted, the shards running end after their batch
     limit = max(1, min(cfg.max_in_flight, 2 * slots))
     emitter = events.live(job.job_id)  # the job's Prefect events (alerts), one of each kind per beat at most
     if emitter is not None:
@@ -236,6 +237,18 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
                 emitter.beat(job.counts)
             last_beat = time.monotonic()
             watch.check(waiting=bool(in_flight))
+        deadline = cancel.stop_deadline(job.job_id)
+        if deadline is not None and in_flight and time.monotonic() < deadline:
+            # A stop signal (flows/stop.py): the batches running get until the deadline to commit; none starts.
+            if not draining[0]:
+                draining[0] = True
+                shards.clear()
+                logger.warning("stop signal: no new batch starts; waiting up to %.0f s for the %s shard(s) running "
+                               "to commit their current batch", deadline - time.monotonic(), len(in_flight))
+                guard.stop()
+            elif time.monotonic() - guard.told_at >= 2.0:
+                guard.stop()  # again, for workers that joined since
+            return
         try:
             cancel.check(job.job_id)  # between batches: what is committed stays, the rest is not started
         except cancel.JobCancelled:
@@ -268,8 +281,8 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
             except BaseException as exc:
                 beat()  # commits the shard reported before it ended are counted first
                 left = [s for s in shard.specs if s.batch_id not in counted]
-                if guard.stopping and (is_worker_loss(exc) or isinstance(exc, ShardStopped)):
-                    stopped_left += left  # stopped at the budget (or lost meanwhile): left for resume, not failed
+                if (guard.stopping or draining[0]) and (is_worker_loss(exc) or isinstance(exc, ShardStopped)):
+                    stopped_left += left  # stopped at the budget or by a signal (or lost meanwhile): left for resume
                     beat()
                     continue
                 if is_worker_loss(exc) and requeues.get(shard.name, 0) < cfg.worker_loss_requeues and left:

@@ -42,7 +42,8 @@ class ShardIncomplete(RuntimeError):
 
 
 class ShardStopped(RuntimeError):
-    """The coordinator said to start no further batch of this pass (the job reached its budget): the shard ends
+    """The coordinator said to start no further batch of this pass (the job reached its budget, or a signal stopped
+    the coordinator): the shard ends
     between batches; its uncommitted batches wait for ``slurmctl resume``. Raised, not returned as a Cancelled
     state: Prefect would store a returned state's (empty) result under the shard's cache key, and the same shard cut
     again at resume would be answered from that cache without running."""
@@ -124,7 +125,8 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
         for spec in specs:
             if stopped():
                 raise ShardStopped(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} batches "
-                                   f"after it were not started: the job reached its budget")
+                                   f"after it were not started: the coordinator is stopping (the job reached its "
+                                   f"budget, or a signal stopped it)")
             if not wanted():
                 raise ShardAbandoned(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} "
                                      f"batches after it were not started: this worker is leaving (it lost its "

@@ -176,7 +176,7 @@ def test_a_job_manifest_of_schema_2_loads_with_its_spend_at_zero(tmp_path):
     body["config"].pop("budget")
     store.put_json(Keys("budgeted").job, body | {"schema_version": 2})
     job = load_job(store, "budgeted")
-    assert (job.schema_version, job.counts.api_calls, job.core_seconds) == (3, 0, 0.0)
+    assert (job.schema_version, job.counts.api_calls, job.core_seconds) == (JOB_SCHEMA_VERSION, 0, 0.0)
     assert budget.budget_of(job.config).limits == {}
 
 

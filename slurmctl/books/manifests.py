@@ -49,14 +49,16 @@ TASK_SCHEMA_VERSION = 2
 #: 3: the budget — status ``paused`` (the job stopped itself at a budget limit), ``counts.api_calls``,
 #: ``core_seconds``, ``budget_changes`` and ``budget_projection``; an earlier release cannot read a paused job, so
 #: it is refused with the upgrade message rather than misread. ``slurmctl.books.store.load_job`` upgrades versions 1
-#: and 2 on read (their new fields start at zero) and refuses a newer one.
-JOB_SCHEMA_VERSION = 3
+#: and 2 on read (their new fields start at zero) and refuses a newer one. 4: status ``stopped`` (its coordinator was
+#: stopped by a signal: SIGTERM from Slurm or an admin, Ctrl-C; resume continues it); nothing else changed.
+JOB_SCHEMA_VERSION = 4
 
-JobStatus = Literal["pending", "running", "completed", "failed", "cancelled", "paused"]
+JobStatus = Literal["pending", "running", "completed", "failed", "cancelled", "paused", "stopped"]
 Phase = Literal["submitted", "partition", "process", "retry", "aggregate", "done"]
 BatchStatus = Literal["succeeded", "throttled", "failed"]
-# The statuses of a job whose run has ended (``paused``: it stopped itself at a budget limit; resume continues it).
-TERMINAL_STATUSES = ("completed", "failed", "cancelled", "paused")
+# The statuses of a job whose run has ended (``paused``: it stopped itself at a budget limit; ``stopped``: a signal
+# stopped its coordinator; resume continues either).
+TERMINAL_STATUSES = ("completed", "failed", "cancelled", "paused", "stopped")
 STALE_AFTER_S = 120  # a running job whose heartbeat is older than this is reported as stale
 
 

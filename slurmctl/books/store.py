@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from slurmctl.blocks.manifest_store import ManifestStore, store_from_uri
-from slurmctl.books.manifests import JOB_SCHEMA_VERSION, JobManifest, Keys, now
+from slurmctl.books.manifests import JOB_SCHEMA_VERSION, TERMINAL_STATUSES, JobManifest, Keys, now
 from slurmctl.config import JobConfig, StorageConfig
 from slurmctl.handler import renamed
 from slurmctl.records import BatchSpec
@@ -44,6 +44,7 @@ def upgrade_job(body: dict[str, Any]) -> dict[str, Any]:
     ``slurmctl.handlers.echo``). ``handler_version`` keeps its old text: it only names the batches' cache keys.
     2 -> 3: the budget's fields (``counts.api_calls``, ``core_seconds``, ``budget_changes``) start at zero; an old
     job's committed calls are counted again from its task manifests when it resumes.
+    3 -> 4: nothing to change (4 adds the status ``stopped``, which a version-3 job never has).
     """
     version = body.get("schema_version", 1)
     if version > JOB_SCHEMA_VERSION:
@@ -57,6 +58,8 @@ def upgrade_job(body: dict[str, Any]) -> dict[str, Any]:
         body = {**body, "schema_version": 2}
     if body["schema_version"] < 3:  # 2 -> 3: the budget's fields, which start at zero
         body = {**body, "schema_version": 3}
+    if body["schema_version"] < 4:  # 3 -> 4: a new status only
+        body = {**body, "schema_version": 4}
     return body
 
 
@@ -94,7 +97,7 @@ def time_phases(job: JobManifest, changes: dict[str, Any], last_seen: str) -> No
     what an earlier coordinator left open at the last time it wrote the manifest, and starts its phase afresh."""
     at = now()
     entering = changes.get("phase")
-    ending = changes.get("status") in ("completed", "failed", "cancelled", "paused")
+    ending = changes.get("status") in TERMINAL_STATUSES
     new_run = changes.get("status") == "running" or entering == "submitted"
     open_ = [name for name, t in job.phase_times.items() if not t.get("finished_at")]
     for name in open_:

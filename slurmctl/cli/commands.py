@@ -898,8 +898,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="make a paused, stopped or failed job go again; committed batches are not "
                                       "re-run",
                        description="Make a job go again: unpause its rate limits, or start a coordinator for a job "
-                                   "that stopped (failed, cancelled, its coordinator dead, paused at its budget). "
-                                   "Committed batches are not run again. Example: slurmctl resume geocode-2025-04-12 "
+                                   "that stopped (failed, cancelled, stopped by a signal, its coordinator dead, "
+                                   "paused at its budget). Committed batches are not run again. Example: slurmctl "
+                                   "resume geocode-2025-04-12 "
                                    "--raise-budget max_api_calls=200000 --wait")
     p.add_argument("job_id")
     p.add_argument("--wait", action="store_true")

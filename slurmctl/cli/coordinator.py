@@ -142,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.standby and sys.stdin.readline().strip() != "go":
         return 0
 
+    from slurmctl.flows import stop
+
+    stop.exit_on_second = True  # a second SIGTERM/SIGINT/SIGHUP ends this process at once (flows/stop.py)
     try:
-        with prefect_api_for_workers():
+        with prefect_api_for_workers(), stop.on_signals():  # ours before Prefect's (its handler passes them on)
             run_job(job_id=args.job_id, storage=json.loads(args.storage_json),
                     retry_errors=[c for c in args.retry_errors.split(",") if c] or None,
                     aggregate_only=args.aggregate_only)
@@ -153,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, CancelledRun):  # the manifest says cancelled or paused; resume continues it
             from slurmctl.flows.budget import paused_reason
 
-            paused = paused_reason(args.job_id)
-            print(f"job {args.job_id} paused: {paused}" if paused else f"job {args.job_id} cancelled: {exc}",
+            paused, request = paused_reason(args.job_id), stop.requested()
+            print(f"job {args.job_id} paused: {paused}" if paused else f"job {args.job_id} {request.reason}; "
+                  f"`slurmctl resume {args.job_id}` continues it" if request else f"job {args.job_id} cancelled: {exc}",
                   file=sys.stderr)
             return 0
         print(f"job {args.job_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -1,0 +1,102 @@
+"""A coordinator told to stop by a signal (SIGTERM from Slurm or an admin, Ctrl-C, a closed session) stops cleanly:
+the batch running commits, nothing new starts, the job says ``stopped`` with how to continue it, its flow run ends
+Cancelled (not Crashed, not left Running), and ``slurmctl resume`` finishes it with every item exactly once. A second
+signal exits at once and the books stay consistent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from support.jobs import (
+    assert_exactly_once,
+    committed_tasks,
+    held_job,
+    job_manifest,
+    log_tail,
+    run_cli,
+    status,
+    wait_for,
+)
+from support.prefect_runs import job_flow_run_states
+from support.processes import pid_alive
+from support.sample_handlers import calls
+
+from slurmctl.flows import stop
+
+STOPPING = "stopping: no new batch starts"
+
+
+def test_the_first_signal_is_a_stop_request_and_the_second_ends_the_run(monkeypatch):
+    monkeypatch.setenv("SLURMCTL_STOP_GRACE_S", "7")
+    heard, last = [], []
+    before = signal.getsignal(signal.SIGINT)
+    with stop.on_signals():
+        undo = stop.listen(heard.append, last.append)
+        with stop.on_signals():  # a phase inside the job flow: nested scopes
+            os.kill(os.getpid(), signal.SIGTERM)
+            request = stop.requested()
+            assert request is not None and request.signal == "SIGTERM" and heard == [request]
+            assert 6 < request.deadline - time.monotonic() <= 7 and request.reason == "stopped by SIGTERM"
+            with pytest.raises(KeyboardInterrupt):  # not the coordinator process: a second signal interrupts
+                os.kill(os.getpid(), signal.SIGINT)
+            assert last == [request]
+        undo()
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers ours replaced are back
+    with stop.on_signals():  # the next run starts with no stop requested
+        assert stop.requested() is None  # what the coordinator says (its log) when the first signal lands
+
+
+def held_and_signalled(tmp_path, job_id: str, home) -> tuple[int, object]:
+    """Submit a held job (item 25, in its third batch, waits for ``release``) and SIGTERM its coordinator once the
+    batch holds; return the coordinator's pid and the release file, once it has said it is stopping."""
+    cfg, marker, release = held_job(tmp_path, job_id, 60)
+    assert run_cli("submit", str(cfg)).returncode == 0
+    wait_for(marker.exists, 240, "the job to hold in its third batch")
+    pid = job_manifest(tmp_path / "state", job_id)["coordinator_pid"]
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: STOPPING in log_tail(home, job_id), 60, "the coordinator to say it is stopping")
+    return pid, release
+
+
+def test_sigterm_lets_the_running_batch_commit_then_the_job_is_stopped_and_resume_finishes_it(
+        tmp_path, prefect_api, slurmctl_home):
+    pid, release = held_and_signalled(tmp_path, "stop-term", slurmctl_home)
+    try:
+        # Within its grace the coordinator waits for the batch running; it neither exits nor starts another.
+        assert pid_alive(pid) and status("stop-term")["status"] == "running"
+    finally:
+        release.touch()
+    wait_for(lambda: not pid_alive(pid), 90, "the coordinator to exit by itself")
+    view = status("stop-term")
+    assert view["status"] == "stopped", log_tail(slurmctl_home, "stop-term")
+    assert "stopped by SIGTERM" in view["error"] and "slurmctl resume stop-term" in view["error"]
+    # The batch that was running committed within the grace; nothing after it started.
+    assert set(committed_tasks(tmp_path / "state", "stop-term")) == {"batch-000000", "batch-000001", "batch-000002"}
+    assert max(i for _, i in calls(str(tmp_path / "calls"))) < 30
+    states = job_flow_run_states(prefect_api, view["flow_run_id"])
+    assert states["stop-term"] == "CANCELLED" and states["stop-term / process"] == "CANCELLED", states
+
+    assert run_cli("resume", "stop-term", "--wait").returncode == 0, log_tail(slurmctl_home, "stop-term")
+    view = status("stop-term")
+    assert view["status"] == "completed" and view["batches_done"] == 6
+    assert_exactly_once(view, range(60))
+    assert not any(i < 30 for _, i in calls(str(tmp_path / "calls"))[30:])  # committed batches never ran again
+
+
+def test_a_second_signal_exits_at_once_with_consistent_books(tmp_path, prefect_api, slurmctl_home):
+    pid, release = held_and_signalled(tmp_path, "stop-twice", slurmctl_home)
+    os.kill(pid, signal.SIGINT)  # the held batch never finishes: only the second signal ends the coordinator
+    try:
+        wait_for(lambda: not pid_alive(pid), 30, "the coordinator to exit on the second signal")
+    finally:
+        release.touch()
+    view = status("stop-twice")
+    assert view["status"] == "stopped" and "exited at once on a second signal" in view["error"], view
+    assert set(committed_tasks(tmp_path / "state", "stop-twice")) == {"batch-000000", "batch-000001"}
+    assert run_cli("resume", "stop-twice", "--wait").returncode == 0, log_tail(slurmctl_home, "stop-twice")
+    view = status("stop-twice")
+    assert view["status"] == "completed"
+    assert_exactly_once(view, range(60))
