@@ -175,8 +175,8 @@ _live: dict[str, CancelWatch] = {}
 def stop_deadline(job_id: str) -> float | None:
     """When a stop signal came for this job's run: by when (``time.monotonic()``) the batches running should have
     committed. None: no stop requested (a cancellation does not wait for them)."""
-    watch = _live.get(job_id)
-    return watch.stopped.deadline if watch is not None and watch.stopped is not None else None
+    request = getattr(_live.get(job_id), "stopped", None)
+    return request.deadline if request is not None else None
 
 
 def check(job_id: str) -> None:

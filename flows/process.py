@@ -19,6 +19,7 @@ import importlib
 import queue
 import shutil
 import subprocess
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +36,7 @@ from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, no
 from slurmctl.books.shards import Budget, Shard, plan_shards, worker_slots
 from slurmctl.books.store import load_job, read_plan, save_job, store_for
 from slurmctl.config import JobConfig, parse_config
-from slurmctl.flows import artifacts, budget, cancel, events, worker_plugin
+from slurmctl.flows import artifacts, budget, cancel, events, stop, task_states, worker_plugin
 from slurmctl.flows.budget import BudgetGuard
 from slurmctl.item_run import shards_per_thread
 from slurmctl.records import BatchSpec
@@ -198,6 +199,10 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
     feed = CommitFeed(job.job_id, (lambda: finished.put(wake)) if guard.active else None)
     stopped_left: list[BatchSpec] = []  # batches of shards stopped at the budget, not seen committed
     draining = [False]  # a stop signal came: nothing more is submitted, the shards running end after their batch
+    # ...and the loop hears of it at once, not at its next beat: a shard must not start another batch meanwhile. (A
+    # thread puts the wake-up: the signal handler may have interrupted this thread inside the queue's lock.)
+    unlisten = stop.listen(lambda _: threading.Thread(target=finished.put, args=(wake,), daemon=True).start(),
+                           lambda _: None)
     limit = max(1, min(cfg.max_in_flight, 2 * slots))
     emitter = events.live(job.job_id)  # the job's Prefect events (alerts), one of each kind per beat at most
     if emitter is not None:
@@ -243,9 +248,9 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
             if not draining[0]:
                 draining[0] = True
                 shards.clear()
+                guard.stop()  # before saying so: once the log says it, no worker starts another batch
                 logger.warning("stop signal: no new batch starts; waiting up to %.0f s for the %s shard(s) running "
                                "to commit their current batch", deadline - time.monotonic(), len(in_flight))
-                guard.stop()
             elif time.monotonic() - guard.told_at >= 2.0:
                 guard.stop()  # again, for workers that joined since
             return
@@ -279,6 +284,10 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
                 for summary in future.result():
                     fold(summary)
             except BaseException as exc:
+                if is_worker_loss(exc):  # nobody else will say its task run ended (prefect#12969)
+                    task_states.settle([task_states.task_run_id_of(future)], task_states.CRASHED,
+                                       f"its worker was lost ({type(exc).__name__}: {exc}); the coordinator queues "
+                                       f"its uncommitted batches again")
                 beat()  # commits the shard reported before it ended are counted first
                 left = [s for s in shard.specs if s.batch_id not in counted]
                 if (guard.stopping or draining[0]) and (is_worker_loss(exc) or isinstance(exc, ShardStopped)):
@@ -298,7 +307,12 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
                 fail_uncommitted(store, job, left, f"{type(exc).__name__}: {exc}", fold, failed_one)
             beat()
     finally:
+        unlisten()
         feed.close()
+        if in_flight:  # the pass ends (cancelled, stopped, failed) with shards running: their workers are closed
+            task_states.settle(map(task_states.task_run_id_of, in_flight), task_states.CANCELLED,
+                               "the coordinator stopped waiting for this shard (the job was cancelled or stopped); "
+                               "its batches that did not commit run at resume")
     if watch.client is not None:  # every shard has ended: workers close the handler instances they built
         worker_plugin.close_on_workers(watch.client, logger)
     if stopped_left:  # a commit whose report was lost with its shard is still counted

@@ -17,7 +17,7 @@ from support.jobs import (
     status,
     wait_for,
 )
-from support.prefect_runs import cancel_flow_run, job_flow_run_states
+from support.prefect_runs import cancel_flow_run, job_flow_run_states, job_task_run_states
 from support.sample_handlers import calls
 
 
@@ -39,6 +39,9 @@ def test_slurmctl_cancel_stops_the_job_and_resume_finishes_it(tmp_path, prefect_
                       == "CANCELLED" and s, 30, "the flow run to be Cancelled")
     assert states["cancel-cli / process"] == "CANCELLED" and states["cancel-cli / partition"] == "COMPLETED"
     assert "cancel-cli / aggregate" not in states
+    # The shard that was holding ends Cancelled: no task run is left Running (prefect#12969).
+    task_states = job_task_run_states(prefect_api, view["flow_run_id"])
+    assert "CANCELLED" in task_states and not {"RUNNING", "PENDING"} & set(task_states), task_states
 
     # A second cancel has nothing to do; resume continues from the two commits.
     assert "not running (status cancelled)" in run_cli("cancel", "cancel-cli").stderr

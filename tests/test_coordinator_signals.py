@@ -26,7 +26,8 @@ from support.sample_handlers import calls
 
 from slurmctl.flows import stop
 
-STOPPING = "stopping: no new batch starts"
+# What the coordinator logs once it acted on the first signal: no shard submitted, the workers told to start no batch.
+STOPPING = "stop signal: no new batch starts"
 
 
 def test_the_first_signal_is_a_stop_request_and_the_second_ends_the_run(monkeypatch):
@@ -51,13 +52,13 @@ def test_the_first_signal_is_a_stop_request_and_the_second_ends_the_run(monkeypa
 
 def held_and_signalled(tmp_path, job_id: str, home) -> tuple[int, object]:
     """Submit a held job (item 25, in its third batch, waits for ``release``) and SIGTERM its coordinator once the
-    batch holds; return the coordinator's pid and the release file, once it has said it is stopping."""
+    batch holds; return the coordinator's pid and the release file, once it has stopped starting batches."""
     cfg, marker, release = held_job(tmp_path, job_id, 60)
     assert run_cli("submit", str(cfg)).returncode == 0
     wait_for(marker.exists, 240, "the job to hold in its third batch")
     pid = job_manifest(tmp_path / "state", job_id)["coordinator_pid"]
     os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: STOPPING in log_tail(home, job_id), 60, "the coordinator to say it is stopping")
+    wait_for(lambda: STOPPING in log_tail(home, job_id), 60, "the coordinator to stop starting batches")
     return pid, release
 
 

@@ -31,7 +31,7 @@ from support.jobs import (
     write_config,
     write_jsonl,
 )
-from support.prefect_runs import flows_reporting_to, job_artifacts, settled_task_runs
+from support.prefect_runs import flows_reporting_to, job_artifacts, settled_task_runs, task_run_state
 from support.sample_handlers import calls
 
 from slurmctl.books.admission import create_job
@@ -175,6 +175,8 @@ def test_worker_sigkill_mid_shard_loses_only_its_uncommitted_batches(tmp_path, p
     assert len(tasks) == n // batch_size and tasks[victim_batch]["items_succeeded"] == batch_size
     assert tasks["batch-000005"]["task_run_id"] == tasks["batch-000006"]["task_run_id"] != \
         tasks[victim_batch]["task_run_id"]
+    # The killed shard's task run says so in Prefect (Crashed), instead of Running forever (prefect#12969).
+    assert task_run_state(prefect_api, tasks["batch-000005"]["task_run_id"]) == "CRASHED"
     # It came back through the coordinator's requeue of the KilledWorker (not a shard retry: there are none), which
     # the job manifest counts and the log names.
     assert job_manifest(store, "kill-worker")["worker_loss_requeues"] >= 1

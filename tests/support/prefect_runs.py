@@ -123,6 +123,33 @@ def job_flow_run_states(api_url: str, flow_run_id: str) -> dict[str, str]:
     return _with_api(api_url, read)
 
 
+def task_run_state(api_url: str, task_run_id: str) -> str:
+    """The task run's state type, e.g. ``"CRASHED"``."""
+    from prefect.client.orchestration import get_client
+
+    async def read() -> str:
+        async with get_client() as client:
+            return (await client.read_task_run(UUID(str(task_run_id)))).state.type.value
+
+    return _with_api(api_url, read)
+
+
+def job_task_run_states(api_url: str, flow_run_id: str) -> list[str]:
+    """The state types of every task run of a job's flow run and its subflow runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    async def children() -> set[str]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[
+                    UUID(flow_run_id)])))
+            return {str(r.id) for r in runs}
+
+    ids = _with_api(api_url, children) | {flow_run_id}
+    return [r.state.type.value for r in task_runs_of(api_url, ids) if r.state is not None]
+
+
 def cancel_flow_run(api_url: str, flow_run_id: str) -> None:
     """What the Prefect UI's Cancel button (and ``prefect flow-run cancel``) does: the run goes Cancelling."""
     from prefect.client.orchestration import get_client
