@@ -92,9 +92,14 @@ class BudgetGuard:
                 log.warning("job %s: %s; starting no further batch, the batches running commit",
                             self.cfg.job_id, "; ".join(map(str, self.hits)))
                 self.stop()
-        elif time.monotonic() - self.told_at >= 2.0:
-            self.stop()  # again, for workers that joined since
+        else:
+            self.tell_again()
         return self.stopping
+
+    def tell_again(self) -> None:
+        """Every couple of seconds while stopping: tell the workers again, for those that joined since."""
+        if time.monotonic() - self.told_at >= 2.0:
+            self.stop()
 
     def stop(self) -> None:
         """Tell this process and every worker to start no further batch of this pass."""

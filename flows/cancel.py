@@ -92,8 +92,8 @@ class CancelWatch:
     def _last_words(self, request: stop.StopRequest) -> None:
         """A second signal: record the stop before the process exits (in a thread, bounded by the caller)."""
         try:
-            mark_stopped(self.store, self.job_id, request.reason + ", then exited at once on a second signal",
-                         self.kind)
+            mark_cancelled(self.store, self.job_id, request.reason + ", then exited at once on a second signal",
+                           self.kind, status="stopped")
         except Exception as exc:  # the books are consistent anyway: the status then reads a dead coordinator
             log.error("recording the stop of %s failed: %s: %s", self.job_id, type(exc).__name__, exc)
 
@@ -235,24 +235,14 @@ def is_cancellation(exc: BaseException) -> bool:
     return False
 
 
-def mark_cancelled(store: Any, job_id: str, reason: str, kind: str | None) -> list[str]:
+def mark_cancelled(store: Any, job_id: str, reason: str, kind: str | None, status: str = "cancelled") -> list[str]:
     """The cancellation's last steps, safe to repeat from any process: cancel the job's Slurm jobs by name, and
-    record ``cancelled`` in the job manifest unless the job already ended. Returns the Slurm job ids cancelled."""
+    record ``status`` (``cancelled``; ``stopped`` for a stop signal, ``flows/stop.py``) with how to continue it in
+    the job manifest unless the job already ended. Returns the Slurm job ids cancelled."""
     cancelled = cancel_worker_jobs(job_id) if kind == "slurm" else []
     job = load_job(store, job_id)
     if job.status not in TERMINAL_STATUSES:
-        update_job(store, job_id, status="cancelled", finished_at=job.finished_at or now(),
-                   error=f"{reason}; `slurmctl resume {job_id}` continues it (committed batches are kept)"[:2000])
-    return cancelled
-
-
-def mark_stopped(store: Any, job_id: str, reason: str, kind: str | None) -> list[str]:
-    """A stop signal's last steps (``flows/stop.py``): cancel the job's Slurm jobs by name and record ``stopped``
-    with how to continue it, unless the job already ended. Returns the Slurm job ids cancelled."""
-    cancelled = cancel_worker_jobs(job_id) if kind == "slurm" else []
-    job = load_job(store, job_id)
-    if job.status not in TERMINAL_STATUSES:
-        update_job(store, job_id, status="stopped", finished_at=job.finished_at or now(),
+        update_job(store, job_id, status=status, finished_at=job.finished_at or now(),
                    error=f"{reason}; `slurmctl resume {job_id}` continues it (committed batches are kept)"[:2000])
     return cancelled
 

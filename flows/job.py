@@ -136,25 +136,18 @@ def _run_phases(store: Any, job_id: str, cfg: Any, config: dict[str, Any], retry
         signalled = request is not None and (cancel.is_cancellation(exc) or isinstance(
             exc, (TerminationSignal, KeyboardInterrupt)))
         asked = watch.asked_now() if signalled else None  # a runner's bare SIGTERM for a Cancel is a cancellation
-        if asked:
-            watch.reason = asked
-        elif signalled:
-            assert request is not None
-            ids = cancel.mark_stopped(store, job_id, request.reason, cfg.cluster.kind)
-            logger.warning("job %s %s; Slurm worker jobs cancelled: %s; `slurmctl resume %s` continues it", job_id,
-                           request.reason, ", ".join(ids) or "none left", job_id)
+        if signalled or cancel.is_cancellation(exc):
+            stopped = signalled and not asked
+            status, reason = ("stopped", request.reason) if stopped and request else (
+                "cancelled", asked or watch.reason or "cancelled in Prefect")
+            ids = cancel.mark_cancelled(store, job_id, reason, cfg.cluster.kind, status=status)
+            logger.warning("job %s %s (%s); Slurm worker jobs cancelled: %s; `slurmctl resume %s` continues it",
+                           job_id, status, reason, ", ".join(ids) or "none left", job_id)
             job = load_job(store, job_id)
             finish_artifacts(arts, store, cfg, job)
-            emitter.ended("stopped", job.counts, request.reason)
-            return Cancelled(message=f"{job_id}: {request.reason}; `slurmctl resume {job_id}` continues it")
-        if cancel.is_cancellation(exc) or asked:
-            reason = watch.reason or "cancelled in Prefect"
-            ids = cancel.mark_cancelled(store, job_id, reason, cfg.cluster.kind)
-            logger.warning("job %s cancelled (%s); Slurm worker jobs cancelled: %s; `slurmctl resume %s` continues "
-                           "it", job_id, reason, ", ".join(ids) or "none left", job_id)
-            job = load_job(store, job_id)
-            finish_artifacts(arts, store, cfg, job)
-            emitter.ended("cancelled", job.counts, reason)
+            emitter.ended(status, job.counts, reason)
+            if stopped:
+                return Cancelled(message=f"{job_id}: {reason}; `slurmctl resume {job_id}` continues it")
             if isinstance(exc, (cancel.JobCancelled, CancelledRun)):
                 return Cancelled(message=f"{job_id}: {reason}")
             raise  # a runner's SIGTERM: Prefect's engine records the cancellation

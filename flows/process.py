@@ -251,8 +251,8 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
                 guard.stop()  # before saying so: once the log says it, no worker starts another batch
                 logger.warning("stop signal: no new batch starts; waiting up to %.0f s for the %s shard(s) running "
                                "to commit their current batch", deadline - time.monotonic(), len(in_flight))
-            elif time.monotonic() - guard.told_at >= 2.0:
-                guard.stop()  # again, for workers that joined since
+            else:
+                guard.tell_again()
             return
         try:
             cancel.check(job.job_id)  # between batches: what is committed stays, the rest is not started

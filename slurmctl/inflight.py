@@ -273,25 +273,17 @@ class AutoGate:
         elapsed = now - self.t0
         if self.done == 0 or elapsed < max(self.MIN_INTERVAL_S, 1.5 * self.latency_sum / self.done):
             return
-        if self.slow_start and self.offers and not self.throttles:
-            # A declared limit offers us a rate and the calls' latency is measured: Little's law says how many must
-            # be in flight, so go there at once (plus a queue that keeps the limiter fed) instead of doubling an
-            # interval at a time. At 1 s answers each doubling waited for enough answers: about 10 s to reach 50/s.
-            # Too many is harmless (items queue for tokens, and the saturated branch trims the queue).
-            need = math.ceil(min(self.offers.values()) * self.latency_sum / self.done * (1 + self.QUEUE_SHARE / 2))
-            if need > self.limit:
-                self.history.append((now, min(self.maximum, need)))
-                self.limit = min(self.maximum, need)
-                self.slow_start, self._last = False, None
-                self._reset(now)
-                return
-        if self.done < self.MIN_DONE and elapsed < self.MAX_INTERVAL_S:
+        need = self._littles_law()
+        if need is None and self.done < self.MIN_DONE and elapsed < self.MAX_INTERVAL_S:
             return  # too few completions to compare rates yet
         rate = self.done / elapsed
         waiters = self.waiter_area / elapsed
         used = self.in_flight_area / elapsed
         old = self.limit
-        if self.throttles:
+        if need is not None:
+            self.limit = need
+            self.slow_start, self._last = False, None
+        elif self.throttles:
             self.limit = math.floor(self.limit * self.BACKOFF)
             self.slow_start, self._last, self._hold = False, None, self.HOLD
         elif self.starved and waiters < self.limit / 2 and used >= 0.7 * self.limit:
@@ -318,6 +310,17 @@ class AutoGate:
             if len(self.history) > 1000:
                 del self.history[:500]
         self._reset(now)
+
+    def _littles_law(self) -> int | None:
+        """In slow start, with a declared limit offering us a rate and the calls' latency measured: how many must be
+        in flight (Little's law, plus a queue that keeps the limiter fed), when that is more than the limit now. The
+        gate goes there at once instead of doubling an interval at a time: at 1 s answers each doubling waited for
+        enough answers, about 10 s to reach 50/s. Too many is harmless (items queue for tokens, and the saturated
+        branch trims the queue)."""
+        if not (self.slow_start and self.offers) or self.throttles:
+            return None
+        need = math.ceil(min(self.offers.values()) * self.latency_sum / self.done * (1 + self.QUEUE_SHARE / 2))
+        return need if need > self.limit else None
 
     def _climb(self, rate: float) -> None:
         """No limit saturated: find the concurrency past which more in flight brings no more done (hill climbing on

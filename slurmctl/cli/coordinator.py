@@ -157,9 +157,13 @@ def main(argv: list[str] | None = None) -> int:
             from slurmctl.flows.budget import paused_reason
 
             paused, request = paused_reason(args.job_id), stop.requested()
-            print(f"job {args.job_id} paused: {paused}" if paused else f"job {args.job_id} {request.reason}; "
-                  f"`slurmctl resume {args.job_id}` continues it" if request else f"job {args.job_id} cancelled: {exc}",
-                  file=sys.stderr)
+            if paused:
+                print(f"job {args.job_id} paused: {paused}", file=sys.stderr)
+            elif request:
+                print(f"job {args.job_id} {request.reason}; `slurmctl resume {args.job_id}` continues it",
+                      file=sys.stderr)
+            else:
+                print(f"job {args.job_id} cancelled: {exc}", file=sys.stderr)
             return 0
         print(f"job {args.job_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
