@@ -38,10 +38,11 @@ from slurmctl.books.store import load_job, read_plan, save_job, store_for
 from slurmctl.config import JobConfig, parse_config
 from slurmctl.flows import artifacts, budget, cancel, events, stop, task_states, worker_plugin
 from slurmctl.flows.budget import BudgetGuard
+from slurmctl.flows.replacement import Replacements
 from slurmctl.item_run import shards_per_thread
 from slurmctl.records import BatchSpec
 from slurmctl.tasks.process_batch import summary_of
-from slurmctl.tasks.process_shard import ShardStopped, commits_topic, process_shard
+from slurmctl.tasks.process_shard import ShardRetiring, ShardStopped, commits_topic, process_shard
 
 HEARTBEAT_S = 2.0
 # Exceptions that mean "the worker (or its Slurm job) running this batch went away", not "the batch failed".
@@ -195,6 +196,7 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
     if watch.client is not None:
         worker_plugin.register(watch.client)  # workers close the handler instances they built when they stop
     guard = BudgetGuard(cfg, watch.client, _pass_id())
+    replacements = Replacements(cfg, watch.client, logger)  # Slurm: worker jobs replaced before they retire
     wake = object()  # in ``finished``: a commit arrived (budget jobs only), not a shard that ended
     feed = CommitFeed(job.job_id, (lambda: finished.put(wake)) if guard.active else None)
     stopped_left: list[BatchSpec] = []  # batches of shards stopped at the budget, not seen committed
@@ -242,6 +244,7 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
                 emitter.beat(job.counts)
             last_beat = time.monotonic()
             watch.check(waiting=bool(in_flight))
+            replacements.tick()
         deadline = cancel.stop_deadline(job.job_id)
         if deadline is not None and in_flight and time.monotonic() < deadline:
             # A stop signal (flows/stop.py): the batches running get until the deadline to commit; none starts.
@@ -281,18 +284,31 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
                 continue
             shard = in_flight.pop(future)
             try:
-                for summary in future.result():
+                for summary in release(future, future.result()):
                     fold(summary)
             except BaseException as exc:
+                release(future)
                 if is_worker_loss(exc):  # nobody else will say its task run ended (prefect#12969)
                     task_states.settle([task_states.task_run_id_of(future)], task_states.CRASHED,
                                        f"its worker was lost ({type(exc).__name__}: {exc}); the coordinator queues "
                                        f"its uncommitted batches again")
                 beat()  # commits the shard reported before it ended are counted first
                 left = [s for s in shard.specs if s.batch_id not in counted]
-                if (guard.stopping or draining[0]) and (is_worker_loss(exc) or isinstance(exc, ShardStopped)):
+                if isinstance(exc, ShardRetiring):  # planned: not a loss, no task run left Failed for it
+                    task_states.settle([task_states.task_run_id_of(future)], task_states.CANCELLED,
+                                       f"its worker retired before its Slurm job's walltime; {len(left)} uncommitted "
+                                       f"batches were queued again", even_failed=True)
+                if (guard.stopping or draining[0]) and (is_worker_loss(exc) or isinstance(exc, (ShardStopped,
+                                                                                              ShardRetiring))):
                     stopped_left += left  # stopped at the budget or by a signal (or lost meanwhile): left for resume
                     beat()
+                    continue
+                if isinstance(exc, ShardRetiring):
+                    if left:
+                        job.worker_retirements += 1
+                        logger.info("shard %s handed back %s uncommitted batches: its worker retires before its "
+                                    "walltime; running them on another worker", shard.name, len(left))
+                        shards.appendleft((Shard(tuple(left)), True))  # some may have committed unreported
                     continue
                 if is_worker_loss(exc) and requeues.get(shard.name, 0) < cfg.worker_loss_requeues and left:
                     again = Shard(tuple(left))
@@ -329,6 +345,14 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
     if emitter is not None:
         emitter.processed(job.counts)
     return failed
+
+
+def release(future: Any, result: Any = None) -> Any:
+    """Let Dask forget a shard's outcome once it is read (Prefect persisted it): a worker holding outcomes nobody
+    will read cannot leave cleanly (the scheduler would move them, or run their shards again elsewhere)."""
+    with contextlib.suppress(Exception):
+        future.wrapped_future.release()
+    return result
 
 
 def _pass_id() -> str | None:

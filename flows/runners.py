@@ -17,6 +17,7 @@ from slurmctl.config import LocalClusterConfig, SlurmClusterConfig
 from slurmctl.paths import job_log_dir, job_secrets_file
 from slurmctl.secret_env import source_lines, split_env
 from slurmctl.slurm import slurm_job_name
+from slurmctl.walltime import END_ENV, duration_s
 
 # Environment a Slurm-started worker needs to find the project, the Prefect API and AWS endpoints. sbatch exports
 # the submitting environment by default, but sites often set --export=NONE, so we state what matters. The secret
@@ -37,6 +38,8 @@ def slurm_prologue(cfg: SlurmClusterConfig, secrets_file: Path | None = None) ->
     lines += [f"export {k}={shlex.quote(v)}" for k, v in inline.items()]
     if secret and secrets_file is not None:
         lines += source_lines(secrets_file)
+    # When this job's walltime ends, should the worker not reach squeue (``slurmctl.walltime``).
+    lines.append(f"export {END_ENV}=$(( $(date +%s) + {duration_s(cfg.walltime) or 0:.0f} ))")
     return lines + list(cfg.job_script_prologue)
 
 

@@ -17,8 +17,9 @@ log = logging.getLogger("slurmctl.flows.task_states")
 CRASHED, CANCELLED = "crashed", "cancelled"
 
 
-def settle(task_run_ids: Iterable[Any], kind: str, message: str) -> int:
-    """Move the task runs that are not final yet to Crashed (``kind`` ``crashed``) or Cancelled, with ``message``.
+def settle(task_run_ids: Iterable[Any], kind: str, message: str, even_failed: bool = False) -> int:
+    """Move the task runs that are not final yet to Crashed (``kind`` ``crashed``) or Cancelled, with ``message``;
+    ``even_failed``: a Failed one too (a shard that raised to hand its batches back, which is no failure).
     Returns how many moved. Never raises: the manifests are the books; this only keeps the Prefect UI honest."""
     ids = [i for i in task_run_ids if i is not None]
     if not ids:
@@ -33,7 +34,8 @@ def settle(task_run_ids: Iterable[Any], kind: str, message: str) -> int:
             for task_run_id in ids:
                 try:
                     run = client.read_task_run(task_run_id)
-                    if run.state is not None and run.state.is_final():
+                    if run.state is not None and run.state.is_final() and not (even_failed and
+                                                                               run.state.is_failed()):
                         continue
                     client.set_task_run_state(task_run_id, state(message=message[:2000]), force=True)
                     moved += 1

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from slurmctl.safe_keys import key_problem, name_problem, path_problem
+from slurmctl.walltime import duration_s
 
 JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 FORMATS = ("jsonl", "csv", "parquet")
@@ -83,6 +84,15 @@ class SlurmClusterConfig(_Strict):
     max_jobs: int = Field(default=4, gt=0)
     local_directory: str | None = None
     log_directory: str | None = None
+    retire_margin_s: float = Field(default=10.0, ge=0, description=(
+        "A worker stops taking batches that would end later than this before its job's walltime, commits what it "
+        "holds and leaves (a retirement: its batches are queued again at once, no item runs twice)."))
+    retire_stagger_s: float | None = Field(default=None, ge=0, description=(
+        "Each worker retires up to this much earlier still, at random, so one wave does not leave at once "
+        "(default: 5% of the walltime, at most 120 s)."))
+    replace_ahead_s: float = Field(default=30.0, ge=0, description=(
+        "Start a worker job's replacement this long before it retires (about a worker job's start-up time), so "
+        "throughput does not dip at each walltime; 0 waits until it has gone."))
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="Other SLURMCluster keyword arguments, passed through unchanged.")
 
@@ -104,6 +114,9 @@ class SlurmClusterConfig(_Strict):
     def _jobs(self) -> "SlurmClusterConfig":
         if self.max_jobs < self.min_jobs:
             raise ValueError("max_jobs must be >= min_jobs")
+        if self.retire_margin_s >= (duration_s(self.walltime) or 0):
+            raise ValueError(f"retire_margin_s must be shorter than the walltime ({self.walltime}): a worker would "
+                             f"retire before it started")
         return self
 
 

@@ -18,7 +18,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import os
+import time
 import uuid
 from typing import Any, Callable
 
@@ -32,6 +36,7 @@ from slurmctl.books.shards import Shard
 from slurmctl.config import JobConfig
 from slurmctl.records import BatchSpec
 from slurmctl.tasks.process_batch import checked_summary, run_batch
+from slurmctl.walltime import END_ENV, WorkerClock, worker_clock
 
 # One shard's input bytes are fetched in one request when its batches lie together and the span is at most this.
 PREFETCH_MAX_BYTES = 64 * 2**20
@@ -72,6 +77,12 @@ class ShardAbandoned(RuntimeError):
     runs as well. The coordinator treats it as a lost worker: the uncommitted batches are queued again."""
 
 
+class ShardRetiring(RuntimeError):
+    """The worker's Slurm job ends before another batch would (``slurmctl.walltime``): the shard stops between
+    batches and its worker leaves. A planned retirement, not a loss: the coordinator queues the uncommitted batches
+    again at once without spending ``worker_loss_requeues``, and no item runs twice."""
+
+
 def commits_topic(job_id: str) -> str:
     return f"slurmctl-commits-{job_id}"
 
@@ -109,11 +120,14 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
               on_commit: Callable[[dict[str, Any]], None] | None = None, logger: Any = None,
               run_ids: tuple[str | None, str | None] = (None, None),
               wanted: Callable[[], bool] = lambda: True,
-              stopped: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
+              stopped: Callable[[], bool] = lambda: False,
+              clock: WorkerClock | None = None) -> list[dict[str, Any]]:
     """Run and commit each batch of a shard; return their summaries. Plain function: tests call it directly.
 
     ``wanted`` is asked before each batch; when it says no, the shard stops (``ShardAbandoned``). ``stopped`` too:
-    when it says yes (the job reached its budget), the shard stops (``ShardStopped``)."""
+    when it says yes (the job reached its budget), the shard stops (``ShardStopped``). ``clock``: the worker's
+    walltime (``slurmctl.walltime``); a batch that no longer fits before it is not started (``ShardRetiring``), and
+    each batch's duration is recorded in it."""
     if not specs:
         return []
     uri = cfg.input.uri if specs[0].source == "input" else store.uri(specs[0].source)
@@ -127,10 +141,17 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
                 raise ShardStopped(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} batches "
                                    f"after it were not started: the coordinator is stopping (the job reached its "
                                    f"budget, or a signal stopped it)")
+            if clock is not None and not clock.fits():
+                left = clock.seconds_left()
+                raise ShardRetiring(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} batches "
+                                    f"after it were not started: this worker's Slurm job ends in "
+                                    f"{left if left is not None else 0:.0f} s, before a batch (p95 "
+                                    f"{clock.expected_batch_s():.1f} s) would; it retires")
             if not wanted():
                 raise ShardAbandoned(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} "
                                      f"batches after it were not started: this worker is leaving (it lost its "
                                      f"scheduler, or is retired)")
+            began = time.monotonic()
             try:
                 summary = checked_summary(run_batch(cfg, store, spec, logger=logger, run_ids=run_ids,
                                                     check_commit=check_commits, read_range=reader,
@@ -140,6 +161,8 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
                 if logger is not None:
                     logger.warning("batch %s did not commit: %s: %s", spec.batch_id, type(exc).__name__, exc)
                 continue
+            if clock is not None:
+                clock.record(time.monotonic() - began)
             summaries.append(summary)
             if on_commit is not None:
                 on_commit(summary)
@@ -183,6 +206,46 @@ def dask_hooks(job_id: str) -> tuple[Callable[[dict[str, Any]], None] | None, Ca
     return (lambda summary: worker.log_event(topic, summary)), (lambda: worker.status in alive)
 
 
+def clock_for(cfg: JobConfig) -> WorkerClock | None:
+    """The worker's walltime clock when it runs in a Slurm worker job of this job's cluster; None elsewhere (a
+    LocalCluster, unit tests, a coordinator)."""
+    cluster = cfg.cluster
+    if cluster.kind != "slurm" or not (os.environ.get("SLURM_JOB_ID") or os.environ.get(END_ENV)):
+        return None
+    return worker_clock(cluster.walltime, cluster.retire_margin_s, cluster.retire_stagger_s)
+
+
+def retire_worker(logger: Any = None) -> None:
+    """A shard stopped for this worker's walltime: the scheduler gives the worker no new shard from now on, and once
+    the shards it runs have stopped too (each after its batch), it leaves the cluster. Its Slurm job ends, and the
+    cluster's adaptive scaling starts a replacement while batches wait."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return
+    if logger is not None:
+        logger.info("worker %s retires before its Slurm job's walltime", worker.name)
+    worker.loop.add_callback(_close_when_idle, worker)
+
+
+async def _close_when_idle(worker: Any) -> None:
+    from distributed.core import Status
+
+    worker.status = Status.closing_gracefully  # the scheduler assigns it nothing more
+    # Not while a task executes: the scheduler would run it again elsewhere. Then as dask's close_gracefully does,
+    # without its early return for a worker already closing gracefully: its data (shard results the coordinator
+    # has not released yet) moves to another worker when there is one, and the worker closes with its nanny.
+    while worker.state.executing_count:
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)  # the last task's outcome reaches the scheduler first
+    with contextlib.suppress(Exception):
+        await worker.scheduler.retire_workers(workers=[worker.address], close_workers=False, remove=True,
+                                              stimulus_id=f"slurmctl-walltime-{time.time()}")
+    await worker.close(nanny=True, reason="slurmctl: retired before its Slurm job's walltime")
+
+
 def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """A shard's identity: job, its batches and their input digests, handler version. Never the flow run id."""
     cfg, shard = parameters["cfg"], parameters["shard"]
@@ -196,7 +259,7 @@ def retry_unless_abandoned(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect retries a shard that hit an infrastructure fault; an abandoned one (its worker is leaving) goes back
     to the coordinator at once, which queues its uncommitted batches again on another worker; a stopped one (the
     job reached its budget) too, which leaves them for ``slurmctl resume``."""
-    return not isinstance(getattr(state, "data", None), (ShardAbandoned, ShardStopped))
+    return not isinstance(getattr(state, "data", None), (ShardAbandoned, ShardStopped, ShardRetiring))
 
 
 @task(name="process-shard", task_run_name="{shard[name]}", cache_key_fn=shard_cache_key, persist_result=True,
@@ -208,6 +271,13 @@ def process_shard(cfg: JobConfig, store: ManifestStore, shard: dict[str, Any], h
     ctx = get_run_context()
     ids = (str(ctx.task_run.flow_run_id), str(ctx.task_run.id))
     on_commit, wanted = dask_hooks(cfg.job_id)
-    return run_shard(cfg, store, Shard.specs_of(shard), check_commits=check_commits or ctx.task_run.run_count > 1,
-                     on_commit=on_commit, wanted=wanted, stopped=lambda: pass_stopped(ids[0]),
-                     logger=get_run_logger(), run_ids=ids)
+    logger = get_run_logger()
+    clock = clock_for(cfg)
+    try:
+        return run_shard(cfg, store, Shard.specs_of(shard), check_commits=check_commits or ctx.task_run.run_count > 1,
+                         on_commit=on_commit, wanted=wanted, stopped=lambda: pass_stopped(ids[0]), logger=logger,
+                         run_ids=ids, clock=clock)
+    except ShardRetiring:
+        if clock is not None and clock.leave():
+            retire_worker(logger)
+        raise

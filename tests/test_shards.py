@@ -203,3 +203,29 @@ def test_a_shard_whose_worker_is_leaving_stops_between_batches_and_goes_back_as_
     assert not retry_unless_abandoned(None, None, Failed(data=err.value))
     assert retry_unless_abandoned(None, None, Failed(data=OSError("store unreachable")))
     assert is_worker_loss(err.value)
+
+
+def test_a_shard_whose_worker_nears_its_walltime_stops_between_batches_and_goes_back_as_a_retirement(job):
+    from prefect.states import Failed
+
+    from slurmctl.flows.process import is_worker_loss
+    from slurmctl.tasks.process_shard import ShardRetiring, retry_unless_abandoned
+    from slurmctl.walltime import WorkerClock
+
+    cfg, store, specs, calls_file = job()
+    now = [1000.0]
+    # The job ends at 1100, retirement 10 s before; each batch "takes" 30 s of this clock.
+    clock = WorkerClock(end=1100.0, margin_s=10.0, now=lambda: now[0])
+    real_record = clock.record
+    clock.record = lambda seconds: (now.__setitem__(0, now[0] + 30), real_record(30.0))
+    with pytest.raises(ShardRetiring) as err:
+        run_shard(cfg, store, specs, check_commits=False, clock=clock)
+    # Batches start at 1000, 1030 and 1060 (the third ends at 1090, the retirement: it fits); a fourth would end
+    # at 1120, so it is not started.
+    assert sorted(committed_batch_ids(store, "shard")) == [f"batch-00000{i}" for i in range(3)]
+    assert len(calls(calls_file)) == 30
+    assert "retires" in str(err.value) and "Slurm job ends in 0 s" not in str(err.value)
+    assert clock.retiring and clock.leave()  # the shard that heard it first makes the worker leave, once
+    assert not clock.leave()
+    assert not retry_unless_abandoned(None, None, Failed(data=err.value))  # back to the coordinator at once...
+    assert not is_worker_loss(err.value)  # ...which does not count it as a lost worker

@@ -22,7 +22,7 @@ from support.jobs import (
     write_config,
     write_jsonl,
 )
-from support.prefect_runs import flow_run_state
+from support.prefect_runs import flow_run_state, job_task_run_states
 from support.sample_handlers import calls
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
@@ -75,13 +75,13 @@ def test_job_runs_on_slurm_workers(tmp_path: Path, prefect_api: str, slurmctl_ho
     assert set(builders.values()) == {1} and closers == builders, (builders, closers)
 
 
-def slurm_config(tmp_path: Path, job_id: str, n: int, **extra) -> Path:
+def slurm_config(tmp_path: Path, job_id: str, n: int, cluster: dict | None = None, **extra) -> Path:
     write_jsonl(tmp_path / "users.jsonl", [{"id": i} for i in range(n)])
     return write_config(tmp_path / "job.yaml", job_id=job_id, handler="support.sample_handlers:counting",
                         input={"uri": "users.jsonl"}, batch_size=10, storage={"uri": "state"}, batch_retries=0,
                         max_in_flight=4, params={"calls_file": str(tmp_path / "calls"), "sleep_s": 0.05},
                         cluster={"kind": "slurm", "queue": "debug", "cores": 1, "memory": "1GB",
-                                 "walltime": "00:10:00", "min_jobs": 2, "max_jobs": 2}, **extra)
+                                 "walltime": "00:10:00", "min_jobs": 2, "max_jobs": 2, **(cluster or {})}, **extra)
 
 
 def worker_jobs(job_id: str) -> list[str]:
@@ -141,3 +141,28 @@ def test_lost_cluster_fails_the_run_clearly_and_resume_finishes_it(tmp_path: Pat
     result = run_cli("resume", "lost-cluster", "--wait", timeout=900)
     assert result.returncode == 0, result.stderr + log_tail(slurmctl_home, "lost-cluster")
     assert_exactly_once(status("lost-cluster"), range(n))
+
+
+def test_workers_retire_before_their_walltime_and_no_item_runs_twice(tmp_path: Path, prefect_api: str,
+                                                                     slurmctl_home: Path, slurm: None):
+    # Worker jobs of walltime 1 min (Slurm's smallest) retiring 45 s before it: each works ~12 s of a job that needs
+    # ~15 s per worker, so the workers of the first wave retire and are replaced.
+    n = 600
+    cfg = slurm_config(tmp_path, "walltime", n, cluster={"walltime": "00:01:00", "retire_margin_s": 45})
+    result = run_cli("submit", str(cfg), "--wait", timeout=600)
+    assert result.returncode == 0, result.stderr + log_tail(slurmctl_home, "walltime")
+
+    view = status("walltime")
+    assert view["status"] == "completed"
+    assert_exactly_once(view, range(n))
+    handled = Counter(item for _, item in calls(str(tmp_path / "calls")))
+    assert set(handled) == set(range(n)) and set(handled.values()) == {1}, "an item was handled twice"
+    assert view["worker_retirements"] >= 1 and view["worker_loss_requeues"] == 0, view
+    tasks = [json.loads(p.read_text()) for p in (tmp_path / "state/jobs/walltime/tasks").glob("batch-*.json")]
+    assert len({t["slurm_job_id"] for t in tasks}) >= 3  # replacements did work
+    # Every worker left on its own: Slurm killed none at its time limit.
+    killed = [p.name for p in (slurmctl_home / "logs" / "walltime").glob("slurmctl-walltime-*")
+              if "DUE TO TIME LIMIT" in p.read_text(errors="replace")]
+    assert killed == []
+    states = Counter(job_task_run_states(prefect_api, view["flow_run_id"]))
+    assert not set(states) & {"RUNNING", "PENDING", "FAILED"}, states  # retired shards end Cancelled

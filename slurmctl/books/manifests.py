@@ -251,6 +251,7 @@ class JobManifest(_Manifest):
     error: str | None = None
     retry_rounds: list[dict[str, Any]] = Field(default_factory=list)
     worker_loss_requeues: int = 0  # batches queued again because their worker died (all phases and coordinators)
+    worker_retirements: int = 0  # shards handed back by workers retiring before their walltime (planned, not lost)
     handler_version: str | None = None
     coordinator_host: str = Field(default_factory=socket.gethostname)
     coordinator_pid: int | None = None
@@ -397,6 +398,10 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, hear
         "finished_at": job.get("finished_at"),
         "error": job.get("error"),
         "flow_run_id": job.get("flow_run_id"),
+        # Batches queued again because their worker died (spends ``worker_loss_requeues``), and shards handed back
+        # by workers retiring before their walltime (planned; spends nothing).
+        "worker_loss_requeues": job.get("worker_loss_requeues", 0),
+        "worker_retirements": job.get("worker_retirements", 0),
         # Paused by `slurmctl pause` (rate limits: the run goes on without tokens), or at a budget limit (the run
         # ended; status "paused").
         "paused": bool((control or {}).get("paused")) or job["status"] == "paused",

@@ -1,0 +1,138 @@
+"""A Slurm worker's clock: when its job ends, and whether one more batch fits before it does.
+
+Slurm ends every worker job at its walltime (SIGTERM, then SIGKILL ``KillWait`` seconds later). A worker killed
+mid-batch costs that batch's items a second run (its commit never happened), so a worker that knows its end stops
+taking batches that would not finish in time, commits what it holds, and leaves on its own: a *retirement*, not a
+loss. dask's ``--lifetime`` closes a worker at a fixed age whatever it is running; this clock decides between batches.
+
+* The end: ``squeue``'s time left for the worker's own job (right even when an admin changed its limit), else
+  ``SLURMCTL_WORKER_END`` (epoch seconds), which the job script sets from its start and the configured walltime.
+* A batch "fits" when now + the p95 of this worker's recent batch durations is before the retirement time, which is
+  the end minus ``retire_margin_s`` (time to commit and close) minus a random stagger, so the workers of one wave do
+  not all leave together and the cluster replaces them one at a time.
+* A worker always runs its first batch (there is no duration to judge by, and a worker that retired before doing
+  anything would only be replaced by another one like it). Once a batch did not fit, the worker is retiring: nothing
+  more fits.
+
+Plain Python (no Dask, no Prefect): ``tasks/process_shard.py`` keeps one clock per worker process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import subprocess
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+END_ENV = "SLURMCTL_WORKER_END"
+HISTORY = 50  # batch durations kept per worker (the p95 follows the job as it slows down or speeds up)
+
+
+def duration_s(text: str) -> float | None:
+    """Slurm's ``[D-]HH:MM:SS``, ``MM:SS`` or ``MM`` (``squeue %L``, ``--time``) in seconds; None for
+    ``UNLIMITED``, ``NOT_SET``, ``INVALID`` or anything else it cannot read."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        return None
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if c is not None:
+        h, mi, s = a, b, c
+    elif b is not None:
+        h, mi, s = (a, b, 0) if days is not None else (0, a, b)
+    else:
+        h, mi, s = (a, 0, 0) if days is not None else (0, a, 0)
+    return float(((days or 0) * 24 + h) * 3600 + mi * 60 + s)
+
+
+def default_stagger_s(walltime_s: float) -> float:
+    """5 % of the walltime, at most 2 minutes: 3 s for a 1-minute job, 2 min for an hour."""
+    return min(120.0, 0.05 * walltime_s)
+
+
+def slurm_end_time(job_id: str | None = None, run: Callable[..., str] | None = None) -> float | None:
+    """Epoch seconds at which this worker's Slurm job ends, or None outside a Slurm job with no end known."""
+    job_id = job_id or os.environ.get("SLURM_JOB_ID")
+    if job_id:
+        try:
+            left = (run or _squeue_time_left)(job_id)
+            seconds = duration_s(left) if left else None
+            if seconds is not None:
+                return time.time() + seconds
+        except (OSError, subprocess.SubprocessError):
+            pass  # squeue missing on the compute node, or slurmctld slow: the job script's estimate serves
+    try:
+        return float(os.environ[END_ENV])
+    except (KeyError, ValueError):
+        return None
+
+
+def _squeue_time_left(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True,
+                          timeout=20).stdout.strip()
+
+
+class WorkerClock:
+    """One worker process's retirement time and batch durations; thread-safe (a worker runs shards in threads)."""
+
+    def __init__(self, end: float | None, margin_s: float = 10.0, stagger_s: float = 0.0,
+                 now: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
+        self.end = end
+        self.now = now
+        stagger = (rng or random).uniform(0.0, stagger_s) if stagger_s > 0 else 0.0
+        self.retire_at = None if end is None else end - margin_s - stagger
+        self.durations: deque[float] = deque(maxlen=HISTORY)
+        self.retiring = False
+        self.leaving = False
+        self._lock = threading.Lock()
+
+    def expected_batch_s(self) -> float:
+        """p95 (nearest rank) of the recent batch durations; 0 before the first."""
+        with self._lock:
+            ordered = sorted(self.durations)
+        return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)] if ordered else 0.0
+
+    def record(self, seconds: float) -> None:
+        with self._lock:
+            self.durations.append(seconds)
+
+    def fits(self) -> bool:
+        """May this worker start another batch? False from the first time one would end past the retirement."""
+        if self.retiring:
+            return False
+        if self.retire_at is None or not self.durations:
+            return True
+        if self.now() + self.expected_batch_s() <= self.retire_at:
+            return True
+        self.retiring = True
+        return False
+
+    def seconds_left(self) -> float | None:
+        return None if self.end is None else self.end - self.now()
+
+    def leave(self) -> bool:
+        """True the first time it is asked once the worker is retiring: whoever hears it makes the worker leave."""
+        with self._lock:
+            if self.retiring and not self.leaving:
+                self.leaving = True
+                return True
+            return False
+
+
+_clock: WorkerClock | None = None
+_clock_lock = threading.Lock()
+
+
+def worker_clock(walltime: str, margin_s: float, stagger_s: float | None) -> WorkerClock:
+    """This process's clock, built on first use from its Slurm job's end (the job's config gives the rest)."""
+    global _clock
+    with _clock_lock:
+        if _clock is None:
+            wall = duration_s(walltime) or 0.0
+            _clock = WorkerClock(slurm_end_time(), margin_s,
+                                 default_stagger_s(wall) if stagger_s is None else stagger_s)
+        return _clock
