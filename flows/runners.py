@@ -16,16 +16,8 @@ from prefect_dask import DaskTaskRunner
 from slurmctl.config import LocalClusterConfig, SlurmClusterConfig
 from slurmctl.paths import job_log_dir, job_secrets_file
 from slurmctl.secret_env import source_lines, split_env
-from slurmctl.slurm import slurm_job_name
+from slurmctl.slurm import FORWARDED_ENV, slurm_job_name
 from slurmctl.walltime import END_ENV, duration_s
-
-# Environment a Slurm-started worker needs to find the project, the Prefect API and AWS endpoints. sbatch exports
-# the submitting environment by default, but sites often set --export=NONE, so we state what matters. The secret
-# ones (``slurmctl.secret_env.is_secret``: AWS keys and session token, PREFECT_API_KEY) never go into the job script:
-# it sources them from the job's secrets file (``SecretEnvSLURMCluster``).
-_FORWARDED_ENV = ("PYTHONPATH", "PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_KEY", "AWS_ACCESS_KEY_ID",
-                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
-                  "SLURMCTL_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")
 
 
 def slurm_prologue(cfg: SlurmClusterConfig, secrets_file: Path | None = None) -> list[str]:
@@ -34,7 +26,7 @@ def slurm_prologue(cfg: SlurmClusterConfig, secrets_file: Path | None = None) ->
     cwd = Path.cwd()
     pythonpath = os.pathsep.join(dict.fromkeys([str(cwd), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
     lines = [f"cd {shlex.quote(str(cwd))}", f"export PYTHONPATH={shlex.quote(pythonpath)}"]
-    inline, secret = split_env([k for k in _FORWARDED_ENV if k != "PYTHONPATH"], os.environ)
+    inline, secret = split_env([k for k in FORWARDED_ENV if k != "PYTHONPATH"], os.environ)
     lines += [f"export {k}={shlex.quote(v)}" for k, v in inline.items()]
     if secret and secrets_file is not None:
         lines += source_lines(secrets_file)
@@ -53,7 +45,7 @@ def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: st
             "n_workers": cluster.n_workers, "threads_per_worker": cluster.threads_per_worker * threads_factor,
             "processes": cluster.processes, "dashboard_address": None})
     secrets = job_secrets_file(job_id).absolute()
-    _, secret_names = split_env(_FORWARDED_ENV, os.environ)
+    _, secret_names = split_env(FORWARDED_ENV, os.environ)
     kwargs = {
         "queue": cluster.queue, "account": cluster.account, "cores": cluster.cores, "processes": cluster.processes,
         "memory": cluster.memory, "walltime": cluster.walltime,

@@ -68,6 +68,51 @@ class LocalClusterConfig(_Strict):
     processes: bool = True
 
 
+class CoordinatorConfig(_Strict):
+    """Where the coordinator runs (``cluster.coordinator``): here (``local``), or as a Slurm job of its own
+    (``slurm``: ``slurmctl.cli.slurm_coordinator``), continued by the next one when its walltime comes."""
+
+    on: Literal["local", "slurm"] = "local"
+    walltime: str = "1-00:00:00"
+    queue: str | None = Field(default=None, description="default: cluster.queue")
+    account: str | None = Field(default=None, description="default: cluster.account")
+    cores: int = Field(default=1, gt=0)
+    memory: str = "4GB"
+    signal_before_s: int = Field(default=120, gt=0, description=(
+        "Slurm sends the coordinator SIGTERM this long before its walltime (--signal=B:TERM@N): it stops cleanly "
+        "and queues the next coordinator."))
+    max_restarts: int = Field(default=20, ge=0, description=(
+        "Continuations by a new coordinator (walltime, requeue) before the job fails with the reason."))
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        return _check_memory(v)
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, v: str) -> str:
+        return _check_walltime(v)
+
+    @model_validator(mode="after")
+    def _signal(self) -> "CoordinatorConfig":
+        if self.signal_before_s >= (duration_s(self.walltime) or 0):
+            raise ValueError(f"signal_before_s must be shorter than the walltime ({self.walltime})")
+        return self
+
+
+def _check_memory(v: str) -> str:
+    if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|[KMGT])?", v.strip(), flags=re.I):
+        raise ValueError("must look like '1GB', '512MB' or '4GiB'")
+    return v
+
+
+def _check_walltime(v: str) -> str:
+    if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}(:\d{2})?", v):
+        raise ValueError("must be HH:MM:SS or D-HH:MM:SS")
+    return v
+
+
 class SlurmClusterConfig(_Strict):
     """Options for dask-jobqueue's ``SLURMCluster``; each Slurm job runs ``processes`` Dask workers."""
 
@@ -93,22 +138,19 @@ class SlurmClusterConfig(_Strict):
     replace_ahead_s: float = Field(default=30.0, ge=0, description=(
         "Start a worker job's replacement this long before it retires (about a worker job's start-up time), so "
         "throughput does not dip at each walltime; 0 waits until it has gone."))
+    coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="Other SLURMCluster keyword arguments, passed through unchanged.")
 
     @field_validator("memory")
     @classmethod
     def _memory(cls, v: str) -> str:
-        if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|[KMGT])?", v.strip(), flags=re.I):
-            raise ValueError("must look like '1GB', '512MB' or '4GiB'")
-        return v
+        return _check_memory(v)
 
     @field_validator("walltime")
     @classmethod
     def _walltime(cls, v: str) -> str:
-        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}(:\d{2})?", v):
-            raise ValueError("must be HH:MM:SS or D-HH:MM:SS")
-        return v
+        return _check_walltime(v)
 
     @model_validator(mode="after")
     def _jobs(self) -> "SlurmClusterConfig":

@@ -10,6 +10,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+# Environment a Slurm job of ours (a worker, a coordinator) needs to find the project, the Prefect API and AWS
+# endpoints. sbatch exports the submitting environment by default, but sites often set --export=NONE, so we state what
+# matters. The secret ones (``slurmctl.secret_env.is_secret``: AWS keys and session token, PREFECT_API_KEY) never go
+# into a job script: it sources them from a 0600 file next to it.
+FORWARDED_ENV = ("PYTHONPATH", "PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_KEY", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+                 "SLURMCTL_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")
+
 
 def slurm_job_name(job_id: str) -> str:
     """The Slurm job name of every worker job of one slurmctl job."""

@@ -75,11 +75,12 @@ def test_job_runs_on_slurm_workers(tmp_path: Path, prefect_api: str, slurmctl_ho
     assert set(builders.values()) == {1} and closers == builders, (builders, closers)
 
 
-def slurm_config(tmp_path: Path, job_id: str, n: int, cluster: dict | None = None, **extra) -> Path:
+def slurm_config(tmp_path: Path, job_id: str, n: int, cluster: dict | None = None, params: dict | None = None,
+                 **extra) -> Path:
     write_jsonl(tmp_path / "users.jsonl", [{"id": i} for i in range(n)])
     return write_config(tmp_path / "job.yaml", job_id=job_id, handler="support.sample_handlers:counting",
                         input={"uri": "users.jsonl"}, batch_size=10, storage={"uri": "state"}, batch_retries=0,
-                        max_in_flight=4, params={"calls_file": str(tmp_path / "calls"), "sleep_s": 0.05},
+                        max_in_flight=4, params=params or {"calls_file": str(tmp_path / "calls"), "sleep_s": 0.05},
                         cluster={"kind": "slurm", "queue": "debug", "cores": 1, "memory": "1GB",
                                  "walltime": "00:10:00", "min_jobs": 2, "max_jobs": 2, **(cluster or {})}, **extra)
 
@@ -166,3 +167,44 @@ def test_workers_retire_before_their_walltime_and_no_item_runs_twice(tmp_path: P
     assert killed == []
     states = Counter(job_task_run_states(prefect_api, view["flow_run_id"]))
     assert not set(states) & {"RUNNING", "PENDING", "FAILED"}, states  # retired shards end Cancelled
+
+
+def coordinator_jobs_of(job_id: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "--name", f"slurmctl-coordinator_{job_id}", "-o", "%i"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return out.split()
+
+
+def test_a_coordinator_running_as_a_slurm_job_is_continued_past_its_walltime(tmp_path: Path, prefect_api: str,
+                                                                             slurmctl_home: Path, slurm: None):
+    # The coordinator is a Slurm job of walltime 2 min told to stop 90 s before it (Slurm may send that SIGTERM up
+    # to a minute early: it came 10 s in here). Item 25 holds its batch until that stop has begun, so the job outlives
+    # its first coordinator whenever the signal comes; then it is let go and commits within the grace. A successor
+    # may be signalled early too and continued in turn: any number of continuations, each exact.
+    n = 100
+    marker, release = tmp_path / "held", tmp_path / "release"
+    cfg = slurm_config(tmp_path, "coord-on-slurm", n, cluster={
+        "min_jobs": 1, "max_jobs": 1,
+        "coordinator": {"on": "slurm", "walltime": "00:02:00", "signal_before_s": 90, "memory": "2GB"}},
+        params={"calls_file": str(tmp_path / "calls"),
+                "hold": {"id": 25, "marker": str(marker), "release": str(release)}})
+    submitted = run_cli("submit", str(cfg))
+    assert submitted.returncode == 0, submitted.stderr
+    first = status("coord-on-slurm")["coordinator_slurm_job"]
+    assert first and coordinator_jobs_of("coord-on-slurm") == [first], submitted.stderr
+    log = slurmctl_home / "logs" / "coord-on-slurm.log"
+    wait_for(lambda: "stop signal" in (log.read_text() if log.exists() else ""), 180,
+             "Slurm's SIGTERM to the coordinator job before its walltime", interval=1.0)
+    release.touch()
+
+    view = wait_for(lambda: (v := status("coord-on-slurm"))["status"] in ("completed", "failed", "cancelled") and v,
+                    300, "the job to end", interval=1.0)
+    assert view["status"] == "completed", view["error"] + log_tail(slurmctl_home, "coord-on-slurm")
+    assert view["coordinator_restarts"] >= 1 and view["coordinator_slurm_job"] != first  # nobody typed resume
+    assert_exactly_once(view, range(n))
+    handled = Counter(item for _, item in calls(str(tmp_path / "calls")))
+    assert set(handled.values()) == {1}, "the stop let the held batch commit: no item ran twice"
+    text = log.read_text()
+    assert "stopped by SIGTERM" in text and "continues the job" in text
+    wait_for(lambda: not coordinator_jobs_of("coord-on-slurm") and not worker_jobs("coord-on-slurm"), 60,
+             "no Slurm job of ours left")

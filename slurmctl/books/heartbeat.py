@@ -40,7 +40,8 @@ class Heartbeat:
 
     def body(self) -> dict[str, Any]:
         return {"schema_version": 1, "kind": "heartbeat", "job_id": self.job_id, "at": now(), "pid": os.getpid(),
-                "host": socket.gethostname(), "flow_run_id": self.flow_run_id}
+                "host": socket.gethostname(), "flow_run_id": self.flow_run_id,
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 
     def beat(self) -> bool:
         """Write one heartbeat; a failure is logged and counted, never raised."""

@@ -252,6 +252,8 @@ class JobManifest(_Manifest):
     retry_rounds: list[dict[str, Any]] = Field(default_factory=list)
     worker_loss_requeues: int = 0  # batches queued again because their worker died (all phases and coordinators)
     worker_retirements: int = 0  # shards handed back by workers retiring before their walltime (planned, not lost)
+    coordinator_restarts: int = 0  # continuations by a new coordinator Slurm job (cluster.coordinator.on: slurm)
+    coordinator_slurm_job: str | None = None  # the Slurm job the coordinator runs (or waits to run) in, if any
     handler_version: str | None = None
     coordinator_host: str = Field(default_factory=socket.gethostname)
     coordinator_pid: int | None = None
@@ -402,6 +404,9 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, hear
         # by workers retiring before their walltime (planned; spends nothing).
         "worker_loss_requeues": job.get("worker_loss_requeues", 0),
         "worker_retirements": job.get("worker_retirements", 0),
+        # A coordinator running as a Slurm job (``cluster.coordinator.on: slurm``): which, and how many took over.
+        "coordinator_slurm_job": job.get("coordinator_slurm_job"),
+        "coordinator_restarts": job.get("coordinator_restarts", 0),
         # Paused by `slurmctl pause` (rate limits: the run goes on without tokens), or at a budget limit (the run
         # ended; status "paused").
         "paused": bool((control or {}).get("paused")) or job["status"] == "paused",

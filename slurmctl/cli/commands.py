@@ -24,7 +24,15 @@ from typing import Any, Callable
 from slurmctl.cli import alerts, capacity
 from slurmctl.cli.common import _err, local_prefect_server, prefect_api
 from slurmctl.cli.progress_display import TerminalProgress, phase_lines, progress_line, speed_text
-from slurmctl.config import JOB_ID_PATTERN, ConfigError, JobConfig, StorageConfig, job_config, known_storage
+from slurmctl.config import (
+    JOB_ID_PATTERN,
+    ConfigError,
+    JobConfig,
+    StorageConfig,
+    job_config,
+    known_storage,
+    parse_config,
+)
 from slurmctl.paths import coordinator_log, home
 from slurmctl.procs import pid_alive
 from slurmctl.safe_keys import UnsafeKey, name_problem
@@ -105,7 +113,7 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
                 view = status_view(job.model_dump(mode="json"))
                 if announce is not None:
                     announce(view)
-                if view["status"] in TERMINAL_STATUSES:
+                if view["status"] in TERMINAL_STATUSES and not continued_on_slurm(job):
                     break
                 if proc is not None and proc.poll() is not None:
                     job = load_job(store, job_id)  # it may have finished between our two reads
@@ -195,9 +203,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.deployment:
         return submit_to_deployment(args, cfg, sample)
+    on_slurm = coordinator_on_slurm(cfg, getattr(args, "on", None))
+    if on_slurm is None:
+        _err(f"{args.config}: cannot submit\n  --on slurm: the coordinator runs as a Slurm job only with "
+             f"cluster.kind: slurm")
+        return EXIT_USAGE
     # The coordinator starts now, on standby: its imports (~2.5 s) overlap with ours and with the admission checks.
+    # (As a Slurm job it is submitted once the job exists.)
     new_log = not coordinator_log(cfg.job_id).exists()
-    proc, log = spawn_coordinator(cfg.job_id, cfg.storage, standby=True)
+    proc, log = (None, coordinator_log(cfg.job_id)) if on_slurm else spawn_coordinator(cfg.job_id, cfg.storage,
+                                                                                       standby=True)
     go = False
     try:
         from slurmctl.books.admission import JobRefused, create_job
@@ -228,9 +243,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
             _err(f"job {cfg.job_id} is submitted but not started: the local Prefect server did not start: {exc}\n"
                  f"  fix that (or set PREFECT_API_URL to a running server), then `slurmctl resume {cfg.job_id}`")
             return EXIT_FAILED
+        if on_slurm and start_on_slurm(cfg.job_id, cfg.storage, cfg.cluster, store) is None:
+            return EXIT_FAILED
         go = True
     finally:
-        release(proc, go)
+        if proc is not None:
+            release(proc, go)
         if not go and new_log:
             with contextlib.suppress(OSError):
                 if log.stat().st_size == 0:
@@ -244,6 +262,42 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"follow it with `slurmctl status {cfg.job_id}`", file=sys.stderr)
         return EXIT_OK
     return watch(cfg.job_id, cfg.storage, proc, log, announce=flow_run_link(server, None))
+
+
+def coordinator_on_slurm(cfg: JobConfig, on: str | None) -> bool | None:
+    """Does the job's coordinator run as a Slurm job (``--on``, else ``cluster.coordinator.on``)? None: it cannot."""
+    wanted = on or (cfg.cluster.coordinator.on if cfg.cluster.kind == "slurm" else "local")
+    if wanted == "slurm" and cfg.cluster.kind != "slurm":
+        return None
+    return wanted == "slurm"
+
+
+def start_on_slurm(job_id: str, storage: StorageConfig, cluster: Any, store: Any) -> str | None:
+    """sbatch the job's coordinator (``slurmctl.cli.slurm_coordinator``); record it in the job manifest. None (and
+    the job marked failed, with what to do) when sbatch refuses."""
+    from slurmctl.books.manifests import now
+    from slurmctl.books.store import update_job
+    from slurmctl.cli import slurm_coordinator
+
+    try:
+        slurm_id = slurm_coordinator.submit(job_id, storage.model_dump_json(), cluster)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        update_job(store, job_id, status="failed", finished_at=now(), error=f"{exc}"[:2000])
+        _err(f"job {job_id} is submitted but its coordinator is not: {exc}\n  fix that (cluster.coordinator), then "
+             f"`slurmctl resume {job_id}`")
+        return None
+    update_job(store, job_id, coordinator_slurm_job=slurm_id)
+    print(f"coordinator of {job_id}: Slurm job {slurm_id} (`squeue -j {slurm_id}`)", file=sys.stderr)
+    return slurm_id
+
+
+def continued_on_slurm(job: Any) -> bool:
+    """A job stopped by its coordinator's walltime whose next coordinator is queued: not over yet."""
+    if job.status != "stopped" or not job.coordinator_slurm_job:
+        return False
+    from slurmctl.cli.slurm_coordinator import coordinator_jobs
+
+    return bool(coordinator_jobs(job.job_id))
 
 
 def coordinator_alive(job: Any, store: Any = None) -> bool:
@@ -411,6 +465,10 @@ def _restart(args: argparse.Namespace, storage: StorageConfig, retry_errors: lis
         print(f"unpaused {args.job_id} ({', '.join(names)})", file=sys.stderr)
         if coordinator_alive(job) and not retry_errors:
             return watch(args.job_id, storage, None, None) if args.wait else EXIT_OK
+    if continued_on_slurm(job):
+        print(f"job {args.job_id} is being continued by its coordinator's Slurm job {job.coordinator_slurm_job}",
+              file=sys.stderr)
+        return watch(args.job_id, storage, None, None) if args.wait else EXIT_OK
     if coordinator_alive(job):
         from slurmctl.books.heartbeat import read_heartbeat
 
@@ -436,6 +494,13 @@ def _restart(args: argparse.Namespace, storage: StorageConfig, retry_errors: lis
     update_job(store_for(storage), args.job_id, status="pending", phase="submitted", error=None, finished_at=None)
     remember(args.job_id, storage)
     proc, log = standby
+    cfg = parse_config(job.config)
+    if coordinator_on_slurm(cfg, None) and not retry_errors and not aggregate_only:
+        # Its coordinator runs as a Slurm job: so does the one that continues it (the standby one is not needed).
+        if start_on_slurm(args.job_id, storage, cfg.cluster, store) is None:
+            return EXIT_FAILED
+        print(f"resuming {args.job_id} (coordinator log {log})", file=sys.stderr)
+        return watch(args.job_id, storage, None, log) if args.wait else EXIT_OK
     release(proc, True)
     started.append(True)
     what = (f"retrying {','.join(retry_errors)} of" if retry_errors else "aggregating" if aggregate_only
@@ -506,12 +571,26 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if found is None:
         return EXIT_USAGE
     job, store = found
+    if continued_on_slurm(job):  # stopped at its coordinator's walltime, the next coordinator queued: not that
+        from slurmctl.books.store import update_job
+        from slurmctl.cli.slurm_coordinator import cancel_coordinator_jobs
+
+        ids = cancel_coordinator_jobs(args.job_id)
+        update_job(store, args.job_id, status="cancelled", error=(
+            f"cancelled by slurmctl cancel (its next coordinator, Slurm job {', '.join(ids)}, was cancelled); "
+            f"`slurmctl resume {args.job_id}` continues it")[:2000])
+        print(f"cancelled {args.job_id} (its queued coordinator {', '.join(ids)} too)", file=sys.stderr)
+        return EXIT_OK
     if job.status in TERMINAL_STATUSES:
         print(f"job {args.job_id} is not running (status {job.status}); nothing to cancel", file=sys.stderr)
         return EXIT_OK
     request_cancel(store, args.job_id, by=f"slurmctl cancel ({getpass.getuser()}@{socket.gethostname()})")
     note = _cancel_flow_run(job.flow_run_id)
     if not coordinator_alive(job, store):
+        if job.coordinator_slurm_job:  # a coordinator job that has not started yet must not start
+            from slurmctl.cli.slurm_coordinator import cancel_coordinator_jobs
+
+            cancel_coordinator_jobs(args.job_id)
         ids = mark_cancelled(store, args.job_id, "cancelled by slurmctl cancel (no coordinator was running)",
                              job.cluster.get("kind"))
         print(f"cancelled {args.job_id} (its coordinator was not running; Slurm jobs cancelled: "
@@ -855,6 +934,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="validate a job config and start the job")
     p.add_argument("config", help="path to the job's YAML config")
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends; exit 0 if it completed")
+    p.add_argument("--on", choices=["local", "slurm"], default=None,
+                   help="where the coordinator runs: here, or as a Slurm job of its own that the next one continues "
+                        "when its walltime comes (default: cluster.coordinator.on)")
     p.add_argument("--job-id", help="override the config's job_id")
     p.add_argument("--date", help="the date put in place of {date} in the config (YYYY-MM-DD; default today)")
     p.add_argument("--deployment", metavar="NAME",

@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aggregate-only", action="store_true", help="run the aggregation alone")
     parser.add_argument("--standby", action="store_true",
                         help="import everything, then run only once stdin says `go` (EOF: exit, nothing done)")
+    parser.add_argument("--slurm-job", action="store_true",
+                        help="this coordinator is a Slurm job (slurmctl.cli.slurm_coordinator): it continues the job "
+                             "where the last one left it, and queues the next one when its walltime comes")
     args = parser.parse_args(argv)
     # Registered before anything else (Prefect's and Dask's exit hooks, registered later, run before it): the exit
     # line comes after every exit-time drain of logs and events.
@@ -144,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from slurmctl.flows import stop
 
+    if args.slurm_job:
+        from slurmctl.cli import slurm_coordinator
+
+        code = slurm_coordinator.prepare(args.job_id, json.loads(args.storage_json))
+        if code is not None:
+            return code
+        atexit.register(slurm_coordinator.after_run, args.job_id, json.loads(args.storage_json))
     stop.exit_on_second = True  # a second SIGTERM/SIGINT/SIGHUP ends this process at once (flows/stop.py)
     try:
         with prefect_api_for_workers(), stop.on_signals():  # ours before Prefect's (its handler passes them on)
