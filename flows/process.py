@@ -42,12 +42,20 @@ from slurmctl.flows.replacement import Replacements
 from slurmctl.item_run import shards_per_thread
 from slurmctl.records import BatchSpec
 from slurmctl.tasks.process_batch import summary_of
-from slurmctl.tasks.process_shard import ShardRetiring, ShardStopped, commits_topic, process_shard
+from slurmctl.tasks.process_shard import ShardPreempted, ShardRetiring, ShardStopped, commits_topic, process_shard
 
 HEARTBEAT_S = 2.0
 # Exceptions that mean "the worker (or its Slurm job) running this batch went away", not "the batch failed".
 WORKER_LOSS = ("KilledWorker", "FutureCancelledError", "CancelledError", "CommClosedError", "StreamClosedError",
                "WorkerLost", "ShardAbandoned")
+
+
+# The Prefect message of a shard that handed its uncommitted batches back (its task run ends Cancelled).
+HANDED_BACK = {
+    ShardStopped: "the job reached its budget or was stopped: its uncommitted batches wait for `slurmctl resume`",
+    ShardRetiring: "its worker retired before its Slurm job's walltime: its uncommitted batches were queued again",
+    ShardPreempted: "its worker's Slurm job got SIGTERM: its uncommitted batches were queued again",
+}
 
 
 def dask_client() -> Any:
@@ -194,7 +202,8 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
     last_beat = 0.0
     watch = WorkerWatch(cfg)
     if watch.client is not None:
-        worker_plugin.register(watch.client)  # workers close the handler instances they built when they stop
+        # Workers close the handler instances they built when they stop; Slurm workers hear SIGTERM between batches.
+        worker_plugin.register(watch.client, slurm=cfg.cluster.kind == "slurm")
     guard = BudgetGuard(cfg, watch.client, _pass_id())
     replacements = Replacements(cfg, watch.client, logger)  # Slurm: worker jobs replaced before they retire
     wake = object()  # in ``finished``: a commit arrived (budget jobs only), not a shard that ended
@@ -292,12 +301,10 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
                     task_states.settle([task_states.task_run_id_of(future)], task_states.CRASHED,
                                        f"its worker was lost ({type(exc).__name__}: {exc}); the coordinator queues "
                                        f"its uncommitted batches again")
-                beat()  # commits the shard reported before it ended are counted first
+                if isinstance(exc, (ShardStopped, ShardRetiring)):  # handed back on purpose: Cancelled, not Failed
+                    task_states.settle_handed_back([task_states.task_run_id_of(future)], HANDED_BACK[type(exc)])
+                beat()  # commits the shard reported before it ended are counted first (a stop may end the pass)
                 left = [s for s in shard.specs if s.batch_id not in counted]
-                if isinstance(exc, ShardRetiring):  # planned: not a loss, no task run left Failed for it
-                    task_states.settle([task_states.task_run_id_of(future)], task_states.CANCELLED,
-                                       f"its worker retired before its Slurm job's walltime; {len(left)} uncommitted "
-                                       f"batches were queued again", even_failed=True)
                 if (guard.stopping or draining[0]) and (is_worker_loss(exc) or isinstance(exc, (ShardStopped,
                                                                                               ShardRetiring))):
                     stopped_left += left  # stopped at the budget or by a signal (or lost meanwhile): left for resume
@@ -305,9 +312,14 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
                     continue
                 if isinstance(exc, ShardRetiring):
                     if left:
-                        job.worker_retirements += 1
-                        logger.info("shard %s handed back %s uncommitted batches: its worker retires before its "
-                                    "walltime; running them on another worker", shard.name, len(left))
+                        preempted = isinstance(exc, ShardPreempted)
+                        if preempted:
+                            job.worker_preemptions += 1
+                        else:
+                            job.worker_retirements += 1
+                        logger.info("shard %s handed back %s uncommitted batches: its worker %s; running them on "
+                                    "another worker", shard.name, len(left),
+                                    "got SIGTERM" if preempted else "retires before its walltime")
                         shards.appendleft((Shard(tuple(left)), True))  # some may have committed unreported
                     continue
                 if is_worker_loss(exc) and requeues.get(shard.name, 0) < cfg.worker_loss_requeues and left:
@@ -325,6 +337,7 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
     finally:
         unlisten()
         feed.close()
+        task_states.wait_settled()
         if in_flight:  # the pass ends (cancelled, stopped, failed) with shards running: their workers are closed
             task_states.settle(map(task_states.task_run_id_of, in_flight), task_states.CANCELLED,
                                "the coordinator stopped waiting for this shard (the job was cancelled or stopped); "

@@ -32,6 +32,9 @@ def slurm_prologue(cfg: SlurmClusterConfig, secrets_file: Path | None = None) ->
         lines += source_lines(secrets_file)
     # When this job's walltime ends, should the worker not reach squeue (``slurmctl.walltime``).
     lines.append(f"export {END_ENV}=$(( $(date +%s) + {duration_s(cfg.walltime) or 0:.0f} ))")
+    # The script's shell ignores SIGTERM (Slurm sends it to every process of the job): were it to die, Slurm would
+    # end the job and kill the worker at once. The worker hears it itself and leaves between batches.
+    lines.append("trap '' TERM")
     return lines + list(cfg.job_script_prologue)
 
 
@@ -54,6 +57,10 @@ def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: st
         "scheduler_options": {"dashboard_address": None}, "job_name": slurm_job_name(job_id),
         # Workers orphaned by a dead coordinator exit by themselves instead of holding Slurm allocations.
         "death_timeout": 60,
+        # No nanny: Slurm's SIGTERM would reach it too, and it kills the worker's batch at once. The worker itself
+        # hears SIGTERM between batches (flows/worker_plugin.py); a worker that dies is replaced by Slurm's adaptive
+        # scaling, not restarted in place.
+        "nanny": False,
         "secrets_file": str(secrets), "secret_names": secret_names,
     }
     if cluster.local_directory:

@@ -11,6 +11,7 @@ lost, walltime) closes nothing: a handler must not rely on ``close`` for correct
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from distributed import WorkerPlugin
@@ -18,6 +19,7 @@ from distributed import WorkerPlugin
 from slurmctl import inflight
 
 NAME = "slurmctl-close-handlers"
+SIGTERM_NAME = "slurmctl-sigterm"
 
 
 class CloseHandlers(WorkerPlugin):
@@ -27,9 +29,34 @@ class CloseHandlers(WorkerPlugin):
         inflight.close_worker()
 
 
-def register(client: Any) -> None:
-    """Register the plugin with ``client``'s cluster (idempotent: registered by name)."""
+class GracefulSigterm(WorkerPlugin):
+    """On a Slurm worker (run without a nanny, ``flows/runners.py``), SIGTERM no longer closes the worker at once
+    (dask's handler, which loses the batch running): the worker starts no further batch, and leaves once the
+    batches running have committed (``tasks.process_shard.on_sigterm``); Slurm's SIGKILL follows ``KillWait`` later.
+    Installed from the worker's event loop, which runs in its main thread, where Python handles signals."""
+
+    name = SIGTERM_NAME
+
+    def setup(self, worker: Any) -> None:
+        loop = worker.loop
+
+        def handler(signum: int, frame: Any) -> None:  # signal context: hand over to the event loop at once
+            from slurmctl.tasks.process_shard import on_sigterm
+
+            loop.add_callback(on_sigterm, worker)
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (a nanny's worker process does not run its loop there): dask's way
+            pass
+
+
+def register(client: Any, slurm: bool = False) -> None:
+    """Register the plugins with ``client``'s cluster (idempotent: registered by name); ``slurm``: the SIGTERM one
+    too."""
     client.register_plugin(CloseHandlers(), name=NAME)
+    if slurm:
+        client.register_plugin(GracefulSigterm(), name=SIGTERM_NAME)
 
 
 def close_on_workers(client: Any, logger: Any = None) -> None:

@@ -88,6 +88,7 @@ class WorkerClock:
         self.durations: deque[float] = deque(maxlen=HISTORY)
         self.retiring = False
         self.leaving = False
+        self.terminated = False  # SIGTERM came (scancel, preemption, the walltime itself): retiring, unplanned
         self._lock = threading.Lock()
 
     def expected_batch_s(self) -> float:
@@ -114,6 +115,11 @@ class WorkerClock:
     def seconds_left(self) -> float | None:
         return None if self.end is None else self.end - self.now()
 
+    def terminate(self) -> None:
+        """SIGTERM: no further batch starts, whatever time is left (the batches running finish and commit, if Slurm's
+        ``KillWait`` lets them)."""
+        self.terminated = self.retiring = True
+
     def leave(self) -> bool:
         """True the first time it is asked once the worker is retiring: whoever hears it makes the worker leave."""
         with self._lock:
@@ -127,11 +133,20 @@ _clock: WorkerClock | None = None
 _clock_lock = threading.Lock()
 
 
+def current_clock() -> WorkerClock:
+    """This process's clock, or one with no end known (a SIGTERM before the first shard)."""
+    global _clock
+    with _clock_lock:
+        if _clock is None:
+            _clock = WorkerClock(None)
+        return _clock
+
+
 def worker_clock(walltime: str, margin_s: float, stagger_s: float | None) -> WorkerClock:
     """This process's clock, built on first use from its Slurm job's end (the job's config gives the rest)."""
     global _clock
     with _clock_lock:
-        if _clock is None:
+        if _clock is None or (_clock.end is None and not _clock.terminated):
             wall = duration_s(walltime) or 0.0
             _clock = WorkerClock(slurm_end_time(), margin_s,
                                  default_stagger_s(wall) if stagger_s is None else stagger_s)

@@ -36,7 +36,7 @@ from slurmctl.books.shards import Shard
 from slurmctl.config import JobConfig
 from slurmctl.records import BatchSpec
 from slurmctl.tasks.process_batch import checked_summary, run_batch
-from slurmctl.walltime import END_ENV, WorkerClock, worker_clock
+from slurmctl.walltime import END_ENV, WorkerClock, current_clock, worker_clock
 
 # One shard's input bytes are fetched in one request when its batches lie together and the span is at most this.
 PREFETCH_MAX_BYTES = 64 * 2**20
@@ -81,6 +81,12 @@ class ShardRetiring(RuntimeError):
     """The worker's Slurm job ends before another batch would (``slurmctl.walltime``): the shard stops between
     batches and its worker leaves. A planned retirement, not a loss: the coordinator queues the uncommitted batches
     again at once without spending ``worker_loss_requeues``, and no item runs twice."""
+
+
+class ShardPreempted(ShardRetiring):
+    """The worker's Slurm job got SIGTERM (``scancel``, preemption, the walltime itself): as a retirement, the shard
+    stops between batches once the batch it is in has committed (if Slurm's ``KillWait`` leaves time for it), and
+    the coordinator queues the rest again at once, counted as a preemption, not a loss."""
 
 
 def commits_topic(job_id: str) -> str:
@@ -143,6 +149,9 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
                                    f"budget, or a signal stopped it)")
             if clock is not None and not clock.fits():
                 left = clock.seconds_left()
+                if clock.terminated:
+                    raise ShardPreempted(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} "
+                                         f"batches after it were not started: this worker's Slurm job got SIGTERM")
                 raise ShardRetiring(f"{spec.batch_id} and the {len(specs) - len(summaries) - len(errors) - 1} batches "
                                     f"after it were not started: this worker's Slurm job ends in "
                                     f"{left if left is not None else 0:.0f} s, before a batch (p95 "
@@ -215,6 +224,16 @@ def clock_for(cfg: JobConfig) -> WorkerClock | None:
     return worker_clock(cluster.walltime, cluster.retire_margin_s, cluster.retire_stagger_s)
 
 
+def on_sigterm(worker: Any) -> None:
+    """A Slurm worker got SIGTERM (``flows/worker_plugin.py`` installs this instead of dask's immediate close): its
+    shards start no further batch, and it leaves once the batches running have committed. Slurm's SIGKILL comes
+    ``KillWait`` seconds after the SIGTERM; a batch still running then is lost as with any killed worker."""
+    clock = current_clock()
+    clock.terminate()
+    if clock.leave():
+        worker.loop.add_callback(_close_when_idle, worker, "slurmctl: SIGTERM, left between batches")
+
+
 def retire_worker(logger: Any = None) -> None:
     """A shard stopped for this worker's walltime: the scheduler gives the worker no new shard from now on, and once
     the shards it runs have stopped too (each after its batch), it leaves the cluster. Its Slurm job ends, and the
@@ -226,11 +245,11 @@ def retire_worker(logger: Any = None) -> None:
     except (ImportError, ValueError):
         return
     if logger is not None:
-        logger.info("worker %s retires before its Slurm job's walltime", worker.name)
+        logger.info("worker %s leaves: its Slurm job's walltime is near, or it got SIGTERM", worker.name)
     worker.loop.add_callback(_close_when_idle, worker)
 
 
-async def _close_when_idle(worker: Any) -> None:
+async def _close_when_idle(worker: Any, reason: str = "slurmctl: retired before its Slurm job's walltime") -> None:
     from distributed.core import Status
 
     worker.status = Status.closing_gracefully  # the scheduler assigns it nothing more
@@ -243,7 +262,7 @@ async def _close_when_idle(worker: Any) -> None:
     with contextlib.suppress(Exception):
         await worker.scheduler.retire_workers(workers=[worker.address], close_workers=False, remove=True,
                                               stimulus_id=f"slurmctl-walltime-{time.time()}")
-    await worker.close(nanny=True, reason="slurmctl: retired before its Slurm job's walltime")
+    await worker.close(nanny=True, reason=reason)
 
 
 def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from support.jobs import (
     status,
     wait_for,
 )
-from support.prefect_runs import job_flow_run_states
+from support.prefect_runs import job_flow_run_states, job_task_run_states
 from support.processes import pid_alive
 from support.sample_handlers import calls
 
@@ -79,6 +79,9 @@ def test_sigterm_lets_the_running_batch_commit_then_the_job_is_stopped_and_resum
     assert max(i for _, i in calls(str(tmp_path / "calls"))) < 30
     states = job_flow_run_states(prefect_api, view["flow_run_id"])
     assert states["stop-term"] == "CANCELLED" and states["stop-term / process"] == "CANCELLED", states
+    # The shard that stopped after its batch ended Cancelled, like its pass: not Failed, not left Running.
+    shard_states = job_task_run_states(prefect_api, view["flow_run_id"])
+    assert "CANCELLED" in shard_states and not {"FAILED", "RUNNING", "PENDING"} & set(shard_states), shard_states
 
     assert run_cli("resume", "stop-term", "--wait").returncode == 0, log_tail(slurmctl_home, "stop-term")
     view = status("stop-term")

@@ -92,8 +92,8 @@ def worker_jobs(job_id: str) -> list[str]:
 
 
 @pytest.mark.chaos
-def test_scancel_of_a_worker_job_mid_run_loses_nothing(tmp_path: Path, prefect_api: str, slurmctl_home: Path,
-                                                       slurm: None):
+def test_sigterm_to_a_worker_job_mid_run_loses_nothing_and_runs_no_item_twice(tmp_path: Path, prefect_api: str,
+                                                                              slurmctl_home: Path, slurm: None):
     n = 300
     cfg = slurm_config(tmp_path, "scancel-one", n)
     assert run_cli("submit", str(cfg)).returncode == 0
@@ -108,11 +108,19 @@ def test_scancel_of_a_worker_job_mid_run_loses_nothing(tmp_path: Path, prefect_a
 
     victim = wait_for(lambda: len(calls(str(tmp_path / "calls"))) >= 40 and a_working_job(), 300,
                       "batches committed by a running Slurm worker job", interval=1.0)
-    subprocess.run(["scancel", victim], check=True, timeout=30)
+    # SIGTERM, as preemption and the walltime send it (then SIGKILL KillWait = 5 s later, which it does not need).
+    subprocess.run(["scancel", "--signal=TERM", "--full", victim], check=True, timeout=30)
+    wait_for(lambda: victim not in worker_jobs("scancel-one"), 60, "the worker job to leave by itself")
+    victim_log = (slurmctl_home / "logs" / "scancel-one" / f"slurmctl-scancel-one-{victim}.err").read_text()
+    assert "Reason: slurmctl: SIGTERM, left between batches" in victim_log  # not dask's close, not Slurm's SIGKILL
 
     view = wait_until_ended("scancel-one", 600)
     assert view["status"] == "completed", view["error"] + log_tail(slurmctl_home, "scancel-one")
     assert_exactly_once(view, range(n))
+    # Its batch running committed, the rest of its shards went back at once: no loss, no item handled twice.
+    assert view["worker_loss_requeues"] == 0, view
+    handled = Counter(item for _, item in calls(str(tmp_path / "calls")))
+    assert set(handled.values()) == {1}, [i for i, c in handled.items() if c > 1]
     tasks = [json.loads(p.read_text()) for p in tasks_dir.glob("batch-*.json")]
     ran_in = {t["slurm_job_id"] for t in tasks}
     assert victim in ran_in and len(ran_in) >= 2, ran_in  # the rest ran in another Slurm job

@@ -96,3 +96,27 @@ def test_a_worker_job_near_its_retirement_gets_its_replacement_started_ahead(mon
     assert Replacements(short, SimpleNamespace(cluster=SimpleNamespace(_adaptive=adaptive))).threshold_s == 10 + 3 + 15
     local = parse_config({"job_id": "j", "handler": "m:f", "input": {"uri": "in.jsonl"}})
     assert not Replacements(local, SimpleNamespace(cluster=SimpleNamespace(_adaptive=adaptive))).active
+
+
+def test_sigterm_makes_a_worker_hand_its_shards_back_between_batches_and_leave(monkeypatch):
+    from types import SimpleNamespace
+
+    from slurmctl import walltime
+    from slurmctl.flows.process import is_worker_loss
+    from slurmctl.tasks import process_shard
+
+    monkeypatch.setattr(walltime, "_clock", None)
+    scheduled = []
+    worker = SimpleNamespace(loop=SimpleNamespace(add_callback=lambda fn, *a: scheduled.append((fn, a))))
+    process_shard.on_sigterm(worker)
+    clock = walltime.current_clock()
+    assert clock.terminated and not clock.fits()  # even a worker with its whole walltime ahead
+    assert [fn for fn, _ in scheduled] == [process_shard._close_when_idle]  # it leaves once idle, asked once
+    process_shard.on_sigterm(worker)
+    assert len(scheduled) == 1
+    # The job's config cannot undo it: the clock a shard then asks for is the terminated one.
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    cfg = parse_config({"job_id": "j", "handler": "m:f", "input": {"uri": "in.jsonl"}, "cluster": {"kind": "slurm"}})
+    assert process_shard.clock_for(cfg) is clock
+    exc = process_shard.ShardPreempted("x")
+    assert isinstance(exc, process_shard.ShardRetiring) and not is_worker_loss(exc)

@@ -252,6 +252,7 @@ class JobManifest(_Manifest):
     retry_rounds: list[dict[str, Any]] = Field(default_factory=list)
     worker_loss_requeues: int = 0  # batches queued again because their worker died (all phases and coordinators)
     worker_retirements: int = 0  # shards handed back by workers retiring before their walltime (planned, not lost)
+    worker_preemptions: int = 0  # shards handed back by workers that got SIGTERM (scancel, preemption): not lost
     coordinator_restarts: int = 0  # continuations by a new coordinator Slurm job (cluster.coordinator.on: slurm)
     coordinator_slurm_job: str | None = None  # the Slurm job the coordinator runs (or waits to run) in, if any
     handler_version: str | None = None
@@ -404,6 +405,7 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, hear
         # by workers retiring before their walltime (planned; spends nothing).
         "worker_loss_requeues": job.get("worker_loss_requeues", 0),
         "worker_retirements": job.get("worker_retirements", 0),
+        "worker_preemptions": job.get("worker_preemptions", 0),
         # A coordinator running as a Slurm job (``cluster.coordinator.on: slurm``): which, and how many took over.
         "coordinator_slurm_job": job.get("coordinator_slurm_job"),
         "coordinator_restarts": job.get("coordinator_restarts", 0),
