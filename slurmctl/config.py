@@ -68,7 +68,28 @@ class LocalClusterConfig(_Strict):
     processes: bool = True
 
 
-class CoordinatorConfig(_Strict):
+class _SlurmJob(_Strict):
+    """What every Slurm job of ours asks for, checked in one place: the workers' and the coordinator's."""
+
+    memory: str = "1GB"
+    walltime: str = "01:00:00"
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|[KMGT])?", v.strip(), flags=re.I):
+            raise ValueError("must look like '1GB', '512MB' or '4GiB'")
+        return v
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, v: str) -> str:
+        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}(:\d{2})?", v):
+            raise ValueError("must be HH:MM:SS or D-HH:MM:SS")
+        return v
+
+
+class CoordinatorConfig(_SlurmJob):
     """Where the coordinator runs (``cluster.coordinator``): here (``local``), or as a Slurm job of its own
     (``slurm``: ``slurmctl.cli.slurm_coordinator``), continued by the next one when its walltime comes."""
 
@@ -84,16 +105,6 @@ class CoordinatorConfig(_Strict):
     max_restarts: int = Field(default=20, ge=0, description=(
         "Continuations by a new coordinator (walltime, requeue) before the job fails with the reason."))
 
-    @field_validator("memory")
-    @classmethod
-    def _memory(cls, v: str) -> str:
-        return _check_memory(v)
-
-    @field_validator("walltime")
-    @classmethod
-    def _walltime(cls, v: str) -> str:
-        return _check_walltime(v)
-
     @model_validator(mode="after")
     def _signal(self) -> "CoordinatorConfig":
         if self.signal_before_s >= (duration_s(self.walltime) or 0):
@@ -101,19 +112,7 @@ class CoordinatorConfig(_Strict):
         return self
 
 
-def _check_memory(v: str) -> str:
-    if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|[KMGT])?", v.strip(), flags=re.I):
-        raise ValueError("must look like '1GB', '512MB' or '4GiB'")
-    return v
-
-
-def _check_walltime(v: str) -> str:
-    if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}(:\d{2})?", v):
-        raise ValueError("must be HH:MM:SS or D-HH:MM:SS")
-    return v
-
-
-class SlurmClusterConfig(_Strict):
+class SlurmClusterConfig(_SlurmJob):
     """Options for dask-jobqueue's ``SLURMCluster``; each Slurm job runs ``processes`` Dask workers."""
 
     kind: Literal["slurm"]
@@ -141,16 +140,6 @@ class SlurmClusterConfig(_Strict):
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="Other SLURMCluster keyword arguments, passed through unchanged.")
-
-    @field_validator("memory")
-    @classmethod
-    def _memory(cls, v: str) -> str:
-        return _check_memory(v)
-
-    @field_validator("walltime")
-    @classmethod
-    def _walltime(cls, v: str) -> str:
-        return _check_walltime(v)
 
     @model_validator(mode="after")
     def _jobs(self) -> "SlurmClusterConfig":

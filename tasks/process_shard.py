@@ -255,13 +255,14 @@ async def _close_when_idle(worker: Any, reason: str = "slurmctl: retired before 
     worker.status = Status.closing_gracefully  # the scheduler assigns it nothing more
     # Not while a task executes: the scheduler would run it again elsewhere. Then as dask's close_gracefully does,
     # without its early return for a worker already closing gracefully: its data (shard results the coordinator
-    # has not released yet) moves to another worker when there is one, and the worker closes with its nanny.
+    # has not released yet) moves to another worker when there is one, and the worker closes.
     while worker.state.executing_count:
         await asyncio.sleep(0.2)
     await asyncio.sleep(0.5)  # the last task's outcome reaches the scheduler first
-    with contextlib.suppress(Exception):
-        await worker.scheduler.retire_workers(workers=[worker.address], close_workers=False, remove=True,
-                                              stimulus_id=f"slurmctl-walltime-{time.time()}")
+    with contextlib.suppress(Exception):  # bounded: after a SIGTERM the scheduler may be gone already
+        await asyncio.wait_for(worker.scheduler.retire_workers(
+            workers=[worker.address], close_workers=False, remove=True,
+            stimulus_id=f"slurmctl-walltime-{time.time()}"), timeout=5)
     await worker.close(nanny=True, reason=reason)
 
 
