@@ -17,8 +17,6 @@ import contextvars
 import hashlib
 import importlib
 import queue
-import shutil
-import subprocess
 import threading
 import time
 from collections import deque
@@ -100,13 +98,12 @@ class WorkerWatch:
                             f"continues the job when workers can start again")
 
     def slurm_diagnosis(self) -> str:
-        if self.cfg.cluster.kind != "slurm" or not shutil.which("squeue"):
+        if self.cfg.cluster.kind != "slurm":
             return ""
-        from slurmctl.slurm import slurm_job_name
+        from slurmctl.slurm import jobs_named, slurm_job_name
 
-        out = subprocess.run(["squeue", "-h", "--name", slurm_job_name(self.cfg.job_id), "-o", "%i %T %r"],
-                             capture_output=True, text=True, timeout=30).stdout.strip()
-        return f" (Slurm worker jobs: {out.replace(chr(10), '; ') or 'none'})"
+        rows = jobs_named(slurm_job_name(self.cfg.job_id), "%i %T %r")
+        return f" (Slurm worker jobs: {'; '.join(' '.join(r) for r in rows) or 'none'})"
 
 
 _saved: dict[str, ManifestStore] = {}  # "<api url>|<block name>" -> the block this process saved there

@@ -18,8 +18,8 @@ import time
 from typing import Any
 
 from slurmctl.config import JobConfig
-from slurmctl.slurm import slurm_job_name
-from slurmctl.walltime import default_stagger_s, duration_s
+from slurmctl.slurm import duration_s, slurm_job_name, squeue
+from slurmctl.walltime import default_stagger_s
 
 log = logging.getLogger("slurmctl.flows.replacement")
 
@@ -69,6 +69,5 @@ class Replacements:
                      len(retiring), ", ".join(sorted(retiring)) or "none", extra)
 
     def time_left(self) -> dict[str, float | None]:
-        out = subprocess.run(["squeue", "-h", "--name", self.name, "-t", "RUNNING", "-o", "%i %L"],
-                             capture_output=True, text=True, timeout=20).stdout
+        out = squeue("--name", self.name, "-t", "RUNNING", "-o", "%i %L", timeout=20)  # raises: the last view holds
         return {parts[0]: duration_s(parts[1]) for line in out.splitlines() if len(parts := line.split()) == 2}

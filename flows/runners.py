@@ -6,7 +6,6 @@ Both go through prefect-dask's ``DaskTaskRunner`` so the process phase is the sa
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,21 +14,15 @@ from prefect_dask import DaskTaskRunner
 
 from slurmctl.config import LocalClusterConfig, SlurmClusterConfig
 from slurmctl.paths import job_log_dir, job_secrets_file
-from slurmctl.secret_env import source_lines, split_env
-from slurmctl.slurm import FORWARDED_ENV, slurm_job_name
-from slurmctl.walltime import END_ENV, duration_s
+from slurmctl.secret_env import split_env
+from slurmctl.slurm import FORWARDED_ENV, duration_s, env_lines, slurm_job_name
+from slurmctl.walltime import END_ENV
 
 
 def slurm_prologue(cfg: SlurmClusterConfig, secrets_file: Path | None = None) -> list[str]:
     """The job script's first lines: where to run, the non-secret environment inline, and (when some forwarded
     variable is secret) the line sourcing ``secrets_file``: the script holds its path, never a secret value."""
-    cwd = Path.cwd()
-    pythonpath = os.pathsep.join(dict.fromkeys([str(cwd), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
-    lines = [f"cd {shlex.quote(str(cwd))}", f"export PYTHONPATH={shlex.quote(pythonpath)}"]
-    inline, secret = split_env([k for k in FORWARDED_ENV if k != "PYTHONPATH"], os.environ)
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in inline.items()]
-    if secret and secrets_file is not None:
-        lines += source_lines(secrets_file)
+    lines = env_lines(secrets_file)
     # When this job's walltime ends, should the worker not reach squeue (``slurmctl.walltime``).
     lines.append(f"export {END_ENV}=$(( $(date +%s) + {duration_s(cfg.walltime) or 0:.0f} ))")
     # The script's shell ignores SIGTERM (Slurm sends it to every process of the job): were it to die, Slurm would

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from slurmctl.safe_keys import key_problem, name_problem, path_problem
-from slurmctl.walltime import duration_s
+from slurmctl.slurm import duration_s
 
 JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 FORMATS = ("jsonl", "csv", "parquet")

@@ -7,8 +7,14 @@ coordinator died) can list or cancel them with one ``squeue``/``scancel`` call, 
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
 import shutil
 import subprocess
+from pathlib import Path
+
+from slurmctl.secret_env import source_lines, split_env
 
 # Environment a Slurm job of ours (a worker, a coordinator) needs to find the project, the Prefect API and AWS
 # endpoints. sbatch exports the submitting environment by default, but sites often set --export=NONE, so we state what
@@ -28,14 +34,72 @@ def have_slurm() -> bool:
     return bool(shutil.which("squeue") and shutil.which("scancel"))
 
 
+def duration_s(text: str) -> float | None:
+    """Slurm's ``[D-]HH:MM:SS``, ``MM:SS`` or ``MM`` (``squeue %L``, ``--time``) in seconds; None for
+    ``UNLIMITED``, ``NOT_SET``, ``INVALID`` or anything else it cannot read."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        return None
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if c is not None:
+        h, mi, s = a, b, c
+    elif b is not None:
+        h, mi, s = (a, b, 0) if days is not None else (0, a, b)
+    else:
+        h, mi, s = (a, 0, 0) if days is not None else (0, a, 0)
+    return float(((days or 0) * 24 + h) * 3600 + mi * 60 + s)
+
+
+def squeue(*args: str, timeout: float = 30) -> str:
+    """The output of one ``squeue -h ARGS`` call. Raises OSError or SubprocessError when squeue is missing, fails
+    or times out (a busy slurmctld): callers decide what an unknown queue means for them."""
+    done = subprocess.run(["squeue", "-h", *args], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, "squeue", done.stdout, done.stderr)
+    return done.stdout
+
+
+def jobs_named(name: str, fields: str = "%i", running: bool = False) -> list[list[str]]:
+    """One row (``fields`` split on blanks) per Slurm job of that name still in the queue (only the running ones
+    with ``running``); [] without Slurm or when squeue fails."""
+    if not have_slurm():
+        return []
+    try:
+        out = squeue("--name", name, *(["-t", "RUNNING"] if running else []), "-o", fields, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.split() for line in out.splitlines() if line.strip()]
+
+
+def time_left_s(slurm_job_id: str) -> float | None:
+    """Seconds before that Slurm job's time limit (squeue's ``%L``: right even after an admin changed the limit);
+    None when unlimited, unknown or squeue fails."""
+    try:
+        out = squeue("-j", slurm_job_id, "-o", "%L", timeout=20).strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return duration_s(out) if out else None
+
+
+def env_lines(secrets_file: Path | None) -> list[str]:
+    """A job script's lines that put one of our Slurm jobs where it was submitted from: the working directory, a
+    PYTHONPATH starting with it, the non-secret ``FORWARDED_ENV`` inline, and (when some forwarded variable is
+    secret) the line sourcing ``secrets_file``: a script holds its path, never a secret value."""
+    cwd = os.getcwd()
+    pythonpath = os.pathsep.join(dict.fromkeys([cwd, *filter(None, os.environ.get("PYTHONPATH", "").split(
+        os.pathsep))]))
+    lines = [f"cd {shlex.quote(cwd)}", f"export PYTHONPATH={shlex.quote(pythonpath)}"]
+    inline, secret = split_env([k for k in FORWARDED_ENV if k != "PYTHONPATH"], os.environ)
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in inline.items()]
+    if secret and secrets_file is not None:
+        lines += source_lines(secrets_file)
+    return lines
+
+
 def worker_jobs(job_id: str) -> list[str]:
     """Ids of the job's Slurm worker jobs still in the queue (any state), from one ``squeue`` call; [] without
     Slurm."""
-    if not have_slurm():
-        return []
-    out = subprocess.run(["squeue", "-h", "--name", slurm_job_name(job_id), "-o", "%i"], capture_output=True,
-                         text=True, timeout=60)
-    return out.stdout.split() if out.returncode == 0 else []
+    return [row[0] for row in jobs_named(slurm_job_name(job_id))]
 
 
 def cancel_worker_jobs(job_id: str) -> list[str]:

@@ -22,31 +22,15 @@ from __future__ import annotations
 import math
 import os
 import random
-import re
-import subprocess
 import threading
 import time
 from collections import deque
 from typing import Callable
 
+from slurmctl.slurm import duration_s, time_left_s
+
 END_ENV = "SLURMCTL_WORKER_END"
 HISTORY = 50  # batch durations kept per worker (the p95 follows the job as it slows down or speeds up)
-
-
-def duration_s(text: str) -> float | None:
-    """Slurm's ``[D-]HH:MM:SS``, ``MM:SS`` or ``MM`` (``squeue %L``, ``--time``) in seconds; None for
-    ``UNLIMITED``, ``NOT_SET``, ``INVALID`` or anything else it cannot read."""
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
-    if not m:
-        return None
-    days, a, b, c = (int(g) if g else None for g in m.groups())
-    if c is not None:
-        h, mi, s = a, b, c
-    elif b is not None:
-        h, mi, s = (a, b, 0) if days is not None else (0, a, b)
-    else:
-        h, mi, s = (a, 0, 0) if days is not None else (0, a, 0)
-    return float(((days or 0) * 24 + h) * 3600 + mi * 60 + s)
 
 
 def default_stagger_s(walltime_s: float) -> float:
@@ -54,26 +38,18 @@ def default_stagger_s(walltime_s: float) -> float:
     return min(120.0, 0.05 * walltime_s)
 
 
-def slurm_end_time(job_id: str | None = None, run: Callable[..., str] | None = None) -> float | None:
+def slurm_end_time(job_id: str | None = None, run: Callable[[str], float | None] | None = None) -> float | None:
     """Epoch seconds at which this worker's Slurm job ends, or None outside a Slurm job with no end known."""
     job_id = job_id or os.environ.get("SLURM_JOB_ID")
     if job_id:
-        try:
-            left = (run or _squeue_time_left)(job_id)
-            seconds = duration_s(left) if left else None
-            if seconds is not None:
-                return time.time() + seconds
-        except (OSError, subprocess.SubprocessError):
-            pass  # squeue missing on the compute node, or slurmctld slow: the job script's estimate serves
+        # None when squeue is missing on the compute node or slurmctld is slow: the job script's estimate serves.
+        seconds = (run or time_left_s)(job_id)
+        if seconds is not None:
+            return time.time() + seconds
     try:
         return float(os.environ[END_ENV])
     except (KeyError, ValueError):
         return None
-
-
-def _squeue_time_left(job_id: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True,
-                          timeout=20).stdout.strip()
 
 
 class WorkerClock:

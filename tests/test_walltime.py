@@ -7,7 +7,8 @@ import random
 import pytest
 
 from slurmctl.config import ConfigError, parse_config
-from slurmctl.walltime import END_ENV, WorkerClock, default_stagger_s, duration_s, slurm_end_time
+from slurmctl.slurm import duration_s
+from slurmctl.walltime import END_ENV, WorkerClock, default_stagger_s, slurm_end_time
 
 
 @pytest.mark.parametrize("text,seconds", [("1:00", 60), ("59:58", 3598), ("1:00:00", 3600), ("2-03:00:00", 183600),
@@ -20,16 +21,13 @@ def test_the_end_comes_from_squeue_and_else_from_the_job_script(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     monkeypatch.setenv(END_ENV, "1234.0")
     asked = []
-    end = slurm_end_time(run=lambda job: asked.append(job) or "1:30")
+    end = slurm_end_time(run=lambda job: asked.append(job) or 90.0)
     assert asked == ["42"] and end == pytest.approx(__import__("time").time() + 90, abs=2)
-    assert slurm_end_time(run=lambda job: "UNLIMITED") == 1234.0
-
-    def no_squeue(job):
-        raise FileNotFoundError("squeue")
-
-    assert slurm_end_time(run=no_squeue) == 1234.0
+    assert slurm_end_time(run=lambda job: None) == 1234.0  # UNLIMITED, or squeue failed
+    monkeypatch.setenv("PATH", "/nonexistent")  # no squeue on this compute node
+    assert slurm_end_time() == 1234.0
     monkeypatch.delenv(END_ENV)
-    assert slurm_end_time(run=no_squeue) is None
+    assert slurm_end_time() is None
 
 
 def test_a_batch_fits_while_its_p95_ends_before_the_retirement():

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from slurmctl.paths import coordinator_log, home
-from slurmctl.secret_env import remove_env_file, source_lines, split_env, write_env_file
-from slurmctl.slurm import FORWARDED_ENV, have_slurm
-from slurmctl.walltime import duration_s
+from slurmctl.secret_env import remove_env_file, split_env, write_env_file
+from slurmctl.slurm import FORWARDED_ENV, env_lines, jobs_named, time_left_s
 
 # A coordinator stopped by SIGTERM with at most this much more than ``signal_before_s`` left was stopped for its
 # walltime (Slurm may send the signal up to a minute early): it queues its successor.
@@ -62,24 +61,21 @@ def coordinator_script(job_id: str, storage_json: str, coordinator: Any, queue: 
         lines.append(f"#SBATCH --partition={coordinator.queue or queue}")
     if coordinator.account or account:
         lines.append(f"#SBATCH --account={coordinator.account or account}")
-    lines += [f"cd {shlex.quote(os.getcwd())}"]
-    pythonpath = os.pathsep.join(dict.fromkeys([os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(
-        os.pathsep))]))
-    lines.append(f"export PYTHONPATH={shlex.quote(pythonpath)}")
-    inline, secret = split_env([k for k in FORWARDED_ENV if k != "PYTHONPATH"], os.environ)
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in inline.items()]
+    _, secret = split_env(FORWARDED_ENV, os.environ)
     if secret:
         write_env_file(secrets_path(job_id), {k: os.environ[k] for k in secret})
-        lines += source_lines(secrets_path(job_id))
+    lines += env_lines(secrets_path(job_id) if secret else None)
     lines.append(f"exec {shlex.quote(sys.executable)} -m slurmctl.cli.coordinator {job_id} --slurm-job "
                  f"--storage-json {shlex.quote(storage_json)}")
     return "\n".join(lines) + "\n"
 
 
 def _mem(memory: str) -> str:
-    """``2GB`` -> ``2G`` (sbatch's units are K, M, G, T)."""
-    m = memory.strip().upper().replace("IB", "").replace("B", "")
-    return m.replace(" ", "")
+    """``4GB`` -> ``4G``: sbatch's units, rounded up the way dask-jobqueue writes a worker job's ``--mem``."""
+    from dask.utils import parse_bytes
+    from dask_jobqueue.slurm import slurm_format_bytes_ceil
+
+    return slurm_format_bytes_ceil(parse_bytes(memory))
 
 
 def submit(job_id: str, storage_json: str, cluster: Any, after: str | None = None) -> str:
@@ -100,11 +96,7 @@ def submit(job_id: str, storage_json: str, cluster: Any, after: str | None = Non
 
 def coordinator_jobs(job_id: str) -> list[str]:
     """Ids of the job's coordinator Slurm jobs in the queue (pending, running, requeued)."""
-    if not have_slurm():
-        return []
-    out = subprocess.run(["squeue", "-h", "--name", coordinator_job_name(job_id), "-o", "%i"], capture_output=True,
-                         text=True, timeout=60)
-    return out.stdout.split() if out.returncode == 0 else []
+    return [row[0] for row in jobs_named(coordinator_job_name(job_id))]
 
 
 def cancel_coordinator_jobs(job_id: str, but: str | None = None) -> list[str]:
@@ -112,15 +104,6 @@ def cancel_coordinator_jobs(job_id: str, but: str | None = None) -> list[str]:
     if ids:
         subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
     return ids
-
-
-def time_left_s(slurm_job_id: str) -> float | None:
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", slurm_job_id, "-o", "%L"], capture_output=True, text=True,
-                             timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return duration_s(out) if out else None
 
 
 def prepare(job_id: str, storage: dict[str, Any]) -> int | None:
