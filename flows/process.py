@@ -29,6 +29,7 @@ from prefect.exceptions import MissingContextError
 from prefect.settings import PREFECT_API_URL
 
 from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.books.checkpoints import checkpointed_batches
 from slurmctl.books.failures import committed_batch_ids, list_batches, recount
 from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, now
 from slurmctl.books.shards import Budget, Shard, plan_shards, worker_slots
@@ -186,7 +187,9 @@ def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: l
         done, marked = listed_commits(store, job.job_id)
     todo_specs = [b for b in specs if b.batch_id not in done]
     slots = worker_slots(cfg) * shards_per_thread(cfg)  # the process phase's Dask threads (``_runner``)
-    shards = deque((shard, check_commits) for shard in plan_shards(
+    # Batches a SIGTERM stopped mid-way in an earlier run: their shards read the checkpoint (and the commit) first.
+    resumable = checkpointed_batches(store, job.job_id) if todo_specs else set()
+    shards = deque((shard, check_commits or any(s.batch_id in resumable for s in shard.specs)) for shard in plan_shards(
         todo_specs, slots, max_shards or Budget.of(cfg).process))
     if todo_specs:
         logger.info("%s batches in %s shards (task runs) over %s worker threads", len(todo_specs), len(shards), slots)

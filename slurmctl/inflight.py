@@ -358,12 +358,16 @@ class AutoGate:
 
 
 async def run_all(items: list[T], run_one: Callable[[T], Awaitable[R]], gate: Any,
-                  stop: Callable[[], bool] = lambda: False) -> list[R | None]:
+                  stop: Callable[[], bool] = lambda: False,
+                  deadline: Callable[[], float | None] = lambda: None) -> list[R | None]:
     """Run ``run_one`` over ``items`` with as many in flight as ``gate`` allows, started in input order; return
-    their results in input order. Once ``stop()`` says so (a batch's circuit breaker opened), no further item
-    starts: those not started are None. Items already in flight always finish."""
+    their results in input order. Once ``stop()`` says so (a batch's circuit breaker opened, the worker got
+    SIGTERM), no further item starts: those not started are None. Items already in flight finish, unless
+    ``deadline()`` (``time.monotonic()``, a SIGTERM's grace) passes first: those are cancelled and None too (a sync
+    handler's thread runs on, its result unused)."""
     results: list[R | None] = [None] * len(items)
     tasks: set[asyncio.Task[None]] = set()
+    started: list[asyncio.Task[None]] = []
 
     async def one(i: int, item: T) -> None:
         try:
@@ -379,9 +383,21 @@ async def run_all(items: list[T], run_one: Callable[[T], Awaitable[R]], gate: An
                 break
             task = asyncio.ensure_future(one(i, item))
             tasks.add(task)
+            started.append(task)
             task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
+        while tasks:
+            until = deadline()
+            wait = None if until is None else until - time.monotonic()
+            if wait is not None and wait <= 0:
+                for task in list(tasks):
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                break
+            # Re-asked every 0.2 s: a SIGTERM may come while the last items are in flight.
+            await asyncio.wait(set(tasks), timeout=0.2 if wait is None else min(wait, 0.2))
+        for task in started:  # what an item raised (not its cancellation at the deadline) is the batch's
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
     except BaseException:
         for task in tasks:
             task.cancel()

@@ -2,7 +2,7 @@
 
 Either way each item gets the same in-batch retries (``slurmctl.errors``), the same circuit breaker and the same
 measurements, and the outcomes come back in input order, one per item (None for an item not started because the
-breaker had opened), so the batch assembles its rows and its books the same way whatever the concurrency.
+breaker had opened or the worker got SIGTERM, or cut off at the end of its SIGTERM grace), so the batch assembles its rows and its books the same way whatever the concurrency.
 
 * A sync handler with ``concurrency: 1`` (its default) runs in the batch's own thread, as it always has: it need not
   be thread-safe.
@@ -62,8 +62,11 @@ class ItemRun:
 
     def __init__(self, cfg: JobConfig, handler: Handler, ctx: BatchContext, meter: BatchMeter,
                  breaker: CircuitBreaker | None, on_retry: Callable[..., None],
-                 sleep: Callable[[float], None]) -> None:
+                 sleep: Callable[[float], None], halted: Callable[[], bool] | None = None,
+                 grace_deadline: Callable[[], float | None] | None = None) -> None:
         self.cfg, self.handler, self.ctx, self.meter = cfg, handler, ctx, meter
+        self.halted = halted or (lambda: False)  # SIGTERM: no further item starts (None outcomes, handed on)
+        self.grace_deadline = grace_deadline or (lambda: None)
         self.breaker, self.on_retry, self.sleep = breaker, on_retry, sleep
         e = cfg.errors
         self.policy, self.backoff, self.max_attempts = ErrorPolicy.of(e), Backoff.of(e), e.max_attempts
@@ -77,11 +80,14 @@ class ItemRun:
     def _broken(self) -> bool:
         return self.breaker is not None and self.breaker.open
 
+    def _stop(self) -> bool:
+        return self._broken() or self.halted()
+
     # --- one by one, in the batch's thread ------------------------------------------------------------------------
     def one_by_one(self, items: Items) -> list[ItemOutcome | None]:
         outcomes: list[ItemOutcome | None] = []
         for _, item in items:
-            if self._broken():
+            if self._stop():
                 outcomes.append(None)
                 continue
 
@@ -144,7 +150,7 @@ class ItemRun:
             return outcome
 
         try:
-            return await inflight.run_all(items, run_one, gate, stop=self._broken)
+            return await inflight.run_all(items, run_one, gate, stop=self._stop, deadline=self.grace_deadline)
         finally:
             self.in_flight_max = gate.unwatch(peak)
 

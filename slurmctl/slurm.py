@@ -7,6 +7,7 @@ coordinator died) can list or cancel them with one ``squeue``/``scancel`` call, 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -79,6 +80,22 @@ def time_left_s(slurm_job_id: str) -> float | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return duration_s(out) if out else None
+
+
+DEFAULT_KILL_WAIT_S = 30.0  # Slurm's own default for KillWait
+
+
+@functools.lru_cache(maxsize=1)
+def kill_wait_s() -> float:
+    """The site's ``KillWait``: seconds between Slurm's SIGTERM and its SIGKILL (walltime, scancel, preemption
+    without a longer ``GraceTime``). Read once per process from ``scontrol show config``; Slurm's default (30 s)
+    when scontrol cannot say."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return DEFAULT_KILL_WAIT_S
+    m = re.search(r"^KillWait\s*=\s*(\d+)", out, re.MULTILINE)
+    return float(m.group(1)) if m else DEFAULT_KILL_WAIT_S
 
 
 def env_lines(secrets_file: Path | None) -> list[str]:

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from slurmctl.slurm import duration_s, time_left_s
+from slurmctl.slurm import DEFAULT_KILL_WAIT_S, duration_s, kill_wait_s, time_left_s
 
 END_ENV = "SLURMCTL_WORKER_END"
 HISTORY = 50  # batch durations kept per worker (the p95 follows the job as it slows down or speeds up)
@@ -65,6 +65,8 @@ class WorkerClock:
         self.retiring = False
         self.leaving = False
         self.terminated = False  # SIGTERM came (scancel, preemption, the walltime itself): retiring, unplanned
+        self.terminated_at: float | None = None
+        self.kill_wait_s = DEFAULT_KILL_WAIT_S  # SIGTERM to SIGKILL (the site's KillWait: ``worker_clock`` reads it)
         self._lock = threading.Lock()
 
     def expected_batch_s(self) -> float:
@@ -92,9 +94,25 @@ class WorkerClock:
         return None if self.end is None else self.end - self.now()
 
     def terminate(self) -> None:
-        """SIGTERM: no further batch starts, whatever time is left (the batches running finish and commit, if Slurm's
-        ``KillWait`` lets them)."""
+        """SIGTERM: no further batch starts, whatever time is left, and no further item of the batches running;
+        their items in flight get until ``grace_deadline`` to finish, then the batches save what they did
+        (``slurmctl.books.checkpoints``) before Slurm's SIGKILL, ``KillWait`` seconds after the SIGTERM."""
+        if self.terminated_at is None:
+            self.terminated_at = self.now()
         self.terminated = self.retiring = True
+
+    def halted(self) -> bool:
+        """Should the batches running start no further item? (SIGTERM came.)"""
+        return self.terminated
+
+    def grace_deadline(self) -> float | None:
+        """``time.monotonic()`` by which items in flight must have finished, so that a batch still has time to save
+        what it did before the SIGKILL: ``KillWait`` minus a reserve for the writes (30 %, 1 to 5 s). None before a
+        SIGTERM."""
+        if self.terminated_at is None:
+            return None
+        reserve = min(5.0, max(1.0, 0.3 * self.kill_wait_s))
+        return time.monotonic() + (self.terminated_at + self.kill_wait_s - reserve - self.now())
 
     def leave(self) -> bool:
         """True the first time it is asked once the worker is retiring: whoever hears it makes the worker leave."""
@@ -126,4 +144,5 @@ def worker_clock(walltime: str, margin_s: float, stagger_s: float | None) -> Wor
             wall = duration_s(walltime) or 0.0
             _clock = WorkerClock(slurm_end_time(), margin_s,
                                  default_stagger_s(wall) if stagger_s is None else stagger_s)
+            _clock.kill_wait_s = kill_wait_s()
         return _clock

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from slurmctl.batch_metrics import BatchMeter
 from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
+from slurmctl.books import checkpoints
 from slurmctl.books.limits import leasers_for
 from slurmctl.books.manifests import Keys, TaskManifest, now
 from slurmctl.config import JobConfig
@@ -48,6 +49,12 @@ SUMMARY_FIELDS = (*REQUIRED_SUMMARY_FIELDS, "retried_failed", "retried_deferred"
 
 class InputChanged(RuntimeError):
     """The bytes of a batch's slice are not those partitioned: the input was modified under a running job."""
+
+
+class BatchHandedOn(RuntimeError):
+    """The batch heard SIGTERM mid-way: it started no further item, saved what its items in flight did as a
+    checkpoint (``slurmctl.books.checkpoints``) and did not commit. The shard hands it back with the batches after
+    it; the attempt that runs it next takes the checkpoint's outcomes and runs only the rest."""
 
 
 class CommitUnresolved(RuntimeError):
@@ -93,7 +100,9 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
               run_ids: tuple[str | None, str | None] = (None, None),
               sleep: Callable[[float], None] = time.sleep, check_commit: bool = True,
               read_range: Callable[[str, int, int], bytes] | None = None,
-              committed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+              committed: list[dict[str, Any]] | None = None,
+              halted: Callable[[], bool] | None = None,
+              grace_deadline: Callable[[], float | None] | None = None) -> dict[str, Any]:
     """Process one batch and commit it; return its summary. Plain function: benchmarks and tests call it directly.
 
     ``check_commit=False`` skips the read of the batch's commit before the handler runs: the coordinator passes it
@@ -102,6 +111,11 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     handler calls of a zombie from an earlier coordinator are repeated. ``read_range`` serves the slice (a shard
     reads its batches' bytes in one request). The batch's committed task manifest (ours, or the attempt that won) is
     appended to ``committed`` (a shard's commit log).
+
+    ``halted``: asked before each item; once it says yes (the worker's Slurm job got SIGTERM), no further item
+    starts, the items in flight get until ``grace_deadline()`` (``time.monotonic()``), and if any item is left
+    without an outcome the batch saves a checkpoint and raises ``BatchHandedOn`` instead of committing. With
+    ``check_commit`` the batch's latest checkpoint is read first and its items are not run again.
     """
     keys = Keys(cfg.job_id)
     if check_commit:
@@ -136,16 +150,22 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         item_retries[err.error_class] += 1
         ctx.count("item_retry_wait_s", wait)
 
-    run = ItemRun(cfg, handler, ctx, meter, breaker, on_retry, sleep)
-    outcomes = run.concurrently(sliced.items) if run.concurrent else run.one_by_one(sliced.items)
+    resumed = checkpoints.latest(store, cfg.job_id, spec.batch_id, sliced.digest) if check_commit else None
+    saved = resumed or checkpoints.Checkpoint(spec.batch_id, sliced.digest)
+    todo = [entry for entry in sliced.items if entry[0] not in saved.done]
+    run = ItemRun(cfg, handler, ctx, meter, breaker, on_retry, sleep, halted=halted, grace_deadline=grace_deadline)
+    outcomes = run.concurrently(todo) if run.concurrent else run.one_by_one(todo)
 
-    rows: list[dict[str, Any]] = []
-    lines: list[int] = []  # each row's input line and its index within its item's output (the dedup key's parts)
-    row_index: list[int] = []
-    failed: list[dict[str, Any]] = []
+    # The checkpoint's outcomes first (their rows, failures and handler calls), then this attempt's.
+    rows: list[dict[str, Any]] = list(saved.rows)
+    lines: list[int] = list(saved.lines)  # each row's input line and its index within its item's output (dedup key)
+    row_index: list[int] = list(saved.row_index)
+    failed: list[dict[str, Any]] = list(saved.failed)
     deferred: list[dict[str, Any]] = []
-    succeeded = 0
-    for (line, item), outcome in zip(sliced.items, outcomes):
+    succeeded = saved.succeeded
+    if halted is not None and halted() and any(o is None for o in outcomes):
+        hand_on(cfg, store, saved, todo, outcomes, breaker, meter, spec, logger)
+    for (line, item), outcome in zip(todo, outcomes):
         if outcome is None:  # not started: the breaker had opened
             deferred.append({"id": item.get(id_field), "line": line, "item": item})
         elif outcome.ok:
@@ -156,10 +176,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         elif breaker is not None and breaker.open and outcome.error.transient:
             deferred.append({"id": item.get(id_field), "line": line, "item": item})
         else:
-            err = outcome.error
-            failed.append({"id": item.get(id_field), "line": line, "batch_id": spec.batch_id,
-                           "error_class": err.error_class, "error_type": err.error_type, "message": err.message,
-                           "status": err.status, "attempts": outcome.attempts, "item": item})
+            failed.append(failure_record(spec, line, item, id_field, outcome))
 
     if breaker is not None and breaker.open:
         # Items that already failed with the class that tripped the breaker were victims of the same storm:
@@ -176,12 +193,17 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         items_succeeded=succeeded, items_failed=len(failed), items_deferred=len(deferred),
         items_rejected=len(sliced.rejects), rows_written=len(rows),
         retried_failed=sliced.previous.get("failed", 0), retried_deferred=sliced.previous.get("deferred", 0),
+        checkpoint=saved.key, items_resumed=len(saved.done),
         retried_ids=[item[id_field] for _, item in sliced.items] if spec.source != "input" else [],
         retried_lines=[line for line, _ in sliced.items] if spec.source != "input" else [],
         error_classes=dict(Counter(f["error_class"] for f in failed)), tripped_by=breaker and breaker.tripped_by,
         host=socket.gethostname(), slurm_job_id=os.environ.get("SLURM_JOB_ID"), flow_run_id=run_ids[0],
         task_run_id=run_ids[1], attempt=attempt)
     written: list[str] = []
+    if saved.done:  # the part keeps input order, as a batch run in one go writes it
+        position = {line: i for i, (line, _) in enumerate(sliced.items)}
+        order = sorted(range(len(rows)), key=lambda i: (position[lines[i]], row_index[i]))
+        rows, lines, row_index = [rows[i] for i in order], [lines[i] for i in order], [row_index[i] for i in order]
     if rows:
         if cfg.part_format == "sqlite":
             data, suffix = rows_to_sqlite(rows, lines, row_index), "sqlite"
@@ -209,8 +231,51 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     manifest.metrics = meter.metrics(spec.records, {
         **dict(ctx.metrics), **{f"item_retries_{k}": v for k, v in item_retries.items()}, **run.reached()},
         ctx.limiter_waiting_s)
+    if saved.api_calls:
+        manifest.metrics.api_calls = (manifest.metrics.api_calls or 0) + saved.api_calls
     manifest.finished_at = manifest.metrics.finished_at or now()
     return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
+
+
+def failure_record(spec: BatchSpec, line: int, item: dict[str, Any], id_field: str, outcome: Any) -> dict[str, Any]:
+    err = outcome.error
+    return {"id": item.get(id_field), "line": line, "batch_id": spec.batch_id, "error_class": err.error_class,
+            "error_type": err.error_type, "message": err.message, "status": err.status, "attempts": outcome.attempts,
+            "item": item}
+
+
+def hand_on(cfg: JobConfig, store: ManifestStore, saved: checkpoints.Checkpoint, todo: list[tuple[int, Any]],
+            outcomes: list[Any], breaker: CircuitBreaker | None, meter: BatchMeter, spec: BatchSpec,
+            logger: Any) -> None:
+    """SIGTERM stopped the batch with items left: save the outcomes it has (the earlier checkpoint's and this
+    attempt's) as its next checkpoint and raise ``BatchHandedOn``. A transient failure while the breaker is open is
+    no outcome here: the next attempt runs that item again."""
+    cp = checkpoints.Checkpoint(spec.batch_id, saved.input_digest, set(saved.done), saved.succeeded,
+                                list(saved.rows), list(saved.lines), list(saved.row_index), list(saved.failed),
+                                saved.api_calls + len(meter.latencies), saved.n)
+    storm = breaker is not None and breaker.open
+    for (line, item), outcome in zip(todo, outcomes):
+        if outcome is None or (not outcome.ok and storm and outcome.error.transient):
+            continue
+        cp.done.add(line)
+        if outcome.ok:
+            cp.rows.extend(outcome.result)
+            cp.lines.extend([line] * len(outcome.result))
+            cp.row_index.extend(range(len(outcome.result)))
+            cp.succeeded += 1
+        else:
+            cp.failed.append(failure_record(spec, line, item, cfg.input.id_field, outcome))
+    new = len(cp.done) - len(saved.done)
+    key = checkpoints.save(store, cfg.job_id, cp) if new else saved.key
+    kept = len(cp.done) if key and new else len(saved.done)  # a lost race keeps the earlier checkpoint only
+    where = f"checkpoint {key}" if kept else "no checkpoint"
+    if new and key is None:
+        where += " (another attempt saved one first: this attempt's items run again)"
+    if logger is not None:
+        logger.info("batch %s stopped by SIGTERM: %s of its %s items have an outcome (%s); the rest are handed on",
+                    spec.batch_id, kept, spec.records, where)
+    raise BatchHandedOn(f"{spec.batch_id}: SIGTERM; {kept} of its {spec.records} items saved ({where}), the rest "
+                        f"not run")
 
 
 def commit(store: ManifestStore, key: str, manifest: dict[str, Any], written: list[str],

@@ -35,7 +35,7 @@ from slurmctl.books.manifests import Keys
 from slurmctl.books.shards import Shard
 from slurmctl.config import JobConfig
 from slurmctl.records import BatchSpec
-from slurmctl.tasks.process_batch import checked_summary, run_batch
+from slurmctl.tasks.process_batch import BatchHandedOn, checked_summary, run_batch
 from slurmctl.walltime import END_ENV, WorkerClock, current_clock, worker_clock
 
 # One shard's input bytes are fetched in one request when its batches lie together and the span is at most this.
@@ -84,9 +84,11 @@ class ShardRetiring(RuntimeError):
 
 
 class ShardPreempted(ShardRetiring):
-    """The worker's Slurm job got SIGTERM (``scancel``, preemption, the walltime itself): as a retirement, the shard
-    stops between batches once the batch it is in has committed (if Slurm's ``KillWait`` leaves time for it), and
-    the coordinator queues the rest again at once, counted as a preemption, not a loss."""
+    """The worker's Slurm job got SIGTERM (``scancel``, preemption, the walltime itself): the batch running starts
+    no further item; within Slurm's ``KillWait`` it commits if its items in flight finished it, else saves what they
+    did as a checkpoint (``slurmctl.books.checkpoints``). The shard then stops and the coordinator queues its
+    uncommitted batches again at once (a checkpointed one runs only its other items), counted as a preemption, not
+    a loss."""
 
 
 def commits_topic(job_id: str) -> str:
@@ -162,9 +164,14 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
                                      f"scheduler, or is retired)")
             began = time.monotonic()
             try:
-                summary = checked_summary(run_batch(cfg, store, spec, logger=logger, run_ids=run_ids,
-                                                    check_commit=check_commits, read_range=reader,
-                                                    committed=committed))
+                summary = checked_summary(run_batch(
+                    cfg, store, spec, logger=logger, run_ids=run_ids, check_commit=check_commits, read_range=reader,
+                    committed=committed, halted=clock.halted if clock is not None else None,
+                    grace_deadline=clock.grace_deadline if clock is not None else None))
+            except BatchHandedOn as exc:  # SIGTERM mid-batch: what it did is saved, it and the rest go back
+                raise ShardPreempted(f"{exc}; it and the {len(specs) - len(summaries) - len(errors) - 1} batches "
+                                     f"after it go back to the coordinator: this worker's Slurm job got SIGTERM"
+                                     ) from None
             except Exception as exc:  # an infrastructure fault in this batch: the others still run and commit
                 errors.append(f"{spec.batch_id}: {type(exc).__name__}: {exc}")
                 if logger is not None:
@@ -226,8 +233,9 @@ def clock_for(cfg: JobConfig) -> WorkerClock | None:
 
 def on_sigterm(worker: Any) -> None:
     """A Slurm worker got SIGTERM (``flows/worker_plugin.py`` installs this instead of dask's immediate close): its
-    shards start no further batch, and it leaves once the batches running have committed. Slurm's SIGKILL comes
-    ``KillWait`` seconds after the SIGTERM; a batch still running then is lost as with any killed worker."""
+    shards start no further batch and their batches no further item; each batch commits, or saves a checkpoint of
+    what its items in flight did (they get ``WorkerClock.grace_deadline``, inside the site's ``KillWait``), and the
+    worker leaves once they have. Only an item still running at Slurm's SIGKILL is lost (its batch runs again)."""
     clock = current_clock()
     clock.terminate()
     if clock.leave():

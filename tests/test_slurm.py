@@ -95,20 +95,18 @@ def worker_jobs(job_id: str) -> list[str]:
 def test_sigterm_to_a_worker_job_mid_run_loses_nothing_and_runs_no_item_twice(tmp_path: Path, prefect_api: str,
                                                                               slurmctl_home: Path, slurm: None):
     n = 300
-    cfg = slurm_config(tmp_path, "scancel-one", n)
+    marker = tmp_path / "stalled"
+    # Item 125 (the 6th of batch-000012) stalls 2 s on its first call: the test knows which worker process is
+    # mid-batch, and signals its Slurm job then. The stall ends within the SIGTERM's grace (KillWait 5 s here).
+    cfg = slurm_config(tmp_path, "scancel-one", n, params={
+        "calls_file": str(tmp_path / "calls"), "sleep_s": 0.05,
+        "stall_once": {"id": 125, "marker": str(marker), "seconds": 2}})
     assert run_cli("submit", str(cfg)).returncode == 0
-    # The victim is a worker job that has committed batches and is still running: killing one that never got work
-    # (both jobs are started, but one may take every batch) would test nothing.
-    tasks_dir = tmp_path / "state/jobs/scancel-one/tasks"
-
-    def a_working_job() -> str | None:
-        running = set(worker_jobs("scancel-one"))
-        worked = {json.loads(p.read_text())["slurm_job_id"] for p in tasks_dir.glob("batch-*.json")}
-        return min(running & worked, default=None)
-
-    victim = wait_for(lambda: len(calls(str(tmp_path / "calls"))) >= 40 and a_working_job(), 300,
-                      "batches committed by a running Slurm worker job", interval=1.0)
-    # SIGTERM, as preemption and the walltime send it (then SIGKILL KillWait = 5 s later, which it does not need).
+    pid = wait_for(lambda: marker.exists() and marker.read_text().strip(), 300, "item 125 to be in its handler",
+                   interval=0.2)
+    environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+    victim = environ["SLURM_JOB_ID"]
+    # SIGTERM, as preemption and the walltime send it (they follow it with SIGKILL KillWait = 5 s later).
     subprocess.run(["scancel", "--signal=TERM", "--full", victim], check=True, timeout=30)
     wait_for(lambda: victim not in worker_jobs("scancel-one"), 60, "the worker job to leave by itself")
     victim_log = (slurmctl_home / "logs" / "scancel-one" / f"slurmctl-scancel-one-{victim}.err").read_text()
@@ -117,13 +115,14 @@ def test_sigterm_to_a_worker_job_mid_run_loses_nothing_and_runs_no_item_twice(tm
     view = wait_until_ended("scancel-one", 600)
     assert view["status"] == "completed", view["error"] + log_tail(slurmctl_home, "scancel-one")
     assert_exactly_once(view, range(n))
-    # Its batch running committed, the rest of its shards went back at once: no loss, no item handled twice.
-    assert view["worker_loss_requeues"] == 0, view
+    # The batch it was in saved its first six items; another worker ran the other four and committed it; the rest of
+    # its shard went back at once: no loss, no item handled twice.
+    assert view["worker_loss_requeues"] == 0 and view["worker_preemptions"] >= 1, view
     handled = Counter(item for _, item in calls(str(tmp_path / "calls")))
     assert set(handled.values()) == {1}, [i for i, c in handled.items() if c > 1]
-    tasks = [json.loads(p.read_text()) for p in tasks_dir.glob("batch-*.json")]
-    ran_in = {t["slurm_job_id"] for t in tasks}
-    assert victim in ran_in and len(ran_in) >= 2, ran_in  # the rest ran in another Slurm job
+    stopped = json.loads((tmp_path / "state/jobs/scancel-one/tasks/batch-000012.json").read_text())
+    assert (stopped["items_resumed"], stopped["items_succeeded"]) == (6, 10) and stopped["slurm_job_id"] != victim
+    assert "batch-000012 stopped by SIGTERM: 6 of its 10 items have an outcome" in victim_log
 
 
 @pytest.mark.chaos

@@ -138,6 +138,18 @@ class Keys:
     def batch_retry(self, batch_id: str, attempt: str) -> str:
         return f"{self.root}retry/{_batch(batch_id)}.{_attempt(attempt)}.json"
 
+    @property
+    def checkpoints_prefix(self) -> str:
+        """What batches stopped by SIGTERM had done (``books.checkpoints``): ``checkpoints/<batch>/NNNN.json`` and
+        their rows ``checkpoints/<batch>/<attempt>.parquet``."""
+        return self.root + "checkpoints/"
+
+    def checkpoint(self, batch_id: str, n: int) -> str:
+        return f"{self.root}checkpoints/{_batch(batch_id)}/{n:04d}.json"
+
+    def checkpoint_rows(self, batch_id: str, attempt: str) -> str:
+        return f"{self.root}checkpoints/{_batch(batch_id)}/{_attempt(attempt)}.parquet"
+
     def retry_plan(self, round_no: int) -> str:
         return f"{self.root}retry/round-{round_no:02d}.plan.jsonl"
 
@@ -334,6 +346,10 @@ class TaskManifest(_Manifest):
     rejects: str | None = None
     rejects_sha256: str | None = None
     retry: str | None = None
+    # A batch run again after a SIGTERM stopped it mid-way: the checkpoint it took its first items' outcomes from,
+    # and how many (their rows are in ``output``, their calls in ``metrics.api_calls``).
+    checkpoint: str | None = None
+    items_resumed: int = 0
     metrics: BatchMetrics | None = None
     error: str | None = None
     attempt: str | None = None
