@@ -10,7 +10,9 @@ twice (its calls file), whether the output holds every item once, the worker job
 retirements and worker-loss requeues the job counted, the worker jobs Slurm killed at their time limit (their logs),
 and the core-seconds the workers held against the handler's busy seconds (the idle core time), and the most worker jobs
 alive at once (a replacement starts before its predecessor retires; the test Slurm lets jobs share cores,
-``OverSubscribe=FORCE:4``). ``ratio``: the short walltime's items/s over the long one's (target >= 0.8).
+``OverSubscribe=FORCE:4``). From the task manifests: each replacement's *lead* (its predecessor's last batch end
+minus its own first batch start: positive when it was already working as its predecessor left) and the longest
+stretch of the run with no batch running anywhere (a dip of throughput to zero). ``ratio``: the short walltime's items/s over the long one's (target >= 0.8).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +35,40 @@ sys.path[:0] = [str(ROOT / "tests")]
 from support.jobs import output_ids, write_config, write_jsonl  # noqa: E402
 from support.sample_handlers import calls  # noqa: E402
 from support.servers import benchmark_env, start_prefect_server, stop  # noqa: E402
+
+
+def _t(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def replacement_leads(tasks: list[dict], initial: int) -> list[float]:
+    """Per replacement worker job, its predecessor's last batch end minus its own first batch start: each job after
+    the first ``initial`` (by first batch) replaces the earliest-ending job not yet replaced that started before it."""
+    spans: dict[str, list[float]] = {}
+    for t in tasks:
+        a, b = _t(t["started_at"]), _t(t["finished_at"])
+        lo, hi = spans.get(t.get("slurm_job_id") or "?", [a, b])
+        spans[t.get("slurm_job_id") or "?"] = [min(lo, a), max(hi, b)]
+    jobs = sorted(spans.values())
+    waiting, leads = [], []
+    for i, (start, end) in enumerate(jobs):
+        if i >= initial and waiting:
+            predecessor = min((w for w in waiting if w[0] < start), key=lambda w: w[1], default=None)
+            if predecessor is not None:
+                waiting.remove(predecessor)
+                leads.append(round(predecessor[1] - start, 1))
+        waiting.append((start, end))
+    return leads
+
+
+def longest_idle_s(tasks: list[dict]) -> float:
+    """The longest stretch between the first batch's start and the last batch's end with no batch running."""
+    spans = sorted((_t(t["started_at"]), _t(t["finished_at"])) for t in tasks)
+    gap, reach = 0.0, spans[0][1] if spans else 0.0
+    for a, b in spans[1:]:
+        gap = max(gap, a - reach)
+        reach = max(reach, b)
+    return round(gap, 1)
 
 
 def run_cell(args: argparse.Namespace, env: dict, tmp: Path, walltime: str) -> dict:
@@ -72,6 +109,7 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, walltime: str) -> d
            "items_handled_twice": sum(1 for c in handled.values() if c > 1),
            "output_exact": sorted(ids) == list(range(args.items)),
            "worker_jobs_used": len({t.get("slurm_job_id") for t in tasks}), "worker_jobs_at_once_max": at_once,
+           "replacement_lead_s": replacement_leads(tasks, args.jobs), "longest_idle_s": longest_idle_s(tasks),
            "worker_retirements": view.get("worker_retirements"),
            "worker_loss_requeues": view.get("worker_loss_requeues"),
            "killed_at_time_limit": len(killed) // 2 if killed else 0,  # each job's .out and .err say so

@@ -90,9 +90,10 @@ class CancelWatch:
         self._cancelled.set()
 
     def _last_words(self, request: stop.StopRequest) -> None:
-        """A second signal: record the stop before the process exits (in a thread, bounded by the caller)."""
+        """A second signal, or a stop that overran its bound: record the stop before the process exits (in a thread,
+        bounded by the caller)."""
         try:
-            mark_cancelled(self.store, self.job_id, request.reason + ", then exited at once on a second signal",
+            mark_cancelled(self.store, self.job_id, f"{request.reason}, then exited at once {request.how}",
                            self.kind, status="stopped")
         except Exception as exc:  # the books are consistent anyway: the status then reads a dead coordinator
             log.error("recording the stop of %s failed: %s: %s", self.job_id, type(exc).__name__, exc)

@@ -11,6 +11,8 @@ waited for someone to type ``resume``. So while the job flow runs, these three s
    cancelled once more by name), the job manifest says ``stopped`` with the ``slurmctl resume`` that continues it,
    and the flow run ends *Cancelled* with the reason. Batches commit whole or not at all, so nothing is lost and
    nothing runs twice: a batch cut off by the grace never committed and runs again at resume.
+   In the coordinator process the stop is bounded: ``CLOSE_S`` after the grace, a flow that has not ended (an
+   unreachable Prefect API holds it in the client's retries) records the stop and exits as on a second signal.
 2. A second one exits at once (``os._exit``), after at most ``HARD_EXIT_S`` for the books (the manifest's
    ``stopped`` and the Slurm jobs cancelled by name); in a notebook (not the coordinator process) a second Ctrl-C
    raises ``KeyboardInterrupt`` instead of ending the kernel. The commits are consistent either way.
@@ -36,6 +38,10 @@ from typing import Any, Callable, Iterator
 
 STOP_GRACE_S = 15.0  # the batches running when a stop signal came get this long to commit (SLURMCTL_STOP_GRACE_S)
 HARD_EXIT_S = 3.0  # a second signal: at most this long for the books before the process exits
+# After the grace, a coordinator process gets this long to close its cluster, write its books and end its Prefect
+# run; then it records the stop and exits as on a second signal (an unreachable Prefect API would hold it for minutes
+# in the client's retries). Grace + this = 27 s by default: within the 30 s Slurm's default KillWait leaves.
+CLOSE_S = 12.0
 SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 
 
@@ -53,6 +59,7 @@ def stop_grace_s() -> float:
 class StopRequest:
     signal: str  # its name: SIGTERM, SIGINT, SIGHUP
     deadline: float  # time.monotonic() by which the batches running should have committed
+    how: str = "on a second signal"  # how the process ended, when it did not wait for its stop to finish
 
     @property
     def reason(self) -> str:
@@ -61,6 +68,8 @@ class StopRequest:
 
 _request: StopRequest | None = None
 _count = 0
+_held: list[str] = []  # signals that came before the first ``on_signals`` scope (``hold``)
+_overdue: threading.Timer | None = None  # the coordinator's bound on its stop (``CLOSE_S``); ``disarm`` ends it
 _listeners: list[Callable[[StopRequest], None]] = []  # told of the first signal (flows.cancel.CancelWatch)
 _last_words: list[Callable[[StopRequest], None]] = []  # run (bounded) before a second signal's exit
 _previous: dict[int, Any] = {}  # the handlers ours replaced (Prefect's SIGTERM bridge among them)
@@ -102,6 +111,9 @@ def on_signals() -> Iterator[None]:
     outer = dict(_previous)
     if _depth == 0:
         _request, _count = None, 0
+        if _held:  # a signal while the coordinator was starting: the job stops as soon as it has started
+            _request, _count = StopRequest(_held[0], time.monotonic() + stop_grace_s()), 1
+            _held.clear()
     _depth += 1
     for name in SIGNALS:
         signum = getattr(signal, name, None)
@@ -121,6 +133,33 @@ def on_signals() -> Iterator[None]:
         _previous.clear()
         _previous.update(outer)
         _depth -= 1
+
+
+def hold() -> None:
+    """The coordinator's first act, before its imports (~3 s of Prefect, Dask, pyarrow), its checks and the start of
+    the Prefect server: a SIGTERM, SIGINT or SIGHUP meanwhile is kept instead of killing the process (Slurm may
+    signal a coordinator job at any instant; a killed one would leave no ``stopped`` behind and queue no
+    successor). The first ``on_signals`` scope takes it as the stop request, so the job stops as soon as its flow
+    has started, with its books and its Prefect run in order. A second one exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signum, _held_signal)
+
+
+def _held_signal(signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    _held.append(name)
+    if len(_held) == 1:
+        _say(f"slurmctl: {name} while starting: the job stops as soon as its flow has started; a second signal "
+             f"exits at once")
+        return
+    _say(f"slurmctl: {name} again while starting: exiting now (nothing was started; `slurmctl resume` continues "
+         f"the job)")
+    os._exit(128 + signum)
 
 
 def _runner_intent() -> Any:
@@ -148,18 +187,50 @@ def _on_signal(signum: int, frame: Any) -> None:
              f"a second signal exits at once")
         for listener in list(_listeners):
             listener(_request)
+        if exit_on_second:
+            _arm(_request, signum)
         return
     request = _request or StopRequest(name, time.monotonic())
     _say(f"slurmctl: {name} again: exiting now (committed batches are kept; `slurmctl resume` continues the job)")
+    _last(request)
+    if exit_on_second:
+        os._exit(128 + signum)
+    raise KeyboardInterrupt(f"{name} twice")
+
+
+def _last(request: StopRequest) -> None:
+    """The listeners' last words (the job's ``stopped``, its Slurm jobs cancelled by name), at most ``HARD_EXIT_S``."""
     last = [threading.Thread(target=fn, args=(request,), daemon=True) for fn in list(_last_words)]
     for t in last:
         t.start()
     deadline = time.monotonic() + HARD_EXIT_S
     for t in last:
         t.join(max(0.0, deadline - time.monotonic()))
-    if exit_on_second:
+
+
+def _arm(request: StopRequest, signum: int) -> None:
+    """The coordinator process's bound on a stop: if its flow has not ended ``CLOSE_S`` after the grace, the stop is
+    recorded and the process exits as on a second signal."""
+    global _overdue
+
+    def overdue() -> None:
+        bound = stop_grace_s() + CLOSE_S
+        _say(f"slurmctl: still stopping {bound:g} s after {request.signal} (Prefect's API unreachable?): recording "
+             f"the stop and exiting now (committed batches are kept; `slurmctl resume` continues the job)")
+        _last(StopRequest(request.signal, request.deadline, f"{bound:g} s later, its stop unfinished"))
         os._exit(128 + signum)
-    raise KeyboardInterrupt(f"{name} twice")
+
+    _overdue = threading.Timer(max(0.0, request.deadline - time.monotonic()) + CLOSE_S, overdue)
+    _overdue.daemon = True
+    _overdue.start()
+
+
+def disarm() -> None:
+    """The job flow has ended (its books written, its Prefect run ended): no bound on the rest of the exit."""
+    global _overdue
+    if _overdue is not None:
+        _overdue.cancel()
+        _overdue = None
 
 
 def _say(text: str) -> None:

@@ -50,6 +50,70 @@ def test_the_first_signal_is_a_stop_request_and_the_second_ends_the_run(monkeypa
         assert stop.requested() is None  # what the coordinator says (its log) when the first signal lands
 
 
+def test_a_signal_while_the_coordinator_starts_is_kept_and_becomes_its_stop_request():
+    before = {name: signal.getsignal(getattr(signal, name)) for name in stop.SIGNALS}
+    try:
+        stop.hold()
+        os.kill(os.getpid(), signal.SIGTERM)  # during the coordinator's imports: kept, not fatal
+        assert stop.requested() is None
+        with stop.on_signals():  # the first scope (the job flow's start) takes it as the stop request
+            assert stop.requested() is not None and stop.requested().signal == "SIGTERM"
+        with stop.on_signals():  # once only
+            assert stop.requested() is None
+    finally:
+        for name, handler in before.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Has the process installed a handler for ``signum``? (``SigCgt`` in /proc)"""
+    status_text = open(f"/proc/{pid}/status").read()
+    mask = int(next(line.split()[1] for line in status_text.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask & (1 << (signum - 1)))
+
+
+def test_a_coordinator_signalled_during_its_imports_is_not_killed_by_it(tmp_path):
+    import subprocess
+    import sys
+
+    # --standby: it imports everything, then waits for `go`; the closed stdin (a refused submit) ends it there.
+    proc = subprocess.Popen([sys.executable, "-m", "slurmctl.cli.coordinator", "no-such-job", "--standby",
+                             "--storage-json", f'{{"uri": "file://{tmp_path}/state"}}'], stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: catches(proc.pid, signal.SIGTERM), 30, "the coordinator to hold signals", interval=0.01)
+        os.kill(proc.pid, signal.SIGTERM)  # Prefect, Dask and pyarrow are still being imported
+        _, err = proc.communicate("", timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "SIGTERM while starting" in err, (proc.returncode, err[-2000:])
+
+
+def test_a_stop_that_overruns_its_bound_is_recorded_and_the_coordinator_exits(tmp_path):
+    """The coordinator's stop waits on Prefect's API (the flow run's state, the last logs): with the API gone it would
+    sit in the client's retries for minutes. After the grace plus ``CLOSE_S`` it records the stop and exits."""
+    import subprocess
+    import sys
+    import textwrap
+
+    words = tmp_path / "last-words"
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from slurmctl.flows import stop
+        stop.exit_on_second, stop.CLOSE_S = True, 0.5
+        stop.listen(lambda request: None, lambda request: open({str(words)!r}, "w").write(request.how))
+        with stop.on_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the flow's close, stuck on an unreachable API
+    """)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "SLURMCTL_STOP_GRACE_S": "1"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM and time.monotonic() - started < 30, done.stderr
+    assert "still stopping 1.5 s after SIGTERM" in done.stderr and words.read_text() == "1.5 s later, its stop " \
+        "unfinished"
+
+
 def held_and_signalled(tmp_path, job_id: str, home) -> tuple[int, object]:
     """Submit a held job (item 25, in its third batch, waits for ``release``) and SIGTERM its coordinator once the
     batch holds; return the coordinator's pid and the release file, once it has stopped starting batches."""

@@ -122,6 +122,9 @@ def _log_exit(job_id: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from slurmctl.flows import stop  # standard library only: a signal during the imports below is kept, not fatal
+
+    stop.hold()
     parser = argparse.ArgumentParser(prog="python -m slurmctl.cli.coordinator")
     parser.add_argument("job_id")
     parser.add_argument("--storage-json", required=True)
@@ -144,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     # was refused (or it died).
     if args.standby and sys.stdin.readline().strip() != "go":
         return 0
-
-    from slurmctl.flows import stop
 
     if args.slurm_job:
         from slurmctl.cli import slurm_coordinator
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"job {args.job_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
+        stop.disarm()
         # The job is over: exit now. The interpreter's shutdown would otherwise run full garbage collections over
         # the ~350k objects Prefect, Dask and pyarrow leave (2-3 s on a busy 2-core machine); frozen objects are
         # skipped by those collections and still released when the process ends. atexit hooks run as usual.
