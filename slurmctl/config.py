@@ -8,6 +8,7 @@ exiting 2.
 
 from __future__ import annotations
 
+import codecs
 import datetime as _dt
 import re
 from pathlib import Path
@@ -46,6 +47,26 @@ class InputConfig(_Strict):
     uri: str = Field(min_length=1)
     format: Literal["jsonl", "csv", "parquet"] | None = None
     id_field: str = Field(default="id", min_length=1)
+    # How JSONL and CSV bytes are decoded. A record whose bytes are not valid in it is rejected with its line and
+    # reason, never "repaired" into U+FFFD. Legacy files: latin-1, cp1252, ... (Parquet strings are UTF-8 by spec.)
+    encoding: str = "utf-8"
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding(cls, v: str) -> str:
+        try:
+            name = codecs.lookup(v).name
+        except LookupError:
+            raise ValueError(f"unknown encoding {v!r}; e.g. utf-8, latin-1, cp1252") from None
+        probe = '\n\r,"{}:[]'
+        try:
+            ascii_compatible = probe.encode(name) == probe.encode("ascii")
+        except (UnicodeError, LookupError):
+            ascii_compatible = False
+        if not ascii_compatible:
+            raise ValueError(f"{v!r} is not ASCII-compatible (lines, commas and quotes are found in the bytes); "
+                             f"convert UTF-16/32 input to UTF-8 first")
+        return name
 
     @model_validator(mode="after")
     def _infer_format(self) -> "InputConfig":

@@ -10,6 +10,7 @@ its physical line number (row number for Parquet) and reason, instead of failing
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -159,15 +160,32 @@ def _has_id(item: dict[str, Any], id_field: str) -> bool:
     return value is not None and value != ""
 
 
-def read_jsonl(data: bytes, first_line: int, id_field: str) -> SliceRead:
+def _codec(encoding: str) -> str:
+    """UTF-8 is read as ``utf-8-sig``: a byte-order mark at the start of a file is not part of its first record."""
+    return "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+
+
+def _not_valid(encoding: str, exc: UnicodeDecodeError, line: int) -> str:
+    return (f"bytes not valid {codecs.lookup(encoding).name} (line {line}, byte {exc.start + 1}: "
+            f"{exc.object[exc.start:exc.start + 4]!r}, {exc.reason}); set input.encoding if the file is in another "
+            f"encoding")
+
+
+def read_jsonl(data: bytes, first_line: int, id_field: str, encoding: str = "utf-8") -> SliceRead:
     items, rejects = [], []
+    codec = _codec(encoding)
     for offset, raw in enumerate(data.split(b"\n")):
         line = first_line + offset
         if not raw.strip():
             continue
         try:
-            item = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            text = raw.decode(codec)
+        except UnicodeDecodeError as exc:
+            rejects.append(_reject(line, _not_valid(encoding, exc, line), raw))
+            continue
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as exc:
             rejects.append(_reject(line, f"invalid JSON: {exc}", raw))
             continue
         if not isinstance(item, dict):
@@ -179,10 +197,22 @@ def read_jsonl(data: bytes, first_line: int, id_field: str) -> SliceRead:
     return SliceRead(items, rejects, "")
 
 
-def read_csv(header: bytes, data: bytes, first_line: int, id_field: str) -> SliceRead:
-    columns = next(csv.reader([header.decode("utf-8-sig").rstrip("\r\n")]))
+def read_csv(header: bytes, data: bytes, first_line: int, id_field: str, encoding: str = "utf-8") -> SliceRead:
+    """A CSV slice. Each physical line is decoded strictly; a record touching a line that is not valid in
+    ``encoding`` is rejected with the reason (the line is parsed with U+FFFD in place only to find where the
+    record ends, and nothing of it reaches the output)."""
+    codec = _codec(encoding)
+    columns = next(csv.reader([header.decode(codec).rstrip("\r\n")]))
     items, rejects = [], []
-    reader = csv.reader(io.StringIO(data.decode("utf-8", "replace"), newline=""))
+    texts: list[str] = []
+    invalid: dict[int, str] = {}  # physical line -> why its bytes are not valid
+    for offset, raw in enumerate(data.splitlines(keepends=True)):
+        try:
+            texts.append(raw.decode(codec))
+        except UnicodeDecodeError as exc:
+            invalid[first_line + offset] = _not_valid(encoding, exc, first_line + offset)
+            texts.append(raw.decode(codec, "replace"))
+    reader = csv.reader(io.StringIO("".join(texts), newline=""))
     line = first_line
     while True:
         start_line = first_line + reader.line_num
@@ -194,6 +224,10 @@ def read_csv(header: bytes, data: bytes, first_line: int, id_field: str) -> Slic
             rejects.append(_reject(start_line, f"invalid CSV: {exc}", ""))
             continue
         line = start_line
+        bad = next((invalid[n] for n in range(start_line, first_line + reader.line_num) if n in invalid), None)
+        if bad is not None:
+            rejects.append(_reject(line, bad, ",".join(row)))
+            continue
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != len(columns):
@@ -234,7 +268,7 @@ def read_parquet_rows(pf: pq.ParquetFile, start: int, end: int, id_field: str) -
 
 
 def read_batch(open_uri: Callable[[str], BinaryIO], read_range: Callable[[str, int, int], bytes], uri: str,
-               fmt: str, spec: BatchSpec, id_field: str) -> SliceRead:
+               fmt: str, spec: BatchSpec, id_field: str, encoding: str = "utf-8") -> SliceRead:
     """Read and parse one batch's slice of the input; ``digest`` fingerprints exactly the bytes/rows read.
 
     For a retry batch (``spec.source`` is a retry plan), ``uri`` is that plan's URI and the slice holds items.
@@ -249,10 +283,10 @@ def read_batch(open_uri: Callable[[str], BinaryIO], read_range: Callable[[str, i
         return result
     data = read_range(uri, spec.start, spec.end)
     if fmt == "jsonl":
-        result = read_jsonl(data, spec.first_line, id_field)
+        result = read_jsonl(data, spec.first_line, id_field, encoding)
     else:
         header = read_range(uri, 0, spec.header_end)
-        result = read_csv(header, data, spec.first_line, id_field)
+        result = read_csv(header, data, spec.first_line, id_field, encoding)
     result.digest = "sha256:" + hashlib.sha256(data).hexdigest()
     return result
 

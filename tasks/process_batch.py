@@ -130,7 +130,8 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     meter = BatchMeter(concurrent=is_concurrent(cfg, handler))  # the batch's clock, CPU and call latencies
     id_field = cfg.input.id_field
     uri = cfg.input.uri if spec.source == "input" else store.uri(spec.source)
-    sliced = read_batch(store.open_uri, read_range or store.read_range, uri, cfg.input.format, spec, id_field)
+    sliced = read_batch(store.open_uri, read_range or store.read_range, uri, cfg.input.format, spec, id_field,
+                        cfg.input.encoding)
     if spec.digest and sliced.digest != spec.digest:
         raise InputChanged(f"{spec.batch_id}: input slice digest {sliced.digest} differs from the partitioned "
                            f"{spec.digest}; the input changed while the job ran — submit it as a new job")

@@ -180,3 +180,23 @@ def test_dask_client_is_none_only_where_no_dask_task_runner_runs(monkeypatch):
         process.dask_client()
     running_on(SimpleNamespace(client="the client"))
     assert process.dask_client() == "the client"
+
+
+@pytest.mark.parametrize("encoding, rejected", [("utf-8", 1), ("latin-1", 0)])
+def test_a_batch_rejects_bytes_not_valid_in_the_declared_encoding(tmp_path, encoding, rejected):
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"id,name\n1,ok\n2,caf\xe9\n3,ok\n")
+    cfg = parse_config({"job_id": "enc", "handler": "slurmctl.handlers.echo:handle",
+                        "input": {"uri": str(path), "encoding": encoding},
+                        "storage": {"uri": f"file://{tmp_path / 'store'}"}})
+    store = LocalManifestStore(root=str(tmp_path / "store"))
+    with open(path, "rb") as f:
+        [spec] = partition(f, "csv", 10).batches
+    summary = run_batch(cfg, store, spec)
+    assert (summary["items_succeeded"], summary["items_rejected"]) == (3 - rejected, rejected)
+    [task] = committed_tasks(store, "enc")
+    names = pq.read_table(str(tmp_path / "store" / task["output"])).to_pylist()
+    assert "\ufffd" not in json.dumps(names, ensure_ascii=False)
+    if rejected:
+        reject = json.loads((tmp_path / "store" / task["rejects"]).read_text())
+        assert reject["line"] == 3 and reject["reason"].startswith("bytes not valid utf-8 (line 3, byte 6: ")

@@ -36,6 +36,8 @@ def test_minimal_config_gets_defaults_and_a_generated_job_id():
     ({"input": {"uri": "users.txt"}}, "input", "cannot infer format"),
     ({"input": {"uri": "u.jsonl", "format": "xml"}}, "input.format", "jsonl"),
     ({"input": {"uri": "u.jsonl", "colour": 1}}, "input.colour", "unknown key"),
+    ({"input": {"uri": "u.jsonl", "encoding": "klingon"}}, "input.encoding", "unknown encoding"),
+    ({"input": {"uri": "u.jsonl", "encoding": "utf-16"}}, "input.encoding", "not ASCII-compatible"),
     ({"cluster": {"kind": "kubernetes"}}, "cluster", "local"),
     ({"cluster": {"kind": "slurm", "min_jobs": 3, "max_jobs": 2}}, "cluster", "max_jobs must be >= min_jobs"),
     ({"cluster": {"kind": "slurm", "memory": "lots"}}, "cluster.memory", "1GB"),

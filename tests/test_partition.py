@@ -15,13 +15,13 @@ from slurmctl.blocks.manifest_store import LocalManifestStore
 from slurmctl.records import BatchSpec, partition, read_batch
 
 
-def read_all(path: Path, fmt: str, batch_size: int, id_field: str = "id"):
+def read_all(path: Path, fmt: str, batch_size: int, id_field: str = "id", encoding: str = "utf-8"):
     store = LocalManifestStore(root=str(path.parent))
     with open(path, "rb") as f:
         plan = partition(f, fmt, batch_size)
     items, rejects = [], []
     for spec in plan.batches:
-        got = read_batch(store.open_uri, store.read_range, str(path), fmt, spec, id_field)
+        got = read_batch(store.open_uri, store.read_range, str(path), fmt, spec, id_field, encoding)
         assert len(got.items) + len(got.rejects) == spec.records
         assert got.digest.startswith("sha256:")
         items += got.items
@@ -95,3 +95,42 @@ def test_partition_works_on_any_binary_stream():
     data = b"".join(json.dumps({"id": i}).encode() + b"\n" for i in range(5))
     plan = partition(io.BytesIO(data), "jsonl", 2)
     assert [b.records for b in plan.batches] == [2, 2, 1] and plan.input_bytes == len(data)
+
+
+def latin1_in_utf8(path: Path, fmt: str) -> Path:
+    """201 records; record 100 holds the latin-1 byte of ``café`` in an otherwise UTF-8 file."""
+    rows = [f"{i},n{i}" if fmt == "csv" else json.dumps({"id": i, "name": f"n{i}"}) for i in range(201)]
+    data = "\n".join(rows).encode() + b"\n"
+    bad = (b"100,caf\xe9" if fmt == "csv" else b'{"id": 100, "name": "caf\xe9"}')
+    data = data.replace(rows[100].encode(), bad)
+    path.write_bytes((b"id,name\n" if fmt == "csv" else b"") + data)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_bytes_not_valid_in_the_encoding_are_rejected_with_line_and_reason_never_repaired(tmp_path, fmt):
+    path = latin1_in_utf8(tmp_path / f"in.{fmt}", fmt)
+    plan, items, rejects = read_all(path, fmt, 50)
+    assert plan.records == 201 and len(items) == 200
+    [reject] = rejects
+    line = 102 if fmt == "csv" else 101  # the CSV header is line 1
+    assert reject["line"] == line and reject["reason"].startswith(f"bytes not valid utf-8 (line {line}, byte ")
+    assert "set input.encoding" in reject["reason"]
+    assert not any("\ufffd" in json.dumps(item, ensure_ascii=False) for _, item in items)
+
+    plan, items, rejects = read_all(path, fmt, 50, encoding="latin-1")  # the legacy file, declared as such
+    assert not rejects and dict(items)[line]["name"] == "café"
+
+
+def test_a_bad_byte_in_a_quoted_multiline_csv_record_rejects_that_record_only(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_bytes(b'id,note\n1,"two\nlines\xe9"\n2,fine\n')
+    _, items, [reject] = read_all(path, "csv", 10)
+    assert [item["id"] for _, item in items] == ["2"] and reject["line"] == 2 and "(line 3, byte 6" in reject["reason"]
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": 1}\n{"id": 2}\n')
+    _, items, rejects = read_all(path, "jsonl", 10)
+    assert [item["id"] for _, item in items] == [1, 2] and not rejects

@@ -226,7 +226,7 @@ def first_items(cfg: JobConfig, store: Any, n: int) -> list[dict[str, Any]]:
     """The input's first ``n`` good items (malformed records skipped, as a batch would reject them)."""
     from slurmctl.records import read_csv, read_jsonl, read_parquet_rows
 
-    id_field = cfg.input.id_field
+    id_field, enc = cfg.input.id_field, cfg.input.encoding
     with store.open_uri(cfg.input.uri) as f:
         if cfg.input.format == "parquet":
             import pyarrow.parquet as pq
@@ -240,13 +240,13 @@ def first_items(cfg: JobConfig, store: Any, n: int) -> list[dict[str, Any]]:
             lines.append(line)
             if len(lines) % 64 == 0 or len(lines) >= n:  # parse as we go: stop once there are enough
                 data = b"".join(lines)
-                read = read_csv(header, data, 2, id_field) if header else read_jsonl(data, 1, id_field)
+                read = read_csv(header, data, 2, id_field, enc) if header else read_jsonl(data, 1, id_field, enc)
                 items = [item for _, item in read.items]
                 if len(items) >= n:
                     break
         else:
             data = b"".join(lines)
-            read = read_csv(header, data, 2, id_field) if header else read_jsonl(data, 1, id_field)
+            read = read_csv(header, data, 2, id_field, enc) if header else read_jsonl(data, 1, id_field, enc)
             items = [item for _, item in read.items]
     return items[:n]
 
