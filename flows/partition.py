@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.books.input_chunks import Chunker, decompressing
 from slurmctl.books.manifests import Keys
 from slurmctl.books.store import load_job, store_for, update_job
 from slurmctl.config import JobConfig, parse_config
@@ -40,4 +41,11 @@ def plan_input(store: ManifestStore, cfg: JobConfig) -> Plan:
     check in its batches instead of passing it."""
     identity = store.input_identity(cfg.input.uri) if cfg.input.format == "parquet" else ""
     with store.open_uri(cfg.input.uri) as f:
+        if cfg.input.compressed:  # streamed once, its batches written again as chunks a shard opens alone
+            chunker = Chunker(store, cfg.job_id, decompressing(f, cfg.input.compression))
+            plan = partition(chunker, cfg.input.format, cfg.batch_size, on_batch=chunker.add)  # type: ignore[arg-type]
+            chunks = chunker.finish(plan)
+            get_run_logger().info("compressed input (%s): %s bytes of records in %s chunks", cfg.input.compression,
+                                  plan.input_bytes, chunks)
+            return plan
         return partition(f, cfg.input.format, cfg.batch_size, input_identity=identity)

@@ -22,6 +22,7 @@ from slurmctl.slurm import duration_s
 
 JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 FORMATS = ("jsonl", "csv", "parquet")
+COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet",
                    ".pq": "parquet"}
 
@@ -50,6 +51,9 @@ class InputConfig(_Strict):
     # How JSONL and CSV bytes are decoded. A record whose bytes are not valid in it is rejected with its line and
     # reason, never "repaired" into U+FFFD. Legacy files: latin-1, cp1252, ... (Parquet strings are UTF-8 by spec.)
     encoding: str = "utf-8"
+    # A JSONL or CSV file compressed whole (``users.jsonl.gz``): inferred from the suffix (.gz, .zst, .bz2); "none"
+    # for a file whose suffix says otherwise. Streamed once at partition (``slurmctl.books.input_chunks``).
+    compression: Literal["gzip", "zstd", "bz2", "none"] | None = None
 
     @field_validator("encoding")
     @classmethod
@@ -70,14 +74,26 @@ class InputConfig(_Strict):
 
     @model_validator(mode="after")
     def _infer_format(self) -> "InputConfig":
+        path = Path(self.uri.split("?", 1)[0])
+        suffix = path.suffix.lower()
+        if self.compression is None:
+            self.compression = COMPRESSIONS.get(suffix, "none")
+        if suffix in COMPRESSIONS:  # the format is the suffix before: users.jsonl.gz
+            suffix = path.with_suffix("").suffix.lower()
         if self.format is None:
-            suffix = Path(self.uri.split("?", 1)[0]).suffix.lower()
             fmt = _SUFFIX_FORMATS.get(suffix)
             if fmt is None:
                 raise ValueError(f"cannot infer format from suffix {suffix!r}; set input.format to one of "
                                  f"{', '.join(FORMATS)}")
             self.format = fmt
+        if self.format == "parquet" and self.compression != "none":
+            raise ValueError("a Parquet input compresses its own columns: set input.compression only for JSONL or "
+                             "CSV")
         return self
+
+    @property
+    def compressed(self) -> bool:
+        return self.compression not in (None, "none")
 
 
 class LocalClusterConfig(_Strict):

@@ -41,12 +41,17 @@ class BatchSpec:
     # size, or mtime and size), checked when the batch reads, since ``digest`` covers only the file's shape. Empty
     # for JSONL/CSV (``digest`` hashes the slice's bytes) and in plans written before it existed (not checked).
     input_identity: str = ""
+    # A compressed input: the store key of the zstd chunk holding this batch (``slurmctl.books.input_chunks``);
+    # ``start``/``end``/``header_end`` are then offsets in the chunk's decompressed bytes.
+    chunk: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """As a plan line; an empty ``input_identity`` is left out, so a JSONL/CSV plan is what it always was."""
+        """As a plan line; an empty ``input_identity`` or ``chunk`` is left out, so a plain JSONL/CSV plan is what
+        it always was."""
         d = asdict(self)
-        if not d["input_identity"]:
-            del d["input_identity"]
+        for optional in ("input_identity", "chunk"):
+            if not d[optional]:
+                del d[optional]
         return d
 
     @classmethod

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from slurmctl.batch_metrics import BatchMeter
 from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.books import checkpoints
+from slurmctl.books.input_chunks import ChunkReader
 from slurmctl.books.limits import leasers_for
 from slurmctl.books.manifests import Keys, TaskManifest, now
 from slurmctl.config import JobConfig
@@ -130,6 +131,8 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     meter = BatchMeter(concurrent=is_concurrent(cfg, handler))  # the batch's clock, CPU and call latencies
     id_field = cfg.input.id_field
     uri = cfg.input.uri if spec.source == "input" else store.uri(spec.source)
+    if spec.chunk:  # a compressed input: the batch's bytes are in a chunk of the job's store
+        uri, read_range = spec.chunk, ChunkReader(store)
     sliced = read_batch(store.open_uri, read_range or store.read_range, uri, cfg.input.format, spec, id_field,
                         cfg.input.encoding)
     if spec.digest and sliced.digest != spec.digest:

@@ -139,7 +139,8 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
     if not specs:
         return []
     uri = cfg.input.uri if specs[0].source == "input" else store.uri(specs[0].source)
-    reader = ShardReader(store, uri, specs if cfg.input.format != "parquet" or specs[0].source != "input" else [])
+    ranged = specs[0].source != "input" or (cfg.input.format != "parquet" and not specs[0].chunk)
+    reader = ShardReader(store, uri, specs if ranged else [])
     summaries: list[dict[str, Any]] = []
     errors: list[str] = []
     committed: list[dict[str, Any]] = []  # the task manifests of this shard's commits: its commit log

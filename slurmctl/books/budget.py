@@ -168,6 +168,8 @@ def count_items(cfg: JobConfig, store: Any) -> ItemCount:
         with store.open_uri(uri) as f:
             return ItemCount(pq.ParquetFile(f).metadata.num_rows, "rows in the Parquet input")
     header = 1 if fmt_ == "csv" else 0
+    if cfg.input.compressed:
+        return _count_compressed(cfg, store, header)
     if uri.startswith("s3://"):
         bucket, _, key = uri[5:].partition("/")
         size = int(store._s3().head_object(Bucket=bucket, Key=key)["ContentLength"])
@@ -185,6 +187,32 @@ def count_items(cfg: JobConfig, store: Any) -> ItemCount:
     if last != b"\n":
         lines += 1  # a last line without its newline
     return ItemCount(max(0, lines - header), "lines of the input")
+
+
+def _count_compressed(cfg: JobConfig, store: Any, header: int) -> ItemCount:
+    """A compressed input's lines: decompressed and counted when it is local or at most 64 MiB compressed; a larger
+    S3 object's estimated from the lines its first MiB (compressed) holds and its size."""
+    from slurmctl.books.input_chunks import decompressing
+
+    uri = cfg.input.uri
+    size = None
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[5:].partition("/")
+        size = int(store._s3().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    lines, last, read = 0, b"\n", 0
+    with store.open_uri(uri) as raw:
+        f = decompressing(raw, cfg.input.compression)
+        while chunk := f.read(8 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+            read = raw.tell() if hasattr(raw, "tell") else read
+            if size is not None and size > EXACT_COUNT_MAX_BYTES and read >= ESTIMATE_SAMPLE_BYTES:
+                estimate = max(0, round(size * lines / max(read, 1)) - header)
+                return ItemCount(estimate, f"lines of the {cfg.input.compression} input, estimated from its first "
+                                           f"{read:,} compressed bytes and its {size:,}", exact=False)
+    if last != b"\n":
+        lines += 1
+    return ItemCount(max(0, lines - header), f"lines of the {cfg.input.compression} input")
 
 
 @dataclass
@@ -224,10 +252,12 @@ class _Pacer:
 
 def first_items(cfg: JobConfig, store: Any, n: int) -> list[dict[str, Any]]:
     """The input's first ``n`` good items (malformed records skipped, as a batch would reject them)."""
+    from slurmctl.books.input_chunks import decompressing
     from slurmctl.records import read_csv, read_jsonl, read_parquet_rows
 
     id_field, enc = cfg.input.id_field, cfg.input.encoding
-    with store.open_uri(cfg.input.uri) as f:
+    with store.open_uri(cfg.input.uri) as raw:
+        f = decompressing(raw, cfg.input.compression) if cfg.input.compressed else raw
         if cfg.input.format == "parquet":
             import pyarrow.parquet as pq
 

@@ -138,6 +138,10 @@ class Keys:
     def batch_retry(self, batch_id: str, attempt: str) -> str:
         return f"{self.root}retry/{_batch(batch_id)}.{_attempt(attempt)}.json"
 
+    def input_chunk(self, n: int) -> str:
+        """A compressed input's records, re-cut at partition into zstd chunks (``books.input_chunks``)."""
+        return f"{self.root}input/chunk-{n:06d}.zst"
+
     @property
     def checkpoints_prefix(self) -> str:
         """What batches stopped by SIGTERM had done (``books.checkpoints``): ``checkpoints/<batch>/NNNN.json`` and
