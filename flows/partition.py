@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.books import input_files
 from slurmctl.books.input_chunks import Chunker, decompressing
 from slurmctl.books.manifests import Keys
 from slurmctl.books.store import load_job, store_for, update_job
@@ -25,6 +27,8 @@ def partition_phase(job_id: str, config: dict[str, Any]) -> int:
     keys = Keys(job_id)
     job = load_job(store, job_id)
     if store.exists(keys.plan) and job.counts.batches_total:
+        if cfg.input.many:  # a resume: the files must still be those listed (a file added or changed is an error)
+            input_files.check_unchanged(store, job_id, cfg.input)
         return job.counts.batches_total
     plan = plan_input(store, cfg)
     store.put_bytes(keys.plan, b"".join(json.dumps(b.to_dict()).encode() + b"\n" for b in plan.batches))
@@ -35,17 +39,48 @@ def partition_phase(job_id: str, config: dict[str, Any]) -> int:
     return len(plan.batches)
 
 
+def _log() -> Any:
+    try:
+        return get_run_logger()
+    except Exception:  # called outside a flow run (tests, benchmarks)
+        return logging.getLogger("slurmctl.flows.partition")
+
+
 def plan_input(store: ManifestStore, cfg: JobConfig) -> Plan:
-    """Stream the input once into batch slices. A Parquet input's identity (``ManifestStore.input_identity``) is
-    taken first and recorded in every batch: taken before the file is read, a file rewritten meanwhile fails the
-    check in its batches instead of passing it."""
-    identity = store.input_identity(cfg.input.uri) if cfg.input.format == "parquet" else ""
-    with store.open_uri(cfg.input.uri) as f:
-        if cfg.input.compressed:  # streamed once, its batches written again as chunks a shard opens alone
-            chunker = Chunker(store, cfg.job_id, decompressing(f, cfg.input.compression))
-            plan = partition(chunker, cfg.input.format, cfg.batch_size, on_batch=chunker.add)  # type: ignore[arg-type]
-            chunks = chunker.finish(plan)
-            get_run_logger().info("compressed input (%s): %s bytes of records in %s chunks", cfg.input.compression,
-                                  plan.input_bytes, chunks)
-            return plan
-        return partition(f, cfg.input.format, cfg.batch_size, input_identity=identity)
+    """Stream the input once into batch slices: one file, or each file of many in turn (``books.input_files``: the
+    listing is recorded first). A Parquet file's identity (``ManifestStore.input_identity``) is taken before it is
+    read and recorded in its batches: a file rewritten meanwhile fails the check in its batches instead of passing
+    it."""
+    if not cfg.input.many:
+        identity = store.input_identity(cfg.input.uri) if cfg.input.format == "parquet" else ""
+        return plan_file(store, cfg, cfg.input.uri, identity, cfg.input.compression, Plan())
+    files = input_files.list_input(store, cfg.input)
+    input_files.record(store, cfg.job_id, files)
+    plan = Plan()
+    for f in files:
+        plan_file(store, cfg, f.uri, f.identity, cfg.input.compression_of(f.uri), plan, many=True)
+    _log().info("input of %s files: %s records", len(files), plan.records)
+    return plan
+
+
+def plan_file(store: ManifestStore, cfg: JobConfig, uri: str, identity: str, compression: str | None, plan: Plan,
+              many: bool = False) -> Plan:
+    """Cut one file into batches appended to ``plan`` (numbered on, lines job-wide); a compressed one is streamed
+    once and its batches written again as chunks a shard opens alone (``books.input_chunks``)."""
+    fmt, size = cfg.input.format or "", cfg.batch_size
+    where = {"first_index": len(plan.batches), "line_base": plan.lines, "file": uri if many else ""}
+    with store.open_uri(uri) as f:
+        if compression not in (None, "none"):
+            first_chunk = len({s.chunk for s in plan.batches if s.chunk})
+            chunker = Chunker(store, cfg.job_id, decompressing(f, compression), first_chunk=first_chunk)
+            part = partition(chunker, fmt, size, on_batch=chunker.add, **where)  # type: ignore[arg-type]
+            chunks = chunker.finish(part)
+            _log().info("%s (%s): %s bytes of records in %s chunks", uri, compression, part.input_bytes,
+                                  chunks)
+        else:
+            part = partition(f, fmt, size, input_identity=identity if fmt == "parquet" else "", **where)
+    plan.batches += part.batches
+    plan.records += part.records
+    plan.input_bytes += part.input_bytes
+    plan.lines += part.lines
+    return plan

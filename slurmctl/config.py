@@ -42,10 +42,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class InputConfig(_Strict):
-    """Where the items come from. ``format`` is inferred from the suffix when absent."""
+def suffixes_of(name: str) -> tuple[str | None, str | None]:
+    """The format and the compression a file name's suffixes say (``users.jsonl.gz``: jsonl, gzip)."""
+    path = Path(name.split("?", 1)[0].rstrip("*") if "://" in name else name.rstrip("*?"))  # a glob's `.jsonl*`
+    compression = COMPRESSIONS.get(path.suffix.lower())
+    if compression:
+        path = path.with_suffix("")
+    return _SUFFIX_FORMATS.get(path.suffix.lower()), compression
 
-    uri: str = Field(min_length=1)
+
+def has_glob(uri: str) -> bool:
+    return any(c in uri for c in "*?[")
+
+
+class InputConfig(_Strict):
+    """Where the items come from: one file, a glob, a directory or S3 prefix (``uri``), or a list (``files``).
+    ``format`` is inferred from the suffix when absent."""
+
+    uri: str = ""
+    # Many files: a list of paths or URIs, or the path or URI of a file listing them (one per line, relative ones
+    # against its folder, ``#`` comments). Listed once at partition, in this order (a glob's or a folder's: sorted).
+    files: list[str] | str | None = None
     format: Literal["jsonl", "csv", "parquet"] | None = None
     id_field: str = Field(default="id", min_length=1)
     # How JSONL and CSV bytes are decoded. A record whose bytes are not valid in it is rejected with its line and
@@ -74,26 +91,49 @@ class InputConfig(_Strict):
 
     @model_validator(mode="after")
     def _infer_format(self) -> "InputConfig":
-        path = Path(self.uri.split("?", 1)[0])
-        suffix = path.suffix.lower()
-        if self.compression is None:
-            self.compression = COMPRESSIONS.get(suffix, "none")
-        if suffix in COMPRESSIONS:  # the format is the suffix before: users.jsonl.gz
-            suffix = path.with_suffix("").suffix.lower()
+        if bool(self.uri) == (self.files is not None):
+            raise ValueError("set one of input.uri (a file, a glob, a folder or S3 prefix) and input.files")
+        if isinstance(self.files, list) and not self.files:
+            raise ValueError("input.files is an empty list")
+        named = self.uri or (self.files[0] if isinstance(self.files, list) else "")
+        fmt, compression = suffixes_of(named) if named else (None, None)
+        if self.compression is None and not self.many:
+            self.compression = compression
         if self.format is None:
-            fmt = _SUFFIX_FORMATS.get(suffix)
             if fmt is None:
-                raise ValueError(f"cannot infer format from suffix {suffix!r}; set input.format to one of "
-                                 f"{', '.join(FORMATS)}")
+                where = "a folder or prefix" if self.uri.endswith("/") else "a list file" if not named else None
+                raise ValueError((f"cannot infer the format of {where}" if where else
+                                  f"cannot infer format from suffix {Path(named.split('?', 1)[0]).suffix!r}") +
+                                 f"; set input.format to one of {', '.join(FORMATS)}")
             self.format = fmt
-        if self.format == "parquet" and self.compression != "none":
+        if self.format == "parquet" and self.compressed:
             raise ValueError("a Parquet input compresses its own columns: set input.compression only for JSONL or "
                              "CSV")
         return self
 
     @property
+    def many(self) -> bool:
+        """Many files: a list, a glob, a folder or an S3 prefix (listed at partition, ``books.input_files``)."""
+        if self.files is not None or has_glob(self.uri) or self.uri.endswith("/"):
+            return True
+        return "://" not in self.uri and Path(self.uri).is_dir()
+
+    @property
     def compressed(self) -> bool:
         return self.compression not in (None, "none")
+
+    def compression_of(self, uri: str) -> str | None:
+        """A file's compression: the configured one, else what its suffix says (files of one input may differ)."""
+        if self.compression is not None:
+            return None if self.compression == "none" else self.compression
+        return suffixes_of(uri)[1]
+
+    def describe(self) -> str:
+        """The input, for messages."""
+        if self.uri:
+            return self.uri
+        return f"the {len(self.files)} files of input.files" if isinstance(self.files, list) else \
+            f"the files listed in {self.files}"
 
 
 class LocalClusterConfig(_Strict):
@@ -542,10 +582,17 @@ def resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:
     def absolute(p: str) -> str:
         return p if Path(p).is_absolute() else str((base / p).resolve())
 
-    if "://" not in cfg.input.uri:
-        cfg.input.uri = absolute(cfg.input.uri)
-    elif cfg.input.uri.startswith("file://"):
-        cfg.input.uri = absolute(cfg.input.uri[len("file://"):])
+    def local(uri: str) -> str:
+        if "://" not in uri:
+            return absolute(uri) + ("/" if uri.endswith("/") else "")
+        return absolute(uri[len("file://"):]) if uri.startswith("file://") else uri
+
+    if cfg.input.uri:
+        cfg.input.uri = local(cfg.input.uri)
+    if isinstance(cfg.input.files, list):
+        cfg.input.files = [local(f) for f in cfg.input.files]
+    elif cfg.input.files:
+        cfg.input.files = local(cfg.input.files)
     s = cfg.storage.uri
     if not s.startswith("s3://"):
         cfg.storage.uri = "file://" + absolute(s[len("file://"):] if s.startswith("file://") else s)

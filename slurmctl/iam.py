@@ -52,6 +52,34 @@ def _kms_statement(key: str, account: str, region: str) -> dict[str, Any]:
     return statement | {"Resource": [arn]}
 
 
+def _input_statements(cfg: JobConfig) -> list[dict[str, Any]]:
+    """Read the input: its object; a glob's or a prefix's objects and the listing of that prefix; a list's objects
+    and the list itself."""
+    inp = cfg.input
+    names = ([inp.uri] if inp.uri else []) + (inp.files if isinstance(inp.files, list) else
+                                              [inp.files] if inp.files else [])
+    out: list[dict[str, Any]] = []
+    objects = []
+    for name in names:
+        if not name.startswith("s3://"):
+            continue
+        bucket, key = _split_s3(name)
+        if inp.uri == name and inp.many:  # a glob or a prefix: everything under the part before the pattern
+            prefix = key[:min((key.index(c) for c in "*?[" if c in key), default=len(key))]
+            objects.append(f"arn:aws:s3:::{bucket}/{prefix}*")
+            out.append({"Sid": "ListInput", "Effect": "Allow", "Action": ["s3:ListBucket"],
+                        "Resource": [f"arn:aws:s3:::{bucket}"],
+                        "Condition": {"StringLike": {"s3:prefix": [f"{prefix}*"]}}})
+        else:
+            objects.append(f"arn:aws:s3:::{bucket}/{key}")
+    if isinstance(inp.files, str) and inp.files.startswith("s3://"):  # a list file's entries are read too
+        bucket, key = _split_s3(inp.files)
+        objects.append(f"arn:aws:s3:::{bucket}/{key.rsplit('/', 1)[0]}/*")
+    if objects:
+        out.insert(0, {"Sid": "ReadInput", "Effect": "Allow", "Action": ["s3:GetObject"], "Resource": objects})
+    return out
+
+
 def policy_for(cfg: JobConfig, *, account: str = "*", region: str | None = None,
                create_table: bool = False) -> dict[str, Any]:
     """The IAM policy document (``Version`` 2012-10-17) one job needs; no statement for local backends."""
@@ -65,10 +93,7 @@ def policy_for(cfg: JobConfig, *, account: str = "*", region: str | None = None,
         statements.append({"Sid": "ListJobPrefixes", "Effect": "Allow", "Action": ["s3:ListBucket"],
                            "Resource": [f"arn:aws:s3:::{bucket}"],
                            "Condition": {"StringLike": {"s3:prefix": [f"{_under(prefix, p)}*" for p in paths]}}})
-    if cfg.input.uri.startswith("s3://"):
-        bucket, key = _split_s3(cfg.input.uri)
-        statements.append({"Sid": "ReadInput", "Effect": "Allow", "Action": ["s3:GetObject"],
-                           "Resource": [f"arn:aws:s3:::{bucket}/{key}"]})
+    statements += _input_statements(cfg)
     if dynamodb:
         from slurmctl.books.limits import limit_key
 

@@ -44,12 +44,16 @@ class BatchSpec:
     # A compressed input: the store key of the zstd chunk holding this batch (``slurmctl.books.input_chunks``);
     # ``start``/``end``/``header_end`` are then offsets in the chunk's decompressed bytes.
     chunk: str = ""
+    # An input of many files (a glob, a directory or prefix, ``input.files``): the batch's file, and the job-wide
+    # line number of that file's line 0 (``first_line`` and every item's line are job-wide, so lines stay unique
+    # across files; the file's own line is ``line - line_base``). Batches never span files.
+    file: str = ""
+    line_base: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """As a plan line; an empty ``input_identity`` or ``chunk`` is left out, so a plain JSONL/CSV plan is what
-        it always was."""
+        """As a plan line; empty optional fields are left out, so a plain one-file plan is what it always was."""
         d = asdict(self)
-        for optional in ("input_identity", "chunk"):
+        for optional in ("input_identity", "chunk", "file", "line_base"):
             if not d[optional]:
                 del d[optional]
         return d
@@ -66,6 +70,7 @@ class Plan:
     batches: list[BatchSpec] = field(default_factory=list)
     records: int = 0
     input_bytes: int = 0
+    lines: int = 0  # physical lines (JSONL, CSV) or rows (Parquet) read: the next file's ``line_base`` moves by it
 
 
 @dataclass
@@ -84,19 +89,21 @@ def batch_id_for(index: int) -> str:
 
 # --- partitioning ---------------------------------------------------------------------------------------------
 def partition(stream: BinaryIO, fmt: str, batch_size: int, on_batch: Callable[[BatchSpec], None] | None = None,
-              input_identity: str = "") -> Plan:
+              input_identity: str = "", *, first_index: int = 0, line_base: int = 0, file: str = "") -> Plan:
     """Stream ``stream`` once and cut it into batches of ``batch_size`` records.
 
     ``on_batch`` sees each batch as it is cut (progress reporting); the plan also keeps them, which at 50k batches
     is a few MB of small dataclasses, never the data. ``input_identity`` (Parquet: the file's identity taken
-    before it was opened) is recorded in each batch.
+    before it was opened) is recorded in each batch. One file of many: its batches are numbered from
+    ``first_index``, its lines from ``line_base`` + 1, and they name ``file``.
     """
     plan = Plan()
     identity = input_identity if fmt == "parquet" else ""
 
     def emit(start: int, end: int, first_line: int, records: int, header_end: int = 0, digest: str = "") -> None:
-        spec = BatchSpec(batch_id_for(len(plan.batches)), len(plan.batches), start, end, first_line, records,
-                         header_end, digest, input_identity=identity)
+        index = first_index + len(plan.batches)
+        spec = BatchSpec(batch_id_for(index), index, start, end, line_base + first_line, records, header_end, digest,
+                         input_identity=identity, file=file, line_base=line_base)
         plan.batches.append(spec)
         plan.records += records
         if on_batch:
@@ -107,6 +114,7 @@ def partition(stream: BinaryIO, fmt: str, batch_size: int, on_batch: Callable[[B
         for start in range(0, meta.num_rows, batch_size):
             end = min(start + batch_size, meta.num_rows)
             emit(start, end, start + 1, end - start, digest=parquet_slice_digest(meta, start, end))
+        plan.lines = meta.num_rows
         return plan
 
     pos = 0
@@ -117,7 +125,7 @@ def partition(stream: BinaryIO, fmt: str, batch_size: int, on_batch: Callable[[B
         line_no, pos = 1, len(header)
         header_end = pos
         if not header.strip():
-            plan.input_bytes = pos
+            plan.input_bytes, plan.lines = pos, line_no
             return plan
     batch_start, batch_first_line, batch_records = pos, line_no + 1, 0
     digest = hashlib.sha256()  # of exactly the bytes [batch_start, pos): what a worker will read back
@@ -144,7 +152,7 @@ def partition(stream: BinaryIO, fmt: str, batch_size: int, on_batch: Callable[[B
             digest = hashlib.sha256()
     if batch_records:
         emit(batch_start, pos, batch_first_line, batch_records, header_end, "sha256:" + digest.hexdigest())
-    plan.input_bytes = pos
+    plan.input_bytes, plan.lines = pos, line_no
     return plan
 
 
@@ -176,7 +184,7 @@ def _not_valid(encoding: str, exc: UnicodeDecodeError, line: int) -> str:
             f"encoding")
 
 
-def read_jsonl(data: bytes, first_line: int, id_field: str, encoding: str = "utf-8") -> SliceRead:
+def read_jsonl(data: bytes, first_line: int, id_field: str, encoding: str = "utf-8", line_base: int = 0) -> SliceRead:
     items, rejects = [], []
     codec = _codec(encoding)
     for offset, raw in enumerate(data.split(b"\n")):
@@ -186,7 +194,7 @@ def read_jsonl(data: bytes, first_line: int, id_field: str, encoding: str = "utf
         try:
             text = raw.decode(codec)
         except UnicodeDecodeError as exc:
-            rejects.append(_reject(line, _not_valid(encoding, exc, line), raw))
+            rejects.append(_reject(line, _not_valid(encoding, exc, line - line_base), raw))
             continue
         try:
             item = json.loads(text)
@@ -202,7 +210,8 @@ def read_jsonl(data: bytes, first_line: int, id_field: str, encoding: str = "utf
     return SliceRead(items, rejects, "")
 
 
-def read_csv(header: bytes, data: bytes, first_line: int, id_field: str, encoding: str = "utf-8") -> SliceRead:
+def read_csv(header: bytes, data: bytes, first_line: int, id_field: str, encoding: str = "utf-8",
+             line_base: int = 0) -> SliceRead:
     """A CSV slice. Each physical line is decoded strictly; a record touching a line that is not valid in
     ``encoding`` is rejected with the reason (the line is parsed with U+FFFD in place only to find where the
     record ends, and nothing of it reaches the output)."""
@@ -215,7 +224,7 @@ def read_csv(header: bytes, data: bytes, first_line: int, id_field: str, encodin
         try:
             texts.append(raw.decode(codec))
         except UnicodeDecodeError as exc:
-            invalid[first_line + offset] = _not_valid(encoding, exc, first_line + offset)
+            invalid[first_line + offset] = _not_valid(encoding, exc, first_line + offset - line_base)
             texts.append(raw.decode(codec, "replace"))
     reader = csv.reader(io.StringIO("".join(texts), newline=""))
     line = first_line
@@ -246,7 +255,7 @@ def read_csv(header: bytes, data: bytes, first_line: int, id_field: str, encodin
     return SliceRead(items, rejects, "")
 
 
-def read_parquet_rows(pf: pq.ParquetFile, start: int, end: int, id_field: str) -> SliceRead:
+def read_parquet_rows(pf: pq.ParquetFile, start: int, end: int, id_field: str, line_base: int = 0) -> SliceRead:
     """Rows ``[start, end)``, reading only the row groups that overlap them."""
     meta = pf.metadata
     groups, first_row_of_first_group, row = [], None, 0
@@ -264,7 +273,7 @@ def read_parquet_rows(pf: pq.ParquetFile, start: int, end: int, id_field: str) -
     offset = start - first_row_of_first_group
     table = table.slice(offset, end - start)
     for i, item in enumerate(table.to_pylist()):
-        line = start + i + 1
+        line = line_base + start + i + 1
         if not _has_id(item, id_field):
             rejects.append(_reject(line, f"missing id field {id_field!r}", json.dumps(item, default=str)))
         else:
@@ -283,15 +292,15 @@ def read_batch(open_uri: Callable[[str], BinaryIO], read_range: Callable[[str, i
     if fmt == "parquet":
         with open_uri(uri) as f:
             pf = pq.ParquetFile(f)
-            result = read_parquet_rows(pf, spec.start, spec.end, id_field)
+            result = read_parquet_rows(pf, spec.start, spec.end, id_field, spec.line_base)
             result.digest = parquet_slice_digest(pf.metadata, spec.start, spec.end)
         return result
     data = read_range(uri, spec.start, spec.end)
     if fmt == "jsonl":
-        result = read_jsonl(data, spec.first_line, id_field, encoding)
+        result = read_jsonl(data, spec.first_line, id_field, encoding, spec.line_base)
     else:
         header = read_range(uri, 0, spec.header_end)
-        result = read_csv(header, data, spec.first_line, id_field, encoding)
+        result = read_csv(header, data, spec.first_line, id_field, encoding, spec.line_base)
     result.digest = "sha256:" + hashlib.sha256(data).hexdigest()
     return result
 

@@ -33,6 +33,7 @@ from slurmctl.batch_metrics import BatchMeter
 from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.books import checkpoints
 from slurmctl.books.input_chunks import ChunkReader
+from slurmctl.books.input_files import InputChanged, describe_line
 from slurmctl.books.limits import leasers_for
 from slurmctl.books.manifests import Keys, TaskManifest, now
 from slurmctl.config import JobConfig
@@ -46,10 +47,6 @@ from slurmctl.tables import rows_table, write_sqlite
 REQUIRED_SUMMARY_FIELDS = ("batch_id", "status", "items_succeeded", "items_failed", "items_deferred", "items_rejected",
                            "rows_written")
 SUMMARY_FIELDS = (*REQUIRED_SUMMARY_FIELDS, "retried_failed", "retried_deferred", "slurm_job_id", "host")
-
-
-class InputChanged(RuntimeError):
-    """The bytes of a batch's slice are not those partitioned: the input was modified under a running job."""
 
 
 class BatchHandedOn(RuntimeError):
@@ -130,14 +127,15 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     handler = handler_for(cfg.handler, cfg.params)
     meter = BatchMeter(concurrent=is_concurrent(cfg, handler))  # the batch's clock, CPU and call latencies
     id_field = cfg.input.id_field
-    uri = cfg.input.uri if spec.source == "input" else store.uri(spec.source)
+    uri = (spec.file or cfg.input.uri) if spec.source == "input" else store.uri(spec.source)
     if spec.chunk:  # a compressed input: the batch's bytes are in a chunk of the job's store
         uri, read_range = spec.chunk, ChunkReader(store)
     sliced = read_batch(store.open_uri, read_range or store.read_range, uri, cfg.input.format, spec, id_field,
                         cfg.input.encoding)
     if spec.digest and sliced.digest != spec.digest:
         raise InputChanged(f"{spec.batch_id}: input slice digest {sliced.digest} differs from the partitioned "
-                           f"{spec.digest}; the input changed while the job ran — submit it as a new job")
+                           f"{spec.digest}{f' (file {spec.file})' if spec.file else ''}; the input changed while the "
+                           f"job ran — submit it as a new job")
     if spec.input_identity and spec.source == "input":  # after the read: a rewrite during it is caught too
         identity = store.input_identity(uri)
         if identity != spec.input_identity:
@@ -220,6 +218,8 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     if sliced.rejects:
         for r in sliced.rejects:
             r["batch_id"] = spec.batch_id
+            if spec.file:
+                r.update(describe_line(spec.file, r["line"], spec.line_base))
         manifest.rejects = keys.batch_rejects(spec.batch_id, attempt)
         data = jsonl_bytes(sliced.rejects)
         manifest.rejects_sha256 = sha256_bytes(data)
@@ -245,7 +245,7 @@ def failure_record(spec: BatchSpec, line: int, item: dict[str, Any], id_field: s
     err = outcome.error
     return {"id": item.get(id_field), "line": line, "batch_id": spec.batch_id, "error_class": err.error_class,
             "error_type": err.error_type, "message": err.message, "status": err.status, "attempts": outcome.attempts,
-            "item": item}
+            "item": item, **(describe_line(spec.file, line, spec.line_base) if spec.file else {})}
 
 
 def hand_on(cfg: JobConfig, store: ManifestStore, saved: checkpoints.Checkpoint, todo: list[tuple[int, Any]],

@@ -138,8 +138,9 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
     each batch's duration is recorded in it."""
     if not specs:
         return []
-    uri = cfg.input.uri if specs[0].source == "input" else store.uri(specs[0].source)
-    ranged = specs[0].source != "input" or (cfg.input.format != "parquet" and not specs[0].chunk)
+    uri = (specs[0].file or cfg.input.uri) if specs[0].source == "input" else store.uri(specs[0].source)
+    ranged = specs[0].source != "input" or (cfg.input.format != "parquet" and not specs[0].chunk
+                                            and len({s.file for s in specs}) == 1)
     reader = ShardReader(store, uri, specs if ranged else [])
     summaries: list[dict[str, Any]] = []
     errors: list[str] = []

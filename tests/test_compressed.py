@@ -65,12 +65,17 @@ def test_the_format_is_the_suffix_before_the_compression_and_parquet_is_not_comp
                       "input": {"uri": "u.parquet", "compression": "gzip"}})
 
 
-def test_a_gzipped_csv_job_runs_end_to_end_and_rejects_a_bad_byte(tmp_path: Path, prefect_api: str,
-                                                                   slurmctl_home: Path):
-    plain = csv_bytes(300).replace(b'150,"note 150"', b'150,"caf\xe9"')
-    (tmp_path / "users.csv.gz").write_bytes(gzip.compress(plain))
+def test_a_day_of_gzipped_and_plain_csv_parts_runs_end_to_end_and_rejects_a_bad_byte(tmp_path: Path, prefect_api: str,
+                                                                                      slurmctl_home: Path):
+    """One job over a glob (``day/part-*.csv*``): a gzipped part holding a latin-1 byte in UTF-8, and a plain part."""
+    rows = csv_bytes(300).decode().splitlines()
+    header, first, second = rows[0], rows[1:151], rows[151:]  # ids 0-149 (with the quoted two-line note), 150-299
+    (tmp_path / "day").mkdir()
+    (tmp_path / "day/part-1.csv.gz").write_bytes(gzip.compress(
+        ("\n".join([header, *first]) + "\n").encode().replace(b'100,"note 100"', b'100,"caf\xe9"')))
+    (tmp_path / "day/part-2.csv").write_text("\n".join([header, *second]) + "\n")
     cfg = write_config(tmp_path / "job.yaml", job_id="gz-e2e", handler="slurmctl.handlers.echo:handle",
-                       input={"uri": "users.csv.gz"}, batch_size=40, cluster={"kind": "local", "n_workers": 2},
+                       input={"uri": "day/part-*.csv*"}, batch_size=40, cluster={"kind": "local", "n_workers": 2},
                        storage={"uri": "file://./state"})
     result = run_cli("submit", str(cfg), "--wait")
     assert result.returncode == 0, result.stderr + log_tail(slurmctl_home, "gz-e2e")
@@ -78,7 +83,8 @@ def test_a_gzipped_csv_job_runs_end_to_end_and_rejects_a_bad_byte(tmp_path: Path
     assert (view["status"], view["items_total"], view["items_succeeded"], view["items_rejected"]) == (
         "completed", 300, 299, 1)
     table = pq.read_table(view["output"][len("file://"):])
-    assert sorted(int(i) for i in table.column("id").to_pylist()) == [i for i in range(300) if i != 150]
+    assert sorted(int(i) for i in table.column("id").to_pylist()) == [i for i in range(300) if i != 100]
     assert "two\nlines" in table.column("note").to_pylist()
-    rejects = [json.loads(line) for line in (tmp_path / "state/jobs/gz-e2e/rejects.jsonl").read_text().splitlines()]
-    assert [r["line"] for r in rejects] == [153] and "not valid utf-8" in rejects[0]["reason"]
+    [reject] = [json.loads(line) for line in (tmp_path / "state/jobs/gz-e2e/rejects.jsonl").read_text().splitlines()]
+    assert (Path(reject["file"]).name, reject["file_line"]) == ("part-1.csv.gz", 103), reject  # header, 2-line row
+    assert "not valid utf-8 (line 103" in reject["reason"]

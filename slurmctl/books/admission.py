@@ -42,7 +42,14 @@ def preflight(cfg: JobConfig) -> list[Problem]:
     store = store_for(cfg.storage)
     uri = cfg.input.uri
     try:
-        if uri.startswith("s3://"):
+        if cfg.input.many:
+            from slurmctl.books.input_files import NoInputFiles, list_input
+
+            try:
+                list_input(store, cfg.input)
+            except (NoInputFiles, OSError) as exc:
+                problems.append(("input.files" if cfg.input.files is not None else "input.uri", str(exc)))
+        elif uri.startswith("s3://"):
             bucket, _, key = uri[5:].partition("/")
             store._s3().head_object(Bucket=bucket, Key=key)
         elif not Path(uri).is_file():

@@ -160,16 +160,29 @@ class ItemCount:
 def count_items(cfg: JobConfig, store: Any) -> ItemCount:
     """The input's items, cheaply: a Parquet file's row count (its footer); a JSONL/CSV file's lines (a CSV's header
     aside: an upper bound of its records, blank lines and multi-line CSV fields counted), read whole when it is local
-    or at most 64 MiB; a larger S3 object's lines estimated from its size and its first MiB."""
-    uri, fmt_ = cfg.input.uri, cfg.input.format
+    or at most 64 MiB; a larger S3 object's lines estimated from its size and its first MiB. An input of many files:
+    the sum over its files."""
+    if not cfg.input.many:
+        return _count_file(cfg, store, cfg.input.uri, cfg.input.compression)
+    from slurmctl.books.input_files import list_input
+
+    files = list_input(store, cfg.input)
+    counts = [_count_file(cfg, store, f.uri, cfg.input.compression_of(f.uri)) for f in files]
+    exact = all(c.exact for c in counts)
+    return ItemCount(sum(c.items for c in counts), f"{'' if exact else 'estimated '}lines of its {len(files)} files",
+                     exact=exact)
+
+
+def _count_file(cfg: JobConfig, store: Any, uri: str, compression: str | None) -> ItemCount:
+    fmt_ = cfg.input.format
     if fmt_ == "parquet":
         import pyarrow.parquet as pq
 
         with store.open_uri(uri) as f:
             return ItemCount(pq.ParquetFile(f).metadata.num_rows, "rows in the Parquet input")
     header = 1 if fmt_ == "csv" else 0
-    if cfg.input.compressed:
-        return _count_compressed(cfg, store, header)
+    if compression not in (None, "none"):
+        return _count_compressed(store, header, uri, compression)
     if uri.startswith("s3://"):
         bucket, _, key = uri[5:].partition("/")
         size = int(store._s3().head_object(Bucket=bucket, Key=key)["ContentLength"])
@@ -189,30 +202,29 @@ def count_items(cfg: JobConfig, store: Any) -> ItemCount:
     return ItemCount(max(0, lines - header), "lines of the input")
 
 
-def _count_compressed(cfg: JobConfig, store: Any, header: int) -> ItemCount:
+def _count_compressed(store: Any, header: int, uri: str, compression: str) -> ItemCount:
     """A compressed input's lines: decompressed and counted when it is local or at most 64 MiB compressed; a larger
     S3 object's estimated from the lines its first MiB (compressed) holds and its size."""
     from slurmctl.books.input_chunks import decompressing
 
-    uri = cfg.input.uri
     size = None
     if uri.startswith("s3://"):
         bucket, _, key = uri[5:].partition("/")
         size = int(store._s3().head_object(Bucket=bucket, Key=key)["ContentLength"])
     lines, last, read = 0, b"\n", 0
     with store.open_uri(uri) as raw:
-        f = decompressing(raw, cfg.input.compression)
+        f = decompressing(raw, compression)
         while chunk := f.read(8 << 20):
             lines += chunk.count(b"\n")
             last = chunk[-1:]
             read = raw.tell() if hasattr(raw, "tell") else read
             if size is not None and size > EXACT_COUNT_MAX_BYTES and read >= ESTIMATE_SAMPLE_BYTES:
                 estimate = max(0, round(size * lines / max(read, 1)) - header)
-                return ItemCount(estimate, f"lines of the {cfg.input.compression} input, estimated from its first "
+                return ItemCount(estimate, f"lines of the {compression} input, estimated from its first "
                                            f"{read:,} compressed bytes and its {size:,}", exact=False)
     if last != b"\n":
         lines += 1
-    return ItemCount(max(0, lines - header), f"lines of the {cfg.input.compression} input")
+    return ItemCount(max(0, lines - header), f"lines of the {compression} input")
 
 
 @dataclass
@@ -256,8 +268,14 @@ def first_items(cfg: JobConfig, store: Any, n: int) -> list[dict[str, Any]]:
     from slurmctl.records import read_csv, read_jsonl, read_parquet_rows
 
     id_field, enc = cfg.input.id_field, cfg.input.encoding
-    with store.open_uri(cfg.input.uri) as raw:
-        f = decompressing(raw, cfg.input.compression) if cfg.input.compressed else raw
+    uri, compression = cfg.input.uri, cfg.input.compression
+    if cfg.input.many:  # the first file's
+        from slurmctl.books.input_files import list_input
+
+        uri = list_input(store, cfg.input)[0].uri
+        compression = cfg.input.compression_of(uri)
+    with store.open_uri(uri) as raw:
+        f = decompressing(raw, compression) if compression not in (None, "none") else raw
         if cfg.input.format == "parquet":
             import pyarrow.parquet as pq
 

@@ -142,8 +142,13 @@ def failure_state(store: ManifestStore, tasks: Iterable[dict[str, Any]]) -> dict
     """
     state: dict[int, dict[str, Any]] = {}
     lines_of: dict[str, set[int]] = defaultdict(set)  # id key -> lines, for manifests that only name ids
+    where: dict[int, dict[str, Any]] = {}  # line -> its file and own line (an input of many files), kept for retries
 
     def put(rec: dict[str, Any]) -> None:
+        if "file" in rec:
+            where[rec["line"]] = {"file": rec["file"], "file_line": rec.get("file_line")}
+        elif rec["line"] in where:  # failed again in a retry round, whose batches read the retry plan
+            rec = {**rec, **where[rec["line"]]}
         state[rec["line"]] = rec
         lines_of[id_key(rec["id"])].add(rec["line"])
 

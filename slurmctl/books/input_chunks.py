@@ -44,8 +44,11 @@ class Chunker:
     Give it to ``partition`` in place of the input and ``add`` as its ``on_batch``; then ``finish(plan)`` writes the
     last chunk and points the plan's batches into their chunks."""
 
-    def __init__(self, store: ManifestStore, job_id: str, source: BinaryIO, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, store: ManifestStore, job_id: str, source: BinaryIO, chunk_bytes: int = CHUNK_BYTES,
+                 first_chunk: int = 0) -> None:
+        """``first_chunk``: the number of this file's first chunk (an input of many files numbers them on)."""
         self.store, self.keys, self.source, self.chunk_bytes = store, Keys(job_id), source, chunk_bytes
+        self.first_chunk = first_chunk
         self.header = b""
         self.buf = bytearray()  # the input's bytes from ``self.offset`` on
         self.offset = 0
@@ -80,13 +83,14 @@ class Chunker:
             self._flush()
         header_end = len(self.header)
         plan.batches = [replace(s, start=s.start + self.moved[s.index][1], end=s.end + self.moved[s.index][1],
-                                header_end=header_end, chunk=self.moved[s.index][0]) for s in plan.batches]
+                                header_end=header_end, chunk=self.moved[s.index][0]) if s.index in self.moved else s
+                        for s in plan.batches]
         return self.chunks
 
     def _flush(self) -> None:
         start, end = self.pending[0].start, self.pending[-1].end
         data = self.header + bytes(self.buf[start - self.offset:end - self.offset])
-        key = self.keys.input_chunk(self.chunks)
+        key = self.keys.input_chunk(self.first_chunk + self.chunks)
         self.store.put_bytes(key, pa.compress(data, CODEC, asbytes=True))
         for spec in self.pending:
             self.moved[spec.index] = (key, len(self.header) - start)

@@ -138,6 +138,11 @@ class Keys:
     def batch_retry(self, batch_id: str, attempt: str) -> str:
         return f"{self.root}retry/{_batch(batch_id)}.{_attempt(attempt)}.json"
 
+    @property
+    def input_files(self) -> str:
+        """An input of many files: the listing partition used (``books.input_files``)."""
+        return f"{self.root}input/files.jsonl"
+
     def input_chunk(self, n: int) -> str:
         """A compressed input's records, re-cut at partition into zstd chunks (``books.input_chunks``)."""
         return f"{self.root}input/chunk-{n:06d}.zst"

@@ -668,14 +668,14 @@ def sample_for(args: argparse.Namespace, cfg: JobConfig) -> tuple[Any, list[tupl
     from slurmctl.books.store import store_for
 
     print(f"--sample {args.sample}: calling the handler {cfg.handler} on the first {args.sample} items of "
-          f"{cfg.input.uri} to measure the API calls and time per item. THIS CALLS THE REAL API; nothing is written",
+          f"{cfg.input.describe()} to measure the API calls and time per item. THIS CALLS THE REAL API; nothing is written",
           file=sys.stderr, flush=True)
     try:
         sample = measure_sample(cfg, store_for(cfg.storage), args.sample)
     except Exception as exc:  # an unimportable handler, an unreadable input: the same words as admission's
         return None, [("--sample", f"{type(exc).__name__}: {exc}")]
     if not sample.items:
-        return None, [("--sample", f"no good item among the first records of {cfg.input.uri}")]
+        return None, [("--sample", f"no good item among the first records of {cfg.input.describe()}")]
     errors = f", {sum(sample.errors.values())} failed ({dict(sample.errors)})" if sample.errors else ""
     print(f"sample: {sample.items} items, {sample.calls} handler calls ({sample.calls_per_item:.3g} per item), "
           f"{sample.seconds_per_item:.3g} s per item{errors}", file=sys.stderr)
