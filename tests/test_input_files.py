@@ -114,3 +114,20 @@ def test_an_s3_glob_is_listed_with_etags_and_read_by_its_batches(tmp_path, moto_
     summaries = [run_batch(cfg, store, spec) for spec in plan.batches]
     assert sum(s["items_succeeded"] for s in summaries) == 9 and {s.file for s in plan.batches} == {
         f.uri for f in files}
+
+
+def test_a_parquet_dataset_folder_keeps_each_files_identity_and_job_wide_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": list(range(0, 5))}), folder / "a.parquet")
+    pq.write_table(pa.table({"id": list(range(5, 12))}), folder / "b.parquet")
+    cfg, store = job(tmp_path, {"uri": str(folder) + "/", "format": "parquet"})
+    specs = run_all(cfg, store)
+    assert [(Path(s.file).name, s.first_line, s.records) for s in specs] == [
+        ("a.parquet", 1, 4), ("a.parquet", 5, 1), ("b.parquet", 6, 4), ("b.parquet", 10, 3)]
+    assert all(s.input_identity.startswith("file:mtime_ns=") for s in specs)
+    tasks = committed_tasks(store, "many")
+    assert sum(t["items_succeeded"] for t in tasks) == 12
