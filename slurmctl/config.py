@@ -507,6 +507,12 @@ class JobConfig(_Strict):
         "thread-safe)."))
     max_concurrency: int = Field(default=256, gt=0, description=(
         "The most items in flight in one worker process under concurrency: auto."))
+    handler_mode: Literal["item", "batch"] | None = Field(default=None, description=(
+        "item: the handler is called per item (handle(item, ctx)); batch: once per batch (handle_batch(batch, ctx)) "
+        "with the batch in batch_format, returning rows that carry the item id. Default: batch when the handler is "
+        "a function named handle_batch or a class with a handle_batch method, else item."))
+    batch_format: Literal["records", "pandas", "arrow"] = Field(default="records", description=(
+        "What a batch handler receives and may return: a list of dicts, a pandas DataFrame or a pyarrow Table."))
     part_format: Literal["parquet", "sqlite"] = Field(default="parquet", description=(
         "How each batch stores its rows before aggregation: Parquet, or a SQLite database (the local scratch "
         "format of the PRD's workers); the aggregation reads either."))

@@ -95,9 +95,13 @@ def load_handler(spec: str) -> Handler:
         raise HandlerError(f"handler {spec!r}: {func_name!r} is not callable")
     if inspect.isclass(func):
         _check_signature(spec, func, (None,), f"class {func_name} must be built as {func_name}(params)")
-        if not any("__call__" in vars(c) for c in func.__mro__[:-1]):
-            raise HandlerError(f"handler {spec!r}: class {func_name} must define __call__(self, item, ctx)")
-        _check_signature(spec, func.__call__, (None, None, None), f"{func_name}.__call__ must accept (self, item, ctx)")
+        method = next((m for m in ("__call__", BATCH_METHOD) if any(m in vars(c) for c in func.__mro__[:-1])), None)
+        if method is None:
+            raise HandlerError(f"handler {spec!r}: class {func_name} must define __call__(self, item, ctx) or "
+                               f"{BATCH_METHOD}(self, batch, ctx)")
+        _check_signature(spec, getattr(func, method), (None, None, None),
+                         f"{func_name}.{method} must accept (self, {'batch' if method == BATCH_METHOD else 'item'}, "
+                         f"ctx)")
     else:
         _check_signature(spec, func, (None, None), "must accept two arguments (item, ctx)")
     return func
@@ -110,6 +114,23 @@ def _check_signature(spec: str, func: Any, args: tuple[None, ...], what: str) ->
         raise HandlerError(f"handler {spec!r}: {what}") from None
     except ValueError:
         pass  # builtins without signatures: trust them
+
+
+BATCH_METHOD = "handle_batch"
+
+
+def is_batch_spec(spec: str) -> bool:
+    """Does ``spec`` name a batch handler: a function named ``handle_batch``, or a class with that method? (The
+    config's ``handler_mode`` decides when set.)"""
+    target = _loaded(spec)
+    if inspect.isclass(target):
+        return hasattr(target, BATCH_METHOD)
+    return getattr(target, "__name__", "") == BATCH_METHOD
+
+
+def batch_callable(handler: Any) -> Any:
+    """What a batch is handed to: an instance's ``handle_batch`` method, else the handler itself."""
+    return getattr(handler, BATCH_METHOD, handler)
 
 
 def is_async(handler: Any) -> bool:
@@ -226,6 +247,7 @@ class BatchContext:
         self._waiting, self._waiting_since = 0, 0.0
         self.observer: Any = None  # the worker's concurrency control, told of token waits and throttling
         self._lock = threading.Lock()  # items of a sync handler with ``concurrency: N`` count from N threads
+        self.failed: dict[Any, tuple[BaseException | str, str | None]] = {}  # a batch handler's ``fail`` calls
 
     def limit(self, name: str, tokens: int = 1) -> "_Limit":
         """Wrap one request (``tokens`` for several) to an API whose limit the job config declares:
@@ -288,6 +310,11 @@ class BatchContext:
                     self.metrics[key] = max(self.metrics[key], value)
                 else:
                     self.metrics[key] += value
+
+    def fail(self, item_id: Any, error: BaseException | str, error_class: str | None = None) -> None:
+        """A batch handler's way to fail one item of its batch (the others keep their rows): ``error`` an exception
+        (classified as a raised one would be) or a message; ``error_class`` overrides the class."""
+        self.failed[item_id] = (error, error_class)
 
     def count(self, name: str, n: float = 1) -> None:
         """Add ``n`` to the counter ``name``; counters land in the batch's task manifest ``metrics``. Safe from the

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import pyarrow.parquet as pq
 
 from slurmctl.batch_metrics import BatchMeter
+from slurmctl.batch_run import BatchRun, is_batch_mode
 from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.books import checkpoints
 from slurmctl.books.input_chunks import ChunkReader
@@ -155,8 +156,14 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     resumed = checkpoints.latest(store, cfg.job_id, spec.batch_id, sliced.digest) if check_commit else None
     saved = resumed or checkpoints.Checkpoint(spec.batch_id, sliced.digest)
     todo = [entry for entry in sliced.items if entry[0] not in saved.done]
-    run = ItemRun(cfg, handler, ctx, meter, breaker, on_retry, sleep, halted=halted, grace_deadline=grace_deadline)
-    outcomes = run.concurrently(todo) if run.concurrent else run.one_by_one(todo)
+    run: ItemRun | BatchRun
+    if is_batch_mode(cfg):  # one call for the batch; per-item outcomes all the same (slurmctl.batch_run)
+        run = BatchRun(cfg, handler, ctx, meter, on_retry, sleep)
+        outcomes = run.run(todo)
+    else:
+        run = ItemRun(cfg, handler, ctx, meter, breaker, on_retry, sleep, halted=halted,
+                      grace_deadline=grace_deadline)
+        outcomes = run.concurrently(todo) if run.concurrent else run.one_by_one(todo)
 
     # The checkpoint's outcomes first (their rows, failures and handler calls), then this attempt's.
     rows: list[dict[str, Any]] = list(saved.rows)
