@@ -337,6 +337,31 @@ def _with_block_fields(data: Any, what: str, own_key: str) -> Any:
     return {**{k: v for k, v in fields.items() if v is not None}, **data}
 
 
+class OutputConfig(_Strict):
+    """What the output rows must look like (``slurmctl.output_schema``)."""
+
+    schema_: dict[str, str] | str | None = Field(default=None, alias="schema", description=(
+        "Arrow types by column ({score: double, name: string}; pyarrow's type names), or the path or URI of a "
+        "Parquet file whose schema it is. Checked per row at the batch: a row of another type fails its item with "
+        "class schema. Without it, the first committed batch's types are recorded and later batches are checked "
+        "against them with the merge's promotion rules."))
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("schema_")
+    @classmethod
+    def _types(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            import pyarrow as pa
+
+            for column, name in v.items():
+                try:
+                    pa.type_for_alias(str(name))
+                except (ValueError, KeyError):
+                    raise ValueError(f"column {column!r}: unknown Arrow type {name!r} (int64, double, string, bool, "
+                                     f"timestamp[ms], date32, ...; for nested types give a Parquet file)") from None
+        return v
+
+
 class AggregateConfig(_Strict):
     """How the committed batch outputs become the job's dataset (``flows/aggregate.py``)."""
 
@@ -517,6 +542,7 @@ class JobConfig(_Strict):
         "How each batch stores its rows before aggregation: Parquet, or a SQLite database (the local scratch "
         "format of the PRD's workers); the aggregation reads either."))
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
 

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import pyarrow.parquet as pq
 
+from slurmctl import output_schema
 from slurmctl.batch_metrics import BatchMeter
 from slurmctl.batch_run import BatchRun, is_batch_mode
 from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
@@ -38,7 +39,7 @@ from slurmctl.books.input_files import InputChanged, describe_line
 from slurmctl.books.limits import leasers_for
 from slurmctl.books.manifests import Keys, TaskManifest, now
 from slurmctl.config import JobConfig
-from slurmctl.errors import CircuitBreaker, ErrorPolicy
+from slurmctl.errors import CircuitBreaker, Classified, ErrorPolicy, ItemOutcome
 from slurmctl.handler import BatchContext, handler_for
 from slurmctl.item_run import ItemRun, is_concurrent
 from slurmctl.records import BatchSpec, read_batch
@@ -172,6 +173,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     failed: list[dict[str, Any]] = list(saved.failed)
     deferred: list[dict[str, Any]] = []
     succeeded = saved.succeeded
+    outcomes = check_schema(cfg, store, outcomes)
     if halted is not None and halted() and any(o is None for o in outcomes):
         hand_on(cfg, store, saved, todo, outcomes, breaker, meter, spec, logger)
     for (line, item), outcome in zip(todo, outcomes):
@@ -246,6 +248,31 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
         manifest.metrics.api_calls = (manifest.metrics.api_calls or 0) + saved.api_calls
     manifest.finished_at = manifest.metrics.finished_at or now()
     return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
+
+
+def check_schema(cfg: JobConfig, store: ManifestStore, outcomes: list[Any]) -> list[Any]:
+    """Items whose rows do not fit the output's schema (declared, or recorded from the first batch) fail with class
+    ``schema`` (``slurmctl.output_schema``); the others keep their rows."""
+    oks = [i for i, o in enumerate(outcomes) if o is not None and o.ok and o.result]
+    if not oks:
+        return outcomes
+    items_rows = [outcomes[i].result for i in oks]
+    schema = output_schema.declared(cfg, store)
+    strict = schema is not None
+    if schema is None:
+        schema = output_schema.recorded(store, cfg.job_id,
+                                        lambda: output_schema.infer([r for rows in items_rows for r in rows]))
+    if schema is None:
+        return outcomes
+    bad = output_schema.violations(items_rows, schema, strict)
+    if not bad:
+        return outcomes
+    outcomes = list(outcomes)
+    for j, why in bad.items():
+        i = oks[j]
+        outcomes[i] = ItemOutcome(False, error=Classified("schema", False, "SchemaMismatch", why),
+                                  attempts=outcomes[i].attempts)
+    return outcomes
 
 
 def failure_record(spec: BatchSpec, line: int, item: dict[str, Any], id_field: str, outcome: Any) -> dict[str, Any]:

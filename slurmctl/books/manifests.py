@@ -139,6 +139,11 @@ class Keys:
         return f"{self.root}retry/{_batch(batch_id)}.{_attempt(attempt)}.json"
 
     @property
+    def output_schema(self) -> str:
+        """The output's types as the first batch with rows recorded them (``slurmctl.output_schema``)."""
+        return f"{self.root}output_schema.json"
+
+    @property
     def input_files(self) -> str:
         """An input of many files: the listing partition used (``books.input_files``)."""
         return f"{self.root}input/files.jsonl"

@@ -331,3 +331,8 @@ def handle_batch(batch: Any, ctx: Any) -> Any:
     if p.get("error_rows"):
         frame["errors"] = [("bad row" if i in p["error_rows"] else None) for i in frame["id"]]
     return frame
+
+
+def typed(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """``{"id", "value"}``: the value is the id, or ``params["values"][str(id)]`` (a string, a float, ...)."""
+    return {"id": item["id"], "value": (ctx.params.get("values") or {}).get(str(item["id"]), item["id"])}

@@ -1,0 +1,122 @@
+"""The output's types, checked per item at the batch: a row of the wrong type fails its item (class ``schema``),
+not the whole aggregation hours later.
+
+The schema is the declared one (``output.schema``: Arrow types by column, or a Parquet file's schema), else the one
+the job recorded from its first batch with rows (``jobs/<job>/output_schema.json``, written create-if-absent; a batch
+that loses that race checks itself against the winner). A declared type is strict: a value must convert to it
+(``"7"`` is no ``int64``, ``1.5`` no ``int64``). A recorded type follows the merge's promotion rules
+(``slurmctl.tables.unify``: int to double is fine, text where numbers were is not). Columns the schema does not name
+are free (the merge adds them).
+
+Checked per column over the whole batch first (one conversion per column, as writing the part does anyway); only a
+column that fails is checked item by item, to find which items fail.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from slurmctl.blocks.manifest_store import ManifestStore
+from slurmctl.books.manifests import Keys
+from slurmctl.config import JobConfig
+from slurmctl.tables import INTERNAL
+
+_recorded: dict[str, pa.Schema] = {}  # its key's URI -> a job's recorded schema (immutable once written), per process
+_lock = threading.Lock()
+
+
+_declared: dict[str, pa.Schema] = {}  # a schema file's URI -> its schema, read once per process
+
+
+def declared(cfg: JobConfig, store: ManifestStore) -> pa.Schema | None:
+    spec = cfg.output.schema_
+    if spec is None:
+        return None
+    if isinstance(spec, dict):
+        return pa.schema([(name, pa.type_for_alias(str(t))) for name, t in spec.items()])
+    if spec not in _declared:
+        with store.open_uri(spec) as f:
+            _declared[spec] = pq.ParquetFile(f).schema_arrow
+    return _declared[spec]
+
+
+def infer(rows: list[dict[str, Any]]) -> pa.Schema:
+    """Each column's type from its first non-null value (a batch's rows may disagree: the first decides)."""
+    fields: dict[str, pa.DataType] = {}
+    for row in rows:
+        for name, value in row.items():
+            if name not in fields and value is not None and name not in INTERNAL:
+                try:
+                    fields[name] = pa.array([value]).type
+                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                    continue
+    return pa.schema(list(fields.items()))
+
+
+def recorded(store: ManifestStore, job_id: str, propose: Callable[[], pa.Schema]) -> pa.Schema | None:
+    """The job's recorded schema; when there is none yet and ``propose()`` has columns, record it (create-if-absent)
+    and return the winner's."""
+    key = Keys(job_id).output_schema
+    where = store.uri(key)
+    with _lock:
+        if where in _recorded:
+            return _recorded[where]
+    body = store.get_json(key)
+    proposal = propose() if body is None else None
+    if body is None and proposal is not None and len(proposal):
+        store.put_json(key, {"schema_version": 1, "kind": "output_schema", "job_id": job_id,
+                             "arrow_ipc_b64": base64.b64encode(proposal.serialize().to_pybytes()).decode()},
+                       if_absent=True)
+        body = store.get_json(key)
+    if body is None:
+        return None
+    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(body["arrow_ipc_b64"])))
+    with _lock:
+        _recorded[where] = schema
+    return schema
+
+
+def _converts(values: list[Any], t: pa.DataType, strict: bool) -> str | None:
+    """None when ``values`` fit a column of type ``t``; else why not."""
+    try:
+        if strict:
+            got_array = pa.array(values)
+            if got_array.type == t or pa.types.is_null(got_array.type):
+                return None
+            for kind in (_is_text, pa.types.is_boolean, pa.types.is_binary):
+                if kind(got_array.type) != kind(t):  # no parsing "7" into 7, no 1 into "1", no True into 1
+                    return f"{got_array.type} is not {t}"
+            got_array.cast(t, safe=True)  # 4.5 is no int64, 300 no int8
+            return None
+        got = pa.array(values).type
+        pa.unify_schemas([pa.schema([("c", t)]), pa.schema([("c", got)])], promote_options="permissive")
+        return None
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError) as exc:
+        return str(exc).splitlines()[0][:300]
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def violations(items_rows: list[list[dict[str, Any]]], schema: pa.Schema, strict: bool) -> dict[int, str]:
+    """Index (in ``items_rows``) -> why that item's rows do not fit ``schema``."""
+    bad: dict[int, str] = {}
+    for field in schema:
+        values = [(i, row[field.name]) for i, rows in enumerate(items_rows) for row in rows
+                  if row.get(field.name) is not None]
+        if not values or _converts([v for _, v in values], field.type, strict) is None:
+            continue
+        for i, value in values:  # the column does not fit: find its items
+            if i in bad:
+                continue
+            why = _converts([value], field.type, strict)
+            if why is not None:
+                bad[i] = (f"column {field.name!r}: {value!r} ({type(value).__name__}) does not fit "
+                          f"{'the declared' if strict else 'the recorded'} type {field.type}: {why}")
+    return bad
