@@ -16,6 +16,11 @@ committed at the kill and how many the resumed run processed.
 ``--s3``: the store is a bucket on a moto server started here, behind a counting proxy: every object-store request
 of every process (coordinator and workers), submit to completed, is counted by method.
 
+``--files N``: the input is N gzip JSONL files under one folder (or S3 prefix with ``--s3``), read through a glob
+(``part-*.jsonl.gz``). ``--batch-handler``: a vectorised pandas batch handler (``support.sample_handlers:
+handle_batch``, ``batch_format: pandas``) instead of the per-item echo, timed against a one-pass pyarrow
+read-transform-write of the same files in the same run (``baseline_s``, ``ratio`` = its rows/s over the baseline's).
+
 Prints one JSON object: items, batches, task_runs, seconds, items_per_s, coordinator_peak_rss_mb,
 store_requests_per_batch (None on the local store), and details.
 """
@@ -134,13 +139,43 @@ def request_kind(method: str, path: str) -> str:
     return f"{method} {where}"
 
 
+def split_gzip(source: Path, folder: Path, files: int) -> None:
+    """``source``'s lines over ``files`` gzip files of about equal size (part-00000.jsonl.gz, ...)."""
+    import gzip
+
+    folder.mkdir()
+    lines = source.read_bytes().splitlines(keepends=True)
+    per = -(-len(lines) // files)
+    for i in range(files):
+        with gzip.open(folder / f"part-{i:05d}.jsonl.gz", "wb", compresslevel=6) as f:
+            f.writelines(lines[i * per:(i + 1) * per])
+
+
+def one_pass(tmp: Path, files: int | None) -> float:
+    """The baseline: read the same input with pyarrow, do the batch handler's transform, write one Parquet file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    paths = sorted((tmp / "day").iterdir()) if files else [tmp / "input.jsonl"]
+    tables = []
+    for path in paths:
+        stream = pa.input_stream(str(path), compression="detect")
+        table = pj.read_json(stream)
+        tables.append(table.append_column("doubled", pc.multiply(table.column("id"), 2)))
+    pq.write_table(pa.concat_tables(tables), str(tmp / "baseline.parquet"))
+    return time.perf_counter() - t0
+
+
 def check_output(path: str, items: int) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
     ids = pq.read_table(path, columns=["id"]).column("id").to_numpy()
     assert len(ids) == items, f"{len(ids)} rows for {items} items"
-    ids.sort()
+    ids = np.sort(ids)
     assert np.array_equal(ids, np.arange(items)), "the output does not hold each id exactly once"
 
 
@@ -151,6 +186,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kill-at", type=float, default=None, help="SIGKILL the coordinator at this fraction")
     parser.add_argument("--s3", action="store_true", help="store on a moto server; count its requests")
+    parser.add_argument("--files", type=int, default=None, help="split the input over this many gzip JSONL files")
+    parser.add_argument("--batch-handler", action="store_true", help="a vectorised pandas batch handler")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args()
 
@@ -161,10 +198,16 @@ def main() -> None:
     env.pop("PREFECT_API_URL", None)
     api = prefect_server.ensure()  # the persistent local server (SLURMCTL_HOME), UI enabled
     make_input(tmp / "input.jsonl", args.items)
+    if args.files:
+        split_gzip(tmp / "input.jsonl", tmp / "day", args.files)
     job_id = f"scale-{args.items}-{int(time.time())}"
     config: dict[str, Any] = {"job_id": job_id, "handler": "slurmctl.handlers.echo:handle",
-                              "input": {"uri": str(tmp / "input.jsonl")}, "batch_size": args.batch_size,
-                              "cluster": {"kind": "local", "n_workers": args.workers}}
+                              "input": {"uri": str(tmp / "day/part-*.jsonl.gz") if args.files else
+                                        str(tmp / "input.jsonl")},
+                              "batch_size": args.batch_size, "cluster": {"kind": "local", "n_workers": args.workers}}
+    if args.batch_handler:
+        config.update(handler="support.sample_handlers:handle_batch", batch_format="pandas")
+    baseline_s = one_pass(tmp, args.files) if args.batch_handler else None
     proxy = moto = None
     if args.s3:
         import boto3
@@ -180,8 +223,13 @@ def main() -> None:
         os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
         s3 = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1")
         s3.create_bucket(Bucket="scale")
-        s3.upload_file(str(tmp / "input.jsonl"), "scale", "input.jsonl")
-        config["input"]["uri"] = "s3://scale/input.jsonl"
+        if args.files:
+            for part in sorted((tmp / "day").iterdir()):
+                s3.upload_file(str(part), "scale", f"day/{part.name}")
+            config["input"]["uri"] = "s3://scale/day/part-*.jsonl.gz"
+        else:
+            s3.upload_file(str(tmp / "input.jsonl"), "scale", "input.jsonl")
+            config["input"]["uri"] = "s3://scale/input.jsonl"
         config["storage"] = {"uri": "s3://scale/state", "endpoint_url": proxy.url, "region": "us-east-1"}
         proxy.reset_counters()
     else:
@@ -245,8 +293,11 @@ def main() -> None:
         checks = prefect_checks(api, store_job, batches)
         assert checks["task_runs"] <= 2000, checks
         assert set(checks["task_run_states"]) <= {"Completed", "Cached"}, checks
+        if baseline_s is not None:
+            out.update(baseline_s=round(baseline_s, 1), baseline_rows_per_s=round(args.items / baseline_s),
+                       ratio=round(baseline_s / seconds, 3))
         out.update(batches=batches, task_runs=checks["task_runs"], seconds=round(seconds, 1),
-                   items_per_s=round(args.items / seconds),
+                   items_per_s=round(args.items / seconds), files=args.files,
                    coordinator_peak_rss_mb=round(watcher.peak) if not args.s3 else None,
                    store_requests_per_batch=round(requests / batches, 3) if requests is not None else None,
                    task_run_states=checks["task_run_states"], ui=checks["ui"], flow_runs=checks["flow_runs"])
