@@ -71,10 +71,9 @@ def plan_file(store: ManifestStore, cfg: JobConfig, uri: str, identity: str, com
     where = {"first_index": len(plan.batches), "line_base": plan.lines, "file": uri if many else ""}
     with store.open_uri(uri) as f:
         if compression not in (None, "none"):
-            first_chunk = len({s.chunk for s in plan.batches if s.chunk})
-            chunker = Chunker(store, cfg.job_id, decompressing(f, compression), first_chunk=first_chunk)
+            chunker = Chunker(store, cfg.job_id, decompressing(f, compression), first_chunk=plan.chunks)
             part = partition(chunker, fmt, size, on_batch=chunker.add, **where)  # type: ignore[arg-type]
-            chunks = chunker.finish(part)
+            chunks = part.chunks = chunker.finish(part)
             _log().info("%s (%s): %s bytes of records in %s chunks", uri, compression, part.input_bytes,
                                   chunks)
         else:
@@ -83,4 +82,5 @@ def plan_file(store: ManifestStore, cfg: JobConfig, uri: str, identity: str, com
     plan.records += part.records
     plan.input_bytes += part.input_bytes
     plan.lines += part.lines
+    plan.chunks += part.chunks
     return plan

@@ -71,6 +71,7 @@ class Plan:
     records: int = 0
     input_bytes: int = 0
     lines: int = 0  # physical lines (JSONL, CSV) or rows (Parquet) read: the next file's ``line_base`` moves by it
+    chunks: int = 0  # a compressed input's chunks written (``slurmctl.books.input_chunks``): numbered on by the next file
 
 
 @dataclass

@@ -124,7 +124,7 @@ class ChunkReader:
             raise PartMissing(f"input chunk {where} is missing: the job's copy of its compressed input was removed; "
                               f"submit the job again")
         try:
-            data = pa.decompress(packed, decompressed_size=_frame_size(packed), codec=CODEC, asbytes=True)
+            data = pa.CompressedInputStream(pa.BufferReader(packed), CODEC).read()
         except (OSError, ValueError, pa.ArrowException) as exc:
             raise PartCorrupt(f"input chunk {where} cannot be decompressed ({exc})") from None
         with self._lock:
@@ -133,14 +133,3 @@ class ChunkReader:
                 self._cache.popitem(last=False)
         return data
 
-
-def _frame_size(packed: bytes) -> int:
-    """The decompressed size a zstd frame records in its header (pyarrow's one-shot decompression needs it)."""
-    descriptor = packed[4]
-    fcs_flag, single = descriptor >> 6, (descriptor >> 5) & 1
-    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3]
-    width = (1 if single else 0, 2, 4, 8)[fcs_flag]
-    if width == 0:
-        raise PartCorrupt("input chunk without its size in its zstd frame header")
-    size = int.from_bytes(packed[pos:pos + width], "little")
-    return size + 256 if width == 2 else size
