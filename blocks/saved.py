@@ -25,7 +25,9 @@ class BlockNotFound(LookupError):
 @functools.lru_cache(maxsize=64)
 def saved_block(name: str, types: tuple[str, ...]) -> Block:
     """The saved block ``name`` of the first of ``types`` that has one; ``type-slug/name`` picks the type."""
-    import slurmctl.blocks  # noqa: F401  (registers our block classes, so a loaded document becomes one of them)
+    # registers our block classes, so a loaded document becomes one of them
+    import slurmctl.blocks.manifest_store  # noqa: F401
+    import slurmctl.blocks.rate_limiter  # noqa: F401
 
     slug, _, bare = name.rpartition("/")
     candidates = [slug] if slug else list(types)

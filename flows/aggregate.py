@@ -31,7 +31,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from slurmctl.blocks.manifest_store import DeleteIncomplete, ManifestStore
 from slurmctl.books.aggregation import AggregationPlan, Merge, plan_aggregation
 from slurmctl.books.audit import SHOWN, BooksUnbalanced
 from slurmctl.books.audit import check as check_books
@@ -42,6 +41,7 @@ from slurmctl.books.store import load_job, save_job, store_for
 from slurmctl.config import JobConfig, LocalClusterConfig, parse_config
 from slurmctl.flows import cancel
 from slurmctl.flows.runners import task_runner_for
+from slurmctl.storage import DeleteIncomplete, Store
 from slurmctl.tasks.merge import concat_rejects, dropped_by, layout_output, merge_chunk, put_jsonl
 
 
@@ -89,7 +89,7 @@ def _chunk_name(chunk: list[Merge]) -> str:
     return f"merge-{first.name}..{last.index:05d} ({len(chunk)})" if len(chunk) > 1 else f"merge-{first.name}"
 
 
-def run_levels(store: ManifestStore, plan: AggregationPlan, tasks: list[dict[str, Any]], cfg: JobConfig,
+def run_levels(store: Store, plan: AggregationPlan, tasks: list[dict[str, Any]], cfg: JobConfig,
                runs: int) -> tuple[Counter[int], Counter[int]]:
     """Run every unfinished merge, level by level; return what the whole plan dropped per batch ordinal: rows
     (duplicates) and item occurrences (superseded by a later occurrence of their id)."""
@@ -137,7 +137,7 @@ def check_rows(job_id: str, tasks: list[dict[str, Any]], dropped: Counter[int], 
     return duplicates
 
 
-def publish(store: ManifestStore, keys: Keys, files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def publish(store: Store, keys: Keys, files: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copy the final files under ``output/`` and remove what the previous output had besides; the previous
     completion manifest goes first, so nothing claims the output is complete while it changes."""
     store.delete(keys.result)
@@ -153,7 +153,7 @@ def publish(store: ManifestStore, keys: Keys, files: list[dict[str, Any]]) -> li
     return published
 
 
-def remove_intermediates(store: ManifestStore, keys: Keys, logger: Any) -> None:
+def remove_intermediates(store: Store, keys: Keys, logger: Any) -> None:
     """Remove the merge trees' files (this plan's and any earlier one's) once the output is published. Their
     ``.done`` markers go first: a delete cut short must not leave a marker vouching for a merge whose files are gone
     (a later aggregation with the same plan would skip that merge and fail reading them). What is left is said, not

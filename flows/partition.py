@@ -8,7 +8,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books import input_files
 from slurmctl.books.input_chunks import Chunker, decompressing
 from slurmctl.books.manifests import Keys
@@ -16,6 +15,7 @@ from slurmctl.books.store import load_job, store_for, update_job
 from slurmctl.config import JobConfig, parse_config
 from slurmctl.flows import cancel
 from slurmctl.records import Plan, partition
+from slurmctl.storage import Store
 
 
 @flow(name="partition", flow_run_name="{job_id} / partition", log_prints=True)
@@ -46,9 +46,9 @@ def _log() -> Any:
         return logging.getLogger("slurmctl.flows.partition")
 
 
-def plan_input(store: ManifestStore, cfg: JobConfig) -> Plan:
+def plan_input(store: Store, cfg: JobConfig) -> Plan:
     """Stream the input once into batch slices: one file, or each file of many in turn (``books.input_files``: the
-    listing is recorded first). A Parquet file's identity (``ManifestStore.input_identity``) is taken before it is
+    listing is recorded first). A Parquet file's identity (``Store.input_identity``) is taken before it is
     read and recorded in its batches: a file rewritten meanwhile fails the check in its batches instead of passing
     it."""
     if not cfg.input.many:
@@ -63,7 +63,7 @@ def plan_input(store: ManifestStore, cfg: JobConfig) -> Plan:
     return plan
 
 
-def plan_file(store: ManifestStore, cfg: JobConfig, uri: str, identity: str, compression: str | None, plan: Plan,
+def plan_file(store: Store, cfg: JobConfig, uri: str, identity: str, compression: str | None, plan: Plan,
               many: bool = False) -> Plan:
     """Cut one file into batches appended to ``plan`` (numbered on, lines job-wide); a compressed one is streamed
     once and its batches written again as chunks a shard opens alone (``books.input_chunks``)."""

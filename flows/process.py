@@ -28,7 +28,6 @@ from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
 from prefect.settings import PREFECT_API_URL
 
-from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.checkpoints import checkpointed_batches
 from slurmctl.books.failures import committed_batch_ids, list_batches, recount
 from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, now
@@ -40,6 +39,7 @@ from slurmctl.flows.budget import BudgetGuard
 from slurmctl.flows.replacement import Replacements
 from slurmctl.item_run import shards_per_thread
 from slurmctl.records import BatchSpec
+from slurmctl.storage import Store
 from slurmctl.tasks.process_batch import summary_of
 from slurmctl.tasks.process_shard import ShardPreempted, ShardRetiring, ShardStopped, commits_topic, process_shard
 
@@ -107,10 +107,10 @@ class WorkerWatch:
         return f" (Slurm worker jobs: {'; '.join(' '.join(r) for r in rows) or 'none'})"
 
 
-_saved: dict[str, ManifestStore] = {}  # "<api url>|<block name>" -> the block this process saved there
+_saved: dict[str, Store] = {}  # "<api url>|<block name>" -> the block this process saved there
 
 
-def saved_store(store: ManifestStore) -> ManifestStore:
+def saved_store(store: Store) -> Store:
     """The store saved as a Prefect block (Prefect requires saved blocks for result storage); one per store URI,
     saved once per coordinator process (each save is an API round trip of ~0.5 s): later calls get that block."""
     name = "slurmctl-" + hashlib.sha256(store.uri("").encode()).hexdigest()[:16]
@@ -156,7 +156,7 @@ class CommitFeed:
                 self.client.unsubscribe_topic(self.topic)
 
 
-def listed_commits(store: ManifestStore, job_id: str) -> tuple[set[str], set[str]]:
+def listed_commits(store: Store, job_id: str) -> tuple[set[str], set[str]]:
     """The committed batches and the batches still carrying a failure marker, from one listing of ``tasks/`` (a
     phase's start). Markers of batches committed since they were written are removed here."""
     listing = list_batches(store, job_id)
@@ -164,7 +164,7 @@ def listed_commits(store: ManifestStore, job_id: str) -> tuple[set[str], set[str
     return set(listing.committed), listing.marked - listing.stale_markers
 
 
-def clear_markers(store: ManifestStore, job_id: str, batch_ids: set[str]) -> None:
+def clear_markers(store: Store, job_id: str, batch_ids: set[str]) -> None:
     """Remove the failure markers (``tasks/<batch>.failed.json``) of batches that committed: the marker says why a
     batch did not commit, which is no longer true (and what it says would mislead whoever reads it)."""
     keys = Keys(job_id)
@@ -172,7 +172,7 @@ def clear_markers(store: ManifestStore, job_id: str, batch_ids: set[str]) -> Non
         store.delete(keys.failed_task(batch_id))
 
 
-def run_batches(cfg: JobConfig, store: ManifestStore, job: JobManifest, specs: list[BatchSpec],
+def run_batches(cfg: JobConfig, store: Store, job: JobManifest, specs: list[BatchSpec],
                 done: set[str] | None = None, max_shards: int | None = None,
                 check_commits: bool = False, base: Future | None = None,
                 marked: set[str] | None = None) -> list[str]:
@@ -377,7 +377,7 @@ def _pass_id() -> str | None:
         return None
 
 
-def fail_uncommitted(store: ManifestStore, job: JobManifest, specs: list[BatchSpec], error: str,
+def fail_uncommitted(store: Store, job: JobManifest, specs: list[BatchSpec], error: str,
                      fold: Any, failed_one: Any) -> None:
     """A shard failed for good: its batches that did commit are counted, the others recorded as failed."""
     logger = get_run_logger()

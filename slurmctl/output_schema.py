@@ -21,9 +21,9 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.manifests import Keys
 from slurmctl.config import JobConfig
+from slurmctl.storage import Store
 from slurmctl.tables import INTERNAL
 
 _recorded: dict[str, pa.Schema] = {}  # its key's URI -> a job's recorded schema (immutable once written), per process
@@ -33,7 +33,7 @@ _lock = threading.Lock()
 _declared: dict[str, pa.Schema] = {}  # a schema file's URI -> its schema, read once per process
 
 
-def declared(cfg: JobConfig, store: ManifestStore) -> pa.Schema | None:
+def declared(cfg: JobConfig, store: Store) -> pa.Schema | None:
     spec = cfg.output.schema_
     if spec is None:
         return None
@@ -58,7 +58,7 @@ def infer(rows: list[dict[str, Any]]) -> pa.Schema:
     return pa.schema(list(fields.items()))
 
 
-def recorded(store: ManifestStore, job_id: str, propose: Callable[[], pa.Schema]) -> pa.Schema | None:
+def recorded(store: Store, job_id: str, propose: Callable[[], pa.Schema]) -> pa.Schema | None:
     """The job's recorded schema; when there is none yet and ``propose()`` has columns, record it (create-if-absent)
     and return the winner's."""
     key = Keys(job_id).output_schema

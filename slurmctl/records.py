@@ -16,9 +16,11 @@ import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
-import pyarrow.parquet as pq
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
+
 
 RAW_PREVIEW = 500  # characters of a rejected record kept for the rejects file
 
@@ -111,6 +113,8 @@ def partition(stream: BinaryIO, fmt: str, batch_size: int, on_batch: Callable[[B
             on_batch(spec)
 
     if fmt == "parquet":
+        import pyarrow.parquet as pq  # here: the commands that read a job's books never need it
+
         meta = pq.ParquetFile(stream).metadata
         for start in range(0, meta.num_rows, batch_size):
             end = min(start + batch_size, meta.num_rows)
@@ -256,7 +260,7 @@ def read_csv(header: bytes, data: bytes, first_line: int, id_field: str, encodin
     return SliceRead(items, rejects, "")
 
 
-def read_parquet_rows(pf: pq.ParquetFile, start: int, end: int, id_field: str, line_base: int = 0) -> SliceRead:
+def read_parquet_rows(pf: "pq.ParquetFile", start: int, end: int, id_field: str, line_base: int = 0) -> SliceRead:
     """Rows ``[start, end)``, reading only the row groups that overlap them."""
     meta = pf.metadata
     groups, first_row_of_first_group, row = [], None, 0
@@ -292,6 +296,8 @@ def read_batch(open_uri: Callable[[str], BinaryIO], read_range: Callable[[str, i
         return read_retry_lines(read_range(uri, spec.start, spec.end))
     if fmt == "parquet":
         with open_uri(uri) as f:
+            import pyarrow.parquet as pq
+
             pf = pq.ParquetFile(f)
             result = read_parquet_rows(pf, spec.start, spec.end, id_field, spec.line_base)
             result.digest = parquet_slice_digest(pf.metadata, spec.start, spec.end)

@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NONE
 
-from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.books.aggregation import plan_aggregation
 from slurmctl.books.manifests import OutputFile
 from slurmctl.books.parts import PartMissing, committed_rejects, fetch_part, read_parquet_part
 from slurmctl.config import AggregateConfig
+from slurmctl.storage import Store, sha256_bytes
 from slurmctl.tables import (
     BATCH,
     INTERNAL,
@@ -55,19 +55,19 @@ class PartitionError(ValueError):
     """The partitioned layout cannot be written (no such column, too many values); the message names the setting."""
 
 
-def _stored_file(store: ManifestStore, key: str, path: str, rows: int) -> dict[str, Any]:
+def _stored_file(store: Store, key: str, path: str, rows: int) -> dict[str, Any]:
     entry = {"key": key, "rows": rows, "bytes": os.path.getsize(path), "sha256": file_digest(path)}
     store.put_file(key, path)
     return entry
 
 
-def _finish(store: ManifestStore, spec: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+def _finish(store: Store, spec: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
     store.put_json(spec["manifest"], {"schema_version": 1, "kind": "merge", **body})
     store.put_bytes(spec["done"], b"")
     return body
 
 
-def _read_level1(store: ManifestStore, spec: dict[str, Any], scratch: str) -> pa.Table:
+def _read_level1(store: Store, spec: dict[str, Any], scratch: str) -> pa.Table:
     """The batch outputs, each verified then read: a Parquet part is read once into memory (it is one batch's rows)
     and hashed, counted and decoded from those bytes; a SQLite part is a file on disk."""
     tables = []
@@ -83,7 +83,7 @@ def _read_level1(store: ManifestStore, spec: dict[str, Any], scratch: str) -> pa
     return concat(tables)
 
 
-def _files_below(store: ManifestStore, key: str, bucket: int | None, scratch: str, reader: str) -> list[str]:
+def _files_below(store: Store, key: str, bucket: int | None, scratch: str, reader: str) -> list[str]:
     """Local paths of the files a finished merge wrote (those of partition ``bucket``, or all, in partition order),
     each verified against that merge's manifest ``key``."""
     below = store.get_json(key)
@@ -96,18 +96,18 @@ def _files_below(store: ManifestStore, key: str, bucket: int | None, scratch: st
             for f in (below["files"].get(b) for b in buckets) if f]
 
 
-def _read_upper(store: ManifestStore, spec: dict[str, Any], scratch: str) -> pa.Table:
+def _read_upper(store: Store, spec: dict[str, Any], scratch: str) -> pa.Table:
     reader = f"merge {spec['name']} of plan {spec['plan_id']}"
     return concat([pq.read_table(path) for key in spec["inputs"]
                    for path in _files_below(store, key, spec["bucket"], scratch, reader)])
 
 
-def _finished(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any] | None:
+def _finished(store: Store, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest of a unit (a merge, the layout) that finished before: its ``.done`` marker is there."""
     return store.get_json(spec["manifest"]) if store.exists(spec["done"]) else None
 
 
-def run_merge(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
+def run_merge(store: Store, spec: dict[str, Any]) -> dict[str, Any]:
     """One merge of the tree (``spec`` from ``AggregationPlan.merge_spec``); a finished one is skipped."""
     done = _finished(store, spec)
     if done is not None:
@@ -138,7 +138,7 @@ def run_merge(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
 
 @task(name="merge", task_run_name="{chunk[name]}", cache_policy=NONE, persist_result=False, retries=2,
       retry_delay_seconds=2)
-def merge_chunk(store: ManifestStore, chunk: dict[str, Any]) -> dict[str, dict[str, int]]:
+def merge_chunk(store: Store, chunk: dict[str, Any]) -> dict[str, dict[str, int]]:
     """Several merges of one level, one after another; returns what they dropped, per batch ordinal (small: usually
     empty): ``duplicates`` (rows) and ``superseded`` (item occurrences replaced by a later one of the same id)."""
     return dropped_by([run_merge(store, spec) for spec in chunk["merges"]])
@@ -206,7 +206,7 @@ def _partition_dir(column: str, value: Any) -> str:
     return f"{column}={HIVE_NULL if value is None else quote(str(value), safe='')}"
 
 
-def write_output(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
+def write_output(store: Store, spec: dict[str, Any]) -> dict[str, Any]:
     """Stream the partitions' files into the layout under the plan's ``final/`` prefix; its manifest lists every
     file with rows, sha256 and lineage, and how many rows of each batch it holds (the flow's row check)."""
     done = _finished(store, spec)
@@ -272,12 +272,12 @@ def write_output(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
 
 @task(name="write-output", task_run_name="write-output", cache_policy=NONE, persist_result=False, retries=2,
       retry_delay_seconds=2)
-def layout_output(store: ManifestStore, spec: dict[str, Any]) -> dict[str, Any]:
+def layout_output(store: Store, spec: dict[str, Any]) -> dict[str, Any]:
     body = write_output(store, spec)
     return {"files": len(body["files"]), "rows": body["rows"]}
 
 
-def merge_all(store: ManifestStore, job_id: str, tasks: list[dict[str, Any]], cfg: AggregateConfig,
+def merge_all(store: Store, job_id: str, tasks: list[dict[str, Any]], cfg: AggregateConfig,
               id_field: str = "id") -> dict[str, Any]:
     """The whole tree in this process, without Prefect (unit tests, the overhead benchmark's baseline): the final
     layout's manifest."""
@@ -288,7 +288,7 @@ def merge_all(store: ManifestStore, job_id: str, tasks: list[dict[str, Any]], cf
     return write_output(store, plan.final_spec(tasks, cfg))
 
 
-def concat_rejects(store: ManifestStore, tasks: list[dict[str, Any]], out_key: str) -> OutputFile | None:
+def concat_rejects(store: Store, tasks: list[dict[str, Any]], out_key: str) -> OutputFile | None:
     """All committed rejects, verified, in one JSONL file (None, and no file, when there are none)."""
     parts = [t for t in tasks if t.get("rejects")]
     if not parts:
@@ -297,6 +297,6 @@ def concat_rejects(store: ManifestStore, tasks: list[dict[str, Any]], out_key: s
     return put_jsonl(store, out_key, b"".join(committed_rejects(store, t) for t in parts))
 
 
-def put_jsonl(store: ManifestStore, out_key: str, data: bytes) -> OutputFile:
+def put_jsonl(store: Store, out_key: str, data: bytes) -> OutputFile:
     store.put_bytes(out_key, data)
     return OutputFile(uri=store.uri(out_key), rows=data.count(b"\n"), bytes=len(data), sha256=sha256_bytes(data))

@@ -32,7 +32,6 @@ import pyarrow.parquet as pq
 from slurmctl import output_schema
 from slurmctl.batch_metrics import BatchMeter
 from slurmctl.batch_run import BatchRun, is_batch_mode
-from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.books import checkpoints
 from slurmctl.books.input_chunks import ChunkReader
 from slurmctl.books.input_files import InputChanged, describe_line
@@ -43,6 +42,7 @@ from slurmctl.errors import CircuitBreaker, Classified, ErrorPolicy, ItemOutcome
 from slurmctl.handler import BatchContext, handler_for
 from slurmctl.item_run import ItemRun, is_concurrent
 from slurmctl.records import BatchSpec, read_batch
+from slurmctl.storage import Store, sha256_bytes
 from slurmctl.tables import rows_table, write_sqlite
 
 # A summary without any of these describes no batch (``checked_summary``); the rest may be None.
@@ -96,7 +96,7 @@ def summary_of(task_manifest: dict[str, Any]) -> dict[str, Any]:
             "api_calls": int(metrics.get("api_calls") or 0), "in_flight_max": int(metrics.get("in_flight_max") or 1)}
 
 
-def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: Any = None,
+def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = None,
               run_ids: tuple[str | None, str | None] = (None, None),
               sleep: Callable[[float], None] = time.sleep, check_commit: bool = True,
               read_range: Callable[[str, int, int], bytes] | None = None,
@@ -250,7 +250,7 @@ def run_batch(cfg: JobConfig, store: ManifestStore, spec: BatchSpec, *, logger: 
     return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
 
 
-def check_schema(cfg: JobConfig, store: ManifestStore, outcomes: list[Any]) -> list[Any]:
+def check_schema(cfg: JobConfig, store: Store, outcomes: list[Any]) -> list[Any]:
     """Items whose rows do not fit the output's schema (declared, or recorded from the first batch) fail with class
     ``schema`` (``slurmctl.output_schema``); the others keep their rows."""
     oks = [i for i, o in enumerate(outcomes) if o is not None and o.ok and o.result]
@@ -282,7 +282,7 @@ def failure_record(spec: BatchSpec, line: int, item: dict[str, Any], id_field: s
             "item": item, **(describe_line(spec.file, line, spec.line_base) if spec.file else {})}
 
 
-def hand_on(cfg: JobConfig, store: ManifestStore, saved: checkpoints.Checkpoint, todo: list[tuple[int, Any]],
+def hand_on(cfg: JobConfig, store: Store, saved: checkpoints.Checkpoint, todo: list[tuple[int, Any]],
             outcomes: list[Any], breaker: CircuitBreaker | None, meter: BatchMeter, spec: BatchSpec,
             logger: Any) -> None:
     """SIGTERM stopped the batch with items left: save the outcomes it has (the earlier checkpoint's and this
@@ -316,7 +316,7 @@ def hand_on(cfg: JobConfig, store: ManifestStore, saved: checkpoints.Checkpoint,
                         f"not run")
 
 
-def commit(store: ManifestStore, key: str, manifest: dict[str, Any], written: list[str],
+def commit(store: Store, key: str, manifest: dict[str, Any], written: list[str],
            committed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write the task manifest create-if-absent, last: the batch's commit. Return the committed batch's summary.
 

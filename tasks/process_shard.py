@@ -30,11 +30,11 @@ from prefect import task
 from prefect.context import get_run_context
 from prefect.logging import get_run_logger
 
-from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.manifests import Keys
 from slurmctl.books.shards import Shard
 from slurmctl.config import JobConfig
 from slurmctl.records import BatchSpec
+from slurmctl.storage import Store
 from slurmctl.tasks.process_batch import BatchHandedOn, checked_summary, run_batch
 from slurmctl.walltime import END_ENV, WorkerClock, current_clock, worker_clock
 
@@ -99,7 +99,7 @@ class ShardReader:
     """``read_range`` for a shard: its batches' contiguous slices come from one request, other reads are cached
     (a CSV header is read once per shard, not once per batch)."""
 
-    def __init__(self, store: ManifestStore, uri: str, specs: list[BatchSpec]) -> None:
+    def __init__(self, store: Store, uri: str, specs: list[BatchSpec]) -> None:
         self.store, self.uri = store, uri
         self.block: tuple[int, int, bytes] | None = None
         self.small: dict[tuple[str, int, int], bytes] = {}
@@ -124,7 +124,7 @@ class ShardReader:
         return self.small[key]
 
 
-def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, check_commits: bool = True,
+def run_shard(cfg: JobConfig, store: Store, specs: list[BatchSpec], *, check_commits: bool = True,
               on_commit: Callable[[dict[str, Any]], None] | None = None, logger: Any = None,
               run_ids: tuple[str | None, str | None] = (None, None),
               wanted: Callable[[], bool] = lambda: True,
@@ -191,7 +191,7 @@ def run_shard(cfg: JobConfig, store: ManifestStore, specs: list[BatchSpec], *, c
     return summaries
 
 
-def write_commit_log(store: ManifestStore, job_id: str, first: str, committed: list[dict[str, Any]],
+def write_commit_log(store: Store, job_id: str, first: str, committed: list[dict[str, Any]],
                      logger: Any) -> None:
     """One object with copies of the task manifests this shard committed, so readers of the books (aggregate,
     resume, ``status --scan``) make one request per shard instead of one per batch. Best effort: a batch missing
@@ -295,7 +295,7 @@ def retry_unless_abandoned(task: Any, task_run: Any, state: Any) -> bool:
 @task(name="process-shard", task_run_name="{shard[name]}", cache_key_fn=shard_cache_key, persist_result=True,
       result_serializer="json", retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5,
       retry_condition_fn=retry_unless_abandoned)
-def process_shard(cfg: JobConfig, store: ManifestStore, shard: dict[str, Any], handler_version: str = "",
+def process_shard(cfg: JobConfig, store: Store, shard: dict[str, Any], handler_version: str = "",
                   check_commits: bool = False) -> list[dict[str, Any]]:
     """``check_commits``: read each batch's commit first (set for a re-queued shard; always on a Prefect retry)."""
     ctx = get_run_context()

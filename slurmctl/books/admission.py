@@ -13,12 +13,12 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from slurmctl.blocks.manifest_store import StoreUnsupported
 from slurmctl.books import budget
 from slurmctl.books.manifests import JobManifest, Keys, now
-from slurmctl.books.store import JobExists, new_job_manifest, store_for
+from slurmctl.books.store import JobExists, new_job_manifest, reader_for
 from slurmctl.config import JobConfig
 from slurmctl.handler import HandlerError, handler_version, load_handler
+from slurmctl.storage import StoreUnsupported
 
 Problem = tuple[str, str]  # (config field, what is wrong and what to do)
 
@@ -39,7 +39,7 @@ def preflight(cfg: JobConfig) -> list[Problem]:
         load_handler(cfg.handler)
     except HandlerError as exc:
         problems.append(("handler", str(exc)))
-    store = store_for(cfg.storage)
+    store = reader_for(cfg.storage)
     uri = cfg.input.uri
     try:
         if cfg.input.many:
@@ -87,7 +87,7 @@ def create_job(cfg: JobConfig, config_file: str | None, sample: budget.Sample | 
     per-item figures). Raises ``JobExists`` for a job id already in the store, ``JobRefused`` when the preflight
     or the budget finds problems.
     """
-    store = store_for(cfg.storage)
+    store = reader_for(cfg.storage)
     key = Keys(cfg.job_id).job
     if store.exists(key):
         raise _exists(cfg, store)

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.failures import failure_state
 from slurmctl.books.manifests import JobManifest, Keys
 from slurmctl.books.store import read_plan, read_round_batches
+from slurmctl.storage import Store
 
 SHOWN = 20  # batch ids named in an error message
 
@@ -81,7 +81,7 @@ def _adds_up(task: dict[str, Any], records: int) -> bool:
     return task.get("items") == records == parts
 
 
-def audit(store: ManifestStore, job: JobManifest, tasks: list[dict[str, Any]],
+def audit(store: Store, job: JobManifest, tasks: list[dict[str, Any]],
           state: dict[int, dict[str, Any]] | None = None) -> Books:
     """The books from the plans and ``tasks`` (the committed task manifests, in commit order)."""
     plan = read_plan(store, job.job_id)
@@ -102,7 +102,7 @@ def audit(store: ManifestStore, job: JobManifest, tasks: list[dict[str, Any]],
     return books
 
 
-def check(store: ManifestStore, job: JobManifest, tasks: list[dict[str, Any]],
+def check(store: Store, job: JobManifest, tasks: list[dict[str, Any]],
           state: dict[int, dict[str, Any]] | None = None) -> Books:
     """``audit``, raising ``BooksUnbalanced`` when the books do not balance.
 

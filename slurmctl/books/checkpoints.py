@@ -27,9 +27,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
 from slurmctl.books.manifests import Keys
 from slurmctl.books.parts import PartCorrupt, PartMissing
+from slurmctl.storage import Store, sha256_bytes
 from slurmctl.tables import LINE, ROW, rows_table
 
 
@@ -50,13 +50,13 @@ class Checkpoint:
     key: str | None = None
 
 
-def checkpointed_batches(store: ManifestStore, job_id: str) -> set[str]:
+def checkpointed_batches(store: Store, job_id: str) -> set[str]:
     """Batches with a checkpoint (one listing): the attempts that run them read it first."""
     prefix = Keys(job_id).checkpoints_prefix
     return {key[len(prefix):].split("/", 1)[0] for key in store.list_keys(prefix) if key.endswith(".json")}
 
 
-def latest(store: ManifestStore, job_id: str, batch_id: str, input_digest: str) -> Checkpoint | None:
+def latest(store: Store, job_id: str, batch_id: str, input_digest: str) -> Checkpoint | None:
     """The batch's latest checkpoint, verified (its checksum, its rows' sha256 and count), or None. One listing of
     the batch's folder; a checkpoint of other input bytes (cannot happen: the slice's digest is checked first) is an
     error, never silently used."""
@@ -90,7 +90,7 @@ def latest(store: ManifestStore, job_id: str, batch_id: str, input_digest: str) 
     return cp
 
 
-def save(store: ManifestStore, job_id: str, cp: Checkpoint) -> str | None:
+def save(store: Store, job_id: str, cp: Checkpoint) -> str | None:
     """Write ``cp`` as the next checkpoint of its batch (create-if-absent, rows first); its key, or None when
     another attempt saved that number first (ours is dropped: its items run again)."""
     keys = Keys(job_id)

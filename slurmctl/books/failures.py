@@ -19,9 +19,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from slurmctl.blocks.manifest_store import ManifestCorrupt, ManifestStore
 from slurmctl.books.manifests import Counts, Keys, counts_from_tasks
-from slurmctl.books.parts import committed_retry
+from slurmctl.storage import ManifestCorrupt, Store
 
 _ROUND = re.compile(r"^r(\d+)-")
 _MARKER = ".failed.json"
@@ -39,7 +38,7 @@ def id_key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def committed_batch_ids(store: ManifestStore, job_id: str) -> list[str]:
+def committed_batch_ids(store: Store, job_id: str) -> list[str]:
     """Batch ids with a committed task manifest: one LIST per 1,000 batches, no GETs."""
     return list_batches(store, job_id).committed
 
@@ -58,7 +57,7 @@ class BatchListing:
         return self.marked.intersection(self.committed)
 
 
-def list_batches(store: ManifestStore, job_id: str) -> BatchListing:
+def list_batches(store: Store, job_id: str) -> BatchListing:
     """One listing of ``tasks/``: its commits and its failure markers."""
     listing = BatchListing()
     for key in store.list_keys(Keys(job_id).tasks_prefix):
@@ -70,7 +69,7 @@ def list_batches(store: ManifestStore, job_id: str) -> BatchListing:
     return listing
 
 
-def committed_tasks(store: ManifestStore, job_id: str, ids: set[str] | None = None) -> list[dict[str, Any]]:
+def committed_tasks(store: Store, job_id: str, ids: set[str] | None = None) -> list[dict[str, Any]]:
     """Every committed task manifest (or those of ``ids``, known committed), in commit order (initial batches,
     then each retry round).
 
@@ -111,7 +110,7 @@ def committed_tasks(store: ManifestStore, job_id: str, ids: set[str] | None = No
     return sorted(found.values(), key=lambda t: (round_of(t["batch_id"]), t["batch_id"]))
 
 
-def _log_tasks(store: ManifestStore, key: str) -> list[dict[str, Any]]:
+def _log_tasks(store: Store, key: str) -> list[dict[str, Any]]:
     """The task manifest copies of one commit log; none (and a warning) when it is corrupt."""
     if not key.endswith(".json"):
         return []
@@ -124,7 +123,7 @@ def _log_tasks(store: ManifestStore, key: str) -> list[dict[str, Any]]:
     return list((log or {}).get("tasks", []))
 
 
-def recount(store: ManifestStore, job_id: str, batches_total: int, items_total: int,
+def recount(store: Store, job_id: str, batches_total: int, items_total: int,
             ids: set[str] | None = None) -> Counts:
     """Counts from the committed task manifests alone (resume, ``status --scan``); ``ids``: of those batches."""
     return counts_from_tasks(committed_tasks(store, job_id, ids), batches_total, items_total)
@@ -135,11 +134,13 @@ def _bare(task: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in task.items() if k != "checksum"}
 
 
-def failure_state(store: ManifestStore, tasks: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+def failure_state(store: Store, tasks: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """Input line -> the item's latest failure record, with ``state`` "failed" or "deferred" (tasks in commit order).
 
     A committed retry manifest that is missing or does not match its batch's counts is an error (``PartError``).
     """
+    from slurmctl.books.parts import committed_retry  # here: pyarrow is not needed to read a job's status
+
     state: dict[int, dict[str, Any]] = {}
     lines_of: dict[str, set[int]] = defaultdict(set)  # id key -> lines, for manifests that only name ids
     where: dict[int, dict[str, Any]] = {}  # line -> its file and own line (an input of many files), kept for retries

@@ -18,9 +18,9 @@ import socket
 import threading
 from typing import Any
 
-from slurmctl.blocks.manifest_store import ManifestCorrupt
 from slurmctl.books.manifests import Keys, now
 from slurmctl.ratelimit.outages import OutageLog
+from slurmctl.storage import ManifestCorrupt
 
 HEARTBEAT_S = 2.0
 log = logging.getLogger("slurmctl.books.heartbeat")

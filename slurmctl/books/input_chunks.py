@@ -23,10 +23,10 @@ from typing import BinaryIO, Iterator
 
 import pyarrow as pa
 
-from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.manifests import Keys
 from slurmctl.books.parts import PartCorrupt, PartMissing
 from slurmctl.records import BatchSpec, Plan
+from slurmctl.storage import Store
 
 CHUNK_BYTES = 8 << 20  # records per chunk, decompressed: one GET and ~10 ms of zstd per chunk a shard reads
 CODEC = "zstd"
@@ -44,7 +44,7 @@ class Chunker:
     Give it to ``partition`` in place of the input and ``add`` as its ``on_batch``; then ``finish(plan)`` writes the
     last chunk and points the plan's batches into their chunks."""
 
-    def __init__(self, store: ManifestStore, job_id: str, source: BinaryIO, chunk_bytes: int = CHUNK_BYTES,
+    def __init__(self, store: Store, job_id: str, source: BinaryIO, chunk_bytes: int = CHUNK_BYTES,
                  first_chunk: int = 0) -> None:
         """``first_chunk``: the number of this file's first chunk (an input of many files numbers them on)."""
         self.store, self.keys, self.source, self.chunk_bytes = store, Keys(job_id), source, chunk_bytes
@@ -107,7 +107,7 @@ class ChunkReader:
     _lock = threading.Lock()
     _cache: "OrderedDict[str, bytes]" = OrderedDict()
 
-    def __init__(self, store: ManifestStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     def __call__(self, key: str, start: int, end: int) -> bytes:

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.manifests import Keys
 from slurmctl.config import InputConfig, has_glob, suffixes_of
+from slurmctl.storage import Store
 
 
 class InputChanged(RuntimeError):
@@ -39,7 +39,7 @@ class NoInputFiles(ValueError):
 class InputFile:
     uri: str
     size: int
-    identity: str  # as ``ManifestStore.input_identity`` writes it
+    identity: str  # as ``Store.input_identity`` writes it
 
 
 def _local(uri: str) -> str:
@@ -51,7 +51,7 @@ def _wanted(name: str, fmt: str) -> bool:
     return suffixes_of(name)[0] == fmt
 
 
-def list_input(store: ManifestStore, inp: InputConfig) -> list[InputFile]:
+def list_input(store: Store, inp: InputConfig) -> list[InputFile]:
     """The input's files, in the job's order, with their sizes and identities. Raises ``NoInputFiles``."""
     if inp.files is not None:
         names = inp.files if isinstance(inp.files, list) else _read_list(store, inp.files)
@@ -65,7 +65,7 @@ def list_input(store: ManifestStore, inp: InputConfig) -> list[InputFile]:
     return files
 
 
-def _read_list(store: ManifestStore, uri: str) -> list[str]:
+def _read_list(store: Store, uri: str) -> list[str]:
     """A list file: one path or URI per line; blank lines and ``#`` comments skipped; relative ones against its
     folder (an S3 list's: its prefix)."""
     with store.open_uri(uri) as f:
@@ -79,7 +79,7 @@ def _read_list(store: ManifestStore, uri: str) -> list[str]:
     return names
 
 
-def _identify(store: ManifestStore, uri: str) -> InputFile:
+def _identify(store: Store, uri: str) -> InputFile:
     identity = store.input_identity(uri)
     return InputFile(uri, int(identity.rsplit("size=", 1)[1]), identity)
 
@@ -97,7 +97,7 @@ def _list_local(inp: InputConfig) -> list[InputFile]:
     return out
 
 
-def _list_s3(store: ManifestStore, inp: InputConfig) -> list[InputFile]:
+def _list_s3(store: Store, inp: InputConfig) -> list[InputFile]:
     bucket, _, key = inp.uri[5:].partition("/")
     glob_at = min((key.index(c) for c in "*?[" if c in key), default=None)
     prefix = key if glob_at is None else key[:glob_at]
@@ -116,19 +116,19 @@ def _list_s3(store: ManifestStore, inp: InputConfig) -> list[InputFile]:
     return sorted(out, key=lambda f: f.uri)
 
 
-def record(store: ManifestStore, job_id: str, files: list[InputFile]) -> None:
+def record(store: Store, job_id: str, files: list[InputFile]) -> None:
     """The listing partition used, beside the plan."""
     store.put_bytes(Keys(job_id).input_files, b"".join(json.dumps(asdict(f)).encode() + b"\n" for f in files))
 
 
-def recorded(store: ManifestStore, job_id: str) -> list[InputFile] | None:
+def recorded(store: Store, job_id: str) -> list[InputFile] | None:
     data = store.get_bytes(Keys(job_id).input_files)
     if data is None:
         return None
     return [InputFile(**json.loads(line)) for line in data.splitlines() if line.strip()]
 
 
-def check_unchanged(store: ManifestStore, job_id: str, inp: InputConfig) -> None:
+def check_unchanged(store: Store, job_id: str, inp: InputConfig) -> None:
     """Before a resume runs more batches: the input's files are still those partitioned, or ``InputChanged``."""
     before = recorded(store, job_id)
     if before is None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from slurmctl.blocks.manifest_store import ManifestStore, sha256_bytes
+from slurmctl.storage import Store, sha256_bytes
 from slurmctl.tables import count_part_rows, file_digest, part_kind, read_parquet_bytes
 
 PartFormat = Literal["parquet", "sqlite", "jsonl"]
@@ -33,7 +33,7 @@ class PartCorrupt(PartError):
     pass
 
 
-def _verify(store: ManifestStore, key: str, named_by: str, fmt: str, sha256: str | None, digest: Callable[[], str],
+def _verify(store: Store, key: str, named_by: str, fmt: str, sha256: str | None, digest: Callable[[], str],
             rows: int | None, count: Callable[[], int]) -> None:
     """The one check every reader of a part makes: sha256 as recorded (when recorded), ``rows`` rows (when given)."""
     uri = _Uri(store, key)
@@ -54,7 +54,7 @@ def _verify(store: ManifestStore, key: str, named_by: str, fmt: str, sha256: str
 class _Uri:
     """A part's URI for an error message, built only if one is raised (a merge verifies thousands of parts)."""
 
-    def __init__(self, store: ManifestStore, key: str) -> None:
+    def __init__(self, store: Store, key: str) -> None:
         self.store, self.key = store, key
 
     def __str__(self) -> str:
@@ -66,7 +66,7 @@ def _missing(uri: str, named_by: str) -> PartMissing:
                        f"restored or the batch is run again")
 
 
-def read_part(store: ManifestStore, key: str, *, fmt: PartFormat, sha256: str | None, rows: int | None,
+def read_part(store: Store, key: str, *, fmt: PartFormat, sha256: str | None, rows: int | None,
               named_by: str = "its task manifest") -> bytes:
     """The part's bytes, verified: present, sha256 as recorded (when recorded), ``rows`` rows (when given).
 
@@ -81,7 +81,7 @@ def read_part(store: ManifestStore, key: str, *, fmt: PartFormat, sha256: str | 
     return data
 
 
-def read_parquet_part(store: ManifestStore, key: str, *, sha256: str | None, rows: int | None,
+def read_parquet_part(store: Store, key: str, *, sha256: str | None, rows: int | None,
                       named_by: str) -> pa.Table:
     """A small Parquet part (one batch's rows) as a table, verified like ``read_part``; decoded once, and its rows
     counted on the decoded table."""
@@ -94,7 +94,7 @@ def read_parquet_part(store: ManifestStore, key: str, *, sha256: str | None, row
     return decoded[0] if decoded else read_parquet_bytes(data)
 
 
-def fetch_part(store: ManifestStore, key: str, scratch: str, *, sha256: str | None, rows: int | None,
+def fetch_part(store: Store, key: str, scratch: str, *, sha256: str | None, rows: int | None,
                named_by: str) -> str:
     """A local path to the part ``key`` (in place for a local store, else streamed into ``scratch``), verified
     like ``read_part`` before anyone reads it. Parquet or SQLite."""
@@ -120,19 +120,19 @@ def output_sha256(task: dict[str, Any]) -> str:
     return task["output_sha256"]
 
 
-def committed_output(store: ManifestStore, task: dict[str, Any], scratch: str) -> str:
+def committed_output(store: Store, task: dict[str, Any], scratch: str) -> str:
     """A committed batch's output rows (Parquet or SQLite), verified against its task manifest: a local path."""
     return fetch_part(store, task["output"], scratch, sha256=output_sha256(task), rows=task.get("rows_written"),
                       named_by=f"batch {task.get('batch_id')}")
 
 
-def committed_rejects(store: ManifestStore, task: dict[str, Any]) -> bytes:
+def committed_rejects(store: Store, task: dict[str, Any]) -> bytes:
     """A committed batch's rejects (JSONL), verified. Manifests from before ``rejects_sha256`` get a row check only."""
     return read_part(store, task["rejects"], fmt="jsonl", sha256=task.get("rejects_sha256"),
                      rows=task.get("items_rejected"), named_by=f"batch {task.get('batch_id')}")
 
 
-def committed_retry(store: ManifestStore, task: dict[str, Any]) -> dict[str, Any]:
+def committed_retry(store: Store, task: dict[str, Any]) -> dict[str, Any]:
     """A committed batch's retry manifest (checksummed JSON): failed and deferred items."""
     body = store.get_json(task["retry"])
     if body is None:

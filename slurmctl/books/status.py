@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from slurmctl.blocks.manifest_store import ManifestStore
 from slurmctl.books.failures import committed_tasks, recount
 from slurmctl.books.heartbeat import read_heartbeat
 from slurmctl.books.manifests import JobManifest, Keys, status_view
+from slurmctl.storage import Store
 
 
-def job_status(store: ManifestStore, job: JobManifest, *, scan: bool = False, batches: int = 0) -> dict[str, Any]:
+def job_status(store: Store, job: JobManifest, *, scan: bool = False, batches: int = 0) -> dict[str, Any]:
     """The status view of ``job`` (loaded from ``store``). ``scan``: count the committed batches again instead of
     trusting the manifest's counters; ``batches``: add the ``batches`` slowest committed batches."""
     if scan:

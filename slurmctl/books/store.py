@@ -1,28 +1,51 @@
-"""Reading and updating one job's manifest in its store; building the store a config names."""
+"""Reading and updating one job's manifest in its store; building the store a config names: a Prefect block for
+flows and tasks (``store_for``), a plain object for commands that only read or mend the books (``reader_for``)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from slurmctl.blocks.manifest_store import ManifestStore, store_from_uri
 from slurmctl.books.manifests import JOB_SCHEMA_VERSION, TERMINAL_STATUSES, JobManifest, Keys, now
 from slurmctl.config import JobConfig, StorageConfig
 from slurmctl.handler import renamed
 from slurmctl.records import BatchSpec
+from slurmctl.storage import Store, open_store
 
 
-def store_for(storage: StorageConfig | dict[str, Any]) -> ManifestStore:
-    s = storage if isinstance(storage, StorageConfig) else StorageConfig.model_validate(storage)
-    if s.block:  # its credentials live in the saved block
-        from slurmctl.blocks.saved import STORE_TYPES, saved_block
+def store_for(storage: StorageConfig | dict[str, Any]) -> Store:
+    """The store block ``storage`` names (Prefect's result storage, saved by the process phase)."""
+    s = _storage(storage)
+    if s.block:
+        return _saved(s)
+    from slurmctl.blocks.manifest_store import store_from_uri
 
-        store = saved_block(s.block, STORE_TYPES)
-        if s.sse and hasattr(store, "sse"):  # the config's encryption wins over the block's
-            store = store.model_copy(update={"sse": s.sse, "sse_kms_key_id": s.sse_kms_key_id})
-        return store
     return store_from_uri(s.uri, endpoint_url=s.endpoint_url, region=s.region, sse=s.sse,
                           sse_kms_key_id=s.sse_kms_key_id)
+
+
+def reader_for(storage: StorageConfig | dict[str, Any]) -> Store:
+    """The same store as a plain object, without importing Prefect (unless ``storage`` names a saved block): what
+    ``status``, ``list`` and the other commands that read a job's books use, so they answer at once."""
+    s = _storage(storage)
+    if s.block:
+        return _saved(s)
+    return open_store(s.uri, endpoint_url=s.endpoint_url, region=s.region, sse=s.sse,
+                      sse_kms_key_id=s.sse_kms_key_id)
+
+
+def _storage(storage: StorageConfig | dict[str, Any]) -> StorageConfig:
+    return storage if isinstance(storage, StorageConfig) else StorageConfig.model_validate(storage)
+
+
+def _saved(s: StorageConfig) -> Store:
+    """A saved store block: its credentials live in it."""
+    from slurmctl.blocks.saved import STORE_TYPES, saved_block
+
+    store = saved_block(s.block, STORE_TYPES)
+    if s.sse and hasattr(store, "sse"):  # the config's encryption wins over the block's
+        store = store.model_copy(update={"sse": s.sse, "sse_kms_key_id": s.sse_kms_key_id})
+    return store
 
 
 class JobNotFound(LookupError):
@@ -63,19 +86,19 @@ def upgrade_job(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def load_job(store: ManifestStore, job_id: str) -> JobManifest:
+def load_job(store: Store, job_id: str) -> JobManifest:
     body = store.get_json(Keys(job_id).job)
     if body is None:
         raise JobNotFound(f"no job {job_id!r} in {store.uri('jobs/')}")
     return JobManifest.model_validate(upgrade_job(body))
 
 
-def save_job(store: ManifestStore, job: JobManifest) -> None:
+def save_job(store: Store, job: JobManifest) -> None:
     job.updated_at = now()
     store.put_json(Keys(job.job_id).job, job.model_dump(mode="json"))
 
 
-def update_job(store: ManifestStore, job_id: str, **changes: Any) -> JobManifest:
+def update_job(store: Store, job_id: str, **changes: Any) -> JobManifest:
     """Read-modify-write of the job manifest. Only the coordinator writes it, so no lost updates."""
     job = load_job(store, job_id)
     last_seen = job.updated_at
@@ -109,19 +132,19 @@ def time_phases(job: JobManifest, changes: dict[str, Any], last_seen: str) -> No
             c.items_succeeded + c.items_failed + c.items_deferred + c.items_rejected)}
 
 
-def _read_specs(store: ManifestStore, key: str) -> list[BatchSpec] | None:
+def _read_specs(store: Store, key: str) -> list[BatchSpec] | None:
     data = store.get_bytes(key)
     if data is None:
         return None
     return [BatchSpec.from_dict(json.loads(line)) for line in data.splitlines() if line]
 
 
-def read_plan(store: ManifestStore, job_id: str) -> list[BatchSpec]:
+def read_plan(store: Store, job_id: str) -> list[BatchSpec]:
     """The initial batches partitioning planned (empty before partitioning)."""
     return _read_specs(store, Keys(job_id).plan) or []
 
 
-def read_round_batches(store: ManifestStore, job_id: str, round_no: int) -> list[BatchSpec] | None:
+def read_round_batches(store: Store, job_id: str, round_no: int) -> list[BatchSpec] | None:
     """The batches of retry round ``round_no``, or None when the round was never planned."""
     return _read_specs(store, Keys(job_id).retry_batches(round_no))
 

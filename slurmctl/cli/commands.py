@@ -97,9 +97,9 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
     """Follow a job from its manifest until it ends; return the exit code for its final status. ``announce`` sees
     each status view (it prints the flow run's UI link once the coordinator has created the run)."""
     from slurmctl.books.manifests import TERMINAL_STATUSES, status_view
-    from slurmctl.books.store import load_job, store_for
+    from slurmctl.books.store import load_job, reader_for
 
-    store = store_for(storage)
+    store = reader_for(storage)
     tty = sys.stderr.isatty()
     display = None
     if tty:  # a live rich bar; the plain lines below otherwise (logs, CI, pipes)
@@ -217,7 +217,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         from slurmctl.books.admission import JobRefused, create_job
         from slurmctl.books.manifests import Keys
-        from slurmctl.books.store import JobExists, store_for
+        from slurmctl.books.store import JobExists, reader_for
 
         problems = []
         job = None
@@ -230,7 +230,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if problems:
             _err(f"{args.config}: cannot submit\n" + "\n".join(f"  {f}: {m}" for f, m in problems))
             return EXIT_USAGE
-        store = store_for(cfg.storage)
+        store = reader_for(cfg.storage)
         remember(cfg.job_id, cfg.storage)
         try:
             server = local_prefect_server()
@@ -310,11 +310,11 @@ def coordinator_alive(job: Any, store: Any = None) -> bool:
 
     from slurmctl.books.heartbeat import read_heartbeat
     from slurmctl.books.manifests import TERMINAL_STATUSES, status_view
-    from slurmctl.books.store import store_for
+    from slurmctl.books.store import reader_for
 
     if job.status in TERMINAL_STATUSES:
         return False
-    beat = read_heartbeat(store if store is not None else store_for(job.config["storage"]), job.job_id)
+    beat = read_heartbeat(store if store is not None else reader_for(job.config["storage"]), job.job_id)
     host, pid = (beat["host"], beat["pid"]) if beat else (job.coordinator_host, job.coordinator_pid)
     if host == socket.gethostname() and pid:
         if not pid_alive(pid):
@@ -436,14 +436,14 @@ def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> 
 def _restart(args: argparse.Namespace, storage: StorageConfig, retry_errors: list[str] | None,
              standby: tuple[subprocess.Popen, Path], started: list[bool]) -> int:
     from slurmctl.books.manifests import Keys
-    from slurmctl.books.store import JobNotFound, load_job, store_for, update_job
+    from slurmctl.books.store import JobNotFound, load_job, reader_for, update_job
 
     try:
-        job = load_job(store_for(storage), args.job_id)
+        job = load_job(reader_for(storage), args.job_id)
     except JobNotFound as exc:
         _err(f"{exc}; pass --storage URI if the job lives elsewhere")
         return EXIT_USAGE
-    store = store_for(storage)
+    store = reader_for(storage)
     raised = budget_raise(args, job, store)
     if raised is not None:
         return raised
@@ -491,7 +491,7 @@ def _restart(args: argparse.Namespace, storage: StorageConfig, retry_errors: lis
         with prefect_api(server):  # its flow run is in the local server's database
             _take_over(job, storage)
     # Not terminal any more: a watcher must wait for the new coordinator rather than read the old outcome.
-    update_job(store_for(storage), args.job_id, status="pending", phase="submitted", error=None, finished_at=None)
+    update_job(reader_for(storage), args.job_id, status="pending", phase="submitted", error=None, finished_at=None)
     remember(args.job_id, storage)
     proc, log = standby
     cfg = parse_config(job.config)
@@ -538,9 +538,9 @@ def submit_to_deployment(args: argparse.Namespace, cfg: JobConfig, sample: Any =
                                  timeout=0, flow_run_name=cfg.job_id)
     except Exception as exc:  # no such deployment, or the API is down: the job waits, nothing ran
         from slurmctl.books.manifests import now
-        from slurmctl.books.store import store_for, update_job
+        from slurmctl.books.store import reader_for, update_job
 
-        update_job(store_for(cfg.storage), cfg.job_id, status="failed", finished_at=now(),
+        update_job(reader_for(cfg.storage), cfg.job_id, status="failed", finished_at=now(),
                    error=f"no flow run of deployment {name}: {exc}"[:2000])
         _err(f"job {cfg.job_id} is submitted but not started: could not run deployment {name!r}: {exc}\n  check "
              f"`prefect deployment ls`, then `slurmctl resume {cfg.job_id}` (or run the deployment with job_id "
@@ -665,13 +665,13 @@ def sample_for(args: argparse.Namespace, cfg: JobConfig) -> tuple[Any, list[tupl
               f"max_core_hours or max_usd) to project against", file=sys.stderr)
         return None, []
     from slurmctl.books.budget import measure_sample
-    from slurmctl.books.store import store_for
+    from slurmctl.books.store import reader_for
 
     print(f"--sample {args.sample}: calling the handler {cfg.handler} on the first {args.sample} items of "
           f"{cfg.input.describe()} to measure the API calls and time per item. THIS CALLS THE REAL API; nothing is written",
           file=sys.stderr, flush=True)
     try:
-        sample = measure_sample(cfg, store_for(cfg.storage), args.sample)
+        sample = measure_sample(cfg, reader_for(cfg.storage), args.sample)
     except Exception as exc:  # an unimportable handler, an unreadable input: the same words as admission's
         return None, [("--sample", f"{type(exc).__name__}: {exc}")]
     if not sample.items:
@@ -750,9 +750,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _job_or_exit(args: argparse.Namespace) -> tuple[Any, Any] | None:
-    from slurmctl.books.store import JobNotFound, load_job, store_for
+    from slurmctl.books.store import JobNotFound, load_job, reader_for
 
-    store = store_for(storage_for_job(args.job_id, args))
+    store = reader_for(storage_for_job(args.job_id, args))
     try:
         return load_job(store, args.job_id), store
     except JobNotFound as exc:

@@ -124,13 +124,13 @@ def _log_exit(job_id: str) -> None:
 def _warm_local_workers(job_id: str, storage: dict[str, Any]) -> None:
     """This process's environment is final (the Prefect API URL included): a job on a local cluster starts the
     template its workers fork from now, while its flow starts (``slurmctl.flows.local_workers``)."""
-    from slurmctl.books.store import load_job, store_for
+    from slurmctl.books.store import load_job, reader_for
     from slurmctl.config import parse_config
     from slurmctl.flows import local_workers
 
     local_workers.allow()
     with contextlib.suppress(Exception):  # the job flow reads the job again and reports what is wrong with it
-        local_workers.warm(parse_config(load_job(store_for(storage), job_id).config).cluster)
+        local_workers.warm(parse_config(load_job(reader_for(storage), job_id).config).cluster)
 
 
 def main(argv: list[str] | None = None) -> int:

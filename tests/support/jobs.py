@@ -41,7 +41,7 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path = ROOT) -> subprocess.Co
 # exactly, only without its start-up in the middle of what a test times.
 _READY = """
 import sys
-import slurmctl.blocks, slurmctl.books.limits, slurmctl.books.store, slurmctl.cli.commands
+import slurmctl.blocks.manifest_store, slurmctl.blocks.rate_limiter, slurmctl.books.limits, slurmctl.books.store, slurmctl.cli.commands
 from slurmctl.cli.commands import main
 if sys.stdin.readline().strip() == "go":
     sys.exit(main(sys.argv[1:]))
