@@ -64,8 +64,9 @@ def write_shard(root: str, job_id: str, specs: list[dict[str, Any]]) -> list[str
     shard's commit log. Returns the part files' paths. Runs in a pool process."""
     import uuid
 
-    from slurmctl.blocks.manifest_store import LocalManifestStore, sha256_bytes
+    from slurmctl.blocks.manifest_store import LocalManifestStore
     from slurmctl.books.manifests import Keys, TaskManifest, now
+    from slurmctl.storage import sha256_bytes
     from slurmctl.tasks.process_batch import rows_to_parquet
 
     store, keys = LocalManifestStore(root=root), Keys(job_id)

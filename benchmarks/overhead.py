@@ -39,9 +39,10 @@ def make_input(path: Path, n: int) -> None:
 def baseline_batch(uri: str, spec: dict, out_dir: str) -> dict:
     """What one batch costs without Prefect or manifests: read the slice, call the handler, write Parquet. Returns
     what the merge needs to verify the part (key, sha256, rows), as a task manifest would."""
-    from slurmctl.blocks.manifest_store import LocalManifestStore, sha256_bytes
+    from slurmctl.blocks.manifest_store import LocalManifestStore
     from slurmctl.handlers.echo import handle
     from slurmctl.records import BatchSpec, read_batch
+    from slurmctl.storage import sha256_bytes
     from slurmctl.tasks.process_batch import rows_to_parquet
 
     store = LocalManifestStore(root=out_dir)

@@ -20,16 +20,7 @@ from pydantic import Field, model_validator
 
 from slurmctl.blocks.aws import aws_credentials
 from slurmctl.storage import split_uri
-from slurmctl.storage.base import (  # noqa: F401  (the names callers imported from here)
-    CHECKSUM_FIELD,
-    DeleteIncomplete,
-    ManifestCorrupt,
-    Store,
-    StoreUnsupported,
-    canonical_json,
-    checksum_of,
-    sha256_bytes,
-)
+from slurmctl.storage.base import Store
 from slurmctl.storage.local import LocalStoreOps
 from slurmctl.storage.s3 import S3StoreOps
 

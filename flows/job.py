@@ -20,6 +20,7 @@ from prefect.states import Cancelled
 
 from slurmctl.books.admission import create_job
 from slurmctl.books.failures import analyze, committed_batch_ids, committed_tasks, failure_state, recount, round_of
+from slurmctl.books.gc import collected
 from slurmctl.books.heartbeat import Heartbeat
 from slurmctl.books.limits import ensure_limits, limits_status
 from slurmctl.books.manifests import Keys, now
@@ -97,6 +98,10 @@ def run_job(job_id: str | None = None, config_path: str | None = None, config: d
         storage = known_storage(job_id).model_dump()
     store = store_for(storage)
     job = load_job(store, job_id)
+    if job.status == "completed" and collected(store, job_id):  # `slurmctl gc` removed its parts: nothing to redo
+        get_run_logger().info("job %s is completed and `slurmctl gc` removed its batch parts: its output %s is final",
+                              job_id, job.output)
+        return store.get_json(Keys(job_id).result)
     cfg = parse_config(job.config)
     config = cfg.model_dump(mode="json")
     job = update_job(store, job_id, status="running", phase="aggregate" if aggregate_only else "partition",

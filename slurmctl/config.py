@@ -702,6 +702,29 @@ def job_config(config_path: str | Path | None = None, config: dict[str, Any] | N
     return resolve_paths(parse_config(data, source), base)
 
 
+def known_stores() -> list[StorageConfig]:
+    """Every store this machine submitted jobs to (the pointers in ``$SLURMCTL_HOME/jobs``), then the default one
+    (``$SLURMCTL_STORAGE``, else ``./.slurmctl`` when it exists): where ``slurmctl list`` looks."""
+    import json
+    import os
+
+    from slurmctl.paths import home
+
+    found: dict[str, StorageConfig] = {}
+    for pointer in sorted((home() / "jobs").glob("*.json")):
+        try:
+            storage = StorageConfig.model_validate(json.loads(pointer.read_text())["storage"])
+        except (OSError, ValueError, KeyError):
+            continue  # torn, or of another version: that store is still listed with --storage
+        found.setdefault(storage.model_dump_json(), storage)
+    default = os.environ.get("SLURMCTL_STORAGE")
+    if default or Path(".slurmctl").is_dir():
+        storage = StorageConfig(uri=default or "file://" + str(Path(".slurmctl").resolve()),
+                                endpoint_url=os.environ.get("SLURMCTL_ENDPOINT_URL"))
+        found.setdefault(storage.model_dump_json(), storage)
+    return list(found.values())
+
+
 def known_storage(job_id: str) -> StorageConfig:
     """The store of a job submitted from this machine, for commands given only its id (``slurmctl status JOB``, a
     retry deployment's run): the pointer ``submit`` left in ``$SLURMCTL_HOME/jobs``, else ``$SLURMCTL_STORAGE``

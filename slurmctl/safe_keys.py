@@ -4,7 +4,7 @@ Two layers, so a mistake in one is caught by the other:
 
 * ``name_problem`` / ``path_problem`` judge what a user typed (a config field, a CLI argument) and say what is wrong
   in words a config error can show next to the field (``rate_limits.api.key: must not contain '..'``).
-* ``safe_key`` is called by every read and write of a manifest store (``blocks/manifest_store.py``): it refuses a
+* ``safe_key`` is called by every read and write of a manifest store (``slurmctl/storage/``): it refuses a
   key that could leave the store's root whatever built it: a ``..`` or ``.`` part, a leading ``/``, a backslash,
   NUL or another control character, a key over 1,024 bytes (S3's limit) or a part over 255 bytes (a filesystem's
   name limit), and the same tricks hidden in URL encoding (``..%2F``, ``%2e%2e/``, ``%5C``).

@@ -12,7 +12,7 @@ import pytest
 from support.jobs import output_ids, run_cli, status, write_config, write_jsonl
 from support.sample_handlers import calls
 
-from slurmctl.blocks.manifest_store import LocalManifestStore, ManifestCorrupt
+from slurmctl.blocks.manifest_store import LocalManifestStore
 from slurmctl.books.admission import create_job
 from slurmctl.books.audit import BooksUnbalanced, audit, check
 from slurmctl.books.failures import committed_tasks, failure_state
@@ -21,6 +21,7 @@ from slurmctl.books.parts import PartCorrupt, PartMissing
 from slurmctl.books.store import load_job, save_job, store_for
 from slurmctl.config import parse_config
 from slurmctl.records import partition
+from slurmctl.storage import ManifestCorrupt
 from slurmctl.tasks.merge import concat_rejects, merge_all
 from slurmctl.tasks.process_batch import run_batch
 from slurmctl.tasks.process_shard import run_shard

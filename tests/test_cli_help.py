@@ -11,7 +11,8 @@ from slurmctl.cli.commands import build_parser
 
 # The operator's CLI as issue 14 lists it.
 COMMANDS = ["submit", "status", "pause", "resume", "retry", "rate", "analyze-errors", "aggregate", "cancel",
-            "capacity", "alerts", "iam-policy", "server"]
+            "capacity", "alerts", "iam-policy", "server",
+            "list", "gc"]  # issue 25
 
 
 def examples(command: str) -> list[list[str]]:

@@ -13,12 +13,13 @@ from support.fault_proxy import FaultProxy
 from support.jobs import log_tail, output_ids, run_cli, write_config, write_jsonl
 from support.sample_handlers import calls
 
-from slurmctl.blocks.manifest_store import LocalManifestStore, StoreUnsupported, store_from_uri
+from slurmctl.blocks.manifest_store import LocalManifestStore, store_from_uri
 from slurmctl.books.admission import JobRefused, create_job
 from slurmctl.books.manifests import Keys
 from slurmctl.books.parts import committed_output
 from slurmctl.config import parse_config
 from slurmctl.records import partition
+from slurmctl.storage import StoreUnsupported
 from slurmctl.tasks.process_batch import CommitUnresolved, run_batch
 
 

@@ -10,6 +10,8 @@ import pytest
 from support.jobs import cli_status, log_tail, run_cli, status, write_config, write_jsonl
 from support.prefect_runs import job_artifacts, job_flow_run_names, settled_task_runs
 
+import slurmctl
+
 pytestmark = pytest.mark.integration
 
 
@@ -35,6 +37,8 @@ def test_echo_job_end_to_end(tmp_path: Path, prefect_api: str, slurmctl_home: Pa
     # The output holds every good input id exactly once, with the id column preserved.
     table = pq.read_table(view["output"][len("file://"):])
     assert sorted(table.column("id").to_pylist()) == list(range(1, 1001))
+    # The same output from Python, found by job id alone as `slurmctl status` finds it, its sha256 checked.
+    assert sorted(slurmctl.job("echo-e2e").to_pandas()["id"]) == list(range(1, 1001))
     assert set(table.column_names) == {"id", "name"}
 
     store = tmp_path / "state" / "jobs" / "echo-e2e"

@@ -12,13 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from slurmctl.blocks.manifest_store import (
-    DeleteIncomplete,
-    LocalManifestStore,
-    ManifestCorrupt,
-    S3ManifestStore,
-    store_from_uri,
-)
+from slurmctl.blocks.manifest_store import LocalManifestStore, S3ManifestStore, store_from_uri
 from slurmctl.books.manifests import (
     TASK_SCHEMA_VERSION,
     Counts,
@@ -29,6 +23,7 @@ from slurmctl.books.manifests import (
     now,
     status_view,
 )
+from slurmctl.storage import DeleteIncomplete, ManifestCorrupt
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ job under the store root::
     jobs/<job_id>/output/data.parquet      the final dataset (or output/part-NNNNN.parquet, output/<col>=<v>/...)
     jobs/<job_id>/rejects.jsonl            all rejects, merged by aggregate
     jobs/<job_id>/result.json              ResultManifest: final outputs, row counts, sha256
+    jobs/<job_id>/gc.json                  what `slurmctl gc` removed of a completed job, and when (books.gc)
 """
 
 from __future__ import annotations
@@ -200,6 +201,10 @@ class Keys:
     @property
     def result(self) -> str:
         return self.root + "result.json"
+
+    @property
+    def gc(self) -> str:
+        return self.root + "gc.json"
 
 
 def _batch(batch_id: str) -> str:

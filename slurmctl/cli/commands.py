@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from slurmctl.cli import alerts, capacity
-from slurmctl.cli.common import _err, local_prefect_server, prefect_api
+from slurmctl.cli import alerts, capacity, collect, launch, listing
+from slurmctl.cli.common import _err, local_prefect_server, prefect_api, storage_args
+from slurmctl.cli.launch import coordinator_on_slurm, release, remember, spawn_coordinator, start_on_slurm
 from slurmctl.cli.progress_display import TerminalProgress, phase_lines, progress_line, speed_text
 from slurmctl.config import (
     JOB_ID_PATTERN,
@@ -33,7 +34,6 @@ from slurmctl.config import (
     known_storage,
     parse_config,
 )
-from slurmctl.paths import coordinator_log, home
 from slurmctl.procs import pid_alive
 from slurmctl.safe_keys import UnsafeKey, name_problem
 
@@ -41,12 +41,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DETACHED = 0, 1, 2, 130
 
 
 # --- finding a job's store ---------------------------------------------------------------------------------------
-def remember(job_id: str, storage: StorageConfig) -> None:
-    path = home() / "jobs" / f"{job_id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"job_id": job_id, "storage": storage.model_dump()}))
-
-
 def storage_for_job(job_id: str, args: argparse.Namespace) -> StorageConfig:
     """--storage wins; then the pointer submit left on this machine; then $SLURMCTL_STORAGE; then ./.slurmctl."""
     if getattr(args, "storage", None):
@@ -55,39 +49,6 @@ def storage_for_job(job_id: str, args: argparse.Namespace) -> StorageConfig:
 
 
 # --- running and watching the coordinator ---------------------------------------------------------------------
-def spawn_coordinator(job_id: str, storage: StorageConfig, retry_errors: list[str] | None = None,
-                      standby: bool = False, aggregate_only: bool = False) -> tuple[subprocess.Popen, Path]:
-    """Start the job's coordinator process. ``standby``: it imports what it needs and waits for ``release``, so
-    its start-up overlaps with the caller's checks."""
-    log = coordinator_log(job_id)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *filter(None, env.get("PYTHONPATH", "").split(
-        os.pathsep))]))
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "slurmctl.cli.coordinator", job_id, "--storage-json", storage.model_dump_json(),
-             "--retry-errors", ",".join(retry_errors or []), *(["--standby"] if standby else []),
-             *(["--aggregate-only"] if aggregate_only else [])],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE if standby else subprocess.DEVNULL, env=env,
-            start_new_session=True)
-    return proc, log
-
-
-def release(proc: subprocess.Popen, go: bool) -> None:
-    """Let a standby coordinator run the job (``go``), or end it: the job was not created, it has done nothing."""
-    if go:
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(b"go\n")
-            proc.stdin.close()
-        return
-    proc.kill()
-    proc.wait()
-    with contextlib.suppress(OSError):
-        proc.stdin.close()
-
-
 # How long `--wait` waits, once the job has ended, for its coordinator process to exit (normally 1-2 s).
 COORDINATOR_EXIT_WAIT_S = 30
 
@@ -203,56 +164,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.deployment:
         return submit_to_deployment(args, cfg, sample)
-    on_slurm = coordinator_on_slurm(cfg, getattr(args, "on", None))
-    if on_slurm is None:
-        _err(f"{args.config}: cannot submit\n  --on slurm: the coordinator runs as a Slurm job only with "
-             f"cluster.kind: slurm")
-        return EXIT_USAGE
-    # The coordinator starts now, on standby: its imports (~2.5 s) overlap with ours and with the admission checks.
-    # (As a Slurm job it is submitted once the job exists.)
-    new_log = not coordinator_log(cfg.job_id).exists()
-    proc, log = (None, coordinator_log(cfg.job_id)) if on_slurm else spawn_coordinator(cfg.job_id, cfg.storage,
-                                                                                       standby=True)
-    go = False
+    from slurmctl.books.manifests import Keys
+
     try:
-        from slurmctl.books.admission import JobRefused, create_job
-        from slurmctl.books.manifests import Keys
-        from slurmctl.books.store import JobExists, reader_for
-
-        problems = []
-        job = None
-        try:
-            job = create_job(cfg, str(Path(args.config).resolve()), sample)
-        except JobExists as exc:
-            problems.append(("job_id", str(exc)))
-        except JobRefused as exc:
-            problems = exc.problems
-        if problems:
-            _err(f"{args.config}: cannot submit\n" + "\n".join(f"  {f}: {m}" for f, m in problems))
-            return EXIT_USAGE
-        store = reader_for(cfg.storage)
-        remember(cfg.job_id, cfg.storage)
-        try:
-            server = local_prefect_server()
-        except Exception as exc:  # ServerError (it says why), or an OSError of $SLURMCTL_HOME
-            from slurmctl.books.manifests import now
-            from slurmctl.books.store import update_job
-
-            update_job(store, cfg.job_id, status="failed", finished_at=now(),
-                       error=f"the local Prefect server did not start: {exc}"[:2000])
-            _err(f"job {cfg.job_id} is submitted but not started: the local Prefect server did not start: {exc}\n"
-                 f"  fix that (or set PREFECT_API_URL to a running server), then `slurmctl resume {cfg.job_id}`")
-            return EXIT_FAILED
-        if on_slurm and start_on_slurm(cfg.job_id, cfg.storage, cfg.cluster, store) is None:
-            return EXIT_FAILED
-        go = True
-    finally:
-        if proc is not None:
-            release(proc, go)
-        if not go and new_log:
-            with contextlib.suppress(OSError):
-                if log.stat().st_size == 0:
-                    log.unlink()
+        launched = launch.start(cfg, str(Path(args.config).resolve()), sample, getattr(args, "on", None))
+    except launch.SubmitRefused as exc:
+        _err(f"{args.config}: {exc}")
+        return EXIT_USAGE
+    except launch.SubmitFailed as exc:
+        if str(exc):
+            _err(str(exc))
+        return EXIT_FAILED
+    job, store, proc, log, server = (launched.job, launched.store, launched.proc, launched.log, launched.server)
     print(cfg.job_id)
     print(f"submitted {cfg.job_id} (store {store.uri(Keys(cfg.job_id).root)}, log {log})", file=sys.stderr)
     _budget_note(cfg, job)
@@ -262,33 +185,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"follow it with `slurmctl status {cfg.job_id}`", file=sys.stderr)
         return EXIT_OK
     return watch(cfg.job_id, cfg.storage, proc, log, announce=flow_run_link(server, None))
-
-
-def coordinator_on_slurm(cfg: JobConfig, on: str | None) -> bool | None:
-    """Does the job's coordinator run as a Slurm job (``--on``, else ``cluster.coordinator.on``)? None: it cannot."""
-    wanted = on or (cfg.cluster.coordinator.on if cfg.cluster.kind == "slurm" else "local")
-    if wanted == "slurm" and cfg.cluster.kind != "slurm":
-        return None
-    return wanted == "slurm"
-
-
-def start_on_slurm(job_id: str, storage: StorageConfig, cluster: Any, store: Any) -> str | None:
-    """sbatch the job's coordinator (``slurmctl.cli.slurm_coordinator``); record it in the job manifest. None (and
-    the job marked failed, with what to do) when sbatch refuses."""
-    from slurmctl.books.manifests import now
-    from slurmctl.books.store import update_job
-    from slurmctl.cli import slurm_coordinator
-
-    try:
-        slurm_id = slurm_coordinator.submit(job_id, storage.model_dump_json(), cluster)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        update_job(store, job_id, status="failed", finished_at=now(), error=f"{exc}"[:2000])
-        _err(f"job {job_id} is submitted but its coordinator is not: {exc}\n  fix that (cluster.coordinator), then "
-             f"`slurmctl resume {job_id}`")
-        return None
-    update_job(store, job_id, coordinator_slurm_job=slurm_id)
-    print(f"coordinator of {job_id}: Slurm job {slurm_id} (`squeue -j {slurm_id}`)", file=sys.stderr)
-    return slurm_id
 
 
 def continued_on_slurm(job: Any) -> bool:
@@ -424,13 +320,27 @@ def restart(args: argparse.Namespace, retry_errors: list[str] | None = None) -> 
     resumed job's first batch runs seconds sooner. It is released only when a new coordinator is wanted."""
     storage = storage_for_job(args.job_id, args)
     standby = spawn_coordinator(args.job_id, storage, retry_errors, standby=True,
-                                aggregate_only=getattr(args, "aggregate_only", False))
+                                aggregate_only=getattr(args, "aggregate_only", False),
+                                fork_workers=_forks_workers(args.job_id, storage))
     started: list[bool] = []
     try:
         return _restart(args, storage, retry_errors, standby, started)
     finally:
         if not started:
             release(standby[0], False)
+
+
+def _forks_workers(job_id: str, storage: StorageConfig) -> bool:
+    """Whether the job's coordinator should start its workers' template at once (a local cluster); False when the
+    job cannot be read (``_restart`` says why)."""
+    from slurmctl.books.store import load_job, reader_for
+    from slurmctl.config import parse_config
+    from slurmctl.flows.local_workers import forks
+
+    try:
+        return forks(parse_config(load_job(reader_for(storage), job_id).config).cluster)
+    except Exception:
+        return False
 
 
 def _restart(args: argparse.Namespace, storage: StorageConfig, retry_errors: list[str] | None,
@@ -444,6 +354,16 @@ def _restart(args: argparse.Namespace, storage: StorageConfig, retry_errors: lis
         _err(f"{exc}; pass --storage URI if the job lives elsewhere")
         return EXIT_USAGE
     store = reader_for(storage)
+    if job.status == "completed":
+        from slurmctl.books.gc import collected
+
+        record = collected(store, args.job_id)
+        if record:  # its batch parts are gone: the output it has is the one it keeps
+            aggregate = getattr(args, "aggregate_only", False)
+            (_err if aggregate else print)(
+                f"job {args.job_id} is completed and `slurmctl gc` removed its batch parts ({record['at']}): its "
+                f"output is final ({job.output}){'; it cannot be aggregated again' if aggregate else ''}")
+            return EXIT_USAGE if aggregate else EXIT_OK
     raised = budget_raise(args, job, store)
     if raised is not None:
         return raised
@@ -922,12 +842,6 @@ def cmd_server(args: argparse.Namespace) -> int:
     return EXIT_OK if view["healthy"] else EXIT_FAILED
 
 
-def _storage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", help="store URI (file://… or s3://bucket/prefix) if not the one submit recorded")
-    p.add_argument("--endpoint-url", help="S3 endpoint for --storage (e.g. a moto server)")
-    p.add_argument("--region", help="AWS region for --storage")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slurmctl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -967,7 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--no-wait", action="store_true", help="ask, and return without waiting for the job to stop")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for it to stop (default 120)")
-    _storage_args(p)
+    storage_args(p)
     p.set_defaults(func=cmd_cancel)
     p = sub.add_parser("status", help="a job's status, from its manifests")
     p.add_argument("job_id")
@@ -975,7 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan", action="store_true", help="recount from the task manifests instead of the job's counters")
     p.add_argument("--batches", type=int, metavar="N", help="also the N slowest committed batches, from their "
                    "metrics (reads every task manifest)")
-    _storage_args(p)
+    storage_args(p)
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("resume", help="make a paused, stopped or failed job go again; committed batches are not "
                                       "re-run",
@@ -990,13 +904,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raise-budget", action="append", metavar="KEY=VALUE",
                    help="new budget limit (max_api_calls, max_core_hours, max_usd; none removes it), recorded in the "
                         "job manifest; repeatable. A job paused at its budget needs it")
-    _storage_args(p)
+    storage_args(p)
     p.set_defaults(func=cmd_resume)
     p = sub.add_parser("retry", help="a retry round over the items that failed with the given error classes")
     p.add_argument("job_id")
     p.add_argument("--errors", required=True, help="comma-separated classes, e.g. network,throttle,server")
     p.add_argument("--wait", action="store_true")
-    _storage_args(p)
+    storage_args(p)
     p.set_defaults(func=cmd_retry)
     p = sub.add_parser(
         "aggregate", help="merge the committed batch outputs into the job's dataset again (e.g. after a retry)",
@@ -1004,24 +918,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "ones; `slurmctl resume` runs them). Finished merges of an interrupted aggregation are kept.")
     p.add_argument("job_id")
     p.add_argument("--wait", action="store_true", help="follow it until it ends; exit 0 if the job completed")
-    _storage_args(p)
+    storage_args(p)
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("pause", help="stop workers taking rate-limit tokens (in-flight requests finish)")
     p.add_argument("job_id")
-    _storage_args(p)
+    storage_args(p)
     p.set_defaults(func=cmd_pause)
     p = sub.add_parser("rate", help="change a rate limit while the job runs")
     p.add_argument("job_id")
     p.add_argument("--limit", required=True, help="the limit's name in the job config's rate_limits")
     p.add_argument("--per-second", type=float, required=True)
-    _storage_args(p)
+    storage_args(p)
     p.set_defaults(func=cmd_rate)
     p = sub.add_parser("analyze-errors", help="failed items by class, top messages, hot batches and hosts")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
     p.add_argument("--top", type=int, default=10)
-    _storage_args(p)
+    storage_args(p)
     p.set_defaults(func=cmd_analyze_errors)
     p = sub.add_parser(
         "server", help="the local Prefect server (UI and API) jobs use when PREFECT_API_URL is not set",
@@ -1047,6 +961,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_server)
     alerts.add_parser(sub)
     capacity.add_parser(sub)
+    listing.add_parser(sub)
+    collect.add_parser(sub)
     for name, command in sub.choices.items():
         if command.epilog is None:
             command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])

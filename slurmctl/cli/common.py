@@ -1,5 +1,5 @@
-"""What every ``slurmctl`` command shares: error lines, and the Prefect API it talks to (``PREFECT_API_URL``, else
-the embedded default's local server)."""
+"""What every ``slurmctl`` command shares: error lines, the options naming a store, and the Prefect API it talks to
+(``PREFECT_API_URL``, else the embedded default's local server)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ from typing import Any, Iterator
 
 def _err(msg: str) -> None:
     print(f"slurmctl: {msg}", file=sys.stderr)
+
+
+def storage_args(p: Any) -> None:
+    """``--storage``/``--endpoint-url``/``--region`` on the parser ``p`` of a command that reads a job's store."""
+    p.add_argument("--storage", help="store URI (file://… or s3://bucket/prefix) if not the one submit recorded")
+    p.add_argument("--endpoint-url", help="S3 endpoint for --storage (e.g. a moto server)")
+    p.add_argument("--region", help="AWS region for --storage")
 
 
 def local_prefect_server() -> dict[str, Any] | None:

@@ -147,7 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slurm-job", action="store_true",
                         help="this coordinator is a Slurm job (slurmctl.cli.slurm_coordinator): it continues the job "
                              "where the last one left it, and queues the next one when its walltime comes")
+    parser.add_argument("--fork-workers", action="store_true",
+                        help="the job's cluster is local: start the template its workers fork from now "
+                             "(slurmctl.flows.local_workers), beside this process's own imports")
     args = parser.parse_args(argv)
+    if args.fork_workers:
+        from slurmctl.flows import local_workers
+
+        local_workers.prestart()
     # Registered before anything else (Prefect's and Dask's exit hooks, registered later, run before it): the exit
     # line comes after every exit-time drain of logs and events.
     atexit.register(_log_exit, args.job_id)

@@ -88,6 +88,16 @@ class Store(ABC):
         time means an earlier write (``books.failures`` relies on both)."""
 
     @abstractmethod
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """``(key, bytes)`` under ``prefix``, in lexical order, from the listing alone."""
+
+    @abstractmethod
+    def list_children(self, prefix: str) -> Iterator[str]:
+        """The names one level below ``prefix`` (which ends with ``/``) that have objects under them, in lexical
+        order, without listing those objects (``jobs/`` -> each job id): a store of millions of objects answers in
+        one request per thousand names."""
+
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove a key; absent keys are fine."""
 

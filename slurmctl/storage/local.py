@@ -79,6 +79,24 @@ class LocalStoreOps(Store):
     def list_modified(self, prefix: str) -> Iterator[tuple[str, int]]:
         return iter(sorted(self._scan(prefix, times=True)))
 
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+        found = []
+        for key, _ in self._scan(prefix, times=False):
+            try:
+                found.append((key, os.stat(self._inside(key)).st_size))
+            except FileNotFoundError:  # removed since it was listed
+                continue
+        return iter(sorted(found))
+
+    def list_children(self, prefix: str) -> Iterator[str]:
+        safe_key(prefix, self.root)
+        try:
+            entries = os.scandir(self._inside(prefix))
+        except (FileNotFoundError, NotADirectoryError):
+            return iter(())
+        with entries:
+            return iter(sorted(e.name for e in entries if e.is_dir() and not e.name.startswith(".")))
+
     def _scan(self, prefix: str, *, times: bool) -> list[tuple[str, int]]:
         """Files under ``prefix`` with their mtime in nanoseconds, or 0 without ``times``. os.scandir, not
         Path.rglob: a listing of 25,000 commits is strings and d_type, not 50,000 Path objects and stat calls (0.05 s

@@ -80,6 +80,20 @@ class S3StoreOps(Store):
             for obj in page.get("Contents", []):
                 yield obj["Key"][strip:], int(obj["LastModified"].timestamp()) * 1_000_000_000
 
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+        strip = len(self._key(""))
+        pages = self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield obj["Key"][strip:], int(obj["Size"])
+
+    def list_children(self, prefix: str) -> Iterator[str]:
+        base = self._key(prefix)
+        pages = self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base, Delimiter="/")
+        for page in pages:
+            for common in page.get("CommonPrefixes", []):
+                yield common["Prefix"][len(base):].rstrip("/")
+
     def delete(self, key: str) -> None:
         self._s3().delete_object(Bucket=self.bucket, Key=self._key(key))
 

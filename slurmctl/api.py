@@ -1,0 +1,195 @@
+"""Jobs from Python: find a job and read its books, in a notebook or a script, without shelling out.
+
+    import slurmctl
+
+    job = slurmctl.submit("jobs/backfill.yaml", date="2025-04-12")   # returns at once; wait=True to block
+    job = slurmctl.job("backfill-2025-04-12")      # where `slurmctl status` would look; or storage="s3://..."
+    job.status()["items_succeeded"]                  # the view `slurmctl status --json` prints
+    job.wait(timeout=3600)                           # until the job completes, fails, pauses or stops
+    df = job.to_pandas()                             # the output, every file's sha256 checked first
+    job.failures()                                   # failed and deferred items: id, line, class, message
+    [j["job_id"] for j in slurmctl.jobs()]           # what `slurmctl list` shows
+
+Everything here reads manifests through ``slurmctl.storage`` (no Prefect, Dask or pandas until ``to_pandas`` or
+``failures`` asks for a DataFrame), so it is as quick as ``slurmctl status``. ``submit`` starts a job as
+``slurmctl submit`` does (the same code: ``slurmctl.cli.launch``); resuming and cancelling are the CLI's for now.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slurmctl.books.manifests import TERMINAL_STATUSES, Keys
+from slurmctl.config import StorageConfig, known_storage, known_stores
+from slurmctl.storage import ManifestCorrupt, Store
+
+if TYPE_CHECKING:
+    import pandas
+    import pyarrow.dataset
+
+POLL_S = 1.0  # ``wait`` reads the job manifest this often (one small GET)
+
+
+def _storage(storage: str | StorageConfig | dict[str, Any] | None, job_id: str | None = None) -> StorageConfig:
+    if storage is None:
+        return known_storage(job_id) if job_id else StorageConfig()
+    if isinstance(storage, str):
+        return StorageConfig(uri=storage)
+    return storage if isinstance(storage, StorageConfig) else StorageConfig.model_validate(storage)
+
+
+def job(job_id: str, storage: str | StorageConfig | dict[str, Any] | None = None) -> Job:
+    """The job ``job_id``. ``storage``: a store URI (``file://…``, a path, ``s3://bucket/prefix``), a
+    ``StorageConfig`` (for an S3 endpoint or region, or a saved block: ``StorageConfig(block="team-store")``) or None:
+    the store ``submit`` recorded on this machine, else ``$SLURMCTL_STORAGE``, else ``./.slurmctl``. Raises
+    ``JobNotFound`` (saying where it looked) when there is no such job."""
+    handle = Job(job_id, _storage(storage, job_id))
+    handle.manifest()  # there, and readable: fail here, not at the first use
+    return handle
+
+
+def submit(config: str | Path | dict[str, Any] | Any, *, job_id: str | None = None, date: str | None = None,
+           wait: bool = False, timeout: float | None = None) -> Job:
+    """Submit a job, as ``slurmctl submit`` does, and return its handle at once (``wait``: once it has ended, as
+    ``Job.wait(timeout)``). ``config``: a YAML path, an inline mapping (relative paths against the working
+    directory) or a ``JobConfig``; ``job_id`` and ``date`` as the command's ``--job-id`` and ``--date``. The
+    coordinator runs in its own process (it outlives this one). Raises ``ConfigError`` for a bad config and
+    ``SubmitRefused`` when admission refuses it (each naming the fields), ``SubmitFailed`` when the job exists but
+    could not start (the message says what to fix, then ``resume``)."""
+    import datetime as dt
+
+    from slurmctl.cli import launch
+    from slurmctl.config import JobConfig, job_config
+
+    day = date or dt.date.today()
+    if isinstance(config, JobConfig):
+        cfg, config_file = (config.model_copy(update={"job_id": job_id}) if job_id else config), None
+    elif isinstance(config, dict):
+        cfg, config_file = job_config(config=config, job_id=job_id, date=day), None
+    else:
+        cfg, config_file = job_config(config, job_id=job_id, date=day), str(Path(config).resolve())
+    launch.start(cfg, config_file)
+    handle = Job(cfg.job_id, cfg.storage)
+    if wait:
+        handle.wait(timeout)
+    return handle
+
+
+def jobs(storage: str | StorageConfig | dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The jobs in ``storage`` (None: every store this machine submitted to, and the default one), newest first:
+    what ``slurmctl list --json`` prints."""
+    from slurmctl.books.catalog import list_jobs
+    from slurmctl.books.store import reader_for
+
+    stores = [_storage(storage)] if storage is not None else known_stores()
+    rows = {(r["store"], r["job_id"]): r for s in stores for r in list_jobs(reader_for(s))}
+    return sorted(rows.values(), key=lambda r: (r.get("submitted_at") or "", r["job_id"]), reverse=True)
+
+
+class Job:
+    """A handle on one job's books; every call reads them afresh (the job may be running)."""
+
+    def __init__(self, job_id: str, storage: StorageConfig) -> None:
+        self.job_id, self.storage = job_id, storage
+        self._store: Store | None = None
+
+    def __repr__(self) -> str:
+        return f"Job({self.job_id!r}, storage={self.storage.uri!r})"
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            from slurmctl.books.store import reader_for
+
+            self._store = reader_for(self.storage)
+        return self._store
+
+    def manifest(self) -> Any:
+        """The job manifest (``slurmctl.books.manifests.JobManifest``), verified."""
+        from slurmctl.books.store import load_job
+
+        return load_job(self.store, self.job_id)
+
+    def status(self, *, scan: bool = False) -> dict[str, Any]:
+        """What ``slurmctl status JOB --json`` prints (``scan``: recount from the task manifests)."""
+        from slurmctl.books.status import job_status
+
+        return job_status(self.store, self.manifest(), scan=scan)
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the job is completed, failed, cancelled, paused or stopped; return its status. Raises
+        ``TimeoutError`` after ``timeout`` seconds (None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.manifest().status in TERMINAL_STATUSES:
+                return self.status()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.job_id} is still {self.manifest().status} after {timeout:g} s")
+            time.sleep(POLL_S)
+
+    def errors(self, top: int = 10) -> dict[str, Any]:
+        """What ``slurmctl analyze-errors JOB --json`` prints: failed items by class, top messages, hot batches."""
+        from slurmctl.books.failures import analyze, committed_tasks, failure_state
+
+        return analyze(self.job_id, failure_state(self.store, committed_tasks(self.store, self.job_id)), top=top)
+
+    def failures(self) -> pandas.DataFrame:
+        """Every failed or deferred item, by input line: ``line``, ``id``, ``state``, ``error_class``,
+        ``message``, ``batch_id`` (and where known the file, host and attempts)."""
+        import pandas as pd
+
+        from slurmctl.books.failures import committed_tasks, failure_state
+
+        state = failure_state(self.store, committed_tasks(self.store, self.job_id))
+        rows = [{"line": line, **record} for line, record in sorted(state.items())]
+        return pd.DataFrame(rows, columns=None if rows else ["line", "id", "state", "error_class", "message",
+                                                              "batch_id"])
+
+    def result(self) -> dict[str, Any]:
+        """The completed job's result manifest (its output files, their rows and sha256). Raises ``LookupError``
+        while the job has none (not completed yet)."""
+        body = self.store.get_json(Keys(self.job_id).result)
+        if body is None:
+            raise LookupError(f"job {self.job_id} has no output yet (status {self.manifest().status}); "
+                              f"`slurmctl status {self.job_id}` says where it is")
+        return body
+
+    def output(self, *, verify: bool = True) -> pyarrow.dataset.Dataset:
+        """The job's output as a ``pyarrow.dataset.Dataset``. ``verify``: first check every file against the sha256
+        its result manifest recorded (one streaming read of each; ``ManifestCorrupt`` names a file that differs)."""
+        import pyarrow.dataset as ds
+
+        files = self.result()["outputs"]
+        fs, paths = self._filesystem(), [self._path(f["uri"]) for f in files]
+        if verify:
+            for f, path in zip(files, paths):
+                digest = hashlib.sha256()
+                with fs.open_input_stream(path) as stream:
+                    while chunk := stream.read(8 << 20):
+                        digest.update(chunk)
+                if "sha256:" + digest.hexdigest() != f["sha256"]:
+                    raise ManifestCorrupt(f"{f['uri']}: sha256 differs from the job's result manifest")
+        return ds.dataset(paths, format="parquet", filesystem=fs)
+
+    def to_pandas(self, *, verify: bool = True) -> pandas.DataFrame:
+        """The job's output in one DataFrame (``output(verify=...).to_table().to_pandas()``)."""
+        return self.output(verify=verify).to_table().to_pandas()
+
+    def _filesystem(self) -> Any:
+        import pyarrow.fs as pafs
+
+        if not self.storage.uri.startswith("s3://"):
+            return pafs.LocalFileSystem()
+        endpoint = self.storage.endpoint_url
+        return pafs.S3FileSystem(region=self.storage.region or "us-east-1",
+                                 endpoint_override=endpoint.split("://", 1)[-1] if endpoint else None,
+                                 scheme=endpoint.split("://", 1)[0] if endpoint else "https")
+
+    @staticmethod
+    def _path(uri: str) -> str:
+        if uri.startswith("s3://"):
+            return uri[5:]
+        return str(Path(uri[7:] if uri.startswith("file://") else uri))

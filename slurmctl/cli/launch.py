@@ -1,0 +1,159 @@
+"""Starting a job's coordinator: what ``slurmctl submit`` (and ``slurmctl.submit`` in Python) and ``resume`` share.
+
+``start`` admits a new job and starts its coordinator (here, on standby while the job is admitted, or as a Slurm job),
+raising ``SubmitRefused`` (nothing was submitted: the problems name the fields) or ``SubmitFailed`` (the job exists
+but did not start: the message says what to fix, then ``resume``). The caller prints, waits or returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slurmctl.cli.common import _err, local_prefect_server
+from slurmctl.config import JobConfig, StorageConfig
+from slurmctl.paths import coordinator_log, home
+
+
+class SubmitRefused(ValueError):
+    """Nothing was submitted: ``problems`` are (field, message) pairs, as ``ConfigError``'s."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("cannot submit\n" + "\n".join(f"  {f}: {m}" for f, m in problems))
+
+
+class SubmitFailed(RuntimeError):
+    """The job exists but its coordinator did not start; the message says what to fix, then ``resume``."""
+
+
+@dataclass
+class Launched:
+    job: Any  # the JobManifest as admitted
+    store: Any
+    proc: subprocess.Popen | None  # the coordinator here; None when it is a Slurm job
+    log: Path
+    server: dict[str, Any] | None  # the local Prefect server, when no PREFECT_API_URL names one
+
+
+def remember(job_id: str, storage: StorageConfig) -> None:
+    path = home() / "jobs" / f"{job_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"job_id": job_id, "storage": storage.model_dump()}))
+
+
+def spawn_coordinator(job_id: str, storage: StorageConfig, retry_errors: list[str] | None = None,
+                      standby: bool = False, aggregate_only: bool = False,
+                      fork_workers: bool = False) -> tuple[subprocess.Popen, Path]:
+    """Start the job's coordinator process. ``standby``: it imports what it needs and waits for ``release``, so
+    its start-up overlaps with the caller's checks. ``fork_workers``: the job's cluster is local, so the coordinator
+    starts the template its workers fork from at once (``slurmctl.flows.local_workers``)."""
+    log = coordinator_log(job_id)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *filter(None, env.get("PYTHONPATH", "").split(
+        os.pathsep))]))
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slurmctl.cli.coordinator", job_id, "--storage-json", storage.model_dump_json(),
+             "--retry-errors", ",".join(retry_errors or []), *(["--standby"] if standby else []),
+             *(["--aggregate-only"] if aggregate_only else []), *(["--fork-workers"] if fork_workers else [])],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE if standby else subprocess.DEVNULL, env=env,
+            start_new_session=True)
+    return proc, log
+
+
+def release(proc: subprocess.Popen, go: bool) -> None:
+    """Let a standby coordinator run the job (``go``), or end it: the job was not created, it has done nothing."""
+    if go:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(b"go\n")
+            proc.stdin.close()
+        return
+    proc.kill()
+    proc.wait()
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
+
+
+def coordinator_on_slurm(cfg: JobConfig, on: str | None) -> bool | None:
+    """Does the job's coordinator run as a Slurm job (``--on``, else ``cluster.coordinator.on``)? None: it cannot."""
+    wanted = on or (cfg.cluster.coordinator.on if cfg.cluster.kind == "slurm" else "local")
+    if wanted == "slurm" and cfg.cluster.kind != "slurm":
+        return None
+    return wanted == "slurm"
+
+
+def start_on_slurm(job_id: str, storage: StorageConfig, cluster: Any, store: Any) -> str | None:
+    """sbatch the job's coordinator (``slurmctl.cli.slurm_coordinator``); record it in the job manifest. None (and
+    the job marked failed, with what to do) when sbatch refuses."""
+    from slurmctl.books.manifests import now
+    from slurmctl.books.store import update_job
+    from slurmctl.cli import slurm_coordinator
+
+    try:
+        slurm_id = slurm_coordinator.submit(job_id, storage.model_dump_json(), cluster)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        update_job(store, job_id, status="failed", finished_at=now(), error=f"{exc}"[:2000])
+        _err(f"job {job_id} is submitted but its coordinator is not: {exc}\n  fix that (cluster.coordinator), then "
+             f"`slurmctl resume {job_id}`")
+        return None
+    update_job(store, job_id, coordinator_slurm_job=slurm_id)
+    print(f"coordinator of {job_id}: Slurm job {slurm_id} (`squeue -j {slurm_id}`)", file=sys.stderr)
+    return slurm_id
+
+
+def start(cfg: JobConfig, config_file: str | None, sample: Any = None, on: str | None = None) -> Launched:
+    """Admit ``cfg`` as a new job and start its coordinator. Its coordinator starts at once, on standby: its
+    imports (~2.5 s) overlap with the admission checks (as a Slurm job it is submitted once the job exists)."""
+    on_slurm = coordinator_on_slurm(cfg, on)
+    if on_slurm is None:
+        raise SubmitRefused([("--on slurm", "the coordinator runs as a Slurm job only with cluster.kind: slurm")])
+    new_log = not coordinator_log(cfg.job_id).exists()
+    from slurmctl.flows.local_workers import forks
+
+    proc, log = (None, coordinator_log(cfg.job_id)) if on_slurm else spawn_coordinator(
+        cfg.job_id, cfg.storage, standby=True, fork_workers=forks(cfg.cluster))
+    go = False
+    try:
+        from slurmctl.books.admission import JobRefused, create_job
+        from slurmctl.books.store import JobExists, reader_for
+
+        try:
+            job = create_job(cfg, config_file, sample)
+        except JobExists as exc:
+            raise SubmitRefused([("job_id", str(exc))]) from None
+        except JobRefused as exc:
+            raise SubmitRefused(exc.problems) from None
+        store = reader_for(cfg.storage)
+        remember(cfg.job_id, cfg.storage)
+        try:
+            server = local_prefect_server()
+        except Exception as exc:  # ServerError (it says why), or an OSError of $SLURMCTL_HOME
+            from slurmctl.books.manifests import now
+            from slurmctl.books.store import update_job
+
+            update_job(store, cfg.job_id, status="failed", finished_at=now(),
+                       error=f"the local Prefect server did not start: {exc}"[:2000])
+            raise SubmitFailed(
+                f"job {cfg.job_id} is submitted but not started: the local Prefect server did not start: {exc}\n"
+                f"  fix that (or set PREFECT_API_URL to a running server), then `slurmctl resume {cfg.job_id}`"
+            ) from None
+        if on_slurm and start_on_slurm(cfg.job_id, cfg.storage, cfg.cluster, store) is None:
+            raise SubmitFailed("")  # start_on_slurm said why
+        go = True
+    finally:
+        if proc is not None:
+            release(proc, go)
+        if not go and new_log:
+            with contextlib.suppress(OSError):
+                if log.stat().st_size == 0:
+                    log.unlink()
+    return Launched(job, store, proc, log, server)
