@@ -15,23 +15,26 @@ from slurmctl.storage import Store, open_store
 
 def store_for(storage: StorageConfig | dict[str, Any]) -> Store:
     """The store block ``storage`` names (Prefect's result storage, saved by the process phase)."""
-    s = _storage(storage)
-    if s.block:
-        return _saved(s)
-    from slurmctl.blocks.manifest_store import store_from_uri
-
-    return store_from_uri(s.uri, endpoint_url=s.endpoint_url, region=s.region, sse=s.sse,
-                          sse_kms_key_id=s.sse_kms_key_id)
+    return _open(storage, plain=False)
 
 
 def reader_for(storage: StorageConfig | dict[str, Any]) -> Store:
     """The same store as a plain object, without importing Prefect (unless ``storage`` names a saved block): what
     ``status``, ``list`` and the other commands that read a job's books use, so they answer at once."""
+    return _open(storage, plain=True)
+
+
+def _open(storage: StorageConfig | dict[str, Any], *, plain: bool) -> Store:
     s = _storage(storage)
     if s.block:
         return _saved(s)
-    return open_store(s.uri, endpoint_url=s.endpoint_url, region=s.region, sse=s.sse,
-                      sse_kms_key_id=s.sse_kms_key_id)
+    if plain:
+        return open_store(s.uri, endpoint_url=s.endpoint_url, region=s.region, sse=s.sse,
+                          sse_kms_key_id=s.sse_kms_key_id)
+    from slurmctl.blocks.manifest_store import store_from_uri
+
+    return store_from_uri(s.uri, endpoint_url=s.endpoint_url, region=s.region, sse=s.sse,
+                          sse_kms_key_id=s.sse_kms_key_id)
 
 
 def _storage(storage: StorageConfig | dict[str, Any]) -> StorageConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -77,6 +78,10 @@ def release(proc: subprocess.Popen, go: bool) -> None:
             proc.stdin.write(b"go\n")
             proc.stdin.close()
         return
+    # Its whole process group (it leads one: start_new_session): the template its workers would have forked from
+    # is in it too, and would otherwise finish its imports for nothing.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.kill()
     proc.wait()
     with contextlib.suppress(OSError):
