@@ -6,8 +6,8 @@ A coordinator that runs a local cluster instead starts one multiprocessing *fork
 (while its flow partitions the input), has it import those modules once, and Dask's nannies fork every worker of
 every phase (process, each retry round) from it: a worker is up in a fraction of a second with everything imported.
 
-Only the coordinator process (``slurmctl.cli.coordinator``) opts in (``allow``, and ``prestart`` when the command that
-started it knows the job's cluster is local): a forkserver's children get the environment it was started with, and a
+Only the coordinator process (``slurmctl.cli.coordinator``) opts in, when the command that started it knows the job's
+cluster is local (``--fork-workers``: ``allow``, ``prestart``, then ``warm``): a forkserver's children get the environment it was started with, and a
 coordinator's is fixed for its life (the Prefect API URL included), whereas a long-lived process running flows (a
 test session, a notebook) may change its environment between jobs. Slurm workers are started by ``sbatch`` and are
 not concerned.
@@ -34,8 +34,8 @@ ENV = "SLURMCTL_FORK_WORKERS"
 
 
 def allow() -> None:
-    """This process's environment is fixed from now on: its local clusters may fork workers from a template (unless
-    ``SLURMCTL_FORK_WORKERS=0``)."""
+    """This process's environment is fixed for its life and its job's cluster is local: it may fork its workers from
+    a template (unless ``SLURMCTL_FORK_WORKERS=0``)."""
     global _allowed
     _allowed = os.environ.get(ENV, "1") != "0"
 
@@ -46,7 +46,7 @@ def prestart() -> None:
     then up in well under a second when the process phase asks. Needs the Prefect API the workers will report to:
     ``PREFECT_API_URL``, else the local server when one runs already (a first job, which starts the server, warms its
     template later, in ``warm``)."""
-    if os.environ.get(ENV, "1") == "0":
+    if not _allowed:
         return
     url = os.environ.get("PREFECT_API_URL")
     if not url:
@@ -99,11 +99,11 @@ def forks(cluster: Any) -> bool:
     return getattr(cluster, "kind", None) == "local" and bool(getattr(cluster, "processes", True))
 
 
-def warm(cluster: Any) -> None:
-    """Start the template for ``cluster`` (a ``LocalClusterConfig``) in the background, if this process allows it and
-    the cluster runs its workers as processes. Idempotent; returns at once."""
+def warm() -> None:
+    """Make this process's local clusters fork their workers from the template, starting it in the background if
+    ``prestart`` did not, when this process allows it. Idempotent; returns at once."""
     global _warming
-    if not _allowed or not forks(cluster):
+    if not _allowed:
         return
     with _lock:
         if _warming is None:

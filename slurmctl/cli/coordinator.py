@@ -121,18 +121,6 @@ def _log_exit(job_id: str) -> None:
     print(EXIT_LINE.format(job_id=job_id, pid=os.getpid(), at=at), flush=True)
 
 
-def _warm_local_workers(job_id: str, storage: dict[str, Any]) -> None:
-    """This process's environment is final (the Prefect API URL included): a job on a local cluster starts the
-    template its workers fork from now, while its flow starts (``slurmctl.flows.local_workers``)."""
-    from slurmctl.books.store import load_job, reader_for
-    from slurmctl.config import parse_config
-    from slurmctl.flows import local_workers
-
-    local_workers.allow()
-    with contextlib.suppress(Exception):  # the job flow reads the job again and reports what is wrong with it
-        local_workers.warm(parse_config(load_job(reader_for(storage), job_id).config).cluster)
-
-
 def main(argv: list[str] | None = None) -> int:
     from slurmctl.flows import stop  # standard library only: a signal during the imports below is kept, not fatal
 
@@ -154,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fork_workers:
         from slurmctl.flows import local_workers
 
+        local_workers.allow()
         local_workers.prestart()
     # Registered before anything else (Prefect's and Dask's exit hooks, registered later, run before it): the exit
     # line comes after every exit-time drain of logs and events.
@@ -177,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     stop.exit_on_second = True  # a second SIGTERM/SIGINT/SIGHUP ends this process at once (flows/stop.py)
     try:
         with prefect_api_for_workers(), stop.on_signals():  # ours before Prefect's (its handler passes them on)
-            _warm_local_workers(args.job_id, json.loads(args.storage_json))
+            if args.fork_workers:  # the Prefect API URL is final now: a template not started early starts here
+                local_workers.warm()
             run_job(job_id=args.job_id, storage=json.loads(args.storage_json),
                     retry_errors=[c for c in args.retry_errors.split(",") if c] or None,
                     aggregate_only=args.aggregate_only)
