@@ -81,12 +81,9 @@ def submit(config: str | Path | dict[str, Any] | Any, *, job_id: str | None = No
 def jobs(storage: str | StorageConfig | dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The jobs in ``storage`` (None: every store this machine submitted to, and the default one), newest first:
     what ``slurmctl list --json`` prints."""
-    from slurmctl.books.catalog import list_jobs
-    from slurmctl.books.store import reader_for
+    from slurmctl.books.catalog import jobs_in
 
-    stores = [_storage(storage)] if storage is not None else known_stores()
-    rows = {(r["store"], r["job_id"]): r for s in stores for r in list_jobs(reader_for(s))}
-    return sorted(rows.values(), key=lambda r: (r.get("submitted_at") or "", r["job_id"]), reverse=True)
+    return jobs_in([_storage(storage)] if storage is not None else known_stores())
 
 
 class Job:

@@ -8,7 +8,7 @@ or written by a newer slurmctl) is listed with the error instead of hiding it or
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from slurmctl.books.manifests import Keys
 from slurmctl.books.store import JobNotFound, load_job
@@ -41,5 +41,26 @@ def list_jobs(store: Store, limit: int | None = None) -> list[dict[str, Any]]:
     ids = [i for i in store.list_children(JOBS_PREFIX) if not name_problem(i)]
     with ThreadPoolExecutor(max(1, min(READERS, len(ids)))) as pool:
         rows = [r for r in pool.map(lambda i: job_row(store, i), ids) if r is not None]
-    rows.sort(key=lambda r: (r.get("submitted_at") or "", r["job_id"]), reverse=True)
+    rows = newest_first(rows)
     return rows[:limit] if limit else rows
+
+
+def jobs_in(stores: list[Any], on_error: Callable[[Any, Exception], None] | None = None) -> list[dict[str, Any]]:
+    """The jobs of several stores (``StorageConfig``s) in one listing, newest first, each job once. ``on_error``:
+    called with a store that cannot be listed and the error, and the others are still listed (else it raises)."""
+    from slurmctl.books.store import reader_for
+
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for storage in stores:
+        try:
+            for row in list_jobs(reader_for(storage)):
+                rows.setdefault((row["store"], row["job_id"]), row)
+        except Exception as exc:
+            if on_error is None:
+                raise
+            on_error(storage, exc)
+    return newest_first(list(rows.values()))
+
+
+def newest_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (r.get("submitted_at") or "", r["job_id"]), reverse=True)

@@ -39,20 +39,17 @@ def stores_to_list(args: argparse.Namespace) -> list[StorageConfig]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from slurmctl.books.catalog import list_jobs
-    from slurmctl.books.store import reader_for
+    from slurmctl.books.catalog import jobs_in
 
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    code = EXIT_OK
+    failed: list[str] = []
+
+    def unreachable(storage: StorageConfig, exc: Exception) -> None:  # the other stores are still listed
+        _err(f"cannot list {storage.uri}: {type(exc).__name__}: {exc}")
+        failed.append(storage.uri)
+
     stores = stores_to_list(args)
-    for storage in stores:
-        try:
-            for row in list_jobs(reader_for(storage)):
-                rows.setdefault((row["store"], row["job_id"]), row)
-        except Exception as exc:  # one store unreachable: the others are still listed
-            _err(f"cannot list {storage.uri}: {type(exc).__name__}: {exc}")
-            code = EXIT_FAILED
-    jobs = sorted(rows.values(), key=lambda r: (r.get("submitted_at") or "", r["job_id"]), reverse=True)
+    jobs = jobs_in(stores, on_error=unreachable)
+    code = EXIT_FAILED if failed else EXIT_OK
     jobs = jobs[:args.limit] if args.limit > 0 else jobs
     if args.json:
         print(json.dumps(jobs))
