@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README command 2: set up .venv, start the real single-node Slurm (if it is not running), run the test suite, and
-# stop what this script started. Extra arguments go to pytest (e.g. -m "not slurm", -k name).
+# stop what this script started. Extra arguments go to pytest (e.g. -m "not slurm", -k name); without any, the Slurm
+# tests run beside the others (see below).
 #
 # Slurm needs root (apt-get, daemons): scripts/slurm.sh uses `sudo -n` when not run as root. If Slurm cannot be
 # started, the Slurm tests are skipped with a loud warning here and in pytest's summary -- unless
@@ -36,7 +37,7 @@ bash scripts/setup.sh >"$setup_log" 2>&1 &
 setup_pid=$!
 
 cleanup() {
-  kill "$setup_pid" 2>/dev/null || true
+  kill "$setup_pid" ${slurm_pid:-} 2>/dev/null || true
   if [ "$started_slurm" = 1 ]; then bash scripts/slurm.sh down || true; fi
   rm -f "$setup_log"
 }
@@ -101,8 +102,30 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false
 # Tests start their own Prefect and moto servers; never talk to a developer's configured Prefect server.
 unset PREFECT_API_URL PREFECT_API_KEY
 export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)}"
+pytest_cmd=(.venv/bin/python -m pytest -p no:cacheprovider -ra --durations=0 --durations-min=8)
 rc=0
-.venv/bin/python -m pytest -p no:cacheprovider -ra --durations=0 --durations-min=8 "$@" || rc=$?
+if [ $# = 0 ] && [ -z "$slurm_missing" ] && [ "${SLURMCTL_TEST_STREAMS:-2}" = 2 ]; then
+  # The whole suite, in two streams at once: the Slurm tests (-m slurm, ~5 min, nearly all of it waiting on Slurm's
+  # clock: walltimes, signals, job starts) beside everything else, instead of after it. Each stream has its own
+  # Prefect and moto servers (session fixtures) and its own temporary directory; the Slurm stream's output is shown
+  # when it ends. SLURMCTL_TEST_STREAMS=1 runs one stream, as any run with arguments does.
+  streams=$(mktemp -d)
+  slurm_rc=0
+  "${pytest_cmd[@]}" --basetemp="$streams/slurm" -m slurm >"$streams/slurm.log" 2>&1 &
+  slurm_pid=$!
+  "${pytest_cmd[@]}" --basetemp="$streams/rest" -m "not slurm" || rc=$?
+  wait "$slurm_pid" || slurm_rc=$?
+  echo
+  echo "test: ---- the Slurm tests (-m slurm), run beside the others ----"
+  cat "$streams/slurm.log"
+  rm -rf "$streams"
+  if [ "$slurm_rc" != 0 ]; then
+    echo "test: the Slurm tests failed (exit $slurm_rc): their output is above" >&2
+    [ "$rc" != 0 ] || rc=$slurm_rc
+  fi
+else
+  "${pytest_cmd[@]}" "$@" || rc=$?
+fi
 if [ -n "$slurm_missing" ]; then
   warn_slurm_missing  # again, after pytest's output, where it is seen
 fi
