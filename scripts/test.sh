@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # README command 2: set up .venv, start the real single-node Slurm (if it is not running), run the test suite, and
 # stop what this script started. Extra arguments go to pytest (e.g. -m "not slurm", -k name); without any, the Slurm
-# tests run beside the others (see below).
+# tests and those that wait on outside clocks run beside the others (see below).
 #
 # Slurm needs root (apt-get, daemons): scripts/slurm.sh uses `sudo -n` when not run as root. If Slurm cannot be
 # started, the Slurm tests are skipped with a loud warning here and in pytest's summary -- unless
@@ -105,22 +105,23 @@ export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)}"
 pytest_cmd=(.venv/bin/python -m pytest -p no:cacheprovider -ra --durations=0 --durations-min=8)
 rc=0
 if [ $# = 0 ] && [ -z "$slurm_missing" ] && [ "${SLURMCTL_TEST_STREAMS:-2}" = 2 ]; then
-  # The whole suite, in two streams at once: the Slurm tests (-m slurm, ~5 min, nearly all of it waiting on Slurm's
-  # clock: walltimes, signals, job starts) beside everything else, instead of after it. Each stream has its own
-  # Prefect and moto servers (session fixtures) and its own temporary directory; the Slurm stream's output is shown
-  # when it ends. SLURMCTL_TEST_STREAMS=1 runs one stream, as any run with arguments does.
+  # The whole suite, in two streams at once: the tests that mostly wait on a clock outside them (-m "slurm or
+  # waits": Slurm's walltimes, signals and job starts; Prefect's scheduler, workers and automations; ~9 min, a
+  # fraction of a core) beside everything else, instead of after it. Each stream has its own Prefect and moto
+  # servers (session fixtures) and its own temporary directory; the waiting stream's output is shown when it ends.
+  # SLURMCTL_TEST_STREAMS=1 runs one stream, as any run with arguments does.
   streams=$(mktemp -d)
   slurm_rc=0
-  "${pytest_cmd[@]}" --basetemp="$streams/slurm" -m slurm >"$streams/slurm.log" 2>&1 &
+  "${pytest_cmd[@]}" --basetemp="$streams/waits" -m "slurm or waits" >"$streams/waits.log" 2>&1 &
   slurm_pid=$!
-  "${pytest_cmd[@]}" --basetemp="$streams/rest" -m "not slurm" || rc=$?
+  "${pytest_cmd[@]}" --basetemp="$streams/rest" -m "not slurm and not waits" || rc=$?
   wait "$slurm_pid" || slurm_rc=$?
   echo
-  echo "test: ---- the Slurm tests (-m slurm), run beside the others ----"
-  cat "$streams/slurm.log"
+  echo "test: ---- the tests that wait on outside clocks (-m \"slurm or waits\"), run beside the others ----"
+  cat "$streams/waits.log"
   rm -rf "$streams"
   if [ "$slurm_rc" != 0 ]; then
-    echo "test: the Slurm tests failed (exit $slurm_rc): their output is above" >&2
+    echo "test: the Slurm and waiting tests failed (exit $slurm_rc): their output is above" >&2
     [ "$rc" != 0 ] || rc=$slurm_rc
   fi
 else

@@ -14,7 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 _API = {"job": "slurmctl.api", "jobs": "slurmctl.api", "Job": "slurmctl.api", "submit": "slurmctl.api",
-        "SubmitRefused": "slurmctl.cli.launch", "SubmitFailed": "slurmctl.cli.launch",
+        "SubmitRefused": "slurmctl.control.errors", "SubmitFailed": "slurmctl.control.errors",
+        "ControlError": "slurmctl.control.errors", "ControlFailed": "slurmctl.control.errors",
+        "JobRunning": "slurmctl.control.errors", "BudgetRefused": "slurmctl.control.errors",
+        "NothingToDo": "slurmctl.control.errors",
         "JobNotFound": "slurmctl.books.store", "ConfigError": "slurmctl.config",
         "ManifestCorrupt": "slurmctl.storage", "StorageConfig": "slurmctl.config"}
 

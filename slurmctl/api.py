@@ -9,10 +9,13 @@
     df = job.to_pandas()                             # the output, every file's sha256 checked first
     job.failures()                                   # failed and deferred items: id, line, class, message
     [j["job_id"] for j in slurmctl.jobs()]           # what `slurmctl list` shows
+    job.pause(); job.set_rate("api", 5); job.resume()  # as `slurmctl pause|rate|resume`
+    job.retry(["network", "throttle"], wait=True)    # a retry round over those failures
+    job.cancel()                                      # until it has stopped (committed batches are kept)
 
-Everything here reads manifests through ``slurmctl.storage`` (no Prefect, Dask or pandas until ``to_pandas`` or
-``failures`` asks for a DataFrame), so it is as quick as ``slurmctl status``. ``submit`` starts a job as
-``slurmctl submit`` does (the same code: ``slurmctl.cli.launch``); resuming and cancelling are the CLI's for now.
+Reading goes through ``slurmctl.storage`` (no Prefect, Dask or pandas until ``to_pandas`` or ``failures`` asks for
+a DataFrame), so it is as quick as ``slurmctl status``. Acting runs the code the commands run (``slurmctl.control``)
+and raises its errors (``ControlError`` and its kinds, each with the message the command prints).
 """
 
 from __future__ import annotations
@@ -52,17 +55,19 @@ def job(job_id: str, storage: str | StorageConfig | dict[str, Any] | None = None
 
 
 def submit(config: str | Path | dict[str, Any] | Any, *, job_id: str | None = None, date: str | None = None,
-           wait: bool = False, timeout: float | None = None) -> Job:
+           wait: bool = False, timeout: float | None = None, deployment: str | None = None) -> Job:
     """Submit a job, as ``slurmctl submit`` does, and return its handle at once (``wait``: once it has ended, as
     ``Job.wait(timeout)``). ``config``: a YAML path, an inline mapping (relative paths against the working
     directory) or a ``JobConfig``; ``job_id`` and ``date`` as the command's ``--job-id`` and ``--date``. The
-    coordinator runs in its own process (it outlives this one). Raises ``ConfigError`` for a bad config and
+    coordinator runs in its own process (it outlives this one); with ``deployment`` (``flow/name``, or a name of
+    ``slurmctl-job``) the job is admitted here and runs as a flow run of that Prefect deployment, on its workers.
+    Raises ``ConfigError`` for a bad config and
     ``SubmitRefused`` when admission refuses it (each naming the fields), ``SubmitFailed`` when the job exists but
     could not start (the message says what to fix, then ``resume``)."""
     import datetime as dt
 
-    from slurmctl.cli import launch
     from slurmctl.config import JobConfig, job_config
+    from slurmctl.control import launch
 
     day = date or dt.date.today()
     if isinstance(config, JobConfig):
@@ -71,7 +76,10 @@ def submit(config: str | Path | dict[str, Any] | Any, *, job_id: str | None = No
         cfg, config_file = job_config(config=config, job_id=job_id, date=day), None
     else:
         cfg, config_file = job_config(config, job_id=job_id, date=day), str(Path(config).resolve())
-    launch.start(cfg, config_file)
+    if deployment:
+        launch.start_as_deployment_run(cfg, config_file, deployment)
+    else:
+        launch.start(cfg, config_file)
     handle = Job(cfg.job_id, cfg.storage)
     if wait:
         handle.wait(timeout)
@@ -84,6 +92,15 @@ def jobs(storage: str | StorageConfig | dict[str, Any] | None = None) -> list[di
     from slurmctl.books.catalog import jobs_in
 
     return jobs_in([_storage(storage)] if storage is not None else known_stores())
+
+
+def _in_notebook() -> bool:
+    """Running in a Jupyter kernel (IPython's ZMQ shell), not a terminal's IPython or a plain interpreter."""
+    import sys
+
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 class Job:
@@ -116,16 +133,88 @@ class Job:
 
         return job_status(self.store, self.manifest(), scan=scan)
 
-    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+    def wait(self, timeout: float | None = None, progress: bool | None = None) -> dict[str, Any]:
         """Block until the job is completed, failed, cancelled, paused or stopped; return its status. Raises
-        ``TimeoutError`` after ``timeout`` seconds (None: no limit)."""
+        ``TimeoutError`` after ``timeout`` seconds (None: no limit). ``progress``: a live bar (items done of the
+        total, items/s, ETA, phase: ``slurmctl submit --wait``'s), redrawn in place in a terminal, and in a Jupyter
+        notebook a line of the cell's output updated in place; None (the default): shown when stderr is a terminal
+        or in a notebook."""
+        import contextlib
+        import sys
+
+        from slurmctl.books.manifests import status_view
+
+        notebook = _in_notebook()
+        display: Any = None
+        if progress or (progress is None and (notebook or sys.stderr.isatty())):
+            from slurmctl.progress_display import NotebookProgress, TerminalProgress
+
+            display = NotebookProgress(self.job_id) if notebook else TerminalProgress(self.job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self.manifest().status in TERMINAL_STATUSES:
-                return self.status()
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {self.job_id} is still {self.manifest().status} after {timeout:g} s")
-            time.sleep(POLL_S)
+        with display or contextlib.nullcontext():
+            while True:
+                job = self.manifest()
+                if display is not None:
+                    display.update(status_view(job.model_dump(mode="json")))
+                if job.status in TERMINAL_STATUSES:
+                    return self.status()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"job {self.job_id} is still {job.status} after {timeout:g} s")
+                time.sleep(POLL_S)
+
+    def resume(self, *, wait: bool = False, timeout: float | None = None, force: bool = False,
+               raise_budget: dict[str, float | None] | None = None) -> dict[str, Any]:
+        """Make the job go again, as ``slurmctl resume``: unpause it, and start a coordinator unless one is
+        running (committed batches are not run again). ``force``: run a completed job again (it re-aggregates).
+        ``raise_budget``: new budget limits (``{"max_api_calls": 200000}``; None removes one), which a job paused at
+        its budget needs. ``wait``: as ``wait(timeout)``. Returns the status. Raises ``JobRunning``,
+        ``BudgetRefused`` (nothing changed) or ``ControlFailed``."""
+        return self._restart(wait, timeout, force=force, raise_budget=raise_budget)
+
+    def retry(self, errors: list[str] | str, *, wait: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """A retry round over the items that failed with these error classes (``["network", "throttle"]`` or
+        ``"network,throttle"``), as ``slurmctl retry``; then the output is aggregated again."""
+        classes = sorted({c.strip() for c in (errors.split(",") if isinstance(errors, str) else errors) if c.strip()})
+        if not classes:
+            from slurmctl.control.errors import NothingToDo
+
+            raise NothingToDo("errors: give one or more error classes, e.g. ['network', 'throttle']")
+        return self._restart(wait, timeout, retry_errors=classes)
+
+    def aggregate(self, *, wait: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Merge the committed batch outputs into the job's dataset again, as ``slurmctl aggregate``."""
+        return self._restart(wait, timeout, aggregate_only=True)
+
+    def _restart(self, wait: bool, timeout: float | None, **how: Any) -> dict[str, Any]:
+        from slurmctl.control.restart import restart
+
+        if how.get("raise_budget"):
+            how["raise_budget"] = [f"{k}={'none' if v is None else v}" for k, v in how["raise_budget"].items()]
+        restarted = restart(self.job_id, self.storage, **how)
+        if wait and restarted.follow:
+            return self.wait(timeout)
+        return self.status()
+
+    def cancel(self, *, wait: bool = True, timeout: float = 120) -> str:
+        """Stop the job's run, as ``slurmctl cancel``: its coordinator stops after the batches in flight, its Dask
+        cluster and Slurm jobs end, committed batches are kept (``resume`` continues it). ``wait``: until it has
+        stopped (``ControlFailed`` after ``timeout`` s: the request stands). Returns what happened, in words."""
+        from slurmctl.control.cancel import cancel
+
+        return cancel(self.manifest(), self.store, wait=wait, timeout=timeout)
+
+    def pause(self) -> list[str]:
+        """Stop the job's workers taking rate-limit tokens (in-flight requests finish, batches wait), as
+        ``slurmctl pause``; ``resume()`` continues. Returns the limits paused."""
+        from slurmctl.control.limits import pause
+
+        return pause(self.manifest(), self.store)
+
+    def set_rate(self, limit: str, per_second: float) -> float:
+        """Change the rate limit ``limit`` while the job runs, as ``slurmctl rate``; returns the new rate."""
+        from slurmctl.control.limits import set_rate
+
+        return set_rate(self.manifest(), limit, per_second)
 
     def errors(self, top: int = 10) -> dict[str, Any]:
         """What ``slurmctl analyze-errors JOB --json`` prints: failed items by class, top messages, hot batches."""

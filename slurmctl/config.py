@@ -168,7 +168,7 @@ class _SlurmJob(_Strict):
 
 class CoordinatorConfig(_SlurmJob):
     """Where the coordinator runs (``cluster.coordinator``): here (``local``), or as a Slurm job of its own
-    (``slurm``: ``slurmctl.cli.slurm_coordinator``), continued by the next one when its walltime comes."""
+    (``slurm``: ``slurmctl.control.slurm_coordinator``), continued by the next one when its walltime comes."""
 
     on: Literal["local", "slurm"] = "local"
     walltime: str = "1-00:00:00"

@@ -23,6 +23,9 @@ from support.jobs import run_cli, status, wait_for, wait_until_ended, why, write
 from slurmctl.config import parse_config
 from slurmctl.job_health import Sample, Window, crossed, error_rate_pct, token_wait_pct
 
+# Mostly waiting on the Prefect server's automation evaluation: run beside the rest (scripts/test.sh)
+pytestmark = pytest.mark.waits
+
 STALL_S = 12  # Prefect allows 10 s at the least (given in minutes here: 10 / 60 * 60 falls just under)
 CHAIN_S = 180  # safety net for each link of an alert's chain on the server (AlertChain): not a latency estimate
 RECEIVED_S = 30  # from the server's record that the webhook answered to the request seen by our receiver

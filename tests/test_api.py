@@ -108,22 +108,59 @@ def test_wait_returns_when_the_job_ends_and_times_out_while_it_runs(tmp_path, sl
     assert handle.wait(timeout=60)["status"] == "failed"
 
 
+def test_wait_shows_progress_when_asked(tmp_path, slurmctl_home, capsys):
+    storage = StorageConfig(uri=f"file://{tmp_path}/state")
+    completed_job(storage)
+    job = slurmctl.job("nb", storage)
+    assert job.wait(progress=False)["status"] == "completed"
+    assert capsys.readouterr().err == ""  # not a terminal, not a notebook: nothing unless asked
+    job.wait(progress=True)
+    shown = capsys.readouterr().err
+    assert "done" in shown and "batches 0/0 failed 0, items failed 1" in shown, shown  # the bar, at 80 columns
+
+
 @pytest.mark.integration
-def test_submit_from_python_then_wait_and_read_the_output(tmp_path, prefect_api, slurmctl_home, monkeypatch):
-    from support.jobs import write_jsonl
+def test_submit_cancel_resume_from_python_then_read_the_output(tmp_path, prefect_api, slurmctl_home, monkeypatch):
+    from support.jobs import TESTS, wait_for, write_jsonl
+    from support.sample_handlers import calls
 
     monkeypatch.chdir(tmp_path)  # an inline config's relative paths are the working directory's
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # the coordinator and its workers import the test handler
+    marker, release = tmp_path / "held", tmp_path / "release"
     write_jsonl(tmp_path / "in.jsonl", [{"id": i, "name": f"u{i}"} for i in range(30)])
-    config = {"job_id": "from-python", "handler": "slurmctl.handlers.echo:handle", "input": {"uri": "in.jsonl"},
-              "batch_size": 10, "cluster": {"kind": "local", "n_workers": 1}, "storage": {"uri": "file://./state"}}
+    config = {"job_id": "from-python", "handler": "support.sample_handlers:counting", "input": {"uri": "in.jsonl"},
+              "batch_size": 10, "cluster": {"kind": "local", "n_workers": 1}, "storage": {"uri": "file://./state"},
+              "params": {"calls_file": str(tmp_path / "calls"),
+                         "hold": {"id": 15, "marker": str(marker), "release": str(release)}}}
     job = slurmctl.submit(config)  # returns once the coordinator is started
-    assert job.status()["status"] in ("pending", "running", "completed")
-    view = job.wait(timeout=300)
-    assert view["status"] == "completed" and view["items_succeeded"] == 30, view
-    assert sorted(job.to_pandas()["id"]) == list(range(30))
-    assert slurmctl.job("from-python").status()["status"] == "completed"  # found by id, as `status` finds it
+    assert job.status()["status"] in ("pending", "running")
+    wait_for(marker.exists, 300, "item 15 to be held in its batch, the second")
 
+    # Refused while it runs, each with the command's message and nothing changed
+    with pytest.raises(slurmctl.JobRunning, match="job from-python is running"):
+        job.resume()
+    with pytest.raises(slurmctl.NothingToDo, match="declares no rate_limits"):
+        job.pause()
+    with pytest.raises(slurmctl.NothingToDo, match="has no rate limit 'api'"):
+        job.set_rate("api", 5)
+    with pytest.raises(slurmctl.NothingToDo, match="one or more error classes"):
+        job.retry([])
     with pytest.raises(slurmctl.SubmitRefused, match="job_id: job 'from-python' already exists"):
         slurmctl.submit(config)
     with pytest.raises(slurmctl.ConfigError, match="batch_size"):
         slurmctl.submit({**config, "job_id": "bad", "batch_size": 0})
+    with pytest.raises(slurmctl.SubmitFailed, match="could not run deployment 'slurmctl-job/no-such'"):
+        slurmctl.submit({**config, "job_id": "to-nowhere"}, deployment="no-such")
+    assert slurmctl.job("to-nowhere").status()["status"] == "failed"  # admitted, then failed saying why
+
+    try:
+        assert "from-python cancelled: 1/3 batches committed and kept" in job.cancel(timeout=180)
+    finally:
+        release.touch()
+    assert job.status()["status"] == "cancelled"
+    view = job.resume(wait=True, timeout=300)
+    assert view["status"] == "completed" and view["items_succeeded"] == 30, view
+    assert sorted(job.to_pandas()["id"]) == list(range(30))
+    first = [item for _, item in calls(str(tmp_path / "calls")) if item < 10]
+    assert sorted(first) == list(range(10)), "the batch committed before the cancel never ran again"
+    assert slurmctl.job("from-python").status()["status"] == "completed"  # found by id, as `status` finds it

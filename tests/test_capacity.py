@@ -118,7 +118,7 @@ def test_estimate_says_never_or_unknown_and_why():
 def test_progress_on_a_terminal_is_a_rich_bar_fed_from_the_status_view():
     from rich.console import Console
 
-    from slurmctl.cli.progress_display import TerminalProgress
+    from slurmctl.progress_display import TerminalProgress
 
     out = io.StringIO()
     view = {"phase": "process", "items_done": 400, "items_total": 1000, "items_per_s": 12.5, "eta_s": 48,
@@ -134,7 +134,7 @@ def test_progress_on_a_terminal_is_a_rich_bar_fed_from_the_status_view():
 
 
 def test_progress_off_a_terminal_stays_the_plain_line():
-    from slurmctl.cli.progress_display import progress_line
+    from slurmctl.progress_display import progress_line
 
     view = {"phase": "process", "batches_done": 4, "batches_total": 10, "batches_failed": 0, "items_succeeded": 397,
             "items_failed": 3, "items_rejected": 0, "items_per_s": 12.5, "eta_s": 48}

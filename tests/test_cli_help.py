@@ -7,7 +7,7 @@ import shlex
 import pytest
 from support.jobs import run_cli
 
-from slurmctl.cli.commands import build_parser
+from slurmctl.cli.root import build_parser
 
 # The operator's CLI as issue 14 lists it.
 COMMANDS = ["submit", "status", "pause", "resume", "retry", "rate", "analyze-errors", "aggregate", "cancel",

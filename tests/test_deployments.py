@@ -35,6 +35,9 @@ from support.servers import BIN, stop
 
 from slurmctl.flows.naming import job_of_run
 
+# Mostly waiting on Prefect workers and its scheduler: run beside the rest (scripts/test.sh)
+pytestmark = pytest.mark.waits
+
 
 def prefect(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True,

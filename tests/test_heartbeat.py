@@ -21,8 +21,11 @@ from slurmctl.blocks.manifest_store import LocalManifestStore
 from slurmctl.books.heartbeat import Heartbeat, read_heartbeat
 from slurmctl.books.manifests import Keys, parse_time, status_view
 from slurmctl.books.store import new_job_manifest
-from slurmctl.cli.commands import coordinator_alive
 from slurmctl.config import parse_config
+from slurmctl.control.liveness import coordinator_alive
+
+# Mostly waiting on a job's retry cooldown: run beside the rest (scripts/test.sh)
+pytestmark = pytest.mark.waits
 
 
 def ago(seconds: float) -> str:

@@ -53,7 +53,7 @@ def test_list_shows_a_stores_jobs_newest_first_and_an_unreadable_one_with_its_er
 @pytest.mark.integration
 def test_list_without_a_store_lists_every_store_this_machine_submitted_to(tmp_path, slurmctl_home, moto_endpoint,
                                                                          s3_bucket):
-    from slurmctl.cli.commands import remember
+    from slurmctl.control.launch import remember
 
     local, s3 = f"file://{tmp_path}/state", f"s3://{s3_bucket}/team"
     add_job(local, "here", "2026-12-01T00:00:00.000Z")

@@ -23,7 +23,8 @@ from support.prefect_runs import flow_run_state
 from support.processes import assert_ended_with_its_coordinator, pid_alive
 from support.servers import free_port
 
-pytestmark = pytest.mark.integration
+# Mostly waiting on Prefect servers starting and stopping: run beside the rest (scripts/test.sh)
+pytestmark = [pytest.mark.integration, pytest.mark.waits]
 
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -1,4 +1,4 @@
-"""The coordinator's own Slurm job (``slurmctl.cli.slurm_coordinator``): its script and the checks before it runs.
+"""The coordinator's own Slurm job (``slurmctl.control.slurm_coordinator``): its script and the checks before it runs.
 The real thing (Slurm's SIGTERM before the walltime, the next coordinator continuing) is in tests/test_slurm.py."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from support.jobs import run_cli, write_config, write_jsonl
 
-from slurmctl.cli.slurm_coordinator import coordinator_job_name, coordinator_script, secrets_path
 from slurmctl.config import parse_config
+from slurmctl.control.slurm_coordinator import coordinator_job_name, coordinator_script, secrets_path
 from slurmctl.slurm import slurm_job_name
 
 

@@ -55,7 +55,7 @@ def test_status_list_and_analyze_errors_read_the_books_without_prefect_dask_or_p
     open_store(uri).put_json(Keys("light").job, new_job_manifest(cfg, None).model_dump(mode="json"))
     probe = (
         "import json, sys\n"
-        "from slurmctl.cli.commands import main\n"
+        "from slurmctl.cli.root import main\n"
         f"assert main(['status', 'light', '--storage', {uri!r}, '--json']) == 0\n"
         f"assert main(['list', '--storage', {uri!r}, '--json']) == 0\n"
         f"assert main(['analyze-errors', 'light', '--storage', {uri!r}, '--json']) == 0\n"

@@ -2,6 +2,6 @@
 
 import sys
 
-from slurmctl.cli.commands import main
+from slurmctl.cli.root import main
 
 sys.exit(main())

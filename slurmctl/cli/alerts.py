@@ -11,9 +11,8 @@ import json
 import sys
 from typing import Any
 
-from slurmctl.cli.common import _err, local_prefect_server, prefect_api
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from slurmctl.cli.common import EXIT_OK, EXIT_USAGE, _err
+from slurmctl.control.server import local_prefect_server, prefect_api
 
 
 def add_parser(sub: Any) -> None:

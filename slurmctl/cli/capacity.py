@@ -8,9 +8,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from slurmctl.cli.common import _err
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from slurmctl.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _err
 
 # (header, value of a partition row): idle/allocated/down/total nodes and CPUs, so it fits 80 columns
 COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [

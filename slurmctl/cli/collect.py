@@ -6,10 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from slurmctl.cli.common import _err, storage_args
+from slurmctl.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _err, storage_args
 from slurmctl.config import StorageConfig, known_storage, known_stores
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def add_parser(sub: Any) -> None:

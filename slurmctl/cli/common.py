@@ -1,12 +1,15 @@
-"""What every ``slurmctl`` command shares: error lines, the options naming a store, and the Prefect API it talks to
-(``PREFECT_API_URL``, else the embedded default's local server)."""
+"""What every ``slurmctl`` command shares: exit codes, error lines, the options naming a store, and a command's
+``--help`` examples."""
 
 from __future__ import annotations
 
-import contextlib
-import os
+import argparse
 import sys
-from typing import Any, Iterator
+from typing import Any
+
+# 0 the job completed (or the command did what it said); 1 it failed, or an action did not work; 2 bad config or
+# arguments, or a refused request (nothing was done); 130 you stopped watching with Ctrl-C (the job keeps running).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DETACHED = 0, 1, 2, 130
 
 
 def _err(msg: str) -> None:
@@ -20,28 +23,35 @@ def storage_args(p: Any) -> None:
     p.add_argument("--region", help="AWS region for --storage")
 
 
-def local_prefect_server() -> dict[str, Any] | None:
-    """On the embedded default (no ``PREFECT_API_URL``), make sure the local Prefect server runs before a
-    coordinator starts, so a job never waits for it unseen; return its record. None when ``PREFECT_API_URL`` names
-    the server to use. The coordinator finds the same server itself (``prefect_server.ensure``)."""
-    if os.environ.get("PREFECT_API_URL"):
+def storage_of(args: argparse.Namespace) -> Any:
+    """The store ``--storage`` names (a ``StorageConfig``), or None: where ``submit`` recorded the job."""
+    if not getattr(args, "storage", None):
         return None
-    from slurmctl import prefect_server
+    from slurmctl.config import StorageConfig
 
-    info = prefect_server.running()
-    if info is None:
-        print("starting the local Prefect server (takes 10-20 s) ...", file=sys.stderr, flush=True)
-        info = prefect_server.start()
-    return info
+    return StorageConfig(uri=args.storage, endpoint_url=args.endpoint_url, region=args.region)
 
 
-@contextlib.contextmanager
-def prefect_api(server: dict[str, Any] | None) -> Iterator[None]:
-    """Prefect clients in this process talk to ``server`` (the local one) when PREFECT_API_URL names none."""
-    if not server:
-        yield
-        return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def job_and_store(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The job ``args.job_id`` names (its manifest, verified) and the store it lives in: ``--storage``, else where
+    ``submit`` recorded it (``JobNotFound`` says where it looked)."""
+    from slurmctl.books.store import load_job, reader_for
+    from slurmctl.config import known_storage
 
-    with temporary_settings(updates={PREFECT_API_URL: server["api_url"]}):
-        yield
+    store = reader_for(storage_of(args) or known_storage(args.job_id))
+    return load_job(store, args.job_id), store
+
+
+class ExamplesFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that an ``examples:`` epilog keeps its lines (one command per line)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
+def command(sub: Any, name: str, examples: list[str], **kwargs: Any) -> argparse.ArgumentParser:
+    """Add the subcommand ``name`` whose ``--help`` ends with ``examples`` (one command line each)."""
+    return sub.add_parser(name, epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
+                          formatter_class=kwargs.pop("formatter_class", ExamplesFormatter), **kwargs)

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--standby", action="store_true",
                         help="import everything, then run only once stdin says `go` (EOF: exit, nothing done)")
     parser.add_argument("--slurm-job", action="store_true",
-                        help="this coordinator is a Slurm job (slurmctl.cli.slurm_coordinator): it continues the job "
+                        help="this coordinator is a Slurm job (slurmctl.control.slurm_coordinator): it continues the job "
                              "where the last one left it, and queues the next one when its walltime comes")
     parser.add_argument("--fork-workers", action="store_true",
                         help="the job's cluster is local: start the template its workers fork from now "
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.slurm_job:
-        from slurmctl.cli import slurm_coordinator
+        from slurmctl.control import slurm_coordinator
 
         code = slurm_coordinator.prepare(args.job_id, json.loads(args.storage_json))
         if code is not None:

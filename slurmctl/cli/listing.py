@@ -11,10 +11,8 @@ import argparse
 import json
 from typing import Any
 
-from slurmctl.cli.common import _err, storage_args
+from slurmctl.cli.common import EXIT_FAILED, EXIT_OK, _err, storage_args
 from slurmctl.config import StorageConfig, known_stores
-
-EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def add_parser(sub: Any) -> None:

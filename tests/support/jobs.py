@@ -41,8 +41,8 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path = ROOT) -> subprocess.Co
 # exactly, only without its start-up in the middle of what a test times.
 _READY = """
 import sys
-import slurmctl.blocks.manifest_store, slurmctl.blocks.rate_limiter, slurmctl.books.limits, slurmctl.books.store, slurmctl.cli.commands
-from slurmctl.cli.commands import main
+import slurmctl.blocks.manifest_store, slurmctl.blocks.rate_limiter, slurmctl.books.limits, slurmctl.books.store, slurmctl.control.limits, slurmctl.cli.root
+from slurmctl.cli.root import main
 if sys.stdin.readline().strip() == "go":
     sys.exit(main(sys.argv[1:]))
 sys.exit(3)

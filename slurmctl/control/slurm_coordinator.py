@@ -110,8 +110,8 @@ def prepare(job_id: str, storage: dict[str, Any]) -> int | None:
     """Before a coordinator in a Slurm job runs the job flow: None to go on, or the exit code to end with."""
     from slurmctl.books.heartbeat import read_heartbeat
     from slurmctl.books.store import load_job, store_for, update_job
-    from slurmctl.cli.commands import _take_over, coordinator_alive
     from slurmctl.config import StorageConfig, parse_config
+    from slurmctl.control.liveness import coordinator_alive, take_over
 
     store = store_for(storage)
     job = load_job(store, job_id)
@@ -136,7 +136,7 @@ def prepare(job_id: str, storage: dict[str, Any]) -> int | None:
                   file=sys.stderr)
             return 1
         if job.status == "running":  # its coordinator was killed without a word (SIGKILL, node lost)
-            _take_over(job, StorageConfig.model_validate(storage))
+            take_over(job, StorageConfig.model_validate(storage))
     update_job(store, job_id, status="pending", phase="submitted", error=None, finished_at=None,
                coordinator_restarts=job.coordinator_restarts + (1 if again else 0), coordinator_slurm_job=me)
     print(f"coordinator of {job_id} in Slurm job {me}" + (" (continuing it)" if again else ""), file=sys.stderr)

@@ -79,3 +79,29 @@ class TerminalProgress:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.progress.stop()
+
+
+class NotebookProgress:
+    """In a Jupyter notebook: the plain progress line, as one cell output updated in place (IPython's display
+    handles: no widgets needed, and a saved notebook keeps the last line)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.handle: Any = None
+
+    def _text(self, line: str) -> Any:
+        from IPython.display import Pretty
+
+        return Pretty(f"{self.job_id}  {line}")
+
+    def update(self, view: dict[str, Any]) -> None:
+        self.handle.update(self._text(progress_line(view)))
+
+    def __enter__(self) -> NotebookProgress:
+        from IPython.display import display
+
+        self.handle = display(self._text("waiting for the job's first status ..."), display_id=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass

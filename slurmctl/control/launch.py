@@ -1,4 +1,4 @@
-"""Starting a job's coordinator: what ``slurmctl submit`` (and ``slurmctl.submit`` in Python) and ``resume`` share.
+"""Starting a job's coordinator: what ``submit`` (``slurmctl submit``, ``slurmctl.submit``) and ``resume`` share.
 
 ``start`` admits a new job and starts its coordinator (here, on standby while the job is admitted, or as a Slurm job),
 raising ``SubmitRefused`` (nothing was submitted: the problems name the fields) or ``SubmitFailed`` (the job exists
@@ -17,21 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slurmctl.cli.common import _err, local_prefect_server
 from slurmctl.config import JobConfig, StorageConfig
+from slurmctl.control.errors import SubmitFailed, SubmitRefused
+from slurmctl.control.server import local_prefect_server
 from slurmctl.paths import coordinator_log, home
 
-
-class SubmitRefused(ValueError):
-    """Nothing was submitted: ``problems`` are (field, message) pairs, as ``ConfigError``'s."""
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = problems
-        super().__init__("cannot submit\n" + "\n".join(f"  {f}: {m}" for f, m in problems))
-
-
-class SubmitFailed(RuntimeError):
-    """The job exists but its coordinator did not start; the message says what to fix, then ``resume``."""
+__all__ = ["Launched", "SubmitFailed", "SubmitRefused", "coordinator_on_slurm", "release", "remember",
+           "spawn_coordinator", "start", "start_as_deployment_run", "start_on_slurm"]
 
 
 @dataclass
@@ -96,20 +88,19 @@ def coordinator_on_slurm(cfg: JobConfig, on: str | None) -> bool | None:
     return wanted == "slurm"
 
 
-def start_on_slurm(job_id: str, storage: StorageConfig, cluster: Any, store: Any) -> str | None:
-    """sbatch the job's coordinator (``slurmctl.cli.slurm_coordinator``); record it in the job manifest. None (and
-    the job marked failed, with what to do) when sbatch refuses."""
+def start_on_slurm(job_id: str, storage: StorageConfig, cluster: Any, store: Any) -> str:
+    """sbatch the job's coordinator (``slurmctl.control.slurm_coordinator``); record it in the job manifest. Raises
+    ``SubmitFailed`` (the job marked failed, the message saying what to do) when sbatch refuses."""
     from slurmctl.books.manifests import now
     from slurmctl.books.store import update_job
-    from slurmctl.cli import slurm_coordinator
+    from slurmctl.control import slurm_coordinator
 
     try:
         slurm_id = slurm_coordinator.submit(job_id, storage.model_dump_json(), cluster)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         update_job(store, job_id, status="failed", finished_at=now(), error=f"{exc}"[:2000])
-        _err(f"job {job_id} is submitted but its coordinator is not: {exc}\n  fix that (cluster.coordinator), then "
-             f"`slurmctl resume {job_id}`")
-        return None
+        raise SubmitFailed(f"job {job_id} is submitted but its coordinator is not: {exc}\n  fix that "
+                           f"(cluster.coordinator), then `slurmctl resume {job_id}`") from None
     update_job(store, job_id, coordinator_slurm_job=slurm_id)
     print(f"coordinator of {job_id}: Slurm job {slurm_id} (`squeue -j {slurm_id}`)", file=sys.stderr)
     return slurm_id
@@ -151,8 +142,8 @@ def start(cfg: JobConfig, config_file: str | None, sample: Any = None, on: str |
                 f"job {cfg.job_id} is submitted but not started: the local Prefect server did not start: {exc}\n"
                 f"  fix that (or set PREFECT_API_URL to a running server), then `slurmctl resume {cfg.job_id}`"
             ) from None
-        if on_slurm and start_on_slurm(cfg.job_id, cfg.storage, cfg.cluster, store) is None:
-            raise SubmitFailed("")  # start_on_slurm said why
+        if on_slurm:
+            start_on_slurm(cfg.job_id, cfg.storage, cfg.cluster, store)
         go = True
     finally:
         if proc is not None:
@@ -162,3 +153,42 @@ def start(cfg: JobConfig, config_file: str | None, sample: Any = None, on: str |
                 if log.stat().st_size == 0:
                     log.unlink()
     return Launched(job, store, proc, log, server)
+
+
+def start_as_deployment_run(cfg: JobConfig, config_file: str | None, deployment: str,
+                            sample: Any = None) -> tuple[Any, Any, str]:
+    """Admit ``cfg`` here (a refused config never reaches Prefect), then create a flow run of the Prefect deployment
+    ``deployment`` (``flow/name``; a name alone means ``slurmctl-job/NAME``) for it: that deployment's worker runs
+    it, as a run started from the UI. Returns the job manifest, the flow run and the deployment's name. Raises
+    ``SubmitRefused`` or ``SubmitFailed`` (the job exists, failed, and the message says what to check)."""
+    from slurmctl.books.admission import JobRefused, create_job
+    from slurmctl.books.store import JobExists
+
+    name = deployment if "/" in deployment else f"slurmctl-job/{deployment}"
+    try:
+        job = create_job(cfg, config_file, sample)
+    except JobExists as exc:
+        raise SubmitRefused([("job_id", str(exc))]) from None
+    except JobRefused as exc:
+        raise SubmitRefused(exc.problems) from None
+    remember(cfg.job_id, cfg.storage)
+    server = None if os.environ.get("PREFECT_API_URL") else local_prefect_server()
+    try:
+        from slurmctl.control.server import prefect_api
+
+        with prefect_api(server):
+            from prefect.deployments import run_deployment
+
+            run = run_deployment(name, parameters={"job_id": cfg.job_id, "storage": cfg.storage.model_dump()},
+                                 timeout=0, flow_run_name=cfg.job_id)
+    except Exception as exc:  # no such deployment, or the API is down: the job waits, nothing ran
+        from slurmctl.books.manifests import now
+        from slurmctl.books.store import reader_for, update_job
+
+        update_job(reader_for(cfg.storage), cfg.job_id, status="failed", finished_at=now(),
+                   error=f"no flow run of deployment {name}: {exc}"[:2000])
+        raise SubmitFailed(
+            f"job {cfg.job_id} is submitted but not started: could not run deployment {name!r}: {exc}\n  check "
+            f"`prefect deployment ls`, then `slurmctl resume {cfg.job_id}` (or run the deployment with job_id "
+            f"{cfg.job_id})") from None
+    return job, run, name
