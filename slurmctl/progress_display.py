@@ -8,8 +8,9 @@ of the total, items/s, ETA, phase), exactly what ``slurmctl status`` and the pla
 
 from __future__ import annotations
 
+import sys
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
@@ -82,26 +83,25 @@ class TerminalProgress:
 
 
 class NotebookProgress:
-    """In a Jupyter notebook: the plain progress line, as one cell output updated in place (IPython's display
-    handles: no widgets needed, and a saved notebook keeps the last line)."""
+    """In a Jupyter notebook: the plain progress line, rewritten in place in the cell's output (a carriage return
+    before each, which notebook front ends apply, as tqdm does without widgets): no IPython or widget import."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, out: TextIO | None = None) -> None:
         self.job_id = job_id
-        self.handle: Any = None
-
-    def _text(self, line: str) -> Any:
-        from IPython.display import Pretty
-
-        return Pretty(f"{self.job_id}  {line}")
+        self.out = out or sys.stdout
+        self.last = ""
 
     def update(self, view: dict[str, Any]) -> None:
-        self.handle.update(self._text(progress_line(view)))
+        line = f"{self.job_id}  {progress_line(view)}"
+        if line != self.last:
+            self.out.write("\r" + line)
+            self.out.flush()
+            self.last = line
 
     def __enter__(self) -> NotebookProgress:
-        from IPython.display import display
-
-        self.handle = display(self._text("waiting for the job's first status ..."), display_id=True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        pass
+        if self.last:
+            self.out.write("\n")
+            self.out.flush()
