@@ -26,11 +26,14 @@ def local_prefect_server() -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def prefect_api(server: dict[str, Any] | None) -> Iterator[None]:
-    """Prefect clients in this process talk to ``server`` (the local one) when PREFECT_API_URL names none."""
-    if not server:
+    """Prefect clients in this process talk to ``server`` (the local one), else to ``PREFECT_API_URL`` as the
+    environment says it now: Prefect reads its settings once, so a process that imported it before the variable was
+    set (a notebook, a test) would otherwise start a temporary server of its own."""
+    url = server["api_url"] if server else os.environ.get("PREFECT_API_URL")
+    if not url:
         yield
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: server["api_url"]}):
+    with temporary_settings(updates={PREFECT_API_URL: url}):
         yield
