@@ -110,18 +110,33 @@ if [ $# = 0 ] && [ -z "$slurm_missing" ] && [ "${SLURMCTL_TEST_STREAMS:-2}" = 2 
   # fraction of a core) beside everything else, instead of after it. Each stream has its own Prefect and moto
   # servers (session fixtures) and its own temporary directory; the waiting stream's output is shown when it ends.
   # SLURMCTL_TEST_STREAMS=1 runs one stream, as any run with arguments does.
+  #
+  # Once its tests are done, that stream runs the version matrix (scripts/matrix.sh: the unit tests and one embedded
+  # job on Python 3.10 with the lowest direct dependencies and on Python 3.13 with the newest, ~6 min of one busy
+  # process, one bound after the other so the suite keeps a core), while the other stream is still running.
+  # SLURMCTL_MATRIX=0 leaves it out.
   streams=$(mktemp -d)
   slurm_rc=0
-  "${pytest_cmd[@]}" --basetemp="$streams/waits" -m "slurm or waits" >"$streams/waits.log" 2>&1 &
+  {
+    waits_rc=0
+    "${pytest_cmd[@]}" --basetemp="$streams/waits" -m "slurm or waits" || waits_rc=$?
+    if [ "${SLURMCTL_MATRIX:-1}" = 1 ]; then
+      echo
+      echo "test: ---- the version matrix (scripts/matrix.sh) ----"
+      SLURMCTL_MATRIX_PARALLEL=0 bash scripts/matrix.sh || { [ "$waits_rc" != 0 ] || waits_rc=1; }
+    fi
+    exit "$waits_rc"
+  } >"$streams/waits.log" 2>&1 &
   slurm_pid=$!
   "${pytest_cmd[@]}" --basetemp="$streams/rest" -m "not slurm and not waits" || rc=$?
   wait "$slurm_pid" || slurm_rc=$?
   echo
-  echo "test: ---- the tests that wait on outside clocks (-m \"slurm or waits\"), run beside the others ----"
+  echo "test: ---- the tests that wait on outside clocks (-m \"slurm or waits\") and the version matrix, run beside" \
+       "the others ----"
   cat "$streams/waits.log"
   rm -rf "$streams"
   if [ "$slurm_rc" != 0 ]; then
-    echo "test: the Slurm and waiting tests failed (exit $slurm_rc): their output is above" >&2
+    echo "test: the Slurm and waiting tests or the version matrix failed (exit $slurm_rc): their output is above" >&2
     [ "$rc" != 0 ] || rc=$slurm_rc
   fi
 else
