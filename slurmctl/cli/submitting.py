@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slurmctl.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _err, command
+from slurmctl.cli.common import EXIT_OK, EXIT_USAGE, _err, command
 from slurmctl.cli.watching import flow_run_link, watch
 from slurmctl.config import ConfigError, JobConfig, job_config
 from slurmctl.control import launch
@@ -64,18 +64,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if problems:
         _err(f"{args.config}: cannot submit\n" + "\n".join(f"  {f}: {m}" for f, m in problems))
         return EXIT_USAGE
-    if args.deployment:
-        return submit_to_deployment(args, cfg, sample)
     from slurmctl.books.manifests import Keys
 
-    try:
+    try:  # SubmitFailed (the job exists, not started: the message says what to do) exits 1 (cli.root)
+        if args.deployment:
+            return submit_to_deployment(args, cfg, sample)
         launched = launch.start(cfg, str(Path(args.config).resolve()), sample, getattr(args, "on", None))
     except launch.SubmitRefused as exc:
         _err(f"{args.config}: {exc}")
         return EXIT_USAGE
-    except launch.SubmitFailed as exc:
-        _err(str(exc))
-        return EXIT_FAILED
     job, store, proc, log, server = (launched.job, launched.store, launched.proc, launched.log, launched.server)
     print(cfg.job_id)
     print(f"submitted {cfg.job_id} (store {store.uri(Keys(cfg.job_id).root)}, log {log})", file=sys.stderr)
@@ -90,15 +87,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def submit_to_deployment(args: argparse.Namespace, cfg: JobConfig, sample: Any = None) -> int:
     """``submit --deployment``: admit the job here, then create a flow run of the deployment for it."""
-    try:
-        job, run, name = launch.start_as_deployment_run(cfg, str(Path(args.config).resolve()), args.deployment,
-                                                        sample)
-    except launch.SubmitRefused as exc:
-        _err(f"{args.config}: {exc}")
-        return EXIT_USAGE
-    except launch.SubmitFailed as exc:
-        _err(str(exc))
-        return EXIT_FAILED
+    job, run, name = launch.start_as_deployment_run(cfg, str(Path(args.config).resolve()), args.deployment, sample)
     print(cfg.job_id)
     print(f"submitted {cfg.job_id} as flow run {run.name} ({run.id}) of deployment {name}; its work pool's worker "
           f"runs it", file=sys.stderr)

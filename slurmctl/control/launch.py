@@ -22,7 +22,7 @@ from slurmctl.control.errors import SubmitFailed, SubmitRefused
 from slurmctl.control.server import local_prefect_server
 from slurmctl.paths import coordinator_log, home
 
-__all__ = ["Launched", "SubmitFailed", "SubmitRefused", "coordinator_on_slurm", "release", "remember",
+__all__ = ["Launched", "SubmitFailed", "SubmitRefused", "admit", "coordinator_on_slurm", "release", "remember",
            "spawn_coordinator", "start", "start_as_deployment_run", "start_on_slurm"]
 
 
@@ -106,6 +106,22 @@ def start_on_slurm(job_id: str, storage: StorageConfig, cluster: Any, store: Any
     return slurm_id
 
 
+def admit(cfg: JobConfig, config_file: str | None, sample: Any = None) -> Any:
+    """Create the job (its manifest, after admission's checks) and remember where it lives on this machine; raise
+    ``SubmitRefused`` naming the fields when admission refuses it or the job id is taken."""
+    from slurmctl.books.admission import JobRefused, create_job
+    from slurmctl.books.store import JobExists
+
+    try:
+        job = create_job(cfg, config_file, sample)
+    except JobExists as exc:
+        raise SubmitRefused([("job_id", str(exc))]) from None
+    except JobRefused as exc:
+        raise SubmitRefused(exc.problems) from None
+    remember(cfg.job_id, cfg.storage)
+    return job
+
+
 def start(cfg: JobConfig, config_file: str | None, sample: Any = None, on: str | None = None) -> Launched:
     """Admit ``cfg`` as a new job and start its coordinator. Its coordinator starts at once, on standby: its
     imports (~2.5 s) overlap with the admission checks (as a Slurm job it is submitted once the job exists)."""
@@ -119,17 +135,10 @@ def start(cfg: JobConfig, config_file: str | None, sample: Any = None, on: str |
         cfg.job_id, cfg.storage, standby=True, fork_workers=forks(cfg.cluster))
     go = False
     try:
-        from slurmctl.books.admission import JobRefused, create_job
-        from slurmctl.books.store import JobExists, reader_for
+        from slurmctl.books.store import reader_for
 
-        try:
-            job = create_job(cfg, config_file, sample)
-        except JobExists as exc:
-            raise SubmitRefused([("job_id", str(exc))]) from None
-        except JobRefused as exc:
-            raise SubmitRefused(exc.problems) from None
+        job = admit(cfg, config_file, sample)
         store = reader_for(cfg.storage)
-        remember(cfg.job_id, cfg.storage)
         try:
             server = local_prefect_server()
         except Exception as exc:  # ServerError (it says why), or an OSError of $SLURMCTL_HOME
@@ -161,17 +170,8 @@ def start_as_deployment_run(cfg: JobConfig, config_file: str | None, deployment:
     ``deployment`` (``flow/name``; a name alone means ``slurmctl-job/NAME``) for it: that deployment's worker runs
     it, as a run started from the UI. Returns the job manifest, the flow run and the deployment's name. Raises
     ``SubmitRefused`` or ``SubmitFailed`` (the job exists, failed, and the message says what to check)."""
-    from slurmctl.books.admission import JobRefused, create_job
-    from slurmctl.books.store import JobExists
-
     name = deployment if "/" in deployment else f"slurmctl-job/{deployment}"
-    try:
-        job = create_job(cfg, config_file, sample)
-    except JobExists as exc:
-        raise SubmitRefused([("job_id", str(exc))]) from None
-    except JobRefused as exc:
-        raise SubmitRefused(exc.problems) from None
-    remember(cfg.job_id, cfg.storage)
+    job = admit(cfg, config_file, sample)
     server = None if os.environ.get("PREFECT_API_URL") else local_prefect_server()
     try:
         from slurmctl.control.server import prefect_api
