@@ -174,7 +174,9 @@ class Job:
     def retry(self, errors: list[str] | str, *, wait: bool = False, timeout: float | None = None) -> dict[str, Any]:
         """A retry round over the items that failed with these error classes (``["network", "throttle"]`` or
         ``"network,throttle"``), as ``slurmctl retry``; then the output is aggregated again."""
-        classes = sorted({c.strip() for c in (errors.split(",") if isinstance(errors, str) else errors) if c.strip()})
+        from slurmctl.control.restart import error_classes
+
+        classes = error_classes(errors)
         if not classes:
             from slurmctl.control.errors import NothingToDo
 

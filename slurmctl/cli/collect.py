@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from slurmctl.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _err, storage_args
+from slurmctl.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _err, storage_args, storage_of
 from slurmctl.config import StorageConfig, known_storage, known_stores
 
 
@@ -31,8 +31,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _targets(args: argparse.Namespace) -> list[tuple[str, StorageConfig]]:
-    given = StorageConfig(uri=args.storage, endpoint_url=args.endpoint_url, region=args.region) if args.storage \
-        else None
+    given = storage_of(args)
     if args.job_ids:
         return [(j, given or known_storage(j)) for j in args.job_ids]
     from slurmctl.books.catalog import list_jobs

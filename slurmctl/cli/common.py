@@ -32,13 +32,19 @@ def storage_of(args: argparse.Namespace) -> Any:
     return StorageConfig(uri=args.storage, endpoint_url=args.endpoint_url, region=args.region)
 
 
-def job_and_store(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The job ``args.job_id`` names (its manifest, verified) and the store it lives in: ``--storage``, else where
-    ``submit`` recorded it (``JobNotFound`` says where it looked)."""
-    from slurmctl.books.store import load_job, reader_for
+def storage_for(args: argparse.Namespace) -> Any:
+    """Where the job ``args.job_id`` lives: ``--storage``, else where ``submit`` recorded it (``known_storage``)."""
     from slurmctl.config import known_storage
 
-    store = reader_for(storage_of(args) or known_storage(args.job_id))
+    return storage_of(args) or known_storage(args.job_id)
+
+
+def job_and_store(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The job ``args.job_id`` names (its manifest, verified) and the store it lives in (``storage_for``;
+    ``JobNotFound`` says where it looked)."""
+    from slurmctl.books.store import load_job, reader_for
+
+    store = reader_for(storage_for(args))
     return load_job(store, args.job_id), store
 
 

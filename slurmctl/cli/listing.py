@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from slurmctl.cli.common import EXIT_FAILED, EXIT_OK, _err, storage_args
+from slurmctl.cli.common import EXIT_FAILED, EXIT_OK, _err, storage_args, storage_of
 from slurmctl.config import StorageConfig, known_stores
 
 
@@ -32,7 +32,7 @@ def add_parser(sub: Any) -> None:
 
 def stores_to_list(args: argparse.Namespace) -> list[StorageConfig]:
     if args.storage:
-        return [StorageConfig(uri=args.storage, endpoint_url=args.endpoint_url, region=args.region)]
+        return [storage_of(args)]
     return known_stores()
 
 

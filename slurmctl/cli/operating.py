@@ -8,9 +8,8 @@ import argparse
 import sys
 from typing import Any
 
-from slurmctl.cli.common import EXIT_OK, EXIT_USAGE, _err, command, job_and_store, storage_args, storage_of
+from slurmctl.cli.common import EXIT_OK, EXIT_USAGE, _err, command, job_and_store, storage_args, storage_for
 from slurmctl.cli.watching import flow_run_link, watch
-from slurmctl.config import known_storage
 
 
 def add_parser(sub: Any) -> None:
@@ -76,7 +75,7 @@ def add_parser(sub: Any) -> None:
 def restart(args: argparse.Namespace, retry_errors: list[str] | None = None, aggregate_only: bool = False) -> int:
     from slurmctl.control.restart import restart as go
 
-    r = go(args.job_id, storage_of(args) or known_storage(args.job_id), retry_errors=retry_errors,
+    r = go(args.job_id, storage_for(args), retry_errors=retry_errors,
            aggregate_only=aggregate_only, force=getattr(args, "force", False),
            raise_budget=getattr(args, "raise_budget", None))
     if not r.follow:  # nothing to start: the answer is the message
@@ -97,7 +96,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    classes = sorted({c.strip() for c in args.errors.split(",") if c.strip()})
+    from slurmctl.control.restart import error_classes
+
+    classes = error_classes(args.errors)
     if not classes:
         _err("--errors: give one or more error classes, e.g. --errors=network,throttle")
         return EXIT_USAGE

@@ -172,7 +172,7 @@ def start_as_deployment_run(cfg: JobConfig, config_file: str | None, deployment:
     ``SubmitRefused`` or ``SubmitFailed`` (the job exists, failed, and the message says what to check)."""
     name = deployment if "/" in deployment else f"slurmctl-job/{deployment}"
     job = admit(cfg, config_file, sample)
-    server = None if os.environ.get("PREFECT_API_URL") else local_prefect_server()
+    server = local_prefect_server()  # None when PREFECT_API_URL names the server
     try:
         from slurmctl.control.server import prefect_api
 

@@ -44,37 +44,35 @@ def restart(job_id: str, storage: StorageConfig, *, retry_errors: list[str] | No
 
     The coordinator starts at once, on standby (as in ``submit``): its imports overlap with the checks below, so a
     resumed job's first batch runs seconds sooner. It is released only when a new coordinator is wanted."""
+    from slurmctl.books.store import load_job, reader_for
+    from slurmctl.flows.local_workers import forks
+
+    store = reader_for(storage)
+    job = load_job(store, job_id)  # read once: a job that cannot be read starts no coordinator
     standby = spawn_coordinator(job_id, storage, retry_errors, standby=True, aggregate_only=aggregate_only,
-                                fork_workers=_forks_workers(job_id, storage))
+                                fork_workers=forks(parse_config(job.config).cluster))
     started: list[bool] = []
     try:
-        return _restart(job_id, storage, retry_errors, aggregate_only, force, raise_budget or [], standby, started)
+        return _restart(job, store, storage, retry_errors, aggregate_only, force, raise_budget or [], standby,
+                        started)
     finally:
         if not started:
             release(standby[0], False)
 
 
-def _forks_workers(job_id: str, storage: StorageConfig) -> bool:
-    """Whether the job's coordinator should start its workers' template at once (a local cluster); False when the
-    job cannot be read (``_restart`` says why)."""
-    from slurmctl.books.store import load_job, reader_for
-    from slurmctl.flows.local_workers import forks
-
-    try:
-        return forks(parse_config(load_job(reader_for(storage), job_id).config).cluster)
-    except Exception:
-        return False
+def error_classes(errors: str | list[str]) -> list[str]:
+    """The error classes a retry round takes, from ``"network, throttle"`` or a list: stripped, each once, sorted."""
+    return sorted({c.strip() for c in (errors.split(",") if isinstance(errors, str) else errors) if c.strip()})
 
 
-def _restart(job_id: str, storage: StorageConfig, retry_errors: list[str] | None, aggregate_only: bool,
+def _restart(job: Any, store: Any, storage: StorageConfig, retry_errors: list[str] | None, aggregate_only: bool,
              force: bool, raise_budget: list[str], standby: tuple[subprocess.Popen, Path],
              started: list[bool]) -> Restarted:
     from slurmctl.books.manifests import Keys
-    from slurmctl.books.store import load_job, reader_for, update_job
+    from slurmctl.books.store import update_job
     from slurmctl.control.limits import unpause
 
-    store = reader_for(storage)
-    job = load_job(store, job_id)
+    job_id = job.job_id
     if job.status == "completed":
         from slurmctl.books.gc import collected
 
@@ -85,8 +83,7 @@ def _restart(job_id: str, storage: StorageConfig, retry_errors: list[str] | None
             if aggregate_only:
                 raise NothingToDo(f"{final}; it cannot be aggregated again")
             return Restarted(job_id, storage, final, follow=False)
-    budget_raise(job, store, raise_budget)
-    job = load_job(store, job_id)
+    job = budget_raise(job, store, raise_budget)
     if (store.get_json(Keys(job_id).control) or {}).get("paused"):
         names = unpause(job, store)
         print(f"unpaused {job_id} ({', '.join(names)})", file=sys.stderr)
@@ -130,9 +127,10 @@ def _restart(job_id: str, storage: StorageConfig, retry_errors: list[str] | None
                      previous_run=job.flow_run_id)
 
 
-def budget_raise(job: Any, store: Any, pairs: list[str]) -> None:
+def budget_raise(job: Any, store: Any, pairs: list[str]) -> Any:
     """Before a job goes again: a job paused at its budget needs raises (``BudgetRefused`` without), which are
-    written into its manifest's config (the source of truth the next coordinator reads)."""
+    written into its manifest's config (the source of truth the next coordinator reads). Returns the job manifest
+    as it now is."""
     from slurmctl.books.budget import BUDGET_LIMITS, parse_raises, raise_budget, who
     from slurmctl.books.store import update_job
 
@@ -143,7 +141,7 @@ def budget_raise(job: Any, store: Any, pairs: list[str]) -> None:
                 f"job {job_id} is paused: {job.error or 'at its budget'}\n  it stays paused until its budget is "
                 f"raised: `slurmctl resume {job_id} --raise-budget KEY=VALUE` (KEY one of "
                 f"{', '.join(BUDGET_LIMITS)}; VALUE none removes that limit)")
-        return
+        return job
     try:
         changes = parse_raises(pairs)
     except ValueError as exc:
@@ -156,8 +154,9 @@ def budget_raise(job: Any, store: Any, pairs: list[str]) -> None:
         config = raise_budget(job, changes, who())
     except ValueError as exc:
         raise BudgetRefused(f"{job_id}: {exc}") from None
-    update_job(store, job_id, config=config, budget_changes=job.budget_changes)
+    raised = update_job(store, job_id, config=config, budget_changes=job.budget_changes)
     old = job.config.get("budget") or {}
     print(f"{job_id}: budget " + ", ".join(f"{k} {'none' if old.get(k) is None else old[k]} -> "
                                           f"{'none' if v is None else v}" for k, v in changes.items()),
           file=sys.stderr)
+    return raised
