@@ -423,6 +423,8 @@ class _Limit:
             waited += slept
             if leaser.claim(slot_us, lane, epoch, slept, tally=costs):
                 got += 1
+            else:
+                leaser.unclaimed(caller)
         return waited
 
     async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:

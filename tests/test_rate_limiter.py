@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import random
 import signal
 import sys
 import threading
@@ -250,6 +251,28 @@ def test_a_worker_holds_as_many_lanes_as_its_caller_can_spend(backend):
     # late, and a loaded machine oversleeps that)
     assert slow.wanted_lanes() == 1 and lanes_in_use(slow) == 1
     assert held and max(held) == 1, held
+
+
+def test_a_slot_missed_by_a_late_wake_up_is_not_read_as_demand(backend, monkeypatch):
+    # A loaded machine oversleeps: the caller's first slot passes unclaimed and it reserves the next one at once. That
+    # second reservation is a retry, not a caller spending tokens milliseconds apart (timed as one, a thread doing
+    # 150 ms of work per token wanted every lane for the next 2 s; CI, Python 3.13 under load).
+    spec = LimitSpec(per_second=10, lease_size=8, lanes=2)  # lanes' slots every 200 ms, on a 100 ms grid together
+    overslept: list[float] = []
+
+    def late_once(seconds: float) -> None:
+        extra = 0.0 if overslept else spec.late_allowance_s + 0.01
+        overslept.append(seconds)
+        time.sleep(seconds + extra)
+
+    slow = Leaser(backend, "late-wake", spec, sleep=late_once)
+    # Lane 0 (picked among free lanes at random: not here), whose slots lie on the 200 ms grid: its first slot ~45 ms
+    # ahead, a short wait for the caller to oversleep
+    monkeypatch.setattr(random, "choice", lambda seq: min(seq))
+    time.sleep((200_000 - now_us() % 200_000) / US + 0.155)
+    spend_for(slow, 1.2, work_s=0.15)
+    assert overslept and slow.claim_expired >= 1, overslept  # the first slot did pass unclaimed
+    assert slow.wanted_lanes() == 1 and lanes_in_use(slow) == 1
 
 
 def test_pause_reaches_a_worker_holding_long_leases_within_the_signal_period(backend):
