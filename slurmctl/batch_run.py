@@ -14,6 +14,12 @@ batch still ends with one outcome per item, so it commits, retries and counts ex
   poison item fails alone with its class and the others keep their rows. Rows naming ids that are not in the call
   make the call fail the same way.
 
+Rows stay Arrow when they can (``BatchRun.table``): a DataFrame or Table answer whose id column holds the batch's
+ids as the input wrote them (integers for integer ids, text for text) is matched to its items by a vectorised pass
+over that column and becomes the part as it is, in input order, with no row ever a Python dict. Anything else (a
+list of dicts, ids written otherwise, a batch halved to isolate a poison item) takes the row-by-row path, which
+defines the semantics; the fast path gives the same rows and outcomes.
+
 Plain Python: no Prefect, no Dask (``tasks/process_batch.py`` calls it in place of ``slurmctl.item_run``).
 """
 
@@ -32,6 +38,7 @@ from slurmctl.handler import BatchContext, Handler, batch_callable, normalise_ou
 
 Items = list[tuple[int, dict[str, Any]]]
 ERRORS, ERROR_CLASS = "errors", "error_class"
+ITEM_INDEX = "_slurmctl_item"  # the fast path's item index per row (dropped before the part is written)
 
 
 def id_key(value: Any) -> str:
@@ -75,6 +82,22 @@ def to_rows(result: Any) -> list[dict[str, Any]]:
                     f"{type(result).__name__}")
 
 
+def as_table(result: Any) -> Any:
+    """A DataFrame, Table or RecordBatch answer as a pyarrow Table (None for anything else: the row-by-row path)."""
+    import pyarrow as pa
+
+    if isinstance(result, pa.Table):
+        return result
+    if isinstance(result, pa.RecordBatch):
+        return pa.Table.from_batches([result])
+    if hasattr(result, "to_dict") and hasattr(result, "columns"):  # pandas
+        try:
+            return pa.Table.from_pandas(result, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return None  # mixed object columns: as row dicts, as before
+    return None
+
+
 class BatchRun:
     """One batch through a batch handler, with the error policy's retries and halving to isolate poison items."""
 
@@ -86,11 +109,39 @@ class BatchRun:
         self.policy, self.backoff, self.max_attempts = ErrorPolicy.of(e), Backoff.of(e), e.max_attempts
         self.id_field, self.fmt = cfg.input.id_field, cfg.batch_format
         self.calls = 0
+        self.pieces: list[Any] = []  # the fast path's tables, one per call that answered (see ``table``)
 
     def run(self, items: Items) -> list[ItemOutcome | None]:
         outcomes: list[ItemOutcome | None] = [None] * len(items)
         self._solve(list(range(len(items))), items, outcomes)
+        if len(self.pieces) > 1 or (self.pieces and any(o is not None and o.ok and o.result for o in outcomes)):
+            self._as_rows(outcomes)  # halved: the halves' types may differ; rows as dicts, as the merge unifies them
         return outcomes
+
+    def table(self) -> Any:
+        """The batch's rows as one pyarrow Table in input order, with the ``slurmctl.tables`` line and row-index
+        columns, when they stayed Arrow (the succeeded items' outcomes then hold no rows); else None."""
+        return self.pieces[0] if self.pieces else None
+
+    def as_rows(self, outcomes: list[ItemOutcome | None]) -> list[ItemOutcome | None]:
+        """Give up the fast path: the table's rows go back into their items' outcomes as dicts (a schema check
+        that must name the items that do not fit works on those)."""
+        self._as_rows(outcomes)
+        return outcomes
+
+    def _as_rows(self, outcomes: list[ItemOutcome | None]) -> None:
+        from slurmctl.tables import LINE, ROW
+
+        rows_of: dict[int, list[dict[str, Any]]] = {}
+        for piece in self.pieces:
+            positions = piece.column(ITEM_INDEX).to_pylist()
+            for i, row in zip(positions, piece.drop_columns([LINE, ROW, ITEM_INDEX]).to_pylist()):
+                rows_of.setdefault(i, []).append(row)
+        self.pieces = []
+        for i, rows in rows_of.items():
+            outcome = outcomes[i]
+            if outcome is not None and outcome.ok and outcome.result is None:
+                outcomes[i] = replace(outcome, result=rows)
 
     def _solve(self, idx: list[int], items: Items, outcomes: list[ItemOutcome | None]) -> None:
         attempt = 0
@@ -122,7 +173,10 @@ class BatchRun:
             if inspect.isawaitable(result):
                 result = inflight.worker_loop().run(result)
         self.calls += 1
-        rows = to_rows(result)
+        table = as_table(result) if len(idx) > 1 else None
+        if table is not None and self._call_arrow(table, idx, items, outcomes, attempt):
+            return
+        rows = to_rows(table if table is not None else result)
         if len(idx) == 1:  # one item: its rows need not name it (as an item handler's)
             only = subset[0]
             rows = [{self.id_field: only[self.id_field], **r} if self.id_field not in r else r for r in rows]
@@ -161,6 +215,89 @@ class BatchRun:
             else:
                 outcomes[i] = self._failure("missing", "the batch handler returned no row and no error for this item",
                                             attempt)
+
+    def _call_arrow(self, table: Any, idx: list[int], items: Items, outcomes: list[ItemOutcome | None],
+                    attempt: int) -> bool:
+        """The call's answer matched to its items without leaving Arrow; False (nothing done) when its id column does
+        not hold the ids as the input wrote them, and the row-by-row path decides."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from slurmctl.tables import LINE, ROW
+
+        field = self.id_field
+        if field not in table.column_names:
+            raise ItemError(f"the batch handler returned a row without the id column {field!r}", error_class="handler")
+        ids = [items[i][1][field] for i in idx]
+        column = table.column(field)
+        if all(type(v) is int for v in ids) and pa.types.is_integer(column.type):
+            column = column.cast(pa.int64())
+        elif all(type(v) is str for v in ids) and (pa.types.is_string(column.type)
+                                                   or pa.types.is_large_string(column.type)):
+            column = column.cast(pa.string())
+        else:
+            return False
+        if column.null_count:
+            raise ItemError(f"the batch handler returned a row without the id column {field!r}", error_class="handler")
+        first: dict[Any, int] = {}  # an id -> the first of the call's items holding it
+        for k, v in enumerate(ids):
+            first.setdefault(v, k)
+        # each row's item, as its index in the call (the first holding the row's id), -1 for an id not in the call
+        owner = np.asarray(pc.fill_null(pc.index_in(column, value_set=pa.array(ids, column.type)), -1))
+        failed = {id_key(k): v for k, v in self.ctx.failed.items()}
+        strangers = {id_key(v) for v in column.filter(pa.array(owner < 0)).to_pylist()} | (
+            set(failed) - {id_key(v) for v in ids} if failed else set())
+        if strangers:
+            raise ItemError(f"the batch handler returned rows for ids not in its batch: {sorted(strangers)[:5]}",
+                            error_class="handler")
+        bad: dict[int, Any] = {}  # an item -> its first errored row's (message, class)
+        names = table.column_names
+        if ERRORS in names:
+            errors = table.column(ERRORS)
+            try:
+                flagged = pc.fill_null(pc.not_equal(pc.cast(errors, pa.string()), ""), False)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                return False  # an errors column of nested values: the row-by-row path reads it
+            if pc.any(flagged).as_py():
+                classes = table.column(ERROR_CLASS).to_pylist() if ERROR_CLASS in names else None
+                messages = errors.to_pylist()
+                for r in pc.indices_nonzero(flagged).to_pylist():
+                    bad.setdefault(int(owner[r]), (messages[r], classes[r] if classes else None))
+        has_rows = np.zeros(len(ids), bool)
+        has_rows[owner] = True
+        keep_item = np.zeros(len(ids), bool)
+        for k, v in enumerate(ids):
+            i = idx[k]
+            if first[v] != k:
+                outcomes[i] = self._failure("missing", f"id {v!r} repeats in the batch: a batch handler's rows are "
+                                                       f"matched by id; its rows went to the first", attempt)
+            elif failed and id_key(v) in failed:
+                error, cls = failed[id_key(v)]
+                outcomes[i] = self._failed(error, cls, attempt)
+            elif k in bad:
+                message, cls = bad[k]
+                outcomes[i] = self._failure(cls or "handler", str(message), attempt)
+            elif has_rows[k]:
+                outcomes[i] = ItemOutcome(True, result=None, attempts=attempt)  # its rows: in ``table()``
+                keep_item[k] = True
+            else:
+                outcomes[i] = self._failure("missing", "the batch handler returned no row and no error for this "
+                                                       "item", attempt)
+        kept = np.flatnonzero(keep_item[owner])
+        order = kept[np.argsort(owner[kept], kind="stable")]  # input order; an item's rows keep the handler's order
+        owners = owner[order]
+        starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if len(owners) else np.zeros(0, np.int64)
+        row_index = np.arange(len(owners)) - np.repeat(starts, np.diff(np.r_[starts, len(owners)]))
+        body = table.drop_columns([c for c in (ERRORS, ERROR_CLASS) if c in names])
+        body = body.set_column(body.column_names.index(field), field, column).take(pa.array(order, pa.int64()))
+        lines = np.array([line for line, _ in items], np.int64)
+        positions = np.asarray(idx, np.int64)[owners]
+        body = body.append_column(LINE, pa.array(lines[positions], pa.int64()))
+        body = body.append_column(ROW, pa.array(row_index, pa.int32()))
+        body = body.append_column(ITEM_INDEX, pa.array(positions, pa.int64()))
+        self.pieces.append(body)
+        return True
 
     def reached(self) -> dict[str, int]:
         """For the batch's metrics: the handler calls the batch took (1, more when retried or halved)."""

@@ -235,10 +235,15 @@ class CircuitBreaker:
         self.min_attempts = min_attempts
         self.transient = frozenset(transient)
         self.tripped_by: str | None = None
+        self.in_window = 0  # transient outcomes in ``recent``: none (nearly always), and there is nothing to count
 
     def record(self, error_class: str | None) -> None:
+        if len(self.recent) == self.recent.maxlen and self.recent[0] in self.transient:
+            self.in_window -= 1  # about to fall out of the window
         self.recent.append(error_class)
-        if len(self.recent) < self.min_attempts:
+        if error_class in self.transient:
+            self.in_window += 1
+        if len(self.recent) < self.min_attempts or not self.in_window:
             return
         counts = Counter(c for c in self.recent if c in self.transient)
         if counts:

@@ -100,6 +100,44 @@ def _converts(values: list[Any], t: pa.DataType, strict: bool) -> str | None:
         return str(exc).splitlines()[0][:300]
 
 
+def infer_table(table: pa.Table) -> pa.Schema:
+    """``infer`` for rows that are a table: each column's type as its first non-null value would give it as a
+    Python value, so a job records the same schema whichever path its first batch took."""
+    fields = []
+    for name in table.column_names:
+        column = table.column(name).drop_null()
+        if name in INTERNAL or name.startswith("_slurmctl") or not len(column):
+            continue
+        try:
+            fields.append((name, pa.array([column[0].as_py()]).type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            continue
+    return pa.schema(fields)
+
+
+def table_fits(table: pa.Table, schema: pa.Schema, strict: bool) -> bool:
+    """True when every row of ``table`` fits ``schema``, decided per column from its type (as ``_converts`` decides
+    for values). False means "not known to fit": the caller checks row by row (``violations``) to name the items."""
+    for field in schema:
+        if field.name not in table.column_names:
+            continue
+        column = table.column(field.name)
+        got = column.type
+        if column.null_count == len(column) or got == field.type:
+            continue
+        try:
+            if strict:
+                if any(kind(got) != kind(field.type) for kind in (_is_text, pa.types.is_boolean, pa.types.is_binary)):
+                    return False
+                column.cast(field.type, safe=True)
+            else:
+                pa.unify_schemas([pa.schema([("c", field.type)]), pa.schema([("c", got)])],
+                                 promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError):
+            return False
+    return True
+
+
 def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from slurmctl import output_schema
 from slurmctl.batch_metrics import BatchMeter
-from slurmctl.batch_run import BatchRun, is_batch_mode
+from slurmctl.batch_run import ITEM_INDEX, BatchRun, is_batch_mode
 from slurmctl.books import checkpoints
 from slurmctl.books.input_chunks import ChunkReader
 from slurmctl.books.input_files import InputChanged, describe_line
@@ -65,20 +65,29 @@ class CommitUnresolved(RuntimeError):
 def rows_to_parquet(rows: list[dict[str, Any]], lines: list[int] | None = None,
                     row_index: list[int] | None = None) -> bytes:
     """Rows as Parquet bytes, with the input line and row index of each (``slurmctl.tables``)."""
-    table = rows_table(rows, lines if lines is not None else list(range(len(rows))),
-                       row_index if row_index is not None else [0] * len(rows))
+    return table_to_parquet(rows_table(rows, lines if lines is not None else list(range(len(rows))),
+                                       row_index if row_index is not None else [0] * len(rows)))
+
+
+def table_to_parquet(table: Any) -> bytes:
+    """A part's rows (with their line and row-index columns) as Parquet bytes."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(part_columns(table), buf, compression="zstd")
     return buf.getvalue()
 
 
-def rows_to_sqlite(rows: list[dict[str, Any]], lines: list[int], row_index: list[int]) -> bytes:
-    """Rows as the bytes of a SQLite database (``part_format: sqlite``), built in a scratch file."""
+def table_to_sqlite(table: Any) -> bytes:
+    """A part's rows as the bytes of a SQLite database (``part_format: sqlite``), built in a scratch file."""
     with tempfile.TemporaryDirectory(prefix="slurmctl-part-") as scratch:
         path = os.path.join(scratch, "part.sqlite")
-        write_sqlite(rows_table(rows, lines, row_index), path)
+        write_sqlite(part_columns(table), path)
         with open(path, "rb") as f:
             return f.read()
+
+
+def part_columns(table: Any) -> Any:
+    """The part's columns: the batch handler's fast path keeps its item index column until here."""
+    return table.drop_columns([ITEM_INDEX]) if ITEM_INDEX in table.column_names else table
 
 
 def jsonl_bytes(records: list[dict[str, Any]]) -> bytes:
@@ -173,12 +182,17 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
     failed: list[dict[str, Any]] = list(saved.failed)
     deferred: list[dict[str, Any]] = []
     succeeded = saved.succeeded
+    table = run.table() if isinstance(run, BatchRun) else None  # the rows, still Arrow (``BatchRun.table``)
+    if table is not None and (saved.done or not table_fits_schema(cfg, store, table)):
+        outcomes, table = run.as_rows(outcomes), None  # row by row: names the items whose rows do not fit
     outcomes = check_schema(cfg, store, outcomes)
     if halted is not None and halted() and any(o is None for o in outcomes):
         hand_on(cfg, store, saved, todo, outcomes, breaker, meter, spec, logger)
     for (line, item), outcome in zip(todo, outcomes):
         if outcome is None:  # not started: the breaker had opened
             deferred.append({"id": item.get(id_field), "line": line, "item": item})
+        elif outcome.ok and table is not None:
+            succeeded += 1  # its rows are in ``table``
         elif outcome.ok:
             rows.extend(outcome.result)
             lines.extend([line] * len(outcome.result))
@@ -202,7 +216,7 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
         status="throttled" if breaker is not None and breaker.open else "succeeded",
         input_digest=sliced.digest, started_at=meter.started_at, finished_at=meter.started_at, items=spec.records,
         items_succeeded=succeeded, items_failed=len(failed), items_deferred=len(deferred),
-        items_rejected=len(sliced.rejects), rows_written=len(rows),
+        items_rejected=len(sliced.rejects), rows_written=table.num_rows if table is not None else len(rows),
         retried_failed=sliced.previous.get("failed", 0), retried_deferred=sliced.previous.get("deferred", 0),
         checkpoint=saved.key, items_resumed=len(saved.done),
         retried_ids=[item[id_field] for _, item in sliced.items] if spec.source != "input" else [],
@@ -215,11 +229,11 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
         position = {line: i for i, (line, _) in enumerate(sliced.items)}
         order = sorted(range(len(rows)), key=lambda i: (position[lines[i]], row_index[i]))
         rows, lines, row_index = [rows[i] for i in order], [lines[i] for i in order], [row_index[i] for i in order]
-    if rows:
-        if cfg.part_format == "sqlite":
-            data, suffix = rows_to_sqlite(rows, lines, row_index), "sqlite"
-        else:
-            data, suffix = rows_to_parquet(rows, lines, row_index), "parquet"
+    if table is None and rows:
+        table = rows_table(rows, lines, row_index)
+    if table is not None and table.num_rows:
+        data, suffix = (table_to_sqlite(table), "sqlite") if cfg.part_format == "sqlite" else (
+            table_to_parquet(table), "parquet")
         manifest.output = keys.batch_output(spec.batch_id, attempt, suffix)
         manifest.output_sha256 = sha256_bytes(data)
         store.put_bytes(manifest.output, data)
@@ -248,6 +262,16 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
         manifest.metrics.api_calls = (manifest.metrics.api_calls or 0) + saved.api_calls
     manifest.finished_at = manifest.metrics.finished_at or now()
     return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
+
+
+def table_fits_schema(cfg: JobConfig, store: Store, table: Any) -> bool:
+    """``check_schema`` for rows still in a table: True when every row fits the output's schema (declared, or
+    recorded, recording the table's if the job has none yet); False: check the items row by row."""
+    schema = output_schema.declared(cfg, store)
+    strict = schema is not None
+    if schema is None:
+        schema = output_schema.recorded(store, cfg.job_id, lambda: output_schema.infer_table(table))
+    return schema is None or output_schema.table_fits(table, schema, strict)
 
 
 def check_schema(cfg: JobConfig, store: Store, outcomes: list[Any]) -> list[Any]:

@@ -60,3 +60,43 @@ def test_a_batch_handler_is_detected_by_its_name_unless_the_config_says_otherwis
     cfg = parse_config({"handler": "support.sample_handlers:handle_batch", "input": {"uri": "x.jsonl"}})
     assert is_batch_mode(cfg)
     assert not is_batch_mode(cfg.model_copy(update={"handler_mode": "item"}))
+
+
+def test_rows_kept_as_arrow_give_the_same_part_and_outcomes_as_row_by_row(tmp_path, monkeypatch):
+    """A DataFrame or Table answer is matched to its items without leaving Arrow (``BatchRun.table``); the part it
+    writes and the outcomes are those of the row-by-row path (a list of dicts): input order, each item's rows in the
+    handler's order, errors rows, ``ctx.fail``, missing items, a repeated id."""
+    import slurmctl.batch_run as batch_run
+
+    ids = [*range(40), 3]  # 3 twice: its rows go to its first line, the second fails as missing
+    as_rows = batch_run.to_rows
+
+    def rows_only(result):
+        assert isinstance(result, list), "a table answer went row by row"
+        return as_rows(result)
+
+    results = {}
+    for fmt in ("records", "pandas", "arrow"):
+        if fmt != "records":
+            monkeypatch.setattr(batch_run, "to_rows", rows_only)
+        work = tmp_path / fmt
+        work.mkdir()
+        write_jsonl(work / "in.jsonl", [{"id": i} for i in ids])
+        cfg = parse_config({"job_id": "fan", "handler": "support.sample_handlers:fan_out_batch", "handler_mode": "batch",
+                            "batch_format": fmt,
+                            "input": {"uri": str(work / "in.jsonl")}, "batch_size": len(ids),
+                            "storage": {"uri": f"file://{work / 'store'}"}})
+        store = LocalManifestStore(root=str(work / "store"))
+        with open(work / "in.jsonl", "rb") as f:
+            [spec] = partition(f, "jsonl", len(ids)).batches
+        summary = run_batch(cfg, store, spec)
+        [task] = committed_tasks(store, "fan")
+        rows = pq.read_table(str(work / "store" / task["output"])).to_pylist()
+        failures = sorted((r["line"], r["error_class"]) for r in failure_state(store, [task]).values())
+        results[fmt] = (rows, failures, {k: summary[k] for k in ("items_succeeded", "items_failed", "rows_written")})
+    rows, failures, counts = results["records"]
+    assert [r["tag"] for r in rows if r["id"] == 5] == ["second", "first"]
+    assert [r["id"] for r in rows][:4] == [0, 0, 1, 2] and all(r["id"] % 7 for r in rows if r["id"])
+    assert ("missing" in dict(failures).values()) and dict(failures)[41] == "missing"  # the repeated 3
+    assert counts["items_succeeded"] + counts["items_failed"] == len(ids) and counts["rows_written"] == len(rows)
+    assert results["pandas"] == results["arrow"] == results["records"]

@@ -55,3 +55,17 @@ def test_an_unknown_type_is_a_config_error_naming_the_field():
     with pytest.raises(ConfigError, match="output.schema: column 'value': unknown Arrow type 'integer'"):
         parse_config({"handler": "support.sample_handlers:typed", "input": {"uri": "x.jsonl"},
                       "output": {"schema": {"value": "integer"}}})
+
+
+def test_rows_kept_as_arrow_are_checked_by_column_type_and_item_by_item_when_a_column_does_not_fit(tmp_path):
+    arrow = {"handler": "support.sample_handlers:typed_batch", "handler_mode": "batch", "batch_format": "arrow"}
+    # a double column where int64 is declared: 6.0 fits, 4.5 does not, and only its item fails
+    summaries, failed = job(tmp_path, 10, 10, {str(i): float(i) for i in range(10)} | {"4": 4.5},
+                            output={"schema": {"value": "int64"}}, **arrow)
+    assert failed == {4: ("schema", failed[4][1])} and summaries[0]["items_succeeded"] == 9
+    assert "4.5 (float) does not fit the declared type int64" in failed[4][1]
+    # recorded from the first batch (int64); doubles promote, text does not (each batch's column is of one type)
+    summaries, failed = job(tmp_path / "recorded", 30, 10, {str(i): i + 0.5 for i in range(10, 20)}
+                            | {str(i): f"t{i}" for i in range(20, 30)}, **arrow)
+    assert sorted(failed) == list(range(20, 30)) and {c for c, _ in failed.values()} == {"schema"}
+    assert [s["items_succeeded"] for s in summaries] == [10, 10, 0]

@@ -134,3 +134,21 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
     path.write_bytes(b'\xef\xbb\xbf{"id": 1}\n{"id": 2}\n')
     _, items, rejects = read_all(path, "jsonl", 10)
     assert [item["id"] for _, item in items] == [1, 2] and not rejects
+
+
+def test_each_jsonl_line_is_read_as_json_loads_reads_it_alone():
+    """The slice is decoded in one call and each line parsed by the JSON scanner directly (fast); what is accepted,
+    the rejects and their messages stay those of ``json.loads`` on the line's own text."""
+    from slurmctl.records import read_jsonl
+
+    lines = [b'{"id": 1}', b' {"id": 2}\r', b'\xef\xbb\xbf{"id": 3}', b'{"id": 4}\xc2\xa0', b'{"id": 5}, {"id": 6}',
+             b'{"id": 7}\t ', b'', b'{"id": 8', b'{"id": "caf\xc3\xa9"}', b'\xef\xbb\xbf\xef\xbb\xbf{"id": 9}']
+    read = read_jsonl(b"\n".join(lines), 1, "id")
+    assert [(line, item["id"]) for line, item in read.items] == [(1, 1), (2, 2), (3, 3), (6, 7), (9, "café")]
+    why = {r["line"]: r["reason"] for r in read.rejects}
+    assert sorted(why) == [4, 5, 8, 10]
+    assert why[4].startswith("invalid JSON: Extra data") and why[5].startswith("invalid JSON: Extra data")
+    assert why[8].startswith("invalid JSON: Expecting") and "Unexpected UTF-8 BOM" in why[10]
+    # one bad byte anywhere: the slice is read line by line, and only that line is rejected
+    bad = read_jsonl(b'{"id": 1}\n{"id": "caf\xe9"}\n{"id": 3}', 1, "id")
+    assert [line for line, _ in bad.items] == [1, 3] and "not valid utf-8 (line 2" in bad.rejects[0]["reason"]

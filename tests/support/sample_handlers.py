@@ -336,3 +336,38 @@ def handle_batch(batch: Any, ctx: Any) -> Any:
 def typed(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """``{"id", "value"}``: the value is the id, or ``params["values"][str(id)]`` (a string, a float, ...)."""
     return {"id": item["id"], "value": (ctx.params.get("values") or {}).get(str(item["id"]), item["id"])}
+
+
+def fan_out_batch(batch: Any, ctx: Any) -> Any:
+    """A batch handler whose answer is out of order and uneven, in the ``batch_format`` it was given: two rows for
+    ids divisible by 5 (tagged ``second`` then ``first``: an item's rows keep the handler's order), an ``errors`` row
+    for ids divisible by 7, nothing for ids divisible by 11, ``ctx.fail`` for id 13; rows in reverse input order."""
+    ids = [r["id"] for r in batch] if isinstance(batch, list) else (
+        batch.column("id").to_pylist() if hasattr(batch, "column") else batch["id"].tolist())
+    if 13 in ids:
+        ctx.fail(13, "gone", error_class="not_found")
+    rows: list[dict[str, Any]] = []
+    for i in reversed(ids):
+        if i % 11 == 0 and i:
+            continue
+        tags = ["second", "first"] if i % 5 == 0 else ["only"]
+        rows += [{"id": i, "tag": t, "score": i / 2, "errors": "bad row" if i % 7 == 0 and i else None}
+                 for t in tags]
+    if isinstance(batch, list):
+        return rows
+    if hasattr(batch, "column"):
+        import pyarrow as pa
+
+        return pa.Table.from_pylist(rows)
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def typed_batch(batch: Any, ctx: Any) -> Any:
+    """``typed`` as a batch handler answering a pyarrow Table: ``{"id", "value"}`` with ``params["values"]``."""
+    import pyarrow as pa
+
+    values = ctx.params.get("values") or {}
+    ids = batch.column("id").to_pylist()
+    return pa.table({"id": ids, "value": [values.get(str(i), i) for i in ids]})
