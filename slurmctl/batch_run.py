@@ -86,16 +86,19 @@ def as_table(result: Any) -> Any:
     """A DataFrame, Table or RecordBatch answer as a pyarrow Table (None for anything else: the row-by-row path)."""
     import pyarrow as pa
 
-    if isinstance(result, pa.Table):
-        return result
     if isinstance(result, pa.RecordBatch):
-        return pa.Table.from_batches([result])
-    if hasattr(result, "to_dict") and hasattr(result, "columns"):  # pandas
+        result = pa.Table.from_batches([result])
+    elif hasattr(result, "to_dict") and hasattr(result, "columns"):  # pandas
         try:
-            return pa.Table.from_pandas(result, preserve_index=False)
+            result = pa.Table.from_pandas(result, preserve_index=False).replace_schema_metadata(None)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             return None  # mixed object columns: as row dicts, as before
-    return None
+    if not isinstance(result, pa.Table):
+        return None
+    for i, f in enumerate(result.schema):  # a categorical's values, not its codes: parts of any batch then unify
+        if pa.types.is_dictionary(f.type):
+            result = result.set_column(i, f.name, result.column(i).cast(f.type.value_type))
+    return result
 
 
 class BatchRun:
