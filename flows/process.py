@@ -132,6 +132,7 @@ def _same_block(store: Store, name: str) -> Store | None:
         found = type(store).load(name)
     except Exception:  # not there, or saved by another release in another shape: save ours
         return None
+
     def settings(block: Store) -> dict[str, Any]:
         return {k: v for k, v in block.model_dump().items() if not k.startswith("_")}  # not the document's id
 

@@ -50,6 +50,15 @@ def id_key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def no_id_column(id_field: str) -> ItemError:
+    return ItemError(f"the batch handler returned a row without the id column {id_field!r}", error_class="handler")
+
+
+def not_in_batch(strangers: set[str]) -> ItemError:
+    return ItemError(f"the batch handler returned rows for ids not in its batch: {sorted(strangers)[:5]}",
+                     error_class="handler")
+
+
 def to_format(items: list[dict[str, Any]], fmt: str) -> Any:
     if fmt == "pandas":
         import pandas as pd
@@ -118,7 +127,7 @@ class BatchRun:
         outcomes: list[ItemOutcome | None] = [None] * len(items)
         self._solve(list(range(len(items))), items, outcomes)
         if len(self.pieces) > 1 or (self.pieces and any(o is not None and o.ok and o.result for o in outcomes)):
-            self._as_rows(outcomes)  # halved: the halves' types may differ; rows as dicts, as the merge unifies them
+            self.as_rows(outcomes)  # halved: the halves' types may differ; rows as dicts, as the merge unifies them
         return outcomes
 
     def table(self) -> Any:
@@ -129,10 +138,6 @@ class BatchRun:
     def as_rows(self, outcomes: list[ItemOutcome | None]) -> list[ItemOutcome | None]:
         """Give up the fast path: the table's rows go back into their items' outcomes as dicts (a schema check
         that must name the items that do not fit works on those)."""
-        self._as_rows(outcomes)
-        return outcomes
-
-    def _as_rows(self, outcomes: list[ItemOutcome | None]) -> None:
         from slurmctl.tables import LINE, ROW
 
         rows_of: dict[int, list[dict[str, Any]]] = {}
@@ -145,6 +150,7 @@ class BatchRun:
             outcome = outcomes[i]
             if outcome is not None and outcome.ok and outcome.result is None:
                 outcomes[i] = replace(outcome, result=rows)
+        return outcomes
 
     def _solve(self, idx: list[int], items: Items, outcomes: list[ItemOutcome | None]) -> None:
         attempt = 0
@@ -186,15 +192,13 @@ class BatchRun:
         by_id: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             if self.id_field not in row:
-                raise ItemError(f"the batch handler returned a row without the id column {self.id_field!r}",
-                                error_class="handler")
+                raise no_id_column(self.id_field)
             by_id.setdefault(id_key(row[self.id_field]), []).append(row)
         failed = {id_key(k): v for k, v in self.ctx.failed.items()}
         wanted = {id_key(item[self.id_field]) for item in subset}
         strangers = (set(by_id) | set(failed)) - wanted
         if strangers:
-            raise ItemError(f"the batch handler returned rows for ids not in its batch: {sorted(strangers)[:5]}",
-                            error_class="handler")
+            raise not_in_batch(strangers)
         seen: set[str] = set()
         for i, item in zip(idx, subset):
             key = id_key(item[self.id_field])
@@ -231,7 +235,7 @@ class BatchRun:
 
         field = self.id_field
         if field not in table.column_names:
-            raise ItemError(f"the batch handler returned a row without the id column {field!r}", error_class="handler")
+            raise no_id_column(field)
         ids = [items[i][1][field] for i in idx]
         column = table.column(field)
         if all(type(v) is int for v in ids) and pa.types.is_integer(column.type):
@@ -242,7 +246,7 @@ class BatchRun:
         else:
             return False
         if column.null_count:
-            raise ItemError(f"the batch handler returned a row without the id column {field!r}", error_class="handler")
+            raise no_id_column(field)
         first: dict[Any, int] = {}  # an id -> the first of the call's items holding it
         for k, v in enumerate(ids):
             first.setdefault(v, k)
@@ -252,8 +256,7 @@ class BatchRun:
         strangers = {id_key(v) for v in column.filter(pa.array(owner < 0)).to_pylist()} | (
             set(failed) - {id_key(v) for v in ids} if failed else set())
         if strangers:
-            raise ItemError(f"the batch handler returned rows for ids not in its batch: {sorted(strangers)[:5]}",
-                            error_class="handler")
+            raise not_in_batch(strangers)
         bad: dict[int, Any] = {}  # an item -> its first errored row's (message, class)
         names = table.column_names
         if ERRORS in names:

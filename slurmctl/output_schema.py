@@ -84,20 +84,23 @@ def recorded(store: Store, job_id: str, propose: Callable[[], pa.Schema]) -> pa.
 def _converts(values: list[Any], t: pa.DataType, strict: bool) -> str | None:
     """None when ``values`` fit a column of type ``t``; else why not."""
     try:
-        if strict:
-            got_array = pa.array(values)
-            if got_array.type == t or pa.types.is_null(got_array.type):
-                return None
-            for kind in (_is_text, pa.types.is_boolean, pa.types.is_binary):
-                if kind(got_array.type) != kind(t):  # no parsing "7" into 7, no 1 into "1", no True into 1
-                    return f"{got_array.type} is not {t}"
-            got_array.cast(t, safe=True)  # 4.5 is no int64, 300 no int8
-            return None
-        got = pa.array(values).type
-        pa.unify_schemas([pa.schema([("c", t)]), pa.schema([("c", got)])], promote_options="permissive")
-        return None
+        return _fits(pa.array(values), t, strict)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError) as exc:
         return str(exc).splitlines()[0][:300]
+
+
+def _fits(got: pa.Array | pa.ChunkedArray, t: pa.DataType, strict: bool) -> str | None:
+    """None when the values of ``got`` fit a column of type ``t``; else why not (or the conversion's error)."""
+    if got.type == t or pa.types.is_null(got.type):
+        return None
+    if strict:
+        for kind in (_is_text, pa.types.is_boolean, pa.types.is_binary):
+            if kind(got.type) != kind(t):  # no parsing "7" into 7, no 1 into "1", no True into 1
+                return f"{got.type} is not {t}"
+        got.cast(t, safe=True)  # 4.5 is no int64, 300 no int8
+        return None
+    pa.unify_schemas([pa.schema([("c", t)]), pa.schema([("c", got.type)])], promote_options="permissive")
+    return None
 
 
 def infer_table(table: pa.Table) -> pa.Schema:
@@ -122,17 +125,11 @@ def table_fits(table: pa.Table, schema: pa.Schema, strict: bool) -> bool:
         if field.name not in table.column_names:
             continue
         column = table.column(field.name)
-        got = column.type
-        if column.null_count == len(column) or got == field.type:
+        if column.null_count == len(column):
             continue
         try:
-            if strict:
-                if any(kind(got) != kind(field.type) for kind in (_is_text, pa.types.is_boolean, pa.types.is_binary)):
-                    return False
-                column.cast(field.type, safe=True)
-            else:
-                pa.unify_schemas([pa.schema([("c", field.type)]), pa.schema([("c", got)])],
-                                 promote_options="permissive")
+            if _fits(column, field.type, strict) is not None:
+                return False
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError):
             return False
     return True
