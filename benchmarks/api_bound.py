@@ -123,7 +123,7 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
     out = {"handler": handler, "latency_ms": latency_ms, "rate": rate, "items": items, "batch_size": batch,
            "job_exit": done.returncode, "job_seconds": round(wall, 1), "expected_per_s": round(reach, 1),
            "achieved_per_s": round(achieved, 1), "utilisation": round(achieved / rate, 3) if rate else None,
-           "of_expected": round(achieved / reach, 3), "steady_seconds": len(buckets),
+           "of_expected": round(achieved / reach, 3), "steady_seconds": len(buckets), "steady_per_s": buckets,
            "requests": stats.get("requests", 0), "responses_429": stats.get("429", 0),
            "share_429": round(stats.get("429", 0) / max(1, stats.get("requests", 0)), 5),
            "api_in_flight_max": stats.get("in_flight_max"), **job_metrics(folder, job_id)}

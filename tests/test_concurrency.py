@@ -82,6 +82,19 @@ def test_an_async_handler_keeps_many_items_in_flight_and_commits_them_in_input_o
     assert summary["in_flight_max"] == m["in_flight_max"]
 
 
+def test_a_worker_imports_what_a_commit_needs_before_its_items_are_in_flight():
+    # pyarrow imports pandas the first time it builds an array from Python values (the first commit): ~0.3 s of pure
+    # Python holding the GIL, which made the items in flight miss their rate-limit slots. A worker process imports it
+    # when it starts its items' event loop instead.
+    import subprocess
+    import sys
+
+    code = ("import sys; from slurmctl import inflight; assert 'pandas' not in sys.modules; inflight.worker_loop(); "
+            "print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
 def test_a_sync_handler_runs_one_item_at_a_time_unless_told_otherwise(batch):
     summary, task, rows, _ = batch("counting_threads", n=30, params={"sleep_s": 0.005})
     assert sample_handlers.in_flight.peak == 1 and "in_flight_max" not in task["metrics"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,3 +101,20 @@ def test_the_async_http_handler_spreads_its_requests_over_small_connection_pools
     assert handler._pool() is handler.pools[1]
     asyncio.run(handler.aclose())
     assert handler.pools == []
+
+
+def test_the_async_http_handlers_pools_share_one_tls_context(monkeypatch):
+    """Building a TLS context loads the CA bundle (~20 ms, on the worker's loop while other requests wait for their
+    slots): the handler builds one and gives it to every pool it opens."""
+    import asyncio
+
+    import httpx
+
+    built: list[Any] = []
+    real = httpx.create_ssl_context
+    monkeypatch.setattr(httpx, "create_ssl_context", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    handler = http_json.AsyncClient({"base_url": "https://127.0.0.1:9", "max_connections": 24})
+    for _ in range(24):
+        handler._pool()[1] += 1
+    assert len(handler.pools) == 3 and len(built) == 1
+    asyncio.run(handler.aclose())

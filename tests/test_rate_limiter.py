@@ -275,6 +275,26 @@ def test_a_slot_missed_by_a_late_wake_up_is_not_read_as_demand(backend, monkeypa
     assert slow.wanted_lanes() == 1 and lanes_in_use(slow) == 1
 
 
+def test_the_trace_tells_a_late_caller_from_slots_nobody_waited_for(backend, monkeypatch, tmp_path):
+    # A job short of its rate loses slots one of two ways, and the fix differs: its callers came too late (a busy
+    # worker: lane -1) or none was waiting (too little demand: lane -2). The trace says which, slot by slot.
+    monkeypatch.setenv("SLURMCTL_LIMIT_TRACE", str(tmp_path))
+    spec = LimitSpec(per_second=20, lease_size=16, lanes=1)  # one lane: a slot every 50 ms, leases of 0.8 s
+    leaser = Leaser(backend, "traced", spec)
+    leaser.acquire()
+    slot, lane, epoch = leaser.reserve_wait(caller=1)
+    time.sleep(max(0.0, (slot - now_us()) / US) + spec.late_allowance_s + 0.02)
+    assert not leaser.claim(slot, lane, epoch, 0.0)  # reserved, but claimed too late
+    time.sleep(0.3)  # ~6 slots pass with nobody waiting for them
+    leaser.acquire()
+    traced = [tuple(map(int, line.split())) for f in tmp_path.glob("*.txt") for line in f.read_text().splitlines()]
+    granted = [t for t in traced if t[2] >= 0]
+    assert len(granted) == 2 and [t[0] for t in traced if t[2] == -1] == [slot]
+    unwanted = sorted(t[0] for t in traced if t[2] == -2)
+    assert len(unwanted) >= 4 and slot < unwanted[0] and unwanted[-1] < granted[-1][0]
+    assert leaser.expired + leaser.claim_expired == len(traced) - len(granted)
+
+
 def test_pause_reaches_a_worker_holding_long_leases_within_the_signal_period(backend):
     spec = LimitSpec(per_second=20, lease_size=32, lanes=2)  # a lease spans 3.2 s: far longer than the pause deadline
     leaser = Leaser(backend, "sig", spec)

@@ -50,7 +50,12 @@ class _Pace:
 
 class _Trace:
     """Every token's slot, hand-out time and lane, appended to ``$SLURMCTL_LIMIT_TRACE/<key>.<pid>.txt`` when that
-    variable names a directory: to check a job's grants, or to see the jitter, after the fact."""
+    variable names a directory: to check a job's grants, or to see the jitter, after the fact. Slots that passed
+    unused are there too, lane ``-1`` (reserved, but its caller came later than the allowance) or ``-2`` (nobody
+    was waiting for it; the time is when that was seen): which of the two a job loses tells a late worker from
+    one short of demand."""
+
+    LATE, UNWANTED = -1, -2
 
     def __init__(self, key: str):
         self.file = None
@@ -412,6 +417,7 @@ class Leaser:
             if epoch != self.epoch:
                 return False
             if late > self.late_us:
+                self.trace.note(slot_us, handed, _Trace.LATE)
                 self.claim_expired += 1
                 if tally is not None:
                     tally["expired"] = tally.get("expired", 0) + 1
@@ -433,6 +439,9 @@ class Leaser:
             if first_usable > h.used:
                 skipped = min(first_usable, lease.count) - h.used
                 self.expired += skipped
+                if self.trace.file is not None:
+                    for k in range(h.used, h.used + skipped):
+                        self.trace.note(lease.start_us + k * lease.interval_us, now, _Trace.UNWANTED)
                 h.used += skipped
             if h.left > 0:
                 slot = lease.start_us + h.used * lease.interval_us
