@@ -619,3 +619,36 @@ def test_at_high_rates_a_few_late_requests_answered_429_are_not_a_quota_cut(back
     assert (state.decreases, state.rate, state.throttled) == (0, 500, 9)  # counted, the rate untouched
     backend.report_throttle("jit", spec, None)
     assert backend.read("jit").decreases == 1  # the tenth within the window: the API cut its quota
+
+
+def test_a_process_spends_each_limit_through_one_leaser_however_many_batches_start_together(tmp_path, monkeypatch):
+    # A worker's first two shards start their batches at the same moment. Two leasers in one process split its lanes,
+    # count as two holders (a smaller fair share for every process on the key), and the dropped one's lanes pass
+    # unused until their leases end: a 2-worker job at 50/s ran at 0.63-0.76 of it until the lock.
+    from slurmctl.books import limits
+    from slurmctl.config import parse_config
+
+    cfg = parse_config({"job_id": "together", "handler": "slurmctl.handlers.echo:handle",
+                        "input": {"uri": str(tmp_path / "in.jsonl")}, "storage": {"uri": f"file://{tmp_path}"},
+                        "rate_limits": {"api": {"per_second": 50, "burst": 5}}})
+    monkeypatch.setattr(limits, "_leasers", {})
+    real = limits.Leaser
+
+    def slow_leaser(*args: Any, **kwargs: Any) -> Leaser:
+        time.sleep(0.05)  # building one takes a moment (a trace file, the backend's first open): threads overlap
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(limits, "Leaser", slow_leaser)
+    start = threading.Barrier(4)
+    got: list[Leaser] = []
+
+    def batch() -> None:
+        start.wait()
+        got.append(limits.leasers_for(cfg)["api"])
+
+    threads = [threading.Thread(target=batch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and len({id(leaser) for leaser in got}) == 1
