@@ -31,7 +31,7 @@ from prefect.settings import PREFECT_API_URL
 from slurmctl.books.checkpoints import checkpointed_batches
 from slurmctl.books.failures import committed_batch_ids, list_batches, recount
 from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, now
-from slurmctl.books.shards import Budget, Shard, plan_shards, worker_slots
+from slurmctl.books.shards import Budget, Shard, plan_shards, waves_for, worker_slots
 from slurmctl.books.store import load_job, read_plan, save_job, store_for
 from slurmctl.config import JobConfig, parse_config
 from slurmctl.flows import artifacts, budget, cancel, events, stop, task_states, worker_plugin
@@ -190,6 +190,14 @@ def clear_markers(store: Store, job_id: str, batch_ids: set[str]) -> None:
         store.delete(keys.failed_task(batch_id))
 
 
+def plan_pass(cfg: JobConfig, specs: list[BatchSpec], cap: int) -> tuple[int, list[Shard]]:
+    """The process phase's Dask threads (``_runner``: two per configured thread when items run concurrently) and
+    the shards ``specs`` are cut into: waves counted over the configured threads (``books.shards.waves_for``)."""
+    per_thread = shards_per_thread(cfg)
+    slots = worker_slots(cfg) * per_thread
+    return slots, plan_shards(specs, slots, cap, waves_for(per_thread))
+
+
 def run_batches(cfg: JobConfig, store: Store, job: JobManifest, specs: list[BatchSpec],
                 done: set[str] | None = None, max_shards: int | None = None,
                 check_commits: bool = False, base: Future | None = None,
@@ -204,11 +212,10 @@ def run_batches(cfg: JobConfig, store: Store, job: JobManifest, specs: list[Batc
     if done is None:
         done, marked = listed_commits(store, job.job_id)
     todo_specs = [b for b in specs if b.batch_id not in done]
-    slots = worker_slots(cfg) * shards_per_thread(cfg)  # the process phase's Dask threads (``_runner``)
+    slots, planned = plan_pass(cfg, todo_specs, max_shards or Budget.of(cfg).process)
     # Batches a SIGTERM stopped mid-way in an earlier run: their shards read the checkpoint (and the commit) first.
     resumable = checkpointed_batches(store, job.job_id) if todo_specs else set()
-    shards = deque((shard, check_commits or any(s.batch_id in resumable for s in shard.specs)) for shard in plan_shards(
-        todo_specs, slots, max_shards or Budget.of(cfg).process))
+    shards = deque((shard, check_commits or any(s.batch_id in resumable for s in shard.specs)) for shard in planned)
     if todo_specs:
         logger.info("%s batches in %s shards (task runs) over %s worker threads", len(todo_specs), len(shards), slots)
     task = process_shard.with_options(retries=cfg.batch_retries, result_storage=saved_store(store))

@@ -19,6 +19,7 @@ from slurmctl.books.failures import committed_batch_ids, committed_tasks
 from slurmctl.books.manifests import Counts, Keys
 from slurmctl.books.shards import MAX_BATCHES_PER_SHARD, Budget, plan_shards, shard_count
 from slurmctl.config import parse_config
+from slurmctl.flows.process import plan_pass
 from slurmctl.records import BatchSpec, partition
 from slurmctl.tasks.process_batch import run_batch
 from slurmctl.tasks.process_shard import ShardIncomplete, run_shard
@@ -48,6 +49,18 @@ def test_shards_are_bounded_spread_and_cover_every_batch_once(batches, slots):
     assert flat == [f"batch-{i:06d}" for i in range(batches)]  # each once, contiguous, in plan order
     sizes = {len(shard.specs) for shard in shards}
     assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("concurrency", [None, 2])
+def test_waves_are_counted_over_the_configured_threads_when_items_run_concurrently(job, concurrency):
+    # 2 workers x 1 thread. Items in flight together run two shards per thread (4 Dask threads), so one keeps the
+    # calls going while the other changes shards; the job still gets 4 waves over its 2 threads: 8 task runs, not 16
+    # (each task run's start costs the worker CPU its calls in flight are waiting for).
+    cfg, _, _, _ = job()
+    cfg = cfg.model_copy(update={"concurrency": concurrency})
+    slots, shards = plan_pass(cfg, specs_of(40), Budget.of(cfg).process)
+    assert slots == (4 if concurrency else 2)
+    assert len(shards) == 8 and [len(s.specs) for s in shards] == [5] * 8
 
 
 def test_a_job_run_stays_within_its_task_run_budget():

@@ -12,6 +12,12 @@ Sizing: equal shards of contiguous batches (one input range read covers a shard)
 worker threads so the last wave keeps every worker busy, ``WAVES`` waves for a small job (each shard long enough to
 amortise Prefect's cost, and still spread over every worker), at most ``MAX_BATCHES_PER_SHARD`` batches per shard
 for a large one (small task results, short re-runs), never more shards than the phase's share of the budget.
+
+A job whose items run concurrently runs two shards per configured thread (``slurmctl.item_run.shards_per_thread``),
+so that one keeps the calls in flight while the other changes shards. Its waves are still counted over the
+configured threads (``waves_for``): counted over the doubled ones, a small job had twice the task runs, and each
+task run's start costs its worker CPU (profiled: mostly Prefect building its client's TLS contexts and reading its
+settings) while the other shard's requests wait for the core and miss their rate-limit slots.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ from slurmctl.records import BatchSpec
 
 WAVES = 4
 MAX_BATCHES_PER_SHARD = 500
+
+
+def waves_for(threads_per_slot: int) -> int:
+    """Waves over the process phase's Dask threads when each configured thread runs ``threads_per_slot`` shards
+    at once: ``WAVES`` over the configured threads."""
+    return max(1, WAVES // max(1, threads_per_slot))
 
 
 def worker_slots(cfg: JobConfig) -> int:
@@ -66,12 +78,13 @@ class Budget:
         return cls(cfg.max_task_runs, cfg.errors.auto_retry_rounds)
 
 
-def shard_count(batches: int, slots: int, cap: int) -> int:
-    """How many shards ``batches`` batches are cut into (see the module docstring)."""
+def shard_count(batches: int, slots: int, cap: int, waves: int = WAVES) -> int:
+    """How many shards ``batches`` batches are cut into (see the module docstring): at least ``waves`` waves over
+    ``slots`` threads."""
     if batches <= 0:
         return 0
     slots = max(1, slots)
-    count = max(slots * WAVES, math.ceil(batches / MAX_BATCHES_PER_SHARD))
+    count = max(slots * waves, math.ceil(batches / MAX_BATCHES_PER_SHARD))
     count = min(math.ceil(count / slots) * slots, cap)
     if count >= slots:
         count -= count % slots  # whole waves, also when the budget binds
@@ -97,9 +110,9 @@ class Shard:
         return [BatchSpec.from_dict(s) for s in shard["specs"]]
 
 
-def plan_shards(specs: Sequence[BatchSpec], slots: int, cap: int) -> list[Shard]:
+def plan_shards(specs: Sequence[BatchSpec], slots: int, cap: int, waves: int = WAVES) -> list[Shard]:
     """Cut ``specs`` (the uncommitted batches, in plan order) into ``shard_count`` contiguous, near-equal shards."""
-    n = shard_count(len(specs), slots, cap)
+    n = shard_count(len(specs), slots, cap, waves)
     if not n:
         return []
     size, extra = divmod(len(specs), n)
