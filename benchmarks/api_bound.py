@@ -81,7 +81,17 @@ def job_metrics(folder: Path, job_id: str) -> dict:
     if tokens:
         out["limiter_calls_per_token"] = round(calls / tokens, 4)
         out["limiter_expired_slots"] = expired
+    state = _limit_state(folder / "state" / "rate-limits.sqlite", f"{job_id}/api")
+    if state is not None:  # a quota change seen (429s close together): the shared rate was halved this often
+        out["limiter_rate_decreases"] = state.decreases
+        out["limiter_429_reported"] = state.throttled
     return out
+
+
+def _limit_state(path: Path, key: str):
+    from slurmctl.blocks.rate_limiter import limiter_from_config
+
+    return limiter_from_config("local", path=str(path)).read(key) if path.exists() else None
 
 
 def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: str, latency_ms: float,

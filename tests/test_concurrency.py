@@ -250,6 +250,28 @@ def test_auto_concurrency_shrinks_on_throttling_and_never_passes_its_maximum():
     assert gate.history[-1][1] == math.floor(before * inflight.AutoGate.BACKOFF) or gate.limit < before
 
 
+def test_with_a_declared_limit_a_sporadic_429_leaves_the_calls_in_flight_and_many_shrink_them():
+    # 500/s declared, 200 ms answers: ~100 in flight. A 429 on one answer in hundreds is jitter at the API's burst
+    # (the request waits its Retry-After; close together, the limiter halves the rate itself). Shrinking by 30 % for
+    # each starved the limiter. Many 429s in an interval still mean too many calls at once.
+    gate, now = auto_gate()
+    api = SimulatedApi(0.2, rate=500)
+    for _ in range(int(10 / 0.01)):
+        gate.offered("api", 500.0)
+        api.step(gate, now)
+    settled = gate.limit
+    assert settled >= 100, gate.history
+    for _ in range(10):  # one 429 every 0.5 s, ~250 answers apart, for 5 s
+        gate.throttled()
+        for _ in range(50):
+            api.step(gate, now)
+    assert gate.limit >= settled, gate.history
+    for _ in range(30):  # then 30 in 0.3 s
+        gate.throttled()
+    api.run(gate, now, 0.5)
+    assert gate.limit <= settled * inflight.AutoGate.BACKOFF + 1, gate.history
+
+
 # --- a real job on the embedded default, checked at the API -------------------------------------------------------
 @pytest.mark.integration
 def test_an_async_class_handler_saturates_a_slow_rate_limited_api_without_more_threads(tmp_path, prefect_api,

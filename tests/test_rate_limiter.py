@@ -149,20 +149,20 @@ def test_default_lanes_are_fine_grained():
 
 
 def test_a_sporadic_429_is_not_a_quota_change(backend):
-    spec = LimitSpec(per_second=100, floor=10)  # three 429s within 2 s are
+    spec = LimitSpec(per_second=30, floor=3)  # three 429s within 2 s are
     backend.lease("spor", spec, 1)
     epoch = backend.read("spor").epoch
     backend.report_throttle("spor", spec, 0.5)
     backend.report_throttle("spor", spec, 0.5)
     state = backend.read("spor")
-    assert state.rate == 100 and state.epoch == epoch and state.throttled == 2  # counted, nobody slowed down
+    assert state.rate == 30 and state.epoch == epoch and state.throttled == 2  # counted, nobody slowed down
     backend._update("spor", spec, lambda s: setattr(s, "strike_at", s.strike_at - 3 * US))  # those were 3 s ago
     backend.report_throttle("spor", spec, 0.5)
-    assert backend.read("spor").rate == 100  # the window moved on: sporadic again
+    assert backend.read("spor").rate == 30  # the window moved on: sporadic again
     backend.report_throttle("spor", spec, 0.5)
     backend.report_throttle("spor", spec, 0.5)
     state = backend.read("spor")
-    assert state.rate == 50 and state.epoch == epoch + 1 and state.decreases == 1  # sustained: halved, a new epoch
+    assert state.rate == 15 and state.epoch == epoch + 1 and state.decreases == 1  # sustained: halved, a new epoch
 
 
 def test_throttling_halves_the_rate_once_per_second_then_recovers(backend):
@@ -608,17 +608,18 @@ def test_a_process_keeps_its_lanes_through_a_moment_of_idleness(backend):
 
 
 def test_at_high_rates_a_few_late_requests_answered_429_are_not_a_quota_cut(backend):
-    assert LimitSpec(per_second=50).strikes_needed == 3
-    assert LimitSpec(per_second=500).strikes_needed == 10  # 1 % of the 2 s window's 1000 slots
+    assert LimitSpec(per_second=30).strikes_needed == 3
+    assert LimitSpec(per_second=50).strikes_needed == 5  # 5 % of the 2 s window's 100 slots
+    assert LimitSpec(per_second=500).strikes_needed == 50  # 5 % of the 2 s window's 1000 slots
     assert LimitSpec(per_second=500, throttle_strikes=1).strikes_needed == 1  # as configured
     spec = LimitSpec(per_second=500)
     backend.lease("jit", spec, 1)
-    for _ in range(9):
+    for _ in range(49):
         backend.report_throttle("jit", spec, None)
     state = backend.read("jit")
-    assert (state.decreases, state.rate, state.throttled) == (0, 500, 9)  # counted, the rate untouched
+    assert (state.decreases, state.rate, state.throttled) == (0, 500, 49)  # counted, the rate untouched
     backend.report_throttle("jit", spec, None)
-    assert backend.read("jit").decreases == 1  # the tenth within the window: the API cut its quota
+    assert backend.read("jit").decreases == 1  # the fiftieth within the window: the API cut its quota
 
 
 def test_a_process_spends_each_limit_through_one_leaser_however_many_batches_start_together(tmp_path, monkeypatch):
