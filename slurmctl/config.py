@@ -281,7 +281,7 @@ class RateLimitConfig(_Strict):
     throttle_strikes: int | None = Field(default=None, ge=1, description="429s within a few seconds (at least 2 s, "
                                          "at least 8 slots) that mean the API lowered its quota: the shared rate "
                                          "then halves. Fewer are sporadic: only their requests wait their "
-                                         "Retry-After. Default: 3, or 1 % of those seconds' slots when more.")
+                                         "Retry-After. Default: 3, or 5 % of those seconds' slots when more.")
     recovery_s: float = Field(default=30, gt=0, description="Time to recover from floor to target after 429s.")
     key: str | None = Field(default=None, min_length=1, description="Share this limit's state across jobs "
                             "(default: private to the job). Names separated by '/', each of letters, digits, '-', "

@@ -27,8 +27,8 @@ behind whoever holds more (``plan_lanes``): lanes go to whoever asks without any
   learn of a new epoch through a cheap *signal* (the limit's row in SQLite, or a small object in the job's manifest
   store next to DynamoDB) that they check about once a second: a change applies everywhere within ~1-2 s;
 * a sporadic 429 is not a quota change: the request that got it waits its ``Retry-After`` and is retried, and the
-  others go on. ``throttle_strikes`` 429s within a few seconds (by default 3, or at high rates 1 % of those seconds'
-  slots) are: the shared rate halves (at most once per second, not below ``floor``, resuming after ``Retry-After``)
+  others go on. ``throttle_strikes`` 429s within a few seconds (by default 3, or 5 % of those seconds' slots when
+  more) are: the shared rate halves (at most once per second, not below ``floor``, resuming after ``Retry-After``)
   and recovers linearly over ``recovery_s``.
 
 The worker-side spender is ``slurmctl.ratelimit.leaser.Leaser``. The backend is the truth and the signal only makes
