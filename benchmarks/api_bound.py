@@ -20,6 +20,8 @@ A cell's job has about ``--seconds`` of work at the rate it can reach. Printed p
 first and last 2 s left out), ``utilisation`` (achieved / R), the 429 share, the API's most requests in flight, and
 the concurrency the workers reached (their batches' metrics). ``--ceiling`` adds R = inf, L = 0 (what one worker
 process reaches) beside a bare httpx/asyncio client loop against the same server in the same run.
+``--bare-limiter`` adds, per cell, the same limit spent by 2 bare processes through the product's leaser and
+``ctx.limit`` (a fixed rate x latency in flight, no Prefect, Dask, batches or gate): what the limiter reaches here.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
@@ -176,6 +179,76 @@ def bare_client(api: str, seconds: float, in_flight: int, pool: int = 8) -> floa
     return asyncio.run(main())
 
 
+def _bare_limited(api: str, k: int, spec: dict, db: str, in_flight: int, start: float, seconds: float,
+                  out: Any) -> None:
+    """One process of ``bare_limiter``: ``in_flight`` coroutines, each taking a token through ``ctx.limit`` (the
+    product's leaser on the same SQLite file as the other process) and then calling the API."""
+    import httpx
+
+    from slurmctl.blocks.rate_limiter import limiter_from_config
+    from slurmctl.handler import BatchContext
+    from slurmctl.ratelimit.lanes import LimitSpec
+    from slurmctl.ratelimit.leaser import Leaser
+
+    leaser = Leaser(limiter_from_config("local", path=db), "bare/api", LimitSpec(**spec))
+    ctx = BatchContext("bare", "bare", params={}, limiters={"api": leaser})
+
+    async def run() -> int:
+        limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
+        clients = [httpx.AsyncClient(limits=limits, timeout=30) for _ in range(max(1, in_flight // 8))]
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        stop_at, done = start + seconds, 0
+
+        async def worker(j: int) -> None:
+            nonlocal done
+            i = j * 1_000_000 + k
+            while time.monotonic() < stop_at:
+                async with ctx.limit("api"):
+                    await clients[j % len(clients)].get(f"{api}/items/{i}")
+                done, i = done + 1, i + 1
+        await asyncio.gather(*(worker(j) for j in range(in_flight)))
+        for client in clients:
+            await client.aclose()
+        return done
+
+    out.put({"process": k, "requests": asyncio.run(run()), "expired_slots": leaser.expired + leaser.claim_expired})
+
+
+def bare_limiter(api: str, tmp: Path, latency_ms: float, rate: float, seconds: float, procs: int = 2) -> dict:
+    """The cell's limit spent by ``procs`` bare processes (no Prefect, no Dask, no batches, no gate: a fixed rate x
+    latency in flight, plus a queue), through the product's leaser: what the limiter itself reaches on this machine,
+    beside the jobs."""
+    import multiprocessing
+
+    from slurmctl.blocks.rate_limiter import limiter_from_config
+    from slurmctl.ratelimit.lanes import LimitSpec
+
+    spec = {"per_second": rate, "burst": 5, "workers": procs}
+    db = str(tmp / f"bare-{os.urandom(3).hex()}.sqlite")
+    limiter_from_config("local", path=db).ensure_limit("bare/api", LimitSpec(**spec))
+    api_get_post(f"{api}/config?latency={latency_ms / 1000}&rate={rate}&burst=5")
+    in_flight = math.ceil(rate * latency_ms / 1000 / procs * 1.25) + 4
+    mp = multiprocessing.get_context("spawn")
+    results = mp.Queue()
+    start = time.monotonic() + 3.0  # the processes' imports first
+    runs = [mp.Process(target=_bare_limited, args=(api, k, spec, db, in_flight, start, seconds, results))
+            for k in range(procs)]
+    for proc in runs:
+        proc.start()
+    per_process = [results.get(timeout=seconds + 120) for _ in runs]
+    for proc in runs:
+        proc.join()
+    stats = api_get(f"{api}/stats")
+    buckets = steady(stats.get("per_second") or [])
+    achieved = sum(buckets) / len(buckets) if buckets else 0.0
+    return {"handler": "bare-limiter", "latency_ms": latency_ms, "rate": rate, "processes": procs,
+            "in_flight_per_process": in_flight, "achieved_per_s": round(achieved, 1),
+            "utilisation": round(achieved / rate, 3), "steady_seconds": len(buckets), "steady_per_s": buckets,
+            "requests": stats.get("requests", 0), "responses_429": stats.get("429", 0),
+            "share_429": round(stats.get("429", 0) / max(1, stats.get("requests", 0)), 5),
+            "expired_slots": sum(r["expired_slots"] for r in per_process)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--latency-ms", type=float, nargs="+", default=[20, 200, 1000])
@@ -187,6 +260,8 @@ def main() -> None:
     p.add_argument("--ceiling-rate", type=float, default=1500, help="items/s a ceiling cell is sized for")
     p.add_argument("--slurm", action="store_true",
                    help="workers on the real Slurm: 2 worker jobs of cores: 1 (scripts/slurm.sh up first)")
+    p.add_argument("--bare-limiter", action="store_true",
+                   help="per cell, also the limit spent by 2 bare processes through the product's leaser (no job)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -204,6 +279,10 @@ def main() -> None:
             for rate in args.rate:
                 for handler in args.handlers:
                     cell = run_cell(args, env, tmp, api, handler, latency, rate)
+                    cells.append(cell)
+                    print(json.dumps(cell), file=sys.stderr, flush=True)
+                if args.bare_limiter and rate:
+                    cell = bare_limiter(api, tmp, latency, rate, args.seconds)
                     cells.append(cell)
                     print(json.dumps(cell), file=sys.stderr, flush=True)
         ceiling = None
