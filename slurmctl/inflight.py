@@ -287,10 +287,14 @@ class AutoGate:
     # --- the control ---------------------------------------------------------------------------------------------------
     def _maybe_adjust(self) -> None:
         now = self.clock()
-        elapsed = now - self.t0
-        if self.done == 0 or elapsed < max(self.MIN_INTERVAL_S, 1.5 * self.latency_sum / self.done):
+        elapsed = max(now - self.t0, 1e-9)
+        if self.done == 0:
             return
+        # In slow start with a declared limit, the first answer gives the latency Little's law needs: go there at
+        # once (the interval's 1.5 latencies cost a job of 1 s answers its first second at a few calls in flight).
         need = self._littles_law()
+        if need is None and elapsed < max(self.MIN_INTERVAL_S, 1.5 * self.latency_sum / self.done):
+            return
         if need is None and self.done < self.MIN_DONE and elapsed < self.MAX_INTERVAL_S:
             return  # too few completions to compare rates yet
         rate = self.done / elapsed
