@@ -250,7 +250,7 @@ def test_auto_concurrency_shrinks_on_throttling_and_never_passes_its_maximum():
     assert gate.history[-1][1] == math.floor(before * inflight.AutoGate.BACKOFF) or gate.limit < before
 
 
-def test_with_a_declared_limit_a_sporadic_429_leaves_the_calls_in_flight_and_many_shrink_them():
+def test_with_a_declared_limit_a_sporadic_429_leaves_the_calls_in_flight_and_many_trim_only_the_queue():
     # 500/s declared, 200 ms answers: ~100 in flight. A 429 on one answer in hundreds is jitter at the API's burst
     # (the request waits its Retry-After; close together, the limiter halves the rate itself). Shrinking by 30 % for
     # each starved the limiter. Many 429s in an interval still mean too many calls at once.
@@ -266,10 +266,16 @@ def test_with_a_declared_limit_a_sporadic_429_leaves_the_calls_in_flight_and_man
         for _ in range(50):
             api.step(gate, now)
     assert gate.limit >= settled, gate.history
-    for _ in range(30):  # then 30 in 0.3 s
-        gate.throttled()
+    for _ in range(30):  # then 30 in 0.3 s: down to the calls that spend 500/s (100), never below: fewer in flight
+        gate.throttled()  # would only leave the limiter's slots unused
     api.run(gate, now, 0.5)
-    assert gate.limit <= settled * inflight.AutoGate.BACKOFF + 1, gate.history
+    assert 100 <= gate.limit < settled, gate.history
+    gate = inflight.AutoGate(clock=lambda: now[0])  # no declared limit: 429s say too many at once, whatever the rate
+    gate.limit, gate.slow_start = 100, False
+    for _ in range(30):
+        gate.throttled()
+    SimulatedApi(0.2, capacity=200).run(gate, now, 0.5)
+    assert gate.limit <= 100 * inflight.AutoGate.BACKOFF + 1, gate.history
 
 
 # --- a real job on the embedded default, checked at the API -------------------------------------------------------
