@@ -290,8 +290,8 @@ def test_the_trace_tells_a_late_caller_from_slots_nobody_waited_for(backend, mon
     traced = [tuple(map(int, line.split())) for f in tmp_path.glob("*.txt") for line in f.read_text().splitlines()]
     granted = [t for t in traced if t[2] >= 0]
     assert len(granted) == 2 and [t[0] for t in traced if t[2] == -1] == [slot]
-    unwanted = sorted(t[0] for t in traced if t[2] == -2)
-    assert len(unwanted) >= 4 and slot < unwanted[0] and unwanted[-1] < granted[-1][0]
+    unwanted = sorted(t[0] for t in traced if t[2] == -2)  # (one may pass during the first lease's backend call)
+    assert len([u for u in unwanted if slot < u < granted[-1][0]]) >= 4
     assert leaser.expired + leaser.claim_expired == len(traced) - len(granted)
 
 
