@@ -130,19 +130,37 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
     done = subprocess.run([sys.executable, "-m", "slurmctl.cli", "submit", str(cfg), "--wait"], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=3600)
     wall = time.monotonic() - started
-    stats = api_get(f"{api}/stats")
-    buckets = steady(stats.get("per_second") or [])
-    achieved = sum(buckets) / len(buckets) if buckets else 0.0
+    achieved, at_api = measured_at_api(api, rate)
     out = {"handler": handler, "latency_ms": latency_ms, "rate": rate, "items": items, "batch_size": batch,
            "job_exit": done.returncode, "job_seconds": round(wall, 1), "expected_per_s": round(reach, 1),
-           "achieved_per_s": round(achieved, 1), "utilisation": round(achieved / rate, 3) if rate else None,
-           "of_expected": round(achieved / reach, 3), "steady_seconds": len(buckets), "steady_per_s": buckets,
-           "requests": stats.get("requests", 0), "responses_429": stats.get("429", 0),
-           "share_429": round(stats.get("429", 0) / max(1, stats.get("requests", 0)), 5),
-           "api_in_flight_max": stats.get("in_flight_max"), **job_metrics(folder, job_id)}
+           "of_expected": round(achieved / reach, 3), **at_api, **job_metrics(folder, job_id)}
     if done.returncode != 0:
         out["stderr"] = done.stderr[-1500:]
     return out
+
+
+def measured_at_api(api: str, rate: float | None) -> tuple[float, dict]:
+    """What the API counted since its counters were cleared: the steady rate (requests/s), and as a cell's fields
+    that rate, the utilisation of ``rate``, the steady per-second counts, the requests, the 429s and their share,
+    and the most requests it had in flight."""
+    stats = api_get(f"{api}/stats")
+    buckets = steady(stats.get("per_second") or [])
+    achieved = sum(buckets) / len(buckets) if buckets else 0.0
+    return achieved, {"achieved_per_s": round(achieved, 1),
+                      "utilisation": round(achieved / rate, 3) if rate else None,
+                      "steady_seconds": len(buckets), "steady_per_s": buckets,
+                      "requests": stats.get("requests", 0), "responses_429": stats.get("429", 0),
+                      "share_429": round(stats.get("429", 0) / max(1, stats.get("requests", 0)), 5),
+                      "api_in_flight_max": stats.get("in_flight_max")}
+
+
+def client_pools(in_flight: int, pool: int = 8) -> list:
+    """``httpx.AsyncClient``s of ``pool`` connections each, enough for ``in_flight`` requests, as the
+    ``AsyncClient`` handler opens them (one httpx pool's per-request cost grows with its connections)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    return [httpx.AsyncClient(limits=limits, timeout=30) for _ in range(max(1, in_flight // pool))]
 
 
 def api_get_post(url: str) -> None:
@@ -155,13 +173,10 @@ def bare_client(api: str, seconds: float, in_flight: int, pool: int = 8) -> floa
     """Requests/s a bare asyncio loop of ``httpx.AsyncClient`` calls reaches against the server (no limit, no latency):
     one core's physical limit for this client. Its connections are split over pools of ``pool``, as the
     ``AsyncClient`` handler does (one httpx pool's per-request cost grows with its connections)."""
-    import httpx
-
     async def main() -> float:
         done = 0
         stop_at = time.monotonic() + seconds
-        limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-        clients = [httpx.AsyncClient(limits=limits, timeout=30) for _ in range(max(1, in_flight // pool))]
+        clients = client_pools(in_flight, pool)
 
         async def worker(k: int) -> None:
             nonlocal done
@@ -183,8 +198,6 @@ def _bare_limited(api: str, k: int, spec: dict, db: str, in_flight: int, start: 
                   out: Any) -> None:
     """One process of ``bare_limiter``: ``in_flight`` coroutines, each taking a token through ``ctx.limit`` (the
     product's leaser on the same SQLite file as the other process) and then calling the API."""
-    import httpx
-
     from slurmctl.blocks.rate_limiter import limiter_from_config
     from slurmctl.handler import BatchContext
     from slurmctl.ratelimit.lanes import LimitSpec
@@ -194,8 +207,7 @@ def _bare_limited(api: str, k: int, spec: dict, db: str, in_flight: int, start: 
     ctx = BatchContext("bare", "bare", params={}, limiters={"api": leaser})
 
     async def run() -> int:
-        limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
-        clients = [httpx.AsyncClient(limits=limits, timeout=30) for _ in range(max(1, in_flight // 8))]
+        clients = client_pools(in_flight)
         await asyncio.sleep(max(0.0, start - time.monotonic()))
         stop_at, done = start + seconds, 0
 
@@ -238,14 +250,8 @@ def bare_limiter(api: str, tmp: Path, latency_ms: float, rate: float, seconds: f
     per_process = [results.get(timeout=seconds + 120) for _ in runs]
     for proc in runs:
         proc.join()
-    stats = api_get(f"{api}/stats")
-    buckets = steady(stats.get("per_second") or [])
-    achieved = sum(buckets) / len(buckets) if buckets else 0.0
     return {"handler": "bare-limiter", "latency_ms": latency_ms, "rate": rate, "processes": procs,
-            "in_flight_per_process": in_flight, "achieved_per_s": round(achieved, 1),
-            "utilisation": round(achieved / rate, 3), "steady_seconds": len(buckets), "steady_per_s": buckets,
-            "requests": stats.get("requests", 0), "responses_429": stats.get("429", 0),
-            "share_429": round(stats.get("429", 0) / max(1, stats.get("requests", 0)), 5),
+            "in_flight_per_process": in_flight, **measured_at_api(api, rate)[1],
             "expired_slots": sum(r["expired_slots"] for r in per_process)}
 
 

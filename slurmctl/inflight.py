@@ -337,9 +337,11 @@ class AutoGate:
         measured). Throttling never shrinks the gate below it: the limiter paces the calls whatever the concurrency,
         so fewer in flight than that only leaves its slots unused (a 500/s job whose 429s came in bunches shrank
         to 80 in flight and ran at a sixth of its rate). 0 without a declared limit."""
-        if not (self.offers and self.done):
-            return 0
-        return math.ceil(min(self.offers.values()) * self.latency_sum / self.done)
+        return math.ceil(self._offered_in_progress()) if self.offers and self.done else 0
+
+    def _offered_in_progress(self) -> float:
+        """Little's law for the rate the declared limits offer us: that rate x the calls' mean latency."""
+        return min(self.offers.values()) * self.latency_sum / self.done
 
     def _littles_law(self) -> int | None:
         """In slow start, with a declared limit offering us a rate and the calls' latency measured: how many must be
@@ -349,7 +351,7 @@ class AutoGate:
         branch trims the queue)."""
         if not (self.slow_start and self.offers) or self.throttles:
             return None
-        need = math.ceil(min(self.offers.values()) * self.latency_sum / self.done * (1 + self.QUEUE_SHARE / 2))
+        need = math.ceil(self._offered_in_progress() * (1 + self.QUEUE_SHARE / 2))
         return need if need > self.limit else None
 
     def _climb(self, rate: float) -> None:
