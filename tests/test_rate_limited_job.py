@@ -29,7 +29,7 @@ from support.jobs import (
     write_config,
     write_jsonl,
 )
-from support.rates import bucket_needed, max_in_window, steady_buckets
+from support.rates import bucket_needed, max_in_window, read_trace, steady_buckets
 
 from slurmctl.ratelimit.lanes import LimitSpec
 from slurmctl.ratelimit.leaser import TRACE_ENV
@@ -96,7 +96,7 @@ def test_declared_as_the_api_documents_it_few_429s_and_full_use(tmp_path, prefec
     assert len(steady) >= 10 and sum(steady) / len(steady) >= 0.9 * rate, steady
     # Grants, checked where the code controls them: every slot on one grid 1/rate apart, none given twice, each
     # handed out at most the late allowance after its time.
-    traced = [tuple(map(int, line.split())) for f in trace.glob("*.txt") for line in f.read_text().splitlines()]
+    traced = read_trace(trace)
     grants = [g for g in traced if g[2] >= 0]  # lanes -1 and -2: slots that passed unused
     assert len(grants) == stats["requests"] and len({p.name.rsplit(".", 2)[1] for p in trace.glob("*.txt")}) == 2
     slots = sorted(slot for slot, _, _ in grants)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from support.rates import max_in_window, rate_bound
+from support.rates import max_in_window, rate_bound, read_trace
 
 from slurmctl.blocks.rate_limiter import limiter_from_config
 from slurmctl.ratelimit.lanes import US, Lease, LimitSpec, Wait, fair_share, now_us
@@ -291,7 +291,7 @@ def test_the_trace_tells_a_late_caller_from_slots_nobody_waited_for(backend, mon
     assert not leaser.claim(slot, lane, epoch, 0.0)  # reserved, but claimed too late
     time.sleep(0.4)  # ~6 more slots pass with nobody waiting for them
     leaser.acquire()
-    traced = [tuple(map(int, line.split())) for f in tmp_path.glob("*.txt") for line in f.read_text().splitlines()]
+    traced = read_trace(tmp_path)
     granted = [t for t in traced if t[2] >= 0]
     assert len(granted) >= 2 and slot in [t[0] for t in traced if t[2] == -1]
     unwanted = [t[0] for t in traced if t[2] == -2]  # (one may also pass during the first lease's backend call)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable
 
 
@@ -49,3 +50,11 @@ def steady_buckets(stamps: Iterable[float], edge_s: float = 2.0) -> list[int]:
         if 0 <= k < seconds:
             counts[k] += 1
     return counts
+
+
+def read_trace(folder: Path) -> list[tuple[int, int, int]]:
+    """Every line the workers' ``SLURMCTL_LIMIT_TRACE`` files in ``folder`` hold: (slot µs, hand-out µs, lane), lane
+    ``-1`` for a slot whose caller came too late and ``-2`` for one nobody waited for."""
+    return [(a, b, c) for f in sorted(folder.glob("*.txt")) for a, b, c in
+            (map(int, line.split()) for line in f.read_text().splitlines())]
+
