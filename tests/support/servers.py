@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import sys
@@ -19,7 +20,23 @@ def moto_command(port: int) -> list[str]:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    """A TCP port on 127.0.0.1 nobody listens on right now, below the kernel's ephemeral range. A port bound to 0
+    comes from that range, where any process's next outgoing connection may take it before the server a test starts
+    binds it (CI, with two test streams and their servers side by side: a `server start --port` found its port in
+    use). Below the range only another listener can take it, and the ports are drawn at random."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    if low > 2048:
+        for _ in range(200):
+            port = random.randint(max(1024, low - 12000), low - 1)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
