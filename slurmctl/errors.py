@@ -226,30 +226,46 @@ class CircuitBreaker:
 
     Then the batch stops spending its items against a failing API: the rest are *deferred* to a later retry round
     instead of being marked failed.
+
+    "Recent" is the last ``window`` attempts, or, when more of the batch's calls were in flight at once
+    (``in_flight``), the last that many (``min_attempts`` growing in proportion). Answers to calls sent together
+    arrive together, and a bunch of them is one moment at the API, not a trend: with 128 calls in flight, 16 answers
+    of 429 in a row (the API's burst overrun for an instant, with a declared limit pacing the calls) tripped a window
+    of 20, deferring most of the batch to a retry round 10 s later. An API that is really down still trips it within
+    one round of the calls in flight, which were sent anyway.
     """
 
     def __init__(self, window: int = 20, threshold: float = 0.8, min_attempts: int = 10,
                  transient: Iterable[str] = DEFAULT_TRANSIENT):
-        self.recent: deque[str | None] = deque(maxlen=window)
+        self.window, self.min_attempts = window, min_attempts
+        self.size, self.needed = window, min_attempts  # the window now, and the attempts it needs before judging
+        self.recent: deque[str | None] = deque()
         self.threshold = threshold
-        self.min_attempts = min_attempts
         self.transient = frozenset(transient)
         self.tripped_by: str | None = None
-        self.in_window = 0  # transient outcomes in ``recent``: none (nearly always), and there is nothing to count
+        self.counts: Counter[str] = Counter()  # transient outcomes in ``recent`` by class (nearly always none)
+
+    def in_flight(self, calls: int) -> None:
+        """``calls`` attempts of the batch are in flight at once: the window spans at least that many."""
+        if calls > self.size:
+            self.size = calls
+            self.needed = -(-self.min_attempts * calls // self.window)
 
     def record(self, error_class: str | None) -> None:
-        if len(self.recent) == self.recent.maxlen and self.recent[0] in self.transient:
-            self.in_window -= 1  # about to fall out of the window
         self.recent.append(error_class)
         if error_class in self.transient:
-            self.in_window += 1
-        if len(self.recent) < self.min_attempts or not self.in_window:
+            self.counts[error_class] += 1
+        while len(self.recent) > self.size:
+            old = self.recent.popleft()
+            if old in self.transient:
+                self.counts[old] -= 1
+                if not self.counts[old]:
+                    del self.counts[old]
+        if len(self.recent) < self.needed or not self.counts:
             return
-        counts = Counter(c for c in self.recent if c in self.transient)
-        if counts:
-            cls, n = counts.most_common(1)[0]
-            if n / len(self.recent) >= self.threshold:
-                self.tripped_by = cls
+        cls, n = self.counts.most_common(1)[0]
+        if n / len(self.recent) >= self.threshold:
+            self.tripped_by = cls
 
     @property
     def open(self) -> bool:

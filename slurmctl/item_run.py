@@ -113,16 +113,23 @@ class ItemRun:
         return inflight.worker_loop().run(self._run_all(items, pool))
 
     async def _run_all(self, items: Items, pool: Any) -> list[ItemOutcome | None]:
-        gate, loop = self.gate, asyncio.get_running_loop()
+        gate, loop, breaker = self.gate, asyncio.get_running_loop(), self.breaker
         peak = gate.watch()
+        calling = [0]  # the batch's attempts in flight now: the breaker's window spans at least them
 
         async def attempt(item: dict[str, Any]) -> list[dict[str, Any]]:
-            with self.meter.call(self.ctx) as latency:
-                if pool is None:
-                    result = await self.handler(item, self.ctx)
-                else:  # a sync handler in a thread: the call's context (its token-wait cell) goes with it
-                    result = await loop.run_in_executor(pool, contextvars.copy_context().run, self.handler, item,
-                                                        self.ctx)
+            calling[0] += 1
+            if breaker is not None:
+                breaker.in_flight(calling[0])
+            try:
+                with self.meter.call(self.ctx) as latency:
+                    if pool is None:
+                        result = await self.handler(item, self.ctx)
+                    else:  # a sync handler in a thread: the call's context (its token-wait cell) goes with it
+                        result = await loop.run_in_executor(pool, contextvars.copy_context().run, self.handler,
+                                                            item, self.ctx)
+            finally:
+                calling[0] -= 1
             gate.observe(latency[0])
             return normalise_output(result, item, self.id_field)
 

@@ -130,6 +130,19 @@ def test_with_items_in_flight_the_circuit_breaker_defers_the_rest_of_the_batch(b
     assert len(calls(str(tmp_path / "calls"))) < 40  # a few items' attempts, not 200 x 3
 
 
+def test_a_bunch_of_429s_among_many_calls_in_flight_is_retried_not_deferred(batch, tmp_path):
+    # 40 calls in flight at once; 14 of them answer 429 first, together (an API's burst overrun for an instant),
+    # the rest later. The breaker's window (20 by default) spans the 40 in flight, so 14 in a row are not 80 % of
+    # the recent attempts: the 14 are retried and the batch succeeds. A window of the last 20 tripped on them and
+    # deferred the batch's rest to a retry round.
+    (tmp_path / "fail.json").write_text(json.dumps({str(i): "throttle" for i in range(14)}))
+    summary, _, rows, _ = batch("flaky_once_async", n=40, concurrency=40,
+                                params={"fail_once": str(tmp_path / "fail.json"), "fail_after_s": 0.05,
+                                        "sleep_s": 0.3})
+    assert (summary["status"], summary["items_deferred"], summary["items_succeeded"]) == ("succeeded", 0, 40)
+    assert [r["id"] for r in rows] == list(range(40)) and len(calls(str(tmp_path / "calls"))) == 54
+
+
 def test_a_class_handler_is_built_once_per_process_and_closed_once(batch, tmp_path):
     params = {"instances_file": str(tmp_path / "built"), "closes_file": str(tmp_path / "closed")}
     inflight.close_worker()  # start clean: no instance left by another test

@@ -134,6 +134,31 @@ def test_circuit_breaker_threshold_counts_the_last_window_attempts():
     assert stale.tripped_by == "network"
 
 
+def test_circuit_breaker_window_spans_at_least_the_calls_in_flight_at_once():
+    # 128 calls in flight: 16 answers of 429 in a row are one moment at the API, not a trend.
+    bunched = CircuitBreaker(window=20, threshold=0.8, min_attempts=10)
+    bunched.in_flight(128)
+    for cls in [None] * 40 + ["throttle"] * 16 + [None] * 40:
+        bunched.record(cls)
+    assert not bunched.open
+    # An API that is down still trips it, once as many answers as half the calls in flight (10 of 20) are in.
+    down = CircuitBreaker(window=20, threshold=0.8, min_attempts=10)
+    down.in_flight(128)
+    for seen in range(63):
+        down.record("server")
+        assert not down.open, seen
+    down.record("server")
+    assert down.tripped_by == "server"
+    # And it then judges the last 128: 103 of them (0.8) in a run of mostly successes trips it again.
+    mixed = CircuitBreaker(window=20, threshold=0.8, min_attempts=10)
+    mixed.in_flight(128)
+    for cls in [None] * 200 + ["network"] * 102:
+        mixed.record(cls)
+    assert not mixed.open
+    mixed.record("network")
+    assert mixed.tripped_by == "network"
+
+
 def test_circuit_breaker_ignores_permanent_classes_and_mixed_errors():
     breaker = CircuitBreaker(window=10, threshold=0.8, min_attempts=5)
     for _ in range(10):

@@ -268,7 +268,10 @@ ApiSession = _api_session_class()
 
 
 async def flaky_once_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    """Fails the first call of each id listed in the JSON file ``fail_once`` (``{id: class}``), then succeeds."""
+    """Fails the first call of each id listed in the JSON file ``fail_once`` (``{id: class}``), then succeeds.
+    A failing call answers after ``fail_after_s``, the others after ``sleep_s`` (both default 0: at once)."""
+    import asyncio
+
     record_call(ctx, item)
     path = ctx.params["fail_once"]
     with open(path) as f:
@@ -277,6 +280,8 @@ async def flaky_once_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     if cls:
         with open(path, "w") as f:
             json.dump(pending, f)
+    await asyncio.sleep(float(ctx.params.get("fail_after_s" if cls else "sleep_s") or 0))
+    if cls:
         raise ItemError(f"injected {cls} error, once", error_class=cls)
     return {"id": item["id"]}
 
