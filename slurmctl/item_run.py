@@ -114,7 +114,7 @@ class ItemRun:
 
     async def _run_all(self, items: Items, pool: Any) -> list[ItemOutcome | None]:
         gate, loop, breaker = self.gate, asyncio.get_running_loop(), self.breaker
-        peak = gate.watch()
+        peak, priority = gate.watch(), inflight.batch_priority()
         calling = [0]  # the batch's attempts in flight now: the breaker's window spans at least them
 
         async def attempt(item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,7 +141,7 @@ class ItemRun:
                 else:
                     self.sleep(seconds)  # a test's clock
             finally:
-                await gate.acquire()
+                await gate.acquire(priority)
 
         def on_retry(err: Any, attempt_no: int, wait: float) -> None:
             if err.error_class == "throttle":
@@ -157,7 +157,8 @@ class ItemRun:
             return outcome
 
         try:
-            return await inflight.run_all(items, run_one, gate, stop=self._stop, deadline=self.grace_deadline)
+            return await inflight.run_all(items, run_one, gate, stop=self._stop, deadline=self.grace_deadline,
+                                          priority=priority)
         finally:
             self.in_flight_max = gate.unwatch(peak)
 

@@ -7,6 +7,7 @@ API on a fake clock; one real job on the embedded default is checked where it ma
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -289,6 +290,27 @@ def test_with_a_declared_limit_a_sporadic_429_leaves_the_calls_in_flight_and_man
         gate.throttled()
     SimulatedApi(0.2, capacity=200).run(gate, now, 0.5)
     assert gate.limit <= 100 * inflight.AutoGate.BACKOFF + 1, gate.history
+
+
+async def _start_order(gate: inflight.AutoGate, batches: dict[str, int]) -> list[str]:
+    started: list[str] = []
+
+    async def one(name: str) -> None:
+        started.append(name)
+        await asyncio.sleep(0.002 * (len(started) % 4 + 1))  # answers one by one: each frees one slot
+        gate.observe(0.001)
+
+    await asyncio.gather(*(inflight.run_all([name] * n, one, gate, priority=rank)
+                           for rank, (name, n) in enumerate(batches.items())))
+    return started
+
+
+def test_a_gate_serves_the_batch_that_started_first_so_batch_tails_do_not_fall_together():
+    # Two batches of one worker share its gate (4 slots). Served side by side, both would run out of items to start
+    # at the same moment, and the rate limit's slots pass unused while both drain, commit and start the next. The
+    # earlier batch starts all its items first: the other has its own left to start through that tail.
+    gate = inflight.AutoGate(maximum=4, start=4)
+    assert asyncio.run(_start_order(gate, {"a": 20, "b": 20})) == ["a"] * 20 + ["b"] * 20
 
 
 # --- a real job on the embedded default, checked at the API -------------------------------------------------------
