@@ -20,8 +20,9 @@ How many are in flight at once is a gate:
   many waiting, so the limiter never idles. Without a saturated limit it climbs while more in flight brings more
   done, steps back when it does not (the API queues our calls), and now and then probes lower, keeping the lower
   limit when the rate does not fall: so it follows an API that slows down. An answer of 429 (or any throttling
-  error) shrinks it by 30 % (with a declared rate limit, only when more than a sporadic few, ``SPORADIC``, and never
-  below the calls that spend the rate it offers). It never exceeds ``max_concurrency``. Its free slots go to the
+  error) shrinks it by 30 % (with a declared rate limit, only when more than a sporadic few, ``SPORADIC``). With a
+  declared rate limit it never goes below the calls that spend the rate the limit offers this process (that rate x
+  the latency measured); it never exceeds ``max_concurrency``. Its free slots go to the
   batch that started first, so a worker's batches start their items one after another and their tails (the last
   answers, the commit, the next batch's start) do not fall together.
 
@@ -320,7 +321,7 @@ class AutoGate:
             self.limit = need
             self.slow_start, self._last = False, None
         elif self.throttles > (self.SPORADIC * self.done if self.offers else 0):
-            self.limit = max(math.floor(self.limit * self.BACKOFF), self._paced())
+            self.limit = math.floor(self.limit * self.BACKOFF)  # not below the rate it offers (see below)
             self.slow_start, self._last, self._hold = False, None, self.HOLD
         elif self.starved and waiters < self.limit / 2 and used >= 0.7 * self.limit:
             # The limiter had slots nobody was ready for: more must be in flight (a starved limiter is not saturated).
@@ -340,7 +341,10 @@ class AutoGate:
             self._climb(rate)
         else:
             self._last = None
-        self.limit = max(1, min(self.maximum, self.limit))
+        # With a declared limit, never fewer in flight than spend the rate it offers (Little's law): fewer only
+        # leave its slots unused, whatever a probe's noisy rate said (at 1 s answers, probing down took a job to
+        # 163 in flight where 250 were needed, and it ran at 0.8 of its rate).
+        self.limit = max(1, min(self.maximum, max(self.limit, self._paced())))
         if self.limit != old:
             self.history.append((now, self.limit))
             if len(self.history) > 1000:

@@ -292,6 +292,21 @@ def test_with_a_declared_limit_a_sporadic_429_leaves_the_calls_in_flight_and_man
     assert gate.limit <= 100 * inflight.AutoGate.BACKOFF + 1, gate.history
 
 
+def test_with_a_declared_limit_probing_never_takes_fewer_in_flight_than_spend_its_rate():
+    # 250/s offered to this process, 1 s answers: 250 calls in progress, and max_concurrency leaves room for only
+    # one more waiting for a token, too short a queue to look saturated. The climb then probes downwards now and
+    # then; below 250 in flight the limit's slots would pass unused (a job probed down to 163 ran at 0.8 of its rate).
+    gate, now = auto_gate(maximum=251)
+    api = SimulatedApi(1.0, rate=250)
+    limits: list[int] = []
+    for _ in range(int(60 / 0.01)):
+        gate.offered("api", 250.0)
+        api.step(gate, now)
+        limits.append(gate.limit)
+    reached = limits.index(251)
+    assert min(limits[reached:]) >= 250, gate.history
+
+
 async def _start_order(gate: inflight.AutoGate, batches: dict[str, int]) -> list[str]:
     started: list[str] = []
 
