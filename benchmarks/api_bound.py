@@ -6,9 +6,9 @@
     .venv/bin/python benchmarks/api_bound.py --latency-ms 200 --rate 500 --handlers async sync-auto --slurm --json
 
 A local API (``api_server.py``: an ASGI app under uvicorn, in its own process) answers each ``GET /items/{id}`` after
-L with its own token bucket of R/s, burst 5 (429 above it). Per cell one job runs on the embedded default (2 worker
-processes x 1 thread, ``slurmctl submit --wait``, one Prefect server for the run) with ``rate_limits`` declared
-exactly as the API's bucket, and one of three handlers:
+L with its own token bucket of R/s, burst 5 (``--burst``; 429 above it). Per cell one job runs on the embedded
+default (2 worker processes x 1 thread, ``slurmctl submit --wait``, one Prefect server for the run) with
+``rate_limits`` declared exactly as the API's bucket, and one of three handlers:
 
 * ``async``: ``slurmctl.handlers.http_json:AsyncClient`` (a class handler on ``httpx.AsyncClient``), concurrency auto
   (its default);
@@ -122,8 +122,8 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
     params = {"base_url": api}
     if rate:
         params["limit"] = "api"
-        fields["rate_limits"] = {"api": {"per_second": rate, "burst": 5}}
-    api_get_post(f"{api}/config?latency={latency}&rate={rate or 0}&burst=5")
+        fields["rate_limits"] = {"api": {"per_second": rate, "burst": args.burst}}
+    api_get_post(f"{api}/config?latency={latency}&rate={rate or 0}&burst={args.burst}")
     cfg = write_config(folder / "job.yaml", job_id=job_id, handler=spec, input={"uri": "in.jsonl"}, batch_size=batch,
                        params=params, storage={"uri": "state"}, errors={"max_attempts": 10}, **fields)
     started = time.monotonic()
@@ -226,7 +226,8 @@ def _bare_limited(api: str, k: int, spec: dict, db: str, in_flight: int, start: 
     out.put({"process": k, "requests": asyncio.run(run()), "expired_slots": leaser.expired + leaser.claim_expired})
 
 
-def bare_limiter(api: str, tmp: Path, latency_ms: float, rate: float, seconds: float, procs: int = 2) -> dict:
+def bare_limiter(api: str, tmp: Path, latency_ms: float, rate: float, seconds: float, procs: int = 2,
+                 burst: int = 5) -> dict:
     """The cell's limit spent by ``procs`` bare processes (no Prefect, no Dask, no batches, no gate: a fixed rate x
     latency in flight, plus a queue), through the product's leaser: what the limiter itself reaches on this machine,
     beside the jobs."""
@@ -235,10 +236,10 @@ def bare_limiter(api: str, tmp: Path, latency_ms: float, rate: float, seconds: f
     from slurmctl.blocks.rate_limiter import limiter_from_config
     from slurmctl.ratelimit.lanes import LimitSpec
 
-    spec = {"per_second": rate, "burst": 5, "workers": procs}
+    spec = {"per_second": rate, "burst": burst, "workers": procs}
     db = str(tmp / f"bare-{os.urandom(3).hex()}.sqlite")
     limiter_from_config("local", path=db).ensure_limit("bare/api", LimitSpec(**spec))
-    api_get_post(f"{api}/config?latency={latency_ms / 1000}&rate={rate}&burst=5")
+    api_get_post(f"{api}/config?latency={latency_ms / 1000}&rate={rate}&burst={burst}")
     in_flight = math.ceil(rate * latency_ms / 1000 / procs * 1.25) + 4
     mp = multiprocessing.get_context("spawn")
     results = mp.Queue()
@@ -268,6 +269,9 @@ def main() -> None:
                    help="workers on the real Slurm: 2 worker jobs of cores: 1 (scripts/slurm.sh up first)")
     p.add_argument("--bare-limiter", action="store_true",
                    help="per cell, also the limit spent by 2 bare processes through the product's leaser (no job)")
+    p.add_argument("--burst", type=int, default=5,
+                   help="the API's bucket and the declared limit's burst: its room for the calls' jitter is "
+                        "(burst - 1) / rate (5 at 2000/s: 2 ms)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -288,7 +292,7 @@ def main() -> None:
                     cells.append(cell)
                     print(json.dumps(cell), file=sys.stderr, flush=True)
                 if args.bare_limiter and rate:
-                    cell = bare_limiter(api, tmp, latency, rate, args.seconds)
+                    cell = bare_limiter(api, tmp, latency, rate, args.seconds, burst=args.burst)
                     cells.append(cell)
                     print(json.dumps(cell), file=sys.stderr, flush=True)
         ceiling = None
@@ -305,7 +309,7 @@ def main() -> None:
         for proc in procs:
             stop(proc)
     workers = "2 Slurm worker jobs of cores: 1" if args.slurm else "2 processes x 1 thread (embedded default)"
-    out = {"burst": 5, "workers": workers, "cells": cells, "ceiling": ceiling}
+    out = {"burst": args.burst, "workers": workers, "cells": cells, "ceiling": ceiling}
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
 
 

@@ -412,10 +412,10 @@ async def run_all(items: list[T], run_one: Callable[[T], Awaitable[R]], gate: An
                   stop: Callable[[], bool] = lambda: False,
                   deadline: Callable[[], float | None] = lambda: None, priority: int = 0) -> list[R | None]:
     """Run ``run_one`` over ``items`` with as many in flight as ``gate`` allows (``priority``: the batch's rank
-    there), started in input order; return their results in input order. Once ``stop()`` says so (a batch's circuit breaker opened, the worker got
-    SIGTERM), no further item starts: those not started are None. Items already in flight finish, unless
-    ``deadline()`` (``time.monotonic()``, a SIGTERM's grace) passes first: those are cancelled and None too (a sync
-    handler's thread runs on, its result unused)."""
+    there), started in input order; return their results in input order. Once ``stop()`` says so (a batch's circuit
+    breaker opened, the worker got SIGTERM), no further item starts: those not started are None. Items already in
+    flight finish, unless ``deadline()`` (``time.monotonic()``, a SIGTERM's grace) passes first: those are cancelled
+    and None too (a sync handler's thread runs on, its result unused)."""
     results: list[R | None] = [None] * len(items)
     tasks: set[asyncio.Task[None]] = set()
     started: list[asyncio.Task[None]] = []
