@@ -22,9 +22,9 @@ How many are in flight at once is a gate:
   limit when the rate does not fall: so it follows an API that slows down. An answer of 429 (or any throttling
   error) shrinks it by 30 % (with a declared rate limit, only when more than a sporadic few, ``SPORADIC``). With a
   declared rate limit it never goes below the calls that spend the rate the limit offers this process (that rate x
-  the latency measured); it never exceeds ``max_concurrency``. Its free slots go to the
-  batch that started first, so a worker's batches start their items one after another and their tails (the last
-  answers, the commit, the next batch's start) do not fall together.
+  the latency measured); it never exceeds ``max_concurrency``. Its free slots go to the batch that started first,
+  so a worker's batches start their items one after another and their tails (the last answers, the commit, the next
+  batch's start) do not fall together.
 
 What a gate reached lands in each batch's metrics (``concurrency``: the gate's limit when the batch ended,
 ``in_flight_max``: the most items in flight in the process during the batch), and from there in ``status`` and the

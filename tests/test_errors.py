@@ -149,7 +149,7 @@ def test_circuit_breaker_window_spans_at_least_the_calls_in_flight_at_once():
         assert not down.open, seen
     down.record("server")
     assert down.tripped_by == "server"
-    # And it then judges the last 128: 103 of them (0.8) in a run of mostly successes trips it again.
+    # And the window is the last 128: after 200 successes, 102 failures in a row are not 0.8 of it, 103 are.
     mixed = CircuitBreaker(window=20, threshold=0.8, min_attempts=10)
     mixed.in_flight(128)
     for cls in [None] * 200 + ["network"] * 102:
