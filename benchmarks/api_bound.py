@@ -13,7 +13,9 @@ default (2 worker processes x 1 thread, ``slurmctl submit --wait``, one Prefect 
 * ``async``: ``slurmctl.handlers.http_json:AsyncClient`` (a class handler on ``httpx.AsyncClient``), concurrency auto
   (its default);
 * ``sync-auto``: ``slurmctl.handlers.http_json:handle`` (urllib) with ``concurrency: auto`` (threads);
-* ``sync-1``: the same handler one item at a time (``concurrency: 1``, the default for a sync handler).
+* ``sync-1``: the same handler one item at a time (``concurrency: 1``, the default for a sync handler);
+* ``sync-keepalive`` (only when named in ``--handlers``): ``sync-auto`` with one kept-alive connection per thread
+  (``keepalive_handler.py``, ``http.client``) instead of urllib's connection per request.
 
 A cell's job has about ``--seconds`` of work at the rate it can reach. Printed per cell: the expected rate (R, or for
 ``sync-1`` the threads' ``2 / L`` when lower), the achieved rate in steady state (1 s buckets counted at the API, the
@@ -48,6 +50,7 @@ HANDLERS = {
     "async": ("slurmctl.handlers.http_json:AsyncClient", {}),
     "sync-auto": ("slurmctl.handlers.http_json:handle", {"concurrency": "auto"}),
     "sync-1": ("slurmctl.handlers.http_json:handle", {}),
+    "sync-keepalive": ("keepalive_handler:handle", {"concurrency": "auto"}),  # not in the default matrix
 }
 
 
@@ -260,7 +263,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--latency-ms", type=float, nargs="+", default=[20, 200, 1000])
     p.add_argument("--rate", type=float, nargs="*", default=[50, 500, 2000])
-    p.add_argument("--handlers", nargs="+", choices=list(HANDLERS), default=list(HANDLERS))
+    p.add_argument("--handlers", nargs="+", choices=list(HANDLERS), default=["async", "sync-auto", "sync-1"])
     p.add_argument("--seconds", type=float, default=12, help="work per cell at the rate it can reach")
     p.add_argument("--max-items", type=int, default=30000)
     p.add_argument("--ceiling", action="store_true", help="also R = inf, L = 0, beside a bare client loop")
