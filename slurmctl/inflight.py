@@ -21,10 +21,11 @@ How many are in flight at once is a gate:
   done, steps back when it does not (the API queues our calls), and now and then probes lower, keeping the lower
   limit when the rate does not fall: so it follows an API that slows down. An answer of 429 (or any throttling
   error) shrinks it by 30 % (with a declared rate limit, only when more than a sporadic few, ``SPORADIC``). With a
-  declared rate limit it never goes below the calls that spend the rate the limit offers this process (that rate x
-  the latency measured); it never exceeds ``max_concurrency``. Its free slots go to the batch that started first,
-  so a worker's batches start their items one after another and their tails (the last answers, the commit, the next
-  batch's start) do not fall together.
+  declared rate limit neither throttling nor a probe takes it below the calls that spend the rate the limit offers
+  this process (that rate x the latency: measured now, for throttling; the lowest measured, for a probe, so an API
+  that queues our calls cannot talk it into more); it never exceeds ``max_concurrency``. Its free slots go to the
+  batch that started first, so a worker's batches start their items one after another and their tails (the last
+  answers, the commit, the next batch's start) do not fall together.
 
 What a gate reached lands in each batch's metrics (``concurrency``: the gate's limit when the batch ended,
 ``in_flight_max``: the most items in flight in the process during the batch), and from there in ``status`` and the
@@ -215,6 +216,7 @@ class AutoGate:
         self._probe_down = False
         self.token_waiters = 0  # items waiting in ctx.limit for a token right now
         self.offers: dict[str, float] = {}  # tokens/s each rate limit offers this process (ctx.limit tells us)
+        self.base_latency: float | None = None  # the lowest mean latency of an interval: the API's own, unqueued
         self._reset(self.clock())
         self.history: list[tuple[float, int]] = []  # (when, limit) after each change, for tests and benchmarks
 
@@ -314,6 +316,8 @@ class AutoGate:
         if need is None and self.done < self.MIN_DONE and elapsed < self.MAX_INTERVAL_S:
             return  # too few completions to compare rates yet
         rate = self.done / elapsed
+        mean = self.latency_sum / self.done
+        self.base_latency = mean if self.base_latency is None else min(self.base_latency, mean)
         waiters = self.waiter_area / elapsed
         used = self.in_flight_area / elapsed
         old = self.limit
@@ -321,7 +325,7 @@ class AutoGate:
             self.limit = need
             self.slow_start, self._last = False, None
         elif self.throttles > (self.SPORADIC * self.done if self.offers else 0):
-            self.limit = math.floor(self.limit * self.BACKOFF)  # not below the rate it offers (see below)
+            self.limit = max(math.floor(self.limit * self.BACKOFF), min(self.limit, self._paced()))  # never up
             self.slow_start, self._last, self._hold = False, None, self.HOLD
         elif self.starved and waiters < self.limit / 2 and used >= 0.7 * self.limit:
             # The limiter had slots nobody was ready for: more must be in flight (a starved limiter is not saturated).
@@ -341,10 +345,7 @@ class AutoGate:
             self._climb(rate)
         else:
             self._last = None
-        # With a declared limit, never fewer in flight than spend the rate it offers (Little's law): fewer only
-        # leave its slots unused, whatever a probe's noisy rate said (at 1 s answers, probing down took a job to
-        # 163 in flight where 250 were needed, and it ran at 0.8 of its rate).
-        self.limit = max(1, min(self.maximum, max(self.limit, self._paced())))
+        self.limit = max(1, min(self.maximum, self.limit))
         if self.limit != old:
             self.history.append((now, self.limit))
             if len(self.history) > 1000:
@@ -357,6 +358,16 @@ class AutoGate:
         so fewer in flight than that only leaves its slots unused (a 500/s job whose 429s came in bunches shrank
         to 80 in flight and ran at a sixth of its rate). 0 without a declared limit."""
         return math.ceil(self._offered_in_progress()) if self.offers and self.done else 0
+
+    def _probe_floor(self) -> int:
+        """With a declared limit: how low a probe may take the gate, the calls that spend the rate it offers at the
+        lowest latency measured (Little's law). Below that its slots pass unused whatever the API does; the probes'
+        rates are noisy, and at 1 s answers probing took a job to 163 in flight where 250 were needed (0.8 of its
+        rate). The lowest latency, not the latest: an API that slows down because it queues our calls would
+        otherwise raise the floor with every call added. 0 without a declared limit."""
+        if not self.offers or self.base_latency is None:
+            return 0
+        return math.ceil(min(self.offers.values()) * self.base_latency)
 
     def _offered_in_progress(self) -> float:
         """Little's law for the rate the declared limits offer us: that rate x the calls' mean latency."""
@@ -397,8 +408,9 @@ class AutoGate:
         self._step(down=self._probe_down)
 
     def _step(self, down: bool) -> None:
-        if down and self.limit > 1:
-            self.limit = math.floor(self.limit * self.PROBE_DOWN)
+        floor = self._probe_floor()
+        if down and self.limit > max(1, floor):
+            self.limit = max(math.floor(self.limit * self.PROBE_DOWN), floor)
         elif not down and self.limit < self.maximum:
             self.limit = self.limit * 2 if self.slow_start else self._grown()
         else:

@@ -307,6 +307,28 @@ def test_with_a_declared_limit_probing_never_takes_fewer_in_flight_than_spend_it
     assert min(limits[reached:]) >= 250, gate.history
 
 
+def test_with_a_declared_limit_an_api_that_queues_our_calls_does_not_talk_the_gate_into_more():
+    # 500/s declared, but the API serves 40 calls at once in 100 ms and queues the rest: its latency grows with the
+    # calls in flight. Little's law on the latency measured then asks for more in flight the more there are; the
+    # gate must not follow it up (to max_concurrency, on an API already queueing), when it probes or when it is
+    # throttled.
+    gate, now = auto_gate()
+    api = SimulatedApi(0.1, capacity=40, rate=500)
+    for _ in range(int(10 / 0.01)):
+        gate.offered("api", 500.0)
+        api.step(gate, now)
+    settled = gate.limit
+    api.capacity = 10  # the API slows down: four times fewer at once, latency x 4
+    limits = []
+    for k in range(int(30 / 0.01)):
+        gate.offered("api", 500.0)
+        if k % 10 == 0:
+            gate.throttled()  # and 429s: a few per interval (more than a sporadic few)
+        api.step(gate, now)
+        limits.append(gate.limit)
+    assert max(limits) <= settled, gate.history
+
+
 async def _start_order(gate: inflight.AutoGate, batches: dict[str, int]) -> list[str]:
     started: list[str] = []
 
