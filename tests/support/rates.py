@@ -57,4 +57,3 @@ def read_trace(folder: Path) -> list[tuple[int, int, int]]:
     ``-1`` for a slot whose caller came too late and ``-2`` for one nobody waited for."""
     return [(a, b, c) for f in sorted(folder.glob("*.txt")) for a, b, c in
             (map(int, line.split()) for line in f.read_text().splitlines())]
-
