@@ -70,9 +70,13 @@ def rows_to_parquet(rows: list[dict[str, Any]], lines: list[int] | None = None,
 
 
 def table_to_parquet(table: Any) -> bytes:
-    """A part's rows (with their line and row-index columns) as Parquet bytes."""
+    """A part's rows (with their line and row-index columns) as Parquet bytes.
+
+    Snappy, not zstd: a part is small, written once and read once by a merge, and zstd's set-up per page dominated
+    both (1,000 rows: write 0.81 -> 0.50 ms, read 0.45 -> 0.31 ms; 100 rows: 0.46 -> 0.25, 0.33 -> 0.18), for
+    parts about 1.3-1.9x the size. The job's output stays zstd."""
     buf = io.BytesIO()
-    pq.write_table(part_columns(table), buf, compression="zstd")
+    pq.write_table(part_columns(table), buf, compression="snappy")
     return buf.getvalue()
 
 

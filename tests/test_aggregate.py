@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -26,6 +27,9 @@ from slurmctl.books.parts import PartCorrupt
 from slurmctl.books.store import load_job
 from slurmctl.config import AggregateConfig, parse_config
 from slurmctl.records import partition
+from slurmctl.storage import sha256_bytes
+from slurmctl.tables import LINE, ROW
+from slurmctl.tasks.merge import merge_all
 from slurmctl.tasks.process_batch import run_batch
 
 JOB = "agg"
@@ -267,3 +271,39 @@ def test_a_job_never_partitioned_is_not_aggregated_into_an_empty_output(job, pre
     with pytest.raises(BooksUnbalanced, match="not been partitioned yet.*slurmctl resume agg"):
         aggregate(cfg, prefect_api)
     assert result_of(store) is None
+
+
+def test_parts_of_different_columns_and_types_merge_into_one_schema_row_for_row(job_with):
+    """One merge reads its parts as one table (``read_parquet_parts``): a column missing from a part is null there,
+    a column null-typed in one part takes the type of another, int64 and double unify to double."""
+    records = [{"id": 0, "note": None}, {"id": 1, "note": None},  # note: null-typed in this part
+               {"id": 2, "note": "x", "extra": 5}, {"id": 3, "note": "y"},  # extra: in this part only
+               {"id": 4, "score": 1}, {"id": 5, "score": 2}, {"id": 6, "score": 2.5}]
+    cfg, store = job_with("slurmctl.handlers.echo:handle", records, batch_size=2)
+    tasks = committed_tasks(store, JOB)
+    assert len(tasks) == 4
+    body = merge_all(store, JOB, tasks, cfg.aggregate)
+    table = pq.read_table(store.local_path(body["files"][0]["key"]))
+    assert table.schema.field("note").type == pa.string() and table.schema.field("score").type == pa.float64()
+    assert table.to_pylist() == [
+        {"id": 0, "note": None, "extra": None, "score": None}, {"id": 1, "note": None, "extra": None, "score": None},
+        {"id": 2, "note": "x", "extra": 5, "score": None}, {"id": 3, "note": "y", "extra": None, "score": None},
+        {"id": 4, "note": None, "extra": None, "score": 1.0}, {"id": 5, "note": None, "extra": None, "score": 2.0},
+        {"id": 6, "note": None, "extra": None, "score": 2.5}]
+
+
+def test_a_part_written_before_the_row_key_columns_is_still_merged(job):
+    """Parts of a release that did not write ``_slurmctl_line``/``_slurmctl_row`` get them derived."""
+    cfg, store = job([{"id": i, "n": 2} for i in range(4)])
+    tasks = committed_tasks(store, JOB)
+    old = tasks[1]
+    table = pq.read_table(store.local_path(old["output"])).drop_columns([LINE, ROW])
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    data = buf.getvalue().to_pybytes()
+    store.put_bytes(old["output"], data)
+    tasks[1] = {**old, "output_sha256": sha256_bytes(data)}
+    body = merge_all(store, JOB, tasks, cfg.aggregate)
+    merged = pq.read_table(store.local_path(body["files"][0]["key"]))
+    assert merged.select(["id", "k"]).to_pylist() == [{"id": i, "k": k} for i in range(4) for k in (0, 1)]
+    assert body["rows"] == 8 and body["rows_per_batch"] == {"0": 4, "1": 4}
