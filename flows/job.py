@@ -24,9 +24,9 @@ from slurmctl.books.gc import collected
 from slurmctl.books.heartbeat import Heartbeat
 from slurmctl.books.limits import ensure_limits, limits_status
 from slurmctl.books.manifests import Keys, now
-from slurmctl.books.store import JobExists, load_job, read_round_batches, store_for, update_job
+from slurmctl.books.store import JobExists, load_job, read_round_batches, reader_for, store_for, update_job
 from slurmctl.config import known_storage, parse_config
-from slurmctl.flows import artifacts, budget, cancel, naming, stop
+from slurmctl.flows import artifacts, budget, cancel, local_workers, naming, stop
 from slurmctl.flows.aggregate import aggregate_phase, aggregate_runner
 from slurmctl.flows.artifacts import JobArtifacts
 from slurmctl.flows.events import JobEvents
@@ -44,8 +44,12 @@ from slurmctl.item_run import shards_per_thread
 # up to 3 times unseen and then failing it. One mechanism, visible to operators; neither spends `batch_retries`.
 # worker-ttl: a worker that dies is noticed at once (its connection closes); the ttl only catches a silent one (a frozen
 # node, a network partition), so it is long enough that a handler holding the GIL or a busy node is not taken for one.
+def scheduler_kwargs(cfg: Any) -> dict[str, Any]:
+    return {"worker_ttl": f"{cfg.worker_ttl_s:g}s", "allowed_failures": 0}
+
+
 def dask_settings(cfg: Any) -> dict[str, Any]:
-    return {"distributed.scheduler.worker-ttl": f"{cfg.worker_ttl_s:g}s", "distributed.scheduler.allowed-failures": 0}
+    return {f"distributed.scheduler.{k.replace('_', '-')}": v for k, v in scheduler_kwargs(cfg).items()}
 
 
 class JobFailed(RuntimeError):
@@ -53,7 +57,18 @@ class JobFailed(RuntimeError):
 
 
 def _runner(cfg: Any) -> Any:
-    return task_runner_for(cfg.cluster, job_id=cfg.job_id, threads_factor=shards_per_thread(cfg))
+    """The process phase's and retry rounds' task runner: on the cluster the coordinator started early when it
+    did (``start_cluster_early``), else one that starts the cluster when the phase first submits."""
+    return local_workers.reuse(task_runner_for(cfg.cluster, job_id=cfg.job_id, threads_factor=shards_per_thread(cfg)))
+
+
+def start_cluster_early(job_id: str, storage: dict[str, Any]) -> None:
+    """A coordinator of a job on a local cluster starts that cluster now, beside its flow's start-up and the
+    partition (``slurmctl.flows.local_workers``); the phases that process batches connect to it."""
+    cfg = parse_config(load_job(reader_for(storage), job_id).config)
+    if local_workers.forks(cfg.cluster):
+        runner = task_runner_for(cfg.cluster, job_id=cfg.job_id, threads_factor=shards_per_thread(cfg))
+        local_workers.start_cluster(runner.cluster_kwargs, scheduler_kwargs(cfg))
 
 
 @flow(name="slurmctl-job", flow_run_name=job_run_name, log_prints=True, on_cancellation=[cancel.on_cancellation])
@@ -126,10 +141,14 @@ def _run_phases(store: Any, job_id: str, cfg: Any, config: dict[str, Any], retry
         with dask.config.set(dask_settings(cfg)):
             if not aggregate_only:
                 process_and_retry(store, job_id, cfg, config, retry_errors)
+            local_workers.close_cluster(wait=False)  # its workers stop while the aggregation runs
             enter_phase(store, job_id, "aggregate")
             committed = len(committed_batch_ids(store, job_id))
             result = aggregate_phase.with_options(task_runner=aggregate_runner(cfg, committed))(job_id, config)
     except BaseException as exc:
+        # Its workers stop before the job is said to have stopped, as when the phase's runner owned the cluster: a
+        # batch still running (a cancel, a pause) never commits after it
+        local_workers.close_cluster()
         paused = budget.pause_of(exc, job_id)
         if paused:  # at a budget limit: between batches, everything committed kept (flows/budget.py)
             job = budget.mark_paused(store, job_id, paused, cfg.cluster.kind)
@@ -162,6 +181,7 @@ def _run_phases(store: Any, job_id: str, cfg: Any, config: dict[str, Any], retry
         emitter.ended("failed", job.counts, job.error)
         raise
     finally:
+        local_workers.close_cluster()
         watch.stop()
         heartbeat.stop()
     job = update_job(store, job_id, status="completed", phase="done", finished_at=now(), output=result["output"])

@@ -464,4 +464,5 @@ def start_workers() -> None:
 
 async def _import_shard_task() -> None:
     # A coroutine: Client.run may leave it running (wait=False); the worker's loop does the import.
-    importlib.import_module("slurmctl.tasks.process_shard")
+    for module in ("slurmctl.tasks.process_shard", "slurmctl.blocks.manifest_store"):  # see local_workers.PRELOAD
+        importlib.import_module(module)

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     # line comes after every exit-time drain of logs and events.
     atexit.register(_log_exit, args.job_id)
     ensure_import_path()
-    from slurmctl.flows.job import run_job
+    from slurmctl.flows.job import run_job, start_cluster_early
 
     # `slurmctl submit` starts us before it has created the job, so that our imports (~2.5 s: Prefect, Dask,
     # pyarrow) overlap with its own checks; it says go once the job manifest exists, or closes stdin if the job
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         with prefect_api_for_workers(), stop.on_signals():  # ours before Prefect's (its handler passes them on)
             if args.fork_workers:  # the Prefect API URL is final now: a template not started early starts here
                 local_workers.warm()
+                if not args.aggregate_only:  # the job's cluster starts beside the flow's start-up
+                    start_cluster_early(args.job_id, json.loads(args.storage_json))
             run_job(job_id=args.job_id, storage=json.loads(args.storage_json),
                     retry_errors=[c for c in args.retry_errors.split(",") if c] or None,
                     aggregate_only=args.aggregate_only)

@@ -1,0 +1,50 @@
+"""The embedded default's cluster as a coordinator runs it: started before the flow partitions, used by the phases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from slurmctl.config import parse_config
+from slurmctl.flows import local_workers
+from slurmctl.flows.job import _runner, scheduler_kwargs
+
+
+@pytest.fixture
+def coordinator(monkeypatch: pytest.MonkeyPatch):
+    """This process as a coordinator of a local job (``--fork-workers``), without the forked workers' template."""
+    monkeypatch.setattr(local_workers, "_allowed", True)
+    monkeypatch.setattr(local_workers, "_early", None)
+    yield
+    local_workers.close_cluster()
+
+
+def job_config(**cluster: Any) -> Any:
+    return parse_config({"job_id": "early", "handler": "slurmctl.handlers.echo:handle", "input": {"uri": "x.jsonl"},
+                         "worker_ttl_s": 45, "cluster": {"kind": "local", "n_workers": 1, "processes": False,
+                                                         **cluster}})
+
+
+def test_the_phases_run_on_the_cluster_the_coordinator_started_with_the_jobs_scheduler_settings(coordinator):
+    cfg = job_config()
+    local_workers.start_cluster(_runner(cfg).cluster_kwargs, scheduler_kwargs(cfg))
+    runner = _runner(cfg)  # what the process phase and each retry round are given
+    cluster = local_workers._early._cluster
+    assert runner.address == cluster.scheduler_address and runner.cluster_kwargs == {}
+    # Dask's config is not set yet when the coordinator starts it: the settings are the scheduler's own
+    assert cluster.scheduler.allowed_failures == 0 and cluster.scheduler.worker_ttl == 45
+
+    other = job_config(n_workers=2)  # not the cluster this job's phases would start: they start their own
+    assert _runner(other).address is None and _runner(other).cluster_kwargs["n_workers"] == 2
+
+    local_workers.close_cluster()
+    assert cluster.status.name == "closed" and _runner(cfg).address is None
+
+
+def test_only_a_coordinator_starts_a_cluster_early(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(local_workers, "_allowed", False)  # a test session, a notebook: the phases start their own
+    monkeypatch.setattr(local_workers, "_early", None)
+    cfg = job_config()
+    local_workers.start_cluster(_runner(cfg).cluster_kwargs, scheduler_kwargs(cfg))
+    assert local_workers._early is None and _runner(cfg).address is None
