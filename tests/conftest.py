@@ -21,6 +21,10 @@ from typing import Any, Iterator
 import pytest
 from support.servers import BIN, free_port, moto_command, stop, wait_http  # noqa: F401 (idem)
 
+# A job's coordinator leaves no spare for the next job (slurmctl.control.spare) unless a test asks for one: each would
+# import everything in the background while the next tests run.
+os.environ["SLURMCTL_SPARE_COORDINATOR"] = "0"
+
 # Fixtures that start (or need) a server process; a test using any of them is an integration test.
 SERVER_FIXTURES = frozenset({"prefect_api", "moto_endpoint", "s3_bucket", "slurm"})
 
@@ -191,6 +195,9 @@ def slurmctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     home = tmp_path / "slurmctl-home"
     monkeypatch.setenv("SLURMCTL_HOME", str(home))
     yield home
+    from slurmctl.control import spare
+
+    spare.stop_all()
     if (home / "server.json").exists():
         from slurmctl import prefect_server
 

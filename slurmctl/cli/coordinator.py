@@ -121,13 +121,34 @@ def _log_exit(job_id: str) -> None:
     print(EXIT_LINE.format(job_id=job_id, pid=os.getpid(), at=at), flush=True)
 
 
+def _take_job(args: argparse.Namespace, given_env: dict[str, str]) -> bool:
+    """As a spare: wait for a job (``slurmctl.control.spare``), then become its coordinator: its arguments, its log
+    as our stdout and stderr. False: none came while we were idle; exit."""
+    from slurmctl.control import spare
+
+    request = spare.serve(spare.fingerprint(given_env, os.getcwd(), args.fork_workers))
+    if request is None:
+        return False
+    args.job_id, args.storage_json = request["job_id"], request["storage_json"]
+    args.retry_errors, args.aggregate_only = request["retry_errors"], request["aggregate_only"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(request["log"], "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    print(f"coordinator of job {args.job_id}: spare pid {os.getpid()}, imports done before the job came",
+          flush=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     from slurmctl.flows import stop  # standard library only: a signal during the imports below is kept, not fatal
 
     stop.hold()
+    given_env = dict(os.environ)  # as we were started: a spare for the next job gets the same (slurmctl.control.spare)
     parser = argparse.ArgumentParser(prog="python -m slurmctl.cli.coordinator")
-    parser.add_argument("job_id")
-    parser.add_argument("--storage-json", required=True)
+    parser.add_argument("job_id", nargs="?")
+    parser.add_argument("--storage-json")
     parser.add_argument("--retry-errors", default="", help="comma-separated error classes for a retry round")
     parser.add_argument("--aggregate-only", action="store_true", help="run the aggregation alone")
     parser.add_argument("--standby", action="store_true",
@@ -138,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fork-workers", action="store_true",
                         help="the job's cluster is local: start the template its workers fork from now "
                              "(slurmctl.flows.local_workers), beside this process's own imports")
+    parser.add_argument("--spare", action="store_true",
+                        help="no job yet: import everything, then wait for one (slurmctl.control.spare)")
     args = parser.parse_args(argv)
+    if not args.spare and (not args.job_id or not args.storage_json):
+        parser.error("a job id and --storage-json are required (or --spare)")
     if args.fork_workers:
         from slurmctl.flows import local_workers
 
@@ -146,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         local_workers.prestart()
     # Registered before anything else (Prefect's and Dask's exit hooks, registered later, run before it): the exit
     # line comes after every exit-time drain of logs and events.
-    atexit.register(_log_exit, args.job_id)
+    atexit.register(lambda: args.job_id and _log_exit(args.job_id))
     ensure_import_path()
     from slurmctl.flows.job import run_job, start_cluster_early
 
@@ -154,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     # pyarrow) overlap with its own checks; it says go once the job manifest exists, or closes stdin if the job
     # was refused (or it died).
     if args.standby and sys.stdin.readline().strip() != "go":
+        return 0
+    if args.spare and not _take_job(args, given_env):
         return 0
 
     if args.slurm_job:
@@ -192,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         stop.disarm()
+        if not args.slurm_job:  # the next job started from where we were started needs no imports
+            from slurmctl.control import spare
+
+            spare.start_spare(given_env, args.fork_workers)
         # The job is over: exit now. The interpreter's shutdown would otherwise run full garbage collections over
         # the ~350k objects Prefect, Dask and pyarrow leave (2-3 s on a busy 2-core machine); frozen objects are
         # skipped by those collections and still released when the process ends. atexit hooks run as usual.

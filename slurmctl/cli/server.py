@@ -23,8 +23,8 @@ def add_parser(sub: Any) -> None:
                "  slurmctl server stop")
     server_sub = p.add_subparsers(dest="action", required=True)
     for name, what in (("start", "start it unless it runs; print its API URL"),
-                       ("stop", "stop it (its database stays for the next start; a job still running loses its "
-                                "Prefect API)"),
+                       ("stop", "stop it and any spare coordinator waiting for the next job (its database stays for the "
+                                "next start; a job still running loses its Prefect API)"),
                        ("status", "is it running and answering; its URLs, pid, log (exit 1 if it does not answer)")):
         full = what.replace(" it", " the local Prefect server", 1)
         s = server_sub.add_parser(name, help=what, description=full[0].upper() + full[1:] + ".")
@@ -51,6 +51,10 @@ def cmd_server(args: argparse.Namespace) -> int:
               f"{info['ui_url']}, API {info['api_url']}, log {info['log']}", file=sys.stderr)
         return EXIT_OK
     if args.action == "stop":
+        from slurmctl.control import spare
+
+        if spare.stop_all():  # they would report to the server stopped now
+            print("stopped the spare coordinator(s) waiting for the next job", file=sys.stderr)
         stopped = prefect_server.stop()
         print(f"stopped the local Prefect server (pid {stopped['pid']}, {stopped['ui_url']})" if stopped
               else "no local Prefect server is running", file=sys.stderr)

@@ -51,8 +51,9 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
                             print(file=sys.stderr)
                         else:
                             display.update(view)
-                        _err(f"the coordinator exited (code {proc.returncode}) before the job finished; "
-                             f"see {log}; `slurmctl resume {job_id}` continues it")
+                        code = "" if proc.returncode is None else f" (code {proc.returncode})"  # a spare's: unknown
+                        _err(f"the coordinator exited{code} before the job finished; see {log}; "
+                             f"`slurmctl resume {job_id}` continues it")
                         return EXIT_FAILED
                     break
                 if display is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from slurmctl.config import JobConfig, StorageConfig
+from slurmctl.control import spare
 from slurmctl.control.errors import SubmitFailed, SubmitRefused
 from slurmctl.control.server import local_prefect_server
 from slurmctl.paths import coordinator_log, home
@@ -30,7 +31,7 @@ __all__ = ["Launched", "SubmitFailed", "SubmitRefused", "admit", "coordinator_on
 class Launched:
     job: Any  # the JobManifest as admitted
     store: Any
-    proc: subprocess.Popen | None  # the coordinator here; None when it is a Slurm job
+    proc: Any  # the coordinator here (a Popen, or a spare that took the job: spare.Adopted); None on Slurm
     log: Path
     server: dict[str, Any] | None  # the local Prefect server, when no PREFECT_API_URL names one
 
@@ -49,10 +50,7 @@ def spawn_coordinator(job_id: str, storage: StorageConfig, retry_errors: list[st
     starts the template its workers fork from at once (``slurmctl.flows.local_workers``)."""
     log = coordinator_log(job_id)
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *filter(None, env.get("PYTHONPATH", "").split(
-        os.pathsep))]))
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env = coordinator_env()
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "slurmctl.cli.coordinator", job_id, "--storage-json", storage.model_dump_json(),
@@ -61,6 +59,38 @@ def spawn_coordinator(job_id: str, storage: StorageConfig, retry_errors: list[st
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE if standby else subprocess.DEVNULL, env=env,
             start_new_session=True)
     return proc, log
+
+
+def coordinator_env() -> dict[str, str]:
+    """The environment a coordinator started from here gets: ours, this directory importable (handlers)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *filter(None, env.get("PYTHONPATH", "").split(
+        os.pathsep))]))
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return env
+
+
+def spare_for(fork_workers: bool) -> str | None:
+    """The fingerprint of a spare coordinator (``slurmctl.control.spare``) waiting for a job started from here, if
+    one is."""
+    env = coordinator_env()
+    if not spare.enabled(env):
+        return None
+    fp = spare.fingerprint(env, os.getcwd(), fork_workers)
+    return fp if spare.available(fp) else None
+
+
+def hand_to_spare(fp: str | None, job_id: str, storage: StorageConfig, retry_errors: list[str] | None = None,
+                  aggregate_only: bool = False, fork_workers: bool = False) -> tuple[Any, Path]:
+    """Give the job to the spare ``fp`` (``spare_for``); a coordinator started as before if it does not take it."""
+    log = coordinator_log(job_id)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    adopted = spare.claim(fp, {"job_id": job_id, "storage_json": storage.model_dump_json(),
+                               "retry_errors": ",".join(retry_errors or []), "aggregate_only": aggregate_only,
+                               "log": str(log)}) if fp else None
+    if adopted is not None:
+        return adopted, log
+    return spawn_coordinator(job_id, storage, retry_errors, aggregate_only=aggregate_only, fork_workers=fork_workers)
 
 
 def release(proc: subprocess.Popen, go: bool) -> None:
@@ -131,8 +161,10 @@ def start(cfg: JobConfig, config_file: str | None, sample: Any = None, on: str |
     new_log = not coordinator_log(cfg.job_id).exists()
     from slurmctl.flows.local_workers import forks
 
-    proc, log = (None, coordinator_log(cfg.job_id)) if on_slurm else spawn_coordinator(
-        cfg.job_id, cfg.storage, standby=True, fork_workers=forks(cfg.cluster))
+    fork = forks(cfg.cluster)
+    fp = None if on_slurm else spare_for(fork)  # a coordinator past its imports is waiting: it takes the job
+    proc, log = (None, coordinator_log(cfg.job_id)) if on_slurm or fp else spawn_coordinator(
+        cfg.job_id, cfg.storage, standby=True, fork_workers=fork)
     go = False
     try:
         from slurmctl.books.store import reader_for
@@ -161,6 +193,8 @@ def start(cfg: JobConfig, config_file: str | None, sample: Any = None, on: str |
             with contextlib.suppress(OSError):
                 if log.stat().st_size == 0:
                     log.unlink()
+    if fp:
+        proc, log = hand_to_spare(fp, cfg.job_id, cfg.storage, fork_workers=fork)
     return Launched(job, store, proc, log, server)
 
 

@@ -12,9 +12,18 @@ from typing import Any
 
 from slurmctl.config import StorageConfig, parse_config
 from slurmctl.control.errors import BudgetRefused, ControlFailed, JobRunning, NothingToDo
-from slurmctl.control.launch import coordinator_on_slurm, release, remember, spawn_coordinator, start_on_slurm
+from slurmctl.control.launch import (
+    coordinator_on_slurm,
+    hand_to_spare,
+    release,
+    remember,
+    spare_for,
+    spawn_coordinator,
+    start_on_slurm,
+)
 from slurmctl.control.liveness import continued_on_slurm, coordinator_alive, take_over
 from slurmctl.control.server import local_prefect_server, prefect_api
+from slurmctl.paths import coordinator_log
 
 
 @dataclass
@@ -26,7 +35,7 @@ class Restarted:
     storage: StorageConfig
     message: str
     follow: bool = True
-    proc: subprocess.Popen | None = None
+    proc: Any = None  # a Popen, or a spare coordinator that took the job (slurmctl.control.spare.Adopted)
     log: Path | None = None
     server: dict[str, Any] | None = None  # the local Prefect server, when no PREFECT_API_URL names one
     previous_run: str | None = None  # the flow run the job had before: the new one is not it
@@ -49,14 +58,16 @@ def restart(job_id: str, storage: StorageConfig, *, retry_errors: list[str] | No
 
     store = reader_for(storage)
     job = load_job(store, job_id)  # read once: a job that cannot be read starts no coordinator
-    standby = spawn_coordinator(job_id, storage, retry_errors, standby=True, aggregate_only=aggregate_only,
-                                fork_workers=forks(parse_config(job.config).cluster))
+    fork = forks(parse_config(job.config).cluster)
+    fp = spare_for(fork)  # a spare coordinator, past its imports, takes the job if it goes again
+    standby = None if fp else spawn_coordinator(job_id, storage, retry_errors, standby=True,
+                                                aggregate_only=aggregate_only, fork_workers=fork)
     started: list[bool] = []
     try:
         return _restart(job, store, storage, retry_errors, aggregate_only, force, raise_budget or [], standby,
-                        started)
+                        started, (fp, fork))
     finally:
-        if not started:
+        if not started and standby is not None:
             release(standby[0], False)
 
 
@@ -66,8 +77,8 @@ def error_classes(errors: str | list[str]) -> list[str]:
 
 
 def _restart(job: Any, store: Any, storage: StorageConfig, retry_errors: list[str] | None, aggregate_only: bool,
-             force: bool, raise_budget: list[str], standby: tuple[subprocess.Popen, Path],
-             started: list[bool]) -> Restarted:
+             force: bool, raise_budget: list[str], standby: tuple[subprocess.Popen, Path] | None,
+             started: list[bool], spare: tuple[str | None, bool]) -> Restarted:
     from slurmctl.books.manifests import Keys
     from slurmctl.books.store import update_job
     from slurmctl.control.limits import unpause
@@ -113,13 +124,16 @@ def _restart(job: Any, store: Any, storage: StorageConfig, retry_errors: list[st
     # Not terminal any more: a watcher must wait for the new coordinator rather than read the old outcome.
     update_job(store, job_id, status="pending", phase="submitted", error=None, finished_at=None)
     remember(job_id, storage)
-    proc, log = standby
+    proc, log = standby or (None, coordinator_log(job_id))
     cfg = parse_config(job.config)
     if coordinator_on_slurm(cfg, None) and not retry_errors and not aggregate_only:
         # Its coordinator runs as a Slurm job: so does the one that continues it (the standby one is not needed).
         start_on_slurm(job_id, storage, cfg.cluster, store)
         return Restarted(job_id, storage, f"resuming {job_id} (coordinator log {log})", log=log)
-    release(proc, True)
+    if standby is None:
+        proc, log = hand_to_spare(spare[0], job_id, storage, retry_errors, aggregate_only, spare[1])
+    else:
+        release(proc, True)
     started.append(True)
     what = (f"retrying {','.join(retry_errors)} of" if retry_errors else "aggregating" if aggregate_only
             else "resuming")
