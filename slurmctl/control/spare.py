@@ -77,6 +77,9 @@ def _socket_path(fp: str) -> Path:
     """Where the spare listens: a short path (a Unix socket's is limited to ~104 bytes; $SLURMCTL_HOME may be deep)."""
     directory = Path(tempfile.gettempdir()) / f"slurmctl-{os.getuid()}"
     directory.mkdir(mode=0o700, exist_ok=True)
+    st = directory.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:  # someone else's, or others may connect: no spare here
+        raise PermissionError(f"{directory} is not private to this user")
     return directory / f"{fp}.{os.getpid()}.sock"
 
 
@@ -156,7 +159,11 @@ def serve(fp: str) -> dict[str, Any] | None:
     marker = directory / f"{fp}.{os.getpid()}.ready"
     if not marker.with_suffix(".starting").exists():  # stopped while it imported (``stop_all``), or not started
         return None  # by ``start_spare``
-    address = _socket_path(fp)
+    try:
+        address = _socket_path(fp)
+    except OSError as exc:
+        print(f"spare {os.getpid()}: {exc}", file=sys.stderr)
+        return None
     with contextlib.suppress(OSError):
         address.unlink()
     try:
