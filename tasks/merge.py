@@ -26,14 +26,7 @@ from prefect.cache_policies import NONE
 
 from slurmctl.books.aggregation import plan_aggregation
 from slurmctl.books.manifests import OutputFile
-from slurmctl.books.parts import (
-    PartMissing,
-    PartRef,
-    committed_rejects,
-    fetch_part,
-    read_parquet_part,
-    read_parquet_parts,
-)
+from slurmctl.books.parts import PartMissing, committed_rejects, fetch_part, read_parquet_part
 from slurmctl.config import AggregateConfig
 from slurmctl.storage import Store, sha256_bytes
 from slurmctl.tables import (
@@ -75,19 +68,10 @@ def _finish(store: Store, spec: dict[str, Any], body: dict[str, Any]) -> dict[st
 
 
 def _read_level1(store: Store, spec: dict[str, Any], scratch: str) -> pa.Table:
-    """The batch outputs, each verified then read, with each row's batch ordinal. Parquet parts (what batches
-    write) are read together (``read_parquet_parts``: each read once, hashed, counted and decoded from those
-    bytes); a SQLite part, or a part of a release before the row keys, one at a time."""
-    inputs = spec["inputs"]
-    if all(part_kind(inp["key"]) != "sqlite" for inp in inputs):
-        read = read_parquet_parts(store, [PartRef(inp["key"], inp["sha256"], inp["rows"], f"batch {inp['batch_id']}")
-                                          for inp in inputs])
-        if read is not None:
-            table, of_row = read
-            ordinals = np.array([inp["ordinal"] for inp in inputs], dtype=np.int32)
-            return table.append_column(BATCH, pa.array(ordinals[of_row]))
+    """The batch outputs, each verified then read: a Parquet part is read once into memory (it is one batch's rows)
+    and hashed, counted and decoded from those bytes; a SQLite part is a file on disk."""
     tables = []
-    for inp in inputs:
+    for inp in spec["inputs"]:
         named_by = f"batch {inp['batch_id']}"
         if part_kind(inp["key"]) == "sqlite":
             t = read_sqlite(fetch_part(store, inp["key"], scratch, sha256=inp["sha256"], rows=inp["rows"],

@@ -274,8 +274,8 @@ def test_a_job_never_partitioned_is_not_aggregated_into_an_empty_output(job, pre
 
 
 def test_parts_of_different_columns_and_types_merge_into_one_schema_row_for_row(job_with):
-    """One merge reads its parts as one table (``read_parquet_parts``): a column missing from a part is null there,
-    a column null-typed in one part takes the type of another, int64 and double unify to double."""
+    """A merge reads its parts into one table: a column missing from a part is null there, a column null-typed in
+    one part takes the type of another, int64 and double unify to double."""
     records = [{"id": 0, "note": None}, {"id": 1, "note": None},  # note: null-typed in this part
                {"id": 2, "note": "x", "extra": 5}, {"id": 3, "note": "y"},  # extra: in this part only
                {"id": 4, "score": 1}, {"id": 5, "score": 2}, {"id": 6, "score": 2.5}]

@@ -61,6 +61,8 @@ def test_the_next_job_is_taken_by_a_spare_coordinator_and_server_stop_ends_one_l
 def test_a_spare_hands_over_once_and_leaves_when_idle_or_unlisted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The protocol alone (threads stand in for the spare): a claim gets the spare's pid and the spare the job; a
     second claim finds nothing; an unclaimed spare leaves after its idle time, or once it is no longer listed."""
+    import json
+    import socket
     import threading
 
     from slurmctl.control import spare
@@ -85,6 +87,15 @@ def test_a_spare_hands_over_once_and_leaves_when_idle_or_unlisted(tmp_path: Path
     thread.join(10)
     assert adopted is not None and adopted.pid == os.getpid() and got == [{"job_id": "j1"}]
     assert spare.claim(fp, {"job_id": "j2"}) is None and not spare.available(fp)
+
+    thread, got = waiting(30)  # a command that gave up before the spare answered never says go: not its job
+    marker = next(spare.spares_dir().glob("*.ready"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(marker.read_text())
+        conn.sendall(json.dumps({"job_id": "j3"}).encode() + b"\n")
+        assert conn.makefile("rb").readline().startswith(b"ok ")
+    thread.join(10)
+    assert got == [None]
 
     thread, got = waiting(0.3)  # nobody comes
     thread.join(10)

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from slurmctl.storage import Store, sha256_bytes
-from slurmctl.tables import LINE, ROW, count_part_rows, file_digest, part_kind, read_parquet_bytes, unify
+from slurmctl.tables import count_part_rows, file_digest, part_kind, read_parquet_bytes
 
 PartFormat = Literal["parquet", "sqlite", "jsonl"]
-FRAGMENT = "__fragment_index"  # pyarrow's own column: which fragment (part) of a dataset a row came from
 
 
 class PartError(RuntimeError):
@@ -94,54 +92,6 @@ def read_parquet_part(store: Store, key: str, *, sha256: str | None, rows: int |
     _verify(store, key, named_by, "parquet", sha256, lambda: sha256_bytes(data), rows,
             lambda: decoded.append(read_parquet_bytes(data)) or decoded[0].num_rows)
     return decoded[0] if decoded else read_parquet_bytes(data)
-
-
-class PartRef(NamedTuple):
-    """One Parquet part to read (``read_parquet_parts``) and what its task manifest recorded for it."""
-
-    key: str
-    sha256: str | None
-    rows: int | None
-    named_by: str
-
-
-def read_parquet_parts(store: Store, parts: list[PartRef]) -> tuple[pa.Table, np.ndarray] | None:
-    """Many small Parquet parts (one merge's batch outputs) as one table in their order, verified like
-    ``read_parquet_part``, and each row's part (its index in ``parts``); None when a part was written without the
-    ``_slurmctl_line``/``_slurmctl_row`` columns (a release before them: ``read_parquet_part`` one at a time).
-
-    Each part's bytes are read once, hashed, and decoded from those same bytes: one dataset over in-memory
-    fragments, schemas unified first (null-typed columns promoted, missing ones null), decoded in pyarrow's C++
-    threads rather than by one Python call per part (20 merges of 100 parts of 100 rows: 0.89 s -> 0.51 s)."""
-    import pyarrow.dataset as ds  # here: it imports pandas, which `status` never needs
-
-    fmt = ds.ParquetFileFormat()
-    fragments, schemas = [], []
-    for part in parts:
-        data = store.get_bytes(part.key)
-        if data is None:
-            raise _missing(store.uri(part.key), part.named_by)
-        _verify(store, part.key, part.named_by, "parquet", part.sha256, lambda: sha256_bytes(data), None, int)
-        fragment = fmt.make_fragment(pa.BufferReader(data))
-        try:
-            schema = fragment.physical_schema
-        except Exception as exc:  # not Parquet, a damaged footer
-            raise PartCorrupt(f"part {store.uri(part.key)} (named by {part.named_by}) is not readable parquet: "
-                              f"{exc}") from None
-        if LINE not in schema.names or ROW not in schema.names:
-            return None
-        fragments.append(fragment)
-        schemas.append(schema)
-    schema = unify(schemas)
-    table = ds.FileSystemDataset(fragments, schema, fmt).to_table(columns=[*schema.names, FRAGMENT])
-    of_row = table[FRAGMENT].to_numpy().astype(np.int64, copy=False)
-    if len(of_row) and (np.diff(of_row) < 0).any():  # to_table keeps the fragments' order; checked, not assumed
-        order = np.argsort(of_row, kind="stable")
-        table, of_row = table.take(pa.array(order)), of_row[order]
-    counts = np.bincount(of_row, minlength=len(parts))
-    for i, part in enumerate(parts):
-        _verify(store, part.key, part.named_by, "parquet", None, str, part.rows, lambda: int(counts[i]))
-    return table.drop_columns([FRAGMENT]), of_row
 
 
 def fetch_part(store: Store, key: str, scratch: str, *, sha256: str | None, rows: int | None,

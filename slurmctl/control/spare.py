@@ -143,8 +143,9 @@ def claim(fp: str, request: dict[str, Any]) -> Adopted | None:
                 conn.connect(address)
                 conn.sendall(json.dumps(request).encode() + b"\n")
                 answer = conn.makefile("rb").readline().decode().split()
-            if len(answer) == 2 and answer[0] == "ok":
-                return Adopted(int(answer[1]))
+                if len(answer) == 2 and answer[0] == "ok":
+                    conn.sendall(b"go\n")  # only now does it run the job: never both it and a coordinator of ours
+                    return Adopted(int(answer[1]))
         except (OSError, ValueError):
             pass
         finally:
@@ -187,10 +188,17 @@ def serve(fp: str) -> dict[str, Any] | None:
                 if time.monotonic() > idle_until or not (marker.exists() or marker.with_suffix(".claimed").exists()):
                     return None
             with conn:
-                conn.settimeout(CLAIM_TIMEOUT_S)
-                request = json.loads(conn.makefile("rb").readline())
-                conn.sendall(f"ok {os.getpid()}\n".encode())
-            return request
+                try:
+                    conn.settimeout(CLAIM_TIMEOUT_S)
+                    lines = conn.makefile("rb")
+                    request = json.loads(lines.readline())
+                    conn.sendall(f"ok {os.getpid()}\n".encode())
+                    conn.settimeout(2 * CLAIM_TIMEOUT_S)
+                    # The command that claimed us may have given up waiting (it then starts a coordinator itself):
+                    # the job is ours only once it says go
+                    return request if lines.readline().strip() == b"go" else None
+                except (OSError, ValueError):  # it went away mid-claim: exit, as an idle spare does
+                    return None
     finally:
         for p in (address, marker, marker.with_suffix(".claimed"), marker.with_suffix(".starting")):
             with contextlib.suppress(OSError):
