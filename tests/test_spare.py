@@ -3,6 +3,7 @@ the same environment, runs it like any coordinator, and `slurmctl server stop` e
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def test_the_next_job_is_taken_by_a_spare_coordinator_and_server_stop_ends_one_l
 
     # Another environment (a handler may read any variable): a spare made for this one does not take the job
     second_spare = wait_for(lambda: spares_ready(slurmctl_home), 180, "the second job's spare")
+    shown = run_cli("server", "status", "--json")
+    assert json.loads(shown.stdout)["spare_coordinators"] == second_spare, shown.stderr
     monkeypatch.setenv("SLURMCTL_TEST_HANDLER_SETTING", "other")
     assert TOOK_THE_JOB not in submit("third")
     assert second_spare[0] in spares_ready(slurmctl_home) and alive(second_spare[0])
@@ -61,7 +64,6 @@ def test_the_next_job_is_taken_by_a_spare_coordinator_and_server_stop_ends_one_l
 def test_a_spare_hands_over_once_and_leaves_when_idle_or_unlisted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The protocol alone (threads stand in for the spare): a claim gets the spare's pid and the spare the job; a
     second claim finds nothing; an unclaimed spare leaves after its idle time, or once it is no longer listed."""
-    import json
     import socket
     import threading
 

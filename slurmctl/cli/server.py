@@ -59,7 +59,9 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(f"stopped the local Prefect server (pid {stopped['pid']}, {stopped['ui_url']})" if stopped
               else "no local Prefect server is running", file=sys.stderr)
         return EXIT_OK
-    view = prefect_server.status()
+    from slurmctl.control import spare
+
+    view = {**prefect_server.status(), "spare_coordinators": spare.waiting() or None}  # pids, when some wait
     if args.json:
         print(json.dumps(view))
     else:

@@ -88,6 +88,15 @@ def available(fp: str) -> bool:
     return bool(_ready(fp))
 
 
+def waiting() -> list[int]:
+    """The pids of the spares waiting for a job (``slurmctl server status``)."""
+    pids = []
+    for path in _ready("*"):
+        with contextlib.suppress(ValueError, IndexError):
+            pids.append(int(path.name.split(".")[1]))
+    return pids
+
+
 def _starting(fp: str) -> bool:
     """Is a spare of this fingerprint still importing (its ``.starting`` marker, its process alive)?"""
     for path in spares_dir().glob(f"{fp}.*.starting") if spares_dir().is_dir() else []:
