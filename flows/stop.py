@@ -150,6 +150,24 @@ def hold() -> None:
                 signal.signal(signum, _held_signal)
 
 
+def release_held() -> bool:
+    """A spare coordinator (``slurmctl.control.spare``) going idle: a signal ends it again (``SystemExit``, so it
+    cleans up what lists it; it holds no job); ``hold`` is called again once a job comes. Returns whether one came
+    while it imported."""
+    came = bool(_held)
+    if threading.current_thread() is threading.main_thread():
+        for name in SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    signal.signal(signum, _exit_idle)
+    return came
+
+
+def _exit_idle(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _held_signal(signum: int, frame: Any) -> None:
     name = signal.Signals(signum).name
     _held.append(name)

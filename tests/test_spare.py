@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,11 @@ def test_the_next_job_is_taken_by_a_spare_coordinator_and_server_stop_ends_one_l
     # one spare per environment: the third job's, which may still be importing, and the second's
     spares = wait_for(lambda: ready if len(ready := spares_ready(slurmctl_home)) == 2 else None, 180,
                       "the third job's spare")
+    third_spare = next(pid for pid in spares if pid not in second_spare)
+    os.kill(third_spare, signal.SIGTERM)  # an idle spare holds no job: a signal ends it, and it is no longer listed
+    wait_for(lambda: not alive(third_spare) and spares_ready(slurmctl_home) == second_spare, 30,
+             "the signalled spare to go")
+
     assert run_cli("server", "stop").returncode == 0
     wait_for(lambda: not any(alive(pid) for pid in spares), 30, "the spares to be stopped")
     assert spares_ready(slurmctl_home) == []

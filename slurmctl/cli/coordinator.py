@@ -125,10 +125,14 @@ def _take_job(args: argparse.Namespace, given_env: dict[str, str]) -> bool:
     """As a spare: wait for a job (``slurmctl.control.spare``), then become its coordinator: its arguments, its log
     as our stdout and stderr. False: none came while we were idle; exit."""
     from slurmctl.control import spare
+    from slurmctl.flows import stop
 
+    if stop.release_held():  # told to stop while it imported: it holds no job, it just goes
+        return False
     request = spare.serve(spare.fingerprint(given_env, os.getcwd(), args.fork_workers))
     if request is None:
         return False
+    stop.hold()  # a coordinator from here on: a signal stops the job once its flow has started
     args.job_id, args.storage_json = request["job_id"], request["storage_json"]
     args.retry_errors, args.aggregate_only = request["retry_errors"], request["aggregate_only"]
     sys.stdout.flush()

@@ -69,8 +69,19 @@ def _code_stamp() -> list[int]:
 
 
 def _ready(fp: str) -> list[Path]:
-    """The markers of the spares waiting (``<fingerprint>.<pid>.ready``, holding their socket's path)."""
-    return sorted(spares_dir().glob(f"{fp}.*.ready")) if spares_dir().is_dir() else []
+    """The markers of the spares waiting (``<fingerprint>.<pid>.ready``, holding their socket's path); a marker
+    whose process is gone (killed outright) is removed."""
+    found = []
+    for path in sorted(spares_dir().glob(f"{fp}.*.ready")) if spares_dir().is_dir() else []:
+        try:
+            os.kill(int(path.name.split(".")[1]), 0)
+            found.append(path)
+        except (ValueError, IndexError, ProcessLookupError):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        except PermissionError:  # alive, someone else's (a shared $SLURMCTL_HOME): not ours to claim
+            pass
+    return found
 
 
 def _socket_path(fp: str) -> Path:
