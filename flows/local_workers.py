@@ -135,7 +135,6 @@ def _start_template() -> None:
     forkserver.ensure_running()  # starts it now (imports included), not when the first worker is asked for
 
 
-
 class EarlyCluster:
     """The job's ``LocalCluster``, started in a thread of its own by the coordinator (``start_cluster``), with the
     settings its task runner would have given it (``cluster_kwargs``) and the scheduler's (worker ttl, allowed
@@ -159,6 +158,8 @@ class EarlyCluster:
             self._cluster = LocalCluster(**self.cluster_kwargs, scheduler_kwargs=self._scheduler_kwargs)
         except Exception as exc:  # the phase's own task runner starts a cluster instead (and reports its failure)
             self.error = exc
+            print(f"note: the job's local cluster did not start early ({type(exc).__name__}: {exc}); the process "
+                  f"phase starts it", file=sys.stderr)
 
     def address(self) -> str | None:
         """The scheduler's address once the cluster is up; None if it could not start or was closed."""
