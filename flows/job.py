@@ -56,10 +56,15 @@ class JobFailed(RuntimeError):
     pass
 
 
+def _cluster_runner(cfg: Any) -> Any:
+    """A task runner that starts the job's cluster (``flows/runners.py``) when it is first used."""
+    return task_runner_for(cfg.cluster, job_id=cfg.job_id, threads_factor=shards_per_thread(cfg))
+
+
 def _runner(cfg: Any) -> Any:
     """The process phase's and retry rounds' task runner: on the cluster the coordinator started early when it
     did (``start_cluster_early``), else one that starts the cluster when the phase first submits."""
-    return local_workers.reuse(task_runner_for(cfg.cluster, job_id=cfg.job_id, threads_factor=shards_per_thread(cfg)))
+    return local_workers.reuse(_cluster_runner(cfg))
 
 
 def start_cluster_early(job_id: str, storage: dict[str, Any]) -> None:
@@ -67,8 +72,7 @@ def start_cluster_early(job_id: str, storage: dict[str, Any]) -> None:
     partition (``slurmctl.flows.local_workers``); the phases that process batches connect to it."""
     cfg = parse_config(load_job(reader_for(storage), job_id).config)
     if local_workers.forks(cfg.cluster):
-        runner = task_runner_for(cfg.cluster, job_id=cfg.job_id, threads_factor=shards_per_thread(cfg))
-        local_workers.start_cluster(runner.cluster_kwargs, scheduler_kwargs(cfg))
+        local_workers.start_cluster(_cluster_runner(cfg).cluster_kwargs, scheduler_kwargs(cfg))
 
 
 @flow(name="slurmctl-job", flow_run_name=job_run_name, log_prints=True, on_cancellation=[cancel.on_cancellation])

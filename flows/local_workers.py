@@ -144,7 +144,6 @@ class EarlyCluster:
         self.cluster_kwargs = cluster_kwargs
         self._scheduler_kwargs = scheduler_kwargs
         self._cluster: Any = None
-        self.error: BaseException | None = None
         self._starting = threading.Thread(target=self._start, name="slurmctl-early-cluster", daemon=True)
         self._starting.start()
         self._closing: threading.Thread | None = None
@@ -157,7 +156,6 @@ class EarlyCluster:
         try:
             self._cluster = LocalCluster(**self.cluster_kwargs, scheduler_kwargs=self._scheduler_kwargs)
         except Exception as exc:  # the phase's own task runner starts a cluster instead (and reports its failure)
-            self.error = exc
             print(f"note: the job's local cluster did not start early ({type(exc).__name__}: {exc}); the process "
                   f"phase starts it", file=sys.stderr)
 

@@ -141,13 +141,18 @@ def hold() -> None:
     signal a coordinator job at any instant; a killed one would leave no ``stopped`` behind and queue no
     successor). The first ``on_signals`` scope takes it as the stop request, so the job stops as soon as its flow
     has started, with its books and its Prefect run in order. A second one exits at once."""
+    _handle_all(_held_signal)
+
+
+def _handle_all(handler: Any) -> None:
+    """``handler`` for each of ``SIGNALS`` this platform has (signals are set in the main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         return
     for name in SIGNALS:
         signum = getattr(signal, name, None)
         if signum is not None:
             with contextlib.suppress(ValueError, OSError):
-                signal.signal(signum, _held_signal)
+                signal.signal(signum, handler)
 
 
 def release_held() -> bool:
@@ -155,12 +160,7 @@ def release_held() -> bool:
     cleans up what lists it; it holds no job); ``hold`` is called again once a job comes. Returns whether one came
     while it imported."""
     came = bool(_held)
-    if threading.current_thread() is threading.main_thread():
-        for name in SIGNALS:
-            signum = getattr(signal, name, None)
-            if signum is not None:
-                with contextlib.suppress(ValueError, OSError):
-                    signal.signal(signum, _exit_idle)
+    _handle_all(_exit_idle)
     return came
 
 

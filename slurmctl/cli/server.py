@@ -23,8 +23,8 @@ def add_parser(sub: Any) -> None:
                "  slurmctl server stop")
     server_sub = p.add_subparsers(dest="action", required=True)
     for name, what in (("start", "start it unless it runs; print its API URL"),
-                       ("stop", "stop it and any spare coordinator waiting for the next job (its database stays for the "
-                                "next start; a job still running loses its Prefect API)"),
+                       ("stop", "stop it and any spare coordinator waiting for the next job (its database stays "
+                                "for the next start; a job still running loses its Prefect API)"),
                        ("status", "is it running and answering; its URLs, pid, log (exit 1 if it does not answer)")):
         full = what.replace(" it", " the local Prefect server", 1)
         s = server_sub.add_parser(name, help=what, description=full[0].upper() + full[1:] + ".")

@@ -68,20 +68,45 @@ def _code_stamp() -> list[int]:
     return [len(times), max(times, default=0)]
 
 
-def _ready(fp: str) -> list[Path]:
-    """The markers of the spares waiting (``<fingerprint>.<pid>.ready``, holding their socket's path); a marker
-    whose process is gone (killed outright) is removed."""
+def _pid(marker: Path) -> int | None:
+    """The spare's pid a marker names (``<fingerprint>.<pid>.<state>``)."""
+    try:
+        return int(marker.name.split(".")[1])
+    except (ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Is process ``pid`` running (not gone, not a zombie nobody reaped yet; Linux says which in /proc)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's (a shared $SLURMCTL_HOME): alive, and not ours
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _listed(pattern: str) -> list[Path]:
+    """The markers matching ``pattern`` whose process lives; one whose process is gone (killed outright) is
+    removed."""
     found = []
-    for path in sorted(spares_dir().glob(f"{fp}.*.ready")) if spares_dir().is_dir() else []:
-        try:
-            os.kill(int(path.name.split(".")[1]), 0)
+    for path in sorted(spares_dir().glob(pattern)) if spares_dir().is_dir() else []:
+        pid = _pid(path)
+        if pid is not None and _alive(pid):
             found.append(path)
-        except (ValueError, IndexError, ProcessLookupError):
+        else:
             with contextlib.suppress(OSError):
                 path.unlink()
-        except PermissionError:  # alive, someone else's (a shared $SLURMCTL_HOME): not ours to claim
-            pass
     return found
+
+
+def _ready(fp: str) -> list[Path]:
+    """The markers of the spares waiting (``<fingerprint>.<pid>.ready``, holding their socket's path)."""
+    return _listed(f"{fp}.*.ready")
 
 
 def _socket_path(fp: str) -> Path:
@@ -101,23 +126,12 @@ def available(fp: str) -> bool:
 
 def waiting() -> list[int]:
     """The pids of the spares waiting for a job (``slurmctl server status``)."""
-    pids = []
-    for path in _ready("*"):
-        with contextlib.suppress(ValueError, IndexError):
-            pids.append(int(path.name.split(".")[1]))
-    return pids
+    return [pid for path in _ready("*") if (pid := _pid(path)) is not None]
 
 
 def _starting(fp: str) -> bool:
     """Is a spare of this fingerprint still importing (its ``.starting`` marker, its process alive)?"""
-    for path in spares_dir().glob(f"{fp}.*.starting") if spares_dir().is_dir() else []:
-        try:
-            os.kill(int(path.name.split(".")[1]), 0)
-            return True
-        except (ValueError, IndexError, ProcessLookupError, PermissionError):
-            with contextlib.suppress(OSError):
-                path.unlink()
-    return False
+    return bool(_listed(f"{fp}.*.starting"))
 
 
 class Adopted:
@@ -127,24 +141,12 @@ class Adopted:
     def __init__(self, pid: int) -> None:
         self.pid, self.returncode = pid, None
 
-    def _alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        try:  # exited but not yet reaped by whoever adopted it (a zombie): over (Linux says so in /proc)
-            return Path(f"/proc/{self.pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
-        except (OSError, IndexError):
-            return True
-
     def poll(self) -> int | None:
-        return None if self._alive() else 0
+        return None if _alive(self.pid) else 0
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._alive():
+        while _alive(self.pid):
             if deadline is not None and time.monotonic() >= deadline:
                 raise subprocess.TimeoutExpired(f"coordinator {self.pid}", timeout)
             time.sleep(0.05)
@@ -249,13 +251,11 @@ def stop_all() -> int:
     """End every spare of this ``$SLURMCTL_HOME``, waiting or still importing (``slurmctl server stop``); how
     many."""
     stopped = 0
-    starting = sorted(spares_dir().glob("*.*.starting")) if spares_dir().is_dir() else []
-    for path in [*_ready("*"), *starting]:
-        taken = path.with_suffix(".claimed")
+    for path in [*_ready("*"), *_listed("*.*.starting")]:
+        taken, pid = path.with_suffix(".claimed"), _pid(path)
         try:
-            pid = int(path.name.split(".")[1])
             os.rename(path, taken)  # claimed by nobody: no command hands it a job now
-        except (ValueError, IndexError, OSError):
+        except OSError:
             continue
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)  # its session: the workers' template too
