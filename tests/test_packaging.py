@@ -370,7 +370,9 @@ def test_the_wheel_holds_one_package_and_runs_a_user_project_with_its_own_handle
     home.mkdir()
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(home), "SLURMCTL_HOME": str(home / ".slurmctl"),
            "PREFECT_HOME": str(home / ".prefect"), "PREFECT_API_URL": prefect_api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           # as in every test (conftest.py): the job leaves no spare coordinator importing while later tests run
+           "SLURMCTL_SPARE_COORDINATOR": "0"}
 
     def run(*cmd: str) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
