@@ -2,7 +2,9 @@
 the bottleneck. ``GET /items/{id}`` answers ``{"id": id}`` after ``latency`` seconds, through a token bucket of
 ``rate``/s with capacity ``burst`` (429 with ``Retry-After`` above it; ``rate`` 0: no bucket). ``POST /config?
 latency=&rate=&burst=`` sets them and clears the counters; ``GET /stats`` returns the counters and the arrival second of
-every admitted request (as counts per whole second of ``time.monotonic()``).
+every admitted request (as counts per whole second of ``time.monotonic()``), how late the API's own event loop ran
+(``lag``: stalls over 2, 5 and 10 ms, the 429s answered within 20 ms of one, the garbage collector's pauses) and the
+priority it runs at.
 
     python benchmarks/api_server.py PORT
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -20,6 +23,65 @@ state = {"latency": 0.0, "rate": 0.0, "burst": 5.0, "tokens": 5.0, "at": time.mo
 counts: Counter = Counter()
 per_second: Counter = Counter()
 in_flight = {"now": 0, "max": 0}
+priority = "normal"
+LAG = {"max_ms": 0.0, "over_2ms": 0, "over_5ms": 0, "over_10ms": 0, "last_stall": 0.0, "429_after_stall": 0,
+       "gc_max_ms": 0.0, "gc_over_2ms": 0}
+lag = dict(LAG)
+
+
+def _priority() -> str:
+    """Run ahead of everything else on the machine, as an API on its own servers would: its bucket judges each
+    request by the time this process gets to it, so a stall here (descheduled behind the job's workers on 2 cores)
+    bunches requests sent on time and answers them 429. Real-time FIFO where allowed (root or CAP_SYS_NICE), else
+    the highest nice level allowed; which one is in ``/stats``."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+        return "SCHED_FIFO 10"
+    except (OSError, AttributeError):
+        pass
+    for level in (-15, -5):
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, level)
+            return f"nice {level}"
+        except OSError:
+            continue
+    return "normal"
+
+
+def _watch_gc() -> None:
+    """Count the collector's pauses over 2 ms in ``lag``; and keep it from collecting the oldest generation, whose
+    pauses (up to 15 ms with 500 requests in flight) bunch the requests that arrive meanwhile just as a stall does.
+    The young generations' collections stay (short), and what the run leaves in the old one is small."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(700, 10, 1_000_000_000)
+    started = [0.0]
+
+    def note(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.monotonic()
+        else:
+            ms = (time.monotonic() - started[0]) * 1000
+            lag["gc_max_ms"] = max(lag["gc_max_ms"], ms)
+            if ms > 2:
+                lag["gc_over_2ms"] += 1
+
+    gc.callbacks.append(note)
+
+
+async def _watch_loop() -> None:
+    """The API's own stalls: how late a 1-ms sleep wakes (descheduled, or a GC pause)."""
+    while True:
+        t = time.monotonic()
+        await asyncio.sleep(0.001)
+        late = (time.monotonic() - t - 0.001) * 1000
+        lag["max_ms"] = max(lag["max_ms"], late)
+        for k in (2, 5, 10):
+            if late > k:
+                lag[f"over_{k}ms"] += 1
+        if late > 2:
+            lag["last_stall"] = time.monotonic()
 
 
 def _reset(latency: float, rate: float, burst: float) -> None:
@@ -27,6 +89,7 @@ def _reset(latency: float, rate: float, burst: float) -> None:
     counts.clear()
     per_second.clear()
     in_flight.update(now=0, max=0)
+    lag.update(LAG)
 
 
 def _admit() -> float | None:
@@ -56,6 +119,7 @@ async def app(scope, receive, send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                asyncio.get_running_loop().create_task(_watch_loop())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
@@ -66,6 +130,8 @@ async def app(scope, receive, send) -> None:
         wait = _admit()
         if wait is not None:
             counts["429"] += 1
+            if time.monotonic() - lag["last_stall"] < 0.02:
+                lag["429_after_stall"] += 1
             await _send(send, 429, {"error": "rate limit exceeded"}, [(b"retry-after", f"{wait:.3f}".encode())])
             return
         per_second[int(time.monotonic())] += 1
@@ -83,7 +149,7 @@ async def app(scope, receive, send) -> None:
         _reset(q.get("latency", 0.0), q.get("rate", 0.0), q.get("burst", 5.0))
         await _send(send, 200, {"ok": True})
     elif path == "/stats":
-        await _send(send, 200, {**counts, "in_flight_max": in_flight["max"],
+        await _send(send, 200, {**counts, "in_flight_max": in_flight["max"], "lag": lag, "priority": priority,
                                 "per_second": sorted(per_second.items())})
     else:
         await _send(send, 404, {"error": "not found"})
@@ -91,6 +157,9 @@ async def app(scope, receive, send) -> None:
 
 if __name__ == "__main__":
     import uvicorn
+
+    priority = _priority()
+    _watch_gc()
 
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False,
                 backlog=4096, limit_concurrency=None)

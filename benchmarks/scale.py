@@ -194,7 +194,8 @@ def main() -> None:
     from slurmctl import prefect_server
 
     tmp = Path(tempfile.mkdtemp(prefix="slurmctl-scale-"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env = {"SLURMCTL_SPARE_COORDINATOR": "0", **os.environ,
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     env.pop("PREFECT_API_URL", None)
     api = prefect_server.ensure()  # the persistent local server (SLURMCTL_HOME), UI enabled
     make_input(tmp / "input.jsonl", args.items)

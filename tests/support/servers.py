@@ -69,10 +69,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 def benchmark_env(tmp: Path, root: Path) -> dict[str, str]:
     """The environment a benchmark's jobs run in: their own SLURMCTL_HOME under ``tmp``, our benchmarks and test
-    support importable (handlers the benchmarks name live there)."""
+    support importable (handlers the benchmarks name live there), and no spare coordinators unless the caller's
+    environment asks for them: each cell's job runs in a folder of its own, so each would leave a spare of its own,
+    importing in the background while the next cell is measured."""
     import os
 
-    return {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "SLURMCTL_HOME": str(tmp / "home"),
+    return {"SLURMCTL_SPARE_COORDINATOR": "0", **os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "SLURMCTL_HOME": str(tmp / "home"),
             "PYTHONPATH": os.pathsep.join([str(root / "benchmarks"), str(root / "tests")])}
 
 
