@@ -183,9 +183,17 @@ def dedupe(table: pa.Table, id_field: str) -> tuple[pa.Table, Dropped]:
     rule is associative (a latest occurrence of a union is the latest of the latest), so a merge tree may apply it
     at every level.
     """
+    keep, dropped = latest_rows(table, id_field)
+    return (table, dropped) if keep is None else (table.filter(pa.array(keep)), dropped)
+
+
+def latest_rows(table: pa.Table, id_field: str) -> tuple[np.ndarray | None, Dropped]:
+    """``dedupe``'s rule as a mask over ``table``'s rows (None: all kept). ``table`` needs only the id, the batch
+    ordinal and the line columns: a merge whose inputs are too large to hold at once decides on those, then streams
+    each input's rows through its share of the mask."""
     n = len(table)
     if n == 0 or id_field not in table.column_names:
-        return table, Dropped({}, {})
+        return None, Dropped({}, {})
     lines = table[LINE].to_numpy().astype(np.int64, copy=False)
     if len(lines) and (lines.min() < 0 or lines.max() >= _LINE_SPAN):
         raise ValueError(f"input line numbers must lie in [0, {_LINE_SPAN}) to be deduplicated")
@@ -196,13 +204,13 @@ def dedupe(table: pa.Table, id_field: str) -> tuple[pa.Table, Dropped]:
     np.maximum.at(latest, group, occurrence)
     keep = occurrence == latest[group]
     if keep.all():
-        return table, Dropped({}, {})
+        return None, Dropped({}, {})
     dropped = ~keep
     batches = table[BATCH].to_numpy()[dropped]
     rows = dict(zip(*(v.tolist() for v in np.unique(batches, return_counts=True))))
     items_batches = np.unique(occurrence[dropped]) // _LINE_SPAN
     items = dict(zip(*(v.tolist() for v in np.unique(items_batches, return_counts=True))))
-    return table.filter(pa.array(keep)), Dropped(rows, items)
+    return keep, Dropped(rows, items)
 
 
 def buckets_of(table: pa.Table, id_field: str, buckets: int) -> np.ndarray:
