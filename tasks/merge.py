@@ -6,7 +6,8 @@ task manifest, or the merge manifest of the level below); a mismatch fails namin
 stored atomically (``put_file``: rename on disk, a completed multipart upload on S3), then its manifest (checksum
 and row count of each file, rows in and out, duplicates dropped per batch), then its ``.done`` marker: a merge that
 crashed half way is simply run again, a finished one is never re-run, and nothing downstream reads a file whose
-manifest is not there. Rows stream through record batches; a merge holds one hash partition of its inputs.
+manifest is not there. A first-level merge holds its parts (a batch each) in memory; a merge above holds the id,
+batch and line columns of its partition and one input at a time; the final layout streams record batches.
 """
 
 from __future__ import annotations
