@@ -143,10 +143,11 @@ def violations(items_rows: list[list[dict[str, Any]]], schema: pa.Schema, strict
     """Index (in ``items_rows``) -> why that item's rows do not fit ``schema``."""
     bad: dict[int, str] = {}
     for field in schema:
-        values = [(i, row[field.name]) for i, rows in enumerate(items_rows) for row in rows
-                  if row.get(field.name) is not None]
-        if not values or _converts([v for _, v in values], field.type, strict) is None:
+        name = field.name
+        # The common case first, once per column (nulls never decide a column's type): it fits.
+        if _converts([row.get(name) for rows in items_rows for row in rows], field.type, strict) is None:
             continue
+        values = [(i, row[name]) for i, rows in enumerate(items_rows) for row in rows if row.get(name) is not None]
         for i, value in values:  # the column does not fit: find its items
             if i in bad:
                 continue
