@@ -5,7 +5,10 @@
 Runs, in one process and on the same generated JSONL input:
 
 * the product: the ``slurmctl-job`` flow (partition -> process on a 2-worker LocalCluster through
-  ``DaskTaskRunner`` -> aggregate), with manifests in a local store and Prefect recording every task run;
+  ``DaskTaskRunner`` -> aggregate), with manifests in a local store and Prefect recording every task run, run as
+  ``slurmctl submit``'s coordinator runs it: the workers' template (``flows/local_workers.py``) and the job's cluster
+  are started when the timed run starts, beside the flow's start-up (``--no-fork-workers``: the flow alone, its
+  process phase starting a cluster of freshly spawned workers, as a notebook calling the flow does);
 * the baseline: the same partitioning, the same per-batch slice reads, handler calls and Parquet writes through
   ``client.map`` on an identical LocalCluster, and the same final merge, without Prefect or manifests.
 
@@ -80,7 +83,8 @@ def run_baseline(uri: str, batch_size: int, work: Path, workers: int) -> float:
     return elapsed
 
 
-def run_product(uri: str, batch_size: int, work: Path, workers: int) -> tuple[float, dict]:
+def run_product(uri: str, batch_size: int, work: Path, workers: int,
+                fork_workers: bool = True) -> tuple[float, dict]:
     from slurmctl.books.admission import create_job
     from slurmctl.books.store import store_for
     from slurmctl.cli.coordinator import prefect_api_for_workers
@@ -95,6 +99,14 @@ def run_product(uri: str, batch_size: int, work: Path, workers: int) -> tuple[fl
     create_job(cfg, None)
     with prefect_api_for_workers():
         t0 = time.perf_counter()
+        if fork_workers:  # what `slurmctl submit`'s coordinator does first for a job on a local cluster
+            from slurmctl.flows import local_workers
+            from slurmctl.flows.job import start_cluster_early
+
+            local_workers.allow()
+            local_workers.prestart()
+            local_workers.warm()
+            start_cluster_early(cfg.job_id, cfg.storage.model_dump())
         run_job(job_id=cfg.job_id, storage=cfg.storage.model_dump())
         elapsed = time.perf_counter() - t0
     return elapsed, store.get_json("jobs/overhead-bench/result.json")
@@ -105,6 +117,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=1_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-fork-workers", action="store_true",
+                        help="run the flow without the coordinator's workers' template and early cluster")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args()
 
@@ -113,14 +127,15 @@ def main() -> None:
         uri = str(tmp / "input.jsonl")
         make_input(Path(uri), args.items)
         baseline = run_baseline(uri, args.batch_size, tmp / "baseline", args.workers)
-        seconds, result = run_product(uri, args.batch_size, tmp / "product", args.workers)
+        seconds, result = run_product(uri, args.batch_size, tmp / "product", args.workers,
+                                      fork_workers=not args.no_fork_workers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     assert result["rows"] == args.items, result
     out = {"items": args.items, "batch_size": args.batch_size, "batches": result["batches"],
            "workers": args.workers, "seconds": round(seconds, 2), "items_per_s": round(args.items / seconds),
            "baseline_seconds": round(baseline, 2), "baseline_items_per_s": round(args.items / baseline),
-           "ratio": round(seconds / baseline, 2)}
+           "ratio": round(seconds / baseline, 2), "fork_workers": not args.no_fork_workers}
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
 
 

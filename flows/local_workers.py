@@ -26,8 +26,11 @@ import threading
 from typing import Any
 
 # What a worker imports before its first shard: Dask's worker, Prefect, the shard task (pyarrow) and the store
-# blocks its arguments carry (prefect-aws: ~0.3 s of block schema registration when the first shard is unpickled).
-PRELOAD = ("distributed", "prefect", "slurmctl.tasks.process_shard", "slurmctl.blocks.manifest_store")
+# blocks its arguments carry (prefect-aws: ~0.3 s of block schema registration when the first shard is unpickled),
+# and pandas: pyarrow imports it the first time it converts a Python list (``pa.array``), ~0.25 s into the first
+# batch. Last, ``frozen_imports`` leaves all that out of the workers' garbage collections.
+PRELOAD = ("distributed", "prefect", "slurmctl.tasks.process_shard", "slurmctl.blocks.manifest_store", "pandas",
+           "slurmctl.flows.frozen_imports")
 
 _allowed = False
 _lock = threading.Lock()

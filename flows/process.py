@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import hashlib
 import importlib
 import queue
@@ -464,5 +465,6 @@ def start_workers() -> None:
 
 async def _import_shard_task() -> None:
     # A coroutine: Client.run may leave it running (wait=False); the worker's loop does the import.
-    for module in ("slurmctl.tasks.process_shard", "slurmctl.blocks.manifest_store"):  # see local_workers.PRELOAD
+    for module in ("slurmctl.tasks.process_shard", "slurmctl.blocks.manifest_store", "pandas"):  # local_workers.PRELOAD
         importlib.import_module(module)
+    gc.freeze()  # what the imports built lives as long as the worker: out of its collections (flows/frozen_imports.py)

@@ -189,7 +189,10 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
     table = run.table() if isinstance(run, BatchRun) else None  # the rows, still Arrow (``BatchRun.table``)
     if table is not None and (saved.done or not table_fits_schema(cfg, store, table)):
         outcomes, table = run.as_rows(outcomes), None  # row by row: names the items whose rows do not fit
-    outcomes = check_schema(cfg, store, outcomes)
+    elif table is None and not saved.done:
+        table = fitting_table(cfg, store, todo, outcomes)
+    if table is None:
+        outcomes = check_schema(cfg, store, outcomes)
     if halted is not None and halted() and any(o is None for o in outcomes):
         hand_on(cfg, store, saved, todo, outcomes, breaker, meter, spec, logger)
     for (line, item), outcome in zip(todo, outcomes):
@@ -276,6 +279,27 @@ def table_fits_schema(cfg: JobConfig, store: Store, table: Any) -> bool:
     if schema is None:
         schema = output_schema.recorded(store, cfg.job_id, lambda: output_schema.infer_table(table))
     return schema is None or output_schema.table_fits(table, schema, strict)
+
+
+def fitting_table(cfg: JobConfig, store: Store, todo: list[tuple[int, Any]], outcomes: list[Any]) -> Any:
+    """The rows of the items that succeeded, as the part's table, when all of them fit the output's schema: one
+    conversion of each column serves the check and the part. None when some may not (``check_schema`` then names
+    the items, row by row) or no item returned rows."""
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    row_index: list[int] = []
+    for (line, _), outcome in zip(todo, outcomes):
+        if outcome is not None and outcome.ok and outcome.result:
+            rows.extend(outcome.result)
+            lines.extend([line] * len(outcome.result))
+            row_index.extend(range(len(outcome.result)))
+    if not rows:
+        return None
+    try:
+        table = rows_table(rows, lines, row_index)
+    except TypeError:  # a column of mixed types: some item's rows cannot fit
+        return None
+    return table if table_fits_schema(cfg, store, table) else None
 
 
 def check_schema(cfg: JobConfig, store: Store, outcomes: list[Any]) -> list[Any]:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,3 +54,25 @@ def test_only_a_coordinator_starts_a_cluster_early(monkeypatch: pytest.MonkeyPat
     cfg = job_config()
     local_workers.start_cluster(_runner(cfg).cluster_kwargs, scheduler_kwargs(cfg))
     assert local_workers._early is None and _runner(cfg).address is None
+
+
+def test_a_worker_forked_from_the_template_has_its_imports_and_leaves_them_out_of_its_collections(tmp_path):
+    """The template imports what a worker needs, pandas included (pyarrow imports it inside the first batch
+    otherwise), and freezes it last (``flows/frozen_imports.py``): a no-op job's workers spent ~0.1 s in each full
+    collection walking Prefect's and Dask's objects. A forkserver of this test's own (not this session's), as a
+    coordinator starts it."""
+    script = textwrap.dedent("""
+        import multiprocessing
+        from slurmctl.flows import local_workers
+        from support.worker_probe import state
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(local_workers.PRELOAD))
+        with ctx.Pool(1) as pool:
+            print(json.dumps(pool.apply(state)))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    out = subprocess.run([sys.executable, "-c", "import json\n" + script], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    worker = json.loads(out.stdout.strip().splitlines()[-1])
+    assert worker["pandas"] and worker["frozen"] > 100_000, worker

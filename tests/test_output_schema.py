@@ -43,6 +43,18 @@ def test_a_declared_type_fails_the_items_whose_rows_do_not_convert(tmp_path):
     assert "4.5 (float) does not fit the declared type int64" in failed[4][1]
 
 
+def test_rows_whose_column_has_one_type_are_still_checked_value_by_value(tmp_path):
+    # Every value a double: the batch's rows make a table of one type, checked whole first (tasks/process_batch.py,
+    # ``fitting_table``); 6.0 converts to int64 and 4.5 does not, so that column does not fit, and only 4.5's item fails
+    summaries, failed = job(tmp_path, 10, 10, {str(i): float(i) for i in range(10)} | {"4": 4.5},
+                            output={"schema": {"value": "int64"}})
+    assert failed == {4: ("schema", failed[4][1])} and summaries[0]["items_succeeded"] == 9
+    assert "4.5 (float) does not fit the declared type int64" in failed[4][1]
+    summaries, failed = job(tmp_path / "text", 5, 5, {str(i): f"t{i}" for i in range(5)},
+                            output={"schema": {"value": "int64"}})
+    assert sorted(failed) == list(range(5)) and summaries[0]["rows_written"] == 0
+
+
 def test_without_a_declaration_the_first_batchs_types_are_recorded_and_later_ones_promote_as_the_merge_does(tmp_path):
     summaries, failed = job(tmp_path, 20, 10, {"12": "twelve", "13": 13.5})
     assert failed.keys() == {12} and failed[12][0] == "schema"  # text where int64 was recorded: refused
