@@ -449,6 +449,9 @@ def same_id(returned: Any, item_id: Any) -> bool:
             and isinstance(item_id, (str, int)) and not isinstance(item_id, bool) and str(returned) == str(item_id))
 
 
+_ABSENT = object()
+
+
 def normalise_output(result: Any, item: dict[str, Any], id_field: str) -> list[dict[str, Any]]:
     """A handler's return value as output rows, each carrying its input item's id in ``id_field``.
 
@@ -461,8 +464,10 @@ def normalise_output(result: Any, item: dict[str, Any], id_field: str) -> list[d
     """
     if result is None:
         return []
-    rows = [result] if isinstance(result, dict) else list(result)
     item_id = item[id_field]
+    if type(result) is dict and result.get(id_field, _ABSENT) is item_id:
+        return [result]  # the common case, decided at once: one row carrying the item's own id
+    rows = [result] if isinstance(result, dict) else list(result)
     returned_col = returned_id_column(id_field)
     out = []
     for row in rows:

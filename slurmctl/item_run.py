@@ -90,8 +90,9 @@ class ItemRun:
         attempt raised goes on in ``call_with_retries`` from its second attempt."""
         outcomes: list[ItemOutcome | None] = []
         ctx, meter, breaker, handler, id_field = self.ctx, self.meter, self.breaker, self.handler, self.id_field
+        halted, broken = self.halted, False  # only a failure can open the breaker: asked after one
         for _, item in items:
-            if self._stop():
+            if broken or halted():
                 outcomes.append(None)
                 continue
 
@@ -103,6 +104,7 @@ class ItemRun:
             except Exception as exc:
                 outcomes.append(call_with_retries(call, self.policy, self.backoff, self.max_attempts, breaker,
                                                   sleep=self.sleep, on_retry=self.on_retry, first_error=exc))
+                broken = self._broken()
                 continue
             if breaker is not None:
                 breaker.record(None)  # as ``call_with_retries`` records a success
