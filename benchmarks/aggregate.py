@@ -237,7 +237,7 @@ def run_product(config: dict[str, Any], cluster: bool = False) -> dict[str, Any]
     from prefect.settings import PREFECT_API_URL
     from prefect_dask import DaskTaskRunner
 
-    from slurmctl.cli.coordinator import prefect_api_for_workers
+    from slurmctl.cli.coordinator import import_for_jobs, prefect_api_for_workers
     from slurmctl.config import parse_config
     from slurmctl.flows.aggregate import aggregate_phase, aggregate_runner
     from slurmctl.flows.job import dask_settings
@@ -245,6 +245,7 @@ def run_product(config: dict[str, Any], cluster: bool = False) -> dict[str, Any]
 
     cfg = parse_config(config)
     out: dict[str, Any] = {}
+    import_for_jobs()  # as the coordinator does before its job comes (pandas: pyarrow imports it in the first merge)
     with prefect_api_for_workers():
         api = PREFECT_API_URL.value()
         # as flows/job.py chooses it (the embedded default: the coordinator's threads), or the cluster (--cluster)
