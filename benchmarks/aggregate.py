@@ -15,7 +15,10 @@ Then, in this order:
   coordinator; with ``--cluster``, a LocalCluster of ``--workers`` processes through ``DaskTaskRunner``, as on a
   Slurm cluster, its start-up included), reporting to the local persistent Prefect server
   (``prefect_api_for_workers``: started if needed, left running). Its ``result.json`` and output file
-  are checked: every row, each id once.
+  are checked: every row, each id once. On the embedded default this process is set up first as a coordinator of
+  the job has itself by its aggregation (not timed): the imports it does before its job (``import_for_jobs``) and
+  its workers' template started and ready, so the merges run in ``--workers`` processes forked from it
+  (``slurmctl.procpool``; their start is timed). ``--no-fork-workers``: the flow alone, merges in the threads.
 * the baseline, after the product, in a fresh process of its own (so neither's memory is charged to the other):
   ``pyarrow.dataset.write_dataset(pyarrow.dataset.dataset(<the part files>), out_dir)``, one pass, timed.
 
@@ -232,7 +235,22 @@ def timed_runner(runner: Any) -> Any:
     return runner
 
 
-def run_product(config: dict[str, Any], cluster: bool = False) -> dict[str, Any]:
+def template_ready() -> None:
+    """Start this process's workers' template as a coordinator does (``flows/local_workers.py``) and wait until its
+    imports are done: one process forked from it."""
+    import multiprocessing
+
+    from slurmctl.flows import local_workers
+
+    local_workers.allow()
+    local_workers.prestart()
+    local_workers.warm()
+    child = multiprocessing.get_context("forkserver").Process(target=os.getpid)
+    child.start()
+    child.join()
+
+
+def run_product(config: dict[str, Any], cluster: bool = False, fork_workers: bool = True) -> dict[str, Any]:
     import dask
     from prefect.settings import PREFECT_API_URL
     from prefect_dask import DaskTaskRunner
@@ -247,6 +265,8 @@ def run_product(config: dict[str, Any], cluster: bool = False) -> dict[str, Any]
     out: dict[str, Any] = {}
     import_for_jobs()  # as the coordinator does before its job comes (pandas: pyarrow imports it in the first merge)
     with prefect_api_for_workers():
+        if fork_workers and not cluster:
+            template_ready()
         api = PREFECT_API_URL.value()
         # as flows/job.py chooses it (the embedded default: the coordinator's threads), or the cluster (--cluster)
         runner = (task_runner_for(cfg.cluster, job_id=cfg.job_id) if cluster
@@ -396,6 +416,8 @@ def main() -> None:
     parser.add_argument("--cluster", action="store_true",
                         help="merge on a LocalCluster of --workers processes (as on Slurm) instead of the "
                              "coordinator's threads (what a job on the embedded default does)")
+    parser.add_argument("--no-fork-workers", action="store_true",
+                        help="run the flow without a workers' template: the merges in the coordinator's threads")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (its path is printed)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args()
@@ -406,7 +428,7 @@ def main() -> None:
         t0 = time.perf_counter()
         config, paths = make_job(tmp, args.parts, args.rows_per_part, args.workers, args.max_task_runs)
         setup = time.perf_counter() - t0
-        product = run_product(config, args.cluster)
+        product = run_product(config, args.cluster, fork_workers=not args.no_fork_workers)
         result = check_output(tmp / "state", config["job_id"], rows)
         details = flow_breakdown(product["api"], product, args.workers)
         with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -425,6 +447,7 @@ def main() -> None:
            "ratio_vs_baseline": round(baseline["seconds"] / seconds, 3), "peak_rss_mb": peak,
            "coordinator_peak_rss_mb": coordinator_mb, "worker_peak_rss_mb": product["workers_mb"],
            "baseline_peak_rss_mb": baseline["peak_rss_mb"], "workers": args.workers,
+           "fork_workers": not args.no_fork_workers and not args.cluster,
            "runner": "LocalCluster" if args.cluster else "coordinator threads",
            "max_task_runs": config["max_task_runs"],
            "levels": result["layout"].get("levels"), "hash_partitions": result["layout"].get("hash_partitions"),

@@ -31,6 +31,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from slurmctl import procpool
 from slurmctl.books.aggregation import AggregationPlan, Merge, plan_aggregation
 from slurmctl.books.audit import SHOWN, BooksUnbalanced
 from slurmctl.books.audit import check as check_books
@@ -39,7 +40,7 @@ from slurmctl.books.manifests import Counts, Keys, ResultManifest, api_calls_of,
 from slurmctl.books.shards import Budget, worker_slots
 from slurmctl.books.store import load_job, save_job, store_for
 from slurmctl.config import JobConfig, LocalClusterConfig, parse_config
-from slurmctl.flows import cancel
+from slurmctl.flows import cancel, local_workers
 from slurmctl.flows.runners import task_runner_for
 from slurmctl.storage import DeleteIncomplete, Store
 from slurmctl.tasks.merge import concat_rejects, dropped_by, layout_output, merge_chunk, put_jsonl
@@ -92,8 +93,13 @@ def _chunk_name(chunk: list[Merge]) -> str:
 def run_levels(store: Store, plan: AggregationPlan, tasks: list[dict[str, Any]], cfg: JobConfig,
                runs: int) -> tuple[Counter[int], Counter[int]]:
     """Run every unfinished merge, level by level; return what the whole plan dropped per batch ordinal: rows
-    (duplicates) and item occurrences (superseded by a later occurrence of their id)."""
+    (duplicates) and item occurrences (superseded by a later occurrence of their id).
+
+    In a coordinator of a job on the embedded default the merges themselves run in processes forked from the
+    workers' template, one per worker slot (``slurmctl.procpool``: a merge holds the GIL for most of its work, so
+    the coordinator's threads only wait for them); elsewhere in the task runs' threads."""
     logger = get_run_logger()
+    processes = worker_slots(cfg) if local_workers.forking(cfg.cluster) else 0
     rows: Counter[int] = Counter()
     items: Counter[int] = Counter()
     for level in plan.levels:
@@ -105,8 +111,8 @@ def run_levels(store: Store, plan: AggregationPlan, tasks: list[dict[str, Any]],
         logger.info("aggregate level %s: %s merge(s) (%s done before) in %s task run(s)", no, len(level),
                     len(level) - len(todo), len(chunks))
         futures = [merge_chunk.with_options(task_run_name=_chunk_name(c)).submit(
-            store, {"name": _chunk_name(c), "merges": [plan.merge_spec(m, tasks, cfg.input.id_field) for m in c]})
-            for c in chunks]
+            store, {"name": _chunk_name(c), "merges": [plan.merge_spec(m, tasks, cfg.input.id_field) for m in c]},
+            processes) for c in chunks]
         counts = [f.result() for f in futures]  # raises the first failure (after its retries) naming the file
         # merges finished by an earlier run: what they dropped belongs to this plan too, from their manifests
         counts.append(dropped_by([store.get_json(plan.manifest_key(m)) or {} for m in level
@@ -183,7 +189,10 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     logger.info("aggregate plan %s: %s batch output(s), %s hash partition(s), fan-in %s, %s level(s), %s merge(s)",
                 plan.plan_id, sum(1 for t in tasks if t.get("output")), plan.buckets, plan.fan_in, len(plan.levels),
                 plan.merges)
-    dropped, superseded = run_levels(store, plan, tasks, cfg, runs_per_level(cfg, len(plan.levels)))
+    try:
+        dropped, superseded = run_levels(store, plan, tasks, cfg, runs_per_level(cfg, len(plan.levels)))
+    finally:
+        procpool.shutdown()  # the merges' processes, if any: nothing else needs them
     duplicate_items = sum(superseded.values())
     layout_output.submit(store, plan.final_spec(tasks, cfg.aggregate)).result()
     final = store.get_json(plan.final_manifest)

@@ -28,9 +28,10 @@ from typing import Any
 # What a worker imports before its first shard: Dask's worker, Prefect, the shard task (pyarrow) and the store
 # blocks its arguments carry (prefect-aws: ~0.3 s of block schema registration when the first shard is unpickled),
 # and pandas: pyarrow imports it the first time it converts a Python list (``pa.array``), ~0.25 s into the first
-# batch. Last, ``frozen_imports`` leaves all that out of the workers' garbage collections.
+# batch. The aggregation's merges run in processes forked from the template too (``slurmctl.procpool``). Last,
+# ``frozen_imports`` leaves all that out of the workers' garbage collections.
 PRELOAD = ("distributed", "prefect", "slurmctl.tasks.process_shard", "slurmctl.blocks.manifest_store", "pandas",
-           "slurmctl.flows.frozen_imports")
+           "slurmctl.tasks.merge", "slurmctl.flows.frozen_imports")
 
 _allowed = False
 _lock = threading.Lock()
@@ -106,6 +107,12 @@ def _template_env() -> dict[str, str]:
 def forks(cluster: Any) -> bool:
     """Does a coordinator running ``cluster`` (a job config's) fork its workers from a template?"""
     return getattr(cluster, "kind", None) == "local" and bool(getattr(cluster, "processes", True))
+
+
+def forking(cluster: Any) -> bool:
+    """Does this process fork ``cluster``'s workers (a job config's) from the template (a coordinator of a job on
+    the embedded default)? Then the aggregation's merges run in processes forked from it too (``slurmctl.procpool``)."""
+    return _allowed and forks(cluster)
 
 
 def warm() -> None:
