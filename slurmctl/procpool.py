@@ -33,15 +33,21 @@ def _get(workers: int) -> ProcessPoolExecutor:
         return _pool
 
 
-def call(workers: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in one of ``workers`` processes (the pool starts with the first call); its exception is raised
+def starmap(workers: int, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
+    """``[fn(*args) for args in calls]``, queued at once to the pool of ``workers`` processes (started with the
+    first call), so its processes stay busy while the caller's task runs change; the first exception is raised
     here. A pool that lost a process (killed: out of memory) is dropped, so a retry of the caller gets a new one."""
     pool = _get(workers)
+    futures = []
     try:
-        return pool.submit(fn, *args).result()
+        futures = [pool.submit(fn, *args) for args in calls]
+        return [f.result() for f in futures]
     except BrokenProcessPool:
         _drop(pool)
         raise
+    finally:
+        for f in futures:
+            f.cancel()  # after a failure: what has not started yet is not run
 
 
 def _drop(pool: ProcessPoolExecutor) -> None:

@@ -194,7 +194,7 @@ def merge_chunk(store: Store, chunk: dict[str, Any], processes: int = 0) -> dict
     ``processes``: run each merge in a pool of that many processes forked from the workers' template
     (``slurmctl.procpool``), not in this thread."""
     if processes:
-        return dropped_by([procpool.call(processes, run_merge, store, spec) for spec in chunk["merges"]])
+        return dropped_by(procpool.starmap(processes, run_merge, [(store, spec) for spec in chunk["merges"]]))
     return dropped_by([run_merge(store, spec) for spec in chunk["merges"]])
 
 
