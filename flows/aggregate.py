@@ -97,9 +97,10 @@ def run_levels(store: Store, plan: AggregationPlan, tasks: list[dict[str, Any]],
 
     In a coordinator of a job on the embedded default the merges themselves run in processes forked from the
     workers' template, one per worker slot (``slurmctl.procpool``: a merge holds the GIL for most of its work, so
-    the coordinator's threads only wait for them); elsewhere in the task runs' threads."""
+    the coordinator's threads only wait for them), when there is more than one first-level merge (starting them
+    costs a small job more than it saves); elsewhere in the task runs' threads."""
     logger = get_run_logger()
-    processes = worker_slots(cfg) if local_workers.forking(cfg.cluster) else 0
+    processes = worker_slots(cfg) if local_workers.forking(cfg.cluster) and len(plan.first_level) > 1 else 0
     rows: Counter[int] = Counter()
     items: Counter[int] = Counter()
     for level in plan.levels:
