@@ -59,7 +59,7 @@ def _drop(pool: ProcessPoolExecutor) -> None:
 
 
 def shutdown() -> None:
-    """Stop the pool's processes (the work that needed them is over); the next ``call`` starts a new pool."""
+    """Stop the pool's processes (the work that needed them is over); the next ``starmap`` starts a new pool."""
     global _pool
     with _lock:
         pool, _pool = _pool, None

@@ -189,10 +189,10 @@ def _body(spec: dict[str, Any], files: dict[str, dict[str, Any]], rows_in: int, 
 @task(name="merge", task_run_name="{chunk[name]}", cache_policy=NONE, persist_result=False, retries=2,
       retry_delay_seconds=2)
 def merge_chunk(store: Store, chunk: dict[str, Any], processes: int = 0) -> dict[str, dict[str, int]]:
-    """Several merges of one level, one after another; returns what they dropped, per batch ordinal (small: usually
-    empty): ``duplicates`` (rows) and ``superseded`` (item occurrences replaced by a later one of the same id).
-    ``processes``: run each merge in a pool of that many processes forked from the workers' template
-    (``slurmctl.procpool``), not in this thread."""
+    """Several merges of one level, one after another in this thread; returns what they dropped, per batch ordinal
+    (small: usually empty): ``duplicates`` (rows) and ``superseded`` (item occurrences replaced by a later one of
+    the same id). ``processes``: instead, queue them all to a pool of that many processes forked from the workers'
+    template (``slurmctl.procpool``), where they run side by side with the other chunks' merges."""
     if processes:
         return dropped_by(procpool.starmap(processes, run_merge, [(store, spec) for spec in chunk["merges"]]))
     return dropped_by([run_merge(store, spec) for spec in chunk["merges"]])

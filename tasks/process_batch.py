@@ -201,9 +201,7 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
         elif outcome.ok and table is not None:
             succeeded += 1  # its rows are in ``table``
         elif outcome.ok:
-            rows.extend(outcome.result)
-            lines.extend([line] * len(outcome.result))
-            row_index.extend(range(len(outcome.result)))
+            add_rows(rows, lines, row_index, line, outcome.result)
             succeeded += 1
         elif breaker is not None and breaker.open and outcome.error.transient:
             deferred.append({"id": item.get(id_field), "line": line, "item": item})
@@ -281,6 +279,14 @@ def table_fits_schema(cfg: JobConfig, store: Store, table: Any) -> bool:
     return schema is None or output_schema.table_fits(table, schema, strict)
 
 
+def add_rows(rows: list[dict[str, Any]], lines: list[int], row_index: list[int], line: int,
+             result: list[dict[str, Any]]) -> None:
+    """One item's rows, each with its input line and its index within the item's rows (the dedup key)."""
+    rows.extend(result)
+    lines.extend([line] * len(result))
+    row_index.extend(range(len(result)))
+
+
 def fitting_table(cfg: JobConfig, store: Store, todo: list[tuple[int, Any]], outcomes: list[Any]) -> Any:
     """The rows of the items that succeeded, as the part's table, when all of them fit the output's schema: one
     conversion of each column serves the check and the part. None when some may not (``check_schema`` then names
@@ -289,10 +295,8 @@ def fitting_table(cfg: JobConfig, store: Store, todo: list[tuple[int, Any]], out
     lines: list[int] = []
     row_index: list[int] = []
     for (line, _), outcome in zip(todo, outcomes):
-        if outcome is not None and outcome.ok and outcome.result:
-            rows.extend(outcome.result)
-            lines.extend([line] * len(outcome.result))
-            row_index.extend(range(len(outcome.result)))
+        if outcome is not None and outcome.ok:
+            add_rows(rows, lines, row_index, line, outcome.result)
     if not rows:
         return None
     try:
