@@ -162,6 +162,8 @@ class RssSampler(threading.Thread):
         self.server = [p for p in psutil.process_iter(["cmdline"])
                        if "prefect server start" in " ".join(p.info["cmdline"] or [])]
         self.cpu0 = self._cpu(self.me), sum(self._cpu(p, tree=True) for p in self.server)
+        # descendants already running (the workers' template): only what they spend from now on is counted
+        self.children_cpu0 = {p.pid: self._cpu(p) for p in self.me.children(recursive=True)}
         self.cpu: dict[str, float] = {}
 
     @staticmethod
@@ -199,7 +201,7 @@ class RssSampler(threading.Thread):
         self.join()
         self.sample()
         self.cpu = {"coordinator": self._cpu(self.me) - self.cpu0[0],
-                    "workers": sum(self.children_cpu.values()),
+                    "workers": sum(v - self.children_cpu0.get(pid, 0.0) for pid, v in self.children_cpu.items()),
                     "prefect_server": sum(self._cpu(p, tree=True) for p in self.server) - self.cpu0[1]}
 
     def workers_mb(self) -> list[float]:

@@ -5,9 +5,9 @@ rounds) has a commit, and succeeded + failed + rejected items equal the input's 
 naming the missing batches and the difference, and ``slurmctl resume`` finishes it.
 
 Then the merge tree of ``slurmctl.books.aggregation`` runs level by level, each level's merges spread over at most
-its share of the job's task-run budget (``merge_chunk``: a task run performs many merges), the final layout is
-written (``layout_output``) and published under ``output/``. Restarted after a crash at any point, it skips every
-merge whose ``.done`` marker is there.
+its share of the job's task-run budget (``merge_chunk``: a task run performs many merges), then the final layout
+(each partition's top merge, ``layout_output``) is written and published under ``output/``. Restarted after a
+crash at any point, it skips every merge whose ``.done`` marker is there.
 
 Deduplication: each input item id appears once in the output, with the rows of its latest occurrence: the last
 committed attempt wins, and for an id repeated in the input its last occurrence. The rows dropped are counted per
@@ -30,6 +30,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from slurmctl import procpool
 from slurmctl.books.aggregation import AggregationPlan, Merge, plan_aggregation
@@ -90,17 +91,21 @@ def _chunk_name(chunk: list[Merge]) -> str:
     return f"merge-{first.name}..{last.index:05d} ({len(chunk)})" if len(chunk) > 1 else f"merge-{first.name}"
 
 
-def run_levels(store: Store, plan: AggregationPlan, tasks: list[dict[str, Any]], cfg: JobConfig,
-               runs: int) -> tuple[Counter[int], Counter[int]]:
-    """Run every unfinished merge, level by level; return what the whole plan dropped per batch ordinal: rows
-    (duplicates) and item occurrences (superseded by a later occurrence of their id).
+def merge_processes(cfg: JobConfig, outputs: int) -> int:
+    """How many processes run the merges and the final layout of ``outputs`` batch outputs: in a coordinator of a
+    job on the embedded default, one per worker slot, forked from the workers' template (``slurmctl.procpool``: a
+    merge holds the GIL for most of its work, so the coordinator's threads only wait for them, and for Prefect's
+    own threads), when there is more than one first-level merge (starting them costs a small job more than it
+    saves); otherwise none (0): they run in the task runs' threads."""
+    return worker_slots(cfg) if local_workers.forking(cfg.cluster) and outputs > cfg.aggregate.fan_in else 0
 
-    In a coordinator of a job on the embedded default the merges themselves run in processes forked from the
-    workers' template, one per worker slot (``slurmctl.procpool``: a merge holds the GIL for most of its work, so
-    the coordinator's threads only wait for them), when there is more than one first-level merge (starting them
-    costs a small job more than it saves); elsewhere in the task runs' threads."""
+
+def run_levels(store: Store, plan: AggregationPlan, tasks: list[dict[str, Any]], cfg: JobConfig,
+               runs: int, processes: int = 0) -> tuple[Counter[int], Counter[int]]:
+    """Run every unfinished merge, level by level, in ``runs`` task runs a level (one with ``processes``: the pool
+    keeps them all busy); return what the whole plan dropped per batch ordinal: rows (duplicates) and item
+    occurrences (superseded by a later occurrence of their id)."""
     logger = get_run_logger()
-    processes = worker_slots(cfg) if local_workers.forking(cfg.cluster) and len(plan.first_level) > 1 else 0
     rows: Counter[int] = Counter()
     items: Counter[int] = Counter()
     for level in plan.levels:
@@ -108,11 +113,13 @@ def run_levels(store: Store, plan: AggregationPlan, tasks: list[dict[str, Any]],
         no = level[0].level
         done = {k for k in store.list_keys(plan.level_prefix(no)) if k.endswith(".done")}
         todo = [m for m in level if plan.done_key(m) not in done]
-        chunks = chunked(todo, runs)
+        chunks = chunked(todo, 1 if processes else runs)  # the pool spreads them: one task run reports the level
         logger.info("aggregate level %s: %s merge(s) (%s done before) in %s task run(s)", no, len(level),
                     len(level) - len(todo), len(chunks))
+        # quoted: Prefect would walk every spec of the chunk looking for futures (2,000 inputs: ~0.1 s)
         futures = [merge_chunk.with_options(task_run_name=_chunk_name(c)).submit(
-            store, {"name": _chunk_name(c), "merges": [plan.merge_spec(m, tasks, cfg.input.id_field) for m in c]},
+            store, quote({"name": _chunk_name(c),
+                          "merges": [plan.merge_spec(m, tasks, cfg.input.id_field) for m in c]}),
             processes) for c in chunks]
         counts = [f.result() for f in futures]  # raises the first failure (after its retries) naming the file
         # merges finished by an earlier run: what they dropped belongs to this plan too, from their manifests
@@ -183,22 +190,28 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     if not store.exists(keys.plan):
         raise BooksUnbalanced(f"job {job_id} has not been partitioned yet, so there is nothing to aggregate; "
                               f"`slurmctl resume {job_id}` processes it (and aggregates at the end)")
-    tasks = committed_tasks(store, job_id)
-    state = failure_state(store, tasks)
-    books = check_books(store, job, tasks, state)  # nothing is merged for a job that cannot complete
-    plan = plan_aggregation(job_id, tasks, cfg.aggregate, cfg.input.id_field)
-    logger.info("aggregate plan %s: %s batch output(s), %s hash partition(s), fan-in %s, %s level(s), %s merge(s)",
-                plan.plan_id, sum(1 for t in tasks if t.get("output")), plan.buckets, plan.fan_in, len(plan.levels),
-                plan.merges)
     try:
-        dropped, superseded = run_levels(store, plan, tasks, cfg, runs_per_level(cfg, len(plan.levels)))
+        if early := merge_processes(cfg, job.counts.batches_total):  # the batches planned: they start meanwhile
+            procpool.start(early)
+        tasks = committed_tasks(store, job_id)
+        state = failure_state(store, tasks)
+        books = check_books(store, job, tasks, state)  # nothing is merged for a job that cannot complete
+        plan = plan_aggregation(job_id, tasks, cfg.aggregate, cfg.input.id_field)
+        logger.info("aggregate plan %s: %s batch output(s), %s hash partition(s), fan-in %s, %s level(s), %s "
+                    "merge(s)", plan.plan_id, sum(1 for t in tasks if t.get("output")), plan.buckets, plan.fan_in,
+                    len(plan.levels), plan.merges)
+        processes = merge_processes(cfg, sum(1 for t in tasks if t.get("output")))
+        dropped, superseded = run_levels(store, plan, tasks, cfg, runs_per_level(cfg, len(plan.levels)), processes)
+        layout_output.submit(store, quote(plan.final_spec(tasks, cfg.aggregate)), processes).result()
     finally:
         procpool.shutdown()  # the merges' processes, if any: nothing else needs them
-    duplicate_items = sum(superseded.values())
-    layout_output.submit(store, plan.final_spec(tasks, cfg.aggregate)).result()
     final = store.get_json(plan.final_manifest)
     if final is None:
         raise OutputMismatch(f"job {job_id}: the final layout's manifest {store.uri(plan.final_manifest)} is missing")
+    top = dropped_by([final])  # the final layout is each partition's top merge
+    dropped.update({int(k): v for k, v in top["duplicates"].items()})
+    superseded.update({int(k): v for k, v in top["superseded"].items()})
+    duplicate_items = sum(superseded.values())
     duplicates = check_rows(job_id, tasks, dropped, final["rows_per_batch"], final["rows"])
     outputs = publish(store, keys, final["files"])
     rejects = concat_rejects(store, tasks, keys.rejects)

@@ -213,6 +213,44 @@ def latest_rows(table: pa.Table, id_field: str) -> tuple[np.ndarray | None, Drop
     return keep, Dropped(rows, items)
 
 
+IdRange = list  # [kind ("int" or "str"), lowest id, highest id]
+
+
+def id_range(table: pa.Table, id_field: str) -> IdRange | None:
+    """The lowest and highest item id of ``table``, when its ids are all integers or all strings, none null (None
+    otherwise): a merge records it for each file it writes, so the merge above can tell that its inputs share no id
+    (``disjoint``) without reading them."""
+    if id_field not in table.column_names or not len(table):
+        return None
+    ids = table[id_field]
+    kind = ("int" if pa.types.is_integer(ids.type) else
+            "str" if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type) else None)
+    if kind is None or ids.null_count:
+        return None
+    low_high = pc.min_max(ids)
+    return [kind, low_high["min"].as_py(), low_high["max"].as_py()]
+
+
+def span(ranges: Iterable[IdRange | None]) -> IdRange | None:
+    """One range holding all of ``ranges`` (None if any is None or they are of different kinds)."""
+    ranges = list(ranges)
+    if not ranges or any(r is None for r in ranges) or len({r[0] for r in ranges}) != 1:
+        return None
+    return [ranges[0][0], min(r[1] for r in ranges), max(r[2] for r in ranges)]
+
+
+def disjoint(ranges: list[IdRange | None]) -> bool:
+    """No item id can be in two of the files whose ranges these are: they are all known, of one kind (an int and a
+    string are never compared) and, ordered by their lowest id, each starts above where the one before ends. Ids are
+    compared as ``dedupe`` compares them: integers by value, strings by their UTF-8 bytes (code point order)."""
+    if len(ranges) < 2:
+        return True
+    if any(r is None for r in ranges) or len({r[0] for r in ranges}) != 1:
+        return False
+    spans = sorted((r[1], r[2]) for r in ranges)
+    return all(later[0] > earlier[1] for earlier, later in zip(spans, spans[1:]))
+
+
 def buckets_of(table: pa.Table, id_field: str, buckets: int) -> np.ndarray:
     """Each row's hash partition: a stable hash of the item id (the same in every process and run)."""
     if buckets <= 1 or len(table) == 0:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import quote
 
 import numpy as np
@@ -36,14 +36,18 @@ from slurmctl.tables import (
     INTERNAL,
     LINE,
     Dropped,
+    IdRange,
     align,
     buckets_of,
     concat,
     dedupe,
+    disjoint,
     file_digest,
+    id_range,
     latest_rows,
     part_kind,
     read_sqlite,
+    span,
     unify,
     with_row_keys,
 )
@@ -60,8 +64,9 @@ class PartitionError(ValueError):
     """The partitioned layout cannot be written (no such column, too many values); the message names the setting."""
 
 
-def _stored_file(store: Store, key: str, path: str, rows: int) -> dict[str, Any]:
-    entry = {"key": key, "rows": rows, "bytes": os.path.getsize(path), "sha256": file_digest(path)}
+def _stored_file(store: Store, key: str, path: str, rows: int, ids: IdRange | None = None) -> dict[str, Any]:
+    entry = {"key": key, "rows": rows, "bytes": os.path.getsize(path), "sha256": file_digest(path),
+             **({"ids": ids} if ids else {})}
     store.put_file(key, path)
     return entry
 
@@ -88,55 +93,85 @@ def _read_level1(store: Store, spec: dict[str, Any], scratch: str) -> pa.Table:
     return concat(tables)
 
 
-def _files_below(store: Store, key: str, bucket: int | None, scratch: str, reader: str) -> list[str]:
-    """Local paths of the files a finished merge wrote (those of partition ``bucket``, or all, in partition order),
-    each verified against that merge's manifest ``key``."""
+def _files_below(store: Store, key: str, bucket: int | None, scratch: str, reader: str) -> list[dict[str, Any]]:
+    """The files a finished merge wrote (those of partition ``bucket``, or all, in partition order), each fetched
+    and verified against that merge's manifest ``key``: its entry there, with ``path``, the local copy."""
     below = store.get_json(key)
     if below is None:
         raise MergeInputMissing(f"{reader}: its input {store.uri(key)} is missing (the level below did not finish); "
                                 f"run the aggregation again")
     buckets = [str(bucket)] if bucket is not None else sorted(below["files"], key=int)
-    return [fetch_part(store, f["key"], scratch, sha256=f["sha256"], rows=f["rows"],
-                       named_by=f"merge manifest {store.uri(key)}")
+    return [{**f, "path": fetch_part(store, f["key"], scratch, sha256=f["sha256"], rows=f["rows"],
+                                     named_by=f"merge manifest {store.uri(key)}")}
             for f in (below["files"].get(b) for b in buckets) if f]
 
 
+def _latest(files: list[dict[str, Any]], schemas: list[pa.Schema],
+            id_field: str) -> tuple[np.ndarray | None, int, Dropped]:
+    """Which rows of ``files`` (``_files_below``: one partition, in commit order) to keep. Files whose id ranges
+    are disjoint share no item: each is one merge's output, deduplicated already, so all their rows are kept
+    unread (sequential ids, the common case). Otherwise it is decided on the three columns ``dedupe`` needs, read
+    from every file (a partition of a large job is most of its rows: its whole table, twice over in two merges at
+    once, took the coordinator from ~300 MB to ~530 MB). Returns the mask (None: every row), the rows and what was
+    dropped."""
+    if disjoint([f.get("ids") for f in files]):
+        return None, sum(f["rows"] for f in files), Dropped({}, {})
+    wanted = [id_field, BATCH, LINE]
+    keys = concat([_read(f["path"], [c for c in wanted if c in own.names]) for f, own in zip(files, schemas)])
+    keep, dropped = latest_rows(keys, id_field)
+    return keep, len(keys), dropped
+
+
+def _kept(paths: list[str], schema: pa.Schema, keep: np.ndarray | None) -> Iterator[pa.Table]:
+    """The rows of ``paths`` that ``keep`` keeps, in order, with ``schema``'s columns (``unify``), in record batches
+    of at most ``READ_BATCH_ROWS``: one file open at a time, whatever the fan-in."""
+    start = 0
+    for path in paths:
+        with pq.ParquetFile(path) as f:
+            for rb in f.iter_batches(batch_size=READ_BATCH_ROWS):
+                table = align(pa.Table.from_batches([rb]), schema)
+                if keep is not None:
+                    table = table.filter(pa.array(keep[start:start + len(table)]))
+                start += rb.num_rows
+                yield table
+
+
 def _merge_upper(store: Store, spec: dict[str, Any], scratch: str) -> tuple[dict[str, dict[str, Any]], int, Dropped]:
-    """A merge above level 1, streamed: one hash partition of a large job is most of its rows (two partitions of a
-    million rows: 500,000 each), so the rows to keep are decided on the three columns ``dedupe`` needs, read from
-    every input, and then each input is read, filtered and written in turn (row groups of ``READ_BATCH_ROWS``).
-    Holding the partition whole instead, two merges at once took the coordinator from ~300 MB to ~530 MB. Same rows,
-    same order, same schema (``unify``) as merging them in memory; one input file open at a time, whatever the
-    fan-in."""
+    """A merge above level 1, streamed (``_latest``, ``_kept``): the same rows, in the same order and schema, as
+    merging its inputs in memory."""
     reader = f"merge {spec['name']} of plan {spec['plan_id']}"
-    paths = [path for key in spec["inputs"] for path in _files_below(store, key, spec["bucket"], scratch, reader)]
+    files = [f for key in spec["inputs"] for f in _files_below(store, key, spec["bucket"], scratch, reader)]
+    paths = [f["path"] for f in files]
     schemas = [pq.read_schema(path) for path in paths]
     schema = unify(schemas)
-    wanted = [c for c in (spec["id_field"], BATCH, LINE) if c in schema.names]
-    keys = concat([_read(path, [c for c in wanted if c in own.names]) for path, own in zip(paths, schemas)])
-    rows_in = len(keys)
-    keep, dropped = latest_rows(keys, spec["id_field"])
-    del keys
+    keep, rows_in, dropped = _latest(files, schemas, spec["id_field"])
     if (rows_in if keep is None else int(keep.sum())) == 0:
         return {}, rows_in, dropped
     bucket = str(spec["bucket"] or 0)
     out = os.path.join(scratch, f"out-{bucket}.parquet")
-    start = rows = 0
-    pending: list[pa.Table] = []
+    rows, ranges = 0, []
     with pq.ParquetWriter(out, schema, compression="zstd", compression_level=1) as writer:
-        for i, path in enumerate(paths):
-            table = align(_read(path), schema)
-            n = len(table)
-            if keep is not None:
-                table = table.filter(pa.array(keep[start:start + n]))
-            start += n
+        for table in _row_groups(_kept(paths, schema, keep)):
+            writer.write_table(table)
+            rows += len(table)
+            ranges.append(id_range(table, spec["id_field"]))
+    return {bucket: _stored_file(store, spec["files"][bucket], out, rows, span(ranges))}, rows_in, dropped
+
+
+def _row_groups(tables: Iterator[pa.Table], rows: int = READ_BATCH_ROWS) -> Iterator[pa.Table]:
+    """``tables`` gathered into tables of at least ``rows`` rows (the last may have fewer; none is empty), so
+    filtered or small inputs make row groups of a useful size."""
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        if len(table):
             pending.append(table)
-            if sum(len(t) for t in pending) >= READ_BATCH_ROWS or i == len(paths) - 1:
-                chunk = pa.concat_tables(pending)
-                writer.write_table(chunk)
-                rows += len(chunk)
-                pending = []
-    return {bucket: _stored_file(store, spec["files"][bucket], out, rows)}, rows_in, dropped
+            held += len(table)
+        if held >= rows:
+            yield pa.concat_tables(pending)
+            pending, held = [], 0
+    if held:
+        yield pa.concat_tables(pending)
 
 
 def _read(path: str, columns: list[str] | None = None) -> pa.Table:
@@ -175,7 +210,8 @@ def run_merge(store: Store, spec: dict[str, Any]) -> dict[str, Any]:
         for b, piece in pieces.items():
             path = os.path.join(scratch, f"out-{b}.parquet")
             pq.write_table(piece, path, compression="zstd", compression_level=1)
-            files[str(b)] = _stored_file(store, spec["files"][str(b)], path, len(piece))
+            files[str(b)] = _stored_file(store, spec["files"][str(b)], path, len(piece),
+                                         id_range(piece, spec["id_field"]))
     return _finish(store, spec, _body(spec, files, rows_in, dropped))
 
 
@@ -192,7 +228,7 @@ def merge_chunk(store: Store, chunk: dict[str, Any], processes: int = 0) -> dict
     """Several merges of one level, one after another in this thread; returns what they dropped, per batch ordinal
     (small: usually empty): ``duplicates`` (rows) and ``superseded`` (item occurrences replaced by a later one of
     the same id). ``processes``: instead, queue them all to a pool of that many processes forked from the workers'
-    template (``slurmctl.procpool``), where they run side by side with the other chunks' merges."""
+    template (``slurmctl.procpool``), which runs them side by side."""
     if processes:
         return dropped_by(procpool.starmap(processes, run_merge, [(store, spec) for spec in chunk["merges"]]))
     return dropped_by([run_merge(store, spec) for spec in chunk["merges"]])
@@ -261,18 +297,24 @@ def _partition_dir(column: str, value: Any) -> str:
 
 
 def write_output(store: Store, spec: dict[str, Any]) -> dict[str, Any]:
-    """Stream the partitions' files into the layout under the plan's ``final/`` prefix; its manifest lists every
-    file with rows, sha256 and lineage, and how many rows of each batch it holds (the flow's row check)."""
+    """The top merge of every partition, streamed into the layout under the plan's ``final/`` prefix: each
+    partition's last files (``partitions``: at most ``fan_in``, from the merges below) are deduplicated as a merge
+    would (``_latest``) and their rows written in partition order, then commit order. Its manifest lists every file
+    with rows, sha256 and lineage, how many rows of each batch it holds (the flow's row check) and, like a merge's,
+    what it dropped."""
     done = _finished(store, spec)
     if done is not None:
         return done
     by = spec["partition_by"]
     per_batch: Counter[int] = Counter()
+    dropped: Counter[int] = Counter()
+    superseded: Counter[int] = Counter()
     with tempfile.TemporaryDirectory(prefix="slurmctl-output-") as scratch:
         reader = f"final layout of plan {spec['plan_id']}"
-        sources = [path for key, bucket in spec["sources"]
-                   for path in _files_below(store, key, bucket, scratch, reader)]
-        full = unify(pq.read_schema(p) for p in sources)
+        groups = [[f for key in keys for f in _files_below(store, key, bucket, scratch, reader)]
+                  for bucket, keys in spec["partitions"]]
+        schemas = [[pq.read_schema(f["path"]) for f in files] for files in groups]
+        full = unify(schema for group in schemas for schema in group)
         data_schema = pa.schema([f for f in full if f.name not in INTERNAL and f.name != by])
         if by is not None and by not in full.names:
             raise PartitionError(f"aggregate.partition_by: column {by!r} is not in the output (its columns: "
@@ -291,9 +333,11 @@ def write_output(store: Store, spec: dict[str, Any]) -> dict[str, Any]:
                                              single)
             return writers[rel]
 
-        for path in sources:
-            for rb in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH_ROWS):
-                table = align(pa.Table.from_batches([rb]), full)
+        for files, own in zip(groups, schemas):
+            keep, _, drop = _latest(files, own, spec["id_field"])
+            dropped.update(drop.rows)
+            superseded.update(drop.items)
+            for table in _row_groups(_kept([f["path"] for f in files], full, keep)):
                 batches = table[BATCH].combine_chunks()
                 per_batch.update(dict(zip(*np.unique(batches.to_numpy(), return_counts=True))))
                 data = table.select(data_schema.names)
@@ -321,13 +365,17 @@ def write_output(store: Store, spec: dict[str, Any]) -> dict[str, Any]:
                 files.append({**entry, "path": name, "partition": rel or None,
                               "batches": _ranges(f["batches"], spec["batch_ids"])})
     return _finish(store, spec, {"plan_id": spec["plan_id"], "files": files, "rows": sum(f["rows"] for f in files),
-                                 "rows_per_batch": {str(int(k)): int(v) for k, v in sorted(per_batch.items())}})
+                                 "rows_per_batch": {str(int(k)): int(v) for k, v in sorted(per_batch.items())},
+                                 "duplicates": {str(k): v for k, v in sorted(dropped.items())},
+                                 "superseded": {str(k): v for k, v in sorted(superseded.items())}})
 
 
 @task(name="write-output", task_run_name="write-output", cache_policy=NONE, persist_result=False, retries=2,
       retry_delay_seconds=2)
-def layout_output(store: Store, spec: dict[str, Any]) -> dict[str, Any]:
-    body = write_output(store, spec)
+def layout_output(store: Store, spec: dict[str, Any], processes: int = 0) -> dict[str, Any]:
+    """The final layout (``write_output``), in this thread, or with ``processes`` in one of the merges' processes
+    (away from the GIL the caller's Prefect threads hold)."""
+    body = procpool.starmap(processes, write_output, [(store, spec)])[0] if processes else write_output(store, spec)
     return {"files": len(body["files"]), "rows": body["rows"]}
 
 

@@ -31,7 +31,7 @@ from slurmctl.books.store import load_job
 from slurmctl.config import AggregateConfig, parse_config
 from slurmctl.records import partition
 from slurmctl.storage import sha256_bytes
-from slurmctl.tables import LINE, ROW
+from slurmctl.tables import LINE, ROW, disjoint, id_range, span
 from slurmctl.tasks.merge import merge_all
 from slurmctl.tasks.process_batch import run_batch
 
@@ -81,7 +81,7 @@ def output_table(store: LocalManifestStore) -> Any:
     return pq.read_table(store.local_path(Keys(JOB).output))
 
 
-@pytest.mark.parametrize("fan_in,levels", [(2, 5), (10, 2)])
+@pytest.mark.parametrize("fan_in,levels", [(2, 4), (10, 1)])
 def test_merges_in_levels_and_keeps_every_row_once_in_input_order(job, prefect_api, fan_in, levels):
     # 20 batches of 2 items; an item may give several rows, or none
     records = [{"id": i, "n": (0 if i % 7 == 3 else 3 if i % 5 == 0 else 1)} for i in range(40)]
@@ -137,7 +137,7 @@ def test_a_coordinator_runs_the_merges_in_processes_forked_from_its_workers_temp
     want = [(r["id"], k) for r in records for k in range(r["n"])]
     table = output_table(store)
     assert list(zip(table["id"].to_pylist(), table["k"].to_pylist())) == want and ran["rows"] == len(want)
-    assert result_of(store)["layout"]["levels"] == 3
+    assert result_of(store)["layout"]["levels"] == 2
 
 
 def test_the_plan_stays_within_the_task_run_budget_and_changes_with_its_inputs():
@@ -145,11 +145,45 @@ def test_the_plan_stays_within_the_task_run_budget_and_changes_with_its_inputs()
              for i in range(50_000)]
     cfg = AggregateConfig()
     plan = plan_aggregation("big", tasks, cfg, "id")
-    # 5M rows: 10 hash partitions of ~500k rows; 500 first-level merges, then 5 and 1 per partition
-    assert plan.buckets == 10 and [len(level) for level in plan.levels] == [500, 50, 10]
-    assert all(m.bucket == b for b, m in enumerate(plan.levels[-1]))
+    # 5M rows: 10 hash partitions of ~500k rows; 500 first-level merges, then 5 per partition, which the final
+    # layout merges (each partition's top merge)
+    assert plan.buckets == 10 and [len(level) for level in plan.levels] == [500, 50]
+    assert [(b, [m.bucket for m in merges]) for b, merges in plan.partition_sources()] == [
+        (b, [b] * 5) for b in range(10)]
     tasks[7] = {**tasks[7], "output_sha256": "other"}  # e.g. a batch committed again after a lost commit
     assert plan_aggregation("big", tasks, cfg, "id").plan_id != plan.plan_id
+
+
+def test_id_ranges_tell_which_files_cannot_share_an_item():
+    assert disjoint([["int", 0, 9], ["int", 20, 29], ["int", 10, 19]])  # in any order
+    assert not disjoint([["int", 0, 10], ["int", 10, 19]])  # touching: id 10 may be in both
+    assert not disjoint([["int", 0, 9], ["str", "a", "b"]])  # 5 and "5" are never compared
+    assert not disjoint([["int", 0, 9], None])  # a file without one (float or null ids, an earlier release)
+    assert disjoint([None]) and disjoint([])
+    assert id_range(pa.table({"id": [3, 1, 2]}), "id") == ["int", 1, 3]
+    assert id_range(pa.table({"id": ["b", "a", "é"]}), "id") == ["str", "a", "é"]
+    assert id_range(pa.table({"id": [1, None]}), "id") is None and id_range(pa.table({"id": [1.5]}), "id") is None
+    assert span([["int", 0, 9], ["int", 5, 30]]) == ["int", 0, 30] and span([["int", 0, 1], None]) is None
+
+
+@pytest.mark.parametrize("again", [None, 3], ids=["sequential-ids", "an-id-again-at-the-end"])
+def test_merges_above_level_1_read_the_keys_only_when_their_inputs_may_share_an_item(job, monkeypatch, again):
+    """Each merge records its files' id ranges; the merges above (and the final layout) deduplicate inputs whose
+    ranges overlap, and take inputs whose ranges are disjoint whole, unread."""
+    import slurmctl.tasks.merge as merge
+
+    records = [{"id": i} for i in range(40)] + ([{"id": again, "n": 2}] if again is not None else [])
+    cfg, store = job(records, fan_in=2)  # 21 batches: levels of 11, 6, 3, 2 merges, then the final layout
+    real, deduplicated = merge.latest_rows, []
+    monkeypatch.setattr(merge, "latest_rows", lambda keys, field: (deduplicated.append(len(keys)),
+                                                                   real(keys, field))[1])
+    body = merge_all(store, JOB, committed_tasks(store, JOB), cfg.aggregate)
+    table = pq.read_table(store.local_path(body["files"][0]["key"]))
+    if again is None:
+        assert deduplicated == [] and table["id"].to_pylist() == list(range(40))
+    else:  # every merge on the way up from the last batch to the first reads the keys
+        assert deduplicated and sorted(table["id"].to_pylist()) == sorted([i for i in range(40) if i != 3] + [3, 3])
+        assert body["duplicates"] == {"1": 1} and body["superseded"] == {"1": 1}
 
 
 def test_a_corrupted_part_fails_naming_the_file_and_publishes_nothing(job, prefect_api):
@@ -166,7 +200,7 @@ def test_a_corrupted_part_fails_naming_the_file_and_publishes_nothing(job, prefe
 def test_a_crash_between_levels_restarts_from_the_finished_merges(job, prefect_api, monkeypatch):
     import slurmctl.tasks.merge as merge
 
-    cfg, store = job([{"id": i} for i in range(40)], fan_in=2)  # 20 batches: levels of 10, 5, 3, 2, 1 merges
+    cfg, store = job([{"id": i} for i in range(40)], fan_in=2)  # 20 batches: levels of 10, 5, 3, 2 merges
     real, ran = merge.run_merge, []
 
     def crash_at_level_3(store: Any, spec: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +218,7 @@ def test_a_crash_between_levels_restarts_from_the_finished_merges(job, prefect_a
     ran.clear()
     monkeypatch.setattr(merge, "run_merge", lambda store, spec: (ran.append(spec["name"]), real(store, spec))[1])
     aggregate(cfg, prefect_api)
-    assert sorted(ran) == ["L3-00000", "L3-00001", "L3-00002", "L4-00000", "L4-00001", "L5-00000"]
+    assert sorted(ran) == ["L3-00000", "L3-00001", "L3-00002", "L4-00000", "L4-00001"]
     assert output_table(store)["id"].to_pylist() == list(range(40))
 
 
@@ -314,18 +348,21 @@ def test_a_job_never_partitioned_is_not_aggregated_into_an_empty_output(job, pre
     assert result_of(store) is None
 
 
-@pytest.mark.parametrize("fan_in", [100, 2], ids=["one-level", "upper-levels"])
-def test_parts_of_different_columns_and_types_merge_into_one_schema_row_for_row(job_with, fan_in):
+@pytest.mark.parametrize("fan_in,batch_size,levels", [(100, 2, [1]), (2, 1, [4, 2])],
+                         ids=["one-level", "upper-levels"])
+def test_parts_of_different_columns_and_types_merge_into_one_schema_row_for_row(job_with, fan_in, batch_size,
+                                                                                  levels):
     """A merge reads its parts into one table: a column missing from a part is null there, a column null-typed in
-    one part takes the type of another, int64 and double unify to double. With a fan-in of 2 the first level's
-    outputs differ the same way, and the level above (which streams its inputs) unifies them alike."""
+    one part takes the type of another, int64 and double unify to double. With a fan-in of 2 and a part per record
+    the first level's outputs differ the same way, and the merges above (level 2 and the final layout, which stream
+    their inputs) unify them alike."""
     records = [{"id": 0, "note": None}, {"id": 1, "note": None},  # note: null-typed in this part
                {"id": 2, "note": "x", "extra": 5}, {"id": 3, "note": "y"},  # extra: in this part only
                {"id": 4, "score": 1}, {"id": 5, "score": 2}, {"id": 6, "score": 2.5}]
-    cfg, store = job_with("slurmctl.handlers.echo:handle", records, batch_size=2, fan_in=fan_in)
+    cfg, store = job_with("slurmctl.handlers.echo:handle", records, batch_size=batch_size, fan_in=fan_in)
     tasks = committed_tasks(store, JOB)
-    assert len(tasks) == 4
-    assert len(plan_aggregation(JOB, tasks, cfg.aggregate, "id").levels) == (1 if fan_in == 100 else 2)
+    assert len(tasks) == -(-len(records) // batch_size)
+    assert [len(level) for level in plan_aggregation(JOB, tasks, cfg.aggregate, "id").levels] == levels
     body = merge_all(store, JOB, tasks, cfg.aggregate)
     table = pq.read_table(store.local_path(body["files"][0]["key"]))
     assert table.schema.field("note").type == pa.string() and table.schema.field("score").type == pa.float64()

@@ -7,10 +7,14 @@ problem. The tree:
 * **Level 1** reads up to ``fan_in`` committed batch outputs (in commit order) and splits their rows by a hash of
   the item id into ``buckets`` hash partitions, writing one file per non-empty partition.
 * **Level 2, 3, ...** merge up to ``fan_in`` files *of the same partition* from the level below, until each
-  partition is one file. A key (item id, row index) lives in one partition only, so deduplicating within a merge is
-  global deduplication, and a merge holds at most one partition's rows (``rows_per_bucket``) in memory.
-* **Final** streams the partitions' files into the configured layout (one file, files of at most N rows, or a
-  dataset partitioned by a column), then the flow publishes them under ``output/``.
+  partition has at most ``fan_in`` files. A key (item id, row index) lives in one partition only, so deduplicating
+  within a merge is global deduplication, and a merge holds at most one partition's rows (``rows_per_bucket``) in
+  memory.
+* **Final** is the top merge of every partition: it deduplicates each partition's last files (at most ``fan_in``)
+  as a level above would and streams their rows into the configured layout (one file, files of at most N rows, or a
+  dataset partitioned by a column), then the flow publishes them under ``output/``. A level that only made each
+  partition one file would write every row once more, to be read once more: at 2,000 parts that level and the
+  re-read were a third of the aggregation.
 
 Everything a plan writes lives under ``jobs/<job>/aggregate/<plan_id>/``; the plan id is a digest of the inputs (each
 winning commit's output and checksum) and the settings, so a restart after a crash at any level finds its finished
@@ -51,6 +55,7 @@ class AggregationPlan:
     plan_id: str
     buckets: int
     fan_in: int
+    id_field: str = "id"
     levels: list[list[Merge]] = field(default_factory=list)
 
     @property
@@ -85,9 +90,12 @@ class AggregationPlan:
     def final_done(self) -> str:
         return f"{self.prefix}final.done"
 
-    def bucket_sources(self) -> list[Merge]:
-        """The merges whose files are the partitions' last (one per partition, or the single level-1 merge)."""
-        return list(self.levels[-1]) if self.levels else []
+    def partition_sources(self) -> list[tuple[int, list[Merge]]]:
+        """Each partition with the merges whose files are its last (at most ``fan_in``, in commit order): what the
+        final layout merges. A level-1 merge wrote a file for every partition its rows fell in."""
+        top = self.levels[-1] if self.levels else []
+        return [(b, sources) for b in range(self.buckets)
+                if (sources := [m for m in top if m.bucket in (None, b)])]
 
     @property
     def merges(self) -> int:
@@ -118,7 +126,8 @@ class AggregationPlan:
     def final_spec(self, tasks: list[dict[str, Any]], cfg: AggregateConfig) -> dict[str, Any]:
         """What the final layout needs (``tasks.merge.write_output``): the partitions' last files and the layout."""
         return {"plan_id": self.plan_id, "manifest": self.final_manifest, "done": self.final_done,
-                "sources": [(self.manifest_key(m), m.bucket) for m in self.bucket_sources()],
+                "id_field": self.id_field,
+                "partitions": [(b, [self.manifest_key(m) for m in merges]) for b, merges in self.partition_sources()],
                 "final_prefix": self.final_prefix, "partition_by": cfg.partition_by,
                 "max_rows_per_file": cfg.max_rows_per_file, "max_partitions": cfg.max_partitions,
                 "batch_ids": [t["batch_id"] for t in tasks]}
@@ -126,7 +135,7 @@ class AggregationPlan:
 
 def plan_id_of(tasks: list[dict[str, Any]], cfg: AggregateConfig, buckets: int, id_field: str) -> str:
     """A digest of what the plan merges (each commit's output and checksum, in order) and how."""
-    h = hashlib.sha256(json.dumps([3, cfg.fan_in, buckets, id_field, cfg.partition_by, cfg.max_rows_per_file],
+    h = hashlib.sha256(json.dumps([4, cfg.fan_in, buckets, id_field, cfg.partition_by, cfg.max_rows_per_file],
                                   default=str).encode())
     for t in tasks:
         h.update(f"\n{t['batch_id']} {t.get('output')} {t.get('output_sha256')}".encode())
@@ -141,15 +150,15 @@ def plan_aggregation(job_id: str, tasks: list[dict[str, Any]], cfg: AggregateCon
     """The merge tree over ``tasks`` (the committed task manifests, in commit order)."""
     rows = sum(t.get("rows_written") or 0 for t in tasks)
     buckets = max(1, math.ceil(rows / cfg.rows_per_bucket))
-    plan = AggregationPlan(job_id, plan_id_of(tasks, cfg, buckets, id_field), buckets, cfg.fan_in)
+    plan = AggregationPlan(job_id, plan_id_of(tasks, cfg, buckets, id_field), buckets, cfg.fan_in, id_field)
     with_output = [i for i, t in enumerate(tasks) if t.get("output")]
     if not with_output:
         return plan
     level = [Merge(1, i, g) for i, g in enumerate(_groups(with_output, cfg.fan_in))]
     plan.levels.append(level)
 
-    def last(level: list[Merge]) -> bool:  # one merge left, or one per partition above level 1
-        return len(level) == 1 if level[0].level == 1 else len(level) == buckets
+    def last(level: list[Merge]) -> bool:  # the final layout can merge what is left: <= fan_in files a partition
+        return all(sum(1 for m in level if m.bucket in (None, b)) <= cfg.fan_in for b in range(buckets))
 
     while not last(level):
         below, level = level, []

@@ -35,6 +35,7 @@ def import_for_jobs() -> None:
 
     for module in JOB_IMPORTS:
         importlib.import_module(module)
+    gc.freeze()
 
 
 def flush_prefect(timeout: float = FLUSH_TIMEOUT_S) -> bool:
