@@ -56,9 +56,9 @@ def aggregate_runner(cfg: JobConfig, committed_batches: int) -> TaskRunner:
 
     On a Slurm cluster, the job's cluster (the data is spread over its nodes' work) when there is more than one
     first-level merge. On the embedded default the cluster's workers would be this machine's cores anyway: the
-    coordinator's threads run the merges (pyarrow releases the GIL while it reads, hashes and writes), one per worker
-    slot, without starting a second cluster (each worker imports Prefect and slurmctl again: ~4 s on 2 cores). The
-    same tasks either way.
+    coordinator's task runs, one thread per worker slot, without starting a second cluster (each worker imports
+    Prefect and slurmctl again: ~4 s on 2 cores); a coordinator hands their merges to processes forked from its
+    workers' template (``merge_processes``). The same tasks either way.
     """
     if isinstance(cfg.cluster, LocalClusterConfig):
         return ThreadPoolTaskRunner(max_workers=worker_slots(cfg))
