@@ -30,7 +30,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
 
 from slurmctl import procpool
 from slurmctl.books.aggregation import AggregationPlan, Merge, plan_aggregation
@@ -44,7 +43,7 @@ from slurmctl.config import JobConfig, LocalClusterConfig, parse_config
 from slurmctl.flows import cancel, local_workers
 from slurmctl.flows.runners import task_runner_for
 from slurmctl.storage import DeleteIncomplete, Store
-from slurmctl.tasks.merge import concat_rejects, dropped_by, layout_output, merge_chunk, put_jsonl
+from slurmctl.tasks.merge import MergeChunk, concat_rejects, dropped_by, layout_output, merge_chunk, put_jsonl
 
 
 class OutputMismatch(RuntimeError):
@@ -116,10 +115,8 @@ def run_levels(store: Store, plan: AggregationPlan, tasks: list[dict[str, Any]],
         chunks = chunked(todo, 1 if processes else runs)  # the pool spreads them: one task run reports the level
         logger.info("aggregate level %s: %s merge(s) (%s done before) in %s task run(s)", no, len(level),
                     len(level) - len(todo), len(chunks))
-        # quoted: Prefect would walk every spec of the chunk looking for futures (2,000 inputs: ~0.1 s)
         futures = [merge_chunk.with_options(task_run_name=_chunk_name(c)).submit(
-            store, quote({"name": _chunk_name(c),
-                          "merges": [plan.merge_spec(m, tasks, cfg.input.id_field) for m in c]}),
+            store, MergeChunk(_chunk_name(c), [plan.merge_spec(m, tasks, cfg.input.id_field) for m in c]),
             processes) for c in chunks]
         counts = [f.result() for f in futures]  # raises the first failure (after its retries) naming the file
         # merges finished by an earlier run: what they dropped belongs to this plan too, from their manifests
@@ -202,7 +199,7 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
                     len(plan.levels), plan.merges)
         processes = merge_processes(cfg, sum(1 for t in tasks if t.get("output")))
         dropped, superseded = run_levels(store, plan, tasks, cfg, runs_per_level(cfg, len(plan.levels)), processes)
-        layout_output.submit(store, quote(plan.final_spec(tasks, cfg.aggregate)), processes).result()
+        layout_output.submit(store, plan.final_spec(tasks, cfg.aggregate), processes).result()
     finally:
         procpool.shutdown()  # the merges' processes, if any: nothing else needs them
     final = store.get_json(plan.final_manifest)

@@ -140,6 +140,27 @@ def test_a_coordinator_runs_the_merges_in_processes_forked_from_its_workers_temp
     assert result_of(store)["layout"]["levels"] == 2
 
 
+def test_on_a_cluster_the_merges_are_its_workers_task_runs(job, prefect_api, monkeypatch):
+    """On a Slurm cluster a job of more than ``fan_in`` batches merges on the job's cluster (``aggregate_runner``:
+    a ``DaskTaskRunner``): the merges cross to its workers as task-run arguments and Prefect's engine runs them
+    there. A LocalCluster of one worker process stands in for the SLURMCluster."""
+    from distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    from slurmctl.flows.aggregate import aggregate_phase
+
+    records = [{"id": i, "n": 1 + i % 2} for i in range(24)]
+    cfg, store = job(records, fan_in=3)  # 12 batches: 4 first-level merges, then the final layout merges them
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    runner = DaskTaskRunner(cluster_class=LocalCluster, cluster_kwargs={
+        "n_workers": 1, "threads_per_worker": 2, "processes": True, "dashboard_address": None})
+    with flows_reporting_to(prefect_api):
+        got = aggregate_phase.with_options(task_runner=runner)(cfg.job_id, cfg.model_dump(mode="json"))
+    want = [(r["id"], k) for r in records for k in range(r["n"])]
+    table = output_table(store)
+    assert list(zip(table["id"].to_pylist(), table["k"].to_pylist())) == want and got["rows"] == len(want)
+
+
 def test_the_plan_stays_within_the_task_run_budget_and_changes_with_its_inputs():
     tasks = [{"batch_id": f"batch-{i:06d}", "output": f"o{i}", "output_sha256": "s", "rows_written": 100}
              for i in range(50_000)]
