@@ -3,11 +3,12 @@ Prefect tasks that run many merges per task run (``merge_chunk``, ``layout_outpu
 
 Every file a merge reads is verified first (sha256 and row count against the manifest that recorded it: a batch's
 task manifest, or the merge manifest of the level below); a mismatch fails naming the file. Every file it writes is
-stored atomically (``put_file``: rename on disk, a completed multipart upload on S3), then its manifest (checksum
-and row count of each file, rows in and out, duplicates dropped per batch), then its ``.done`` marker: a merge that
-crashed half way is simply run again, a finished one is never re-run, and nothing downstream reads a file whose
-manifest is not there. A first-level merge holds its parts (a batch each) in memory; a merge above holds the id,
-batch and line columns of its partition and one input at a time; the final layout streams record batches.
+stored atomically (``put_file``: rename on disk, a completed multipart upload on S3), then its manifest (checksum,
+row count and id range of each file, rows in and out, duplicates dropped per batch), then its ``.done`` marker: a
+merge that crashed half way is simply run again, a finished one is never re-run, and nothing downstream reads a file
+whose manifest is not there. A first-level merge holds its parts (a batch each) in memory; a merge above, and the
+final layout (each partition's top merge), hold the id, batch and line columns of a partition (none when their
+inputs' id ranges are disjoint) and stream the rows one input at a time.
 """
 
 from __future__ import annotations
