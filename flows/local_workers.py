@@ -192,6 +192,11 @@ class EarlyCluster:
                 self._cluster.close()
             except Exception as exc:  # its processes end with this one anyway
                 print(f"note: closing the job's local cluster: {type(exc).__name__}: {exc}", file=sys.stderr)
+            finally:
+                # Freed now, while Dask's modules are whole. Held by this module until the interpreter's exit, it
+                # was freed after their globals were cleared, and its finalizers printed AttributeErrors into the
+                # coordinator's log after the coordinator's exit line.
+                self._cluster = None
 
 
 _early: EarlyCluster | None = None

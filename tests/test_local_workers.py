@@ -46,6 +46,7 @@ def test_the_phases_run_on_the_cluster_the_coordinator_started_with_the_jobs_sch
 
     local_workers.close_cluster()
     assert cluster.status.name == "closed" and _runner(cfg).address is None
+    assert local_workers._early._cluster is None  # not left to be freed at the interpreter's exit
 
 
 def test_only_a_coordinator_starts_a_cluster_early(monkeypatch: pytest.MonkeyPatch):
