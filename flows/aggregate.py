@@ -116,7 +116,7 @@ def run_levels(store: Store, plan: AggregationPlan, tasks: list[dict[str, Any]],
         logger.info("aggregate level %s: %s merge(s) (%s done before) in %s task run(s)", no, len(level),
                     len(level) - len(todo), len(chunks))
         futures = [merge_chunk.with_options(task_run_name=_chunk_name(c)).submit(
-            store, MergeChunk(_chunk_name(c), [plan.merge_spec(m, tasks, cfg.input.id_field) for m in c]),
+            store, MergeChunk(_chunk_name(c), [plan.merge_spec(m, tasks) for m in c]),
             processes) for c in chunks]
         counts = [f.result() for f in futures]  # raises the first failure (after its retries) naming the file
         # merges finished by an earlier run: what they dropped belongs to this plan too, from their manifests
@@ -194,10 +194,10 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
         state = failure_state(store, tasks)
         books = check_books(store, job, tasks, state)  # nothing is merged for a job that cannot complete
         plan = plan_aggregation(job_id, tasks, cfg.aggregate, cfg.input.id_field)
+        outputs = sum(1 for t in tasks if t.get("output"))
         logger.info("aggregate plan %s: %s batch output(s), %s hash partition(s), fan-in %s, %s level(s), %s "
-                    "merge(s)", plan.plan_id, sum(1 for t in tasks if t.get("output")), plan.buckets, plan.fan_in,
-                    len(plan.levels), plan.merges)
-        processes = merge_processes(cfg, sum(1 for t in tasks if t.get("output")))
+                    "merge(s)", plan.plan_id, outputs, plan.buckets, plan.fan_in, len(plan.levels), plan.merges)
+        processes = merge_processes(cfg, outputs)
         dropped, superseded = run_levels(store, plan, tasks, cfg, runs_per_level(cfg, len(plan.levels)), processes)
         layout_output.submit(store, plan.final_spec(tasks, cfg.aggregate), processes).result()
     finally:

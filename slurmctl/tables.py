@@ -231,10 +231,15 @@ def id_range(table: pa.Table, id_field: str) -> IdRange | None:
     return [kind, low_high["min"].as_py(), low_high["max"].as_py()]
 
 
+def _one_kind(ranges: list[IdRange | None]) -> bool:
+    """All of ``ranges`` are known and of one kind (an int and a string are never compared)."""
+    return all(r is not None for r in ranges) and len({r[0] for r in ranges}) == 1
+
+
 def span(ranges: Iterable[IdRange | None]) -> IdRange | None:
     """One range holding all of ``ranges`` (None if any is None or they are of different kinds)."""
     ranges = list(ranges)
-    if not ranges or any(r is None for r in ranges) or len({r[0] for r in ranges}) != 1:
+    if not ranges or not _one_kind(ranges):
         return None
     return [ranges[0][0], min(r[1] for r in ranges), max(r[2] for r in ranges)]
 
@@ -245,7 +250,7 @@ def disjoint(ranges: list[IdRange | None]) -> bool:
     compared as ``dedupe`` compares them: integers by value, strings by their UTF-8 bytes (code point order)."""
     if len(ranges) < 2:
         return True
-    if any(r is None for r in ranges) or len({r[0] for r in ranges}) != 1:
+    if not _one_kind(ranges):
         return False
     spans = sorted((r[1], r[2]) for r in ranges)
     return all(later[0] > earlier[1] for earlier, later in zip(spans, spans[1:]))

@@ -397,7 +397,7 @@ def merge_all(store: Store, job_id: str, tasks: list[dict[str, Any]], cfg: Aggre
     plan = plan_aggregation(job_id, tasks, cfg, id_field)
     for level in plan.levels:
         for m in level:
-            run_merge(store, plan.merge_spec(m, tasks, id_field))
+            run_merge(store, plan.merge_spec(m, tasks))
     return write_output(store, plan.final_spec(tasks, cfg))
 
 

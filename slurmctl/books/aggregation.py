@@ -101,15 +101,10 @@ class AggregationPlan:
     def merges(self) -> int:
         return sum(len(level) for level in self.levels)
 
-    @property
-    def first_level(self) -> list[Merge]:
-        """The merges that read the batch outputs (none when no batch wrote any)."""
-        return list(self.levels[0]) if self.levels else []
-
-    def merge_spec(self, m: Merge, tasks: list[dict[str, Any]], id_field: str) -> dict[str, Any]:
+    def merge_spec(self, m: Merge, tasks: list[dict[str, Any]]) -> dict[str, Any]:
         """What one merge needs (``tasks.merge.run_merge``), and nothing more: a task run's argument stays small."""
         spec: dict[str, Any] = {"plan_id": self.plan_id, "name": m.name, "level": m.level, "index": m.index,
-                                "bucket": m.bucket, "buckets": self.buckets, "id_field": id_field,
+                                "bucket": m.bucket, "buckets": self.buckets, "id_field": self.id_field,
                                 "manifest": self.manifest_key(m), "done": self.done_key(m)}
         if m.level == 1:
             spec["inputs"] = []
