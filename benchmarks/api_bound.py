@@ -163,9 +163,9 @@ def measured_at_api(api: str, rate: float | None) -> tuple[float, dict]:
                       "api_in_flight_max": stats.get("in_flight_max"), "api_lag": stats.get("lag")}
 
 
-def client_pools(in_flight: int, pool: int = 8) -> list:
-    """``httpx.AsyncClient``s of ``pool`` connections each, enough for ``in_flight`` requests, as the
-    ``AsyncClient`` handler opens them (one httpx pool's per-request cost grows with its connections)."""
+def client_pools(in_flight: int, pool: int = 1) -> list:
+    """``httpx.AsyncClient``s of ``pool`` connections each, enough for ``in_flight`` requests: one each, as the
+    ``AsyncClient`` handler opens them (an httpx pool's per-request cost grows with its connections)."""
     import httpx
 
     limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
@@ -178,10 +178,10 @@ def api_get_post(url: str) -> None:
     urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=30).read()
 
 
-def bare_client(api: str, seconds: float, in_flight: int, pool: int = 8) -> float:
+def bare_client(api: str, seconds: float, in_flight: int, pool: int = 1) -> float:
     """Requests/s a bare asyncio loop of ``httpx.AsyncClient`` calls reaches against the server (no limit, no latency):
-    one core's physical limit for this client. Its connections are split over pools of ``pool``, as the
-    ``AsyncClient`` handler does (one httpx pool's per-request cost grows with its connections)."""
+    one core's physical limit for this client. Its connections are split over pools of ``pool`` (one each, as the
+    ``AsyncClient`` handler does: an httpx pool's per-request cost grows with its connections)."""
     async def main() -> float:
         done = 0
         stop_at = time.monotonic() + seconds

@@ -8,14 +8,16 @@ object becomes the output row, with the item's id (an ``id`` of the API's own, w
 status and ``Retry-After`` header slurmctl's error classes read.
 
 ``AsyncClient`` is the same handler for APIs that need many calls in flight (``handler:
-slurmctl.handlers.http_json:AsyncClient``): a class handler, so each worker process builds its ``httpx.AsyncClient``
-connection pools once (kept alive) and closes them when the worker stops; its calls are coroutines, so the job runs
+slurmctl.handlers.http_json:AsyncClient``): a class handler, so each worker process builds its ``httpx.AsyncClient``s
+once (their connections kept alive) and closes them when the worker stops; its calls are coroutines, so the job runs
 them with ``concurrency: auto`` by default. Extra param: ``max_connections`` (default 1000 per worker process).
 
-Why several small pools and not one: httpcore's pool scans all of its connections on every request and every
-answer, so one pool of 64 connections here spent 12 ms of CPU per request (78 requests/s from a whole core), and
-pools of 8 spent 1.1 ms (850/s) for the same 64 in flight (``benchmarks/api_bound.py``, docs/benchmarks.md). A
-request goes to the pool with the fewest in flight; a new pool opens when every pool has ``POOL_CONNECTIONS``.
+Why one connection per client and not one pool: httpcore's pool checks every idle connection it holds on every
+request and every answer (a syscall or two each), so one pool of 64 connections spent 12 ms of CPU per request (78
+requests/s from a whole core) and pools of 8 still spent a quarter of a worker's loop on those checks at 1,000
+requests/s (py-spy, ``benchmarks/api_bound.py``, docs/benchmarks.md). A request takes a client whose connection is
+free (the one freed last, so its connection is warm), or opens a new one, up to ``max_connections``; beyond that it
+queues at the least busy client.
 """
 
 from __future__ import annotations
@@ -44,44 +46,53 @@ def _url(params: dict[str, Any], item: dict[str, Any]) -> str:
 
 
 class AsyncClient:
-    """``handle`` on ``httpx.AsyncClient`` pools built once per worker process, many requests in flight (see the
-    module doc)."""
-
-    POOL_CONNECTIONS = 8  # connections per httpx pool: its per-request cost grows with the connections it holds
+    """``handle`` on ``httpx.AsyncClient``s of one kept-alive connection each, built once per worker process, many
+    requests in flight (see the module doc)."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         if "base_url" not in params:
             raise ValueError("params.base_url is required by slurmctl.handlers.http_json:AsyncClient")
         self.params = params
-        self.pools: list[list[Any]] = []  # [client, requests in flight], built on the worker's loop on first use
-        self.tls: Any = None  # one TLS context for every pool
+        self.clients: list[list[Any]] = []  # [client, requests in flight], built on the worker's loop on first use
+        self.free: list[list[Any]] = []  # those with nothing in flight, the one freed last at the end
+        self.tls: Any = None  # one TLS context for every client
 
-    def _pool(self) -> list[Any]:
+    def _take(self) -> list[Any]:
+        """A client for one request: the one freed last, else a new one, else (``max_connections`` open, all
+        busy) the least busy."""
+        client = self._pick()
+        client[1] += 1
+        return client
+
+    def _give(self, client: list[Any]) -> None:
+        client[1] -= 1
+        if client[1] == 0:
+            self.free.append(client)
+
+    def _pick(self) -> list[Any]:
+        if self.free:
+            return self.free.pop()
+        if len(self.clients) >= max(1, int(self.params.get("max_connections", 1000))):
+            return min(self.clients, key=lambda c: c[1])  # all busy: queue at the least busy one
         import httpx
 
-        pool = min(self.pools, key=lambda p: p[1], default=None)
-        most = max(1, -(-int(self.params.get("max_connections", 1000)) // self.POOL_CONNECTIONS))
-        if (pool is None or pool[1] >= self.POOL_CONNECTIONS) and len(self.pools) < most:
-            size = self.POOL_CONNECTIONS
-            if self.tls is None:  # each client would load the CA bundle again: ~20 ms on the loop, per pool
-                self.tls = httpx.create_ssl_context()
-            pool = [httpx.AsyncClient(timeout=float(self.params.get("timeout_s", 10)), verify=self.tls,
-                                      limits=httpx.Limits(max_connections=size, max_keepalive_connections=size)), 0]
-            self.pools.append(pool)
-        assert pool is not None
-        return pool
+        if self.tls is None:  # each client would load the CA bundle again: ~20 ms on the loop, per client
+            self.tls = httpx.create_ssl_context()
+        one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        client = [httpx.AsyncClient(timeout=float(self.params.get("timeout_s", 10)), verify=self.tls, limits=one), 0]
+        self.clients.append(client)
+        return client
 
     async def __call__(self, item: dict[str, Any], ctx: Any) -> dict[str, Any]:
         url = _url(self.params, item)
         ctx.count("api_requests")
         limit = self.params.get("limit")
         async with ctx.limit(limit) if limit else contextlib.nullcontext():
-            pool = self._pool()
-            pool[1] += 1
+            client = self._take()
             try:
-                resp = await pool[0].get(url)
+                resp = await client[0].get(url)
             finally:
-                pool[1] -= 1
+                self._give(client)
             resp.raise_for_status()  # inside the limit: a 429 slows the shared rate down
         body = resp.json()
         if not isinstance(body, dict):
@@ -89,6 +100,6 @@ class AsyncClient:
         return body
 
     async def aclose(self) -> None:
-        pools, self.pools = self.pools, []
-        for client, _ in pools:
+        clients, self.clients, self.free = self.clients, [], []
+        for client, _ in clients:
             await client.aclose()
