@@ -18,6 +18,19 @@ from slurmctl.secret_env import split_env
 from slurmctl.slurm import FORWARDED_ENV, duration_s, env_lines, slurm_job_name
 from slurmctl.walltime import END_ENV
 
+# Dask's statistical profiler samples every worker thread's stack every 10 ms, for the dashboard's Profile page (which
+# our clusters do not serve). With a worker's calls in flight on its event loop it took 8 % of the worker's core, from
+# the loop that must claim its rate-limit slots on time (py-spy, benchmarks/api_bound.py: the job's ceiling rose from
+# 1,590 to 1,815 requests/s without it). Set this variable (True) to have it back.
+PROFILER_ENV = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"
+
+
+def worker_dask_config() -> dict[str, Any]:
+    """The Dask config our workers run with, beside the user's (nothing when they set ``PROFILER_ENV`` themselves).
+    Dotted: a nanny sets its config on its worker key by key, and a nested ``distributed`` would replace the whole
+    section there (its worker failed to start: ``KeyError: 'admin'``)."""
+    return {} if PROFILER_ENV in os.environ else {"distributed.worker.profile.enabled": False}
+
 
 def slurm_prologue(cfg: SlurmClusterConfig, secrets_file: Path | None = None) -> list[str]:
     """The job script's first lines: where to run, the non-secret environment inline, and (when some forwarded
@@ -28,6 +41,8 @@ def slurm_prologue(cfg: SlurmClusterConfig, secrets_file: Path | None = None) ->
     # The script's shell ignores SIGTERM (Slurm sends it to every process of the job): were it to die, Slurm would
     # end the job and kill the worker at once. The worker hears it itself and leaves between batches.
     lines.append("trap '' TERM")
+    if worker_dask_config():
+        lines.append(f"export {PROFILER_ENV}=False")
     return lines + list(cfg.job_script_prologue)
 
 
@@ -37,9 +52,11 @@ def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: st
     job's items are in flight together). On Slurm the extra threads book no CPU: ``cores`` (Dask's threads) grows,
     ``job_cpu`` (the CPUs sbatch books) stays what the config says."""
     if isinstance(cluster, LocalClusterConfig):
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-            "n_workers": cluster.n_workers, "threads_per_worker": cluster.threads_per_worker * threads_factor,
-            "processes": cluster.processes, "dashboard_address": None})
+        local = {"n_workers": cluster.n_workers, "threads_per_worker": cluster.threads_per_worker * threads_factor,
+                 "processes": cluster.processes, "dashboard_address": None}
+        if cluster.processes and worker_dask_config():  # a nanny hands its worker process this config
+            local["config"] = worker_dask_config()
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local)
     secrets = job_secrets_file(job_id).absolute()
     _, secret_names = split_env(FORWARDED_ENV, os.environ)
     kwargs = {

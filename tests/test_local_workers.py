@@ -49,6 +49,29 @@ def test_the_phases_run_on_the_cluster_the_coordinator_started_with_the_jobs_sch
     assert local_workers._early._cluster is None  # not left to be freed at the interpreter's exit
 
 
+def test_workers_run_without_dasks_profiler_unless_asked(coordinator, monkeypatch: pytest.MonkeyPatch):
+    """Dask's profiler samples every worker thread's stack every 10 ms for a dashboard our clusters do not serve: 8 %
+    of a worker's core, taken from the loop that claims its rate-limit slots. A local worker's nanny hands it the
+    config; a Slurm worker's job script exports it. A user who sets the variable keeps their choice."""
+    from distributed import Client
+
+    from slurmctl.config import SlurmClusterConfig
+    from slurmctl.flows.runners import PROFILER_ENV, slurm_prologue
+
+    monkeypatch.delenv(PROFILER_ENV, raising=False)
+    cfg = job_config(processes=True)
+    local_workers.start_cluster(_runner(cfg).cluster_kwargs, scheduler_kwargs(cfg))
+    with Client(local_workers._early.address()) as client:
+        callbacks = client.run(lambda dask_worker: sorted(dask_worker.periodic_callbacks))
+    assert len(callbacks) == 1 and all("profile" not in names and "heartbeat" in names
+                                       for names in callbacks.values())
+    assert f"export {PROFILER_ENV}=False" in slurm_prologue(SlurmClusterConfig(kind="slurm"))
+
+    monkeypatch.setenv(PROFILER_ENV, "True")
+    assert "config" not in _runner(job_config(processes=True, n_workers=2)).cluster_kwargs
+    assert not any(PROFILER_ENV in line for line in slurm_prologue(SlurmClusterConfig(kind="slurm")))
+
+
 def test_only_a_coordinator_starts_a_cluster_early(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(local_workers, "_allowed", False)  # a test session, a notebook: the phases start their own
     monkeypatch.setattr(local_workers, "_early", None)
