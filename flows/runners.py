@@ -41,7 +41,7 @@ def slurm_prologue(cfg: SlurmClusterConfig, secrets_file: Path | None = None) ->
     # The script's shell ignores SIGTERM (Slurm sends it to every process of the job): were it to die, Slurm would
     # end the job and kill the worker at once. The worker hears it itself and leaves between batches.
     lines.append("trap '' TERM")
-    if worker_dask_config():
+    if PROFILER_ENV not in os.environ:  # the job script's side of ``worker_dask_config``
         lines.append(f"export {PROFILER_ENV}=False")
     return lines + list(cfg.job_script_prologue)
 
@@ -54,8 +54,9 @@ def task_runner_for(cluster: LocalClusterConfig | SlurmClusterConfig, job_id: st
     if isinstance(cluster, LocalClusterConfig):
         local = {"n_workers": cluster.n_workers, "threads_per_worker": cluster.threads_per_worker * threads_factor,
                  "processes": cluster.processes, "dashboard_address": None}
-        if cluster.processes and worker_dask_config():  # a nanny hands its worker process this config
-            local["config"] = worker_dask_config()
+        config = worker_dask_config()
+        if cluster.processes and config:  # a nanny hands its worker process this config
+            local["config"] = config
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local)
     secrets = job_secrets_file(job_id).absolute()
     _, secret_names = split_env(FORWARDED_ENV, os.environ)
