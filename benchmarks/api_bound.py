@@ -24,6 +24,9 @@ the concurrency the workers reached (their batches' metrics). ``--ceiling`` adds
 process reaches) beside a bare httpx/asyncio client loop against the same server in the same run.
 ``--bare-limiter`` adds, per cell, the same limit spent by 2 bare processes through the product's leaser and
 ``ctx.limit`` (a fixed rate x latency in flight, no Prefect, Dask, batches or gate): what the limiter reaches here.
+``--bare-paced [SHARE ...]`` adds, per cell, 2 bare processes sending plain httpx requests at exact, evenly spaced
+times (SHARE of R in all, 0.9 by default) with no limiter at all: how many of them the API answers 429 when nothing
+but the machine's own timing decides when they leave, and the CPU a request costs a process sending at a steady pace.
 
 The API runs at real-time priority where the machine allows it (``api_priority`` in the output; else the highest
 nice level allowed): its bucket judges a request by when the API's process reads it, and on 2 cores shared with the
@@ -265,11 +268,77 @@ def bare_limiter(api: str, tmp: Path, latency_ms: float, rate: float, seconds: f
             "expired_slots": sum(r["expired_slots"] for r in per_process)}
 
 
+def _bare_paced(api: str, k: int, procs: int, total_per_s: float, in_flight: int, start: float, seconds: float,
+                out: Any) -> None:
+    """One process of ``bare_paced``: a request at each of its evenly spaced times (the processes' times
+    interleaved), each on a free client of one kept-alive connection, with no limiter and nothing else running."""
+    import httpx
+
+    async def run() -> tuple[int, float]:
+        tls = httpx.create_ssl_context()
+        one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        free = [httpx.AsyncClient(limits=one, timeout=30, verify=tls) for _ in range(in_flight)]
+        clients, done, tasks = list(free), 0, set()
+
+        async def call(i: int, at: float) -> None:
+            nonlocal done
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            client = free.pop() if free else httpx.AsyncClient(limits=one, timeout=30, verify=tls)
+            try:
+                await client.get(f"{api}/items/{i}")
+            finally:
+                free.append(client)
+            done += 1
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        cpu, i = time.process_time(), 0
+        while (at := start + (i * procs + k) / total_per_s) < start + seconds:
+            while at > time.monotonic() + 0.05:  # keep 50 ms of calls scheduled ahead
+                await asyncio.sleep(0.01)
+            task = asyncio.ensure_future(call(i * procs + k, at))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            i += 1
+        await asyncio.gather(*tasks)
+        cpu = time.process_time() - cpu
+        for client in clients + free:
+            await client.aclose()
+        return done, cpu
+
+    done, cpu = asyncio.run(run())
+    out.put({"process": k, "requests": done, "cpu_ms_per_request": round(1000 * cpu / max(1, done), 3)})
+
+
+def bare_paced(api: str, latency_ms: float, rate: float, share: float, seconds: float, procs: int = 2,
+               burst: int = 5) -> dict:
+    """``share`` of the cell's rate sent by ``procs`` bare processes at exact, evenly spaced times: plain httpx, no
+    limiter, no Prefect, Dask or batches. What this machine's clients reach on their own: the 429s are requests that
+    left later than the API's burst allows (their process busy or descheduled), and the CPU each request costs a
+    process sending at a steady pace."""
+    import multiprocessing
+
+    api_get_post(f"{api}/config?latency={latency_ms / 1000}&rate={rate}&burst={burst}")
+    in_flight = math.ceil(rate * share * latency_ms / 1000 / procs * 1.5) + 8
+    mp = multiprocessing.get_context("spawn")
+    results = mp.Queue()
+    start = time.monotonic() + 4.0  # the processes' imports and clients first
+    runs = [mp.Process(target=_bare_paced, args=(api, k, procs, rate * share, in_flight, start, seconds, results))
+            for k in range(procs)]
+    for proc in runs:
+        proc.start()
+    per_process = [results.get(timeout=seconds + 120) for _ in runs]
+    for proc in runs:
+        proc.join()
+    return {"handler": "bare-paced", "latency_ms": latency_ms, "rate": rate, "sent_per_s": rate * share,
+            "processes": procs, **measured_at_api(api, rate)[1],
+            "cpu_ms_per_request": [r["cpu_ms_per_request"] for r in sorted(per_process, key=lambda r: r["process"])]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--latency-ms", type=float, nargs="+", default=[20, 200, 1000])
     p.add_argument("--rate", type=float, nargs="*", default=[50, 500, 2000])
-    p.add_argument("--handlers", nargs="+", choices=list(HANDLERS), default=["async", "sync-auto", "sync-1"])
+    p.add_argument("--handlers", nargs="*", choices=list(HANDLERS), default=["async", "sync-auto", "sync-1"],
+                   help="none: only the bare runs asked for")
     p.add_argument("--seconds", type=float, default=12, help="work per cell at the rate it can reach")
     p.add_argument("--max-items", type=int, default=30000)
     p.add_argument("--ceiling", action="store_true", help="also R = inf, L = 0, beside a bare client loop")
@@ -278,6 +347,9 @@ def main() -> None:
                    help="workers on the real Slurm: 2 worker jobs of cores: 1 (scripts/slurm.sh up first)")
     p.add_argument("--bare-limiter", action="store_true",
                    help="per cell, also the limit spent by 2 bare processes through the product's leaser (no job)")
+    p.add_argument("--bare-paced", type=float, nargs="*", metavar="SHARE",
+                   help="per cell, also 2 bare processes sending plain httpx requests at exact times, SHARE of the "
+                        "rate in all (0.9 if no SHARE given), with no limiter and no job")
     p.add_argument("--burst", type=int, default=5,
                    help="the API's bucket and the declared limit's burst: its room for the calls' jitter is "
                         "(burst - 1) / rate (5 at 2000/s: 2 ms)")
@@ -303,6 +375,10 @@ def main() -> None:
                     print(json.dumps(cell), file=sys.stderr, flush=True)
                 if args.bare_limiter and rate:
                     cell = bare_limiter(api, tmp, latency, rate, args.seconds, burst=args.burst)
+                    cells.append(cell)
+                    print(json.dumps(cell), file=sys.stderr, flush=True)
+                for share in (args.bare_paced or [0.9]) if args.bare_paced is not None and rate else []:
+                    cell = bare_paced(api, latency, rate, share, args.seconds, burst=args.burst)
                     cells.append(cell)
                     print(json.dumps(cell), file=sys.stderr, flush=True)
         ceiling = None
