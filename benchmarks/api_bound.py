@@ -283,7 +283,10 @@ def _bare_paced(api: str, k: int, procs: int, total_per_s: float, in_flight: int
         async def call(i: int, at: float) -> None:
             nonlocal done
             await asyncio.sleep(max(0.0, at - time.monotonic()))
-            client = free.pop() if free else httpx.AsyncClient(limits=one, timeout=30, verify=tls)
+            if not free:  # more in flight than planned: the API or this process fell behind
+                clients.append(httpx.AsyncClient(limits=one, timeout=30, verify=tls))
+                free.append(clients[-1])
+            client = free.pop()
             try:
                 await client.get(f"{api}/items/{i}")
             finally:
@@ -300,7 +303,7 @@ def _bare_paced(api: str, k: int, procs: int, total_per_s: float, in_flight: int
             i += 1
         await asyncio.gather(*tasks)
         cpu = time.process_time() - cpu
-        for client in clients + free:
+        for client in clients:
             await client.aclose()
         return done, cpu
 
