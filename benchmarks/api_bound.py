@@ -206,6 +206,22 @@ def bare_client(api: str, seconds: float, in_flight: int, pool: int = 1) -> floa
     return asyncio.run(main())
 
 
+def _in_processes(target: Any, args: list[tuple], timeout_s: float) -> list[dict]:
+    """Run ``target(*a, queue)`` in a spawned process for each ``a`` of ``args``; each puts one dict with its
+    ``process`` number on the queue. Their dicts, in process order."""
+    import multiprocessing
+
+    mp = multiprocessing.get_context("spawn")
+    results = mp.Queue()
+    runs = [mp.Process(target=target, args=(*a, results)) for a in args]
+    for proc in runs:
+        proc.start()
+    out = [results.get(timeout=timeout_s) for _ in runs]
+    for proc in runs:
+        proc.join()
+    return sorted(out, key=lambda r: r["process"])
+
+
 def _bare_limited(api: str, k: int, spec: dict, db: str, in_flight: int, start: float, seconds: float,
                   out: Any) -> None:
     """One process of ``bare_limiter``: ``in_flight`` coroutines, each taking a token through ``ctx.limit`` (the
@@ -243,8 +259,6 @@ def bare_limiter(api: str, tmp: Path, latency_ms: float, rate: float, seconds: f
     """The cell's limit spent by ``procs`` bare processes (no Prefect, no Dask, no batches, no gate: a fixed rate x
     latency in flight, plus a queue), through the product's leaser: what the limiter itself reaches on this machine,
     beside the jobs."""
-    import multiprocessing
-
     from slurmctl.blocks.rate_limiter import limiter_from_config
     from slurmctl.ratelimit.lanes import LimitSpec
 
@@ -253,16 +267,9 @@ def bare_limiter(api: str, tmp: Path, latency_ms: float, rate: float, seconds: f
     limiter_from_config("local", path=db).ensure_limit("bare/api", LimitSpec(**spec))
     api_get_post(f"{api}/config?latency={latency_ms / 1000}&rate={rate}&burst={burst}")
     in_flight = math.ceil(rate * latency_ms / 1000 / procs * 1.25) + 4
-    mp = multiprocessing.get_context("spawn")
-    results = mp.Queue()
     start = time.monotonic() + 3.0  # the processes' imports first
-    runs = [mp.Process(target=_bare_limited, args=(api, k, spec, db, in_flight, start, seconds, results))
-            for k in range(procs)]
-    for proc in runs:
-        proc.start()
-    per_process = [results.get(timeout=seconds + 120) for _ in runs]
-    for proc in runs:
-        proc.join()
+    per_process = _in_processes(_bare_limited, [(api, k, spec, db, in_flight, start, seconds) for k in range(procs)],
+                                seconds + 120)
     return {"handler": "bare-limiter", "latency_ms": latency_ms, "rate": rate, "processes": procs,
             "in_flight_per_process": in_flight, **measured_at_api(api, rate)[1],
             "expired_slots": sum(r["expired_slots"] for r in per_process)}
@@ -317,23 +324,14 @@ def bare_paced(api: str, latency_ms: float, rate: float, share: float, seconds: 
     limiter, no Prefect, Dask or batches. What this machine's clients reach on their own: the 429s are requests that
     left later than the API's burst allows (their process busy or descheduled), and the CPU each request costs a
     process sending at a steady pace."""
-    import multiprocessing
-
     api_get_post(f"{api}/config?latency={latency_ms / 1000}&rate={rate}&burst={burst}")
     in_flight = math.ceil(rate * share * latency_ms / 1000 / procs * 1.5) + 8
-    mp = multiprocessing.get_context("spawn")
-    results = mp.Queue()
     start = time.monotonic() + 4.0  # the processes' imports and clients first
-    runs = [mp.Process(target=_bare_paced, args=(api, k, procs, rate * share, in_flight, start, seconds, results))
-            for k in range(procs)]
-    for proc in runs:
-        proc.start()
-    per_process = [results.get(timeout=seconds + 120) for _ in runs]
-    for proc in runs:
-        proc.join()
+    per_process = _in_processes(_bare_paced, [(api, k, procs, rate * share, in_flight, start, seconds)
+                                              for k in range(procs)], seconds + 120)
     return {"handler": "bare-paced", "latency_ms": latency_ms, "rate": rate, "sent_per_s": rate * share,
             "processes": procs, **measured_at_api(api, rate)[1],
-            "cpu_ms_per_request": [r["cpu_ms_per_request"] for r in sorted(per_process, key=lambda r: r["process"])]}
+            "cpu_ms_per_request": [r["cpu_ms_per_request"] for r in per_process]}
 
 
 def main() -> None:
