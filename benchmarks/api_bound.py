@@ -84,7 +84,7 @@ def job_metrics(folder: Path, job_id: str) -> dict:
 
     store = store_from_uri(str(folder / "state"))
     out = {"in_flight_max": 0, "concurrency_max": 0, "batches": 0}
-    tokens = calls = expired = 0
+    tokens = calls = expired = late = 0
     for key in store.list_keys(f"jobs/{job_id}/tasks/"):
         m = (store.get_json(key) or {}).get("metrics") or {}
         out["batches"] += 1
@@ -93,9 +93,11 @@ def job_metrics(folder: Path, job_id: str) -> dict:
         tokens += m.get("ratelimit_api_tokens") or 0
         calls += m.get("ratelimit_api_backend_calls") or 0
         expired += m.get("ratelimit_api_expired") or 0
+        late += m.get("ratelimit_api_late") or 0
     if tokens:
         out["limiter_calls_per_token"] = round(calls / tokens, 4)
         out["limiter_expired_slots"] = expired
+        out["limiter_late_slots"] = late  # of those, the ones whose caller came too late (a busy worker)
     state = _limit_state(folder / "state" / "rate-limits.sqlite", f"{job_id}/api")
     if state is not None:  # a quota change seen (429s close together): the shared rate was halved this often
         out["limiter_rate_decreases"] = state.decreases

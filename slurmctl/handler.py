@@ -257,7 +257,8 @@ class BatchContext:
         handler's wait blocks no other item. When the request raises a throttling error (HTTP 429, AWS throttling),
         the shared rate backs off for every worker. What the limiter cost this batch lands in its metrics as
         ``ratelimit_<name>_<counter>``: tokens, wait_s, throttled, late_ms_max (how late after its slot a token was
-        handed out: the jitter this side adds), and (when not zero) backend_calls, expired, paused_s, signal_errors,
+        handed out: the jitter this side adds), and (when not zero) backend_calls, expired (slots passed unused),
+        late (those of them whose caller came later than the allowance: a busy worker), paused_s, signal_errors,
         throttle_report_errors.
         """
         leaser = self.limiters.get(name)
@@ -265,6 +266,17 @@ class BatchContext:
             raise KeyError(f"no rate limit {name!r}: declare it in the job config under rate_limits "
                            f"(declared: {', '.join(self.limiters) or 'none'})")
         return _Limit(self, name, leaser, tokens)
+
+    def limit_slots(self) -> dict[str, tuple[int, int, float]]:
+        """Per declared limit, the slots this batch's calls took or let pass late: ``{name: (late, slots,
+        allowance_ms)}``. A late slot passed unused because its caller came later than the allowance: a worker too
+        busy to keep the limit's pace (its event loop or threads behind, its core shared) loses it."""
+        out = {}
+        for name, leaser in self.limiters.items():
+            late = int(self.metrics.get(f"ratelimit_{name}_late", 0))
+            out[name] = (late, late + int(self.metrics.get(f"ratelimit_{name}_tokens", 0)),
+                         getattr(leaser, "late_us", 0) / 1000)
+        return out
 
     def _wait_begins(self) -> None:
         with self._lock:

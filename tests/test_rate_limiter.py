@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -17,8 +19,10 @@ import pytest
 from support.rates import max_in_window, rate_bound, read_trace
 
 from slurmctl.blocks.rate_limiter import limiter_from_config
+from slurmctl.handler import BatchContext
 from slurmctl.ratelimit.lanes import US, Lease, LimitSpec, Wait, fair_share, now_us
 from slurmctl.ratelimit.leaser import Leaser
+from slurmctl.tasks.process_batch import LATE_MIN_SLOTS, warn_late_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -298,6 +302,56 @@ def test_the_trace_tells_a_late_caller_from_slots_nobody_waited_for(backend, mon
     assert len([u for u in unwanted if slot < u < granted[-1][0]]) >= 4
     assert leaser.expired + leaser.claim_expired == len(traced) - len(granted)  # every slot that passed is traced
 
+
+
+class RecordingLogger:
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self.warnings.append(msg % args)
+
+
+def test_a_worker_too_busy_for_its_slots_is_told_so_once(backend):
+    # A worker whose event loop is busy when its items' slots come due loses those slots: they pass unused, so the
+    # job spends less of its limit than it could. The batch's metrics count them as late (not merely expired, which
+    # also counts slots nobody waited for), and the worker's log says why and what to do, once.
+    spec = LimitSpec(per_second=50, burst=3, lease_size=16, lanes=2)  # slots 20 ms apart, claimed 20 ms late at most
+    leaser = Leaser(backend, "busy", spec)
+    leaser.acquire()  # the first lease: the items below reserve their slots from it at once
+    job = f"busy-{os.urandom(4).hex()}"  # a worker warns once per job and limit: this test's job is new each run
+    ctx = BatchContext(job, "b1", params={}, limiters={"api": leaser})
+
+    async def item() -> None:
+        async with ctx.limit("api"):
+            pass
+
+    async def busy_loop() -> None:
+        await asyncio.sleep(0)  # the items have reserved their slots and sleep until them
+        time.sleep(1.0)  # the loop does not get to them in time: every slot due meanwhile passes
+
+    async def batch() -> None:
+        await asyncio.gather(*(item() for _ in range(40)), busy_loop())
+
+    asyncio.run(batch())
+    late = int(ctx.metrics["ratelimit_api_late"])
+    assert late >= 20 and ctx.metrics["ratelimit_api_expired"] >= late and ctx.metrics["ratelimit_api_tokens"] == 40
+    assert ctx.limit_slots() == {"api": (late, late + 40, spec.late_allowance_s * 1000)}
+    # The worker says so once its batches have shown a pattern (LATE_MIN_SLOTS), and only once.
+    log = RecordingLogger()
+    batches = math.ceil(LATE_MIN_SLOTS / (late + 40))
+    for k in range(batches + 3):
+        warn_late_slots(job, f"b{k}", ctx, log)
+        assert len(log.warnings) == (k + 1 >= batches), (k, log.warnings)
+    assert "rate limit 'api'" in log.warnings[0] and "passed unused" in log.warnings[0]
+    assert "More worker processes" in log.warnings[0]
+    # A late wake-up now and then, however many batches, is not worth a warning.
+    calm = BatchContext(f"calm-{job}", "b1", params={}, limiters={"api": leaser})
+    calm.metrics["ratelimit_api_tokens"] = 40
+    calm.metrics["ratelimit_api_late"] = 3
+    for k in range(50):
+        warn_late_slots(f"calm-{job}", f"b{k}", calm, log)
+    assert len(log.warnings) == 1
 
 def test_pause_reaches_a_worker_holding_long_leases_within_the_signal_period(backend):
     spec = LimitSpec(per_second=20, lease_size=32, lanes=2)  # a lease spans 3.2 s: far longer than the pause deadline
@@ -580,7 +634,7 @@ def test_an_async_caller_reserves_slots_in_time_order_and_claims_them_on_time_or
         time.sleep(0.001)
     tally: dict[str, float] = {}
     assert not leaser.claim(second, lane2, epoch, 0.0, tally=tally)
-    assert tally["expired"] == 1
+    assert tally["expired"] == tally["late"] == 1  # late: its caller came too late (a busy worker)
     # a new epoch (pause, rate change, throttling) voids what was reserved before it
     third, lane3, _ = slots[2]
     leaser.epoch += 1

@@ -80,8 +80,9 @@ class Leaser:
 
     Sharing: every lease books its lanes under this leaser's ``owner`` tag, and the backend's answer says how many
     processes hold lanes (of any job on the key) and our fair share (``lanes.fair_share``). A process holding fewer
-    than its fair share of what it can spend queues behind the lanes of those holding more, in its renewal call (no extra calls), and
-    they cannot renew a lane once someone booked behind it. Lanes nobody else asks for stay with whoever spends them.
+    than its fair share of what it can spend queues behind the lanes of those holding more, in its renewal call (no
+    extra calls), and they cannot renew a lane once someone booked behind it. Lanes nobody else asks for stay with
+    whoever spends them.
     """
 
     PREFETCH = 2  # renew leases when this many slots are left, so the lanes continue without a gap
@@ -425,8 +426,9 @@ class Leaser:
             if late > self.late_us:
                 self.trace.note(slot_us, handed, _Trace.LATE)
                 self.claim_expired += 1
-                if tally is not None:
+                if tally is not None:  # expired: every slot passed unused; late: those whose caller came too late
                     tally["expired"] = tally.get("expired", 0) + 1
+                    tally["late"] = tally.get("late", 0) + 1
                 return False
             self.late_us_max = max(self.late_us_max, late)
             self.trace.note(slot_us, handed, lane)
