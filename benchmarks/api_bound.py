@@ -380,7 +380,8 @@ def main() -> None:
                     cell = bare_limiter(api, tmp, latency, rate, args.seconds, burst=args.burst)
                     cells.append(cell)
                     print(json.dumps(cell), file=sys.stderr, flush=True)
-                for share in (args.bare_paced or [0.9]) if args.bare_paced is not None and rate else []:
+                shares = [] if args.bare_paced is None or not rate else args.bare_paced or [0.9]
+                for share in shares:
                     cell = bare_paced(api, latency, rate, share, args.seconds, burst=args.burst)
                     cells.append(cell)
                     print(json.dumps(cell), file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -303,16 +304,7 @@ def test_the_trace_tells_a_late_caller_from_slots_nobody_waited_for(backend, mon
     assert leaser.expired + leaser.claim_expired == len(traced) - len(granted)  # every slot that passed is traced
 
 
-
-class RecordingLogger:
-    def __init__(self) -> None:
-        self.warnings: list[str] = []
-
-    def warning(self, msg: str, *args: Any) -> None:
-        self.warnings.append(msg % args)
-
-
-def test_a_worker_too_busy_for_its_slots_is_told_so_once(backend):
+def test_a_worker_too_busy_for_its_slots_is_told_so_once(backend, caplog):
     # A worker whose event loop is busy when its items' slots come due loses those slots: they pass unused, so the
     # job spends less of its limit than it could. The batch's metrics count them as late (not merely expired, which
     # also counts slots nobody waited for), and the worker's log says why and what to do, once.
@@ -338,20 +330,26 @@ def test_a_worker_too_busy_for_its_slots_is_told_so_once(backend):
     assert late >= 20 and ctx.metrics["ratelimit_api_expired"] >= late and ctx.metrics["ratelimit_api_tokens"] == 40
     assert ctx.limit_slots() == {"api": (late, late + 40, spec.late_allowance_s * 1000)}
     # The worker says so once its batches have shown a pattern (LATE_MIN_SLOTS), and only once.
-    log = RecordingLogger()
+    log = logging.getLogger("slurmctl.test.late_slots")
+    caplog.set_level(logging.WARNING, logger=log.name)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == log.name and r.levelno == logging.WARNING]
+
     batches = math.ceil(LATE_MIN_SLOTS / (late + 40))
     for k in range(batches + 3):
         warn_late_slots(job, f"b{k}", ctx, log)
-        assert len(log.warnings) == (k + 1 >= batches), (k, log.warnings)
-    assert "rate limit 'api'" in log.warnings[0] and "passed unused" in log.warnings[0]
-    assert "More worker processes" in log.warnings[0]
+        assert len(warnings()) == (k + 1 >= batches), (k, warnings())
+    assert "rate limit 'api'" in warnings()[0] and "passed unused" in warnings()[0]
+    assert "More worker processes" in warnings()[0]
     # A late wake-up now and then, however many batches, is not worth a warning.
     calm = BatchContext(f"calm-{job}", "b1", params={}, limiters={"api": leaser})
     calm.metrics["ratelimit_api_tokens"] = 40
     calm.metrics["ratelimit_api_late"] = 3
     for k in range(50):
         warn_late_slots(f"calm-{job}", f"b{k}", calm, log)
-    assert len(log.warnings) == 1
+    assert len(warnings()) == 1
+
 
 def test_pause_reaches_a_worker_holding_long_leases_within_the_signal_period(backend):
     spec = LimitSpec(per_second=20, lease_size=32, lanes=2)  # a lease spans 3.2 s: far longer than the pause deadline
