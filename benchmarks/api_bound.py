@@ -90,6 +90,8 @@ def job_metrics(folder: Path, job_id: str) -> dict:
         out["batches"] += 1
         out["in_flight_max"] = max(out["in_flight_max"], m.get("in_flight_max") or 1)
         out["concurrency_max"] = max(out["concurrency_max"], m.get("concurrency") or 1)
+        if m.get("concurrency_needed"):  # max_concurrency held the worker below what the limit needs
+            out["concurrency_needed"] = max(out.get("concurrency_needed", 0), m["concurrency_needed"])
         tokens += m.get("ratelimit_api_tokens") or 0
         calls += m.get("ratelimit_api_backend_calls") or 0
         expired += m.get("ratelimit_api_expired") or 0
@@ -130,6 +132,8 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
     (folder / "in.jsonl").write_text("".join(f'{{"id": {i}}}\n' for i in range(items)))
     spec, extra = HANDLERS[handler]
     fields = dict(extra)
+    if args.max_concurrency and handler != "sync-1":
+        fields["max_concurrency"] = args.max_concurrency
     if args.slurm:
         fields["cluster"] = {"kind": "slurm", "queue": "debug", "cores": 1, "processes": 1, "min_jobs": 2,
                              "max_jobs": 2}
@@ -356,6 +360,9 @@ def main() -> None:
     p.add_argument("--burst", type=int, default=5,
                    help="the API's bucket and the declared limit's burst: its room for the calls' jitter is "
                         "(burst - 1) / rate (5 at 2000/s: 2 ms)")
+    p.add_argument("--max-concurrency", type=int,
+                   help="the jobs' max_concurrency (the default, 256, unless given): 1 s answers at 2000/s need "
+                        "1,000 in flight per worker process")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 

@@ -532,7 +532,8 @@ class JobConfig(_Strict):
         "handler, 1 for a sync one (a sync handler run with N > 1 or auto runs in threads and must be "
         "thread-safe)."))
     max_concurrency: int = Field(default=256, gt=0, description=(
-        "The most items in flight in one worker process under concurrency: auto."))
+        "The most items in flight in one worker process under concurrency: auto (a worker held below what a "
+        "declared rate limit needs, its rate x the calls' latency, says so in its log, with the number to set)."))
     handler_mode: Literal["item", "batch"] | None = Field(default=None, description=(
         "item: the handler is called per item (handle(item, ctx)); batch: once per batch (handle_batch(batch, ctx)) "
         "with the batch in batch_format, returning rows that carry the item id. Default: batch when the handler is "

@@ -28,8 +28,8 @@ How many are in flight at once is a gate:
   answers, the commit, the next batch's start) do not fall together.
 
 What a gate reached lands in each batch's metrics (``concurrency``: the gate's limit when the batch ended,
-``in_flight_max``: the most items in flight in the process during the batch), and from there in ``status`` and the
-progress artifact.
+``in_flight_max``: the most items in flight in the process during the batch, and ``concurrency_needed`` when
+``max_concurrency`` is below what a declared limit needs), and from there in ``status`` and the progress artifact.
 """
 
 from __future__ import annotations
@@ -200,6 +200,7 @@ class AutoGate:
     PAYS = 0.3  # a step up is kept when the rate rose by this share of the step (a step down: fell by less)
     PROBE_DOWN = 0.8
     HOLD = 4  # intervals a limit holds after a step that did not pay, before the next probe
+    CAPPED_S = 10.0  # time held at the maximum, short of the calls a declared limit needs, before that is news
 
     def __init__(self, maximum: int = 256, start: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -217,6 +218,8 @@ class AutoGate:
         self.token_waiters = 0  # items waiting in ctx.limit for a token right now
         self.offers: dict[str, float] = {}  # tokens/s each rate limit offers this process (ctx.limit tells us)
         self.base_latency: float | None = None  # the lowest mean latency of an interval: the API's own, unqueued
+        self.capped_s = 0.0  # time spent at the maximum while a declared limit needed more in flight (``short_of``)
+        self.cap_told = False  # the worker has said so (``slurmctl.worker_advice``)
         self._reset(self.clock())
         self.history: list[tuple[float, int]] = []  # (when, limit) after each change, for tests and benchmarks
 
@@ -346,6 +349,8 @@ class AutoGate:
         else:
             self._last = None
         self.limit = max(1, min(self.maximum, self.limit))
+        if self.limit >= self.maximum and self.short_of():
+            self.capped_s += elapsed
         if self.limit != old:
             self.history.append((now, self.limit))
             if len(self.history) > 1000:
@@ -368,6 +373,14 @@ class AutoGate:
         if not self.offers or self.base_latency is None:
             return 0
         return math.ceil(min(self.offers.values()) * self.base_latency)
+
+    def short_of(self) -> int:
+        """With a declared limit: the calls in flight that spend the rate it offers this process (at the lowest
+        latency measured, ``_probe_floor``) when ``max_concurrency`` is below them, else 0. The gate then holds at
+        its maximum and the limit's slots pass unused: 1 s answers at 1,000/s per process need 1,000 in flight, and
+        256 spend a quarter of the rate. Only the user can lift that (``slurmctl.worker_advice``)."""
+        floor = self._probe_floor()
+        return floor if floor > self.maximum else 0
 
     def _offered_in_progress(self) -> float:
         """Little's law for the rate the declared limits offer us: that rate x the calls' mean latency."""

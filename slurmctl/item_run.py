@@ -175,8 +175,11 @@ class ItemRun:
 
     def reached(self) -> dict[str, int]:
         """For the batch's metrics: the concurrency its gate allowed when it ended and the most items in flight in
-        its worker process while it ran."""
+        its worker process while it ran; under ``auto``, when ``max_concurrency`` held fewer in flight than a
+        declared limit needs, how many it needs (``AutoGate.short_of``)."""
         if self.gate is None:
             return {}
-        return {"concurrency": int(self.gate.limit), "in_flight_max": int(self.in_flight_max)}
+        reached = {"concurrency": int(self.gate.limit), "in_flight_max": int(self.in_flight_max)}
+        needed = self.gate.short_of() if isinstance(self.gate, inflight.AutoGate) else 0
+        return {**reached, "concurrency_needed": needed} if needed else reached
 

@@ -22,7 +22,6 @@ import json
 import os
 import socket
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
@@ -30,7 +29,7 @@ from typing import Any, Callable
 
 import pyarrow.parquet as pq
 
-from slurmctl import output_schema
+from slurmctl import output_schema, worker_advice
 from slurmctl.batch_metrics import BatchMeter
 from slurmctl.batch_run import ITEM_INDEX, BatchRun, is_batch_mode
 from slurmctl.books import checkpoints
@@ -266,38 +265,11 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
         ctx.limiter_waiting_s)
     if saved.api_calls:
         manifest.metrics.api_calls = (manifest.metrics.api_calls or 0) + saved.api_calls
-    warn_late_slots(cfg.job_id, spec.batch_id, ctx, logger)
+    worker_advice.warn_late_slots(cfg.job_id, spec.batch_id, ctx, logger)
+    if isinstance(run, ItemRun):
+        worker_advice.warn_concurrency_cap(spec.batch_id, run.gate, logger)
     manifest.finished_at = manifest.metrics.finished_at or now()
     return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
-
-
-LATE_SHARE = 0.1  # a worker whose callers came too late for this share of a limit's slots is told why ...
-LATE_MIN_SLOTS = 500  # ... once it has seen this many of them (one batch's tail is not a pattern)
-_late_seen: dict[tuple[str, str], list[int]] = {}  # (job, limit): this worker process's late slots and slots
-_late_warned: set[tuple[str, str]] = set()
-_late_lock = threading.Lock()
-
-
-def warn_late_slots(job_id: str, batch_id: str, ctx: BatchContext, logger: Any) -> None:
-    """Say why a job spends less of a rate limit than it could, when the cause is this worker: its items came too
-    late for ``LATE_SHARE`` of the limit's slots or more (``BatchContext.limit_slots``), which then passed unused.
-    Counted over the worker process's batches of the job; said once per worker process, job and limit."""
-    for name, (late, slots, allowance_ms) in ctx.limit_slots().items():
-        with _late_lock:
-            seen = _late_seen.setdefault((job_id, name), [0, 0])
-            seen[0] += late
-            seen[1] += slots
-            late, slots = seen
-            if slots < LATE_MIN_SLOTS or late < LATE_SHARE * slots or (job_id, name) in _late_warned:
-                continue
-            _late_warned.add((job_id, name))
-        if logger is not None:
-            logger.warning(
-                "rate limit %r: %d of the %d slots this worker has had (%.0f %%, up to batch %s) passed unused "
-                "because the items waiting for them came more than %.0f ms late. This worker is too busy to keep the "
-                "limit's pace, so the job spends less of the limit than it could. More worker processes, each with a "
-                "core of its own, would spend it (README, \"Cores for a fast limit\"). Said once per worker process.",
-                name, late, slots, 100 * late / slots, batch_id, allowance_ms)
 
 
 def table_fits_schema(cfg: JobConfig, store: Store, table: Any) -> bool:

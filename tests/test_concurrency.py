@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -34,7 +35,7 @@ from support.jobs import (
 )
 from support.sample_handlers import calls
 
-from slurmctl import inflight
+from slurmctl import inflight, worker_advice
 from slurmctl.blocks.manifest_store import LocalManifestStore
 from slurmctl.books.failures import committed_tasks as committed_in
 from slurmctl.books.failures import failure_state
@@ -305,6 +306,35 @@ def test_with_a_declared_limit_probing_never_takes_fewer_in_flight_than_spend_it
         limits.append(gate.limit)
     reached = limits.index(251)
     assert min(limits[reached:]) >= 250, gate.history
+
+
+def test_a_worker_held_below_what_its_declared_limit_needs_by_max_concurrency_says_so_once(caplog):
+    # 1,000/s offered to this process, 1 s answers: 1,000 in flight spend it; max_concurrency (256) spends a quarter.
+    # Nothing else can tell the user why the job runs at a quarter of its limit with no error.
+    log = logging.getLogger("slurmctl.test.cap")
+
+    def run(gate: inflight.AutoGate, now: list[float], offer: float, seconds: float) -> None:
+        api = SimulatedApi(1.0, rate=offer)
+        for _ in range(int(seconds / 0.01)):
+            gate.offered("api", offer)  # what ctx.limit tells the gate with each token
+            api.step(gate, now)
+
+    gate, now = auto_gate(maximum=256)
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        run(gate, now, 1000.0, 5)
+        worker_advice.warn_concurrency_cap("b0", gate, log)
+        assert gate.limit == 256 and gate.short_of() == 1000 and not caplog.records  # not a pattern yet
+        run(gate, now, 1000.0, inflight.AutoGate.CAPPED_S)
+        for k in range(1, 4):
+            worker_advice.warn_concurrency_cap(f"b{k}", gate, log)
+        [said] = [r.getMessage() for r in caplog.records]
+        assert "'api'" in said and "1000 calls in flight" in said and "max_concurrency: 1250" in said, said
+        assert "up to batch b1" in said, said
+        # 200/s offered: 200 in flight spend it, under the maximum. However long it runs, nothing to say.
+        calm, now = auto_gate(maximum=256)
+        run(calm, now, 200.0, 30)
+        worker_advice.warn_concurrency_cap("b0", calm, log)
+        assert calm.short_of() == 0 and len(caplog.records) == 1
 
 
 def test_with_a_declared_limit_an_api_that_queues_our_calls_does_not_talk_the_gate_into_more():

@@ -23,7 +23,7 @@ from slurmctl.blocks.rate_limiter import limiter_from_config
 from slurmctl.handler import BatchContext
 from slurmctl.ratelimit.lanes import US, Lease, LimitSpec, Wait, fair_share, now_us
 from slurmctl.ratelimit.leaser import Leaser
-from slurmctl.tasks.process_batch import LATE_MIN_SLOTS, warn_late_slots
+from slurmctl.worker_advice import LATE_MIN_SLOTS, warn_late_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 
