@@ -142,7 +142,7 @@ class Job:
         import contextlib
         import sys
 
-        from slurmctl.books.manifests import status_view
+        from slurmctl.books.status import status_view
 
         notebook = _in_notebook()
         display: Any = None

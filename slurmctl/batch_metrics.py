@@ -81,23 +81,6 @@ class BatchMeter:
             duration_s=round(time.perf_counter() - self.t0, 4))
 
 
-def slowest_batches(tasks: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    """The ``n`` committed batches that took longest, with what their metrics say about why: handler latency,
-    time blocked on rate limits, CPU, where they ran (``slurmctl status --batches``). Batches committed before
-    metrics were recorded (no ``duration_s``) are left out."""
-    rows = []
-    for t in tasks:
-        m = t.get("metrics") or {}
-        if m.get("duration_s") is None:
-            continue
-        latency = m.get("latency_ms") or {}
-        rows.append({"batch_id": t["batch_id"], "duration_s": m["duration_s"], "items": m.get("items"),
-                     "api_calls": m.get("api_calls"), "p50_ms": latency.get("p50"), "p95_ms": latency.get("p95"),
-                     "tokens_waited_s": m.get("tokens_waited_s"), "cpu_s": m.get("cpu_s"), "host": m.get("host"),
-                     "slurm_job_id": m.get("slurm_job_id")})
-    return sorted(rows, key=lambda r: -r["duration_s"])[:n]
-
-
 class _Call:
     """``BatchMeter.call``'s context manager."""
 

@@ -36,7 +36,8 @@ from support.sample_handlers import calls
 from slurmctl.blocks.manifest_store import LocalManifestStore
 from slurmctl.books import budget
 from slurmctl.books.admission import JobRefused, create_job
-from slurmctl.books.manifests import JOB_SCHEMA_VERSION, Counts, Keys, status_view
+from slurmctl.books.manifests import JOB_SCHEMA_VERSION, Counts, Keys
+from slurmctl.books.status import status_view
 from slurmctl.books.store import load_job, new_job_manifest
 from slurmctl.config import ConfigError, parse_config
 

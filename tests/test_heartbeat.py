@@ -19,7 +19,8 @@ from support.jobs import run_cli, wait_for, write_config, write_jsonl
 
 from slurmctl.blocks.manifest_store import LocalManifestStore
 from slurmctl.books.heartbeat import Heartbeat, read_heartbeat
-from slurmctl.books.manifests import Keys, parse_time, status_view
+from slurmctl.books.manifests import Keys, parse_time
+from slurmctl.books.status import status_view
 from slurmctl.books.store import new_job_manifest
 from slurmctl.config import parse_config
 from slurmctl.control.liveness import coordinator_alive

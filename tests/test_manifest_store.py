@@ -21,8 +21,8 @@ from slurmctl.books.manifests import (
     TaskManifest,
     counts_from_tasks,
     now,
-    status_view,
 )
+from slurmctl.books.status import status_view
 from slurmctl.storage import DeleteIncomplete, ManifestCorrupt
 
 

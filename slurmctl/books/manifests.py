@@ -37,8 +37,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slurmctl.books.budget import usage_view
-from slurmctl.books.progress import job_progress
 from slurmctl.safe_keys import check_name
 
 SCHEMA_VERSION = 1
@@ -414,49 +412,6 @@ class ResultManifest(_Manifest):
     items_rejected: int
     batches: int
     created_at: str = Field(default_factory=now)
-
-
-def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, heartbeat: dict[str, Any] | None = None,
-                *, stale_after_s: int = STALE_AFTER_S) -> dict[str, Any]:
-    """The flat JSON object ``slurmctl status --json`` prints, from the job manifest, its control object and the
-    coordinator's heartbeat. ``stale``: not finished, and neither the manifest nor the heartbeat written for
-    ``stale_after_s``. ``items_done``, ``items_per_s``, ``eta_s`` and ``phases``: ``books.progress.job_progress``;
-    ``core_hours``, ``cost_usd`` and ``budget`` (``api_calls`` is a counter): ``books.budget.usage_view``."""
-    counts = job.get("counts", {})
-    view = {
-        "job_id": job["job_id"],
-        "status": job["status"],
-        "phase": job["phase"],
-        **{k: counts.get(k, 0) for k in Counts.model_fields},
-        "output": job.get("output"),
-        "submitted_at": job.get("submitted_at"),
-        "started_at": job.get("started_at"),
-        "updated_at": job.get("updated_at"),
-        "heartbeat_at": (heartbeat or {}).get("at"),
-        "finished_at": job.get("finished_at"),
-        "error": job.get("error"),
-        "flow_run_id": job.get("flow_run_id"),
-        # Batches queued again because their worker died (spends ``worker_loss_requeues``), and shards handed back
-        # by workers retiring before their walltime (planned; spends nothing).
-        "worker_loss_requeues": job.get("worker_loss_requeues", 0),
-        "worker_retirements": job.get("worker_retirements", 0),
-        "worker_preemptions": job.get("worker_preemptions", 0),
-        # A coordinator running as a Slurm job (``cluster.coordinator.on: slurm``): which, and how many took over.
-        "coordinator_slurm_job": job.get("coordinator_slurm_job"),
-        "coordinator_restarts": job.get("coordinator_restarts", 0),
-        # Paused by `slurmctl pause` (rate limits: the run goes on without tokens), or at a budget limit (the run
-        # ended; status "paused").
-        "paused": bool((control or {}).get("paused")) or job["status"] == "paused",
-    }
-    stale = False
-    seen = [parse_time(t) for t in (job.get("updated_at"), view["heartbeat_at"]) if t]
-    if job["status"] not in TERMINAL_STATUSES and seen:
-        age = (_dt.datetime.now(_dt.timezone.utc) - max(seen)).total_seconds()
-        stale = age > stale_after_s
-    view["stale"] = stale
-    view.update(job_progress(job))
-    view.update(usage_view(job))
-    return view
 
 
 def in_flight_of(summary: dict[str, Any]) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from slurmctl.cli.common import EXIT_DETACHED, EXIT_FAILED, EXIT_OK, _err
 from slurmctl.config import StorageConfig
-from slurmctl.control.liveness import continued_on_slurm
+from slurmctl.control.slurm_coordinator import continued_on_slurm
 from slurmctl.progress_display import TerminalProgress, progress_line
 
 # How long `--wait` waits, once the job has ended, for its coordinator process to exit (normally 1-2 s).
@@ -24,7 +24,8 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
           announce: Callable[[dict[str, Any]], None] | None = None) -> int:
     """Follow a job from its manifest until it ends; return the exit code for its final status. ``announce`` sees
     each status view (it prints the flow run's UI link once the coordinator has created the run)."""
-    from slurmctl.books.manifests import TERMINAL_STATUSES, status_view
+    from slurmctl.books.manifests import TERMINAL_STATUSES
+    from slurmctl.books.status import status_view
     from slurmctl.books.store import load_job, reader_for
 
     store = reader_for(storage)

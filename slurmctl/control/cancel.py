@@ -9,8 +9,9 @@ import time
 from typing import Any
 
 from slurmctl.control.errors import ControlFailed
-from slurmctl.control.liveness import continued_on_slurm, coordinator_alive
+from slurmctl.control.liveness import coordinator_alive
 from slurmctl.control.server import prefect_api
+from slurmctl.control.slurm_coordinator import cancel_coordinator_jobs, continued_on_slurm
 
 
 def cancel(job: Any, store: Any, *, wait: bool = True, timeout: float = 120) -> str:
@@ -26,8 +27,6 @@ def cancel(job: Any, store: Any, *, wait: bool = True, timeout: float = 120) -> 
 
     job_id = job.job_id
     if continued_on_slurm(job):  # stopped at its coordinator's walltime, the next coordinator queued: not that
-        from slurmctl.control.slurm_coordinator import cancel_coordinator_jobs
-
         ids = cancel_coordinator_jobs(job_id)
         update_job(store, job_id, status="cancelled", error=(
             f"cancelled by slurmctl cancel (its next coordinator, Slurm job {', '.join(ids)}, was cancelled); "
@@ -39,8 +38,6 @@ def cancel(job: Any, store: Any, *, wait: bool = True, timeout: float = 120) -> 
     note = _cancel_flow_run(job.flow_run_id)
     if not coordinator_alive(job, store):
         if job.coordinator_slurm_job:  # a coordinator job that has not started yet must not start
-            from slurmctl.control.slurm_coordinator import cancel_coordinator_jobs
-
             cancel_coordinator_jobs(job_id)
         ids = mark_cancelled(store, job_id, "cancelled by slurmctl cancel (no coordinator was running)",
                              job.cluster.get("kind"))

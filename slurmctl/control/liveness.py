@@ -10,15 +10,6 @@ from slurmctl.config import StorageConfig
 from slurmctl.procs import pid_alive
 
 
-def continued_on_slurm(job: Any) -> bool:
-    """A job stopped by its coordinator's walltime whose next coordinator is queued: not over yet."""
-    if job.status != "stopped" or not job.coordinator_slurm_job:
-        return False
-    from slurmctl.control.slurm_coordinator import coordinator_jobs
-
-    return bool(coordinator_jobs(job.job_id))
-
-
 def coordinator_alive(job: Any, store: Any = None) -> bool:
     """Is the job's coordinator still running? Certain on this host (its pid); elsewhere, a fresh heartbeat.
 
@@ -28,7 +19,8 @@ def coordinator_alive(job: Any, store: Any = None) -> bool:
     import socket
 
     from slurmctl.books.heartbeat import read_heartbeat
-    from slurmctl.books.manifests import TERMINAL_STATUSES, status_view
+    from slurmctl.books.manifests import TERMINAL_STATUSES
+    from slurmctl.books.status import status_view
     from slurmctl.books.store import reader_for
 
     if job.status in TERMINAL_STATUSES:

@@ -21,8 +21,9 @@ from slurmctl.control.launch import (
     spawn_coordinator,
     start_on_slurm,
 )
-from slurmctl.control.liveness import continued_on_slurm, coordinator_alive, take_over
+from slurmctl.control.liveness import coordinator_alive, take_over
 from slurmctl.control.server import local_prefect_server, prefect_api
+from slurmctl.control.slurm_coordinator import continued_on_slurm
 from slurmctl.paths import coordinator_log
 
 

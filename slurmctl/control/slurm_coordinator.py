@@ -99,6 +99,13 @@ def coordinator_jobs(job_id: str) -> list[str]:
     return [row[0] for row in jobs_named(coordinator_job_name(job_id))]
 
 
+def continued_on_slurm(job: Any) -> bool:
+    """A job stopped by its coordinator's walltime whose next coordinator is queued: not over yet."""
+    if job.status != "stopped" or not job.coordinator_slurm_job:
+        return False
+    return bool(coordinator_jobs(job.job_id))
+
+
 def cancel_coordinator_jobs(job_id: str, but: str | None = None) -> list[str]:
     ids = [i for i in coordinator_jobs(job_id) if i != but]
     if ids:

@@ -212,7 +212,7 @@ class Store(ABC):
         """A seekable binary stream over a local path, ``file://`` URI or ``s3://`` URI."""
         if uri.startswith("s3://"):
             bucket, _, key = uri[5:].partition("/")
-            from slurmctl.storage.s3 import S3RangeReader
+            from slurmctl.storage.ranges import S3RangeReader
 
             return io.BufferedReader(S3RangeReader(self._s3(), bucket, key), buffer_size=8 << 20)
         return open(uri[7:] if uri.startswith("file://") else uri, "rb")
