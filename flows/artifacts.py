@@ -34,6 +34,7 @@ from prefect.logging import get_logger
 from slurmctl.books.budget import fmt, usage_view
 from slurmctl.books.manifests import Counts, JobManifest
 from slurmctl.books.progress import job_progress
+from slurmctl.books.status import pace_view
 
 _live: dict[str, "JobArtifacts"] = {}
 logger = get_logger("slurmctl.artifacts")
@@ -132,7 +133,11 @@ class JobArtifacts:
                 ("succeeded", f"{c.items_succeeded:,}"), ("failed", f"{c.items_failed:,}"),
                 ("deferred", f"{c.items_deferred:,}"), ("rejected", f"{c.items_rejected:,}"),
                 ("batches failed", f"{c.batches_failed:,}"), ("API calls", f"{c.api_calls:,}"),
-                ("in flight (per worker, peak)", f"{c.in_flight_max:,}"), ("items/s", f"{rate:,.1f}" if rate else "—"), ("ETA", _duration(eta)), ("updated", at)]
+                ("in flight (per worker, peak)", f"{c.in_flight_max:,}" + (
+                    f" ({c.concurrency_needed:,} needed)" if c.concurrency_needed > c.in_flight_max else "")),
+                ("items/s", f"{rate:,.1f}" if rate else "—"), ("ETA", _duration(eta)), ("updated", at)]
+        if c.limit_slots:
+            rows.insert(-3, ("rate-limit slots passed late", f"{c.limit_slots_late:,} of {c.limit_slots:,}"))
         return (f"### {self.job_id}\n\n| | |\n|---|---|\n"
                 + "".join(f"| {k} | {v} |\n" for k, v in rows))
 
@@ -176,6 +181,9 @@ class JobArtifacts:
         lines = [f"## {self.job_id}: {job.status}", ""]
         if job.error:
             lines += [f"**Error:** {job.error}", ""]
+        advice = pace_view(job.model_dump(mode="json"))
+        if advice:  # why the job spent less of its rate limits than it could, and what to do
+            lines += ["**Pace:**", ""] + [f"- {a}" for a in advice] + [""]
         lines += ["| items | count |", "|---|---|", f"| total | {c.items_total:,} |",
                   f"| succeeded | {c.items_succeeded:,} |", f"| failed | {c.items_failed:,} |",
                   f"| rejected | {c.items_rejected:,} |", f"| output rows | {c.rows_written - c.duplicates:,} |",

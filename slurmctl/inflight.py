@@ -219,7 +219,7 @@ class AutoGate:
         self.offers: dict[str, float] = {}  # tokens/s each rate limit offers this process (ctx.limit tells us)
         self.base_latency: float | None = None  # the lowest mean latency of an interval: the API's own, unqueued
         self.capped_s = 0.0  # time spent at the maximum while a declared limit needed more in flight (``short_of``)
-        self.cap_told = False  # the worker has said so (``slurmctl.worker_advice``)
+        self.cap_told = False  # the worker has said so (``slurmctl.pace_advice``)
         self._reset(self.clock())
         self.history: list[tuple[float, int]] = []  # (when, limit) after each change, for tests and benchmarks
 
@@ -305,7 +305,7 @@ class AutoGate:
         self._watches.remove(cell)
         return cell[0]
 
-    # --- the control ---------------------------------------------------------------------------------------------------
+    # --- the control -------------------------------------------------------------------------------------------------
     def _maybe_adjust(self) -> None:
         now = self.clock()
         elapsed = max(now - self.t0, 1e-9)
@@ -378,9 +378,14 @@ class AutoGate:
         """With a declared limit: the calls in flight that spend the rate it offers this process (at the lowest
         latency measured, ``_probe_floor``) when ``max_concurrency`` is below them, else 0. The gate then holds at
         its maximum and the limit's slots pass unused: 1 s answers at 1,000/s per process need 1,000 in flight, and
-        256 spend a quarter of the rate. Only the user can lift that (``slurmctl.worker_advice``)."""
+        256 spend a quarter of the rate. Only the user can lift that (``slurmctl.pace_advice``)."""
         floor = self._probe_floor()
         return floor if floor > self.maximum else 0
+
+    def capped_need(self) -> int:
+        """``short_of``, once the gate has spent ``CAPPED_S`` at its maximum short of it (a pattern, not a job's
+        tail, where one worker's share of the limit grows as the others finish), else 0."""
+        return self.short_of() if self.capped_s >= self.CAPPED_S else 0
 
     def _offered_in_progress(self) -> float:
         """Little's law for the rate the declared limits offer us: that rate x the calls' mean latency."""

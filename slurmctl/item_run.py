@@ -2,7 +2,8 @@
 
 Either way each item gets the same in-batch retries (``slurmctl.errors``), the same circuit breaker and the same
 measurements, and the outcomes come back in input order, one per item (None for an item not started because the
-breaker had opened or the worker got SIGTERM, or cut off at the end of its SIGTERM grace), so the batch assembles its rows and its books the same way whatever the concurrency.
+breaker had opened or the worker got SIGTERM, or cut off at the end of its SIGTERM grace), so the batch assembles
+its rows and its books the same way whatever the concurrency.
 
 * A sync handler with ``concurrency: 1`` (its default) runs in the batch's own thread, as it always has: it need not
   be thread-safe.
@@ -28,7 +29,7 @@ Items = list[tuple[int, dict[str, Any]]]
 
 
 def concurrency_of(cfg: JobConfig, handler: Handler) -> int | str:
-    """The job's ``concurrency`` for this handler: as configured, else ``auto`` for an async one and 1 for a sync one."""
+    """The job's ``concurrency`` for this handler: as configured, else ``auto`` for an async one, 1 for a sync one."""
     if cfg.concurrency is not None:
         return cfg.concurrency
     return "auto" if is_async(handler) else 1
@@ -175,11 +176,11 @@ class ItemRun:
 
     def reached(self) -> dict[str, int]:
         """For the batch's metrics: the concurrency its gate allowed when it ended and the most items in flight in
-        its worker process while it ran; under ``auto``, when ``max_concurrency`` held fewer in flight than a
-        declared limit needs, how many it needs (``AutoGate.short_of``)."""
+        its worker process while it ran; under ``auto``, when ``max_concurrency`` has held fewer in flight than a
+        declared limit needs, how many it needs (``AutoGate.capped_need``)."""
         if self.gate is None:
             return {}
         reached = {"concurrency": int(self.gate.limit), "in_flight_max": int(self.in_flight_max)}
-        needed = self.gate.short_of() if isinstance(self.gate, inflight.AutoGate) else 0
+        needed = self.gate.capped_need() if isinstance(self.gate, inflight.AutoGate) else 0
         return {**reached, "concurrency_needed": needed} if needed else reached
 

@@ -35,7 +35,7 @@ from support.jobs import (
 )
 from support.sample_handlers import calls
 
-from slurmctl import inflight, worker_advice
+from slurmctl import inflight, pace_advice
 from slurmctl.blocks.manifest_store import LocalManifestStore
 from slurmctl.books.failures import committed_tasks as committed_in
 from slurmctl.books.failures import failure_state
@@ -322,18 +322,20 @@ def test_a_worker_held_below_what_its_declared_limit_needs_by_max_concurrency_sa
     gate, now = auto_gate(maximum=256)
     with caplog.at_level(logging.WARNING, logger=log.name):
         run(gate, now, 1000.0, 5)
-        worker_advice.warn_concurrency_cap("b0", gate, log)
+        pace_advice.warn_concurrency_cap("b0", gate, log)
         assert gate.limit == 256 and gate.short_of() == 1000 and not caplog.records  # not a pattern yet
+        assert gate.capped_need() == 0  # nor in the batches' metrics
         run(gate, now, 1000.0, inflight.AutoGate.CAPPED_S)
         for k in range(1, 4):
-            worker_advice.warn_concurrency_cap(f"b{k}", gate, log)
+            pace_advice.warn_concurrency_cap(f"b{k}", gate, log)
+        assert gate.capped_need() == 1000  # the batches' metrics say concurrency_needed: 1000 from now on
         [said] = [r.getMessage() for r in caplog.records]
         assert "'api'" in said and "1000 calls in flight" in said and "max_concurrency: 1250" in said, said
         assert "up to batch b1" in said, said
         # 200/s offered: 200 in flight spend it, under the maximum. However long it runs, nothing to say.
         calm, now = auto_gate(maximum=256)
         run(calm, now, 200.0, 30)
-        worker_advice.warn_concurrency_cap("b0", calm, log)
+        pace_advice.warn_concurrency_cap("b0", calm, log)
         assert calm.short_of() == 0 and len(caplog.records) == 1
 
 

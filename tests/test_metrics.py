@@ -25,9 +25,11 @@ from support.jobs import (
 
 from slurmctl.batch_metrics import BatchMeter, percentile
 from slurmctl.blocks.manifest_store import LocalManifestStore
-from slurmctl.books.manifests import JobManifest, TaskManifest
+from slurmctl.books.manifests import Counts, JobManifest, TaskManifest, counts_from_tasks
 from slurmctl.books.progress import job_progress
+from slurmctl.books.status import pace_view, status_view
 from slurmctl.books.store import load_job, save_job, update_job
+from slurmctl.tasks.process_batch import summary_of
 
 T0 = "2026-01-01T00:00:00.000Z"
 
@@ -203,6 +205,49 @@ def test_progress_of_a_job_manifest_without_phase_times():
                                                      "items_succeeded": 100}, {}))
     assert (p["items_per_s"], p["eta_s"]) == (2.0, 50.0)
     assert [x["state"] for x in p["phases"]] == ["done", "running", "pending", "pending"]
+
+
+# ---- the job's pace: workers too busy for their limit's slots, or held below it by max_concurrency -------------
+
+def paced_batch(batch_id: str, tokens: int, late: int, needed: int = 0) -> dict[str, Any]:
+    """A committed batch's task manifest as a worker writes it: its limit's tokens and late slots in its metrics."""
+    metrics = {"items": tokens, "ratelimit_api_tokens": tokens, "ratelimit_api_late": late,
+               "ratelimit_api_late_ms_max": 1.9, "ratelimit_api_expired": late + 7, "in_flight_max": 256,
+               **({"concurrency": 256, "concurrency_needed": needed} if needed else {})}
+    return {"batch_id": batch_id, "status": "succeeded", "items_succeeded": tokens, "items_failed": 0,
+            "items_deferred": 0, "items_rejected": 0, "rows_written": tokens, "metrics": metrics}
+
+
+def test_status_says_why_a_job_spends_less_of_its_rate_limit_than_it_could_and_what_to_do():
+    # Two batches of a job at 2000/s: a third of their slots passed because the workers came late, and the limit
+    # needed 1,000 calls in flight in a worker that max_concurrency held at 256. The counts carry both (the
+    # coordinator's from the batches' summaries, `status --scan`'s from their task manifests), and status says so.
+    tasks = [paced_batch("batch-000000", 600, 300), paced_batch("batch-000001", 400, 200, needed=1000)]
+    live = Counts(batches_total=2, items_total=1000)
+    for t in tasks:
+        live = live.plus(Counts(**_added(summary_of(t))))
+    scanned = counts_from_tasks(tasks, 2, 1000)
+    for counts in (live, scanned):
+        assert (counts.limit_slots, counts.limit_slots_late, counts.concurrency_needed) == (1500, 500, 1000)
+    view = status_view(job("running", "process", 10, scanned.model_dump(), {}, config={}))
+    assert view["limit_slots_late"] == 500 and len(view["advice"]) == 2, view["advice"]
+    busy, capped = view["advice"]
+    assert "500 of 1,500 rate-limit slots (33 %)" in busy and "too busy" in busy and "more worker processes" in busy
+    assert "1,000 calls in flight" in capped and "held each at 256" in capped and "max_concurrency: 1250 " in capped
+
+    # A job that set max_concurrency to what it needs, with a few late slots: nothing to say.
+    calm = counts_from_tasks([paced_batch("batch-000000", 1000, 40, needed=1000)], 1, 1000)
+    assert pace_view(job("running", "process", 10, calm.model_dump(), {}, config={"max_concurrency": 1250})) == []
+    # Late slots are a pattern only past 500 slots: a small job's tail is not.
+    few = counts_from_tasks([paced_batch("batch-000000", 100, 60)], 1, 100)
+    assert pace_view(job("completed", "done", 10, few.model_dump(), {})) == []
+
+
+def _added(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the coordinator adds to its counts for one committed batch (``Counts.add``), as a delta."""
+    delta = Counts()
+    delta.add(summary)
+    return delta.model_dump()
 
 
 class FakeClock:

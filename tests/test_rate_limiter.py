@@ -21,9 +21,9 @@ from support.rates import max_in_window, rate_bound, read_trace
 
 from slurmctl.blocks.rate_limiter import limiter_from_config
 from slurmctl.handler import BatchContext
+from slurmctl.pace_advice import LATE_MIN_SLOTS, warn_late_slots
 from slurmctl.ratelimit.lanes import US, Lease, LimitSpec, Wait, fair_share, now_us
 from slurmctl.ratelimit.leaser import Leaser
-from slurmctl.worker_advice import LATE_MIN_SLOTS, warn_late_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 

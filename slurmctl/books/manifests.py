@@ -238,14 +238,21 @@ class Counts(BaseModel):
     # the most items in flight at once in one worker process, over the committed batches (their metrics'
     # in_flight_max; 0 before concurrency was measured, 1 for a sync handler run one item at a time)
     in_flight_max: int = 0
+    # rate-limit slots the committed batches' calls took or let pass late (all declared limits), and the late ones:
+    # passed unused because their caller came later than the allowance, a worker too busy (``slurmctl.pace_advice``)
+    limit_slots: int = 0
+    limit_slots_late: int = 0
+    # the most calls in flight a declared limit needed in one worker process while max_concurrency held it lower
+    # (their metrics' concurrency_needed; 0: never)
+    concurrency_needed: int = 0
 
     def plus(self, delta: "Counts") -> "Counts":
         """These counts with ``delta``'s progress added (totals stay these)."""
         return Counts(batches_total=self.batches_total, items_total=self.items_total, **{
             k: getattr(self, k) + getattr(delta, k) for k in (
                 "batches_done", "batches_failed", "items_succeeded", "items_failed", "items_deferred",
-                "items_rejected", "rows_written", "api_calls")}, in_flight_max=max(self.in_flight_max,
-                                                                                     delta.in_flight_max))
+                "items_rejected", "rows_written", "api_calls", "limit_slots", "limit_slots_late")},
+            **{k: max(getattr(self, k), getattr(delta, k)) for k in ("in_flight_max", "concurrency_needed")})
 
     def add(self, summary: dict[str, Any]) -> None:
         """Fold one committed batch's summary in. A retry batch takes items out of failed/deferred."""
@@ -257,6 +264,10 @@ class Counts(BaseModel):
         self.rows_written += summary.get("rows_written") or 0
         self.api_calls += api_calls_of(summary)
         self.in_flight_max = max(self.in_flight_max, in_flight_of(summary))
+        slots, late = limit_slots_of(summary)
+        self.limit_slots += slots
+        self.limit_slots_late += late
+        self.concurrency_needed = max(self.concurrency_needed, concurrency_needed_of(summary))
 
 
 class JobManifest(_Manifest):
@@ -419,6 +430,28 @@ def in_flight_of(summary: dict[str, Any]) -> int:
     ``in_flight_max``, or a task manifest's ``metrics.in_flight_max`` (1: one at a time, or not measured)."""
     peak = summary.get("in_flight_max") or (summary.get("metrics") or {}).get("in_flight_max")
     return int(peak or 1)
+
+
+def limit_slots_of(summary: dict[str, Any]) -> tuple[int, int]:
+    """A committed batch's rate-limit slots (taken, or passed late) and the late ones: its summary's
+    ``limit_slots`` and ``limit_slots_late``, or a task manifest's ``ratelimit_<name>_tokens`` and
+    ``ratelimit_<name>_late`` metrics summed over its limits."""
+    if "limit_slots" in summary:
+        return int(summary["limit_slots"] or 0), int(summary.get("limit_slots_late") or 0)
+    metrics = summary.get("metrics") or {}
+    counted = [(k, v) for k, v in metrics.items() if k.startswith("ratelimit_") and isinstance(v, (int, float))]
+    tokens = sum(v for k, v in counted if k.endswith("_tokens"))
+    late = sum(v for k, v in counted if k.endswith("_late"))
+    return int(tokens + late), int(late)
+
+
+def concurrency_needed_of(summary: dict[str, Any]) -> int:
+    """The calls in flight a declared limit needed in the batch's worker process while ``max_concurrency`` held it
+    lower: its summary's or task manifest's metrics' ``concurrency_needed`` (0: not held)."""
+    needed = summary.get("concurrency_needed")
+    if needed is None:
+        needed = (summary.get("metrics") or {}).get("concurrency_needed")
+    return int(needed or 0)
 
 
 def api_calls_of(summary: dict[str, Any]) -> int:

@@ -16,6 +16,8 @@ from slurmctl.books.failures import committed_tasks, recount
 from slurmctl.books.heartbeat import read_heartbeat
 from slurmctl.books.manifests import STALE_AFTER_S, TERMINAL_STATUSES, Counts, JobManifest, Keys, parse_time
 from slurmctl.books.progress import job_progress
+from slurmctl.config import JobConfig
+from slurmctl.pace_advice import job_advice
 from slurmctl.storage import Store
 
 
@@ -47,7 +49,8 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, hear
     """The flat JSON object ``slurmctl status --json`` prints, from the job manifest, its control object and the
     coordinator's heartbeat. ``stale``: not finished, and neither the manifest nor the heartbeat written for
     ``stale_after_s``. ``items_done``, ``items_per_s``, ``eta_s`` and ``phases``: ``books.progress.job_progress``;
-    ``core_hours``, ``cost_usd`` and ``budget`` (``api_calls`` is a counter): ``books.budget.usage_view``."""
+    ``core_hours``, ``cost_usd`` and ``budget`` (``api_calls`` is a counter): ``books.budget.usage_view``;
+    ``advice``: ``pace_view``."""
     counts = job.get("counts", {})
     view = {
         "job_id": job["job_id"],
@@ -82,7 +85,16 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, hear
     view["stale"] = stale
     view.update(job_progress(job))
     view.update(usage_view(job))
+    view["advice"] = pace_view(job)
     return view
+
+
+def pace_view(job: dict[str, Any]) -> list[str]:
+    """Why the job spends less of its declared rate limits than it could, from its counts, with what to do
+    (``slurmctl.pace_advice.job_advice``): workers too busy for the limit's slots, or held below the calls in flight
+    it needs by ``max_concurrency``. Empty when nothing is to be said."""
+    cap = (job.get("config") or {}).get("max_concurrency") or JobConfig.model_fields["max_concurrency"].default
+    return job_advice(job.get("counts") or {}, int(cap))
 
 
 def slowest_batches(tasks: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:

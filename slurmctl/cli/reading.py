@@ -43,7 +43,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(len(k) for k in view)
     for k, v in view.items():
-        if v is not None and k not in ("items_per_s", "eta_s", "phases", "slowest_batches", "budget"):
+        if v is not None and k not in ("items_per_s", "eta_s", "phases", "slowest_batches", "budget", "advice"):
             print(f"{k:<{width}}  {v}")
     if view.get("budget"):
         from slurmctl.books.budget import fmt
@@ -59,6 +59,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  {b['batch_id']:<16} {b['duration_s']:>8.1f} {b['items'] or 0:>6} {b['api_calls'] or 0:>6} "
                   f"{b['p50_ms'] or 0:>7.0f} {b['p95_ms'] or 0:>7.0f} {b['tokens_waited_s'] or 0:>9.1f} "
                   f"{b['cpu_s'] or 0:>6.1f}  {b['host']}" + (f" ({b['slurm_job_id']})" if b["slurm_job_id"] else ""))
+    for advice in view.get("advice") or []:
+        print(f"note: {advice}")
     if view["stale"]:
         print(f"\nno heartbeat for a while: the coordinator may have died; `slurmctl resume {args.job_id}`")
     return EXIT_OK

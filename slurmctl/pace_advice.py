@@ -1,0 +1,102 @@
+"""Why a job spends less of a declared rate limit than it could, when the cause is its workers and the fix is the
+user's: said by a worker process in its task run's log (so it shows in the Prefect UI beside the batches), and by
+``slurmctl status`` and the run's artifacts from the job's counts (so it stands in the manifests too).
+
+Two causes, each told once a pattern has shown, not at a moment:
+
+* **Late slots**: a worker is too busy (its CPU) to keep the limit's pace; its items come too late for the limit's
+  slots, which pass unused. Fix: more worker processes, each with a core of its own.
+* **The concurrency cap**: ``max_concurrency`` holds fewer calls in flight than the limit needs (the rate it offers
+  a worker process x the calls' latency, Little's law), so its slots pass unused. Fix: a higher
+  ``max_concurrency``, memory allowing, or more worker processes.
+
+Plain Python over counters: it imports nothing of slurmctl, so the books can ask it too.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from slurmctl.handler import BatchContext
+
+LATE_SHARE = 0.1  # callers too late for this share of a limit's slots are a worker too busy ...
+LATE_MIN_SLOTS = 500  # ... once there were this many slots (one batch's tail is not a pattern)
+_late_seen: dict[tuple[str, str], list[int]] = {}  # (job, limit): this worker process's late slots and slots
+_late_warned: set[tuple[str, str]] = set()
+_lock = threading.Lock()
+
+
+def late_slots_matter(late: int, slots: int) -> bool:
+    """Enough slots passed late to say the workers are too busy for the limit's pace."""
+    return slots >= LATE_MIN_SLOTS and late >= LATE_SHARE * slots
+
+
+def warn_late_slots(job_id: str, batch_id: str, ctx: BatchContext, logger: Any) -> None:
+    """Say why a job spends less of a rate limit than it could, when the cause is this worker: its items came too
+    late for ``LATE_SHARE`` of the limit's slots or more (``BatchContext.limit_slots``), which then passed unused.
+    Counted over the worker process's batches of the job; said once per worker process, job and limit."""
+    for name, (late, slots, allowance_ms) in ctx.limit_slots().items():
+        with _lock:
+            seen = _late_seen.setdefault((job_id, name), [0, 0])
+            seen[0] += late
+            seen[1] += slots
+            late, slots = seen
+            if not late_slots_matter(late, slots) or (job_id, name) in _late_warned:
+                continue
+            _late_warned.add((job_id, name))
+        if logger is not None:
+            logger.warning(
+                "rate limit %r: %d of the %d slots this worker has had (%.0f %%, up to batch %s) passed unused "
+                "because the items waiting for them came more than %.0f ms late. This worker is too busy to keep the "
+                "limit's pace, so the job spends less of the limit than it could. More worker processes, each with a "
+                "core of its own, would spend it (README, \"Cores for a fast limit\"). Said once per worker process.",
+                name, late, slots, 100 * late / slots, batch_id, allowance_ms)
+
+
+def suggested_max_concurrency(needed: int, queue_share: float = 0.5) -> int:
+    """The ``max_concurrency`` to set when a limit needs ``needed`` calls in flight: those, and a short queue of
+    items waiting for tokens so the limiter never idles (``AutoGate.QUEUE_SHARE``, half of it)."""
+    return math.ceil(needed * (1 + queue_share / 2))
+
+
+def warn_concurrency_cap(batch_id: str, gate: Any, logger: Any) -> None:
+    """Say so when ``concurrency: auto`` (an ``AutoGate``) has held at ``max_concurrency`` for ``CAPPED_S`` while a
+    declared limit needed more calls in flight (``capped_need``): with 1 s answers, 256 in flight spend 256/s, whatever
+    the limit allows. Said once per worker process and job (the gate is theirs)."""
+    capped_need = getattr(gate, "capped_need", None)  # a fixed gate (concurrency: N) is the user's own number
+    needed = capped_need() if capped_need is not None else 0
+    if not needed:
+        return
+    with _lock:
+        if gate.cap_told:
+            return
+        gate.cap_told = True
+    name, offer = min(gate.offers.items(), key=lambda kv: kv[1])
+    if logger is not None:
+        logger.warning(
+            "rate limit %r offers this worker %.0f calls/s, and its calls take %.2f s: spending that needs %d calls "
+            "in flight (rate x latency), but max_concurrency holds this worker at %d, so it spends at most about "
+            "%.0f/s of it (up to batch %s). Set max_concurrency: %d in the job's config (memory allowing: each call "
+            "in flight holds its item, request and answer), or run more worker processes. Said once per worker "
+            "process.", name, offer, gate.base_latency, needed, gate.maximum, gate.maximum / gate.base_latency,
+            batch_id, suggested_max_concurrency(needed, gate.QUEUE_SHARE))
+
+
+def job_advice(counts: dict[str, Any], max_concurrency: int) -> list[str]:
+    """What the job's counts (``books.manifests.Counts``, summed over its committed batches) say about its pace,
+    for ``slurmctl status`` and the run's artifacts: one sentence per cause, with what to do."""
+    out = []
+    late, slots = int(counts.get("limit_slots_late") or 0), int(counts.get("limit_slots") or 0)
+    if late_slots_matter(late, slots):
+        out.append(f"{late:,} of {slots:,} rate-limit slots ({100 * late / slots:.0f} %) passed unused because the "
+                   f"workers were too busy to take them in time: more worker processes, each with a core of its own, "
+                   f"would spend them (README, \"Cores for a fast limit\")")
+    needed = int(counts.get("concurrency_needed") or 0)
+    if needed > max_concurrency:  # the number to set as YAML reads it: no thousands separator
+        out.append(f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and "
+                   f"max_concurrency held each at {max_concurrency:,}: set max_concurrency: "
+                   f"{suggested_max_concurrency(needed)} (memory allowing) or run more worker processes")
+    return out
