@@ -36,7 +36,7 @@ from slurmctl.books.aggregation import AggregationPlan, Merge, plan_aggregation
 from slurmctl.books.audit import SHOWN, BooksUnbalanced
 from slurmctl.books.audit import check as check_books
 from slurmctl.books.failures import committed_tasks, failure_state
-from slurmctl.books.manifests import Counts, Keys, ResultManifest, api_calls_of, in_flight_of
+from slurmctl.books.manifests import Counts, Keys, ResultManifest, metric_counts
 from slurmctl.books.shards import Budget, worker_slots
 from slurmctl.books.store import load_job, save_job, store_for
 from slurmctl.config import JobConfig, LocalClusterConfig, parse_config
@@ -235,9 +235,7 @@ def aggregate_phase(job_id: str, config: dict[str, Any]) -> dict[str, Any]:
     job.counts = Counts(batches_total=books.batches_planned, batches_done=len(tasks), items_total=books.items_total,
                         items_succeeded=books.items_succeeded, items_failed=books.items_failed, items_deferred=0,
                         items_rejected=books.items_rejected, rows_written=books.rows_written, duplicates=duplicates,
-                        duplicate_items=duplicate_items,
-                        api_calls=sum(api_calls_of(t) for t in tasks),
-                        in_flight_max=max((in_flight_of(t) for t in tasks), default=0))
+                        duplicate_items=duplicate_items, **metric_counts(tasks))
     save_job(store, job)
     remove_intermediates(store, keys, logger)
     logger.info("wrote %s rows in %s file(s) to %s (%s duplicate row(s) dropped); %s items succeeded, %s failed, "

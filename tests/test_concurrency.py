@@ -406,6 +406,9 @@ def test_an_async_class_handler_saturates_a_slow_rate_limited_api_without_more_t
     view = status("inflight")
     assert_exactly_once(view, range(n))
     assert view["in_flight_max"] >= 4
+    # Each item took a slot of the limit: the job's counts carry them to status, which found nothing to advise
+    # about the cap (10 in flight needed, max_concurrency 256).
+    assert view["limit_slots"] >= n and view["concurrency_needed"] == 0, view
     # Built once per worker process that ran batches, closed once by each when the cluster stopped.
     built = Counter(line.split()[0] for line in (tmp_path / "built").read_text().splitlines())
     closed = Counter(line.split()[0] for line in (tmp_path / "closed").read_text().splitlines())

@@ -463,6 +463,17 @@ def api_calls_of(summary: dict[str, Any]) -> int:
     return int(calls or 0)
 
 
+def metric_counts(tasks: list[dict[str, Any]]) -> dict[str, int]:
+    """The counts the committed batches' metrics make (``Counts.add`` folds them one by one): handler calls, the
+    most in flight, rate-limit slots and late slots, the most calls in flight a limit needed under the cap. The
+    aggregation sets them from the task manifests it read, beside the books' item counts."""
+    slots = [limit_slots_of(t) for t in tasks]
+    return {"api_calls": sum(api_calls_of(t) for t in tasks),
+            "in_flight_max": max((in_flight_of(t) for t in tasks), default=0),
+            "limit_slots": sum(s for s, _ in slots), "limit_slots_late": sum(late for _, late in slots),
+            "concurrency_needed": max((concurrency_needed_of(t) for t in tasks), default=0)}
+
+
 def counts_from_tasks(tasks: list[dict[str, Any]], batches_total: int, items_total: int) -> Counts:
     """Recount from task manifests alone (``slurmctl status --scan``, and resume)."""
     c = Counts(batches_total=batches_total, items_total=items_total)
