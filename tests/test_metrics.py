@@ -29,6 +29,8 @@ from slurmctl.books.manifests import Counts, JobManifest, TaskManifest, counts_f
 from slurmctl.books.progress import job_progress
 from slurmctl.books.status import pace_view, status_view
 from slurmctl.books.store import load_job, save_job, update_job
+from slurmctl.cli.watching import watch
+from slurmctl.config import StorageConfig
 from slurmctl.tasks.process_batch import summary_of
 
 T0 = "2026-01-01T00:00:00.000Z"
@@ -241,6 +243,19 @@ def test_status_says_why_a_job_spends_less_of_its_rate_limit_than_it_could_and_w
     # Late slots are a pattern only past 500 slots: a small job's tail is not.
     few = counts_from_tasks([paced_batch("batch-000000", 100, 60)], 1, 100)
     assert pace_view(job("completed", "done", 10, few.model_dump(), {})) == []
+
+
+def test_waiting_for_a_job_ends_with_what_its_pace_says(tmp_path, capsys):
+    # `submit --wait` / `resume --wait` end with the job's outcome, then its pace advice: the user sees it at once.
+    store = LocalManifestStore(root=str(tmp_path / "state"))
+    counts = counts_from_tasks([paced_batch("batch-000000", 600, 300), paced_batch("batch-000001", 400, 200)],
+                               2, 1000)
+    save_job(store, JobManifest(job_id="paced", handler="h", input={}, batch_size=500, cluster={}, storage="s",
+                                config={}, status="completed", phase="done", counts=counts, output="file:///out"))
+    assert watch("paced", StorageConfig(uri=str(tmp_path / "state")), None, None) == 0
+    said = capsys.readouterr().err.splitlines()
+    assert said[-2].startswith("job paced completed: 1000 items ok"), said
+    assert said[-1].startswith("note: 500 of 1,500 rate-limit slots (33 %)"), said
 
 
 def _added(summary: dict[str, Any]) -> dict[str, Any]:

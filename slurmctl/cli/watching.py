@@ -90,9 +90,13 @@ def watch(job_id: str, storage: StorageConfig, proc: subprocess.Popen | None, lo
               f"{view['items_rejected']} rejected"
               + (f" ({superseded} repeated id(s) superseded by their last occurrence)" if superseded else "")
               + f"; output {view['output']}", file=sys.stderr)
-        return EXIT_OK
-    _err(f"job {job_id} {view['status']}: {view['error']}" + (f" (log: {log})" if log else ""))
-    return EXIT_FAILED
+        code = EXIT_OK
+    else:
+        _err(f"job {job_id} {view['status']}: {view['error']}" + (f" (log: {log})" if log else ""))
+        code = EXIT_FAILED
+    for advice in view.get("advice") or []:  # why it spent less of its rate limits than it could
+        print(f"note: {advice}", file=sys.stderr)
+    return code
 
 
 def flow_run_link(server: dict[str, Any] | None, previous_run: str | None
