@@ -372,7 +372,7 @@ class AutoGate:
         otherwise raise the floor with every call added. 0 without a declared limit."""
         if not self.offers or self.base_latency is None:
             return 0
-        return math.ceil(min(self.offers.values()) * self.base_latency)
+        return math.ceil(self._least_offer() * self.base_latency)
 
     def short_of(self) -> int:
         """With a declared limit: the calls in flight that spend the rate it offers this process (at the lowest
@@ -389,7 +389,12 @@ class AutoGate:
 
     def _offered_in_progress(self) -> float:
         """Little's law for the rate the declared limits offer us: that rate x the calls' mean latency."""
-        return min(self.offers.values()) * self.latency_sum / self.done
+        return self._least_offer() * self.latency_sum / self.done
+
+    def _least_offer(self) -> float:
+        """The lowest rate the declared limits offer us. Read from a copy (one C-level call): a sync handler's thread
+        may add a limit's first offer meanwhile, and a batch's thread asks too (``capped_need``)."""
+        return min(dict(self.offers).values())
 
     def _littles_law(self) -> int | None:
         """In slow start, with a declared limit offering us a rate and the calls' latency measured: how many must be

@@ -74,7 +74,8 @@ def warn_concurrency_cap(batch_id: str, gate: Any, logger: Any) -> None:
         if gate.cap_told:
             return
         gate.cap_told = True
-    name, offer = min(gate.offers.items(), key=lambda kv: kv[1])
+    offers = dict(gate.offers)  # one C-level copy: the loop's thread may add a limit meanwhile
+    name, offer = min(offers.items(), key=lambda kv: kv[1])
     if logger is not None:
         logger.warning(
             "rate limit %r offers this worker %.0f calls/s, and its calls take %.2f s: spending that needs %d calls "
