@@ -1,5 +1,6 @@
 """Closing the handler instances a Dask worker built (``close()``/``aclose()`` of a class handler, on the event loop
-its async clients were built on), and stopping that loop.
+its async clients were built on), and stopping that loop. Also: the worker's memory limit for its items in flight
+(``MemoryLimit``), and SIGTERM on Slurm (``GracefulSigterm``).
 
 Two ways, since neither covers every end: a pass that finishes asks every live worker to close them at once
 (``close_on_workers``): a Slurm cluster is torn down with ``scancel``, whose SIGTERM reaches the worker process
@@ -19,6 +20,7 @@ from distributed import WorkerPlugin
 from slurmctl import inflight
 
 NAME = "slurmctl-close-handlers"
+MEMORY_NAME = "slurmctl-memory-limit"
 SIGTERM_NAME = "slurmctl-sigterm"
 
 
@@ -27,6 +29,17 @@ class CloseHandlers(WorkerPlugin):
 
     def teardown(self, worker: Any) -> None:
         inflight.close_worker()
+
+
+class MemoryLimit(WorkerPlugin):
+    """Tells the worker process its Dask ``memory_limit``, so ``concurrency: auto`` keeps the items in flight within
+    it (``inflight.set_memory_limit``): Dask's own memory manager pauses a worker between tasks, and our items in
+    flight are all inside one task."""
+
+    name = MEMORY_NAME
+
+    def setup(self, worker: Any) -> None:
+        inflight.set_memory_limit(getattr(getattr(worker, "memory_manager", None), "memory_limit", None))
 
 
 class GracefulSigterm(WorkerPlugin):
@@ -52,9 +65,10 @@ class GracefulSigterm(WorkerPlugin):
 
 
 def register(client: Any, slurm: bool = False) -> None:
-    """Register the plugins with ``client``'s cluster (idempotent: registered by name); ``slurm``: the SIGTERM one
-    too."""
+    """Register the plugins with ``client``'s cluster (idempotent: registered by name): closing handlers, the
+    memory limit; ``slurm``: the SIGTERM one too."""
     client.register_plugin(CloseHandlers(), name=NAME)
+    client.register_plugin(MemoryLimit(), name=MEMORY_NAME)
     if slurm:
         client.register_plugin(GracefulSigterm(), name=SIGTERM_NAME)
 

@@ -23,9 +23,10 @@ How many are in flight at once is a gate:
   error) shrinks it by 30 % (with a declared rate limit, only when more than a sporadic few, ``SPORADIC``). With a
   declared rate limit neither throttling nor a probe takes it below the calls that spend the rate the limit offers
   this process (that rate x the latency: measured now, for throttling; the lowest measured, for a probe, so an API
-  that queues our calls cannot talk it into more); it never exceeds ``max_concurrency``. Its free slots go to the
-  batch that started first, so a worker's batches start their items one after another and their tails (the last
-  answers, the commit, the next batch's start) do not fall together.
+  that queues our calls cannot talk it into more); it never exceeds ``max_concurrency``, and stops growing (then
+  shrinks, below what a limit needs if it must) as the worker process nears its Dask memory limit (``MEMORY_HOLD``,
+  ``MEMORY_SHRINK``). Its free slots go to the batch that started first, so a worker's batches start their items one
+  after another and their tails (the last answers, the commit, the next batch's start) do not fall together.
 
 What a gate reached lands in each batch's metrics (``concurrency``: the gate's limit when the batch ended,
 ``in_flight_max``: the most items in flight in the process during the batch, and ``concurrency_needed`` when
@@ -133,8 +134,32 @@ def auto_gate(job_id: str, maximum: int) -> "AutoGate":
     with _lock:
         gate = _gates.get((job_id, maximum))
         if gate is None:
-            gate = _gates[(job_id, maximum)] = AutoGate(maximum)
+            gate = _gates[(job_id, maximum)] = AutoGate(maximum, memory=memory_share)
         return gate
+
+
+_memory_limit: int | None = None  # bytes: the Dask worker's memory limit (``set_memory_limit``); None: not known
+_process: Any = None
+
+
+def set_memory_limit(limit: int | None) -> None:
+    """This process is a Dask worker allowed ``limit`` bytes (its ``memory_limit``; ``flows/worker_plugin.py`` sets
+    it): the auto gates keep their items in flight within it (``memory_share``). None or 0: no limit."""
+    global _memory_limit
+    _memory_limit = int(limit) if limit else None
+
+
+def memory_share() -> float | None:
+    """This process's resident memory as a share of its worker's memory limit; None when it has none (a batch run
+    outside Dask, a worker without a limit). One ``psutil`` read (~20 us), asked once per gate interval."""
+    global _process
+    if not _memory_limit:
+        return None
+    if _process is None:
+        import psutil  # distributed's own dependency
+
+        _process = psutil.Process()
+    return _process.memory_info().rss / _memory_limit
 
 
 class FixedGate:
@@ -201,12 +226,21 @@ class AutoGate:
     PROBE_DOWN = 0.8
     HOLD = 4  # intervals a limit holds after a step that did not pay, before the next probe
     CAPPED_S = 10.0  # time held at the maximum, short of the calls a declared limit needs, before that is news
+    # The worker process's memory, as a share of its Dask memory limit, at which the gate stops growing, and at which
+    # it shrinks by a fifth an interval: each item in flight holds its request and its answer, and Dask pauses a
+    # worker at 0.8 of its limit (no new task) and restarts it at 0.95, with the batches it holds.
+    MEMORY_HOLD = 0.6
+    MEMORY_SHRINK = 0.7
 
     def __init__(self, maximum: int = 256, start: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 memory: Callable[[], float | None] = lambda: None) -> None:
         self.maximum = max(1, maximum)
         self.limit = min(self.maximum, start or self.START)
         self.clock = clock
+        self.memory = memory  # the process's memory as a share of its limit (``memory_share``), None: no limit
+        self.memory_base = memory()  # before any item of this gate is in flight: what the calls' memory adds to
+        self.memory_held: tuple[int, float] | None = None  # (limit, share) when memory first held the gate
         self.in_flight = 0
         self.slow_start = True
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap: (priority, arrival, waiter)
@@ -348,6 +382,7 @@ class AutoGate:
             self._climb(rate)
         else:
             self._last = None
+        self._within_memory(old)
         self.limit = max(1, min(self.maximum, self.limit))
         if self.limit >= self.maximum and self.short_of():
             self.capped_s += elapsed
@@ -373,6 +408,32 @@ class AutoGate:
         if not self.offers or self.base_latency is None:
             return 0
         return math.ceil(self._least_offer() * self.base_latency)
+
+    def _within_memory(self, old: int) -> None:
+        """Memory bounds the gate as ``max_concurrency`` does: from ``MEMORY_HOLD`` of the worker's limit it grows
+        no more, from ``MEMORY_SHRINK`` it shrinks by a fifth, whatever the rate limits need. Below that it grows
+        only as far as the memory each call in flight holds now says fits under ``MEMORY_HOLD``: Little's law's
+        jump (1,250 in flight at once for 1 s answers at 1,000/s) would otherwise overshoot before the next look."""
+        share = self.memory()
+        if share is None:
+            return
+        if share < self.MEMORY_HOLD:
+            ceiling = max(old, self._memory_room(share))
+        else:
+            ceiling = max(1, math.floor(old * 0.8)) if share >= self.MEMORY_SHRINK else old
+        if self.limit > ceiling:
+            self.limit = ceiling
+            self.slow_start, self._last = False, None
+            if self.memory_held is None:
+                self.memory_held = (ceiling, share)
+
+    def _memory_room(self, share: float) -> int:
+        """The calls in flight that fit under ``MEMORY_HOLD`` at what each one in flight now adds to the process's
+        memory (its growth since the gate started, per call); no bound when that is not measurable yet."""
+        grown = share - (self.memory_base or 0.0)
+        if self.in_flight <= 0 or grown <= 0:
+            return self.maximum
+        return max(1, math.floor((self.MEMORY_HOLD - (self.memory_base or 0.0)) * self.in_flight / grown))
 
     def short_of(self) -> int:
         """With a declared limit: the calls in flight that spend the rate it offers this process (at the lowest

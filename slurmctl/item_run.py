@@ -114,6 +114,7 @@ class ItemRun:
 
     # --- many in flight, on the worker's event loop ----------------------------------------------------------------
     def concurrently(self, items: Items) -> list[ItemOutcome | None]:
+        loop = inflight.worker_loop()  # first: its start imports what a commit needs, before a gate's memory base
         if self.concurrency == "auto":
             self.gate = inflight.auto_gate(self.cfg.job_id or "", self.cfg.max_concurrency)
             pool_size = self.cfg.max_concurrency
@@ -122,7 +123,7 @@ class ItemRun:
             pool_size = int(self.concurrency) * SHARDS_PER_THREAD  # N per batch; a thread may hold two batches
         self.ctx.observer = self.gate
         pool = None if self.is_async else inflight.thread_pool(pool_size)
-        return inflight.worker_loop().run(self._run_all(items, pool))
+        return loop.run(self._run_all(items, pool))
 
     async def _run_all(self, items: Items, pool: Any) -> list[ItemOutcome | None]:
         gate, loop, breaker = self.gate, asyncio.get_running_loop(), self.breaker

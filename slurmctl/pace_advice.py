@@ -86,6 +86,25 @@ def warn_concurrency_cap(batch_id: str, gate: Any, logger: Any) -> None:
             batch_id, suggested_max_concurrency(needed, gate.QUEUE_SHARE))
 
 
+def warn_memory_hold(batch_id: str, gate: Any, logger: Any) -> None:
+    """Say so, once per worker process and job, when the worker's memory has held ``concurrency: auto`` back
+    (``AutoGate.memory_held``): its items in flight then stop growing, whatever the rate limits need."""
+    held = getattr(gate, "memory_held", None)
+    if held is None:
+        return
+    with _lock:
+        if getattr(gate, "memory_told", False):
+            return
+        gate.memory_told = True
+    if logger is not None:
+        logger.warning(
+            "this worker process's calls in flight stop growing at %d (up to batch %s): each holds its item, request "
+            "and answer, and more would take the process past %.0f %% of its memory limit (it used %.0f %% then; "
+            "Dask pauses a worker at 80 %%). If the job spends less of its rate limits than it could, give each "
+            "worker process more memory (cluster.memory, or fewer processes per Slurm job) or keep less per call. "
+            "Said once per worker process.", held[0], batch_id, 100 * gate.MEMORY_HOLD, 100 * held[1])
+
+
 def job_advice(counts: dict[str, Any], max_concurrency: int) -> list[str]:
     """What the job's counts (``books.manifests.Counts``, summed over its committed batches) say about its pace,
     for ``slurmctl status`` and the run's artifacts: one sentence per cause, with what to do."""

@@ -271,6 +271,7 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
     pace_advice.warn_late_slots(cfg.job_id, spec.batch_id, ctx, logger)
     if isinstance(run, ItemRun):
         pace_advice.warn_concurrency_cap(spec.batch_id, run.gate, logger)
+        pace_advice.warn_memory_hold(spec.batch_id, run.gate, logger)
     manifest.finished_at = manifest.metrics.finished_at or now()
     return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
 

@@ -339,6 +339,69 @@ def test_a_worker_held_below_what_its_declared_limit_needs_by_max_concurrency_sa
         assert calm.short_of() == 0 and len(caplog.records) == 1
 
 
+def test_auto_concurrency_stays_within_the_worker_memory_and_grows_again_when_answers_shrink(caplog):
+    # 1,000/s declared, 1 s answers: 1,000 in flight wanted, max_concurrency 4,096. Each call in flight holds 2 MB of
+    # a 1 GB worker's memory: at 0.6 of it (250 in flight) the gate grows no more, past 0.7 it shrinks. Dask pauses a
+    # worker at 0.8 of its limit and restarts it at 0.95, with the batches it holds.
+    log = logging.getLogger("slurmctl.test.memory")
+    per_call = [0.002]
+    now = [0.0]
+    held: list[inflight.AutoGate] = []  # the worker's memory: 10 % before any call, then per_call each in flight
+    gate = inflight.AutoGate(4096, clock=lambda: now[0],
+                             memory=lambda: 0.1 + (held[0].in_flight if held else 0) * per_call[0])
+    held.append(gate)
+    api = SimulatedApi(1.0, rate=1000)
+    limits: list[int] = []
+    for _ in range(int(30 / 0.01)):
+        gate.offered("api", 1000.0)
+        api.step(gate, now)
+        limits.append(gate.limit)
+    assert max(limits) <= 300 and gate.limit >= 150, gate.history  # held near 0.6-0.7 of the memory
+    assert gate.memory_held is not None and gate.memory_held[0] <= 300  # (the limit, the memory then)
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for k in range(3):
+            pace_advice.warn_memory_hold(f"b{k}", gate, log)
+    [said] = [r.getMessage() for r in caplog.records]
+    assert "memory limit" in said and "cluster.memory" in said and "up to batch b0" in said, said
+    per_call[0] = 0.004  # the answers doubled: 250 in flight are 1.1 of the memory. It shrinks to within 0.7.
+    for _ in range(int(30 / 0.01)):
+        gate.offered("api", 1000.0)
+        api.step(gate, now)
+    assert gate.limit <= 150, gate.history
+    per_call[0] = 0.0002  # the answers got smaller: room for 2,500 in flight, so the rate's 1,000 fit again
+    for _ in range(int(60 / 0.01)):
+        gate.offered("api", 1000.0)
+        api.step(gate, now)
+    assert gate.limit >= 1000, gate.history
+    # Outside a Dask worker there is no memory limit to keep to.
+    assert inflight.AutoGate(256).memory() is None
+
+
+def test_a_dask_worker_tells_its_items_in_flight_its_memory_limit():
+    from distributed import Client, LocalCluster
+
+    from slurmctl.flows import worker_plugin
+
+    class Registered:  # what a job's pass registers with its cluster (flows/process.py)
+        names: list[str] = []
+
+        def register_plugin(self, plugin: object, name: str) -> None:
+            self.names.append(name)
+
+    worker_plugin.register(Registered())
+    assert worker_plugin.MEMORY_NAME in Registered.names
+    try:  # a real worker, in this process (so not the plugin that closes handlers: it would close this process's)
+        with LocalCluster(n_workers=1, processes=False, memory_limit="3GB", dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            client.register_plugin(worker_plugin.MemoryLimit(), name=worker_plugin.MEMORY_NAME)
+            assert client.run(lambda: inflight._memory_limit) == {w: 3 * 10**9 for w in cluster.scheduler_info[
+                "workers"]}
+            share = inflight.memory_share()
+            assert share is not None and 0 < share < 1
+    finally:
+        inflight.set_memory_limit(None)
+
+
 def test_with_a_declared_limit_an_api_that_queues_our_calls_does_not_talk_the_gate_into_more():
     # 500/s declared, but the API serves 40 calls at once in 100 ms and queues the rest: its latency grows with the
     # calls in flight. Little's law on the latency measured then asks for more in flight the more there are; the
