@@ -203,9 +203,13 @@ class SimulatedApi:
             gate.carry -= 1
             gate.observe(latency)
 
-    def run(self, gate: inflight.AutoGate, now: list[float], seconds: float) -> list[int]:
+    def run(self, gate: inflight.AutoGate, now: list[float], seconds: float, offer: float | None = None) -> list[int]:
+        """``seconds`` of steps; the gate's limit after each. ``offer``: the declared limit "api" offers this
+        process that many tokens/s, as ``ctx.limit`` tells the gate with each token."""
         limits = []
         for _ in range(int(seconds / 0.01)):
+            if offer is not None:
+                gate.offered("api", offer)
             self.step(gate, now)
             limits.append(gate.limit)
         return limits
@@ -298,12 +302,7 @@ def test_with_a_declared_limit_probing_never_takes_fewer_in_flight_than_spend_it
     # one more waiting for a token, too short a queue to look saturated. The climb then probes downwards now and
     # then; below 250 in flight the limit's slots would pass unused (a job probed down to 163 ran at 0.8 of its rate).
     gate, now = auto_gate(maximum=251)
-    api = SimulatedApi(1.0, rate=250)
-    limits: list[int] = []
-    for _ in range(int(60 / 0.01)):
-        gate.offered("api", 250.0)
-        api.step(gate, now)
-        limits.append(gate.limit)
+    limits = SimulatedApi(1.0, rate=250).run(gate, now, 60, offer=250.0)
     reached = limits.index(251)
     assert min(limits[reached:]) >= 250, gate.history
 
@@ -312,20 +311,14 @@ def test_a_worker_held_below_what_its_declared_limit_needs_by_max_concurrency_sa
     # 1,000/s offered to this process, 1 s answers: 1,000 in flight spend it; max_concurrency (256) spends a quarter.
     # Nothing else can tell the user why the job runs at a quarter of its limit with no error.
     log = logging.getLogger("slurmctl.test.cap")
-
-    def run(gate: inflight.AutoGate, now: list[float], offer: float, seconds: float) -> None:
-        api = SimulatedApi(1.0, rate=offer)
-        for _ in range(int(seconds / 0.01)):
-            gate.offered("api", offer)  # what ctx.limit tells the gate with each token
-            api.step(gate, now)
-
     gate, now = auto_gate(maximum=256)
+    api = SimulatedApi(1.0, rate=1000)
     with caplog.at_level(logging.WARNING, logger=log.name):
-        run(gate, now, 1000.0, 5)
+        api.run(gate, now, 5, offer=1000.0)
         pace_advice.warn_concurrency_cap("b0", gate, log)
         assert gate.limit == 256 and gate.short_of() == 1000 and not caplog.records  # not a pattern yet
         assert gate.capped_need() == 0  # nor in the batches' metrics
-        run(gate, now, 1000.0, inflight.AutoGate.CAPPED_S)
+        api.run(gate, now, inflight.AutoGate.CAPPED_S, offer=1000.0)
         for k in range(1, 4):
             pace_advice.warn_concurrency_cap(f"b{k}", gate, log)
         assert gate.capped_need() == 1000  # the batches' metrics say concurrency_needed: 1000 from now on
@@ -334,7 +327,7 @@ def test_a_worker_held_below_what_its_declared_limit_needs_by_max_concurrency_sa
         assert "up to batch b1" in said, said
         # 200/s offered: 200 in flight spend it, under the maximum. However long it runs, nothing to say.
         calm, now = auto_gate(maximum=256)
-        run(calm, now, 200.0, 30)
+        SimulatedApi(1.0, rate=200).run(calm, now, 30, offer=200.0)
         pace_advice.warn_concurrency_cap("b0", calm, log)
         assert calm.short_of() == 0 and len(caplog.records) == 1
 
@@ -351,11 +344,7 @@ def test_auto_concurrency_stays_within_the_worker_memory_and_grows_again_when_an
                              memory=lambda: 0.1 + (held[0].in_flight if held else 0) * per_call[0])
     held.append(gate)
     api = SimulatedApi(1.0, rate=1000)
-    limits: list[int] = []
-    for _ in range(int(30 / 0.01)):
-        gate.offered("api", 1000.0)
-        api.step(gate, now)
-        limits.append(gate.limit)
+    limits = api.run(gate, now, 30, offer=1000.0)
     assert max(limits) <= 300 and gate.limit >= 150, gate.history  # held near 0.6-0.7 of the memory
     assert gate.memory_held is not None and gate.memory_held[0] <= 300  # (the limit, the memory then)
     with caplog.at_level(logging.WARNING, logger=log.name):
@@ -364,14 +353,10 @@ def test_auto_concurrency_stays_within_the_worker_memory_and_grows_again_when_an
     [said] = [r.getMessage() for r in caplog.records]
     assert "memory limit" in said and "cluster.memory" in said and "up to batch b0" in said, said
     per_call[0] = 0.004  # the answers doubled: 250 in flight are 1.1 of the memory. It shrinks to within 0.7.
-    for _ in range(int(30 / 0.01)):
-        gate.offered("api", 1000.0)
-        api.step(gate, now)
+    api.run(gate, now, 30, offer=1000.0)
     assert gate.limit <= 150, gate.history
     per_call[0] = 0.0002  # the answers got smaller: room for 2,500 in flight, so the rate's 1,000 fit again
-    for _ in range(int(60 / 0.01)):
-        gate.offered("api", 1000.0)
-        api.step(gate, now)
+    api.run(gate, now, 60, offer=1000.0)
     assert gate.limit >= 1000, gate.history
     # Outside a Dask worker there is no memory limit to keep to.
     assert inflight.AutoGate(256).memory() is None
