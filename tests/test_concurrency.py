@@ -376,7 +376,7 @@ def test_a_dask_worker_tells_its_items_in_flight_its_memory_limit():
     worker_plugin.register(Registered())
     assert worker_plugin.MEMORY_NAME in Registered.names
     try:  # a real worker, in this process (so not the plugin that closes handlers: it would close this process's)
-        with LocalCluster(n_workers=1, processes=False, memory_limit="3GB", dashboard_address=None) as cluster, \
+        with LocalCluster(n_workers=1, processes=False, memory_limit="3GB", dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
             client.register_plugin(worker_plugin.MemoryLimit(), name=worker_plugin.MEMORY_NAME)
             assert client.run(lambda: inflight._memory_limit) == {w: 3 * 10**9 for w in cluster.scheduler_info[
