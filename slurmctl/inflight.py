@@ -229,8 +229,12 @@ class AutoGate:
     # The worker process's memory, as a share of its Dask memory limit, at which the gate stops growing, and at which
     # it shrinks by a fifth an interval: each item in flight holds its request and its answer, and Dask pauses a
     # worker at 0.8 of its limit (no new task) and restarts it at 0.95, with the batches it holds.
+    # A process that needs most of that for itself (a small memory_limit, a big model) keeps MEMORY_ROOM above its own
+    # share for its calls, the thresholds moved up with it: holding at 4 in flight for memory it did not take would
+    # starve the rate limits for nothing.
     MEMORY_HOLD = 0.6
     MEMORY_SHRINK = 0.7
+    MEMORY_ROOM = 0.05
 
     def __init__(self, maximum: int = 256, start: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -240,6 +244,8 @@ class AutoGate:
         self.clock = clock
         self.memory = memory  # the process's memory as a share of its limit (``memory_share``), None: no limit
         self.memory_base = memory()  # before any item of this gate is in flight: what the calls' memory adds to
+        self.memory_hold = max(self.MEMORY_HOLD, (self.memory_base or 0.0) + self.MEMORY_ROOM)
+        self.memory_shrink = self.memory_hold + self.MEMORY_SHRINK - self.MEMORY_HOLD
         self.memory_held: tuple[int, float] | None = None  # (limit, share) when memory first held the gate
         self.in_flight = 0
         self.slow_start = True
@@ -417,10 +423,10 @@ class AutoGate:
         share = self.memory()
         if share is None:
             return
-        if share < self.MEMORY_HOLD:
+        if share < self.memory_hold:
             ceiling = max(old, self._memory_room(share))
         else:
-            ceiling = max(1, math.floor(old * 0.8)) if share >= self.MEMORY_SHRINK else old
+            ceiling = max(1, math.floor(old * 0.8)) if share >= self.memory_shrink else old
         if self.limit > ceiling:
             self.limit = ceiling
             self.slow_start, self._last = False, None
@@ -428,12 +434,12 @@ class AutoGate:
                 self.memory_held = (ceiling, share)
 
     def _memory_room(self, share: float) -> int:
-        """The calls in flight that fit under ``MEMORY_HOLD`` at what each one in flight now adds to the process's
+        """The calls in flight that fit under the hold threshold at what each one in flight now adds to the process's
         memory (its growth since the gate started, per call); no bound when that is not measurable yet."""
         grown = share - (self.memory_base or 0.0)
         if self.in_flight <= 0 or grown <= 0:
             return self.maximum
-        return max(1, math.floor((self.MEMORY_HOLD - (self.memory_base or 0.0)) * self.in_flight / grown))
+        return max(1, math.floor((self.memory_hold - (self.memory_base or 0.0)) * self.in_flight / grown))
 
     def short_of(self) -> int:
         """With a declared limit: the calls in flight that spend the rate it offers this process (at the lowest

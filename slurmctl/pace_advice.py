@@ -102,7 +102,7 @@ def warn_memory_hold(batch_id: str, gate: Any, logger: Any) -> None:
             "and answer, and more would take the process past %.0f %% of its memory limit (it used %.0f %% then; "
             "Dask pauses a worker at 80 %%). If the job spends less of its rate limits than it could, give each "
             "worker process more memory (cluster.memory, or fewer processes per Slurm job) or keep less per call. "
-            "Said once per worker process.", held[0], batch_id, 100 * gate.MEMORY_HOLD, 100 * held[1])
+            "Said once per worker process.", held[0], batch_id, 100 * gate.memory_hold, 100 * held[1])
 
 
 def job_advice(counts: dict[str, Any], max_concurrency: int) -> list[str]:

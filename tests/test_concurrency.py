@@ -358,6 +358,14 @@ def test_auto_concurrency_stays_within_the_worker_memory_and_grows_again_when_an
     per_call[0] = 0.0002  # the answers got smaller: room for 2,500 in flight, so the rate's 1,000 fit again
     api.run(gate, now, 60, offer=1000.0)
     assert gate.limit >= 1000, gate.history
+    # A worker that needs 68 % of its memory for itself (a small limit, a big model) still gets room for its calls:
+    # 100 in flight of 0.03 % each, to spend 100/s at 1 s. Held at the usual 60 %, it would not start a fifth call.
+    base, held[:] = [0.68], []
+    gate = inflight.AutoGate(4096, clock=lambda: now[0],
+                             memory=lambda: base[0] + (held[0].in_flight if held else 0) * 0.0003)
+    held.append(gate)
+    SimulatedApi(1.0, rate=100).run(gate, now, 10, offer=100.0)
+    assert gate.limit >= 100 and gate.memory_held is None, gate.history
     # Outside a Dask worker there is no memory limit to keep to.
     assert inflight.AutoGate(256).memory() is None
 
