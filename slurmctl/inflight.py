@@ -40,6 +40,7 @@ import atexit
 import heapq
 import itertools
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -155,7 +156,7 @@ def memory_share() -> float | None:
     global _process
     if not _memory_limit:
         return None
-    if _process is None:
+    if _process is None or _process.pid != os.getpid():  # a worker forked from a template reads its own
         import psutil  # distributed's own dependency
 
         _process = psutil.Process()
