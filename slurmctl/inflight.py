@@ -260,7 +260,6 @@ class AutoGate:
         self.offers: dict[str, float] = {}  # tokens/s each rate limit offers this process (ctx.limit tells us)
         self.base_latency: float | None = None  # the lowest mean latency of an interval: the API's own, unqueued
         self.capped_s = 0.0  # time spent at the maximum while a declared limit needed more in flight (``short_of``)
-        self.cap_told = False  # the worker has said so (``slurmctl.pace_advice``)
         self._reset(self.clock())
         self.history: list[tuple[float, int]] = []  # (when, limit) after each change, for tests and benchmarks
 
@@ -414,7 +413,7 @@ class AutoGate:
         otherwise raise the floor with every call added. 0 without a declared limit."""
         if not self.offers or self.base_latency is None:
             return 0
-        return math.ceil(self._least_offer() * self.base_latency)
+        return math.ceil(self.least_offer()[1] * self.base_latency)
 
     def _within_memory(self, old: int) -> None:
         """Memory bounds the gate as ``max_concurrency`` does: from ``MEMORY_HOLD`` of the worker's limit it grows
@@ -457,12 +456,12 @@ class AutoGate:
 
     def _offered_in_progress(self) -> float:
         """Little's law for the rate the declared limits offer us: that rate x the calls' mean latency."""
-        return self._least_offer() * self.latency_sum / self.done
+        return self.least_offer()[1] * self.latency_sum / self.done
 
-    def _least_offer(self) -> float:
-        """The lowest rate the declared limits offer us. Read from a copy (one C-level call): a sync handler's thread
-        may add a limit's first offer meanwhile, and a batch's thread asks too (``capped_need``)."""
-        return min(dict(self.offers).values())
+    def least_offer(self) -> tuple[str, float]:
+        """The declared limit that offers us the lowest rate, and that rate. Read from a copy (one C-level call): a
+        sync handler's thread may add a limit's first offer meanwhile, and a batch's thread asks too."""
+        return min(dict(self.offers).items(), key=lambda kv: kv[1])
 
     def _littles_law(self) -> int | None:
         """In slow start, with a declared limit offering us a rate and the calls' latency measured: how many must be

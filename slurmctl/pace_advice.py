@@ -10,7 +10,8 @@ Two causes, each told once a pattern has shown, not at a moment:
   a worker process x the calls' latency, Little's law), so its slots pass unused. Fix: a higher
   ``max_concurrency``, memory allowing, or more worker processes.
 
-Plain Python over counters: it imports nothing of slurmctl, so the books can ask it too.
+Plain Python over counters and the gate (it imports only ``slurmctl.inflight``, which imports nothing of slurmctl),
+so the books can ask it too. Each warning is said once per worker process, job and cause (``_first_time``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,25 @@ import math
 import threading
 from typing import TYPE_CHECKING, Any
 
+from slurmctl.inflight import AutoGate
+
 if TYPE_CHECKING:
     from slurmctl.handler import BatchContext
 
 LATE_SHARE = 0.1  # callers too late for this share of a limit's slots are a worker too busy ...
 LATE_MIN_SLOTS = 500  # ... once there were this many slots (one batch's tail is not a pattern)
 _late_seen: dict[tuple[str, str], list[int]] = {}  # (job, limit): this worker process's late slots and slots
-_late_warned: set[tuple[str, str]] = set()
+_told: set[tuple[str, ...]] = set()  # (job, cause[, limit]): what this worker process has said
 _lock = threading.Lock()
+
+
+def _first_time(*key: str) -> bool:
+    """True the first time this worker process is about to say ``key`` (job, cause, ...), False after."""
+    with _lock:
+        if key in _told:
+            return False
+        _told.add(key)
+        return True
 
 
 def late_slots_matter(late: int, slots: int) -> bool:
@@ -44,9 +56,8 @@ def warn_late_slots(job_id: str, batch_id: str, ctx: BatchContext, logger: Any) 
             seen[0] += late
             seen[1] += slots
             late, slots = seen
-            if not late_slots_matter(late, slots) or (job_id, name) in _late_warned:
-                continue
-            _late_warned.add((job_id, name))
+        if not late_slots_matter(late, slots) or not _first_time(job_id, "late slots", name):
+            continue
         if logger is not None:
             logger.warning(
                 "rate limit %r: %d of the %d slots this worker has had (%.0f %%, up to batch %s) passed unused "
@@ -56,26 +67,20 @@ def warn_late_slots(job_id: str, batch_id: str, ctx: BatchContext, logger: Any) 
                 name, late, slots, 100 * late / slots, batch_id, allowance_ms)
 
 
-def suggested_max_concurrency(needed: int, queue_share: float = 0.5) -> int:
+def suggested_max_concurrency(needed: int) -> int:
     """The ``max_concurrency`` to set when a limit needs ``needed`` calls in flight: those, and a short queue of
-    items waiting for tokens so the limiter never idles (``AutoGate.QUEUE_SHARE``, half of it)."""
-    return math.ceil(needed * (1 + queue_share / 2))
+    items waiting for tokens so the limiter never idles (half of ``AutoGate.QUEUE_SHARE``, as its slow start)."""
+    return math.ceil(needed * (1 + AutoGate.QUEUE_SHARE / 2))
 
 
-def warn_concurrency_cap(batch_id: str, gate: Any, logger: Any) -> None:
-    """Say so when ``concurrency: auto`` (an ``AutoGate``) has held at ``max_concurrency`` for ``CAPPED_S`` while a
-    declared limit needed more calls in flight (``capped_need``): with 1 s answers, 256 in flight spend 256/s, whatever
-    the limit allows. Said once per worker process and job (the gate is theirs)."""
-    capped_need = getattr(gate, "capped_need", None)  # a fixed gate (concurrency: N) is the user's own number
-    needed = capped_need() if capped_need is not None else 0
-    if not needed:
+def warn_concurrency_cap(job_id: str, batch_id: str, gate: Any, logger: Any) -> None:
+    """Say so when ``concurrency: auto`` has held at ``max_concurrency`` for ``AutoGate.CAPPED_S`` while a declared
+    limit needed more calls in flight (``capped_need``): with 1 s answers, 256 in flight spend 256/s, whatever the
+    limit allows. A fixed gate (``concurrency: N``) is the user's own number: nothing to say."""
+    needed = gate.capped_need() if isinstance(gate, AutoGate) else 0
+    if not needed or not _first_time(job_id, "max_concurrency"):
         return
-    with _lock:
-        if gate.cap_told:
-            return
-        gate.cap_told = True
-    offers = dict(gate.offers)  # one C-level copy: the loop's thread may add a limit meanwhile
-    name, offer = min(offers.items(), key=lambda kv: kv[1])
+    name, offer = gate.least_offer()
     if logger is not None:
         logger.warning(
             "rate limit %r offers this worker %.0f calls/s, and its calls take %.2f s: spending that needs %d calls "
@@ -83,19 +88,15 @@ def warn_concurrency_cap(batch_id: str, gate: Any, logger: Any) -> None:
             "%.0f/s of it (up to batch %s). Set max_concurrency: %d in the job's config (memory allowing: each call "
             "in flight holds its item, request and answer), or run more worker processes. Said once per worker "
             "process.", name, offer, gate.base_latency, needed, gate.maximum, gate.maximum / gate.base_latency,
-            batch_id, suggested_max_concurrency(needed, gate.QUEUE_SHARE))
+            batch_id, suggested_max_concurrency(needed))
 
 
-def warn_memory_hold(batch_id: str, gate: Any, logger: Any) -> None:
-    """Say so, once per worker process and job, when the worker's memory has held ``concurrency: auto`` back
-    (``AutoGate.memory_held``): its items in flight then stop growing, whatever the rate limits need."""
-    held = getattr(gate, "memory_held", None)
-    if held is None:
+def warn_memory_hold(job_id: str, batch_id: str, gate: Any, logger: Any) -> None:
+    """Say so when the worker's memory has held ``concurrency: auto`` back (``AutoGate.memory_held``): its items in
+    flight then stop growing, whatever the rate limits need."""
+    held = gate.memory_held if isinstance(gate, AutoGate) else None
+    if held is None or not _first_time(job_id, "memory"):
         return
-    with _lock:
-        if getattr(gate, "memory_told", False):
-            return
-        gate.memory_told = True
     if logger is not None:
         logger.warning(
             "this worker process's calls in flight stop growing at %d (up to batch %s): each holds its item, request "

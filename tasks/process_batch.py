@@ -270,8 +270,8 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
         manifest.metrics.api_calls = (manifest.metrics.api_calls or 0) + saved.api_calls
     pace_advice.warn_late_slots(cfg.job_id, spec.batch_id, ctx, logger)
     if isinstance(run, ItemRun):
-        pace_advice.warn_concurrency_cap(spec.batch_id, run.gate, logger)
-        pace_advice.warn_memory_hold(spec.batch_id, run.gate, logger)
+        pace_advice.warn_concurrency_cap(cfg.job_id, spec.batch_id, run.gate, logger)
+        pace_advice.warn_memory_hold(cfg.job_id, spec.batch_id, run.gate, logger)
     manifest.finished_at = manifest.metrics.finished_at or now()
     return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
 

@@ -315,12 +315,12 @@ def test_a_worker_held_below_what_its_declared_limit_needs_by_max_concurrency_sa
     api = SimulatedApi(1.0, rate=1000)
     with caplog.at_level(logging.WARNING, logger=log.name):
         api.run(gate, now, 5, offer=1000.0)
-        pace_advice.warn_concurrency_cap("b0", gate, log)
+        pace_advice.warn_concurrency_cap("capped", "b0", gate, log)
         assert gate.limit == 256 and gate.short_of() == 1000 and not caplog.records  # not a pattern yet
         assert gate.capped_need() == 0  # nor in the batches' metrics
         api.run(gate, now, inflight.AutoGate.CAPPED_S, offer=1000.0)
         for k in range(1, 4):
-            pace_advice.warn_concurrency_cap(f"b{k}", gate, log)
+            pace_advice.warn_concurrency_cap("capped", f"b{k}", gate, log)
         assert gate.capped_need() == 1000  # the batches' metrics say concurrency_needed: 1000 from now on
         [said] = [r.getMessage() for r in caplog.records]
         assert "'api'" in said and "1000 calls in flight" in said and "max_concurrency: 1250" in said, said
@@ -328,7 +328,7 @@ def test_a_worker_held_below_what_its_declared_limit_needs_by_max_concurrency_sa
         # 200/s offered: 200 in flight spend it, under the maximum. However long it runs, nothing to say.
         calm, now = auto_gate(maximum=256)
         SimulatedApi(1.0, rate=200).run(calm, now, 30, offer=200.0)
-        pace_advice.warn_concurrency_cap("b0", calm, log)
+        pace_advice.warn_concurrency_cap("calm", "b0", calm, log)
         assert calm.short_of() == 0 and len(caplog.records) == 1
 
 
@@ -349,7 +349,7 @@ def test_auto_concurrency_stays_within_the_worker_memory_and_grows_again_when_an
     assert gate.memory_held is not None and gate.memory_held[0] <= 300  # (the limit, the memory then)
     with caplog.at_level(logging.WARNING, logger=log.name):
         for k in range(3):
-            pace_advice.warn_memory_hold(f"b{k}", gate, log)
+            pace_advice.warn_memory_hold("held", f"b{k}", gate, log)
     [said] = [r.getMessage() for r in caplog.records]
     assert "memory limit" in said and "cluster.memory" in said and "up to batch b0" in said, said
     per_call[0] = 0.004  # the answers doubled: 250 in flight are 1.1 of the memory. It shrinks to within 0.7.

@@ -425,11 +425,17 @@ class ResultManifest(_Manifest):
     created_at: str = Field(default_factory=now)
 
 
+def _summary_or_metric(summary: dict[str, Any], key: str) -> Any:
+    """A committed batch's ``key``: from its summary (what a shard returns), or from a task manifest's ``metrics``;
+    None when neither has it (a manifest written before it was measured)."""
+    value = summary.get(key)
+    return (summary.get("metrics") or {}).get(key) if value is None else value
+
+
 def in_flight_of(summary: dict[str, Any]) -> int:
-    """The most items a committed batch's worker process had in flight while it ran: its summary's
-    ``in_flight_max``, or a task manifest's ``metrics.in_flight_max`` (1: one at a time, or not measured)."""
-    peak = summary.get("in_flight_max") or (summary.get("metrics") or {}).get("in_flight_max")
-    return int(peak or 1)
+    """The most items a committed batch's worker process had in flight while it ran (``in_flight_max``; 1: one at
+    a time, or not measured)."""
+    return int(_summary_or_metric(summary, "in_flight_max") or 1)
 
 
 def limit_slots_of(summary: dict[str, Any]) -> tuple[int, int]:
@@ -447,31 +453,25 @@ def limit_slots_of(summary: dict[str, Any]) -> tuple[int, int]:
 
 def concurrency_needed_of(summary: dict[str, Any]) -> int:
     """The calls in flight a declared limit needed in the batch's worker process while ``max_concurrency`` held it
-    lower: its summary's or task manifest's metrics' ``concurrency_needed`` (0: not held)."""
-    needed = summary.get("concurrency_needed")
-    if needed is None:
-        needed = (summary.get("metrics") or {}).get("concurrency_needed")
-    return int(needed or 0)
+    lower (``concurrency_needed``; 0: not held)."""
+    return int(_summary_or_metric(summary, "concurrency_needed") or 0)
 
 
 def api_calls_of(summary: dict[str, Any]) -> int:
-    """A committed batch's handler calls: its summary's ``api_calls``, or a task manifest's ``metrics.api_calls``
-    (0 for a manifest written before metrics were recorded)."""
-    calls = summary.get("api_calls")
-    if calls is None:
-        calls = (summary.get("metrics") or {}).get("api_calls")
-    return int(calls or 0)
+    """A committed batch's handler calls (``api_calls``; 0 for a manifest written before metrics were recorded)."""
+    return int(_summary_or_metric(summary, "api_calls") or 0)
+
+
+METRIC_COUNTS = ("api_calls", "in_flight_max", "limit_slots", "limit_slots_late", "concurrency_needed")
 
 
 def metric_counts(tasks: list[dict[str, Any]]) -> dict[str, int]:
-    """The counts the committed batches' metrics make (``Counts.add`` folds them one by one): handler calls, the
-    most in flight, rate-limit slots and late slots, the most calls in flight a limit needed under the cap. The
-    aggregation sets them from the task manifests it read, beside the books' item counts."""
-    slots = [limit_slots_of(t) for t in tasks]
-    return {"api_calls": sum(api_calls_of(t) for t in tasks),
-            "in_flight_max": max((in_flight_of(t) for t in tasks), default=0),
-            "limit_slots": sum(s for s, _ in slots), "limit_slots_late": sum(late for _, late in slots),
-            "concurrency_needed": max((concurrency_needed_of(t) for t in tasks), default=0)}
+    """The counts the committed batches' metrics make (``METRIC_COUNTS``), folded as the coordinator folds them
+    (``Counts.add``). The aggregation sets them from the task manifests it read, beside the books' item counts."""
+    folded = Counts()
+    for t in tasks:
+        folded.add(t)
+    return {k: getattr(folded, k) for k in METRIC_COUNTS}
 
 
 def counts_from_tasks(tasks: list[dict[str, Any]], batches_total: int, items_total: int) -> Counts:
