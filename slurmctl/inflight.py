@@ -46,6 +46,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
+from slurmctl.loop_watch import LoopWatch
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -57,12 +59,14 @@ class EventLoopThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="slurmctl-items", daemon=True)
         self.thread.start()
+        self.watch = LoopWatch(self.loop, self.thread)  # an async handler that blocks the loop is named
 
     def run(self, coro: Coroutine[Any, Any, R]) -> R:
         """Run ``coro`` on the loop and block this (other) thread until it is done."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def stop(self) -> None:
+        self.watch.stop()
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=5)

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
+import statistics
+import threading
 import time
 from typing import Any, Callable
 
@@ -56,6 +59,9 @@ def shards_per_thread(cfg: JobConfig) -> int:
 
 
 SHARDS_PER_THREAD = 2
+ONE_AT_A_TIME_MIN_CALLS = 20  # calls a batch run one at a time measures before it says what a limit needs
+_serial = [0]  # batches of this process running their items one at a time, now
+_serial_lock = threading.Lock()
 
 
 class ItemRun:
@@ -77,6 +83,9 @@ class ItemRun:
         self.concurrent = is_concurrent(cfg, handler)
         self.gate: Any = None
         self.in_flight_max = 0
+        self.loop_held_s = 0.0  # the time this batch's async handler held the worker's event loop (its share)
+        self.loop_held: Any = None  # what the job's async handler did to the worker's loop (``loop_watch.Held``)
+        self.serial = 0  # one at a time: the most batches of this process doing so while this one ran
 
     def _broken(self) -> bool:
         return self.breaker is not None and self.breaker.open
@@ -88,7 +97,19 @@ class ItemRun:
     def one_by_one(self, items: Items) -> list[ItemOutcome | None]:
         """Each item's first attempt runs here, and an item that succeeds is done (nearly all of them: a no-op
         handler's loop costs half as much per item as going through the retry loop each time); an item whose first
-        attempt raised goes on in ``call_with_retries`` from its second attempt."""
+        attempt raised goes on in ``call_with_retries`` from its second attempt. Counted among the process's batches
+        running one at a time (``serial``: the calls in flight they make together)."""
+        with _serial_lock:
+            _serial[0] += 1
+            self.serial = _serial[0]
+        try:
+            return self._one_by_one(items)
+        finally:
+            with _serial_lock:
+                self.serial = max(self.serial, _serial[0])
+                _serial[0] -= 1
+
+    def _one_by_one(self, items: Items) -> list[ItemOutcome | None]:
         outcomes: list[ItemOutcome | None] = []
         ctx, meter, breaker, handler, id_field = self.ctx, self.meter, self.breaker, self.handler, self.id_field
         halted, broken = self.halted, False  # only a failure can open the breaker: asked after one
@@ -123,7 +144,14 @@ class ItemRun:
             pool_size = int(self.concurrency) * SHARDS_PER_THREAD  # N per batch; a thread may hold two batches
         self.ctx.observer = self.gate
         pool = None if self.is_async else inflight.thread_pool(pool_size)
-        return loop.run(self._run_all(items, pool))
+        if pool is not None:  # a sync handler's calls block threads of the pool, not the loop
+            return loop.run(self._run_all(items, pool))
+        entry = loop.watch.join(self.cfg.job_id or "", self.handler)
+        self.loop_held = entry.job
+        try:
+            return loop.run(self._run_all(items, pool))
+        finally:
+            self.loop_held_s = loop.watch.leave(entry)
 
     async def _run_all(self, items: Items, pool: Any) -> list[ItemOutcome | None]:
         gate, loop, breaker = self.gate, asyncio.get_running_loop(), self.breaker
@@ -175,13 +203,40 @@ class ItemRun:
         finally:
             self.in_flight_max = gate.unwatch(peak)
 
-    def reached(self) -> dict[str, int]:
+    def one_at_a_time_need(self) -> tuple[str, float, float, int] | None:
+        """Items run one at a time, under a declared limit that needs at least twice the calls in flight this
+        process runs (one per batch running, ``serial``): the limit's name, the rate it offers this process, the
+        batch's median call latency and the calls in flight that spend the rate (Little's law). None otherwise,
+        before ``ONE_AT_A_TIME_MIN_CALLS`` calls measured a latency, and when the calls compute rather than wait
+        (the batch's thread on a CPU a quarter of the time or more, allowing for a busy machine's share of a core:
+        more in flight would need more cores, not threads)."""
+        meter = self.meter
+        if self.concurrent or len(meter.latencies) < ONE_AT_A_TIME_MIN_CALLS:
+            return None
+        if time.thread_time() - meter.cpu0 >= 0.25 * (time.perf_counter() - meter.t0):
+            return None
+        latency, most = statistics.median(meter.latencies), None
+        for name, leaser in self.ctx.limiters.items():
+            offer = leaser.offer_per_s() if hasattr(leaser, "offer_per_s") else 0.0
+            needed = math.ceil(offer * latency)
+            if needed >= 2 * max(self.serial, 1) and (most is None or needed > most[3]):
+                most = (name, offer, latency, needed)
+        return most
+
+    def reached(self) -> dict[str, float]:
         """For the batch's metrics: the concurrency its gate allowed when it ended and the most items in flight in
         its worker process while it ran; under ``auto``, when ``max_concurrency`` has held fewer in flight than a
-        declared limit needs, how many it needs (``AutoGate.capped_need``)."""
+        declared limit needs, how many it needs (``AutoGate.capped_need``; run one at a time:
+        ``one_at_a_time_need``); for an async handler that held the worker's event loop (``slurmctl.loop_watch``),
+        its seconds (``loop_held_s``)."""
         if self.gate is None:
-            return {}
-        reached = {"concurrency": int(self.gate.limit), "in_flight_max": int(self.in_flight_max)}
+            need = self.one_at_a_time_need()
+            return {"concurrency_needed": need[3]} if need else {}
+        reached: dict[str, float] = {"concurrency": int(self.gate.limit), "in_flight_max": int(self.in_flight_max)}
         needed = self.gate.capped_need() if isinstance(self.gate, inflight.AutoGate) else 0
-        return {**reached, "concurrency_needed": needed} if needed else reached
+        if needed:
+            reached["concurrency_needed"] = needed
+        if self.loop_held_s:
+            reached["loop_held_s"] = round(self.loop_held_s, 3)
+        return reached
 

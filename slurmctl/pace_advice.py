@@ -2,15 +2,22 @@
 user's: said by a worker process in its task run's log (so it shows in the Prefect UI beside the batches), and by
 ``slurmctl status`` and the run's artifacts from the job's counts (so it stands in the manifests too).
 
-Two causes, each told once a pattern has shown, not at a moment:
+Four causes, each told once a pattern has shown, not at a moment:
 
+* **An async handler that blocks**: a blocking call (``time.sleep``, ``requests``, boto3) or a long computation holds
+  the worker's event loop, so the worker's other items wait (``slurmctl.loop_watch``). Its slots pass late too, but
+  more worker processes would not help: this cause is said instead of the next. Fix: an async client, blocking work
+  off the loop (``asyncio.to_thread``), or a sync handler with ``concurrency: auto``.
 * **Late slots**: a worker is too busy (its CPU) to keep the limit's pace; its items come too late for the limit's
   slots, which pass unused. Fix: more worker processes, each with a core of its own.
 * **The concurrency cap**: ``max_concurrency`` holds fewer calls in flight than the limit needs (the rate it offers
   a worker process x the calls' latency, Little's law), so its slots pass unused. Fix: a higher
   ``max_concurrency``, memory allowing, or more worker processes.
+* **One at a time**: a sync handler's items run one at a time (``concurrency`` unset or 1), one call in flight per
+  batch running, where the limit needs at least twice that: the job the README's "Many calls in flight" is about.
+  Fix: ``concurrency: auto`` (a thread-safe handler) or an async handler.
 
-Plain Python over counters and the gate (it imports only ``slurmctl.inflight``, which imports nothing of slurmctl),
+Plain Python over counters and the gate (it imports only ``slurmctl.inflight``, which imports only the loop's watch),
 so the books can ask it too. Each warning is said once per worker process, job and cause (``_first_time``).
 """
 
@@ -27,6 +34,9 @@ if TYPE_CHECKING:
 
 LATE_SHARE = 0.1  # callers too late for this share of a limit's slots are a worker too busy ...
 LATE_MIN_SLOTS = 500  # ... once there were this many slots (one batch's tail is not a pattern)
+HELD_MIN_S = 1.0  # an async handler held its worker's event loop this long in all ...
+HELD_PER_CALL_MS = 1.0  # ... and, for a job, this long per call: it blocks the loop (a stall now and then does not)
+HELD_SHARE = 0.05  # ... or, in a worker, this share of the time its batches ran
 _late_seen: dict[tuple[str, str], list[int]] = {}  # (job, limit): this worker process's late slots and slots
 _told: set[tuple[str, ...]] = set()  # (job, cause[, limit]): what this worker process has said
 _lock = threading.Lock()
@@ -44,6 +54,32 @@ def _first_time(*key: str) -> bool:
 def late_slots_matter(late: int, slots: int) -> bool:
     """Enough slots passed late to say the workers are too busy for the limit's pace."""
     return slots >= LATE_MIN_SLOTS and late >= LATE_SHARE * slots
+
+
+def loop_held_matters(held_s: float, calls: int) -> bool:
+    """A job's handler held its workers' event loops long enough, per call, to say it blocks them."""
+    return held_s >= HELD_MIN_S and held_s * 1000 >= HELD_PER_CALL_MS * max(calls, 1)
+
+
+def warn_loop_held(job_id: str, batch_id: str, held: Any, logger: Any) -> bool:
+    """Say so when the job's async handler holds this worker's event loop (``held``: ``slurmctl.loop_watch.Held``)
+    for ``HELD_SHARE`` of the time its batches have run, and ``HELD_MIN_S`` in all; said once per worker process
+    and job. True from then on: the worker's late slots are then the handler's doing, not a worker too busy
+    (``warn_late_slots`` is not said)."""
+    if held is None or held.held_s < HELD_MIN_S or held.held_s < HELD_SHARE * held.watched_s:
+        return False
+    if _first_time(job_id, "loop held") and logger is not None:
+        logger.warning(
+            "the async handler held this worker's event loop for %.1f s of the %.1f s its batches have run (%.0f %%, "
+            "up to batch %s), mostly at %s. It blocks there (a blocking call such as time.sleep, requests, boto3 or "
+            "a sync client, or a long computation): every item in flight in this worker runs on that loop, so while "
+            "it is held no other call of this worker starts or hears its answer. Await an async client "
+            "(httpx.AsyncClient, as slurmctl.handlers.http_json:AsyncClient does) or asyncio.sleep, move blocking "
+            "or long work off the loop (await asyncio.to_thread(...)), or make it a sync handler (def, not async "
+            "def) with concurrency: auto, which runs its calls in threads. Said once per worker process.",
+            held.held_s, held.watched_s, 100 * held.held_s / max(held.watched_s, 1e-9), batch_id,
+            held.top_place() or "an unknown place")
+    return True
 
 
 def warn_late_slots(job_id: str, batch_id: str, ctx: BatchContext, logger: Any) -> None:
@@ -106,17 +142,47 @@ def warn_memory_hold(job_id: str, batch_id: str, gate: Any, logger: Any) -> None
             "Said once per worker process.", held[0], batch_id, 100 * gate.memory_hold, 100 * held[1])
 
 
+def warn_one_at_a_time(job_id: str, batch_id: str, run: Any, logger: Any) -> None:
+    """Say so when items run one at a time and a declared limit needs at least twice the calls in flight the worker
+    process then makes (``ItemRun.one_at_a_time_need``): 200 ms answers at 50/s need 10, where one at a time in 2
+    batches is 2, so the job spends a fifth of the limit, with no error anywhere."""
+    need = run.one_at_a_time_need()
+    if need is None or not _first_time(job_id, "one at a time"):
+        return
+    name, offer, latency, needed = need
+    if logger is not None:
+        logger.warning(
+            "rate limit %r offers this worker %.0f calls/s, and its calls take %.2f s: spending that needs %d calls "
+            "in flight (rate x latency), but the handler runs its items one at a time, %d in flight in this worker, "
+            "so it spends at most about %.0f/s of it (up to batch %s). Set concurrency: auto in the job's config to "
+            "run them in threads (the handler must then be thread-safe: README, \"Many calls in flight\"), or make "
+            "the handler async. Said once per worker process.", name, offer, latency, needed, max(run.serial, 1),
+            max(run.serial, 1) / latency, batch_id)
+
+
 def job_advice(counts: dict[str, Any], max_concurrency: int) -> list[str]:
     """What the job's counts (``books.manifests.Counts``, summed over its committed batches) say about its pace,
     for ``slurmctl status`` and the run's artifacts: one sentence per cause, with what to do."""
     out = []
+    held, calls = float(counts.get("loop_held_s") or 0), int(counts.get("api_calls") or 0)
+    if loop_held_matters(held, calls):
+        per_call = 1000 * held / max(calls, 1)
+        out.append(f"the async handler held its workers' event loops for {held:,.0f} s ({per_call:,.0f} ms per "
+                   f"call): it blocks (a blocking call or a long computation; the workers' logs name the line), so "
+                   f"while it runs no other call of that worker starts or hears its answer. Await an async client "
+                   f"(httpx.AsyncClient) or asyncio.sleep, move blocking work off the loop (asyncio.to_thread), or "
+                   f"make it a sync handler (def) with concurrency: auto")
     late, slots = int(counts.get("limit_slots_late") or 0), int(counts.get("limit_slots") or 0)
-    if late_slots_matter(late, slots):
+    if late_slots_matter(late, slots) and not out:  # a held loop makes slots late: that is its cause, said above
         out.append(f"{late:,} of {slots:,} rate-limit slots ({100 * late / slots:.0f} %) passed unused because the "
                    f"workers were too busy to take them in time: more worker processes, each with a core of its own, "
                    f"would spend them (README, \"Cores for a fast limit\")")
     needed = int(counts.get("concurrency_needed") or 0)
-    if needed > max_concurrency:  # the number to set as YAML reads it: no thousands separator
+    if needed and int(counts.get("in_flight_max") or 1) <= 1:  # items ran one at a time
+        out.append(f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and the "
+                   f"handler ran its items one at a time: set concurrency: auto (the handler must then be "
+                   f"thread-safe) or make the handler async (README, \"Many calls in flight\")")
+    elif needed > max_concurrency:  # the number to set as YAML reads it: no thousands separator
         out.append(f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and "
                    f"max_concurrency held each at {max_concurrency:,}: set max_concurrency: "
                    f"{suggested_max_concurrency(needed)} (memory allowing) or run more worker processes")

@@ -36,7 +36,7 @@ from slurmctl.books import checkpoints
 from slurmctl.books.input_chunks import ChunkReader
 from slurmctl.books.input_files import InputChanged, describe_line
 from slurmctl.books.limits import leasers_for
-from slurmctl.books.manifests import Keys, TaskManifest, concurrency_needed_of, limit_slots_of, now
+from slurmctl.books.manifests import Keys, TaskManifest, concurrency_needed_of, limit_slots_of, loop_held_of, now
 from slurmctl.config import JobConfig
 from slurmctl.errors import CircuitBreaker, Classified, ErrorPolicy, ItemOutcome
 from slurmctl.handler import BatchContext, handler_for
@@ -103,13 +103,14 @@ def summary_of(task_manifest: dict[str, Any]) -> dict[str, Any]:
     ``tokens_waited_s``: the seconds its handler calls were blocked on rate limits (the token-wait alert),
     ``api_calls``: its handler calls (the budget), ``in_flight_max``: the most items its worker process had in
     flight while it ran (1: one at a time), and what the job's pace advice reads (``limit_slots``,
-    ``limit_slots_late``, ``concurrency_needed``: ``books.manifests.Counts``)."""
+    ``limit_slots_late``, ``concurrency_needed``, ``loop_held_s``: ``books.manifests.Counts``)."""
     metrics = task_manifest.get("metrics") or {}
     slots, late = limit_slots_of(task_manifest)
     return {**{k: task_manifest.get(k) for k in SUMMARY_FIELDS},
             "tokens_waited_s": float(metrics.get("tokens_waited_s") or 0),
             "api_calls": int(metrics.get("api_calls") or 0), "in_flight_max": int(metrics.get("in_flight_max") or 1),
-            "limit_slots": slots, "limit_slots_late": late, "concurrency_needed": concurrency_needed_of(task_manifest)}
+            "limit_slots": slots, "limit_slots_late": late, "concurrency_needed": concurrency_needed_of(task_manifest),
+            "loop_held_s": loop_held_of(task_manifest)}
 
 
 def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = None,
@@ -268,8 +269,11 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
         ctx.limiter_waiting_s)
     if saved.api_calls:
         manifest.metrics.api_calls = (manifest.metrics.api_calls or 0) + saved.api_calls
-    pace_advice.warn_late_slots(cfg.job_id, spec.batch_id, ctx, logger)
+    held = isinstance(run, ItemRun) and pace_advice.warn_loop_held(cfg.job_id, spec.batch_id, run.loop_held, logger)
+    if not held:  # a handler holding the loop makes its slots late: said above, with its own fix
+        pace_advice.warn_late_slots(cfg.job_id, spec.batch_id, ctx, logger)
     if isinstance(run, ItemRun):
+        pace_advice.warn_one_at_a_time(cfg.job_id, spec.batch_id, run, logger)
         pace_advice.warn_concurrency_cap(cfg.job_id, spec.batch_id, run.gate, logger)
         pace_advice.warn_memory_hold(cfg.job_id, spec.batch_id, run.gate, logger)
     manifest.finished_at = manifest.metrics.finished_at or now()

@@ -8,6 +8,7 @@ API on a fake clock; one real job on the embedded default is checked where it ma
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import signal
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -48,7 +50,7 @@ from slurmctl.tasks.process_batch import run_batch
 @pytest.fixture
 def batch(tmp_path: Path):
     """A one-batch job of ``n`` items for ``handler``: returns (summary, task manifest, output ids in row order)."""
-    def run(handler: str, n: int = 60, errors: dict | None = None, store: str = "store", **fields):
+    def run(handler: str, n: int = 60, errors: dict | None = None, store: str = "store", logger=None, **fields):
         write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
         params = {"calls_file": str(tmp_path / "calls"), **fields.pop("params", {})}
         cfg = parse_config({"job_id": "unit", "handler": f"support.sample_handlers:{handler}",
@@ -58,8 +60,8 @@ def batch(tmp_path: Path):
         books = LocalManifestStore(root=str(tmp_path / store))
         with open(tmp_path / "in.jsonl", "rb") as f:
             [spec] = partition(f, "jsonl", n).batches
-        summary = run_batch(cfg, books, spec)
-        task = books.get_json(f"jobs/unit/tasks/{spec.batch_id}.json")
+        summary = run_batch(cfg, books, spec, logger=logger)
+        task = books.get_json(f"jobs/{cfg.job_id}/tasks/{spec.batch_id}.json")
         rows = pq.read_table(io.BytesIO(books.read_range(books.uri(task["output"]), 0, 1 << 30))).to_pylist() \
             if task["output"] else []
         return summary, task, rows, books
@@ -101,6 +103,30 @@ def test_a_sync_handler_runs_one_item_at_a_time_unless_told_otherwise(batch):
     summary, task, rows, _ = batch("counting_threads", n=30, params={"sleep_s": 0.005})
     assert sample_handlers.in_flight.peak == 1 and "in_flight_max" not in task["metrics"]
     assert summary["in_flight_max"] == 1 and [r["id"] for r in rows] == list(range(30))
+
+
+def test_a_sync_handler_one_at_a_time_below_what_its_declared_limit_needs_says_to_set_concurrency(batch, caplog):
+    # The issue's first job: a sync handler, an API answering in 20 ms, a limit of 500/s. Little's law needs 10 calls
+    # in flight; one at a time is 1, a fiftieth of the limit, with no error anywhere. The worker says what to set.
+    log = logging.getLogger("slurmctl.test.serial")
+    limit = {"rate_limits": {"api": {"per_second": 500, "burst": 5}}, "params": {"sleep_s": 0.02, "limit": "api"}}
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        summary, task, _, _ = batch("counting_threads", n=40, job_id="serial", logger=log, **limit)
+        assert sample_handlers.in_flight.peak == 1 and summary["in_flight_max"] == 1
+        assert task["metrics"]["concurrency_needed"] >= 5 and summary["concurrency_needed"] >= 5, task["metrics"]
+        [said] = [r.getMessage() for r in caplog.records]
+        assert "one at a time" in said and "concurrency: auto" in said and "thread-safe" in said
+        _, again, _, _ = batch("counting_threads", n=40, job_id="serial", store="again", logger=log, **limit)
+        assert again["metrics"]["concurrency_needed"] and len(caplog.records) == 1  # said once per process and job
+
+        # With concurrency: auto it runs enough in threads: nothing to say.
+        _, task, _, _ = batch("counting_threads", n=40, job_id="serial-auto", logger=log, concurrency="auto", **limit)
+        assert "concurrency_needed" not in task["metrics"] and len(caplog.records) == 1
+
+        # A handler that computes for its 20 ms needs cores, not calls in flight: nothing to say either.
+        _, task, _, _ = batch("counting_threads", n=40, job_id="serial-cpu", logger=log,
+                              rate_limits=limit["rate_limits"], params={"spin_s": 0.02, "limit": "api"})
+        assert "concurrency_needed" not in task["metrics"] and len(caplog.records) == 1
 
 
 def test_a_sync_handler_with_concurrency_n_runs_at_most_n_items_at_once_in_threads(batch):
@@ -163,6 +189,59 @@ def test_handlers_of_every_form_can_be_unit_tested_with_a_batch_context():
     for name in ("counting_async", "counting_threads", "Session", "AsyncSession"):
         handler = handler_for(f"support.sample_handlers:{name}", {})
         assert call_once(handler, {"id": 4}, ctx)["doubled"] == 8
+
+
+def line_of(function: Any, text: str) -> int:
+    """The line of ``function``'s source file that holds ``text``, within the function."""
+    lines, first = inspect.getsourcelines(function)
+    return next(first + i for i, line in enumerate(lines) if text in line)
+
+
+def test_an_async_handler_that_blocks_its_event_loop_is_named_with_its_line_and_what_to_do(batch, caplog):
+    # `time.sleep` in an `async def` holds the worker's loop: the other items in flight wait, and the worker runs
+    # one call at a time. Nothing fails, so nothing else would say so: the worker's log names the line, once, and
+    # the batch's metrics carry the seconds held (for `status`).
+    log = logging.getLogger("slurmctl.test.held")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        summary, task, rows, _ = batch("blocking_async", n=100, params={"sleep_s": 0.02}, job_id="held", logger=log)
+        assert len(rows) == 100 and summary["items_succeeded"] == 100
+        held = task["metrics"]["loop_held_s"]
+        assert 1.0 <= held <= task["metrics"]["duration_s"]  # 100 calls of 20 ms, sampled; never more than it ran
+        assert summary["loop_held_s"] == held
+        [said] = [r.getMessage() for r in caplog.records]
+        sleeping = line_of(sample_handlers.blocking_async, "time.sleep(")
+        assert f"support/sample_handlers.py, line {sleeping}, in blocking_async" in said
+        assert "blocks" in said and "httpx.AsyncClient" in said and "concurrency: auto" in said
+        _, again, _, _ = batch("blocking_async", n=100, params={"sleep_s": 0.02}, job_id="held", store="again",
+                               logger=log)
+        assert again["metrics"]["loop_held_s"] >= 1.0 and len(caplog.records) == 1  # said once per process and job
+
+        # A step that computes for 0.3 s without yielding holds the loop just the same.
+        _, task, _, _ = batch("blocking_async", n=6, params={"spin_s": 0.3}, job_id="held-spin", logger=log)
+        assert task["metrics"]["loop_held_s"] >= 0.6
+        spinning = f"line {line_of(sample_handlers.blocking_async, 'while time.perf_counter()')}, in blocking_async"
+        assert spinning in caplog.records[-1].getMessage()
+
+        # Under a declared rate limit, the held loop makes the limit's slots pass late: that is said as the loop,
+        # never as a worker too busy (whose fix, more worker processes, would not help).
+        caplog.clear()
+        summary, _, _, _ = batch("blocking_async", n=600, params={"limit": "api", "sleep_s": 0.004},
+                                 rate_limits={"api": {"per_second": 1000, "burst": 5}}, job_id="held-limit",
+                                 logger=log)
+        assert pace_advice.late_slots_matter(summary["limit_slots_late"], summary["limit_slots"]), summary
+        [said] = [r.getMessage() for r in caplog.records]
+        assert "held this worker's event loop" in said
+
+
+def test_a_busy_async_handler_that_yields_is_not_said_to_hold_its_loop(batch, caplog):
+    # 400 items in flight, each computing 0.2 ms at a time between yields: the loop runs 80 ms of steps before it
+    # comes round again, and a handler's frame is on its stack most of the time. It is busy, not held.
+    log = logging.getLogger("slurmctl.test.busy")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        _, task, rows, _ = batch("many_short_steps", n=400, params={"steps": 20, "step_ms": 0.2}, concurrency=400,
+                                 job_id="busy", logger=log)
+    assert len(rows) == 400 and task["metrics"]["in_flight_max"] == 400
+    assert "loop_held_s" not in task["metrics"] and not caplog.records
 
 
 def test_a_class_handler_that_cannot_be_built_or_called_is_refused_before_submission():
@@ -463,8 +542,9 @@ def test_an_async_class_handler_saturates_a_slow_rate_limited_api_without_more_t
     assert_exactly_once(view, range(n))
     assert view["in_flight_max"] >= 4
     # Each item took a slot of the limit: the job's counts carry them to status, which found nothing to advise
-    # about the cap (10 in flight needed, max_concurrency 256).
+    # about the cap (10 in flight needed, max_concurrency 256), nor about the loop (the handler awaits httpx).
     assert view["limit_slots"] >= n and view["concurrency_needed"] == 0, view
+    assert view["loop_held_s"] == 0 and view["advice"] == [], view
     # Built once per worker process that ran batches, closed once by each when the cluster stopped.
     built = Counter(line.split()[0] for line in (tmp_path / "built").read_text().splitlines())
     closed = Counter(line.split()[0] for line in (tmp_path / "closed").read_text().splitlines())

@@ -25,7 +25,7 @@ from support.jobs import (
 
 from slurmctl.batch_metrics import BatchMeter, percentile
 from slurmctl.blocks.manifest_store import LocalManifestStore
-from slurmctl.books.manifests import Counts, JobManifest, TaskManifest, counts_from_tasks
+from slurmctl.books.manifests import Counts, JobManifest, TaskManifest, counts_from_tasks, metric_counts
 from slurmctl.books.progress import job_progress
 from slurmctl.books.status import pace_view, status_view
 from slurmctl.books.store import load_job, save_job, update_job
@@ -211,9 +211,10 @@ def test_progress_of_a_job_manifest_without_phase_times():
 
 # ---- the job's pace: workers too busy for their limit's slots, or held below it by max_concurrency -------------
 
-def paced_batch(batch_id: str, tokens: int, late: int, needed: int = 0) -> dict[str, Any]:
+def paced_batch(batch_id: str, tokens: int, late: int, needed: int = 0, held: float = 0) -> dict[str, Any]:
     """A committed batch's task manifest as a worker writes it: its limit's tokens and late slots in its metrics."""
-    metrics = {"items": tokens, "ratelimit_api_tokens": tokens, "ratelimit_api_late": late,
+    metrics = {"items": tokens, "api_calls": tokens, "ratelimit_api_tokens": tokens, "ratelimit_api_late": late,
+               **({"loop_held_s": held} if held else {}),
                "ratelimit_api_late_ms_max": 1.9, "ratelimit_api_expired": late + 7, "in_flight_max": 256,
                **({"concurrency": 256, "concurrency_needed": needed} if needed else {})}
     return {"batch_id": batch_id, "status": "succeeded", "items_succeeded": tokens, "items_failed": 0,
@@ -243,6 +244,38 @@ def test_status_says_why_a_job_spends_less_of_its_rate_limit_than_it_could_and_w
     # Late slots are a pattern only past 500 slots: a small job's tail is not.
     few = counts_from_tasks([paced_batch("batch-000000", 100, 60)], 1, 100)
     assert pace_view(job("completed", "done", 10, few.model_dump(), {})) == []
+
+
+def test_status_names_an_async_handler_that_holds_its_loop_instead_of_blaming_busy_workers():
+    # 1,000 calls that held their workers' loops 20 ms each: their slots passed late too, but more worker processes
+    # would not help. The counts carry the seconds held (coordinator, recount and the aggregation's final counts
+    # alike), and status says what to change instead of the late-slot advice.
+    tasks = [paced_batch("batch-000000", 600, 300, held=12.25), paced_batch("batch-000001", 400, 200, held=7.75)]
+    live = Counts(batches_total=2, items_total=1000)
+    for t in tasks:
+        live = live.plus(Counts(**_added(summary_of(t))))
+    scanned = counts_from_tasks(tasks, 2, 1000)
+    assert live.loop_held_s == scanned.loop_held_s == metric_counts(tasks)["loop_held_s"] == 20.0
+    [said] = pace_view(job("completed", "done", 10, scanned.model_dump(), {}))
+    assert "held its workers' event loops for 20 s (20 ms per call)" in said
+    assert "async client" in said and "concurrency: auto" in said and "slots" not in said
+
+    # A stall now and then is not a pattern: 0.5 s over the same 1,000 calls says nothing of the loop.
+    stalls = counts_from_tasks([paced_batch("batch-000000", 1000, 10, held=0.5)], 1, 1000)
+    assert pace_view(job("completed", "done", 10, stalls.model_dump(), {})) == []
+
+
+def test_status_says_to_run_items_concurrently_when_one_at_a_time_holds_a_job_below_its_limit():
+    # A sync handler's batches ran their items one at a time (no in_flight_max in their metrics) where the limit
+    # needed 10 calls in flight: the fix is concurrency, not max_concurrency.
+    serial = paced_batch("batch-000000", 600, 0)
+    del serial["metrics"]["in_flight_max"]
+    serial["metrics"]["concurrency_needed"] = 10
+    counts = counts_from_tasks([serial], 1, 600)
+    assert (counts.in_flight_max, counts.concurrency_needed) == (1, 10)
+    [said] = pace_view(job("completed", "done", 10, counts.model_dump(), {}))
+    assert "needed up to 10 calls in flight" in said and "one at a time" in said and "concurrency: auto" in said
+    assert "max_concurrency" not in said
 
 
 def test_waiting_for_a_job_ends_with_what_its_pace_says(tmp_path, capsys):

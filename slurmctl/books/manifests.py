@@ -242,9 +242,12 @@ class Counts(BaseModel):
     # passed unused because their caller came later than the allowance, a worker too busy (``slurmctl.pace_advice``)
     limit_slots: int = 0
     limit_slots_late: int = 0
-    # the most calls in flight a declared limit needed in one worker process while max_concurrency held it lower
-    # (their metrics' concurrency_needed; 0: never)
+    # the most calls in flight a declared limit needed in one worker process while max_concurrency, or items run one
+    # at a time, held it lower (their metrics' concurrency_needed; 0: never)
     concurrency_needed: int = 0
+    # seconds an async handler held its worker's event loop (it calls something blocking), over the committed
+    # batches (their metrics' loop_held_s; ``slurmctl.loop_watch``)
+    loop_held_s: float = 0.0
 
     def plus(self, delta: "Counts") -> "Counts":
         """These counts with ``delta``'s progress added (totals stay these)."""
@@ -252,7 +255,8 @@ class Counts(BaseModel):
             k: getattr(self, k) + getattr(delta, k) for k in (
                 "batches_done", "batches_failed", "items_succeeded", "items_failed", "items_deferred",
                 "items_rejected", "rows_written", "api_calls", "limit_slots", "limit_slots_late")},
-            **{k: max(getattr(self, k), getattr(delta, k)) for k in ("in_flight_max", "concurrency_needed")})
+            **{k: max(getattr(self, k), getattr(delta, k)) for k in ("in_flight_max", "concurrency_needed")},
+            loop_held_s=round(self.loop_held_s + delta.loop_held_s, 3))
 
     def add(self, summary: dict[str, Any]) -> None:
         """Fold one committed batch's summary in. A retry batch takes items out of failed/deferred."""
@@ -268,6 +272,7 @@ class Counts(BaseModel):
         self.limit_slots += slots
         self.limit_slots_late += late
         self.concurrency_needed = max(self.concurrency_needed, concurrency_needed_of(summary))
+        self.loop_held_s = round(self.loop_held_s + loop_held_of(summary), 3)
 
 
 class JobManifest(_Manifest):
@@ -452,9 +457,14 @@ def limit_slots_of(summary: dict[str, Any]) -> tuple[int, int]:
 
 
 def concurrency_needed_of(summary: dict[str, Any]) -> int:
-    """The calls in flight a declared limit needed in the batch's worker process while ``max_concurrency`` held it
-    lower (``concurrency_needed``; 0: not held)."""
+    """The calls in flight a declared limit needed in the batch's worker process while ``max_concurrency``, or its
+    items run one at a time, held it lower (``concurrency_needed``; 0: not held)."""
     return int(_summary_or_metric(summary, "concurrency_needed") or 0)
+
+
+def loop_held_of(summary: dict[str, Any]) -> float:
+    """The seconds a committed batch's async handler held its worker's event loop (``loop_held_s``; 0: never)."""
+    return float(_summary_or_metric(summary, "loop_held_s") or 0)
 
 
 def api_calls_of(summary: dict[str, Any]) -> int:
@@ -462,10 +472,10 @@ def api_calls_of(summary: dict[str, Any]) -> int:
     return int(_summary_or_metric(summary, "api_calls") or 0)
 
 
-METRIC_COUNTS = ("api_calls", "in_flight_max", "limit_slots", "limit_slots_late", "concurrency_needed")
+METRIC_COUNTS = ("api_calls", "in_flight_max", "limit_slots", "limit_slots_late", "concurrency_needed", "loop_held_s")
 
 
-def metric_counts(tasks: list[dict[str, Any]]) -> dict[str, int]:
+def metric_counts(tasks: list[dict[str, Any]]) -> dict[str, float]:
     """The counts the committed batches' metrics make (``METRIC_COUNTS``), folded as the coordinator folds them
     (``Counts.add``). The aggregation sets them from the task manifests it read, beside the books' item counts."""
     folded = Counts()

@@ -18,6 +18,8 @@ Two params pin down *when* something happens, so tests wait for a condition inst
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -200,14 +202,43 @@ async def counting_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
 
 
 def counting_threads(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    """``counting_async`` as a blocking function, for ``concurrency: N`` in threads."""
+    """``counting_async`` as a blocking function, for ``concurrency: N`` in threads; ``limit``: its sleep is a call
+    under that declared rate limit; ``spin_s``: it computes that long instead."""
     import random
 
     record_call(ctx, item)
-    with in_flight:
+    with in_flight, ctx.limit(ctx.params["limit"]) if ctx.params.get("limit") else contextlib.nullcontext():
+        end = time.thread_time() + float(ctx.params.get("spin_s") or 0)  # CPU, however busy the machine
+        while time.thread_time() < end:
+            pass
         time.sleep(float(ctx.params.get("sleep_s") or 0) + random.uniform(0, ctx.params.get("jitter_s", 0)))
     _injected_failure(ctx, item)
     return {"id": item["id"], "doubled": item["id"] * 2}
+
+
+async def blocking_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """The mistake: an async handler that calls something blocking (``sleep_s`` of ``time.sleep``), holding the
+    worker's event loop and every other item on it; ``spin_s`` computes instead, for as long, in one step."""
+    await asyncio.sleep(0)  # a coroutine, awaited as one
+    # the call under the job's rate limit (``limit``), as a real handler's would be
+    async with ctx.limit(ctx.params["limit"]) if ctx.params.get("limit") else contextlib.nullcontext():
+        if ctx.params.get("spin_s"):
+            end = time.perf_counter() + float(ctx.params["spin_s"])
+            while time.perf_counter() < end:
+                pass
+        else:
+            time.sleep(float(ctx.params.get("sleep_s") or 0))
+    return {"id": item["id"]}
+
+
+async def many_short_steps(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Well written and busy: ``steps`` short computations (``step_ms`` each), yielding to the loop between them."""
+    for _ in range(int(ctx.params.get("steps") or 1)):
+        end = time.perf_counter() + float(ctx.params.get("step_ms") or 0) / 1000
+        while time.perf_counter() < end:
+            pass
+        await asyncio.sleep(0)
+    return {"id": item["id"]}
 
 
 class Session:

@@ -1,0 +1,220 @@
+"""Who holds a worker's event loop: an async handler that blocks it (a blocking call, a long computation).
+
+Every item in flight in a worker process runs on one event loop (``slurmctl.inflight``). An ``async def`` handler
+that calls ``time.sleep``, ``requests``, boto3 or a sync database driver holds that loop for the whole call: no other
+item starts or hears its answer meanwhile, so the worker runs one call at a time, and a declared rate limit's slots
+pass unused. Nothing fails and nothing is lost; the job is just slow, and its late slots would otherwise read as a
+worker too busy for its limit (``slurmctl.pace_advice``), with the wrong advice (more worker processes).
+
+So a watcher thread looks at the loop thread every ``BEAT_S``. A coroutine waiting for its answer is on no stack;
+only a running one is. So when the loop thread's stack holds a frame of the handler's source file, the handler is
+running, and it holds the loop when either:
+
+* **it waits**: looked at again ``PAUSE_S`` later, the thread is in the handler's code still, has barely run on a
+  CPU meanwhile and is not ready to run (a sleep, a socket read). A running step is on a CPU, a
+  thread waiting for the GIL gets it within the 5 ms switch interval, and one kept off a CPU by a busy machine is
+  ready to run; or
+* **it computes**: the same frame as at the last look, and the loop's beat (a callback every ``BEAT_S``) is
+  ``HELD_S`` late: one step computing for that long.
+
+A loop merely busy with many short steps (thousands of answers at once) is on a CPU and in another frame at each
+look, so it is not counted; nor are slurmctl's own stalls (a commit holding the GIL), with no handler frame on the
+stack. Each look that finds the loop held counts the time since the last look: an estimate, from samples, of the
+time held; and where (``places``: the handler's line, and where it waited when that is deeper).
+
+Costs nothing per item: 20 looks and 20 beats a second per worker process, and a 10 ms second look when a handler
+is running. Plain Python; imports nothing of slurmctl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+
+class Held:
+    """What one job's handler did to a worker's event loop: the seconds it held it, the seconds its batches were on
+    it, and where it held it (seconds per place)."""
+
+    def __init__(self) -> None:
+        self.held_s = 0.0
+        self.watched_s = 0.0
+        self.places: Counter[str] = Counter()
+
+    def top_place(self) -> str | None:
+        """Where it held the loop longest (``"handlers/geo.py, line 12, in handle"``), None if nowhere."""
+        places = list(self.places.items())  # one step: the watcher may be adding a place
+        return max(places, key=lambda p: p[1])[0] if places else None
+
+
+class Entry:
+    """A batch on the loop: its job's ``Held``, its handler's source files, its share of the time held."""
+
+    def __init__(self, job: Held, files: frozenset[str]) -> None:
+        self.job, self.files, self.held_s = job, files, 0.0
+
+
+class LoopWatch:
+    """The watcher of one event loop, running in ``thread``: ``join`` a batch of async items to have the time the
+    loop is held by its handler counted for it and its job (``held``), ``leave`` to read the batch's."""
+
+    BEAT_S = 0.05  # the loop's beat, and how often the watcher looks
+    HELD_S = 0.1  # a beat this late: the loop is held (a busy loop at 2,000 calls/s runs its beat within ~20 ms)
+    PAUSE_S = 0.01  # a handler's frame on the loop thread's stack: looked at again after this long ...
+    OFF_CPU = 0.1  # ... having run on a CPU less than this share of it: the loop thread waits in the handler
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+        self.loop, self.thread = loop, thread
+        self.beat = time.monotonic()
+        self.jobs: dict[str, Held] = {}  # per job, in this worker process
+        self._files: Counter[str] = Counter()  # the joined handlers' source files (a count per batch joined)
+        self._cells: list[Entry] = []  # the joined batches
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._cpu = _thread_cpu_clock(thread)  # None: no per-thread CPU clock here (then only computing is seen)
+        loop.call_soon_threadsafe(self._tick)
+        threading.Thread(target=self._watch, name="slurmctl-loop-watch", daemon=True).start()
+
+    def join(self, job_id: str, handler: Any) -> Entry:
+        """A batch of ``handler``'s items goes on the loop: from now, time the handler holds it is counted, shared
+        out equally between the batches of that handler on the loop at the time. Returns the batch's entry, for
+        ``leave``."""
+        entry = Entry(self.held(job_id), frozenset(source_files(handler)))
+        with self._lock:
+            self._files.update(entry.files)
+            self._cells.append(entry)
+        return entry
+
+    def leave(self, entry: Entry) -> float:
+        """The batch's items are done: the seconds its handler held the loop while it ran (its share)."""
+        with self._lock:
+            self._files.subtract(entry.files)
+            self._files += Counter()  # drop the files no batch expects any more
+            self._cells.remove(entry)
+        return entry.held_s
+
+    def held(self, job_id: str) -> Held:
+        """What the job's handler has done to this loop so far."""
+        with self._lock:
+            return self.jobs.setdefault(job_id, Held())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- the loop's side ---------------------------------------------------------------------------------------------
+    def _tick(self) -> None:
+        self.beat = time.monotonic()
+        if not self._stop.is_set():
+            self.loop.call_later(self.BEAT_S, self._tick)
+
+    # --- the watcher's side ------------------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        last, seen = time.monotonic(), None
+        while not self._stop.wait(self.BEAT_S):
+            now = time.monotonic()
+            span, last = now - last, now
+            with self._lock:
+                for job in {id(e.job): e.job for e in self._cells}.values():
+                    job.watched_s += span
+            found = self._handler_frame() if self._files else None
+            if found is None:
+                seen = None
+                continue
+            frame, innermost = found
+            place = describe(frame, innermost)  # now: the frame moves on if its call ends
+            computing = frame is seen and now - self.beat >= self.HELD_S
+            if computing or self._waiting():
+                self._count(span, frame.f_code.co_filename, place)
+            seen = frame
+
+    def _waiting(self) -> bool:
+        """Is the loop thread waiting in the handler (a sleep, a socket): in the handler's code still after
+        ``PAUSE_S``, having barely run on a CPU meanwhile, and not ready to run?"""
+        cpu = self._cpu_s()
+        time.sleep(self.PAUSE_S)
+        if self._cpu_s() - cpu >= self.OFF_CPU * self.PAUSE_S or self._runnable():
+            return False
+        return self._handler_frame() is not None  # the same call, or the next item's: it went straight on
+
+    def _runnable(self) -> bool:
+        """Is the loop thread ready to run, only kept off a CPU by others (a busy machine), rather than waiting?
+        (Linux's ``/proc``; elsewhere: not known, so no.)"""
+        try:
+            with open(f"/proc/self/task/{self.thread.native_id}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+        except (OSError, IndexError):
+            return False
+
+    def _handler_frame(self) -> tuple[Any, Any] | None:
+        """The innermost frame of a handler's source file on the loop thread's stack, and the innermost frame."""
+        innermost = frame = sys._current_frames().get(self.thread.ident or -1)
+        while frame is not None:
+            if frame.f_code.co_filename in self._files:
+                return frame, innermost
+            frame = frame.f_back
+        return None
+
+    def _count(self, seconds: float, file: str, place: str) -> None:
+        with self._lock:
+            holding = [e for e in self._cells if file in e.files]  # the batches of the handler found
+            for e in holding:
+                share = seconds / len(holding)
+                e.held_s += share
+                e.job.held_s += share
+                e.job.places[place] += share
+
+    def _cpu_s(self) -> float:
+        """The loop thread's CPU time; without a per-thread clock, as if it were always on a CPU."""
+        return time.clock_gettime(self._cpu) if self._cpu is not None else time.monotonic()
+
+
+def _thread_cpu_clock(thread: threading.Thread) -> int | None:
+    try:
+        return time.pthread_getcpuclockid(thread.ident or 0)
+    except (AttributeError, OSError, TypeError):  # not a POSIX platform with per-thread CPU clocks
+        return None
+
+
+def source_files(handler: Any) -> list[str]:
+    """The source files whose frames are the handler's own: its function's (or its class's ``__call__``'s), and the
+    module's it is defined in."""
+    if inspect.isfunction(handler) or inspect.ismethod(handler):
+        call, owner = handler, handler
+    else:
+        call, owner = getattr(type(handler), "__call__", None), type(handler)
+    files = set()
+    code = getattr(inspect.unwrap(getattr(call, "__func__", call)), "__code__", None) if call is not None else None
+    if code is not None:
+        files.add(code.co_filename)
+    path = getattr(sys.modules.get(getattr(owner, "__module__", None) or ""), "__file__", None)
+    if path:
+        files.add(path)
+    return sorted(files)
+
+
+def describe(frame: Any, innermost: Any) -> str:
+    """``handlers/geo.py, line 12, in handle``, and where it waited when that is deeper (a library's socket call)."""
+    said = _where(frame)
+    return said if innermost is frame else f"{said} (waiting in {_where(innermost)})"
+
+
+def _where(frame: Any) -> str:
+    return f"{_short(frame.f_code.co_filename)}, line {frame.f_lineno}, in {frame.f_code.co_name}"
+
+
+def _short(path: str) -> str:
+    """A path as a user reads it: from the current directory, or from site-packages, when it is under them."""
+    for mark in ("site-packages" + os.sep, "dist-packages" + os.sep):
+        if mark in path:
+            return path.split(mark, 1)[1]
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
