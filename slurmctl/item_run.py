@@ -211,7 +211,7 @@ class ItemRun:
         (the batch's thread on a CPU a quarter of the time or more, allowing for a busy machine's share of a core:
         more in flight would need more cores, not threads)."""
         meter = self.meter
-        if self.concurrent or len(meter.latencies) < ONE_AT_A_TIME_MIN_CALLS:
+        if self.concurrent or not self.ctx.limiters or len(meter.latencies) < ONE_AT_A_TIME_MIN_CALLS:
             return None
         if time.thread_time() - meter.cpu0 >= 0.25 * (time.perf_counter() - meter.t0):
             return None
