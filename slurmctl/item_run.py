@@ -86,6 +86,7 @@ class ItemRun:
         self.loop_held_s = 0.0  # the time this batch's async handler held the worker's event loop (its share)
         self.loop_held: Any = None  # what the job's async handler did to the worker's loop (``loop_watch.Held``)
         self.serial = 0  # one at a time: the most batches of this process doing so while this one ran
+        self.one_at_a_time: tuple[str, float, float, int] | None = None  # ``one_at_a_time_need``, once its items ran
 
     def _broken(self) -> bool:
         return self.breaker is not None and self.breaker.open
@@ -108,6 +109,7 @@ class ItemRun:
             with _serial_lock:
                 self.serial = max(self.serial, _serial[0])
                 _serial[0] -= 1
+            self.one_at_a_time = self.one_at_a_time_need()  # once: the metrics and the warning read it
 
     def _one_by_one(self, items: Items) -> list[ItemOutcome | None]:
         outcomes: list[ItemOutcome | None] = []
@@ -227,11 +229,10 @@ class ItemRun:
         """For the batch's metrics: the concurrency its gate allowed when it ended and the most items in flight in
         its worker process while it ran; under ``auto``, when ``max_concurrency`` has held fewer in flight than a
         declared limit needs, how many it needs (``AutoGate.capped_need``; run one at a time:
-        ``one_at_a_time_need``); for an async handler that held the worker's event loop (``slurmctl.loop_watch``),
+        ``one_at_a_time``); for an async handler that held the worker's event loop (``slurmctl.loop_watch``),
         its seconds (``loop_held_s``)."""
         if self.gate is None:
-            need = self.one_at_a_time_need()
-            return {"concurrency_needed": need[3]} if need else {}
+            return {"concurrency_needed": self.one_at_a_time[3]} if self.one_at_a_time else {}
         reached: dict[str, float] = {"concurrency": int(self.gate.limit), "in_flight_max": int(self.in_flight_max)}
         needed = self.gate.capped_need() if isinstance(self.gate, inflight.AutoGate) else 0
         if needed:

@@ -73,7 +73,6 @@ class LoopWatch:
         self.loop, self.thread = loop, thread
         self.beat = time.monotonic()
         self.jobs: dict[str, Held] = {}  # per job, in this worker process
-        self._files: Counter[str] = Counter()  # the joined handlers' source files (a count per batch joined)
         self._cells: list[Entry] = []  # the joined batches
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -87,15 +86,12 @@ class LoopWatch:
         ``leave``."""
         entry = Entry(self.held(job_id), frozenset(source_files(handler)))
         with self._lock:
-            self._files.update(entry.files)
             self._cells.append(entry)
         return entry
 
     def leave(self, entry: Entry) -> float:
         """The batch's items are done: the seconds its handler held the loop while it ran (its share)."""
         with self._lock:
-            self._files.subtract(entry.files)
-            self._files += Counter()  # drop the files no batch expects any more
             self._cells.remove(entry)
         return entry.held_s
 
@@ -122,25 +118,26 @@ class LoopWatch:
             with self._lock:
                 for job in {id(e.job): e.job for e in self._cells}.values():
                     job.watched_s += span
-            found = self._handler_frame() if self._files else None
+                files = frozenset().union(*(e.files for e in self._cells))  # the handlers on the loop now
+            found = self._handler_frame(files) if files else None
             if found is None:
                 seen = None
                 continue
             frame, innermost = found
             place = describe(frame, innermost)  # now: the frame moves on if its call ends
             computing = frame is seen and now - self.beat >= self.HELD_S
-            if computing or self._waiting():
+            if computing or self._waiting(files):
                 self._count(span, frame.f_code.co_filename, place)
             seen = frame
 
-    def _waiting(self) -> bool:
+    def _waiting(self, files: frozenset[str]) -> bool:
         """Is the loop thread waiting in the handler (a sleep, a socket): in the handler's code still after
         ``PAUSE_S``, having barely run on a CPU meanwhile, and not ready to run?"""
         cpu = self._cpu_s()
         time.sleep(self.PAUSE_S)
         if self._cpu_s() - cpu >= self.OFF_CPU * self.PAUSE_S or self._runnable():
             return False
-        return self._handler_frame() is not None  # the same call, or the next item's: it went straight on
+        return self._handler_frame(files) is not None  # the same call, or the next item's: it went straight on
 
     def _runnable(self) -> bool:
         """Is the loop thread ready to run, only kept off a CPU by others (a busy machine), rather than waiting?
@@ -151,11 +148,12 @@ class LoopWatch:
         except (OSError, IndexError):
             return False
 
-    def _handler_frame(self) -> tuple[Any, Any] | None:
-        """The innermost frame of a handler's source file on the loop thread's stack, and the innermost frame."""
+    def _handler_frame(self, files: frozenset[str]) -> tuple[Any, Any] | None:
+        """The innermost frame of one of the handlers' ``files`` on the loop thread's stack, and the innermost
+        frame."""
         innermost = frame = sys._current_frames().get(self.thread.ident or -1)
         while frame is not None:
-            if frame.f_code.co_filename in self._files:
+            if frame.f_code.co_filename in files:
                 return frame, innermost
             frame = frame.f_back
         return None
@@ -163,8 +161,8 @@ class LoopWatch:
     def _count(self, seconds: float, file: str, place: str) -> None:
         with self._lock:
             holding = [e for e in self._cells if file in e.files]  # the batches of the handler found
+            share = seconds / max(len(holding), 1)
             for e in holding:
-                share = seconds / len(holding)
                 e.held_s += share
                 e.job.held_s += share
                 e.job.places[place] += share

@@ -144,9 +144,9 @@ def warn_memory_hold(job_id: str, batch_id: str, gate: Any, logger: Any) -> None
 
 def warn_one_at_a_time(job_id: str, batch_id: str, run: Any, logger: Any) -> None:
     """Say so when items run one at a time and a declared limit needs at least twice the calls in flight the worker
-    process then makes (``ItemRun.one_at_a_time_need``): 200 ms answers at 50/s need 10, where one at a time in 2
-    batches is 2, so the job spends a fifth of the limit, with no error anywhere."""
-    need = run.one_at_a_time_need()
+    process then makes (``ItemRun.one_at_a_time``, from ``one_at_a_time_need``): 200 ms answers at 50/s need 10,
+    where one at a time in 2 batches is 2, so the job spends a fifth of the limit, with no error anywhere."""
+    need = run.one_at_a_time
     if need is None or not _first_time(job_id, "one at a time"):
         return
     name, offer, latency, needed = need

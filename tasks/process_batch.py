@@ -269,13 +269,14 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
         ctx.limiter_waiting_s)
     if saved.api_calls:
         manifest.metrics.api_calls = (manifest.metrics.api_calls or 0) + saved.api_calls
-    held = isinstance(run, ItemRun) and pace_advice.warn_loop_held(cfg.job_id, spec.batch_id, run.loop_held, logger)
-    if not held:  # a handler holding the loop makes its slots late: said above, with its own fix
-        pace_advice.warn_late_slots(cfg.job_id, spec.batch_id, ctx, logger)
+    held = False
     if isinstance(run, ItemRun):
+        held = pace_advice.warn_loop_held(cfg.job_id, spec.batch_id, run.loop_held, logger)
         pace_advice.warn_one_at_a_time(cfg.job_id, spec.batch_id, run, logger)
         pace_advice.warn_concurrency_cap(cfg.job_id, spec.batch_id, run.gate, logger)
         pace_advice.warn_memory_hold(cfg.job_id, spec.batch_id, run.gate, logger)
+    if not held:  # a handler holding the loop makes its slots late: said above, with its own fix
+        pace_advice.warn_late_slots(cfg.job_id, spec.batch_id, ctx, logger)
     manifest.finished_at = manifest.metrics.finished_at or now()
     return commit(store, keys.task(spec.batch_id), manifest.model_dump(mode="json"), written, committed)
 
