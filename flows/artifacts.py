@@ -3,7 +3,9 @@
 * ``<job>-progress``: Prefect's progress artifact (one number: the share of batches committed), its description the
   one-line state (items, items/s, ETA).
 * ``<job>-status``: a markdown table beside it — phase, batches and items by outcome, items/s, ETA, updated at —
-  because a progress artifact holds one number only.
+  because a progress artifact holds one number only; below it, while it applies, what ``slurmctl status`` notes about
+  the job's pace (a handler holding its event loop, items run one at a time below a limit's need), so whoever
+  watches the run in the UI can act before it ends.
 * at the end, ``<job>-errors`` (failed items by class, top messages, example ids) and ``<job>-summary`` (outcome,
   counts, what it spent — API calls, core-hours, cost when priced — against its budget, output, failures file,
   manifests, rate limits, time per phase).
@@ -53,6 +55,50 @@ def _duration(seconds: float | None) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
+def pace_lines(job: JobManifest) -> list[str]:
+    """Why the job spends less of its rate limits than it could, and what to do (``slurmctl status``'s notes), as
+    markdown: the live table says it while there is time to act, the summary at the end."""
+    advice = pace_view(job.model_dump(mode="json"))
+    return ["**Pace:**", ""] + [f"- {a}" for a in advice] + [""] if advice else []
+
+
+def status_table(job: JobManifest, phase: str) -> str:
+    """The live ``<job>-status`` artifact: the counts a progress artifact cannot hold, and the pace notes."""
+    c = job.counts
+    rate, eta = _rate(job)
+    at = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S UTC")
+    rows = [("status", job.status), ("phase", phase),
+            ("batches", f"{c.batches_done:,} of {c.batches_total:,} ({_percent(c):g} %)"),
+            ("items", f"{_items_done(c):,} of {c.items_total:,}"),
+            ("succeeded", f"{c.items_succeeded:,}"), ("failed", f"{c.items_failed:,}"),
+            ("deferred", f"{c.items_deferred:,}"), ("rejected", f"{c.items_rejected:,}"),
+            ("batches failed", f"{c.batches_failed:,}"), ("API calls", f"{c.api_calls:,}"),
+            ("in flight (per worker, peak)", f"{c.in_flight_max:,}" + (
+                f" ({c.concurrency_needed:,} needed)" if c.concurrency_needed > c.in_flight_max else ""))]
+    if c.limit_slots:
+        rows.append(("rate-limit slots passed late", f"{c.limit_slots_late:,} of {c.limit_slots:,}"))
+    if c.loop_held_s:
+        rows.append(("event loops held by the handler", f"{c.loop_held_s:,.1f} s"))
+    rows += [("items/s", f"{rate:,.1f}" if rate else "—"), ("ETA", _duration(eta)), ("updated", at)]
+    table = f"### {job.job_id}\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+    pace = pace_lines(job)
+    return table + ("\n" + "\n".join(pace) if pace else "")
+
+
+def _rate(job: JobManifest) -> tuple[float | None, float | None]:
+    """Items per second of the work phase, and its seconds left: the numbers `slurmctl status` shows."""
+    p = job_progress(job.model_dump(mode="json"))
+    return p["items_per_s"], p["eta_s"]
+
+
+def _percent(c: Counts) -> float:
+    return round(100.0 * c.batches_done / c.batches_total, 2) if c.batches_total else 0.0
+
+
+def _items_done(c: Counts) -> int:
+    return c.items_succeeded + c.items_failed + c.items_deferred + c.items_rejected
+
+
 class JobArtifacts:
     """Creates and updates one job run's artifacts (see the module docstring)."""
 
@@ -67,10 +113,6 @@ class JobArtifacts:
         self._safely(self._create, job)
         _live[self.job_id] = self
 
-    @staticmethod
-    def _items_done(c: Counts) -> int:
-        return c.items_succeeded + c.items_failed + c.items_deferred + c.items_rejected
-
     def _safely(self, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
@@ -83,7 +125,7 @@ class JobArtifacts:
 
     # --- live ----------------------------------------------------------------------------------------------------
     def _create(self, job: JobManifest) -> None:
-        progress = ProgressArtifact(key=f"{self.job_id}-progress", progress=self._percent(job.counts),
+        progress = ProgressArtifact(key=f"{self.job_id}-progress", progress=_percent(job.counts),
                                     description=self._line(job), flow_run_id=self.flow_run_id)
         self.progress_id = progress.create().id
         status = MarkdownArtifact(key=f"{self.job_id}-status", markdown=self._table(job),
@@ -103,43 +145,18 @@ class JobArtifacts:
     def _update(self, job: JobManifest) -> None:
         if self.progress_id is None or self.status_id is None:
             return
-        update_progress_artifact(self.progress_id, self._percent(job.counts), description=self._line(job))
+        update_progress_artifact(self.progress_id, _percent(job.counts), description=self._line(job))
         get_client(sync_client=True).update_artifact(self.status_id, ArtifactUpdate(data=self._table(job)))
-
-    @staticmethod
-    def _percent(c: Counts) -> float:
-        return round(100.0 * c.batches_done / c.batches_total, 2) if c.batches_total else 0.0
-
-    @staticmethod
-    def _rate(job: JobManifest) -> tuple[float | None, float | None]:
-        """Items per second of the work phase, and its seconds left: the numbers `slurmctl status` shows."""
-        p = job_progress(job.model_dump(mode="json"))
-        return p["items_per_s"], p["eta_s"]
 
     def _line(self, job: JobManifest) -> str:
         c = job.counts
-        rate, eta = self._rate(job)
+        rate, eta = _rate(job)
         speed = f", {rate:,.0f} items/s, ETA {_duration(eta)}" if rate else ""
         return (f"{self.job_id}: {self.phase}, {c.batches_done:,} of {c.batches_total:,} batches, "
-                f"{self._items_done(c):,} of {c.items_total:,} items{speed}")
+                f"{_items_done(c):,} of {c.items_total:,} items{speed}")
 
     def _table(self, job: JobManifest) -> str:
-        c = job.counts
-        rate, eta = self._rate(job)
-        at = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S UTC")
-        rows = [("status", job.status), ("phase", self.phase),
-                ("batches", f"{c.batches_done:,} of {c.batches_total:,} ({self._percent(c):g} %)"),
-                ("items", f"{self._items_done(c):,} of {c.items_total:,}"),
-                ("succeeded", f"{c.items_succeeded:,}"), ("failed", f"{c.items_failed:,}"),
-                ("deferred", f"{c.items_deferred:,}"), ("rejected", f"{c.items_rejected:,}"),
-                ("batches failed", f"{c.batches_failed:,}"), ("API calls", f"{c.api_calls:,}"),
-                ("in flight (per worker, peak)", f"{c.in_flight_max:,}" + (
-                    f" ({c.concurrency_needed:,} needed)" if c.concurrency_needed > c.in_flight_max else "")),
-                ("items/s", f"{rate:,.1f}" if rate else "—"), ("ETA", _duration(eta)), ("updated", at)]
-        if c.limit_slots:
-            rows.insert(-3, ("rate-limit slots passed late", f"{c.limit_slots_late:,} of {c.limit_slots:,}"))
-        return (f"### {self.job_id}\n\n| | |\n|---|---|\n"
-                + "".join(f"| {k} | {v} |\n" for k, v in rows))
+        return status_table(job, self.phase)
 
     # --- at the end ----------------------------------------------------------------------------------------------
     def finish(self, job: JobManifest, errors: dict[str, Any] | None, links: dict[str, str | None],
@@ -181,9 +198,7 @@ class JobArtifacts:
         lines = [f"## {self.job_id}: {job.status}", ""]
         if job.error:
             lines += [f"**Error:** {job.error}", ""]
-        advice = pace_view(job.model_dump(mode="json"))
-        if advice:  # why the job spent less of its rate limits than it could, and what to do
-            lines += ["**Pace:**", ""] + [f"- {a}" for a in advice] + [""]
+        lines += pace_lines(job)
         lines += ["| items | count |", "|---|---|", f"| total | {c.items_total:,} |",
                   f"| succeeded | {c.items_succeeded:,} |", f"| failed | {c.items_failed:,} |",
                   f"| rejected | {c.items_rejected:,} |", f"| output rows | {c.rows_written - c.duplicates:,} |",

@@ -31,6 +31,7 @@ from slurmctl.books.status import pace_view, status_view
 from slurmctl.books.store import load_job, save_job, update_job
 from slurmctl.cli.watching import watch
 from slurmctl.config import StorageConfig
+from slurmctl.flows.artifacts import status_table
 from slurmctl.tasks.process_batch import summary_of
 
 T0 = "2026-01-01T00:00:00.000Z"
@@ -289,6 +290,21 @@ def test_waiting_for_a_job_ends_with_what_its_pace_says(tmp_path, capsys):
     said = capsys.readouterr().err.splitlines()
     assert said[-2].startswith("job paced completed: 1000 items ok"), said
     assert said[-1].startswith("note: 500 of 1,500 rate-limit slots (33 %)"), said
+
+
+def test_the_live_status_table_in_the_ui_says_what_status_notes_while_the_job_runs():
+    # The run's `<job>-status` artifact is where a user watching the Prefect UI looks: a handler holding its loop is
+    # said there while the job runs (with the seconds held in the table), not only in the summary at its end.
+    counts = counts_from_tasks([paced_batch("batch-000000", 600, 300, held=12.25)], 2, 1000)
+    running = JobManifest(job_id="held", handler="h", input={}, batch_size=500, cluster={}, storage="s", config={},
+                          status="running", phase="process", counts=counts)
+    table = status_table(running, "process")
+    assert "| event loops held by the handler | 12.2 s |" in table and "| rate-limit slots passed late | 300 of" in table
+    [said] = pace_view(running.model_dump(mode="json"))
+    assert table.endswith(f"**Pace:**\n\n- {said}\n"), table
+    # A job with nothing to say shows the table alone.
+    calm = counts_from_tasks([paced_batch("batch-000000", 1000, 10)], 2, 1000)
+    assert "Pace" not in status_table(running.model_copy(update={"counts": calm}), "process")
 
 
 def _added(summary: dict[str, Any]) -> dict[str, Any]:
