@@ -32,6 +32,51 @@ def peak_rss_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
+class CpuShare:
+    """How much of the time it could have had a CPU this thread (or this whole process) spent computing: its CPU
+    time over the wall time since it was made, less the time it sat in the run queue waiting for a CPU (Linux's
+    ``schedstat``). A handler that computes scores near 1 however busy the machine: on 2 cores shared by 6 busy
+    loops, a thread spinning 20 ms a call got a tenth of the wall time and waited the rest, where its CPU time over
+    the wall time alone said 0.1, as a handler that waits would. One that sleeps or reads a socket scores near 0.
+    Elsewhere (no ``/proc``) the CPU time over the wall time. ``share()`` is None when the run queue took nearly
+    all of the time: nothing can be told."""
+
+    def __init__(self, process: bool = False) -> None:
+        self.process = process
+        self.t0 = time.perf_counter()
+        self.cpu0, self.wait0 = self._read()
+
+    def _read(self) -> tuple[float, float]:
+        try:
+            if not self.process:
+                return _schedstat("/proc/thread-self/schedstat")
+            cpu = wait = 0.0
+            for tid in os.listdir("/proc/self/task"):
+                try:
+                    c, w = _schedstat(f"/proc/self/task/{tid}/schedstat")
+                except OSError:  # a thread that ended meanwhile
+                    continue
+                cpu, wait = cpu + c, wait + w
+            return cpu, wait
+        except OSError:
+            return (time.process_time() if self.process else time.thread_time()), 0.0
+
+    def share(self) -> float | None:
+        cpu, wait = self._read()
+        wall = time.perf_counter() - self.t0
+        room = wall - max(0.0, wait - self.wait0)
+        if room <= 0.1 * wall:
+            return None
+        return max(0.0, cpu - self.cpu0) / room
+
+
+def _schedstat(path: str) -> tuple[float, float]:
+    """A thread's seconds on a CPU and in the run queue (the first two of ``schedstat``'s nanosecond counters)."""
+    with open(path, "rb") as f:
+        on_cpu, waited = f.read().split()[:2]
+    return int(on_cpu) / 1e9, int(waited) / 1e9
+
+
 class BatchMeter:
     """Started when a batch starts (before its slice is read); ``call`` wraps each handler call; ``metrics`` says
     what the batch cost.

@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable
 
 from slurmctl import inflight
-from slurmctl.batch_metrics import BatchMeter
+from slurmctl.batch_metrics import BatchMeter, CpuShare
 from slurmctl.config import JobConfig
 from slurmctl.errors import Backoff, CircuitBreaker, ErrorPolicy, ItemOutcome, acall_with_retries, call_with_retries
 from slurmctl.handler import BatchContext, Handler, is_async, is_async_spec, normalise_output
@@ -59,9 +59,13 @@ def shards_per_thread(cfg: JobConfig) -> int:
 
 
 SHARDS_PER_THREAD = 2
-ONE_AT_A_TIME_MIN_CALLS = 20  # calls a batch run one at a time measures before it says what a limit needs
-_serial = [0]  # batches of this process running their items one at a time, now
-_serial_lock = threading.Lock()
+FIXED_NEED_MIN_CALLS = 20  # calls a batch under a fixed concurrency measures before it says what a limit needs
+# ... unless its calls compute (``CpuShare``) this share of the time or more. Measured: handlers that sleep or wait
+# for a socket 0.002-0.05; one that computes 1.0 on an idle machine and 0.26 on 2 cores shared by 2 busy loops and
+# a test suite (its thread, between its turns on a CPU, waits for the GIL another thread was preempted holding).
+COMPUTES_SHARE = 0.1
+_fixed = [0]  # the calls in flight that the batches of this process under a fixed concurrency allow together, now
+_fixed_lock = threading.Lock()
 
 
 class ItemRun:
@@ -85,8 +89,11 @@ class ItemRun:
         self.in_flight_max = 0
         self.loop_held_s = 0.0  # the time this batch's async handler held the worker's event loop (its share)
         self.loop_held: Any = None  # what the job's async handler did to the worker's loop (``loop_watch.Held``)
-        self.serial = 0  # one at a time: the most batches of this process doing so while this one ran
-        self.one_at_a_time: tuple[str, float, float, int] | None = None  # ``one_at_a_time_need``, once its items ran
+        # Under a fixed concurrency (1 for a sync handler by default, or ``concurrency: N``): the most calls in flight
+        # that the process's batches under one allowed together while this one ran, and ``fixed_need``, worked out
+        # once when its items have run (the metrics and the worker's warning read that one answer).
+        self.fixed_in_flight = 0
+        self.fixed_short: tuple[str, float, float, int] | None = None
 
     def _broken(self) -> bool:
         return self.breaker is not None and self.breaker.open
@@ -98,18 +105,25 @@ class ItemRun:
     def one_by_one(self, items: Items) -> list[ItemOutcome | None]:
         """Each item's first attempt runs here, and an item that succeeds is done (nearly all of them: a no-op
         handler's loop costs half as much per item as going through the retry loop each time); an item whose first
-        attempt raised goes on in ``call_with_retries`` from its second attempt. Counted among the process's batches
-        running one at a time (``serial``: the calls in flight they make together)."""
-        with _serial_lock:
-            _serial[0] += 1
-            self.serial = _serial[0]
+        attempt raised goes on in ``call_with_retries`` from its second attempt. One call in flight, counted with
+        the process's other batches under a fixed concurrency (``fixed_in_flight``); the batch's thread runs the
+        calls, so its CPU says whether they compute (``fixed_need``)."""
+        return self._fixed_cap(1, lambda: self._one_by_one(items), CpuShare())
+
+    def _fixed_cap(self, cap: int, run: Callable[[], list[ItemOutcome | None]],
+                   cpu: CpuShare) -> list[ItemOutcome | None]:
+        """``run()``, its ``cap`` calls in flight counted among the process's under a fixed concurrency while it
+        runs; then ``fixed_need``, with how much the calls computed (``cpu``, started with the batch's calls)."""
+        with _fixed_lock:
+            _fixed[0] += cap
+            self.fixed_in_flight = _fixed[0]
         try:
-            return self._one_by_one(items)
+            return run()
         finally:
-            with _serial_lock:
-                self.serial = max(self.serial, _serial[0])
-                _serial[0] -= 1
-            self.one_at_a_time = self.one_at_a_time_need()  # once: the metrics and the warning read it
+            with _fixed_lock:
+                self.fixed_in_flight = max(self.fixed_in_flight, _fixed[0])
+                _fixed[0] -= cap
+            self.fixed_short = self.fixed_need(cpu.share())
 
     def _one_by_one(self, items: Items) -> list[ItemOutcome | None]:
         outcomes: list[ItemOutcome | None] = []
@@ -146,6 +160,13 @@ class ItemRun:
             pool_size = int(self.concurrency) * SHARDS_PER_THREAD  # N per batch; a thread may hold two batches
         self.ctx.observer = self.gate
         pool = None if self.is_async else inflight.thread_pool(pool_size)
+        if self.concurrency == "auto":
+            return self._on_loop(loop, items, pool)
+        # ``concurrency: N``: the calls run in the pool's threads or on the loop's, so the process's CPU says whether
+        # they compute (the batch's own thread only waits for the loop)
+        return self._fixed_cap(int(self.concurrency), lambda: self._on_loop(loop, items, pool), CpuShare(process=True))
+
+    def _on_loop(self, loop: Any, items: Items, pool: Any) -> list[ItemOutcome | None]:
         if pool is not None:  # a sync handler's calls block threads of the pool, not the loop
             return loop.run(self._run_all(items, pool))
         entry = loop.watch.join(self.cfg.job_id or "", self.handler)
@@ -205,36 +226,37 @@ class ItemRun:
         finally:
             self.in_flight_max = gate.unwatch(peak)
 
-    def one_at_a_time_need(self) -> tuple[str, float, float, int] | None:
-        """Items run one at a time, under a declared limit that needs at least twice the calls in flight this
-        process runs (one per batch running, ``serial``): the limit's name, the rate it offers this process, the
-        batch's median call latency and the calls in flight that spend the rate (Little's law). None otherwise,
-        before ``ONE_AT_A_TIME_MIN_CALLS`` calls measured a latency, and when the calls compute rather than wait
-        (the batch's thread on a CPU a quarter of the time or more, allowing for a busy machine's share of a core:
-        more in flight would need more cores, not threads)."""
+    def fixed_need(self, cpu_share: float | None) -> tuple[str, float, float, int] | None:
+        """Items run under a fixed concurrency (one at a time, or ``concurrency: N``), under a declared limit that
+        needs at least twice the calls in flight this process's batches then allow together (``fixed_in_flight``):
+        the limit's name, the rate it offers this process, the batch's median call latency and the calls in flight
+        that spend the rate (Little's law). None otherwise, before ``FIXED_NEED_MIN_CALLS`` calls measured a
+        latency, and when the calls compute rather than wait (``cpu_share``, ``CpuShare.share``: ``COMPUTES_SHARE``
+        or more, or not known): more in flight would need more cores, not threads."""
         meter = self.meter
-        if self.concurrent or not self.ctx.limiters or len(meter.latencies) < ONE_AT_A_TIME_MIN_CALLS:
+        if not self.ctx.limiters or len(meter.latencies) < FIXED_NEED_MIN_CALLS:
             return None
-        if time.thread_time() - meter.cpu0 >= 0.25 * (time.perf_counter() - meter.t0):
+        if cpu_share is None or cpu_share >= COMPUTES_SHARE:
             return None
         latency, most = statistics.median(meter.latencies), None
         for name, leaser in self.ctx.limiters.items():
             offer = leaser.offer_per_s() if hasattr(leaser, "offer_per_s") else 0.0
             needed = math.ceil(offer * latency)
-            if needed >= 2 * max(self.serial, 1) and (most is None or needed > most[3]):
+            if needed >= 2 * max(self.fixed_in_flight, 1) and (most is None or needed > most[3]):
                 most = (name, offer, latency, needed)
         return most
 
     def reached(self) -> dict[str, float]:
         """For the batch's metrics: the concurrency its gate allowed when it ended and the most items in flight in
         its worker process while it ran; under ``auto``, when ``max_concurrency`` has held fewer in flight than a
-        declared limit needs, how many it needs (``AutoGate.capped_need``; run one at a time:
-        ``one_at_a_time``); for an async handler that held the worker's event loop (``slurmctl.loop_watch``),
+        declared limit needs, how many it needs (``AutoGate.capped_need``; under a fixed concurrency:
+        ``fixed_short``); for an async handler that held the worker's event loop (``slurmctl.loop_watch``),
         its seconds (``loop_held_s``)."""
+        fixed = self.fixed_short[3] if self.fixed_short else 0
         if self.gate is None:
-            return {"concurrency_needed": self.one_at_a_time[3]} if self.one_at_a_time else {}
+            return {"concurrency_needed": fixed} if fixed else {}
         reached: dict[str, float] = {"concurrency": int(self.gate.limit), "in_flight_max": int(self.in_flight_max)}
-        needed = self.gate.capped_need() if isinstance(self.gate, inflight.AutoGate) else 0
+        needed = self.gate.capped_need() if isinstance(self.gate, inflight.AutoGate) else fixed
         if needed:
             reached["concurrency_needed"] = needed
         if self.loop_held_s:

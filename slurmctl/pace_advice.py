@@ -16,6 +16,9 @@ Four causes, each told once a pattern has shown, not at a moment:
 * **One at a time**: a sync handler's items run one at a time (``concurrency`` unset or 1), one call in flight per
   batch running, where the limit needs at least twice that: the job the README's "Many calls in flight" is about.
   Fix: ``concurrency: auto`` (a thread-safe handler) or an async handler.
+* **A fixed concurrency too low**: ``concurrency: N`` allows N calls in flight per batch running, where the limit
+  needs at least twice that (N chosen for a faster API, or a smaller quota). Fix: ``concurrency: auto``, which
+  follows the latency, or a larger N.
 
 Plain Python over counters and the gate (it imports only ``slurmctl.inflight``, which imports only the loop's watch),
 so the books can ask it too. Each warning is said once per worker process, job and cause (``_first_time``).
@@ -112,7 +115,7 @@ def suggested_max_concurrency(needed: int) -> int:
 def warn_concurrency_cap(job_id: str, batch_id: str, gate: Any, logger: Any) -> None:
     """Say so when ``concurrency: auto`` has held at ``max_concurrency`` for ``AutoGate.CAPPED_S`` while a declared
     limit needed more calls in flight (``capped_need``): with 1 s answers, 256 in flight spend 256/s, whatever the
-    limit allows. A fixed gate (``concurrency: N``) is the user's own number: nothing to say."""
+    limit allows. A fixed gate (``concurrency: N``) has its own warning (``warn_fixed_concurrency``)."""
     needed = gate.capped_need() if isinstance(gate, AutoGate) else 0
     if not needed or not _first_time(job_id, "max_concurrency"):
         return
@@ -142,27 +145,36 @@ def warn_memory_hold(job_id: str, batch_id: str, gate: Any, logger: Any) -> None
             "Said once per worker process.", held[0], batch_id, 100 * gate.memory_hold, 100 * held[1])
 
 
-def warn_one_at_a_time(job_id: str, batch_id: str, run: Any, logger: Any) -> None:
-    """Say so when items run one at a time and a declared limit needs at least twice the calls in flight the worker
-    process then makes (``ItemRun.one_at_a_time``, from ``one_at_a_time_need``): 200 ms answers at 50/s need 10,
-    where one at a time in 2 batches is 2, so the job spends a fifth of the limit, with no error anywhere."""
-    need = run.one_at_a_time
-    if need is None or not _first_time(job_id, "one at a time"):
+def warn_fixed_concurrency(job_id: str, batch_id: str, run: Any, logger: Any) -> None:
+    """Say so when items run under a fixed concurrency (one at a time, or ``concurrency: N``) and a declared limit
+    needs at least twice the calls in flight the worker process then makes (``ItemRun.fixed_short``, from
+    ``fixed_need``): 200 ms answers at 50/s need 10, where one at a time in 2 batches is 2, so the job spends a
+    fifth of the limit, with no error anywhere."""
+    need = run.fixed_short
+    if need is None or not _first_time(job_id, "fixed concurrency"):
         return
     name, offer, latency, needed = need
+    in_flight = max(run.fixed_in_flight, 1)
+    if run.concurrency == 1 and not run.is_async:
+        how = "the handler runs its items one at a time"
+        fix = ("Set concurrency: auto in the job's config to run them in threads (the handler must then be "
+               "thread-safe: README, \"Many calls in flight\"), or make the handler async")
+    else:  # the user's number (an async handler's included)
+        how = f"concurrency: {run.concurrency} runs at most {run.concurrency} of a batch's items at once"
+        fix = ("Set concurrency: auto in the job's config (it follows the limit and the latency it measures), or a "
+               "larger concurrency")
     if logger is not None:
         logger.warning(
             "rate limit %r offers this worker %.0f calls/s, and its calls take %.2f s: spending that needs %d calls "
-            "in flight (rate x latency), but the handler runs its items one at a time, %d in flight in this worker, "
-            "so it spends at most about %.0f/s of it (up to batch %s). Set concurrency: auto in the job's config to "
-            "run them in threads (the handler must then be thread-safe: README, \"Many calls in flight\"), or make "
-            "the handler async. Said once per worker process.", name, offer, latency, needed, max(run.serial, 1),
-            max(run.serial, 1) / latency, batch_id)
+            "in flight (rate x latency), but %s, %d in flight in this worker, so it spends at most about %.0f/s of "
+            "it (up to batch %s). %s. Said once per worker process.", name, offer, latency, needed, how, in_flight,
+            in_flight / latency, batch_id, fix)
 
 
-def job_advice(counts: dict[str, Any], max_concurrency: int) -> list[str]:
+def job_advice(counts: dict[str, Any], max_concurrency: int, concurrency: int | str | None = None) -> list[str]:
     """What the job's counts (``books.manifests.Counts``, summed over its committed batches) say about its pace,
-    for ``slurmctl status`` and the run's artifacts: one sentence per cause, with what to do."""
+    for ``slurmctl status`` and the run's artifacts: one sentence per cause, with what to do. ``max_concurrency``
+    and ``concurrency`` are the job's config (``concurrency`` None: unset)."""
     out = []
     held, calls = float(counts.get("loop_held_s") or 0), int(counts.get("api_calls") or 0)
     if loop_held_matters(held, calls):
@@ -182,6 +194,11 @@ def job_advice(counts: dict[str, Any], max_concurrency: int) -> list[str]:
         out.append(f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and the "
                    f"handler ran its items one at a time: set concurrency: auto (the handler must then be "
                    f"thread-safe) or make the handler async (README, \"Many calls in flight\")")
+    elif needed and isinstance(concurrency, int) and concurrency > 1:  # the user's number, too low for the limit
+        out.append(f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and "
+                   f"concurrency: {concurrency} held each batch at {concurrency}: set concurrency: auto (it follows "
+                   f"the limit and the latency it measures) or a larger concurrency (README, \"Many calls in "
+                   f"flight\")")
     elif needed > max_concurrency:  # the number to set as YAML reads it: no thousands separator
         out.append(f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and "
                    f"max_concurrency held each at {max_concurrency:,}: set max_concurrency: "

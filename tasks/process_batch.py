@@ -272,7 +272,7 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
     held = False
     if isinstance(run, ItemRun):
         held = pace_advice.warn_loop_held(cfg.job_id, spec.batch_id, run.loop_held, logger)
-        pace_advice.warn_one_at_a_time(cfg.job_id, spec.batch_id, run, logger)
+        pace_advice.warn_fixed_concurrency(cfg.job_id, spec.batch_id, run, logger)
         pace_advice.warn_concurrency_cap(cfg.job_id, spec.batch_id, run.gate, logger)
         pace_advice.warn_memory_hold(cfg.job_id, spec.batch_id, run.gate, logger)
     if not held:  # a handler holding the loop makes its slots late: said above, with its own fix

@@ -129,6 +129,26 @@ def test_a_sync_handler_one_at_a_time_below_what_its_declared_limit_needs_says_t
         assert "concurrency_needed" not in task["metrics"] and len(caplog.records) == 1
 
 
+def test_a_fixed_concurrency_below_what_its_declared_limit_needs_says_to_set_auto(batch, caplog):
+    # concurrency: 2, chosen for a fast API, against one answering in 50 ms under a limit of 500/s: Little's law
+    # needs 25 calls in flight, the batch makes 2. The worker says so once, naming the setting; 40 is enough.
+    log = logging.getLogger("slurmctl.test.fixed")
+    limit = {"rate_limits": {"api": {"per_second": 500, "burst": 5}}, "params": {"sleep_s": 0.05, "limit": "api"}}
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        summary, task, _, _ = batch("counting_threads", n=40, job_id="fixed", logger=log, concurrency=2, **limit)
+        assert sample_handlers.in_flight.peak == 2 and task["metrics"]["in_flight_max"] == 2
+        assert task["metrics"]["concurrency_needed"] >= 10 and summary["concurrency_needed"] >= 10, task["metrics"]
+        [said] = [r.getMessage() for r in caplog.records]
+        assert "concurrency: 2 runs at most 2 of a batch's items at once, 2 in flight" in said, said
+        assert "Set concurrency: auto" in said and "one at a time" not in said
+        _, again, _, _ = batch("counting_threads", n=40, job_id="fixed", store="again", logger=log, concurrency=2,
+                               **limit)
+        assert again["metrics"]["concurrency_needed"] and len(caplog.records) == 1  # said once per process and job
+
+        _, task, _, _ = batch("counting_threads", n=40, job_id="fixed-40", logger=log, concurrency=40, **limit)
+        assert "concurrency_needed" not in task["metrics"] and len(caplog.records) == 1
+
+
 def test_a_sync_handler_with_concurrency_n_runs_at_most_n_items_at_once_in_threads(batch):
     summary, task, rows, _ = batch("counting_threads", n=40, concurrency=4,
                                    params={"sleep_s": 0.03, "jitter_s": 0.03, "fail": {"7": "handler"}})

@@ -279,6 +279,16 @@ def test_status_says_to_run_items_concurrently_when_one_at_a_time_holds_a_job_be
     assert "max_concurrency" not in said
 
 
+def test_status_says_to_set_concurrency_auto_when_a_fixed_concurrency_holds_a_job_below_its_limit():
+    # concurrency: 4 ran 4 calls in flight per batch where the limit needed 25: the fix is auto, not max_concurrency.
+    fixed = paced_batch("batch-000000", 600, 0)
+    fixed["metrics"].update(in_flight_max=4, concurrency=4, concurrency_needed=25)
+    counts = counts_from_tasks([fixed], 1, 600)
+    [said] = pace_view(job("completed", "done", 10, counts.model_dump(), {}, config={"concurrency": 4}))
+    assert "needed up to 25 calls in flight" in said and "concurrency: 4 held each batch at 4" in said
+    assert "set concurrency: auto" in said and "max_concurrency" not in said
+
+
 def test_waiting_for_a_job_ends_with_what_its_pace_says(tmp_path, capsys):
     # `submit --wait` / `resume --wait` end with the job's outcome, then its pace advice: the user sees it at once.
     store = LocalManifestStore(root=str(tmp_path / "state"))

@@ -93,8 +93,9 @@ def pace_view(job: dict[str, Any]) -> list[str]:
     """Why the job spends less of its declared rate limits than it could, from its counts, with what to do
     (``slurmctl.pace_advice.job_advice``): workers too busy for the limit's slots, or held below the calls in flight
     it needs by ``max_concurrency``. Empty when nothing is to be said."""
-    cap = (job.get("config") or {}).get("max_concurrency") or JobConfig.model_fields["max_concurrency"].default
-    return job_advice(job.get("counts") or {}, int(cap))
+    config = job.get("config") or {}
+    cap = config.get("max_concurrency") or JobConfig.model_fields["max_concurrency"].default
+    return job_advice(job.get("counts") or {}, int(cap), config.get("concurrency"))
 
 
 def slowest_batches(tasks: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
