@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from support import sample_handlers
+from support.busy import busy_machine
 from support.chaos_api import ChaosApi
 from support.jobs import (
     assert_exactly_once,
@@ -123,9 +124,11 @@ def test_a_sync_handler_one_at_a_time_below_what_its_declared_limit_needs_says_t
         _, task, _, _ = batch("counting_threads", n=40, job_id="serial-auto", logger=log, concurrency="auto", **limit)
         assert "concurrency_needed" not in task["metrics"] and len(caplog.records) == 1
 
-        # A handler that computes for its 20 ms needs cores, not calls in flight: nothing to say either.
-        _, task, _, _ = batch("counting_threads", n=40, job_id="serial-cpu", logger=log,
-                              rate_limits=limit["rate_limits"], params={"spin_s": 0.02, "limit": "api"})
+        # A handler that computes for its 20 ms needs cores, not calls in flight: nothing to say either, however busy
+        # the machine (its calls then take 5-10 times as long, most of it waiting for a CPU, as a waiting one's do).
+        with busy_machine():
+            _, task, _, _ = batch("counting_threads", n=40, job_id="serial-cpu", logger=log,
+                                  rate_limits=limit["rate_limits"], params={"spin_s": 0.02, "limit": "api"})
         assert "concurrency_needed" not in task["metrics"] and len(caplog.records) == 1
 
 
