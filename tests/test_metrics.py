@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.busy import busy_machine
 from support.jobs import (
     committed_tasks,
     current_status,
@@ -23,7 +24,7 @@ from support.jobs import (
     write_jsonl,
 )
 
-from slurmctl.batch_metrics import BatchMeter, percentile
+from slurmctl.batch_metrics import BatchMeter, CpuShare, percentile
 from slurmctl.blocks.manifest_store import LocalManifestStore
 from slurmctl.books.manifests import Counts, JobManifest, TaskManifest, counts_from_tasks, metric_counts
 from slurmctl.books.progress import job_progress
@@ -302,6 +303,24 @@ def test_waiting_for_a_job_ends_with_what_its_pace_says(tmp_path, capsys):
     assert said[-1].startswith("note: 500 of 1,500 rate-limit slots (33 %)"), said
 
 
+def test_cpu_share_tells_a_thread_that_computes_from_one_that_waits_however_busy_the_machine():
+    # On 2 cores shared by 8 busy loops, a thread that computes gets about a fifth of the wall time: its CPU time over
+    # the wall time would say it mostly waits, as a thread that sleeps does. Its time in the run queue says otherwise.
+    def spin(cpu_s: float) -> None:
+        end = time.thread_time() + cpu_s
+        while time.thread_time() < end:
+            pass
+
+    with busy_machine(per_core=4):
+        computing, cpu0, t0 = CpuShare(), time.thread_time(), time.perf_counter()
+        spin(0.3)  # a tenth to a third of the wall time on a CPU
+        assert computing.share() >= 0.5 and time.thread_time() - cpu0 < 0.5 * (time.perf_counter() - t0)
+        sleeping = CpuShare()
+        for _ in range(20):
+            time.sleep(0.02)
+        assert sleeping.share() <= 0.05
+
+
 def test_the_live_status_table_in_the_ui_says_what_status_notes_while_the_job_runs():
     # The run's `<job>-status` artifact is where a user watching the Prefect UI looks: a handler holding its loop is
     # said there while the job runs (with the seconds held in the table), not only in the summary at its end.
@@ -309,7 +328,8 @@ def test_the_live_status_table_in_the_ui_says_what_status_notes_while_the_job_ru
     running = JobManifest(job_id="held", handler="h", input={}, batch_size=500, cluster={}, storage="s", config={},
                           status="running", phase="process", counts=counts)
     table = status_table(running, "process")
-    assert "| event loops held by the handler | 12.2 s |" in table and "| rate-limit slots passed late | 300 of" in table
+    assert "| event loops held by the handler | 12.2 s |" in table
+    assert "| rate-limit slots passed late | 300 of" in table
     [said] = pace_view(running.model_dump(mode="json"))
     assert table.endswith(f"**Pace:**\n\n- {said}\n"), table
     # A job with nothing to say shows the table alone.
