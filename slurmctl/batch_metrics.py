@@ -12,6 +12,7 @@ import os
 import resource
 import socket
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -33,41 +34,47 @@ def peak_rss_mb() -> float:
 
 
 class CpuShare:
-    """How much of the time it could have had a CPU this thread (or this whole process) spent computing: its CPU
-    time over the wall time since it was made, less the time it sat in the run queue waiting for a CPU (Linux's
-    ``schedstat``). A handler that computes scores near 1 however busy the machine: on 2 cores shared by 6 busy
-    loops, a thread spinning 20 ms a call got a tenth of the wall time and waited the rest, where its CPU time over
-    the wall time alone said 0.1, as a handler that waits would. One that sleeps or reads a socket scores near 0.
-    Elsewhere (no ``/proc``) the CPU time over the wall time. ``share()`` is None when the run queue took nearly
-    all of the time: nothing can be told."""
+    """How much of the time they could have had a CPU some threads spent computing: their CPU time over the wall
+    time since this was made, less the time they sat in the run queue waiting for a CPU (Linux's ``schedstat``).
+    ``threads``: the calling thread (None), or the process's threads whose names start with one of these (those
+    that run items in flight: ``inflight.ITEM_THREADS``, the worker's event loop and its handler threads).
 
-    def __init__(self, process: bool = False) -> None:
-        self.process = process
+    A handler that computes scores near 1 however busy the machine: on 2 cores shared by 8 busy loops, a thread
+    spinning 20 ms a call got a fifth of the wall time and waited the rest, where its CPU time over the wall time
+    alone said 0.2, as a handler that waits might. One that sleeps or reads a socket scores near 0. Elsewhere (no
+    ``/proc``) the CPU time (the thread's, or the process's) over the wall time. ``share()`` is None when the run
+    queue took nearly all of the time: nothing can be told."""
+
+    def __init__(self, threads: tuple[str, ...] | None = None) -> None:
+        self.threads = threads
         self.t0 = time.perf_counter()
-        self.cpu0, self.wait0 = self._read()
+        self.before = self._read()
 
-    def _read(self) -> tuple[float, float]:
+    def _read(self) -> dict[int, tuple[float, float]]:
+        """CPU and run-queue seconds by thread (0: the calling thread, or the process off Linux)."""
         try:
-            if not self.process:
-                return _schedstat("/proc/thread-self/schedstat")
-            cpu = wait = 0.0
-            for tid in os.listdir("/proc/self/task"):
-                try:
-                    c, w = _schedstat(f"/proc/self/task/{tid}/schedstat")
-                except OSError:  # a thread that ended meanwhile
-                    continue
-                cpu, wait = cpu + c, wait + w
-            return cpu, wait
+            if self.threads is None:
+                return {0: _schedstat("/proc/thread-self/schedstat")}
+            out = {}
+            for t in threading.enumerate():
+                if t.name.startswith(self.threads) and t.native_id is not None:
+                    try:
+                        out[t.native_id] = _schedstat(f"/proc/self/task/{t.native_id}/schedstat")
+                    except OSError:  # a thread that ended meanwhile
+                        pass
+            return out
         except OSError:
-            return (time.process_time() if self.process else time.thread_time()), 0.0
+            return {0: (time.thread_time() if self.threads is None else time.process_time(), 0.0)}
 
     def share(self) -> float | None:
-        cpu, wait = self._read()
-        wall = time.perf_counter() - self.t0
-        room = wall - max(0.0, wait - self.wait0)
+        wall, cpu, wait = time.perf_counter() - self.t0, 0.0, 0.0
+        for tid, (c, w) in self._read().items():  # a thread started since: all of its time is since
+            c0, w0 = self.before.get(tid, (0.0, 0.0))
+            cpu, wait = cpu + max(0.0, c - c0), wait + max(0.0, w - w0)
+        room = wall - wait
         if room <= 0.1 * wall:
             return None
-        return max(0.0, cpu - self.cpu0) / room
+        return cpu / room
 
 
 def _schedstat(path: str) -> tuple[float, float]:

@@ -52,12 +52,16 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+ITEM_THREADS = ("slurmctl-items", "slurmctl-handler")  # the names of the threads that run items in flight: the
+# worker's event loop, and the pool its sync handlers' calls run in (``_N`` after the name)
+
+
 class EventLoopThread:
     """An asyncio loop running in a daemon thread: other threads hand it coroutines and wait for their results."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="slurmctl-items", daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name=ITEM_THREADS[0], daemon=True)
         self.thread.start()
         self.watch = LoopWatch(self.loop, self.thread)  # an async handler that blocks the loop is named
 
@@ -128,7 +132,7 @@ def thread_pool(size: int) -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None or _pool._max_workers < size:
-            old, _pool = _pool, ThreadPoolExecutor(size, thread_name_prefix="slurmctl-handler")
+            old, _pool = _pool, ThreadPoolExecutor(size, thread_name_prefix=ITEM_THREADS[1])
             if old is not None:
                 old.shutdown(wait=False)
         return _pool

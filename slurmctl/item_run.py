@@ -60,9 +60,10 @@ def shards_per_thread(cfg: JobConfig) -> int:
 
 SHARDS_PER_THREAD = 2
 FIXED_NEED_MIN_CALLS = 20  # calls a batch under a fixed concurrency measures before it says what a limit needs
-# ... unless its calls compute (``CpuShare``) this share of the time or more. Measured: handlers that sleep or wait
-# for a socket 0.002-0.05; one that computes 1.0 on an idle machine and 0.26 on 2 cores shared by 2 busy loops and
-# a test suite (its thread, between its turns on a CPU, waits for the GIL another thread was preempted holding).
+# ... unless its calls compute (``CpuShare``) this share of the time or more. Measured: urllib calls one at a time
+# 0.003-0.043 (the batch's thread), ``concurrency: 4`` in a Dask worker 0.022-0.036 (the item threads); a handler
+# that computes 1.0 on an idle machine and 0.26 on 2 cores shared by 2 busy loops and a test suite (between its
+# turns on a CPU its thread waits for the GIL, held by another thread that was preempted: not run-queue time).
 COMPUTES_SHARE = 0.1
 _fixed = [0]  # the calls in flight that the batches of this process under a fixed concurrency allow together, now
 _fixed_lock = threading.Lock()
@@ -162,9 +163,10 @@ class ItemRun:
         pool = None if self.is_async else inflight.thread_pool(pool_size)
         if self.concurrency == "auto":
             return self._on_loop(loop, items, pool)
-        # ``concurrency: N``: the calls run in the pool's threads or on the loop's, so the process's CPU says whether
-        # they compute (the batch's own thread only waits for the loop)
-        return self._fixed_cap(int(self.concurrency), lambda: self._on_loop(loop, items, pool), CpuShare(process=True))
+        # ``concurrency: N``: the calls run in the pool's threads or on the loop's, so theirs is the CPU that says
+        # whether they compute (the batch's own thread only waits for the loop)
+        return self._fixed_cap(int(self.concurrency), lambda: self._on_loop(loop, items, pool),
+                               CpuShare(threads=inflight.ITEM_THREADS))
 
     def _on_loop(self, loop: Any, items: Items, pool: Any) -> list[ItemOutcome | None]:
         if pool is not None:  # a sync handler's calls block threads of the pool, not the loop

@@ -151,6 +151,12 @@ def test_a_fixed_concurrency_below_what_its_declared_limit_needs_says_to_set_aut
         _, task, _, _ = batch("counting_threads", n=40, job_id="fixed-40", logger=log, concurrency=40, **limit)
         assert "concurrency_needed" not in task["metrics"] and len(caplog.records) == 1
 
+        # Threads that compute (20 ms each, sharing one GIL) need cores, not more threads, however busy the machine.
+        with busy_machine():
+            _, task, _, _ = batch("counting_threads", n=40, job_id="fixed-cpu", logger=log, concurrency=2,
+                                  rate_limits=limit["rate_limits"], params={"spin_s": 0.02, "limit": "api"})
+        assert "concurrency_needed" not in task["metrics"] and len(caplog.records) == 1
+
 
 def test_a_sync_handler_with_concurrency_n_runs_at_most_n_items_at_once_in_threads(batch):
     summary, task, rows, _ = batch("counting_threads", n=40, concurrency=4,
