@@ -109,12 +109,14 @@ class ItemRun:
         attempt raised goes on in ``call_with_retries`` from its second attempt. One call in flight, counted with
         the process's other batches under a fixed concurrency (``fixed_in_flight``); the batch's thread runs the
         calls, so its CPU says whether they compute (``fixed_need``)."""
-        return self._fixed_cap(1, lambda: self._one_by_one(items), CpuShare())
+        return self._fixed_cap(1, lambda: self._one_by_one(items), None)
 
     def _fixed_cap(self, cap: int, run: Callable[[], list[ItemOutcome | None]],
-                   cpu: CpuShare) -> list[ItemOutcome | None]:
+                   threads: tuple[str, ...] | None) -> list[ItemOutcome | None]:
         """``run()``, its ``cap`` calls in flight counted among the process's under a fixed concurrency while it
-        runs; then ``fixed_need``, with how much the calls computed (``cpu``, started with the batch's calls)."""
+        runs; then ``fixed_need``, with how much the calls computed (``CpuShare`` of ``threads``: None, this one).
+        A job without declared limits has nothing to need: it measures nothing (a no-op job's fast path)."""
+        cpu = CpuShare(threads) if self.ctx.limiters else None
         with _fixed_lock:
             _fixed[0] += cap
             self.fixed_in_flight = _fixed[0]
@@ -124,7 +126,7 @@ class ItemRun:
             with _fixed_lock:
                 self.fixed_in_flight = max(self.fixed_in_flight, _fixed[0])
                 _fixed[0] -= cap
-            self.fixed_short = self.fixed_need(cpu.share())
+            self.fixed_short = self.fixed_need(cpu) if cpu is not None else None
 
     def _one_by_one(self, items: Items) -> list[ItemOutcome | None]:
         outcomes: list[ItemOutcome | None] = []
@@ -165,8 +167,7 @@ class ItemRun:
             return self._on_loop(loop, items, pool)
         # ``concurrency: N``: the calls run in the pool's threads or on the loop's, so theirs is the CPU that says
         # whether they compute (the batch's own thread only waits for the loop)
-        return self._fixed_cap(int(self.concurrency), lambda: self._on_loop(loop, items, pool),
-                               CpuShare(threads=inflight.ITEM_THREADS))
+        return self._fixed_cap(int(self.concurrency), lambda: self._on_loop(loop, items, pool), inflight.ITEM_THREADS)
 
     def _on_loop(self, loop: Any, items: Items, pool: Any) -> list[ItemOutcome | None]:
         if pool is not None:  # a sync handler's calls block threads of the pool, not the loop
@@ -228,17 +229,18 @@ class ItemRun:
         finally:
             self.in_flight_max = gate.unwatch(peak)
 
-    def fixed_need(self, cpu_share: float | None) -> tuple[str, float, float, int] | None:
+    def fixed_need(self, cpu: CpuShare) -> tuple[str, float, float, int] | None:
         """Items run under a fixed concurrency (one at a time, or ``concurrency: N``), under a declared limit that
         needs at least twice the calls in flight this process's batches then allow together (``fixed_in_flight``):
         the limit's name, the rate it offers this process, the batch's median call latency and the calls in flight
         that spend the rate (Little's law). None otherwise, before ``FIXED_NEED_MIN_CALLS`` calls measured a
-        latency, and when the calls compute rather than wait (``cpu_share``, ``CpuShare.share``: ``COMPUTES_SHARE``
-        or more, or not known): more in flight would need more cores, not threads."""
+        latency, and when the calls compute rather than wait (``cpu``, started with the batch: ``COMPUTES_SHARE`` or
+        more, or not known): more in flight would need more cores, not threads."""
         meter = self.meter
         if not self.ctx.limiters or len(meter.latencies) < FIXED_NEED_MIN_CALLS:
             return None
-        if cpu_share is None or cpu_share >= COMPUTES_SHARE:
+        share = cpu.share()
+        if share is None or share >= COMPUTES_SHARE:
             return None
         latency, most = statistics.median(meter.latencies), None
         for name, leaser in self.ctx.limiters.items():

@@ -2,7 +2,7 @@
 user's: said by a worker process in its task run's log (so it shows in the Prefect UI beside the batches), and by
 ``slurmctl status`` and the run's artifacts from the job's counts (so it stands in the manifests too).
 
-Four causes, each told once a pattern has shown, not at a moment:
+Five causes, each told once a pattern has shown, not at a moment:
 
 * **An async handler that blocks**: a blocking call (``time.sleep``, ``requests``, boto3) or a long computation holds
   the worker's event loop, so the worker's other items wait (``slurmctl.loop_watch``). Its slots pass late too, but

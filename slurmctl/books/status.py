@@ -91,8 +91,9 @@ def status_view(job: dict[str, Any], control: dict[str, Any] | None = None, hear
 
 def pace_view(job: dict[str, Any]) -> list[str]:
     """Why the job spends less of its declared rate limits than it could, from its counts, with what to do
-    (``slurmctl.pace_advice.job_advice``): workers too busy for the limit's slots, or held below the calls in flight
-    it needs by ``max_concurrency``. Empty when nothing is to be said."""
+    (``slurmctl.pace_advice.job_advice``): an async handler holding its workers' event loops, workers too busy for
+    the limit's slots, or fewer calls in flight than it needs (held by ``max_concurrency``, or by a fixed
+    ``concurrency``). Empty when nothing is to be said."""
     config = job.get("config") or {}
     cap = config.get("max_concurrency") or JobConfig.model_fields["max_concurrency"].default
     return job_advice(job.get("counts") or {}, int(cap), config.get("concurrency"))
