@@ -55,17 +55,18 @@ def _duration(seconds: float | None) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
-def pace_lines(job: JobManifest) -> list[str]:
+def pace_lines(view: dict[str, Any]) -> list[str]:
     """Why the job spends less of its rate limits than it could, and what to do (``slurmctl status``'s notes), as
-    markdown: the live table says it while there is time to act, the summary at the end."""
-    advice = pace_view(job.model_dump(mode="json"))
+    markdown: the live table says it while there is time to act, the summary at the end. ``view``: the job
+    manifest as JSON."""
+    advice = pace_view(view)
     return ["**Pace:**", ""] + [f"- {a}" for a in advice] + [""] if advice else []
 
 
 def status_table(job: JobManifest, phase: str) -> str:
     """The live ``<job>-status`` artifact: the counts a progress artifact cannot hold, and the pace notes."""
-    c = job.counts
-    rate, eta = _rate(job)
+    c, view = job.counts, job.model_dump(mode="json")  # once: the rate, the ETA and the notes read it
+    rate, eta = _rate(view)
     at = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S UTC")
     rows = [("status", job.status), ("phase", phase),
             ("batches", f"{c.batches_done:,} of {c.batches_total:,} ({_percent(c):g} %)"),
@@ -81,13 +82,14 @@ def status_table(job: JobManifest, phase: str) -> str:
         rows.append(("event loops held by the handler", f"{c.loop_held_s:,.1f} s"))
     rows += [("items/s", f"{rate:,.1f}" if rate else "—"), ("ETA", _duration(eta)), ("updated", at)]
     table = f"### {job.job_id}\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
-    pace = pace_lines(job)
+    pace = pace_lines(view)
     return table + ("\n" + "\n".join(pace) if pace else "")
 
 
-def _rate(job: JobManifest) -> tuple[float | None, float | None]:
-    """Items per second of the work phase, and its seconds left: the numbers `slurmctl status` shows."""
-    p = job_progress(job.model_dump(mode="json"))
+def _rate(view: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Items per second of the work phase, and its seconds left: the numbers `slurmctl status` shows (``view``: the
+    job manifest as JSON)."""
+    p = job_progress(view)
     return p["items_per_s"], p["eta_s"]
 
 
@@ -150,7 +152,7 @@ class JobArtifacts:
 
     def _line(self, job: JobManifest) -> str:
         c = job.counts
-        rate, eta = _rate(job)
+        rate, eta = _rate(job.model_dump(mode="json"))
         speed = f", {rate:,.0f} items/s, ETA {_duration(eta)}" if rate else ""
         return (f"{self.job_id}: {self.phase}, {c.batches_done:,} of {c.batches_total:,} batches, "
                 f"{_items_done(c):,} of {c.items_total:,} items{speed}")
@@ -198,7 +200,7 @@ class JobArtifacts:
         lines = [f"## {self.job_id}: {job.status}", ""]
         if job.error:
             lines += [f"**Error:** {job.error}", ""]
-        lines += pace_lines(job)
+        lines += pace_lines(job.model_dump(mode="json"))
         lines += ["| items | count |", "|---|---|", f"| total | {c.items_total:,} |",
                   f"| succeeded | {c.items_succeeded:,} |", f"| failed | {c.items_failed:,} |",
                   f"| rejected | {c.items_rejected:,} |", f"| output rows | {c.rows_written - c.duplicates:,} |",

@@ -190,17 +190,15 @@ def job_advice(counts: dict[str, Any], max_concurrency: int, concurrency: int | 
                    f"workers were too busy to take them in time: more worker processes, each with a core of its own, "
                    f"would spend them (README, \"Cores for a fast limit\")")
     needed = int(counts.get("concurrency_needed") or 0)
+    short = f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and "  # held by:
     if needed and int(counts.get("in_flight_max") or 1) <= 1:  # items ran one at a time
-        out.append(f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and the "
-                   f"handler ran its items one at a time: set concurrency: auto (the handler must then be "
+        out.append(f"{short}the handler ran its items one at a time: set concurrency: auto (the handler must then be "
                    f"thread-safe) or make the handler async (README, \"Many calls in flight\")")
     elif needed and isinstance(concurrency, int) and concurrency > 1:  # the user's number, too low for the limit
-        out.append(f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and "
-                   f"concurrency: {concurrency} held each batch at {concurrency}: set concurrency: auto (it follows "
-                   f"the limit and the latency it measures) or a larger concurrency (README, \"Many calls in "
+        out.append(f"{short}concurrency: {concurrency} held each batch at {concurrency}: set concurrency: auto (it "
+                   f"follows the limit and the latency it measures) or a larger concurrency (README, \"Many calls in "
                    f"flight\")")
     elif needed > max_concurrency:  # the number to set as YAML reads it: no thousands separator
-        out.append(f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and "
-                   f"max_concurrency held each at {max_concurrency:,}: set max_concurrency: "
+        out.append(f"{short}max_concurrency held each at {max_concurrency:,}: set max_concurrency: "
                    f"{suggested_max_concurrency(needed)} (memory allowing) or run more worker processes")
     return out

@@ -242,8 +242,9 @@ class Counts(BaseModel):
     # passed unused because their caller came later than the allowance, a worker too busy (``slurmctl.pace_advice``)
     limit_slots: int = 0
     limit_slots_late: int = 0
-    # the most calls in flight a declared limit needed in one worker process while max_concurrency, or items run one
-    # at a time, held it lower (their metrics' concurrency_needed; 0: never)
+    # the most calls in flight a declared limit needed in one worker process while max_concurrency, or a fixed
+    # concurrency (items run one at a time, or concurrency: N), held it lower (their metrics' concurrency_needed;
+    # 0: never)
     concurrency_needed: int = 0
     # seconds an async handler held its worker's event loop (it calls something blocking), over the committed
     # batches (their metrics' loop_held_s; ``slurmctl.loop_watch``)
@@ -457,8 +458,8 @@ def limit_slots_of(summary: dict[str, Any]) -> tuple[int, int]:
 
 
 def concurrency_needed_of(summary: dict[str, Any]) -> int:
-    """The calls in flight a declared limit needed in the batch's worker process while ``max_concurrency``, or its
-    items run one at a time, held it lower (``concurrency_needed``; 0: not held)."""
+    """The calls in flight a declared limit needed in the batch's worker process while ``max_concurrency``, or a
+    fixed concurrency (one at a time, ``concurrency: N``), held it lower (``concurrency_needed``; 0: not held)."""
     return int(_summary_or_metric(summary, "concurrency_needed") or 0)
 
 
