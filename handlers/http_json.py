@@ -52,10 +52,15 @@ class AsyncClient:
     def __init__(self, params: dict[str, Any]) -> None:
         if "base_url" not in params:
             raise ValueError("params.base_url is required by slurmctl.handlers.http_json:AsyncClient")
+        import httpx
+
         self.params = params
         self.clients: list[list[Any]] = []  # [client, requests in flight], built on the worker's loop on first use
         self.free: list[list[Any]] = []  # those with nothing in flight, the one freed last at the end
-        self.tls: Any = None  # one TLS context for every client
+        # One TLS context for every client (each would load the CA bundle again), built here, on the thread that
+        # builds the handler, not by the first request on the worker's loop: loading the bundle takes ~20 ms, and on
+        # a busy machine the loop watch found the loop held there for 60 ms, every call of the worker waiting.
+        self.tls = httpx.create_ssl_context()
 
     def _take(self) -> list[Any]:
         """A client for one request: the one freed last, else a new one, else (``max_connections`` open, all
@@ -76,8 +81,6 @@ class AsyncClient:
             return min(self.clients, key=lambda c: c[1])  # all busy: queue at the least busy one
         import httpx
 
-        if self.tls is None:  # each client would load the CA bundle again: ~20 ms on the loop, per client
-            self.tls = httpx.create_ssl_context()
         one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         client = [httpx.AsyncClient(timeout=float(self.params.get("timeout_s", 10)), verify=self.tls, limits=one), 0]
         self.clients.append(client)

@@ -111,8 +111,9 @@ def test_the_async_http_handler_gives_each_request_a_connection_of_its_own():
 
 
 def test_the_async_http_handlers_clients_share_one_tls_context(monkeypatch):
-    """Building a TLS context loads the CA bundle (~20 ms, on the worker's loop while other requests wait for their
-    slots): the handler builds one and gives it to every client it opens."""
+    """Building a TLS context loads the CA bundle (~20 ms): the handler builds one when it is built (on the batch's
+    thread, before any item is on the worker's event loop, which would wait for it) and gives it to every client it
+    opens."""
     import asyncio
 
     import httpx
@@ -121,6 +122,7 @@ def test_the_async_http_handlers_clients_share_one_tls_context(monkeypatch):
     real = httpx.create_ssl_context
     monkeypatch.setattr(httpx, "create_ssl_context", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     handler = http_json.AsyncClient({"base_url": "https://127.0.0.1:9", "max_connections": 24})
+    assert len(built) == 1  # built with the handler, not by its first request on the loop
     for _ in range(24):
         handler._take()
     assert len(handler.clients) == 24 and len(built) == 1
