@@ -27,7 +27,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from support.chaos_api import ChaosApi
+from support.chaos_api import ChaosApi, _ArrivalBucket
 from support.fault_proxy import FaultProxy
 from support.servers import free_port, wait_http
 
@@ -169,6 +169,33 @@ def test_chaos_api_bucket_capacity_is_configurable():
         assert [status_code(api, i) for i in range(4)] == [200] * 4
         with pytest.raises(ValueError):
             api.configure(burst=0.5)
+
+
+def test_chaos_api_bucket_judges_requests_in_the_order_they_arrived_not_the_order_they_were_read():
+    """A busy test machine wakes the API's threads late, and in any order: the bucket must not see paced requests
+    bunched. So it takes their arrival from the kernel and judges them in that order."""
+    bucket = _ArrivalBucket(rate=64, capacity=5, now=0.0)
+    paced = [k / 64 for k in range(1, 11)]  # after the 5 of the burst, exactly the rate (exact in binary)
+    assert [bucket.admit(0.0, now=0.0) for _ in range(5)] == [None] * 5
+    assert [bucket.admit(t, now=0.3) for t in reversed(paced)] == [None] * 10  # read last first: all in time
+    assert bucket.admit(5 / 64, now=0.3) is not None  # one more among them is over, whenever it is read
+    late = _ArrivalBucket(rate=64, capacity=5, now=0.0)
+    assert sum(late.admit(0.0, now=0.0) is None for _ in range(6)) == 5  # 6 at once: the bucket holds 5
+
+    # End to end: 6 requests sent 50 ms apart to an API of 20/s with room for 2, all read together 0.5 s later
+    with ChaosApi(max_per_second=20, burst=2) as api:
+        conns = [http.client.HTTPConnection("127.0.0.1", api.port, timeout=10) for _ in range(6)]
+        for conn in conns:
+            conn.connect()
+        with api._lock:  # the API's threads read the requests but cannot judge them until it is let go
+            start = time.monotonic()
+            for k, conn in enumerate(conns):
+                time.sleep(max(0.0, start + 0.05 * k - time.monotonic()))
+                conn.request("GET", f"/items/{k}")
+            time.sleep(0.5)
+        codes = [conn.getresponse().status for conn in conns]
+        assert codes == [200] * 6 and api.over_limit == 0, (codes, api.arrivals())
+        assert api.arrivals()[-1] - api.arrivals()[0] >= 0.2  # as sent, not as read
 
 
 def test_chaos_api_faults_while_a_condition_holds():

@@ -19,6 +19,11 @@ Order of checks for a request: limiter, then ``fail_ids``, then the random fault
 ``arrivals(item_id)`` gives the ``time.monotonic()`` at which each request (for that id, or all) arrived, to
 measure the waits a client kept between attempts and the rate the API really saw.
 
+A request arrives when its bytes reach this machine's kernel (Linux's receive timestamps, ``SO_TIMESTAMPNS``), not
+when a server thread gets round to it: the API stands for a service on other machines, which the test's own load
+does not slow down. On a busy 2-core machine this process's threads woke up to 130 ms after their request came in,
+bunching paced requests at the bucket into 429s no real API would have answered. Elsewhere: when it is read.
+
 What a client sees (urllib.request): ``429``/``503``/``500`` -> ``urllib.error.HTTPError`` with that ``.code``
 (429 carries ``Retry-After: <seconds>``, possibly fractional, e.g. ``0.2``); ``timeout`` -> the server sleeps
 ``timeout_sleep`` s before a normal 200, so a client with a shorter timeout gets ``TimeoutError``
@@ -35,6 +40,8 @@ Manual use: ``python tests/support/chaos_api.py --port 8080 --rate-429 0.1 --fai
 from __future__ import annotations
 
 import argparse
+import bisect
+import io
 import json
 import math
 import random
@@ -59,6 +66,69 @@ _RATES = tuple(f"rate_{k}" for k in FAULT_KINDS)  # also the order of the cumula
 _SETTINGS = (*_RATES, "retry_after", "timeout_sleep", "fail_ids", "max_per_second", "burst", "faults_while", "seed",
              "latency_s")
 _ITEM = re.compile(r"^/items/(-?\d+)/?$")
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python does not name it
+
+
+class _StampedReader(io.RawIOBase):
+    """A connection's bytes, and the kernel's receive time (``time.time()`` scale) of the last ones read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.stamp = sock, None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data, ancillary, _, _ = self.sock.recvmsg(len(buffer), socket.CMSG_SPACE(16))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= 16:
+                seconds, nanoseconds = struct.unpack("qq", payload[:16])
+                self.stamp = seconds + nanoseconds * 1e-9
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class _ArrivalBucket:
+    """A token bucket (``rate`` per second, ``capacity``) that judges requests in the order they arrived, though
+    their threads read them in another: admitting one must leave every request admitted after it (in arrival order)
+    within the bucket too. The requests of the last ``HORIZON_S`` are kept for that; older ones are folded into the
+    bucket's state."""
+
+    HORIZON_S = 1.0  # a request read this long after it arrived is judged as arriving when the last folded one did
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate, self.capacity = rate, capacity
+        self.base_t, self.base_tokens = now, capacity  # the bucket after the folded requests
+        self.recent: list[float] = []  # arrival times of the admitted requests not folded yet, in order
+
+    def admit(self, arrived: float, now: float) -> float | None:
+        """Admit a request that arrived at ``arrived``: None, or (over the limit) the seconds until it would be."""
+        self._fold(now - self.HORIZON_S)
+        arrived = max(arrived, self.base_t)
+        at = bisect.bisect_right(self.recent, arrived)
+        tokens, last = self.base_tokens, self.base_t
+        for i, t in enumerate([*self.recent[:at], arrived, *self.recent[at:]]):
+            tokens, last = min(self.capacity, tokens + (t - last) * self.rate), t
+            if tokens < 1.0 and i >= at:  # this one, or one admitted after it, would be over
+                return (1.0 - tokens) / self.rate if i == at else 1.0 / self.rate
+            tokens -= 1.0
+        self.recent.insert(at, arrived)
+        return None
+
+    def _fold(self, before: float) -> None:
+        while self.recent and self.recent[0] <= before:
+            t = self.recent.pop(0)
+            self.base_tokens = min(self.capacity, self.base_tokens + (t - self.base_t) * self.rate) - 1.0
+            self.base_t = t
+
+
+def _stamp_arrivals(sock: socket.socket) -> bool:
+    """Have the kernel time-stamp what ``sock`` (a listening socket: its connections inherit it) receives."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        return True
+    except OSError:
+        return False
 
 
 def _fmt_seconds(s: float) -> str:
@@ -86,6 +156,7 @@ class ChaosApi(LocalHttpServer):
                  faults_while: Callable[[], bool] | None = None, latency_s: float = 0.0, host: str = "127.0.0.1",
                  port: int = 0) -> None:
         self._lock = threading.Lock()
+        self._stamped = False  # the kernel time-stamps the requests' arrival (``start``)
         super().__init__(host, port)
         self.rate_429 = self.rate_503 = self.rate_500 = self.rate_timeout = self.rate_reset = 0.0
         self.retry_after, self.timeout_sleep = 0.2, 3.0
@@ -93,6 +164,7 @@ class ChaosApi(LocalHttpServer):
         self.burst: float | None = None
         self.faults_while: Callable[[], bool] | None = None
         self.latency_s = 0.0
+        self._bucket: _ArrivalBucket | None = None
         self._fail_ids: dict[int, list[Any]] = {}
         self._rng = random.Random(seed)
         self.reset_counters()
@@ -100,6 +172,13 @@ class ChaosApi(LocalHttpServer):
                        rate_reset=rate_reset, retry_after=retry_after, timeout_sleep=timeout_sleep,
                        fail_ids=fail_ids or {}, max_per_second=max_per_second, burst=burst,
                        faults_while=faults_while, latency_s=latency_s)
+
+    def start(self) -> Any:
+        started = self._server is None
+        super().start()
+        if started:  # before anyone knows the port: every request is stamped
+            self._stamped = _stamp_arrivals(self._server.socket)
+        return self
 
     # ---- configuration and counters -------------------------------------------------------------------------
 
@@ -147,8 +226,8 @@ class ChaosApi(LocalHttpServer):
             if "max_per_second" in settings or "burst" in settings:
                 if "max_per_second" in settings:
                     self.max_per_second = None if mps is None else float(mps)
-                self._tokens = self._capacity()
-                self._refilled = time.monotonic()
+                self._bucket = None if self.max_per_second is None else \
+                    _ArrivalBucket(self.max_per_second, self._capacity(), time.monotonic())
             if "seed" in settings:
                 self._rng = random.Random(settings["seed"])
 
@@ -170,7 +249,7 @@ class ChaosApi(LocalHttpServer):
     def arrivals(self, item_id: int | None = None) -> list[float]:
         """``time.monotonic()`` of each request's arrival (all requests, or those for ``item_id``), in order."""
         with self._lock:
-            return [t for t, i in self._arrivals if item_id is None or i == item_id]
+            return sorted(t for t, i in self._arrivals if item_id is None or i == item_id)
 
     def fail_ids_remaining(self) -> dict[int, tuple[str, int]]:
         with self._lock:
@@ -181,23 +260,22 @@ class ChaosApi(LocalHttpServer):
     def _capacity(self) -> float:
         return self.burst if self.burst is not None else max(1.0, self.max_per_second or 0.0)
 
-    def _decide(self, item_id: int | None) -> tuple[str, float]:
-        """Under the lock: count the request and pick what to do: ("limit", retry_after) | (fault kind, 0) |
-        ("normal", 0)."""
+    def _decide(self, item_id: int | None, stamp: float | None = None) -> tuple[str, float]:
+        """Under the lock: count the request that arrived at ``stamp`` (the kernel's, ``time.time()`` scale; None:
+        now) and pick what to do: ("limit", retry_after) | (fault kind, 0) | ("normal", 0)."""
         with self._lock:
             self.requests += 1
-            self._arrivals.append((time.monotonic(), item_id))
+            arrived = time.monotonic()
+            if stamp is not None:
+                arrived = min(arrived, arrived - (time.time() - stamp))
+            self._arrivals.append((arrived, item_id))
             if item_id is not None:
                 self.by_id[item_id] += 1
-            if self.max_per_second is not None:
-                now = time.monotonic()
-                self._tokens = min(self._capacity(), self._tokens + (now - self._refilled) * self.max_per_second)
-                self._refilled = now
-                if self._tokens >= 1.0:
-                    self._tokens -= 1.0
-                else:
+            if self._bucket is not None:
+                short = self._bucket.admit(arrived, time.monotonic())
+                if short is not None:
                     self.over_limit += 1
-                    return "limit", (1.0 - self._tokens) / self.max_per_second
+                    return "limit", short
             planned = self._fail_ids.get(item_id) if item_id is not None else None
             if planned is not None and planned[1] > 0:
                 planned[1] -= 1
@@ -219,6 +297,13 @@ class ChaosApi(LocalHttpServer):
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive; every answer has a Content-Length
             disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
+
+            def setup(self) -> None:
+                super().setup()
+                self.stamped = _StampedReader(self.connection) if api._stamped else None
+                if self.stamped is not None:
+                    self.rfile.close()  # the socket's own reader holds it open (``_reset`` must close it for real)
+                    self.rfile = io.BufferedReader(self.stamped)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -246,7 +331,10 @@ class ChaosApi(LocalHttpServer):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 m = _ITEM.match(self.path.split("?", 1)[0])
                 item_id = int(m.group(1)) if m else None
-                action, wait = api._decide(item_id)
+                stamp = None
+                if self.stamped is not None:  # this request's, not one before it on the connection
+                    stamp, self.stamped.stamp = self.stamped.stamp, None
+                action, wait = api._decide(item_id, stamp)
                 try:
                     if action == "limit":
                         self._json(429, {"error": "rate limit exceeded"}, {"Retry-After": _fmt_seconds(wait)})
