@@ -191,13 +191,14 @@ def job_advice(counts: dict[str, Any], max_concurrency: int, concurrency: int | 
                    f"would spend them (README, \"Cores for a fast limit\")")
     needed = int(counts.get("concurrency_needed") or 0)
     short = f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and "  # held by:
-    if needed and int(counts.get("in_flight_max") or 1) <= 1:  # items ran one at a time
+    if needed and isinstance(concurrency, int):  # the user's number, too low for the limit (1: sync or async)
+        threads = " (a sync handler must then be thread-safe)" if concurrency == 1 else ""
+        out.append(f"{short}concurrency: {concurrency} held each batch at {concurrency}: set concurrency: auto (it "
+                   f"follows the limit and the latency it measures){threads} or a larger concurrency (README, \"Many "
+                   f"calls in flight\")")
+    elif needed and int(counts.get("in_flight_max") or 1) <= 1:  # a sync handler's items, one at a time by default
         out.append(f"{short}the handler ran its items one at a time: set concurrency: auto (the handler must then be "
                    f"thread-safe) or make the handler async (README, \"Many calls in flight\")")
-    elif needed and isinstance(concurrency, int) and concurrency > 1:  # the user's number, too low for the limit
-        out.append(f"{short}concurrency: {concurrency} held each batch at {concurrency}: set concurrency: auto (it "
-                   f"follows the limit and the latency it measures) or a larger concurrency (README, \"Many calls in "
-                   f"flight\")")
     elif needed > max_concurrency:  # the number to set as YAML reads it: no thousands separator
         out.append(f"{short}max_concurrency held each at {max_concurrency:,}: set max_concurrency: "
                    f"{suggested_max_concurrency(needed)} (memory allowing) or run more worker processes")
