@@ -84,12 +84,13 @@ def test_the_result_storage_block_is_loaded_when_the_server_holds_the_same_setti
         monkeypatch.setattr(process, "_saved", {})  # as a new coordinator process
         return process.saved_store(block)
 
-    first = store("secret-a")
-    assert saved(first) is first and first._block_document_id  # saved (this server had no such block)
-    same = store("secret-a")
-    again = saved(same)
-    assert again is not same and again._block_document_id == first._block_document_id  # loaded, not saved
-    changed = store("secret-b")
-    assert saved(changed) is changed  # another secret: saved over it
-    reloaded = S3ManifestStore.load(changed._block_document_name)
-    assert reloaded.aws_credentials.aws_secret_access_key.get_secret_value() == "secret-b"
+    with flows_reporting_to(prefect_api):  # the session's server (else Prefect starts a temporary one of its own)
+        first = store("secret-a")
+        assert saved(first) is first and first._block_document_id  # saved (this server had no such block)
+        same = store("secret-a")
+        again = saved(same)
+        assert again is not same and again._block_document_id == first._block_document_id  # loaded, not saved
+        changed = store("secret-b")
+        assert saved(changed) is changed  # another secret: saved over it
+        reloaded = S3ManifestStore.load(changed._block_document_name)
+        assert reloaded.aws_credentials.aws_secret_access_key.get_secret_value() == "secret-b"
