@@ -79,7 +79,10 @@ class _StampedReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data, ancillary, _, _ = self.sock.recvmsg(len(buffer), socket.CMSG_SPACE(16))
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(len(buffer), socket.CMSG_SPACE(16))
+        except ConnectionResetError:  # the client went away (a killed worker): the end of its requests
+            return 0
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= 16:
                 seconds, nanoseconds = struct.unpack("qq", payload[:16])
