@@ -268,14 +268,13 @@ class ChaosApi(LocalHttpServer):
         now) and pick what to do: ("limit", retry_after) | (fault kind, 0) | ("normal", 0)."""
         with self._lock:
             self.requests += 1
-            arrived = time.monotonic()
-            if stamp is not None:
-                arrived = min(arrived, arrived - (time.time() - stamp))
+            now = time.monotonic()
+            arrived = now if stamp is None else min(now, now - (time.time() - stamp))
             self._arrivals.append((arrived, item_id))
             if item_id is not None:
                 self.by_id[item_id] += 1
             if self._bucket is not None:
-                short = self._bucket.admit(arrived, time.monotonic())
+                short = self._bucket.admit(arrived, now)
                 if short is not None:
                     self.over_limit += 1
                     return "limit", short
