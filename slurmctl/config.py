@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import codecs
 import datetime as _dt
+import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -40,6 +41,24 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_for_a_number(cls, data: Any) -> Any:
+        """``batch_size: true`` (YAML's ``yes`` too) is a mistake, not 1, as pydantic would take it: it is passed on
+        as its text, which a number field refuses, under the field's own name."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(value, bool) else None
+                kinds = _kinds(field.annotation) if field else set()
+                if kinds & {int, float} and not kinds & {bool, str, Any}:
+                    data = {**data, name: json.dumps(value)}
+        return data
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The types an annotation names, through unions, ``Annotated`` and containers' arguments."""
+    return {annotation}.union(*(_kinds(a) for a in get_args(annotation)))
 
 
 def suffixes_of(name: str) -> tuple[str | None, str | None]:
@@ -525,7 +544,8 @@ class JobConfig(_Strict):
     rate_limits: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], RateLimitConfig] = Field(
         default_factory=dict)
     rate_limiter: RateLimiterConfig = Field(default_factory=RateLimiterConfig)
-    params: dict[str, Any] = Field(default_factory=dict, description="Free-form values handed to the handler as ctx.params.")
+    params: dict[str, Any] = Field(default_factory=dict, description=(
+        "Free-form values handed to the handler as ctx.params."))
     concurrency: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(default=None, description=(
         "Items of a batch in flight at once in a worker process: N, or auto (grows until the declared rate limits "
         "are saturated, or the API's latency says it queues our calls; shrinks on 429). Default: auto for an async "
@@ -557,6 +577,18 @@ class JobConfig(_Strict):
                 raise ValueError(f"limit name {name!r} {problem}")
         return v
 
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _concurrency(cls, v: Any) -> Any:
+        """One message for either form (pydantic's names each branch of the union, as two errors)."""
+        if v is None or v == "auto":
+            return v
+        n = int(v) if isinstance(v, str) and v.strip().isdigit() else v
+        if type(n) is not int or n <= 0:
+            shown = v if isinstance(v, str) else json.dumps(v)
+            raise ValueError(f"must be a whole number of items in flight (1 or more) or auto, not {shown}")
+        return n
+
     @field_validator("handler")
     @classmethod
     def _handler(cls, v: str) -> str:
@@ -586,6 +618,8 @@ def _message(err: dict[str, Any]) -> str:
         return f"must be >= {ctx.get('ge')}"
     if kind == "extra_forbidden":
         return "unknown key"
+    if kind in ("int_parsing", "float_parsing"):
+        return f"must be a number, not {err.get('input')}"
     if kind == "missing":
         return "required"
     if kind == "string_pattern_mismatch":
@@ -707,7 +741,6 @@ def job_config(config_path: str | Path | None = None, config: dict[str, Any] | N
 def known_stores() -> list[StorageConfig]:
     """Every store this machine submitted jobs to (the pointers in ``$SLURMCTL_HOME/jobs``), then the default one
     (``$SLURMCTL_STORAGE``, else ``./.slurmctl`` when it exists): where ``slurmctl list`` looks."""
-    import json
     import os
 
     from slurmctl.paths import home
@@ -731,7 +764,6 @@ def known_storage(job_id: str) -> StorageConfig:
     """The store of a job submitted from this machine, for commands given only its id (``slurmctl status JOB``, a
     retry deployment's run): the pointer ``submit`` left in ``$SLURMCTL_HOME/jobs``, else ``$SLURMCTL_STORAGE``
     (with ``$SLURMCTL_ENDPOINT_URL``), else ``./.slurmctl``."""
-    import json
     import os
 
     from slurmctl.paths import home

@@ -48,11 +48,28 @@ def test_minimal_config_gets_defaults_and_a_generated_job_id():
     ({"storage": {"uri": "s3://ab/prefix"}}, "storage.uri", "at least 3"),
     ({"storage": {"uri": "gs://bucket/x"}}, "storage.uri", "file:// or s3://"),
     ({"max_in_flight": 0}, "max_in_flight", "must be > 0"),
+    ({"batch_size": True}, "batch_size", "must be a number, not true"),  # YAML's `yes`, which pydantic takes as 1
+    ({"max_concurrency": False}, "max_concurrency", "must be a number, not false"),
+    ({"cluster": {"kind": "slurm", "cores": True}}, "cluster.cores", "must be a number, not true"),
+    ({"rate_limits": {"api": {"per_second": True}}}, "rate_limits.api.per_second", "must be a number, not true"),
+    ({"batch_size": "ten"}, "batch_size", "must be a number, not ten"),
 ])
 def test_bad_config_names_the_field(change, field, message):
     errors = errors_of({**GOOD, **change})
     assert field in errors, errors
     assert message in errors[field]
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, 8.0, True, "AUTO", "many"])
+def test_concurrency_is_a_whole_number_or_auto_in_one_message(value):
+    errors = errors_of({**GOOD, "concurrency": value})
+    assert list(errors) == ["concurrency"], errors  # not one line per branch of the union (constrained-int, literal)
+    assert errors["concurrency"].startswith("must be a whole number of items in flight (1 or more) or auto, not ")
+
+
+@pytest.mark.parametrize("value, parsed", [(1, 1), (40, 40), ("8", 8), ("auto", "auto"), (None, None)])
+def test_concurrency_takes_a_number_or_auto(value, parsed):
+    assert parse_config({**GOOD, "concurrency": value}).concurrency == parsed
 
 
 def test_missing_required_keys_are_each_reported():
