@@ -1,7 +1,7 @@
 """The job in the Prefect UI: artifacts on the job's flow run, kept current while it runs.
 
 * ``<job>-progress``: Prefect's progress artifact (one number: the share of batches committed), its description the
-  one-line state (items, items/s, ETA).
+  one-line state (items, items/s, ETA, the most items in flight per worker process).
 * ``<job>-status``: a markdown table beside it — phase, batches and items by outcome, items/s, ETA, updated at —
   because a progress artifact holds one number only; below it, while it applies, what ``slurmctl status`` notes about
   the job's pace (a handler holding its event loop, items run one at a time below a limit's need), so whoever
@@ -154,8 +154,9 @@ class JobArtifacts:
         c = job.counts
         rate, eta = _rate(job.model_dump(mode="json"))
         speed = f", {rate:,.0f} items/s, ETA {_duration(eta)}" if rate else ""
+        flight = f", {c.in_flight_max:,} in flight per worker" if c.in_flight_max else ""  # what auto reached
         return (f"{self.job_id}: {self.phase}, {c.batches_done:,} of {c.batches_total:,} batches, "
-                f"{_items_done(c):,} of {c.items_total:,} items{speed}")
+                f"{_items_done(c):,} of {c.items_total:,} items{speed}{flight}")
 
     def _table(self, job: JobManifest) -> str:
         return status_table(job, self.phase)

@@ -583,7 +583,7 @@ class JobConfig(_Strict):
         """One message for either form (pydantic's names each branch of the union, as two errors)."""
         if v is None or v == "auto":
             return v
-        n = int(v) if isinstance(v, str) and v.strip().isdigit() else v
+        n = int(v) if isinstance(v, str) and v.strip().isdigit() or isinstance(v, float) and v.is_integer() else v
         if type(n) is not int or n <= 0:
             shown = v if isinstance(v, str) else json.dumps(v)
             raise ValueError(f"must be a whole number of items in flight (1 or more) or auto, not {shown}")
@@ -620,6 +620,8 @@ def _message(err: dict[str, Any]) -> str:
         return "unknown key"
     if kind in ("int_parsing", "float_parsing"):
         return f"must be a number, not {err.get('input')}"
+    if kind == "int_from_float":
+        return f"must be a whole number, not {err.get('input')}"
     if kind == "missing":
         return "required"
     if kind == "string_pattern_mismatch":

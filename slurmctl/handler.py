@@ -9,7 +9,8 @@ A handler is plain Python, in one of four forms, and knows nothing of Prefect, D
   ``params``), called per item (``__call__(item, ctx)``, sync or async), closed when the worker stops (``close()`` or
   ``aclose()``), so an HTTP session, a client pool or a model is built once and shared by every item.
 
-A user unit-tests any of them with ``BatchContext(job_id="t", batch_id="b")`` (``call_once`` runs an async one).
+A user unit-tests any of them with ``BatchContext(job_id="t", batch_id="b")`` (``call_once`` runs an async one);
+such a context, built without ``limiters``, lets ``ctx.limit`` of any name through at once (``Pacer``).
 """
 
 from __future__ import annotations
@@ -208,6 +209,7 @@ def call_once(handler: Handler, item: dict[str, Any], ctx: "BatchContext") -> An
     fresh event loop. For unit tests and samples; a worker keeps many items in flight instead."""
     result = handler(item, ctx)
     if inspect.isawaitable(result):
+        ctx.async_handler = True  # before its body runs: a sync ``with ctx.limit`` there fails as in a worker
         async def finish() -> Any:
             return await result
 
@@ -240,6 +242,10 @@ class BatchContext:
         self.logger = logger or logging.getLogger(f"slurmctl.handler.{job_id}")
         self.metrics: Counter[str] = Counter()
         self.limiters = dict(limiters or {})
+        self._any_limit = limiters is None  # a unit test's context: any limit name, not paced (a job's names them)
+        # True while an async handler's items use this context: a sync ``with ctx.limit`` on their event loop would
+        # block every other item of the worker (set by whoever runs them: ``ItemRun``, ``call_once``, a sample)
+        self.async_handler = False
         self.limiter_blocked_s = 0.0  # time spent in ``limit`` acquiring tokens, summed over the batch's items
         # wall time during which at least one of the batch's items was acquiring tokens (the batch's tokens_waited_s:
         # the same as the sum when items run one at a time, at most the batch's duration when many are in flight)
@@ -262,6 +268,8 @@ class BatchContext:
         throttle_report_errors.
         """
         leaser = self.limiters.get(name)
+        if leaser is None and self._any_limit:
+            leaser = self.limiters.setdefault(name, Pacer())
         if leaser is None:
             raise KeyError(f"no rate limit {name!r}: declare it in the job config under rate_limits "
                            f"(declared: {', '.join(self.limiters) or 'none'})")
@@ -356,6 +364,50 @@ def _dispenser(leaser: Any) -> Any:
         return pool
 
 
+def _loop_running() -> bool:
+    """Is an event loop running in this thread (an async handler's code, not a thread it handed work to)?"""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class Pacer:
+    """A rate limit paced in this process alone, for a handler run outside a job's workers: ``submit --sample`` (at
+    the limit's ``per_second``: the job's shared limiter may not exist yet, and a sample is a few calls) and unit
+    tests (``BatchContext`` built without ``limiters``: no pace). ``ctx.limit`` takes its tokens with ``acquire``
+    in a sync handler and ``acquire_async`` (an async sleep) in an async one."""
+
+    def __init__(self, per_second: float | None = None) -> None:
+        self.interval = 1.0 / per_second if per_second else 0.0
+        self.next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _take(self, tokens: int) -> float:
+        """The wait before ``tokens`` may be spent, and the slot after them booked."""
+        with self._lock:
+            now = time.monotonic()
+            wait = max(0.0, self.next - now)
+            self.next = max(self.next, now) + tokens * self.interval
+            return wait
+
+    def acquire(self, tokens: int = 1, tally: Any = None) -> float:
+        wait = self._take(tokens)
+        time.sleep(wait)
+        return wait
+
+    async def acquire_async(self, tokens: int = 1, tally: Any = None) -> float:
+        wait = self._take(tokens)
+        await asyncio.sleep(wait)
+        return wait
+
+    def throttled(self, retry_after: float | None = None, tally: Any = None) -> None:
+        if self.interval:  # a paced limit waits out the API's Retry-After; a unit test's does not wait
+            with self._lock:
+                self.next = max(self.next, time.monotonic() + min(retry_after or 1.0, 30.0))
+
+
 class _Limit:
     """``ctx.limit(name)``: a context manager for sync handlers and an async one for async handlers."""
 
@@ -363,6 +415,10 @@ class _Limit:
         self.ctx, self.name, self.leaser, self.tokens = ctx, name, leaser, tokens
 
     def __enter__(self) -> None:
+        if self.ctx.async_handler and _loop_running():
+            raise TypeError(f"ctx.limit({self.name!r}) is entered with `with` in an async handler: waiting for its "
+                            f"tokens would block the event loop, and with it every other item of the worker. Use "
+                            f"`async with ctx.limit({self.name!r}):` (README, \"Many calls in flight\")")
         costs: Counter[str] = Counter()
         blocked = time.perf_counter()
         waited, got = 0.0, 0
@@ -416,6 +472,8 @@ class _Limit:
         (``Leaser.reserve``). Whatever needs the backend (a renewal, the signal, a pause, lanes that are all taken)
         runs in this leaser's dispenser thread, which reserves the slot and leaves the waiting to the loop; a pause
         or rate change signalled meanwhile voids the slot at its claim."""
+        if isinstance(self.leaser, Pacer):
+            return await self.leaser.acquire_async(self.tokens)
         loop = asyncio.get_running_loop()
         leaser, caller = self.leaser, id(loop)
         waited, got = 0.0, 0

@@ -84,7 +84,7 @@ class ItemRun:
         self.policy, self.backoff, self.max_attempts = ErrorPolicy.of(e), Backoff.of(e), e.max_attempts
         self.id_field = cfg.input.id_field
         self.concurrency = concurrency_of(cfg, handler)
-        self.is_async = is_async(handler)
+        self.is_async = ctx.async_handler = is_async(handler)
         self.concurrent = is_concurrent(cfg, handler)
         self.gate: Any = None
         self.in_flight_max = 0
@@ -257,8 +257,8 @@ class ItemRun:
         ``fixed_short``); for an async handler that held the worker's event loop (``slurmctl.loop_watch``),
         its seconds (``loop_held_s``)."""
         fixed = self.fixed_short[3] if self.fixed_short else 0
-        if self.gate is None:
-            return {"concurrency_needed": fixed} if fixed else {}
+        if self.gate is None:  # one at a time
+            return {"concurrency": 1, "in_flight_max": 1, **({"concurrency_needed": fixed} if fixed else {})}
         reached: dict[str, float] = {"concurrency": int(self.gate.limit), "in_flight_max": int(self.in_flight_max)}
         needed = self.gate.capped_need() if isinstance(self.gate, inflight.AutoGate) else fixed
         if needed:

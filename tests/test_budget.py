@@ -122,6 +122,17 @@ def test_a_sample_runs_the_real_handler_on_the_first_items_and_measures_calls_pe
     assert "1,200 API calls" in message and "measured by --sample 10" in message
 
 
+@pytest.mark.parametrize("handler", ["counting_threads", "counting_async"])
+def test_a_sample_paces_a_declared_limit_for_a_sync_or_an_async_handler(tmp_path, handler):
+    # `async with ctx.limit` in an async handler took its tokens the way a job's workers do, which the sample's
+    # pacer could not give: every call failed (errors {'handler': 3}) and the sample measured nothing.
+    cfg = job_cfg(tmp_path, n=3, max_api_calls=100)
+    cfg.handler, cfg.params["limit"] = f"support.sample_handlers:{handler}", "api"
+    cfg.rate_limits = parse_config({**cfg.model_dump(), "rate_limits": {"api": {"per_second": 20}}}).rate_limits
+    sample = budget.measure_sample(cfg, LocalManifestStore(root=str(tmp_path / "state")), 3)
+    assert (sample.items, sample.calls, sample.errors) == (3, 3, {})
+
+
 def test_create_job_refuses_a_projected_overrun_before_writing_anything(tmp_path):
     """``create_job`` is what ``submit``, ``submit --deployment`` and a deployment's own run all go through."""
     with pytest.raises(JobRefused) as info:

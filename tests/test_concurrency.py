@@ -100,9 +100,19 @@ def test_a_worker_imports_what_a_commit_needs_before_its_items_are_in_flight():
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
 
 
+def test_a_sync_limit_in_an_async_handler_fails_its_items_saying_to_write_async_with(batch, tmp_path):
+    summary, _, rows, store = batch("sync_limit_async", n=5, params={"limit": "api"},
+                                    rate_limits={"api": {"per_second": 1000}})
+    assert (summary["items_failed"], rows) == (5, [])
+    state = failure_state(store, committed_in(store, "unit"))
+    assert {(r["error_class"], r["attempts"]) for r in state.values()} == {("handler", 1)}  # not retried: a bug
+    assert all("Use `async with ctx.limit('api'):`" in r["message"] for r in state.values())
+
+
 def test_a_sync_handler_runs_one_item_at_a_time_unless_told_otherwise(batch):
     summary, task, rows, _ = batch("counting_threads", n=30, params={"sleep_s": 0.005})
-    assert sample_handlers.in_flight.peak == 1 and "in_flight_max" not in task["metrics"]
+    assert sample_handlers.in_flight.peak == 1
+    assert task["metrics"]["concurrency"] == task["metrics"]["in_flight_max"] == 1  # README: each batch's metrics
     assert summary["in_flight_max"] == 1 and [r["id"] for r in rows] == list(range(30))
 
 
@@ -271,6 +281,7 @@ def test_a_busy_async_handler_that_yields_is_not_said_to_hold_its_loop(batch, ca
                                  job_id="busy", logger=log)
     assert len(rows) == 400 and task["metrics"]["in_flight_max"] == 400
     assert "loop_held_s" not in task["metrics"] and not caplog.records
+
 
 
 def test_a_class_handler_that_cannot_be_built_or_called_is_refused_before_submission():

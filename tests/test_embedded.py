@@ -71,8 +71,10 @@ def test_echo_job_end_to_end(tmp_path: Path, prefect_api: str, slurmctl_home: Pa
     arts = job_artifacts(prefect_api, view["flow_run_id"])
     assert arts["echo-e2e-progress"].data == 100.0
     assert "11 of 11 batches" in arts["echo-e2e-progress"].description
+    assert arts["echo-e2e-progress"].description.endswith(", 1 in flight per worker")  # a sync handler's default
     status_table = arts["echo-e2e-status"].data
     assert "| status | completed |" in status_table and "| rejected | 2 |" in status_table
+    assert "| in flight (per worker, peak) | 1 |" in status_table
     summary = arts["echo-e2e-summary"].data
     assert "echo-e2e: completed" in summary and view["output"] in summary and "| output rows | 1,000 |" in summary
     assert "| process |" in summary and "| aggregate |" in summary  # time per phase

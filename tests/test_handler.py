@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from slurmctl.handler import BatchContext, HandlerError, load_handler, normalise_output
+from slurmctl.handler import BatchContext, HandlerError, call_once, load_handler, normalise_output
 from slurmctl.handlers import echo, http_json
 
 
@@ -55,6 +56,50 @@ def test_context_counts_metrics():
     ctx.count("api_requests")
     ctx.count("api_requests", 2)
     assert ctx.metrics == {"api_requests": 3} and ctx.params == {"x": 1}
+
+
+def test_a_unit_tests_context_lets_any_limit_through_and_counts_it():
+    # README: unit-test a handler with BatchContext(job_id=..., batch_id=...). Its ctx.limit used to raise KeyError
+    # ("declare it in the job config"), which a unit test cannot do.
+    def handle(item, ctx):
+        with ctx.limit("geo"):
+            return {"id": item["id"]}
+
+    async def ahandle(item, ctx):
+        async with ctx.limit("geo", tokens=2):
+            return {"id": item["id"]}
+
+    for h, tokens in ((handle, 1), (ahandle, 2)):
+        ctx = BatchContext(job_id="t", batch_id="b")
+        assert call_once(h, {"id": 7}, ctx) == {"id": 7} and ctx.metrics["ratelimit_geo_tokens"] == tokens
+    with pytest.raises(KeyError, match="no rate limit 'geo': declare it in the job config"):  # a job's context
+        BatchContext(job_id="t", batch_id="b", limiters={}).limit("geo")
+
+
+def test_a_sync_limit_in_an_async_handler_is_refused_with_what_to_write_instead():
+    # `with ctx.limit` in an async handler waits for its tokens on the event loop: every other item of the worker
+    # would wait too. It is refused at once, naming the fix; the same `with` is fine in a thread the handler hands
+    # its blocking work to, and in a sync handler called where a loop runs (a notebook's cell).
+    async def wrong(item, ctx):
+        with ctx.limit("api"):
+            return {"id": item["id"]}
+
+    with pytest.raises(TypeError, match=r"Use `async with ctx.limit\('api'\):`"):
+        call_once(wrong, {"id": 1}, BatchContext(job_id="t", batch_id="b"))
+
+    def blocking(item, ctx):
+        with ctx.limit("api"):
+            return {"id": item["id"]}
+
+    async def handing_off(item, ctx):
+        return await asyncio.to_thread(blocking, item, ctx)
+
+    assert call_once(handing_off, {"id": 2}, BatchContext(job_id="t", batch_id="b")) == {"id": 2}
+
+    async def notebook_cell():
+        return blocking({"id": 3}, BatchContext(job_id="t", batch_id="b"))
+
+    assert asyncio.run(notebook_cell()) == {"id": 3}
 
 
 def test_output_normalisation_keeps_the_id():

@@ -245,23 +245,6 @@ class Sample:
         return self.seconds / self.items if self.items else 0.0
 
 
-class _Pacer:
-    """Stands in for a rate limit during a sample: this process alone, at the limit's ``per_second`` (the job's
-    shared limiter may not exist yet, and a sample is a few calls)."""
-
-    def __init__(self, per_second: float) -> None:
-        self.interval, self.next = 1.0 / per_second, time.monotonic()
-
-    def acquire(self, tokens: int = 1, tally: Any = None) -> float:
-        wait = max(0.0, self.next - time.monotonic())
-        time.sleep(wait)
-        self.next = max(self.next, time.monotonic()) + tokens * self.interval
-        return wait
-
-    def throttled(self, retry_after: float | None = None, tally: Any = None) -> None:
-        self.next = max(self.next, time.monotonic() + min(retry_after or 1.0, 30.0))
-
-
 def first_items(cfg: JobConfig, store: Any, n: int) -> list[dict[str, Any]]:
     """The input's first ``n`` good items (malformed records skipped, as a batch would reject them)."""
     from slurmctl.books.input_chunks import decompressing
@@ -302,14 +285,15 @@ def first_items(cfg: JobConfig, store: Any, n: int) -> list[dict[str, Any]]:
 def measure_sample(cfg: JobConfig, store: Any, n: int) -> Sample:
     """Run the job's handler on the input's first ``n`` items, as a batch would (in-batch retries of transient
     errors included), and measure its calls and time per item. **This calls the real API.** Nothing is written:
-    the results are thrown away, and rate limits are paced in this process alone (``_Pacer``)."""
+    the results are thrown away, and rate limits are paced in this process alone (``handler.Pacer``)."""
     from slurmctl.errors import Backoff, ErrorPolicy, acall_with_retries, call_with_retries
-    from slurmctl.handler import BatchContext, handler_for, is_async
+    from slurmctl.handler import BatchContext, Pacer, handler_for, is_async
 
     handler = handler_for(cfg.handler, cfg.params)
     items = first_items(cfg, store, n)
     ctx = BatchContext(cfg.job_id, "sample", params=cfg.params,
-                       limiters={name: _Pacer(limit.per_second) for name, limit in cfg.rate_limits.items()})
+                       limiters={name: Pacer(limit.per_second) for name, limit in cfg.rate_limits.items()})
+    ctx.async_handler = is_async(handler)
     e = cfg.errors
     policy, backoff = ErrorPolicy.of(e), Backoff.of(e)
     calls = 0

@@ -188,15 +188,18 @@ in_flight = _InFlight()
 
 async def counting_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """``counting`` as a coroutine: ``sleep_s`` is an async sleep (``jitter_s`` adds a random part, so items finish
-    out of input order); ``fail`` injects errors; ``stall_once`` stalls one item (the others go on)."""
+    out of input order); ``fail`` injects errors; ``stall_once`` stalls one item (the others go on); ``limit``: the
+    sleep is a call under that declared rate limit."""
     import asyncio
     import random
 
     record_call(ctx, item)
     stalled = first_call(ctx, item, "stall_once")  # as in ``counting``, without blocking the other items
-    with in_flight:
-        await asyncio.sleep(float(ctx.params.get("sleep_s") or 0) + random.uniform(0, ctx.params.get("jitter_s", 0))
-                            + (float(stalled.get("seconds", 600)) if stalled else 0))
+    limit = ctx.limit(ctx.params["limit"]) if ctx.params.get("limit") else contextlib.nullcontext()
+    async with limit:
+        with in_flight:
+            await asyncio.sleep(float(ctx.params.get("sleep_s") or 0) + random.uniform(0, ctx.params.get("jitter_s", 0))
+                                + (float(stalled.get("seconds", 600)) if stalled else 0))
     _injected_failure(ctx, item)
     return {"id": item["id"], "doubled": item["id"] * 2}
 
@@ -407,3 +410,10 @@ def typed_batch(batch: Any, ctx: Any) -> Any:
     values = ctx.params.get("values") or {}
     ids = batch.column("id").to_pylist()
     return pa.table({"id": ids, "value": [values.get(str(i), i) for i in ids]})
+
+
+async def sync_limit_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """The mistake: ``with ctx.limit`` (the sync form) in an async handler, which would wait on the event loop."""
+    with ctx.limit(ctx.params["limit"]):
+        await asyncio.sleep(0)
+    return {"id": item["id"]}
