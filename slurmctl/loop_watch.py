@@ -11,11 +11,14 @@ only a running one is. So when the loop thread's stack holds a frame of the hand
 running, and it holds the loop when either:
 
 * **it waits**: looked at again ``PAUSE_S`` later, the thread is in the handler's code still, has barely run on a
-  CPU meanwhile and is not ready to run (a sleep, a socket read). A running step is on a CPU, a
-  thread waiting for the GIL gets it within the 5 ms switch interval, and one kept off a CPU by a busy machine is
-  ready to run; or
-* **it computes**: the same frame as at the last look, and the loop's beat (a callback every ``BEAT_S``) is
-  ``HELD_S`` late: one step computing for that long.
+  CPU meanwhile, is not ready to run, and waits in a call (a sleep, a socket read), not on a futex. A running step
+  is on a CPU; one kept off a CPU by a busy machine is ready to run; one waiting for the GIL waits on a futex (the
+  GIL's holder, another thread, may sit preempted for tens of ms on a busy machine: that holds the loop, but not
+  through the handler). A handler blocking on a lock or a ``Future`` waits on a futex too, and is not counted; or
+* **it computes**: the same frame as at the last look, the loop's beat (a callback every ``BEAT_S``) ``HELD_S``
+  late and not run since that look, and the loop thread on a CPU for ``OFF_CPU`` of the time since: one step
+  computing for that long (not a coroutine's next step after the loop went round, nor a step left waiting for the
+  GIL all along).
 
 A loop merely busy with many short steps (thousands of answers at once) is on a CPU and in another frame at each
 look, so it is not counted; nor are slurmctl's own stalls (a commit holding the GIL), with no handler frame on the
@@ -111,10 +114,12 @@ class LoopWatch:
 
     # --- the watcher's side ------------------------------------------------------------------------------------------
     def _watch(self) -> None:
-        last, seen = time.monotonic(), None
+        last, seen, cpu_last, beat_last = time.monotonic(), None, self._cpu_s(), self.beat
         while not self._stop.wait(self.BEAT_S):
-            now = time.monotonic()
+            now, cpu, beat = time.monotonic(), self._cpu_s(), self.beat
             span, last = now - last, now
+            on_cpu, cpu_last = cpu - cpu_last, cpu
+            came_round, beat_last = beat != beat_last, beat  # the beat ran since the last look: the loop went round
             with self._lock:
                 for job in {id(e.job): e.job for e in self._cells}.values():
                     job.watched_s += span
@@ -125,7 +130,8 @@ class LoopWatch:
                 continue
             frame, innermost = found
             place = describe(frame, innermost)  # now: the frame moves on if its call ends
-            computing = frame is seen and now - self.beat >= self.HELD_S
+            computing = (frame is seen and not came_round and now - beat >= self.HELD_S
+                         and on_cpu >= self.OFF_CPU * span)
             if computing or self._waiting(files):
                 self._count(span, frame.f_code.co_filename, place)
             seen = frame
@@ -135,18 +141,21 @@ class LoopWatch:
         ``PAUSE_S``, having barely run on a CPU meanwhile, and not ready to run?"""
         cpu = self._cpu_s()
         time.sleep(self.PAUSE_S)
-        if self._cpu_s() - cpu >= self.OFF_CPU * self.PAUSE_S or self._runnable():
+        if self._cpu_s() - cpu >= self.OFF_CPU * self.PAUSE_S or not self._in_a_call():
             return False
         return self._handler_frame(files) is not None  # the same call, or the next item's: it went straight on
 
-    def _runnable(self) -> bool:
-        """Is the loop thread ready to run, only kept off a CPU by others (a busy machine), rather than waiting?
-        (Linux's ``/proc``; elsewhere: not known, so no.)"""
+    def _in_a_call(self) -> bool:
+        """Does the loop thread wait in a call (a sleep, a socket read)? Linux's ``/proc`` names the kernel function
+        a sleeping thread waits in (``wchan``), in one read: ``0`` while it runs or is ready to run (only kept off a
+        CPU by others: a busy machine), a futex while it waits for the GIL (held by another thread). Elsewhere: not
+        known, so no."""
         try:
-            with open(f"/proc/self/task/{self.thread.native_id}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] == b"R"
-        except (OSError, IndexError):
+            with open(f"/proc/self/task/{self.thread.native_id}/wchan", "rb") as f:
+                wchan = f.read().strip()
+        except OSError:
             return False
+        return wchan not in (b"", b"0") and b"futex" not in wchan
 
     def _handler_frame(self, files: frozenset[str]) -> tuple[Any, Any] | None:
         """The innermost frame of one of the handlers' ``files`` on the loop thread's stack, and the innermost

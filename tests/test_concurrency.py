@@ -15,6 +15,8 @@ import logging
 import math
 import os
 import signal
+import sys
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from slurmctl.books.failures import committed_tasks as committed_in
 from slurmctl.books.failures import failure_state
 from slurmctl.config import ConfigError, parse_config
 from slurmctl.handler import BatchContext, HandlerError, call_once, handler_for, load_handler
+from slurmctl.loop_watch import LoopWatch
 from slurmctl.records import partition
 from slurmctl.tasks.process_batch import run_batch
 
@@ -282,6 +285,42 @@ def test_a_busy_async_handler_that_yields_is_not_said_to_hold_its_loop(batch, ca
     assert len(rows) == 400 and task["metrics"]["in_flight_max"] == 400
     assert "loop_held_s" not in task["metrics"] and not caplog.records
 
+
+def test_a_loop_left_waiting_for_the_gil_by_another_thread_is_not_said_to_be_held():
+    # On a busy machine the GIL's holder, another thread, can sit preempted for tens of ms while the loop thread
+    # waits for the GIL inside the handler's code: CI once counted the busy loop above as held that way. Spinning
+    # threads and a 50 ms switch interval make the loop thread wait so on any machine. It is not the handler's doing.
+    stop, interval = threading.Event(), sys.getswitchinterval()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    class Ctx:
+        params = {"steps": 20, "step_ms": 0.2}
+
+    async def items() -> None:
+        await asyncio.gather(*(sample_handlers.many_short_steps({"id": i}, Ctx()) for i in range(400)))
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    watch = LoopWatch(loop, thread)
+    entry = watch.join("gil", sample_handlers.many_short_steps)
+    spinners = [threading.Thread(target=spin, daemon=True) for _ in range(2)]
+    sys.setswitchinterval(0.05)
+    for s in spinners:
+        s.start()
+    try:
+        asyncio.run_coroutine_threadsafe(items(), loop).result(timeout=300)
+    finally:
+        stop.set()
+        for s in spinners:
+            s.join()
+        sys.setswitchinterval(interval)
+        watch.stop()
+        loop.call_soon_threadsafe(loop.stop)
+    assert watch.leave(entry) == 0 and not watch.held("gil").places
 
 
 def test_a_class_handler_that_cannot_be_built_or_called_is_refused_before_submission():
