@@ -252,10 +252,10 @@ class ItemRun:
 
     def reached(self) -> dict[str, float]:
         """For the batch's metrics: the concurrency its gate allowed when it ended and the most items in flight in
-        its worker process while it ran; under ``auto``, when ``max_concurrency`` has held fewer in flight than a
-        declared limit needs, how many it needs (``AutoGate.capped_need``; under a fixed concurrency:
-        ``fixed_short``); for an async handler that held the worker's event loop (``slurmctl.loop_watch``),
-        its seconds (``loop_held_s``)."""
+        its worker process while it ran (1 and 1 for items run one at a time, with no gate); under ``auto``, when
+        ``max_concurrency`` has held fewer in flight than a declared limit needs, how many it needs
+        (``AutoGate.capped_need``; under a fixed concurrency: ``fixed_short``); for an async handler that held the
+        worker's event loop (``slurmctl.loop_watch``), its seconds (``loop_held_s``)."""
         fixed = self.fixed_short[3] if self.fixed_short else 0
         if self.gate is None:  # one at a time
             return {"concurrency": 1, "in_flight_max": 1, **({"concurrency_needed": fixed} if fixed else {})}
