@@ -138,7 +138,7 @@ class LoopWatch:
 
     def _waiting(self, files: frozenset[str]) -> bool:
         """Is the loop thread waiting in the handler (a sleep, a socket): in the handler's code still after
-        ``PAUSE_S``, having barely run on a CPU meanwhile, and not ready to run?"""
+        ``PAUSE_S``, having barely run on a CPU meanwhile, and waiting in a call (``_in_a_call``)?"""
         cpu = self._cpu_s()
         time.sleep(self.PAUSE_S)
         if self._cpu_s() - cpu >= self.OFF_CPU * self.PAUSE_S or not self._in_a_call():
