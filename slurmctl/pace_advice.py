@@ -155,14 +155,15 @@ def warn_fixed_concurrency(job_id: str, batch_id: str, run: Any, logger: Any) ->
         return
     name, offer, latency, needed = need
     in_flight = max(run.fixed_in_flight, 1)
-    if run.concurrency == 1 and not run.is_async:
+    if run.cfg.concurrency is None and not run.is_async:  # a sync handler's default, as ``job_advice`` tells it
         how = "the handler runs its items one at a time"
         fix = ("Set concurrency: auto in the job's config to run them in threads (the handler must then be "
                "thread-safe: README, \"Many calls in flight\"), or make the handler async")
     else:  # the user's number (an async handler's included)
         how = f"concurrency: {run.concurrency} runs at most {run.concurrency} of a batch's items at once"
-        fix = ("Set concurrency: auto in the job's config (it follows the limit and the latency it measures), or a "
-               "larger concurrency")
+        threads = " (the handler must then be thread-safe)" if run.concurrency == 1 and not run.is_async else ""
+        fix = (f"Set concurrency: auto in the job's config (it follows the limit and the latency it measures)"
+               f"{threads}, or a larger concurrency")
     if logger is not None:
         logger.warning(
             "rate limit %r offers this worker %.0f calls/s, and its calls take %.2f s: spending that needs %d calls "

@@ -133,16 +133,22 @@ def test_a_sync_handler_one_at_a_time_below_what_its_declared_limit_needs_says_t
         _, again, _, _ = batch("counting_threads", n=40, job_id="serial", store="again", logger=log, **limit)
         assert again["metrics"]["concurrency_needed"] and len(caplog.records) == 1  # said once per process and job
 
+        # concurrency: 1 said in the config is the user's number, as `status` tells it (test_metrics).
+        batch("counting_threads", n=40, job_id="serial-1", store="one", logger=log, concurrency=1, **limit)
+        said = caplog.records[-1].getMessage()
+        assert "concurrency: 1 runs at most 1 of a batch's items at once" in said and "thread-safe" in said, said
+        caplog.clear()
+
         # With concurrency: auto it runs enough in threads: nothing to say.
         _, task, _, _ = batch("counting_threads", n=40, job_id="serial-auto", logger=log, concurrency="auto", **limit)
-        assert "concurrency_needed" not in task["metrics"] and len(caplog.records) == 1
+        assert "concurrency_needed" not in task["metrics"] and not caplog.records
 
         # A handler that computes for its 20 ms needs cores, not calls in flight: nothing to say either, however busy
         # the machine (its calls then take 5-10 times as long, most of it waiting for a CPU, as a waiting one's do).
         with busy_machine():
             _, task, _, _ = batch("counting_threads", n=40, job_id="serial-cpu", logger=log,
                                   rate_limits=limit["rate_limits"], params={"spin_s": 0.02, "limit": "api"})
-        assert "concurrency_needed" not in task["metrics"] and len(caplog.records) == 1
+        assert "concurrency_needed" not in task["metrics"] and not caplog.records
 
 
 def test_a_fixed_concurrency_below_what_its_declared_limit_needs_says_to_set_auto(batch, caplog):

@@ -268,7 +268,7 @@ def test_status_names_an_async_handler_that_holds_its_loop_instead_of_blaming_bu
 
 
 def test_status_says_to_run_items_concurrently_when_one_at_a_time_holds_a_job_below_its_limit():
-    # A sync handler's batches ran their items one at a time (no in_flight_max in their metrics) where the limit
+    # A sync handler's batches ran their items one at a time (in_flight_max 1; none in older metrics) where the limit
     # needed 10 calls in flight: the fix is concurrency, not max_concurrency.
     serial = paced_batch("batch-000000", 600, 0)
     del serial["metrics"]["in_flight_max"]
