@@ -81,7 +81,8 @@ class LoopWatch:
         self._stop = threading.Event()
         self._cpu = _thread_cpu_clock(thread)  # None: no per-thread CPU clock here (then only computing is seen)
         loop.call_soon_threadsafe(self._tick)
-        threading.Thread(target=self._watch, name="slurmctl-loop-watch", daemon=True).start()
+        self.watcher = threading.Thread(target=self._watch, name="slurmctl-loop-watch", daemon=True)
+        self.watcher.start()
 
     def join(self, job_id: str, handler: Any) -> Entry:
         """A batch of ``handler``'s items goes on the loop: from now, time the handler holds it is counted, shared
@@ -177,8 +178,14 @@ class LoopWatch:
                 e.job.places[place] += share
 
     def _cpu_s(self) -> float:
-        """The loop thread's CPU time; without a per-thread clock, as if it were always on a CPU."""
-        return time.clock_gettime(self._cpu) if self._cpu is not None else time.monotonic()
+        """The loop thread's CPU time; without a per-thread clock, as if it were always on a CPU. Once the thread has
+        ended (its loop stopped: the worker stops), its clock is gone, and so is anything to watch."""
+        if self._cpu is not None:
+            try:
+                return time.clock_gettime(self._cpu)
+            except OSError:  # EINVAL: the thread ended, perhaps while the watcher slept in ``_waiting``
+                self._stop.set()
+        return time.monotonic()
 
 
 def _thread_cpu_clock(thread: threading.Thread) -> int | None:

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,28 @@ def test_a_busy_async_handler_that_yields_is_not_said_to_hold_its_loop(batch, ca
                                  job_id="busy", logger=log)
     assert len(rows) == 400 and task["metrics"]["in_flight_max"] == 400
     assert "loop_held_s" not in task["metrics"] and not caplog.records
+
+
+def test_the_loop_watch_ends_quietly_when_its_loop_thread_ends_under_its_look(monkeypatch):
+    # The worker stops its loop (inflight.close_worker) while the watcher may be in its second look at a handler:
+    # the ended thread's CPU clock is gone (clock_gettime: EINVAL), which killed the watcher with a traceback.
+    errors: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    monkeypatch.setattr(LoopWatch, "PAUSE_S", 0.3)  # the second look comes after the thread has ended
+
+    async def waits(item: dict[str, Any], ctx: Any) -> None:
+        time.sleep(0.2)  # holds the loop: the watcher looks again PAUSE_S later
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    watch = LoopWatch(loop, thread)
+    watch.join("ends", waits)
+    asyncio.run_coroutine_threadsafe(waits({}, None), loop).result(timeout=30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=30)
+    watch.watcher.join(timeout=30)
+    assert not watch.watcher.is_alive() and errors == []
 
 
 def test_a_loop_left_waiting_for_the_gil_by_another_thread_is_not_said_to_be_held():
