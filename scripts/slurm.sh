@@ -83,7 +83,7 @@ alive() {
 pids_of() {
     local name=$1 pidfile=$2 pid
     if [[ -n $pidfile && -s $pidfile ]]; then
-        pid=$(<"$pidfile")
+        pid=$(cat "$pidfile" 2>/dev/null)  # the daemon may remove it as it exits, after the test above
         if [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" \
             && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]; then
             echo "$pid"; return 0
