@@ -8,6 +8,7 @@ API on a fake clock; one real job on the embedded default is checked where it ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import io
 import json
@@ -293,6 +294,22 @@ def test_a_busy_async_handler_that_yields_is_not_said_to_hold_its_loop(batch, ca
     assert "loop_held_s" not in task["metrics"] and not caplog.records
 
 
+@contextlib.contextmanager
+def watched_loop() -> Any:
+    """An event loop in a thread of its own, with its ``LoopWatch``, as a worker process has (``inflight``); stopped
+    and joined at the end."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    watch = LoopWatch(loop, thread)
+    try:
+        yield loop, thread, watch
+    finally:
+        watch.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+
+
 def test_the_loop_watch_ends_quietly_when_its_loop_thread_ends_under_its_look(monkeypatch):
     # The worker stops its loop (inflight.close_worker) while the watcher may be in its second look at a handler:
     # the ended thread's CPU clock is gone (clock_gettime: EINVAL), which killed the watcher with a traceback.
@@ -303,15 +320,12 @@ def test_the_loop_watch_ends_quietly_when_its_loop_thread_ends_under_its_look(mo
     async def waits(item: dict[str, Any], ctx: Any) -> None:
         time.sleep(0.2)  # holds the loop: the watcher looks again PAUSE_S later
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    watch = LoopWatch(loop, thread)
-    watch.join("ends", waits)
-    asyncio.run_coroutine_threadsafe(waits({}, None), loop).result(timeout=30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=30)
-    watch.watcher.join(timeout=30)
+    with watched_loop() as (loop, thread, watch):
+        watch.join("ends", waits)
+        asyncio.run_coroutine_threadsafe(waits({}, None), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)  # the loop ends first: the watcher is not told to stop
+        thread.join(timeout=30)
+        watch.watcher.join(timeout=30)
     assert not watch.watcher.is_alive() and errors == []
 
 
@@ -331,24 +345,19 @@ def test_a_loop_left_waiting_for_the_gil_by_another_thread_is_not_said_to_be_hel
     async def items() -> None:
         await asyncio.gather(*(sample_handlers.many_short_steps({"id": i}, Ctx()) for i in range(400)))
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    watch = LoopWatch(loop, thread)
-    entry = watch.join("gil", sample_handlers.many_short_steps)
     spinners = [threading.Thread(target=spin, daemon=True) for _ in range(2)]
-    sys.setswitchinterval(0.05)
-    for s in spinners:
-        s.start()
-    try:
-        asyncio.run_coroutine_threadsafe(items(), loop).result(timeout=300)
-    finally:
-        stop.set()
+    with watched_loop() as (loop, _, watch):
+        entry = watch.join("gil", sample_handlers.many_short_steps)
+        sys.setswitchinterval(0.05)
         for s in spinners:
-            s.join()
-        sys.setswitchinterval(interval)
-        watch.stop()
-        loop.call_soon_threadsafe(loop.stop)
+            s.start()
+        try:
+            asyncio.run_coroutine_threadsafe(items(), loop).result(timeout=300)
+        finally:
+            stop.set()
+            for s in spinners:
+                s.join()
+            sys.setswitchinterval(interval)
     assert watch.leave(entry) == 0 and not watch.held("gil").places
 
 
