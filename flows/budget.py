@@ -7,8 +7,9 @@ is reached (``slurmctl.books.budget.reached``). When one is:
 
 1. no further shard is submitted, and every worker is told to start no further batch (``stop_pass`` through
    ``Client.run``; repeated every couple of seconds for workers that joined since). The batches already running
-   commit, so **the spend passes the limit by at most the batch that reached it plus one batch per worker thread**
-   (those running when the stop reached the workers, within milliseconds of that commit);
+   commit, so **the spend passes the limit by at most the batch that reached it plus one batch per Dask thread**
+   (those running when the stop reached the workers, within milliseconds of that commit): one per configured
+   worker thread, two for a handler whose items run in flight together (``shards_per_thread``);
 2. once those shards have ended (``ShardStopped``), ``run_batches`` raises ``BudgetReached``; the phase's subflow
    ends in a Cancelled-type state named **Paused** and its task runner closes the Dask cluster;
 3. the job flow (``flows/job.py``) records ``paused`` in the job manifest with the reason (which limit, the numbers,
@@ -32,6 +33,7 @@ from slurmctl.books.budget import BudgetReached, Reached, pause_reason, reached,
 from slurmctl.books.manifests import JobManifest, now
 from slurmctl.books.store import update_job
 from slurmctl.config import JobConfig
+from slurmctl.item_run import shards_per_thread
 from slurmctl.slurm import cancel_worker_jobs
 from slurmctl.tasks.process_shard import stop_pass
 
@@ -60,7 +62,10 @@ class BudgetGuard:
         self.cfg, self.client, self.pass_id = cfg, client, pass_id
         self.budget = cfg.budget
         self.active = bool(self.budget.limits)
-        self.cores = 0
+        self.cores = 0.0
+        # Dask's threads per core booked: a handler with items in flight runs two shards per configured thread on
+        # threads that book no more cores (``flows/runners.py``, Slurm's ``job_cpu``)
+        self.threads_per_core = shards_per_thread(cfg)
         self.last = time.monotonic()
         self.hits: list[Reached] = []
         self.told_at = 0.0
@@ -77,7 +82,7 @@ class BudgetGuard:
         self.last = now
         if sample_cores and self.client is not None:
             try:
-                self.cores = sum(self.client.nthreads().values())
+                self.cores = sum(self.client.nthreads().values()) / self.threads_per_core
             except Exception as exc:  # the scheduler is going away; the next tick tries again
                 log.debug("reading the workers' threads failed: %s", exc)
 

@@ -4,7 +4,7 @@
   declared in the config or measured by ``--sample N`` — saying the numbers; a deployment's run is refused by the
   same admission, before any batch;
 * a running job pauses itself at 100 %, between batches: status and the Prefect UI say so, and the spend passes the
-  limit by at most the batch that reached it plus one batch per worker thread;
+  limit by at most the batch that reached it plus one batch per worker thread (two for items in flight);
 * ``slurmctl resume JOB --raise-budget KEY=VALUE`` records the new limit in the job manifest and finishes the job,
   every item exactly once;
 * the summary (status, ``status --json``, the summary artifact) reports API calls, core-hours and, priced, the cost.
@@ -301,3 +301,30 @@ def test_status_reports_the_spend_of_any_job_and_a_budget_against_its_limits(tmp
     assert lines["budget"] == "max_api_calls 30/25 (120 %); max_usd 15.00/100.00 (15 %)"
     assert (lines["status"], lines["paused"], lines["cost_usd"]) == ("paused", "True", "15.0")
 
+
+
+class _Threads:
+    """A Dask client's ``nthreads()``: 2 worker processes, ``per_worker`` Dask threads each."""
+
+    def __init__(self, per_worker: int) -> None:
+        self.per_worker = per_worker
+
+    def nthreads(self) -> dict[str, int]:
+        return {"tcp://w1": self.per_worker, "tcp://w2": self.per_worker}
+
+
+@pytest.mark.parametrize("handler,dask_threads", [("slurmctl.handlers.echo:handle", 1),
+                                                  ("support.sample_handlers:counting_async", 2)])
+def test_core_hours_count_the_cores_booked_not_the_threads_that_hold_items_in_flight(handler, dask_threads):
+    # 2 workers x 1 thread book 2 cores. An async handler's workers run two shards per thread on threads that book no
+    # more (Slurm's job_cpu): Dask reports 4 threads, and the bill is still 2 cores for the time they are up.
+    from slurmctl.flows.budget import BudgetGuard
+
+    cfg = parse_config({"handler": handler, "input": {"uri": "in.jsonl"},
+                        "cluster": {"kind": "local", "n_workers": 2, "threads_per_worker": 1}})
+    job = new_job_manifest(cfg, None)
+    guard = BudgetGuard(cfg, _Threads(dask_threads), None)
+    guard.tick(job, sample_cores=True)
+    guard.last -= 1800.0  # half an hour up
+    guard.tick(job, sample_cores=False)
+    assert job.core_seconds == pytest.approx(2 * 1800.0, rel=0.01)
