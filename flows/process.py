@@ -78,6 +78,16 @@ class NoWorkers(RuntimeError):
     """Batches are waiting and no Dask worker has been alive for ``no_workers_timeout_s``: the cluster is lost."""
 
 
+def cluster_outlives_pass() -> bool:
+    """Is this pass's task runner connected to a cluster it did not start (``DaskTaskRunner(address=...)``: the job's
+    local cluster, started early by the coordinator), which the next pass (a retry round) reuses?"""
+    try:
+        runner = get_run_context().task_runner
+    except (MissingContextError, AttributeError):
+        return False
+    return bool(getattr(runner, "address", None))
+
+
 class WorkerWatch:
     """Notices a cluster that has lost all its workers (Slurm walltime, scancel, a partition taken down)."""
 
@@ -368,7 +378,10 @@ def run_batches(cfg: JobConfig, store: Store, job: JobManifest, specs: list[Batc
             task_states.settle(map(task_states.task_run_id_of, in_flight), task_states.CANCELLED,
                                "the coordinator stopped waiting for this shard (the job was cancelled or stopped); "
                                "its batches that did not commit run at resume")
-    if watch.client is not None:  # every shard has ended: workers close the handler instances they built
+    if watch.client is not None and not cluster_outlives_pass():
+        # Every shard has ended, and this pass's cluster ends with it: workers close the handler instances they built.
+        # On a cluster that outlives the pass (the job's local cluster, which runs its retry rounds too) they are
+        # built once and closed when it closes (``worker_plugin.CloseHandlers``).
         worker_plugin.close_on_workers(watch.client, logger)
     if stopped_left:  # a commit whose report was lost with its shard is still counted
         committed = set(committed_batch_ids(store, job.job_id))

@@ -2,9 +2,11 @@
 its async clients were built on), and stopping that loop. Also: the worker's memory limit for its items in flight
 (``MemoryLimit``), and SIGTERM on Slurm (``GracefulSigterm``).
 
-Two ways, since neither covers every end: a pass that finishes asks every live worker to close them at once
-(``close_on_workers``): a Slurm cluster is torn down with ``scancel``, whose SIGTERM reaches the worker process
-before any teardown runs. And a plugin registered with the cluster (``register``) closes them when a worker stops
+Two ways, since neither covers every end: a pass that finishes on a cluster its task runner started (and so closes)
+asks every live worker to close them at once (``close_on_workers``): a Slurm cluster is torn down with ``scancel``,
+whose SIGTERM reaches the worker process before any teardown runs. (The job's early local cluster outlives its passes:
+its workers keep their instances through the retry rounds, one per worker process, and close them as they stop.)
+And a plugin registered with the cluster (``register``) closes them when a worker stops
 gracefully (scale-down, retirement), including workers that joined later. A worker that is killed (SIGKILL, a node
 lost, walltime) closes nothing: a handler must not rely on ``close`` for correctness, only for tidiness
 (connections, sessions).
@@ -25,10 +27,16 @@ SIGTERM_NAME = "slurmctl-sigterm"
 
 
 class CloseHandlers(WorkerPlugin):
+    """Closes the worker's handler instances as the worker stops. Each pass registers it again (by name), and Dask
+    tears the previous registration down first: that is not the worker stopping, so the instances stay."""
+
     name = NAME
 
     def teardown(self, worker: Any) -> None:
-        inflight.close_worker()
+        from distributed.core import Status
+
+        if getattr(worker, "status", None) in (Status.closing, Status.closed, Status.failed):
+            inflight.close_worker()
 
 
 class MemoryLimit(WorkerPlugin):

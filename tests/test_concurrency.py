@@ -668,6 +668,32 @@ def test_an_async_class_handler_saturates_a_slow_rate_limited_api_without_more_t
     assert set(built.values()) == {1} and closed == built, (built, closed)
 
 
+@pytest.mark.integration
+def test_a_class_handler_is_built_once_per_worker_process_through_the_retry_rounds(tmp_path, prefect_api,
+                                                                                   slurmctl_home):
+    # The first batch's items are throttled in the first pass: its circuit breaker opens and defers them, and the
+    # automatic retry round runs them on the same local cluster. Each worker process keeps the instance it built (a
+    # client pool, a model) through the round, and closes it once, when the cluster closes.
+    n, batch_size = 60, 10
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
+    cfg = write_config(tmp_path / "job.yaml", job_id="rounds", handler="support.sample_handlers:AsyncSession",
+                       input={"uri": "in.jsonl"}, batch_size=batch_size, storage={"uri": "state"},
+                       params={"sleep_s": 0.05, "instances_file": str(tmp_path / "built"),
+                               "closes_file": str(tmp_path / "closed"),
+                               "fail_first_pass": {"ids": list(range(batch_size)), "class": "throttle"}},
+                       errors={"max_attempts": 1, "retry_cooldown_s": 0.5, "auto_retry_rounds": 1,
+                               "circuit_breaker": {"window": 4, "min_attempts": 4, "threshold": 0.8}})
+    result = run_cli("submit", str(cfg), "--wait")
+    assert result.returncode == 0, result.stderr + log_tail(slurmctl_home, "rounds")
+    view = status("rounds")
+    assert_exactly_once(view, range(n))
+    rounds = job_manifest(tmp_path / "state", "rounds")["retry_rounds"]
+    assert [(r["round"], r["items"]) for r in rounds] == [(1, batch_size)], rounds
+    built = Counter(line.split()[0] for line in (tmp_path / "built").read_text().splitlines())
+    closed = Counter(line.split()[0] for line in (tmp_path / "closed").read_text().splitlines())
+    assert set(built.values()) == {1} and closed == built, (built, closed)
+
+
 def test_items_in_flight_run_two_shards_per_thread_on_threads_that_book_no_cpu():
     # A shard that drains (its last calls, its task run ending, the next starting) would leave the worker's calls in
     # flight at nothing: a second shard per thread keeps them going. Those threads mostly wait: Slurm books the

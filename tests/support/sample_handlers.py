@@ -154,6 +154,15 @@ def _injected_failure(ctx: Any, item: dict[str, Any]) -> None:
         raise ItemError(f"injected {cls} error", error_class=cls)
 
 
+def _first_pass_failure(params: dict[str, Any], item: dict[str, Any], batch_id: str) -> str | None:
+    """``fail_first_pass``: ``{"ids": [...], "class": cls}``: the error class the listed ids fail with in the job's
+    first pass (not in a retry round's batches, ``r01-...``), else None."""
+    spec = params.get("fail_first_pass")
+    if not spec or item["id"] not in spec["ids"] or batch_id.startswith("r"):
+        return None
+    return str(spec["class"])
+
+
 def _note(path: str | None, text: str) -> None:
     """Append ``<pid> <text>`` to the file ``path`` (O_APPEND: safe across processes), if given."""
     if path:
@@ -264,7 +273,8 @@ class Session:
 
 
 class AsyncSession(Session):
-    """``Session`` whose calls are coroutines and whose close is ``aclose``."""
+    """``Session`` whose calls are coroutines and whose close is ``aclose``; ``fail_first_pass`` fails the ids it lists
+    in the job's first pass."""
 
     async def __call__(self, item: dict[str, Any], ctx: Any) -> dict[str, Any]:  # type: ignore[override]
         import asyncio
@@ -272,8 +282,11 @@ class AsyncSession(Session):
         self.calls += 1
         calls = self.calls
         record_call(ctx, item)
+        first_pass = _first_pass_failure(self.params, item, ctx.batch_id)
         with in_flight:
             await asyncio.sleep(float(self.params.get("sleep_s") or 0))
+        if first_pass:
+            raise ItemError(f"injected {first_pass} error, first pass", error_class=first_pass)
         _injected_failure(ctx, item)
         return {"id": item["id"], "doubled": item["id"] * 2, "session_calls": calls}
 
