@@ -180,40 +180,67 @@ def _loaded(spec: str) -> Any:
 
 def close_handlers(run: Callable[[Any], Any] | None = None) -> int:
     """Close every handler instance this process built (``aclose()`` awaited, else ``close()``), once each; return how
-    many were closed. ``run`` runs a coroutine to completion (the worker's event loop); by default a fresh loop.
-    Called when a Dask worker stops (``slurmctl.flows.worker_plugin``) and at interpreter exit; a close that raises
-    is logged, never raised, so the others are closed too."""
+    many were closed. ``run`` runs a coroutine to completion (the worker's event loop); by default the loop
+    ``call_once`` ran this thread's calls on, which an instance's async clients are bound to (then closed). Called
+    when a Dask worker stops (``slurmctl.flows.worker_plugin``) and at interpreter exit; a close that raises is
+    logged, never raised, so the others are closed too."""
     with _instances_lock:
         instances = list(_instances.values())
         _instances.clear()
     closed = 0
-    for instance in instances:
-        try:
-            aclose, close = getattr(instance, "aclose", None), getattr(instance, "close", None)
-            if callable(aclose):
-                (run or asyncio.run)(aclose())
-            elif callable(close):
-                result = close()
-                if inspect.isawaitable(result):
-                    (run or asyncio.run)(result)
-            else:
-                continue
-            closed += 1
-        except Exception:
-            logging.getLogger("slurmctl.handler").exception("closing handler %r failed", instance)
+    try:
+        for instance in instances:
+            try:
+                aclose, close = getattr(instance, "aclose", None), getattr(instance, "close", None)
+                if callable(aclose):
+                    (run or _run_on_calls_loop)(aclose())
+                elif callable(close):
+                    result = close()
+                    if inspect.isawaitable(result):
+                        (run or _run_on_calls_loop)(result)
+                else:
+                    continue
+                closed += 1
+            except Exception:
+                logging.getLogger("slurmctl.handler").exception("closing handler %r failed", instance)
+    finally:
+        if run is None:
+            _close_calls_loop()
     return closed
 
 
+# ``call_once``'s event loop, one per thread and kept between calls, as a worker keeps its loop: an instance's async
+# client (httpx binds its connections to the loop that opened them) serves every call, and its ``aclose``.
+_calls = threading.local()
+
+
+def _run_on_calls_loop(awaitable: Any) -> Any:
+    loop = getattr(_calls, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _calls.loop = asyncio.new_event_loop()
+
+    async def finish() -> Any:
+        return await awaitable
+
+    return loop.run_until_complete(finish())
+
+
+def _close_calls_loop() -> None:
+    loop = getattr(_calls, "loop", None)
+    if loop is not None and not loop.is_closed():
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    _calls.loop = None
+
+
 def call_once(handler: Handler, item: dict[str, Any], ctx: "BatchContext") -> Any:
-    """Call a handler of any form on one item and return what it returned: an async one runs to completion on a
-    fresh event loop. For unit tests and samples; a worker keeps many items in flight instead."""
+    """Call a handler of any form on one item and return what it returned: an async one runs to completion on this
+    thread's event loop for such calls, kept between them (so one instance's clients serve many calls) until
+    ``close_handlers``. For unit tests and samples; a worker keeps many items in flight instead."""
     result = handler(item, ctx)
     if inspect.isawaitable(result):
         ctx.async_handler = True  # before its body runs: a sync ``with ctx.limit`` there fails as in a worker
-        async def finish() -> Any:
-            return await result
-
-        return asyncio.run(finish())
+        return _run_on_calls_loop(result)
     return result
 
 

@@ -172,3 +172,19 @@ def test_the_async_http_handlers_clients_share_one_tls_context(monkeypatch):
         handler._take()
     assert len(handler.clients) == 24 and len(built) == 1
     asyncio.run(handler.aclose())
+
+
+def test_call_once_keeps_a_class_handlers_async_client_working_from_call_to_call_and_closes_it(item_api):
+    # A unit test calls one instance of the shipped AsyncClient several times, as a worker would. Each call used to
+    # run on a fresh event loop, and every second one failed (`Event loop is closed`): httpx keeps its connection on
+    # the loop that opened it. call_once keeps one loop per thread until close_handlers closes the instance there.
+    from slurmctl.handler import close_handlers, handler_for
+
+    url, api = item_api
+    client = handler_for("slurmctl.handlers.http_json:AsyncClient", {"base_url": url})
+    ctx = BatchContext(job_id="t", batch_id="b")
+    assert [call_once(client, {"id": i}, ctx)["value"] for i in range(4)] == [0, 2, 4, 6]
+    assert close_handlers() == 1  # aclose on the loop its connection lives on: nothing logged, nothing raised
+    assert call_once(handler_for("slurmctl.handlers.http_json:AsyncClient", {"base_url": url}),
+                     {"id": 5}, ctx)["value"] == 10  # a new instance, a new loop
+    assert close_handlers() == 1
