@@ -134,12 +134,23 @@ def batch_callable(handler: Any) -> Any:
     return getattr(handler, BATCH_METHOD, handler)
 
 
+def _coroutine_function(func: Any) -> bool:
+    """``async def``, also behind decorators that say what they wrap (``functools.wraps`` sets ``__wrapped__``): a
+    sync wrapper that returns its async function's coroutine is async to call."""
+    if inspect.iscoroutinefunction(func):
+        return True
+    try:
+        return inspect.iscoroutinefunction(inspect.unwrap(func))
+    except ValueError:  # a cycle of __wrapped__
+        return False
+
+
 def is_async(handler: Any) -> bool:
     """Does calling ``handler`` (a function, or an instance of a handler class) return a coroutine?"""
-    if inspect.iscoroutinefunction(handler):
+    if _coroutine_function(handler):
         return True
     call = getattr(type(handler), "__call__", None) if not inspect.isfunction(handler) else None
-    return call is not None and inspect.iscoroutinefunction(call)
+    return call is not None and _coroutine_function(call)
 
 
 def is_async_spec(spec: str) -> bool:
@@ -147,8 +158,8 @@ def is_async_spec(spec: str) -> bool:
     from the code, without building a class handler (the coordinator asks; only workers build)."""
     target = _loaded(spec)
     if inspect.isclass(target):
-        return inspect.iscoroutinefunction(getattr(target, "__call__", None))
-    return inspect.iscoroutinefunction(target)
+        return _coroutine_function(getattr(target, "__call__", None))
+    return _coroutine_function(target)
 
 
 # --- worker-scoped handler instances -----------------------------------------------------------------------------
@@ -564,6 +575,11 @@ def normalise_output(result: Any, item: dict[str, Any], id_field: str) -> list[d
     item_id = item[id_field]
     if type(result) is dict and result.get(id_field, _ABSENT) is item_id:
         return [result]  # the common case, decided at once: one row carrying the item's own id
+    if inspect.isawaitable(result):  # a sync call returned one: the handler is async, and nothing said so
+        if inspect.iscoroutine(result):
+            result.close()  # never awaited: no "coroutine was never awaited" warning on top of this error
+        raise TypeError("handler returned an awaitable where a sync handler returns rows: make it `async def` (a "
+                        "decorator around an async handler must be `async def` too, or use functools.wraps)")
     rows = [result] if isinstance(result, dict) else list(result)
     returned_col = returned_id_column(id_field)
     out = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import math
 import statistics
 import threading
@@ -190,8 +191,10 @@ class ItemRun:
                 breaker.in_flight(calling[0])
             try:
                 with self.meter.call(self.ctx) as latency:
-                    if pool is None:
-                        result = await self.handler(item, self.ctx)
+                    if pool is None:  # a decorated handler's sync wrapper may hand back rows, not a coroutine
+                        result = self.handler(item, self.ctx)
+                        if inspect.isawaitable(result):
+                            result = await result
                     else:  # a sync handler in a thread: the call's context (its token-wait cell) goes with it
                         result = await loop.run_in_executor(pool, contextvars.copy_context().run, self.handler,
                                                             item, self.ctx)

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,25 @@ def test_an_async_handler_keeps_many_items_in_flight_and_commits_them_in_input_o
     assert sample_handlers.in_flight.peak > 4 and m["in_flight_max"] >= sample_handlers.in_flight.peak
     assert m["api_calls"] == 302 and m["concurrency"] >= 1
     assert summary["in_flight_max"] == m["in_flight_max"]
+
+
+def test_an_async_handler_behind_a_plain_decorator_is_run_as_async(batch, tmp_path):
+    # A functools.wraps decorator around an `async def` is a sync function returning a coroutine. Taken for a sync
+    # handler, every item failed ('coroutine' object is not iterable) where call_once passed.
+    from slurmctl.handler import is_async_spec
+
+    assert is_async_spec("support.sample_handlers:decorated_async")
+    summary, task, rows, _ = batch("decorated_async", n=40, params={"sleep_s": 0.02})
+    assert summary["items_succeeded"] == 40 and [r["id"] for r in rows] == list(range(40))
+    assert task["metrics"]["in_flight_max"] > 1  # in flight together, as an async handler's items are
+    # A sync function that returns a coroutine, with nothing to say so, fails its items saying what to do.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "coroutine ... was never awaited" on top of the error
+        summary, task, _, store = batch("coroutine_returning", n=3, store="store2")
+    assert summary["items_failed"] == 3, summary
+    state = failure_state(store, committed_in(store, "unit"))
+    assert {r["error_class"] for r in state.values()} == {"handler"}
+    assert all("make it `async def`" in r["message"] for r in state.values()), state
 
 
 def test_a_worker_imports_what_a_commit_needs_before_its_items_are_in_flight():

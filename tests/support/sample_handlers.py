@@ -213,6 +213,24 @@ async def counting_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     return {"id": item["id"], "doubled": item["id"] * 2}
 
 
+def _logged(func: Any) -> Any:
+    """A plain decorator, as users write them (logging, timing): a sync wrapper that returns what the function
+    returns, which for an async function is its coroutine; ``functools.wraps`` says what it wraps."""
+    @functools.wraps(func)
+    def wrapper(item: dict[str, Any], ctx: Any) -> Any:
+        return func(item, ctx)
+
+    return wrapper
+
+
+decorated_async = _logged(counting_async)
+
+
+def coroutine_returning(item: dict[str, Any], ctx: Any) -> Any:
+    """The mistake that cannot be seen from the code: a sync function handing back an async handler's coroutine."""
+    return counting_async(item, ctx)
+
+
 def counting_threads(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """``counting_async`` as a blocking function, for ``concurrency: N`` in threads; ``limit``: its sleep is a call
     under that declared rate limit; ``spin_s``: it computes that long instead."""
