@@ -59,6 +59,14 @@ def shards_per_thread(cfg: JobConfig) -> int:
     return SHARDS_PER_THREAD if runs_concurrently(cfg) else 1
 
 
+def _raised_by_handler() -> bool:
+    """Is the ``CancelledError`` being handled the handler's own (no cancellation of this item's task was asked for:
+    it awaited something another task cancelled)? Then it is the item's error; taken for a cancellation, the item
+    would silently end not started. Python 3.10 cannot tell (no ``Task.cancelling``): a cancellation there."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is not None and cancelling() == 0
+
+
 SHARDS_PER_THREAD = 2
 FIXED_NEED_MIN_CALLS = 20  # calls a batch under a fixed concurrency measures before it says what a limit needs
 # ... unless its calls compute (``CpuShare``) this share of the time or more. Measured: urllib calls one at a time
@@ -192,9 +200,16 @@ class ItemRun:
             try:
                 with self.meter.call(self.ctx) as latency:
                     if pool is None:  # a decorated handler's sync wrapper may hand back rows, not a coroutine
-                        result = self.handler(item, self.ctx)
-                        if inspect.isawaitable(result):
-                            result = await result
+                        try:
+                            result = self.handler(item, self.ctx)
+                            if inspect.isawaitable(result):
+                                result = await result
+                        except asyncio.CancelledError as exc:
+                            if not _raised_by_handler():
+                                raise
+                            raise RuntimeError("the handler raised asyncio.CancelledError, but nothing cancelled "
+                                               "its item (did it await a task or future something else cancelled?)"
+                                               ) from exc
                     else:  # a sync handler in a thread: the call's context (its token-wait cell) goes with it
                         result = await loop.run_in_executor(pool, contextvars.copy_context().run, self.handler,
                                                             item, self.ctx)

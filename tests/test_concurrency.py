@@ -112,6 +112,16 @@ def test_an_async_handler_behind_a_plain_decorator_is_run_as_async(batch, tmp_pa
     assert all("make it `async def`" in r["message"] for r in state.values()), state
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10 cannot tell a task's own CancelledError")
+def test_a_cancelled_error_the_handler_raises_fails_its_item_instead_of_leaving_it_unstarted(batch):
+    # Taken for the batch cancelling it, item 3 ended with no outcome: deferred, no error, the batch "succeeded".
+    summary, _, rows, store = batch("awaits_a_cancelled_future", n=10, params={"cancelled_id": 3})
+    assert (summary["items_succeeded"], summary["items_failed"], summary["items_deferred"]) == (9, 1, 0), summary
+    [failure] = failure_state(store, committed_in(store, "unit")).values()
+    assert (failure["id"], failure["error_class"]) == (3, "handler") and "CancelledError" in failure["message"]
+    assert [r["id"] for r in rows] == [i for i in range(10) if i != 3]
+
+
 def test_a_worker_imports_what_a_commit_needs_before_its_items_are_in_flight():
     # pyarrow imports pandas the first time it builds an array from Python values (the first commit): ~0.3 s of pure
     # Python holding the GIL, which made the items in flight miss their rate-limit slots. A worker process imports it

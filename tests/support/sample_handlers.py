@@ -226,6 +226,16 @@ def _logged(func: Any) -> Any:
 decorated_async = _logged(counting_async)
 
 
+async def awaits_a_cancelled_future(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Item ``cancelled_id`` awaits a future something else cancelled: its ``CancelledError`` is the handler's own."""
+    await asyncio.sleep(0.01)
+    if item["id"] == ctx.params.get("cancelled_id"):
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+    return {"id": item["id"]}
+
+
 def coroutine_returning(item: dict[str, Any], ctx: Any) -> Any:
     """The mistake that cannot be seen from the code: a sync function handing back an async handler's coroutine."""
     return counting_async(item, ctx)
