@@ -32,7 +32,7 @@ from slurmctl.flows.artifacts import JobArtifacts
 from slurmctl.flows.events import JobEvents
 from slurmctl.flows.naming import job_run_name
 from slurmctl.flows.partition import partition_phase
-from slurmctl.flows.process import process_phase
+from slurmctl.flows.process import count_late_commits, process_phase
 from slurmctl.flows.retry import retry_phase
 from slurmctl.flows.runners import task_runner_for
 from slurmctl.item_run import shards_per_thread
@@ -168,6 +168,7 @@ def _run_phases(store: Any, job_id: str, cfg: Any, config: dict[str, Any], retry
             stopped = signalled and not asked
             status, reason = ("stopped", request.reason) if stopped and request else (
                 "cancelled", asked or watch.reason or "cancelled in Prefect")
+            count_late_commits(store, job_id)  # its workers have stopped: what committed meanwhile is counted
             ids = cancel.mark_cancelled(store, job_id, reason, cfg.cluster.kind, status=status)
             logger.warning("job %s %s (%s); Slurm worker jobs cancelled: %s; `slurmctl resume %s` continues it",
                            job_id, status, reason, ", ".join(ids) or "none left", job_id)

@@ -33,7 +33,7 @@ from slurmctl.books.checkpoints import checkpointed_batches
 from slurmctl.books.failures import committed_batch_ids, list_batches, recount
 from slurmctl.books.manifests import Counts, JobManifest, Keys, TaskManifest, now
 from slurmctl.books.shards import Budget, Shard, plan_shards, waves_for, worker_slots
-from slurmctl.books.store import load_job, read_plan, save_job, store_for
+from slurmctl.books.store import load_job, read_plan, save_job, store_for, update_job
 from slurmctl.config import JobConfig, parse_config
 from slurmctl.flows import artifacts, budget, cancel, events, stop, task_states, worker_plugin
 from slurmctl.flows.budget import BudgetGuard
@@ -76,6 +76,26 @@ def dask_client() -> Any:
 
 class NoWorkers(RuntimeError):
     """Batches are waiting and no Dask worker has been alive for ``no_workers_timeout_s``: the cluster is lost."""
+
+
+# job id -> the batches of the shards running when a pass stopped waiting for them (a cancel, a stop signal), not
+# counted: ``count_late_commits`` counts those that committed before their workers stopped.
+_running_at_exit: dict[str, list[BatchSpec]] = {}
+
+
+def count_late_commits(store: Store, job_id: str) -> int:
+    """The pass stopped waiting with shards running (``_running_at_exit``), and their workers have stopped since: add
+    the batches of theirs that committed meanwhile to the job manifest's counts, so ``status`` counts every commit
+    (as a resume would recount). Returns how many there were."""
+    specs = _running_at_exit.pop(job_id, [])
+    summaries = [summary_of(task) for task in (store.get_json(Keys(job_id).task(s.batch_id)) for s in specs)
+                 if task is not None]
+    if summaries:
+        counts = load_job(store, job_id).counts
+        for summary in summaries:
+            counts.add(summary)
+        update_job(store, job_id, counts=counts)
+    return len(summaries)
 
 
 def cluster_outlives_pass() -> bool:
@@ -375,6 +395,9 @@ def run_batches(cfg: JobConfig, store: Store, job: JobManifest, specs: list[Batc
         feed.close()
         task_states.wait_settled()
         if in_flight:  # the pass ends (cancelled, stopped, failed) with shards running: their workers are closed
+            # Their batches may still commit until then: the job flow counts those once the workers are gone.
+            _running_at_exit[job.job_id] = [spec for shard in in_flight.values() for spec in shard.specs
+                                            if spec.batch_id not in counted]
             task_states.settle(map(task_states.task_run_id_of, in_flight), task_states.CANCELLED,
                                "the coordinator stopped waiting for this shard (the job was cancelled or stopped); "
                                "its batches that did not commit run at resume")

@@ -16,9 +16,17 @@ from support.jobs import (
     run_cli,
     status,
     wait_for,
+    write_jsonl,
 )
 from support.prefect_runs import cancel_flow_run, job_flow_run_states, job_task_run_states
 from support.sample_handlers import calls
+
+from slurmctl.blocks.manifest_store import LocalManifestStore
+from slurmctl.books.store import load_job, new_job_manifest, save_job
+from slurmctl.config import parse_config
+from slurmctl.flows import process
+from slurmctl.records import partition
+from slurmctl.tasks.process_batch import run_batch
 
 
 def test_slurmctl_cancel_stops_the_job_and_resume_finishes_it(tmp_path, prefect_api, slurmctl_home):
@@ -151,4 +159,27 @@ def test_the_cancel_watch_asks_the_api_the_coordinator_uses(tmp_path, prefect_ap
                              str(tmp_path / "state")], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting temporary server" not in result.stderr
-    assert result.stdout.strip() == "its flow run was cancelled in Prefect (Cancelling)", result.stdout + result.stderr[-2000:]
+    assert result.stdout.strip() == "its flow run was cancelled in Prefect (Cancelling)", (
+        result.stdout + result.stderr[-2000:])
+
+
+def test_a_batch_that_commits_after_the_coordinator_stopped_waiting_is_counted(tmp_path):
+    # A cancel: the pass stops waiting with shards running, and their workers stop after. A batch that committed in
+    # between was missing from the job manifest's counts (status said 2 batches where 3 had committed) until a
+    # resume recounted. Once the workers are gone, the job flow counts those batches; a batch that did not commit
+    # runs at resume.
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(15)])
+    store = LocalManifestStore(root=str(tmp_path / "state"))
+    cfg = parse_config({"job_id": "late", "handler": "slurmctl.handlers.echo:handle", "batch_size": 5,
+                        "input": {"uri": str(tmp_path / "in.jsonl")}, "storage": {"uri": store.root}})
+    with open(tmp_path / "in.jsonl", "rb") as f:
+        specs = partition(f, "jsonl", 5).batches
+    job = new_job_manifest(cfg, None)
+    job.counts.add(run_batch(cfg, store, specs[0]))  # seen by the coordinator before the cancel
+    save_job(store, job)
+    run_batch(cfg, store, specs[1])  # committed while the workers were stopping
+    process._running_at_exit["late"] = [specs[1], specs[2]]  # the shards running when the pass stopped waiting
+    assert process.count_late_commits(store, "late") == 1
+    counts = load_job(store, "late").counts
+    assert (counts.batches_done, counts.items_succeeded) == (2, 10)
+    assert process.count_late_commits(store, "late") == 0 and load_job(store, "late").counts.batches_done == 2
