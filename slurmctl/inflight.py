@@ -355,7 +355,8 @@ class AutoGate:
 
     # --- the control -------------------------------------------------------------------------------------------------
     def _maybe_adjust(self) -> None:
-        now = self.clock()
+        self._tick()  # the areas up to now: since the last acquire or release is part of the interval judged
+        now = self.t_last
         elapsed = max(now - self.t0, 1e-9)
         if self.done == 0:
             return

@@ -446,6 +446,27 @@ def auto_gate(maximum: int = 256) -> tuple[inflight.AutoGate, list[float]]:
     return inflight.AutoGate(maximum, clock=lambda: now[0]), now
 
 
+def test_with_no_limit_declared_auto_concurrency_rises_against_an_api_of_constant_latency():
+    # No limit declared, an API answering every call in 0.5 s however many are in flight: more in flight brings more
+    # done, up to max_concurrency. The gate is driven as a batch drives it (acquire, the call, observe, release):
+    # each wave of calls starts together and ends together. It stopped at 16: the time since the last release was
+    # left out of the in-flight average it judges, which then looked like a limit not used.
+    gate, now = auto_gate()
+
+    async def waves(seconds: float, latency: float = 0.5) -> None:
+        while now[0] < seconds:
+            started = gate.limit - gate.in_flight
+            for _ in range(started):
+                await gate.acquire()
+            now[0] += latency
+            for _ in range(started):
+                gate.observe(latency)
+                gate.release()
+
+    asyncio.run(waves(30))
+    assert gate.limit == 256, gate.history
+
+
 def test_auto_concurrency_rises_until_the_declared_rate_is_saturated_and_no_further():
     # 500/s declared, 200 ms answers: Little's law needs 100 in flight. It gets there, and keeps only a small queue.
     gate, now = auto_gate()
