@@ -172,23 +172,34 @@ def memory_share() -> float | None:
 
 
 class FixedGate:
-    """At most ``limit`` items in flight (``concurrency: N``, one gate per batch)."""
+    """At most ``limit`` items of a batch in flight (``concurrency: N``, one gate per batch), and, with ``shared``
+    (``fixed_gate``), within its worker process's slots for the job: N per worker thread, shared by the batches of
+    the process (each thread runs two, ``SHARDS_PER_THREAD``), the earlier batch first."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, shared: "SharedSlots | None" = None) -> None:
         self.limit = limit
+        self.shared = shared
         self.in_flight = 0
         self.in_flight_max = 0
         self._slots: asyncio.Semaphore | None = None
 
-    async def acquire(self, priority: int = 0) -> None:  # the gate is the batch's own: no one to rank
+    async def acquire(self, priority: int = 0) -> None:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.limit)
         await self._slots.acquire()
+        if self.shared is not None:
+            try:
+                await self.shared.acquire(priority)
+            except BaseException:
+                self._slots.release()
+                raise
         self.in_flight += 1
         self.in_flight_max = max(self.in_flight_max, self.in_flight)
 
     def release(self) -> None:
         self.in_flight -= 1
+        if self.shared is not None:
+            self.shared.release()
         assert self._slots is not None
         self._slots.release()
 
@@ -207,11 +218,11 @@ class FixedGate:
     def offered(self, name: str, per_second: float) -> None:
         pass
 
-    def watch(self) -> list[int]:  # the gate is the batch's own: its peak is the batch's
-        return [0]
+    def watch(self) -> list[int]:  # the process's items in flight while the batch runs, as under ``auto``
+        return self.shared.watch() if self.shared is not None else [0]
 
     def unwatch(self, cell: list[int]) -> int:
-        return self.in_flight_max
+        return self.shared.unwatch(cell) if self.shared is not None else self.in_flight_max
 
 
 class AutoGate:
@@ -517,6 +528,30 @@ class AutoGate:
 
     def _grown(self) -> int:
         return max(self.limit + 1, math.ceil(self.limit * 1.25))
+
+
+class SharedSlots(AutoGate):
+    """``concurrency: N``'s slots of one worker process for one job (``fixed_gate``): N per worker thread, a fixed
+    ``AutoGate`` (it counts, ranks the batches waiting and watches the process's peak; it never adapts). Each thread
+    runs two batches, so one draining leaves the other's items going; without these, the two together kept 2N in
+    flight per thread, twice what a user sizing N to an API's concurrency allowance counted on."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__(maximum=slots, start=slots)
+
+    def _maybe_adjust(self) -> None:
+        pass
+
+
+def fixed_gate(job_id: str, per_batch: int, threads: int) -> FixedGate:
+    """``concurrency: N``: a batch's gate, at most N of its items in flight, within the process's ``N x threads``
+    (its configured worker threads) for the job (``SharedSlots``, which persist between batches, like ``auto_gate``)."""
+    slots = per_batch * max(1, threads)
+    with _lock:
+        shared = _gates.get((f"{job_id} fixed", slots))
+        if shared is None:
+            shared = _gates[(f"{job_id} fixed", slots)] = SharedSlots(slots)
+    return FixedGate(per_batch, shared)  # type: ignore[arg-type]
 
 
 async def run_all(items: list[T], run_one: Callable[[T], Awaitable[R]], gate: Any,

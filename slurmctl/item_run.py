@@ -52,6 +52,15 @@ def runs_concurrently(cfg: JobConfig) -> bool:
     return is_async_spec(cfg.handler)
 
 
+def worker_threads(cfg: JobConfig) -> int:
+    """The threads a worker process was configured with (a LocalCluster's ``threads_per_worker``, a Slurm job's
+    ``cores`` shared by its ``processes``), before ``shards_per_thread`` doubles Dask's."""
+    cluster = cfg.cluster
+    if cluster.kind == "slurm":
+        return max(1, cluster.cores // cluster.processes)
+    return max(1, cluster.threads_per_worker)
+
+
 def shards_per_thread(cfg: JobConfig) -> int:
     """Shards each of a worker's configured threads runs at once: 2 when items are in flight together, so when one
     shard drains (its last batch's last calls, the task run's end, the next one's start) the other keeps the
@@ -121,10 +130,11 @@ class ItemRun:
         return self._fixed_cap(1, lambda: self._one_by_one(items), None)
 
     def _fixed_cap(self, cap: int, run: Callable[[], list[ItemOutcome | None]],
-                   threads: tuple[str, ...] | None) -> list[ItemOutcome | None]:
+                   threads: tuple[str, ...] | None, ceiling: int | None = None) -> list[ItemOutcome | None]:
         """``run()``, its ``cap`` calls in flight counted among the process's under a fixed concurrency while it
-        runs; then ``fixed_need``, with how much the calls computed (``CpuShare`` of ``threads``: None, this one).
-        A job without declared limits has nothing to need: it measures nothing (a no-op job's fast path)."""
+        runs (at most ``ceiling``: ``concurrency: N``'s slots per process); then ``fixed_need``, with how much the
+        calls computed (``CpuShare`` of ``threads``: None, this one). A job without declared limits has nothing to
+        need: it measures nothing (a no-op job's fast path)."""
         cpu = CpuShare(threads) if self.ctx.limiters else None
         with _fixed_lock:
             _fixed[0] += cap
@@ -135,6 +145,8 @@ class ItemRun:
             with _fixed_lock:
                 self.fixed_in_flight = max(self.fixed_in_flight, _fixed[0])
                 _fixed[0] -= cap
+            if ceiling is not None:
+                self.fixed_in_flight = min(self.fixed_in_flight, ceiling)
             self.fixed_short = self.fixed_need(cpu) if cpu is not None else None
 
     def _one_by_one(self, items: Items) -> list[ItemOutcome | None]:
@@ -168,15 +180,16 @@ class ItemRun:
             self.gate = inflight.auto_gate(self.cfg.job_id or "", self.cfg.max_concurrency)
             pool_size = self.cfg.max_concurrency
         else:
-            self.gate = inflight.FixedGate(int(self.concurrency))
-            pool_size = int(self.concurrency) * SHARDS_PER_THREAD  # N per batch; a thread may hold two batches
+            self.gate = inflight.fixed_gate(self.cfg.job_id or "", int(self.concurrency), worker_threads(self.cfg))
+            pool_size = self.gate.shared.maximum  # N per worker thread, shared by its two batches
         self.ctx.observer = self.gate
         pool = None if self.is_async else inflight.thread_pool(pool_size)
         if self.concurrency == "auto":
             return self._on_loop(loop, items, pool)
         # ``concurrency: N``: the calls run in the pool's threads or on the loop's, so theirs is the CPU that says
         # whether they compute (the batch's own thread only waits for the loop)
-        return self._fixed_cap(int(self.concurrency), lambda: self._on_loop(loop, items, pool), inflight.ITEM_THREADS)
+        return self._fixed_cap(int(self.concurrency), lambda: self._on_loop(loop, items, pool), inflight.ITEM_THREADS,
+                               ceiling=self.gate.shared.maximum)
 
     def _on_loop(self, loop: Any, items: Items, pool: Any) -> list[ItemOutcome | None]:
         if pool is not None:  # a sync handler's calls block threads of the pool, not the loop

@@ -216,6 +216,31 @@ def test_a_sync_handler_with_concurrency_n_runs_at_most_n_items_at_once_in_threa
     assert [r["id"] for r in rows] == [i for i in range(40) if i != 7] and summary["items_failed"] == 1
 
 
+@pytest.mark.parametrize("handler", ["counting_threads", "counting_async"])
+def test_concurrency_n_is_n_in_flight_per_worker_thread_whatever_batches_it_runs(tmp_path, handler):
+    # A worker thread runs two batches at once when items are in flight (one draining, the other going): together
+    # they keep N in flight, not 2N, so an API allowing 8 at once sees 8 from a worker of one thread. Each batch's
+    # in_flight_max is the worker process's, as under auto.
+    n, size = 80, 40
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
+    cfg = parse_config({"job_id": "fixed-shared", "handler": f"support.sample_handlers:{handler}",
+                        "input": {"uri": str(tmp_path / "in.jsonl")}, "batch_size": size, "concurrency": 4,
+                        "storage": {"uri": f"file://{tmp_path / 'store'}"}, "params": {"sleep_s": 0.05}})
+    books = LocalManifestStore(root=str(tmp_path / "store"))
+    with open(tmp_path / "in.jsonl", "rb") as f:
+        specs = partition(f, "jsonl", size).batches
+    sample_handlers.in_flight.peak = 0
+    summaries: list[dict] = []
+    threads = [threading.Thread(target=lambda s=s: summaries.append(run_batch(cfg, books, s))) for s in specs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(s["items_succeeded"] for s in summaries) == [size, size]
+    assert sample_handlers.in_flight.peak == 4
+    assert {s["in_flight_max"] for s in summaries} == {4}
+
+
 def test_a_retry_backoff_hands_its_slot_to_another_item(batch, tmp_path):
     # One slot (concurrency: 1) and item 0 fails once with a transient class: while it waits its backoff (at least
     # half a second), the other items take the slot. Holding the slot while sleeping, they would all wait for it.
