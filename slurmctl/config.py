@@ -547,7 +547,8 @@ class JobConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description=(
         "Free-form values handed to the handler as ctx.params."))
     concurrency: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(default=None, description=(
-        "Items of a batch in flight at once in a worker process: N, or auto (grows until the declared rate limits "
+        "Items in flight at once: N per worker thread (shared by the two batches a thread runs at once; one batch "
+        "at most N), or auto (grows until the declared rate limits "
         "are saturated, or the API's latency says it queues our calls; shrinks on 429). Default: auto for an async "
         "handler, 1 for a sync one (a sync handler run with N > 1 or auto runs in threads and must be "
         "thread-safe)."))

@@ -16,7 +16,7 @@ Five causes, each told once a pattern has shown, not at a moment:
 * **One at a time**: a sync handler's items run one at a time (``concurrency`` unset or 1), one call in flight per
   batch running, where the limit needs at least twice that: the job the README's "Many calls in flight" is about.
   Fix: ``concurrency: auto`` (a thread-safe handler) or an async handler.
-* **A fixed concurrency too low**: ``concurrency: N`` allows N calls in flight per batch running, where the limit
+* **A fixed concurrency too low**: ``concurrency: N`` allows N calls in flight per worker thread, where the limit
   needs at least twice that (N chosen for a faster API, or a smaller quota). Fix: ``concurrency: auto``, which
   follows the latency, or a larger N.
 
