@@ -160,7 +160,7 @@ def warn_fixed_concurrency(job_id: str, batch_id: str, run: Any, logger: Any) ->
         fix = ("Set concurrency: auto in the job's config to run them in threads (the handler must then be "
                "thread-safe: README, \"Many calls in flight\"), or make the handler async")
     else:  # the user's number (an async handler's included)
-        how = f"concurrency: {run.concurrency} runs at most {run.concurrency} of a batch's items at once"
+        how = f"concurrency: {run.concurrency} allows {run.concurrency} per worker thread"
         threads = " (the handler must then be thread-safe)" if run.concurrency == 1 and not run.is_async else ""
         fix = (f"Set concurrency: auto in the job's config (it follows the limit and the latency it measures)"
                f"{threads}, or a larger concurrency")
@@ -194,7 +194,7 @@ def job_advice(counts: dict[str, Any], max_concurrency: int, concurrency: int | 
     short = f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and "  # held by:
     if needed and isinstance(concurrency, int):  # the user's number, too low for the limit (1: sync or async)
         threads = " (a sync handler must then be thread-safe)" if concurrency == 1 else ""
-        out.append(f"{short}concurrency: {concurrency} held each batch at {concurrency}: set concurrency: auto (it "
+        out.append(f"{short}concurrency: {concurrency} held each worker thread at {concurrency}: set concurrency: auto (it "
                    f"follows the limit and the latency it measures){threads} or a larger concurrency (README, \"Many "
                    f"calls in flight\")")
     elif needed and int(counts.get("in_flight_max") or 1) <= 1:  # a sync handler's items, one at a time by default

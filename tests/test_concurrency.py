@@ -168,7 +168,7 @@ def test_a_sync_handler_one_at_a_time_below_what_its_declared_limit_needs_says_t
         # concurrency: 1 said in the config is the user's number, as `status` tells it (test_metrics).
         batch("counting_threads", n=40, job_id="serial-1", store="one", logger=log, concurrency=1, **limit)
         said = caplog.records[-1].getMessage()
-        assert "concurrency: 1 runs at most 1 of a batch's items at once" in said and "thread-safe" in said, said
+        assert "concurrency: 1 allows 1 per worker thread" in said and "thread-safe" in said, said
         caplog.clear()
 
         # With concurrency: auto it runs enough in threads: nothing to say.
@@ -193,7 +193,7 @@ def test_a_fixed_concurrency_below_what_its_declared_limit_needs_says_to_set_aut
         assert sample_handlers.in_flight.peak == 2 and task["metrics"]["in_flight_max"] == 2
         assert task["metrics"]["concurrency_needed"] >= 10 and summary["concurrency_needed"] >= 10, task["metrics"]
         [said] = [r.getMessage() for r in caplog.records]
-        assert "concurrency: 2 runs at most 2 of a batch's items at once, 2 in flight" in said, said
+        assert "concurrency: 2 allows 2 per worker thread, 2 in flight" in said, said
         assert "Set concurrency: auto" in said and "one at a time" not in said
         _, again, _, _ = batch("counting_threads", n=40, job_id="fixed", store="again", logger=log, concurrency=2,
                                **limit)

@@ -286,14 +286,14 @@ def test_status_says_to_set_concurrency_auto_when_a_fixed_concurrency_holds_a_jo
     fixed["metrics"].update(in_flight_max=4, concurrency=4, concurrency_needed=25)
     counts = counts_from_tasks([fixed], 1, 600)
     [said] = pace_view(job("completed", "done", 10, counts.model_dump(), {}, config={"concurrency": 4}))
-    assert "needed up to 25 calls in flight" in said and "concurrency: 4 held each batch at 4" in said
+    assert "needed up to 25 calls in flight" in said and "concurrency: 4 held each worker thread at 4" in said
     assert "set concurrency: auto" in said and "max_concurrency" not in said and "thread-safe" not in said
     # concurrency: 1 said in the config: the user's number too, whether the handler is sync or async (status cannot
     # tell): not "make the handler async", and thread safety only for a sync one.
     fixed["metrics"].update(in_flight_max=1, concurrency=1)
     counts = counts_from_tasks([fixed], 1, 600)
     [said] = pace_view(job("completed", "done", 10, counts.model_dump(), {}, config={"concurrency": 1}))
-    assert "concurrency: 1 held each batch at 1" in said and "a sync handler must then be thread-safe" in said
+    assert "concurrency: 1 held each worker thread at 1" in said and "a sync handler must then be thread-safe" in said
     assert "make the handler async" not in said
 
 
