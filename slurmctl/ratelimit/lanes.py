@@ -49,7 +49,7 @@ from typing import Any, Iterable, Mapping, Protocol
 
 US = 1_000_000
 LANE_RATE = 1.25  # requests/s of one lane by default: fine enough that a slow worker holds a fair share of lanes
-MAX_LANES = 64  # keeps the DynamoDB item near 1 KB (one write unit per lease)
+MAX_LANES = 64  # keeps the DynamoDB item near 1.4 KB (two write units per lease; docs/scale.md)
 STRIKES = 3  # 429s within a few seconds that mean a quota change (at low rates)
 STRIKE_SHARE = 0.05  # 429s on this share of a strike window's slots (at least `throttle_strikes`) are a quota change
 
