@@ -623,6 +623,9 @@ def _message(err: dict[str, Any]) -> str:
         return f"must be a number, not {err.get('input')}"
     if kind == "int_from_float":
         return f"must be a whole number, not {err.get('input')}"
+    if kind in ("int_type", "float_type", "string_type", "bool_type", "dict_type", "list_type") \
+            and err.get("input", "") is None:  # YAML's `key:` with nothing after it
+        return "has no value (the key with nothing after it): give it one, or leave the key out"
     if kind == "missing":
         return "required"
     if kind == "string_pattern_mismatch":

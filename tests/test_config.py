@@ -54,6 +54,8 @@ def test_minimal_config_gets_defaults_and_a_generated_job_id():
     ({"rate_limits": {"api": {"per_second": True}}}, "rate_limits.api.per_second", "must be a number, not true"),
     ({"batch_size": "ten"}, "batch_size", "must be a number, not ten"),
     ({"max_concurrency": 2.5}, "max_concurrency", "must be a whole number, not 2.5"),
+    ({"max_concurrency": None}, "max_concurrency", "has no value (the key with nothing after it)"),  # `key:`
+    ({"errors": {"max_attempts": None}}, "errors.max_attempts", "has no value"),
 ])
 def test_bad_config_names_the_field(change, field, message):
     errors = errors_of({**GOOD, **change})
