@@ -181,6 +181,7 @@ def test_call_once_keeps_a_class_handlers_async_client_working_from_call_to_call
     from slurmctl.handler import close_handlers, handler_for
 
     url, api = item_api
+    close_handlers()  # what earlier tests in this process built
     client = handler_for("slurmctl.handlers.http_json:AsyncClient", {"base_url": url})
     ctx = BatchContext(job_id="t", batch_id="b")
     assert [call_once(client, {"id": i}, ctx)["value"] for i in range(4)] == [0, 2, 4, 6]
