@@ -68,14 +68,6 @@ def shards_per_thread(cfg: JobConfig) -> int:
     return SHARDS_PER_THREAD if runs_concurrently(cfg) else 1
 
 
-def _raised_by_handler() -> bool:
-    """Is the ``CancelledError`` being handled the handler's own (no cancellation of this item's task was asked for:
-    it awaited something another task cancelled)? Then it is the item's error; taken for a cancellation, the item
-    would silently end not started. Python 3.10 cannot tell (no ``Task.cancelling``): a cancellation there."""
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is not None and cancelling() == 0
-
-
 SHARDS_PER_THREAD = 2
 FIXED_NEED_MIN_CALLS = 20  # calls a batch under a fixed concurrency measures before it says what a limit needs
 # ... unless its calls compute (``CpuShare``) this share of the time or more. Measured: urllib calls one at a time
@@ -85,6 +77,14 @@ FIXED_NEED_MIN_CALLS = 20  # calls a batch under a fixed concurrency measures be
 COMPUTES_SHARE = 0.1
 _fixed = [0]  # the calls in flight that the batches of this process under a fixed concurrency allow together, now
 _fixed_lock = threading.Lock()
+
+
+def _raised_by_handler() -> bool:
+    """Is the ``CancelledError`` being handled the handler's own (no cancellation of this item's task was asked for:
+    it awaited something another task cancelled)? Then it is the item's error; taken for a cancellation, the item
+    would silently end not started. Python 3.10 cannot tell (no ``Task.cancelling``): a cancellation there."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is not None and cancelling() == 0
 
 
 class ItemRun:

@@ -194,9 +194,9 @@ def job_advice(counts: dict[str, Any], max_concurrency: int, concurrency: int | 
     short = f"a declared rate limit needed up to {needed:,} calls in flight in a worker process, and "  # held by:
     if needed and isinstance(concurrency, int):  # the user's number, too low for the limit (1: sync or async)
         threads = " (a sync handler must then be thread-safe)" if concurrency == 1 else ""
-        out.append(f"{short}concurrency: {concurrency} held each worker thread at {concurrency}: set concurrency: auto (it "
-                   f"follows the limit and the latency it measures){threads} or a larger concurrency (README, \"Many "
-                   f"calls in flight\")")
+        out.append(f"{short}concurrency: {concurrency} held each worker thread at {concurrency}: set concurrency: "
+                   f"auto (it follows the limit and the latency it measures){threads} or a larger concurrency (README, "
+                   f"\"Many calls in flight\")")
     elif needed and int(counts.get("in_flight_max") or 1) <= 1:  # a sync handler's items, one at a time by default
         out.append(f"{short}the handler ran its items one at a time: set concurrency: auto (the handler must then be "
                    f"thread-safe) or make the handler async (README, \"Many calls in flight\")")
