@@ -40,6 +40,7 @@ from slurmctl.books.manifests import JOB_SCHEMA_VERSION, Counts, Keys
 from slurmctl.books.status import status_view
 from slurmctl.books.store import load_job, new_job_manifest
 from slurmctl.config import ConfigError, parse_config
+from slurmctl.flows.budget import BudgetGuard
 
 
 def job_cfg(tmp_path: Path, n: int = 1000, fmt: str = "jsonl", **budget_cfg):
@@ -302,7 +303,6 @@ def test_status_reports_the_spend_of_any_job_and_a_budget_against_its_limits(tmp
     assert (lines["status"], lines["paused"], lines["cost_usd"]) == ("paused", "True", "15.0")
 
 
-
 class _Threads:
     """A Dask client's ``nthreads()``: 2 worker processes, ``per_worker`` Dask threads each."""
 
@@ -318,8 +318,6 @@ class _Threads:
 def test_core_hours_count_the_cores_booked_not_the_threads_that_hold_items_in_flight(handler, dask_threads):
     # 2 workers x 1 thread book 2 cores. An async handler's workers run two shards per thread on threads that book no
     # more (Slurm's job_cpu): Dask reports 4 threads, and the bill is still 2 cores for the time they are up.
-    from slurmctl.flows.budget import BudgetGuard
-
     cfg = parse_config({"handler": handler, "input": {"uri": "in.jsonl"},
                         "cluster": {"kind": "local", "n_workers": 2, "threads_per_worker": 1}})
     job = new_job_manifest(cfg, None)
