@@ -83,13 +83,20 @@ class NoWorkers(RuntimeError):
 _running_at_exit: dict[str, list[BatchSpec]] = {}
 
 
+def commits_of(store: Store, job_id: str, specs: list[BatchSpec]) -> list[dict[str, Any]]:
+    """The summaries of those of ``specs`` that have committed (one listing, a GET per commit): batches of shards the
+    coordinator stopped hearing from, which may have committed since."""
+    if not specs:
+        return []
+    committed = set(committed_batch_ids(store, job_id))
+    return [summary_of(store.get_json(Keys(job_id).task(s.batch_id))) for s in specs if s.batch_id in committed]
+
+
 def count_late_commits(store: Store, job_id: str) -> int:
     """The pass stopped waiting with shards running (``_running_at_exit``), and their workers have stopped since: add
     the batches of theirs that committed meanwhile to the job manifest's counts, so ``status`` counts every commit
     (as a resume would recount). Returns how many there were."""
-    specs = _running_at_exit.pop(job_id, [])
-    summaries = [summary_of(task) for task in (store.get_json(Keys(job_id).task(s.batch_id)) for s in specs)
-                 if task is not None]
+    summaries = commits_of(store, job_id, _running_at_exit.pop(job_id, []))
     if summaries:
         counts = load_job(store, job_id).counts
         for summary in summaries:
@@ -406,11 +413,8 @@ def run_batches(cfg: JobConfig, store: Store, job: JobManifest, specs: list[Batc
         # On a cluster that outlives the pass (the job's local cluster, which runs its retry rounds too) they are
         # built once and closed when it closes (``worker_plugin.CloseHandlers``).
         worker_plugin.close_on_workers(watch.client, logger)
-    if stopped_left:  # a commit whose report was lost with its shard is still counted
-        committed = set(committed_batch_ids(store, job.job_id))
-        for spec in stopped_left:
-            if spec.batch_id in committed:
-                fold(summary_of(store.get_json(Keys(job.job_id).task(spec.batch_id))))
+    for summary in commits_of(store, job.job_id, stopped_left):  # a commit whose report was lost with its shard
+        fold(summary)
     beat(force=True)
     clear_markers(store, job.job_id, (marked or set()) & counted)  # every batch counted has a commit
     if guard.stopping:

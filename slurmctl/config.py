@@ -163,6 +163,11 @@ class LocalClusterConfig(_Strict):
     threads_per_worker: int = Field(default=1, gt=0)
     processes: bool = True
 
+    @property
+    def worker_threads(self) -> int:
+        """Threads each worker process is configured with (before items in flight double Dask's)."""
+        return self.threads_per_worker
+
 
 class _SlurmJob(_Strict):
     """What every Slurm job of ours asks for, checked in one place: the workers' and the coordinator's."""
@@ -236,6 +241,12 @@ class SlurmClusterConfig(_SlurmJob):
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="Other SLURMCluster keyword arguments, passed through unchanged.")
+
+    @property
+    def worker_threads(self) -> int:
+        """Threads each worker process is configured with: the job's ``cores`` shared by its ``processes`` (before
+        items in flight double Dask's)."""
+        return max(1, self.cores // self.processes)
 
     @model_validator(mode="after")
     def _jobs(self) -> "SlurmClusterConfig":

@@ -229,11 +229,7 @@ def _run_on_calls_loop(awaitable: Any) -> Any:
     loop = getattr(_calls, "loop", None)
     if loop is None or loop.is_closed():
         loop = _calls.loop = asyncio.new_event_loop()
-
-    async def finish() -> Any:
-        return await awaitable
-
-    return loop.run_until_complete(finish())
+    return loop.run_until_complete(awaitable)
 
 
 def _close_calls_loop() -> None:

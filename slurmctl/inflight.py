@@ -172,34 +172,27 @@ def memory_share() -> float | None:
 
 
 class FixedGate:
-    """At most ``limit`` items of a batch in flight (``concurrency: N``, one gate per batch), and, with ``shared``
-    (``fixed_gate``), within its worker process's slots for the job: N per worker thread, shared by the batches of
-    the process (each thread runs two, ``SHARDS_PER_THREAD``), the earlier batch first."""
+    """``concurrency: N`` for one batch (``fixed_gate``): at most ``limit`` (N) of its items in flight, within its
+    worker process's slots for the job (``shared``: N per worker thread, shared by the batches of the process, each
+    thread running two, ``SHARDS_PER_THREAD``; the earlier batch first)."""
 
-    def __init__(self, limit: int, shared: "SharedSlots | None" = None) -> None:
+    def __init__(self, limit: int, shared: "AutoGate") -> None:
         self.limit = limit
         self.shared = shared
-        self.in_flight = 0
-        self.in_flight_max = 0
         self._slots: asyncio.Semaphore | None = None
 
     async def acquire(self, priority: int = 0) -> None:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.limit)
         await self._slots.acquire()
-        if self.shared is not None:
-            try:
-                await self.shared.acquire(priority)
-            except BaseException:
-                self._slots.release()
-                raise
-        self.in_flight += 1
-        self.in_flight_max = max(self.in_flight_max, self.in_flight)
+        try:
+            await self.shared.acquire(priority)
+        except BaseException:
+            self._slots.release()
+            raise
 
     def release(self) -> None:
-        self.in_flight -= 1
-        if self.shared is not None:
-            self.shared.release()
+        self.shared.release()
         assert self._slots is not None
         self._slots.release()
 
@@ -219,10 +212,10 @@ class FixedGate:
         pass
 
     def watch(self) -> list[int]:  # the process's items in flight while the batch runs, as under ``auto``
-        return self.shared.watch() if self.shared is not None else [0]
+        return self.shared.watch()
 
     def unwatch(self, cell: list[int]) -> int:
-        return self.shared.unwatch(cell) if self.shared is not None else self.in_flight_max
+        return self.shared.unwatch(cell)
 
 
 class AutoGate:
@@ -551,7 +544,7 @@ def fixed_gate(job_id: str, per_batch: int, threads: int) -> FixedGate:
         shared = _gates.get((f"{job_id} fixed", slots))
         if shared is None:
             shared = _gates[(f"{job_id} fixed", slots)] = SharedSlots(slots)
-    return FixedGate(per_batch, shared)  # type: ignore[arg-type]
+    return FixedGate(per_batch, shared)
 
 
 async def run_all(items: list[T], run_one: Callable[[T], Awaitable[R]], gate: Any,

@@ -52,15 +52,6 @@ def runs_concurrently(cfg: JobConfig) -> bool:
     return is_async_spec(cfg.handler)
 
 
-def worker_threads(cfg: JobConfig) -> int:
-    """The threads a worker process was configured with (a LocalCluster's ``threads_per_worker``, a Slurm job's
-    ``cores`` shared by its ``processes``), before ``shards_per_thread`` doubles Dask's."""
-    cluster = cfg.cluster
-    if cluster.kind == "slurm":
-        return max(1, cluster.cores // cluster.processes)
-    return max(1, cluster.threads_per_worker)
-
-
 def shards_per_thread(cfg: JobConfig) -> int:
     """Shards each of a worker's configured threads runs at once: 2 when items are in flight together, so when one
     shard drains (its last batch's last calls, the task run's end, the next one's start) the other keeps the
@@ -180,7 +171,8 @@ class ItemRun:
             self.gate = inflight.auto_gate(self.cfg.job_id or "", self.cfg.max_concurrency)
             pool_size = self.cfg.max_concurrency
         else:
-            self.gate = inflight.fixed_gate(self.cfg.job_id or "", int(self.concurrency), worker_threads(self.cfg))
+            self.gate = inflight.fixed_gate(self.cfg.job_id or "", int(self.concurrency),
+                                           self.cfg.cluster.worker_threads)
             pool_size = self.gate.shared.maximum  # N per worker thread, shared by its two batches
         self.ctx.observer = self.gate
         pool = None if self.is_async else inflight.thread_pool(pool_size)

@@ -293,7 +293,7 @@ def measure_sample(cfg: JobConfig, store: Any, n: int) -> Sample:
     items = first_items(cfg, store, n)
     ctx = BatchContext(cfg.job_id, "sample", params=cfg.params,
                        limiters={name: Pacer(limit.per_second) for name, limit in cfg.rate_limits.items()})
-    ctx.async_handler = is_async(handler)
+    async_handler = ctx.async_handler = is_async(handler)
     e = cfg.errors
     policy, backoff = ErrorPolicy.of(e), Backoff.of(e)
     calls = 0
@@ -305,7 +305,7 @@ def measure_sample(cfg: JobConfig, store: Any, n: int) -> Sample:
         return handler(item, ctx)
 
     t0 = time.perf_counter()
-    if is_async(handler):  # one item at a time, on this process's item loop (where a class handler's clients live)
+    if async_handler:  # one item at a time, on this process's item loop (where a class handler's clients live)
         from slurmctl.inflight import worker_loop
 
         async def run_all() -> None:

@@ -43,8 +43,8 @@ def worker_slots(cfg: JobConfig) -> int:
     """Batches the job's cluster can run at once: worker processes x threads (the most it will ever have)."""
     c = cfg.cluster
     if isinstance(c, LocalClusterConfig):
-        return c.n_workers * c.threads_per_worker
-    return c.max_jobs * c.processes * max(1, c.cores // c.processes)
+        return c.n_workers * c.worker_threads
+    return c.max_jobs * c.processes * c.worker_threads
 
 
 @dataclass(frozen=True)
