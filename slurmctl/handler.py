@@ -496,7 +496,7 @@ class _Limit:
         Little's law gives the calls in flight that spend it (one dict write: safe from a handler's thread)."""
         observer, offer = self.ctx.observer, getattr(self.leaser, "offer_per_s", None)
         if observer is not None and offer is not None:
-            observer.offered(self.name, offer())
+            observer.offered(self.name, offer(), getattr(self.leaser, "even_offer_per_s", offer)())
 
     RESERVE_AHEAD_S = 0.5  # a slot further ahead is reserved by the dispenser thread, which renews and reads signals
     SIGNAL_CHECK_S = 0.25  # a caller asleep until its slot wakes this often to let a due signal be read

@@ -208,7 +208,7 @@ class FixedGate:
     def expired(self, slots: int) -> None:
         pass
 
-    def offered(self, name: str, per_second: float) -> None:
+    def offered(self, name: str, per_second: float, even_per_s: float | None = None) -> None:
         pass
 
     def watch(self) -> list[int]:  # the process's items in flight while the batch runs, as under ``auto``
@@ -270,6 +270,7 @@ class AutoGate:
         self._probe_down = False
         self.token_waiters = 0  # items waiting in ctx.limit for a token right now
         self.offers: dict[str, float] = {}  # tokens/s each rate limit offers this process (ctx.limit tells us)
+        self.even_offers: dict[str, float] = {}  # the same when every process spending it wants more (advice)
         self.base_latency: float | None = None  # the lowest mean latency of an interval: the API's own, unqueued
         self.capped_s = 0.0  # time spent at the maximum while a declared limit needed more in flight (``short_of``)
         self._reset(self.clock())
@@ -342,9 +343,11 @@ class AutoGate:
     def expired(self, slots: int) -> None:
         self.starved += slots
 
-    def offered(self, name: str, per_second: float) -> None:
-        """The rate limit ``name`` offers this process ``per_second`` tokens (its fair share of the declared rate)."""
+    def offered(self, name: str, per_second: float, even_per_s: float | None = None) -> None:
+        """The rate limit ``name`` offers this process ``per_second`` tokens (its fair share of the declared rate),
+        and ``even_per_s`` when every process spending it wants more (an equal share: ``Leaser.even_offer_per_s``)."""
         self.offers[name] = per_second
+        self.even_offers[name] = per_second if even_per_s is None else min(per_second, even_per_s)
 
     def watch(self) -> list[int]:
         """Start counting the most items in flight (a batch's ``in_flight_max``): the cell's ``[0]``, until
@@ -458,9 +461,13 @@ class AutoGate:
         """With a declared limit: the calls in flight that spend the rate it offers this process (at the lowest
         latency measured, ``_probe_floor``) when ``max_concurrency`` is below them, else 0. The gate then holds at
         its maximum and the limit's slots pass unused: 1 s answers at 1,000/s per process need 1,000 in flight, and
-        256 spend a quarter of the rate. Only the user can lift that (``slurmctl.pace_advice``)."""
-        floor = self._probe_floor()
-        return floor if floor > self.maximum else 0
+        256 spend a quarter of the rate. Only the user can lift that (``slurmctl.pace_advice``). The rate is an equal
+        share of the limit (``even_offers``): held back, every process leaves lanes unused that the others are then
+        offered, and sizing on those overstated the need twice over."""
+        if not self.even_offers or self.base_latency is None:
+            return 0
+        need = math.ceil(self.least_offer(even=True)[1] * self.base_latency)
+        return need if need > self.maximum else 0
 
     def capped_need(self) -> int:
         """``short_of``, once the gate has spent ``CAPPED_S`` at its maximum short of it (a pattern, not a job's
@@ -471,10 +478,11 @@ class AutoGate:
         """Little's law for the rate the declared limits offer us: that rate x the calls' mean latency."""
         return self.least_offer()[1] * self.latency_sum / self.done
 
-    def least_offer(self) -> tuple[str, float]:
-        """The declared limit that offers us the lowest rate, and that rate. Read from a copy (one C-level call): a
-        sync handler's thread may add a limit's first offer meanwhile, and a batch's thread asks too."""
-        return min(dict(self.offers).items(), key=lambda kv: kv[1])
+    def least_offer(self, even: bool = False) -> tuple[str, float]:
+        """The declared limit that offers us the lowest rate, and that rate (``even``: an equal share of it). Read
+        from a copy (one C-level call): a sync handler's thread may add a limit's first offer meanwhile, and a
+        batch's thread asks too."""
+        return min(dict(self.even_offers if even else self.offers).items(), key=lambda kv: kv[1])
 
     def _littles_law(self) -> int | None:
         """In slow start, with a declared limit offering us a rate and the calls' latency measured: how many must be

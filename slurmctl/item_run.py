@@ -267,7 +267,7 @@ class ItemRun:
             return None
         latency, most = statistics.median(meter.latencies), None
         for name, leaser in self.ctx.limiters.items():
-            offer = leaser.offer_per_s() if hasattr(leaser, "offer_per_s") else 0.0
+            offer = getattr(leaser, "even_offer_per_s", lambda: 0.0)()  # all held back: an equal share each
             needed = math.ceil(offer * latency)
             if needed >= 2 * max(self.fixed_in_flight, 1) and (most is None or needed > most[3]):
                 most = (name, offer, latency, needed)

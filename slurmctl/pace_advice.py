@@ -119,7 +119,7 @@ def warn_concurrency_cap(job_id: str, batch_id: str, gate: Any, logger: Any) -> 
     needed = gate.capped_need() if isinstance(gate, AutoGate) else 0
     if not needed or not _first_time(job_id, "max_concurrency"):
         return
-    name, offer = gate.least_offer()
+    name, offer = gate.least_offer(even=True)
     if logger is not None:
         logger.warning(
             "rate limit %r offers this worker %.0f calls/s, and its calls take %.2f s: spending that needs %d calls "

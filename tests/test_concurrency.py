@@ -454,13 +454,14 @@ class SimulatedApi:
             gate.carry -= 1
             gate.observe(latency)
 
-    def run(self, gate: inflight.AutoGate, now: list[float], seconds: float, offer: float | None = None) -> list[int]:
+    def run(self, gate: inflight.AutoGate, now: list[float], seconds: float, offer: float | None = None,
+            even: float | None = None) -> list[int]:
         """``seconds`` of steps; the gate's limit after each. ``offer``: the declared limit "api" offers this
-        process that many tokens/s, as ``ctx.limit`` tells the gate with each token."""
+        process that many tokens/s, as ``ctx.limit`` tells the gate with each token (``even``: an equal share)."""
         limits = []
         for _ in range(int(seconds / 0.01)):
             if offer is not None:
-                gate.offered("api", offer)
+                gate.offered("api", offer, even)
             self.step(gate, now)
             limits.append(gate.limit)
         return limits
@@ -602,6 +603,19 @@ def test_a_worker_held_below_what_its_declared_limit_needs_by_max_concurrency_sa
         SimulatedApi(1.0, rate=200).run(calm, now, 30, offer=200.0)
         pace_advice.warn_concurrency_cap("calm", "b0", calm, log)
         assert calm.short_of() == 0 and len(caplog.records) == 1
+
+
+def test_the_max_concurrency_advice_is_an_equal_share_of_the_limit_when_the_others_leave_lanes_unused(caplog):
+    # 2 worker processes, a limit of 50/s, 1 s answers, max_concurrency 16: both held back, each spends 16/s and
+    # leaves lanes unused, so each is offered ~34/s (what the other leaves). Each needs 25 in flight, not 34.
+    log = logging.getLogger("slurmctl.test.even")
+    gate, now = auto_gate(maximum=16)
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        SimulatedApi(1.0, rate=34).run(gate, now, inflight.AutoGate.CAPPED_S + 5, offer=34.0, even=25.0)
+        pace_advice.warn_concurrency_cap("even", "b0", gate, log)
+    assert gate.capped_need() == 25, gate.short_of()
+    [said] = [r.getMessage() for r in caplog.records]
+    assert "offers this worker 25 calls/s" in said and "max_concurrency: 32" in said, said
 
 
 def test_auto_concurrency_stays_within_the_worker_memory_and_grows_again_when_answers_shrink(caplog):

@@ -260,6 +260,21 @@ def test_a_worker_holds_as_many_lanes_as_its_caller_can_spend(backend):
     assert held and max(held) == 1, held
 
 
+def test_processes_held_back_are_each_offered_what_the_others_leave_but_can_count_on_an_equal_share(backend):
+    # 2 processes on one limit of 50/s (40 lanes of 1.25/s), each spending ~16/s: each holds ~10 lanes and is offered
+    # the 30 the other leaves (max-min); an equal share, what each counts on when both want more, is 20 (25/s).
+    spec = LimitSpec(per_second=50, burst=5)
+    a, b = (Leaser(backend, "even-share", spec) for _ in range(2))
+    threads = [threading.Thread(target=spend_for, args=(leaser, 3.0, 1 / 16)) for leaser in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for leaser in (a, b):
+        assert leaser.holders == 2 and leaser.offer_per_s() > 30, (leaser.share, leaser.holders)
+        assert leaser.even_offer_per_s() == pytest.approx(25.0)
+
+
 def test_a_slot_missed_by_a_late_wake_up_is_not_read_as_demand(backend, monkeypatch):
     # A loaded machine oversleeps: the caller's first slot passes unclaimed and it reserves the next one at once. That
     # second reservation is a retry, not a caller spending tokens milliseconds apart (timed as one, a thread doing

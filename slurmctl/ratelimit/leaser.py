@@ -159,6 +159,17 @@ class Leaser:
         they need is this times their calls' latency)."""
         return self.fair_lanes() * US / self.lane_interval_us
 
+    def even_offer_per_s(self) -> float:
+        """Tokens/s an equal share of the lanes among the processes holding some carries: what each one can count on
+        when every one of them wants more than it holds (a job whose workers are all held back by its concurrency
+        setting). ``offer_per_s`` is more whenever the others hold less than an equal share, as they do while held
+        back: each process is offered the lanes the others leave unused, and advice sized on it (2 processes, 50/s,
+        1 s answers, 16 in flight each: 55 in flight where 25 spend each one's share) was twice what any of them
+        needed. Before the backend's first answer: ``offer_per_s``."""
+        if not self.holders:
+            return self.offer_per_s()
+        return min(self.offer_per_s(), self.spec.lane_count / self.holders * US / self.lane_interval_us)
+
     def wanted_lanes(self) -> int:
         """Lanes we want: as many as our callers can spend (before their pace is measured: one, or the job's share
         when ``LimitSpec.workers`` hints how many share the limit)."""
