@@ -103,9 +103,25 @@ def load_handler(spec: str) -> Handler:
         _check_signature(spec, getattr(func, method), (None, None, None),
                          f"{func_name}.{method} must accept (self, {'batch' if method == BATCH_METHOD else 'item'}, "
                          f"ctx)")
+        _refuse_async_generator(spec, getattr(func, method), f"{func_name}.{method}")
     else:
         _check_signature(spec, func, (None, None), "must accept two arguments (item, ctx)")
+        _refuse_async_generator(spec, func, func_name)
     return func
+
+
+def _refuse_async_generator(spec: str, func: Any, name: str) -> None:
+    """An ``async def`` that yields returns an async generator, which neither path of a worker runs: the sync one
+    would fail every item with "'async_generator' object is not iterable", the async one awaits a coroutine. Said
+    at submit, naming what to write instead."""
+    try:
+        agen = inspect.isasyncgenfunction(inspect.unwrap(func))
+    except ValueError:  # a cycle of __wrapped__
+        agen = False
+    if agen:
+        raise HandlerError(f"handler {spec!r}: {name} is an async generator (`async def` with `yield`), which slurmctl "
+                           f"does not run: collect the rows and return them (a list of dicts) from the `async def`, "
+                           f"or drop `async` to yield them from a sync generator")
 
 
 def _check_signature(spec: str, func: Any, args: tuple[None, ...], what: str) -> None:

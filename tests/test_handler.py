@@ -45,6 +45,19 @@ def test_not_callable_and_wrong_arity(user_module):
         load_handler(f"{mod}:one")
 
 
+def test_an_async_generator_is_refused_at_load_with_what_to_write_instead(user_module):
+    # It would otherwise pass submit and fail every item with "'async_generator' object is not iterable".
+    mod = user_module("h_agen", "async def rows(item, ctx):\n    yield item\n"
+                                "def each(item, ctx):\n    yield item\n    yield item\n"
+                                "class Geo:\n    def __init__(self, params):\n        pass\n"
+                                "    async def __call__(self, item, ctx):\n        yield item\n")
+    for name in ("rows", "Geo"):
+        with pytest.raises(HandlerError, match="async generator .* return them \\(a list of dicts\\)"):
+            load_handler(f"{mod}:{name}")
+    each = load_handler(f"{mod}:each")  # a sync generator's rows are the item's rows
+    assert normalise_output(each({"id": 1}, None), {"id": 1}, "id") == [{"id": 1}, {"id": 1}]
+
+
 def test_module_that_raises_on_import_shows_why(user_module):
     mod = user_module("h_boom", "raise RuntimeError('missing API key')\n")
     with pytest.raises(HandlerError, match="RuntimeError: missing API key"):
