@@ -56,6 +56,20 @@ class JobFailed(RuntimeError):
     pass
 
 
+def first_failure(store: Any, job_id: str, failed: list[str]) -> str:
+    """Why the first failed batch failed, from its failure marker, for the job's error: a handler class whose
+    ``__init__`` raises fails every batch, and the error said only which batches and where to look, while a resume
+    would fail the same way. Empty when the marker cannot be read."""
+    try:
+        marker = store.get_json(Keys(job_id).failed_task(failed[0])) if failed else None
+    except Exception:
+        return ""
+    error = " ".join(str((marker or {}).get("error") or "").split())
+    if not error:
+        return ""
+    return f". The first failed with {error[:300]}{'…' if len(error) > 300 else ''}; fix that before resuming"
+
+
 def _cluster_runner(cfg: Any) -> Any:
     """A task runner that starts the job's cluster (``flows/runners.py``) when it is first used."""
     return task_runner_for(cfg.cluster, job_id=cfg.job_id, threads_factor=shards_per_thread(cfg))
@@ -237,8 +251,8 @@ def process_and_retry(store: Any, job_id: str, cfg: Any, config: dict[str, Any],
                                                  counts.items_total))
         processed = {"batches_failed": 0, "failed": []}
     if processed["batches_failed"]:
-        raise JobFailed(f"{processed['batches_failed']} batch(es) failed: "
-                        f"{', '.join(processed['failed'][:10])} — see the task manifests under "
+        raise JobFailed(f"{processed['batches_failed']} batch(es) failed: {', '.join(processed['failed'][:10])}"
+                        f"{first_failure(store, job_id, processed['failed'])} — see the task manifests under "
                         f"{store.uri(Keys(job_id).tasks_prefix)}; `slurmctl resume {job_id}` runs them again")
     run_retry_rounds(store, job_id, cfg, config, retry_errors)
 
@@ -253,7 +267,8 @@ def run_retry_rounds(store: Any, job_id: str, cfg: Any, config: dict[str, Any], 
         result = retry_phase.with_options(task_runner=_runner(cfg))(job_id, config, round_no, classes)
         if result["batches_failed"]:
             raise JobFailed(f"retry round {round_no}: {result['batches_failed']} batch(es) failed: "
-                            f"{', '.join(result['failed'][:10])}; `slurmctl resume {job_id}` runs them again")
+                            f"{', '.join(result['failed'][:10])}{first_failure(store, job_id, result['failed'])}; "
+                            f"`slurmctl resume {job_id}` runs them again")
         return result
 
     # A round is unfinished until every one of its batches has a commit (its finished_at may predate a lost one).

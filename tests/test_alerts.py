@@ -228,6 +228,9 @@ def test_a_failed_job_run_calls_the_webhook(tmp_path, webhook, prefect_api, slur
     os.kill(pid, signal.SIGKILL)
     view = wait_until_ended("fails")
     assert view["status"] == "failed"
+    failure = json.loads(next((tmp_path / "state" / "jobs" / "fails" / "tasks").glob("*.failed.json")).read_text())
+    cause = " ".join(failure["error"].split())[:40]
+    assert f"The first failed with {cause}" in view["error"], view["error"]  # why, not only which batches
     chain = AlertChain(prefect_api, "slurmctl-job-failed", f"prefect.flow-run.{view['flow_run_id']}")
     chain.evaluated_event(["prefect.flow-run.Failed", "prefect.flow-run.Crashed"], CHAIN_S)
     chain.acted(chain.fired(CHAIN_S), CHAIN_S)

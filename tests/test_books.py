@@ -313,3 +313,17 @@ def test_a_damaged_part_fails_the_aggregation_naming_the_file(tmp_path, prefect_
     assert result.returncode == 1
     view = status("damaged")
     assert view["status"] == "failed" and "PartCorrupt" in view["error"] and part.name in view["error"]
+
+
+def test_a_failed_jobs_error_says_why_its_first_batch_failed(tmp_path):
+    # A handler class whose __init__ raises fails every batch; the job's error named the batches and where to look,
+    # and a resume would fail the same way. It now carries the first one's cause (one line, at most 300 characters).
+    from slurmctl.flows.job import first_failure
+
+    store = store_for({"uri": str(tmp_path)})
+    error = "RuntimeError: cannot build:\n  no credentials " + "x" * 400
+    store.put_json(Keys("j").failed_task("batch-000002"), {"batch_id": "batch-000002", "error": error})
+    said = first_failure(store, "j", ["batch-000002", "batch-000005"])
+    assert said.startswith(". The first failed with RuntimeError: cannot build: no credentials xxx"), said
+    assert said.endswith("…; fix that before resuming") and len(said) < 360
+    assert first_failure(store, "j", ["batch-000005"]) == "" and first_failure(store, "j", []) == ""
