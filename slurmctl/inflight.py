@@ -273,6 +273,8 @@ class AutoGate:
         self.even_offers: dict[str, float] = {}  # the same when every process spending it wants more (advice)
         self.base_latency: float | None = None  # the lowest mean latency of an interval: the API's own, unqueued
         self.capped_s = 0.0  # time spent at the maximum while a declared limit needed more in flight (``short_of``)
+        self.batch_size, self.batches = 0, 0  # the job's batch_size and the batches a process runs at once (0: not
+        # known): its items in flight are at most their product, whatever the gate allows (``supply``)
         self._reset(self.clock())
         self.history: list[tuple[float, int]] = []  # (when, limit) after each change, for tests and benchmarks
 
@@ -406,7 +408,7 @@ class AutoGate:
             self._last = None
         self._within_memory(old)
         self.limit = max(1, min(self.maximum, self.limit))
-        if self.limit >= self.maximum and self.short_of():
+        if (self.limit >= self.maximum or self.supply < self.maximum) and self.short_of():
             self.capped_s += elapsed
         if self.limit != old:
             self.history.append((now, self.limit))
@@ -457,17 +459,24 @@ class AutoGate:
             return self.maximum
         return max(1, math.floor((self.memory_hold - (self.memory_base or 0.0)) * self.in_flight / grown))
 
+    @property
+    def supply(self) -> int:
+        """The most items this process's batches hold at once (``batch_size`` x the batches it runs at once), which
+        bounds its items in flight as ``maximum`` does (``maximum`` when not known)."""
+        return self.batch_size * self.batches if self.batch_size and self.batches else self.maximum
+
     def short_of(self) -> int:
         """With a declared limit: the calls in flight that spend the rate it offers this process (at the lowest
-        latency measured, ``_probe_floor``) when ``max_concurrency`` is below them, else 0. The gate then holds at
-        its maximum and the limit's slots pass unused: 1 s answers at 1,000/s per process need 1,000 in flight, and
-        256 spend a quarter of the rate. Only the user can lift that (``slurmctl.pace_advice``). The rate is an equal
+        latency measured, ``_probe_floor``) when ``max_concurrency`` or the items its batches hold (``supply``) are
+        below them, else 0. The process then holds fewer in flight and the limit's slots pass unused: 1 s answers at
+        1,000/s per process need 1,000 in flight, and 256 spend a quarter of the rate; batches of 50 on one thread
+        hold at most 100. Only the user can lift that (``slurmctl.pace_advice``). The rate is an equal
         share of the limit (``even_offers``): held back, every process leaves lanes unused that the others are then
         offered, and sizing on those overstated the need twice over."""
         if not self.even_offers or self.base_latency is None:
             return 0
         need = math.ceil(self.least_offer(even=True)[1] * self.base_latency)
-        return need if need > self.maximum else 0
+        return need if need > min(self.maximum, self.supply) else 0
 
     def capped_need(self) -> int:
         """``short_of``, once the gate has spent ``CAPPED_S`` at its maximum short of it (a pattern, not a job's

@@ -169,6 +169,8 @@ class ItemRun:
         loop = inflight.worker_loop()  # first: its start imports what a commit needs, before a gate's memory base
         if self.concurrency == "auto":
             self.gate = inflight.auto_gate(self.cfg.job_id or "", self.cfg.max_concurrency)
+            self.gate.batch_size = self.cfg.batch_size  # its items in flight are at most this x the batches at once
+            self.gate.batches = shards_per_thread(self.cfg) * self.cfg.cluster.worker_threads
             pool_size = self.cfg.max_concurrency
         else:
             self.gate = inflight.fixed_gate(self.cfg.job_id or "", int(self.concurrency),

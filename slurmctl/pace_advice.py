@@ -10,9 +10,10 @@ Five causes, each told once a pattern has shown, not at a moment:
   off the loop (``asyncio.to_thread``), or a sync handler with ``concurrency: auto``.
 * **Late slots**: a worker is too busy (its CPU) to keep the limit's pace; its items come too late for the limit's
   slots, which pass unused. Fix: more worker processes, each with a core of its own.
-* **The concurrency cap**: ``max_concurrency`` holds fewer calls in flight than the limit needs (the rate it offers
-  a worker process x the calls' latency, Little's law), so its slots pass unused. Fix: a higher
-  ``max_concurrency``, memory allowing, or more worker processes.
+* **The concurrency cap**: ``max_concurrency``, or the items a worker's batches hold at once (``batch_size`` x two
+  per worker thread), holds fewer calls in flight than the limit needs (an equal share of it x the calls' latency,
+  Little's law), so its slots pass unused. Fix: a higher ``max_concurrency`` (memory allowing) or ``batch_size``, or
+  more worker processes.
 * **One at a time**: a sync handler's items run one at a time (``concurrency`` unset or 1), one call in flight per
   batch running, where the limit needs at least twice that: the job the README's "Many calls in flight" is about.
   Fix: ``concurrency: auto`` (a thread-safe handler) or an async handler.
@@ -112,6 +113,13 @@ def suggested_max_concurrency(needed: int) -> int:
     return math.ceil(needed * (1 + AutoGate.QUEUE_SHARE / 2))
 
 
+def suggested_batch_size(needed: int, batches: int) -> int:
+    """The ``batch_size`` to set when a limit needs ``needed`` calls in flight in a worker process that runs
+    ``batches`` at once (two per worker thread): one batch per thread holds them and their queue, so the other
+    keeps the rate up through each batch's tail (README, "`batch_size` bounds it too")."""
+    return math.ceil(suggested_max_concurrency(needed) / max(1, batches // 2))
+
+
 def warn_concurrency_cap(job_id: str, batch_id: str, gate: Any, logger: Any) -> None:
     """Say so when ``concurrency: auto`` has held at ``max_concurrency`` for ``AutoGate.CAPPED_S`` while a declared
     limit needed more calls in flight (``capped_need``): with 1 s answers, 256 in flight spend 256/s, whatever the
@@ -120,7 +128,15 @@ def warn_concurrency_cap(job_id: str, batch_id: str, gate: Any, logger: Any) -> 
     if not needed or not _first_time(job_id, "max_concurrency"):
         return
     name, offer = gate.least_offer(even=True)
-    if logger is not None:
+    if logger is not None and gate.supply < gate.maximum:
+        logger.warning(
+            "rate limit %r offers this worker %.0f calls/s, and its calls take %.2f s: spending that needs %d calls "
+            "in flight (rate x latency), but this worker's batches hold at most %d items at once (batch_size %d x %d "
+            "batches at once), so it spends at most about %.0f/s of it (up to batch %s). Set batch_size: %d in the "
+            "job's config (README, \"batch_size bounds it too\"), or run more worker processes. Said once per worker "
+            "process.", name, offer, gate.base_latency, needed, gate.supply, gate.batch_size, gate.batches,
+            gate.supply / gate.base_latency, batch_id, suggested_batch_size(needed, gate.batches))
+    elif logger is not None:
         logger.warning(
             "rate limit %r offers this worker %.0f calls/s, and its calls take %.2f s: spending that needs %d calls "
             "in flight (rate x latency), but max_concurrency holds this worker at %d, so it spends at most about "
@@ -172,10 +188,12 @@ def warn_fixed_concurrency(job_id: str, batch_id: str, run: Any, logger: Any) ->
             in_flight / latency, batch_id, fix)
 
 
-def job_advice(counts: dict[str, Any], max_concurrency: int, concurrency: int | str | None = None) -> list[str]:
+def job_advice(counts: dict[str, Any], max_concurrency: int, concurrency: int | str | None = None,
+               batch_size: int = 0, batches: int = 0) -> list[str]:
     """What the job's counts (``books.manifests.Counts``, summed over its committed batches) say about its pace,
-    for ``slurmctl status`` and the run's artifacts: one sentence per cause, with what to do. ``max_concurrency``
-    and ``concurrency`` are the job's config (``concurrency`` None: unset)."""
+    for ``slurmctl status`` and the run's artifacts: one sentence per cause, with what to do. ``max_concurrency``,
+    ``concurrency`` and ``batch_size`` are the job's config (``concurrency`` None: unset), ``batches`` the batches a
+    worker process runs at once (two per worker thread; 0: not known)."""
     out = []
     held, calls = float(counts.get("loop_held_s") or 0), int(counts.get("api_calls") or 0)
     if loop_held_matters(held, calls):
@@ -200,6 +218,11 @@ def job_advice(counts: dict[str, Any], max_concurrency: int, concurrency: int | 
     elif needed and int(counts.get("in_flight_max") or 1) <= 1:  # a sync handler's items, one at a time by default
         out.append(f"{short}the handler ran its items one at a time: set concurrency: auto (the handler must then be "
                    f"thread-safe) or make the handler async (README, \"Many calls in flight\")")
+    elif needed and batch_size and batches and needed > batch_size * batches and \
+            batch_size * batches < max_concurrency:  # the items the batches hold bound it first
+        out.append(f"{short}its batches held at most {batch_size * batches:,} items at once (batch_size {batch_size:,} "
+                   f"x {batches} batches at once): set batch_size: {suggested_batch_size(needed, batches)} or run more "
+                   f"worker processes (README, \"batch_size bounds it too\")")
     elif needed > max_concurrency:  # the number to set as YAML reads it: no thousands separator
         out.append(f"{short}max_concurrency held each at {max_concurrency:,}: set max_concurrency: "
                    f"{suggested_max_concurrency(needed)} (memory allowing) or run more worker processes")

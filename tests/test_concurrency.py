@@ -618,6 +618,26 @@ def test_the_max_concurrency_advice_is_an_equal_share_of_the_limit_when_the_othe
     assert "offers this worker 25 calls/s" in said and "max_concurrency: 32" in said, said
 
 
+def test_a_worker_whose_batches_hold_fewer_items_than_its_declared_limit_needs_says_to_raise_batch_size(
+        batch, caplog):
+    # Under auto a worker process's items in flight are at most batch_size x the batches it runs at once (two per
+    # worker thread): the gate learns both from the batch's config.
+    batch("counting_async", n=30, params={"sleep_s": 0.001})
+    [gate] = inflight._gates.values()
+    assert (gate.batch_size, gate.batches, gate.supply) == (30, 2, 60)
+    # 150/s offered, 1 s answers: 150 in flight spend it; batches of 50 hold 100 at most, under max_concurrency.
+    log = logging.getLogger("slurmctl.test.supply")
+    gate, now = auto_gate(maximum=256)
+    gate.batch_size, gate.batches = 50, 2
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        SimulatedApi(1.0, rate=150).run(gate, now, inflight.AutoGate.CAPPED_S + 5, offer=150.0)
+        pace_advice.warn_concurrency_cap("supply", "b0", gate, log)
+    assert gate.capped_need() == 150
+    [said] = [r.getMessage() for r in caplog.records]
+    assert "batches hold at most 100 items at once (batch_size 50 x 2 batches at once)" in said, said
+    assert "Set batch_size: 188 " in said and "max_concurrency" not in said, said
+
+
 def test_auto_concurrency_stays_within_the_worker_memory_and_grows_again_when_answers_shrink(caplog):
     # 1,000/s declared, 1 s answers: 1,000 in flight wanted, max_concurrency 4,096. Each call in flight holds 2 MB of
     # a 1 GB worker's memory: at 0.6 of it (250 in flight) the gate grows no more, past 0.7 it shrinks. Dask pauses a

@@ -297,6 +297,23 @@ def test_status_says_to_set_concurrency_auto_when_a_fixed_concurrency_holds_a_jo
     assert "make the handler async" not in said
 
 
+def test_status_says_to_raise_batch_size_when_the_batches_hold_fewer_items_than_a_limit_needs_in_flight():
+    # 300/s declared, 1 s answers, 2 workers of one thread, batch_size 50: each worker needs 150 in flight and its two
+    # batches at once hold 100, whatever auto allows (the review's job ran at 0.45 of its rate, advice empty).
+    capped = paced_batch("batch-000000", 600, 0, needed=150)
+    capped["metrics"].update(in_flight_max=100, concurrency=190)
+    counts = counts_from_tasks([capped], 1, 600)
+    config = {"job_id": "j", "handler": "slurmctl.handlers.echo:handle", "input": {"uri": "in.jsonl"},
+              "storage": {"uri": "state"}, "batch_size": 50, "cluster": {"kind": "local", "n_workers": 2}}
+    [said] = pace_view(job("completed", "done", 10, counts.model_dump(), {}, config=config))
+    assert "needed up to 150 calls in flight" in said and "held at most 100 items at once (batch_size 50 x 2" in said
+    assert "set batch_size: 188 " in said and "max_concurrency" not in said, said
+    # Batches that hold enough: the bound is max_concurrency's, as before.
+    config.update(batch_size=500, max_concurrency=100)
+    [said] = pace_view(job("completed", "done", 10, counts.model_dump(), {}, config=config))
+    assert "max_concurrency held each at 100: set max_concurrency: 188 " in said, said
+
+
 def test_waiting_for_a_job_ends_with_what_its_pace_says(tmp_path, capsys):
     # `submit --wait` / `resume --wait` end with the job's outcome, then its pace advice: the user sees it at once.
     store = LocalManifestStore(root=str(tmp_path / "state"))

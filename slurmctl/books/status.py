@@ -96,7 +96,17 @@ def pace_view(job: dict[str, Any]) -> list[str]:
     ``concurrency``). Empty when nothing is to be said."""
     config = job.get("config") or {}
     cap = config.get("max_concurrency") or JobConfig.model_fields["max_concurrency"].default
-    return job_advice(job.get("counts") or {}, int(cap), config.get("concurrency"))
+    batch_size, batches = 0, 0
+    if (job.get("counts") or {}).get("concurrency_needed"):  # which bound held it: max_concurrency or batch_size
+        try:
+            from slurmctl.config import parse_config
+            from slurmctl.item_run import SHARDS_PER_THREAD  # items were in flight: two batches per thread
+
+            cfg = parse_config(config)  # without importing the handler: status runs where its module may not
+            batch_size, batches = cfg.batch_size, SHARDS_PER_THREAD * cfg.cluster.worker_threads
+        except Exception:  # a config this release cannot read: the advice without that bound
+            pass
+    return job_advice(job.get("counts") or {}, int(cap), config.get("concurrency"), batch_size, batches)
 
 
 def slowest_batches(tasks: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
