@@ -275,6 +275,8 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
         pace_advice.warn_fixed_concurrency(cfg.job_id, spec.batch_id, run, logger)
         pace_advice.warn_concurrency_cap(cfg.job_id, spec.batch_id, run.gate, logger)
         pace_advice.warn_memory_hold(cfg.job_id, spec.batch_id, run.gate, logger)
+    pace_advice.warn_undeclared_throttling(cfg.job_id, spec.batch_id, bool(cfg.rate_limits), item_retries["throttle"],
+                                           int(manifest.metrics.api_calls or 0), logger)
     if not held:  # a handler holding the loop makes its slots late: said above, with its own fix
         pace_advice.warn_late_slots(cfg.job_id, spec.batch_id, ctx, logger)
     manifest.finished_at = manifest.metrics.finished_at or now()

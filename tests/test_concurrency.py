@@ -638,6 +638,24 @@ def test_a_worker_whose_batches_hold_fewer_items_than_its_declared_limit_needs_s
     assert "Set batch_size: 188 " in said and "max_concurrency" not in said, said
 
 
+def test_a_batch_whose_calls_are_throttled_with_no_limit_declared_says_to_declare_it(batch, caplog):
+    # 5 of 100 items answered 429 on every attempt (2 retries each): 10 throttled retries of 110 calls, and the job
+    # declares no rate limit. The worker says once what to declare; 1 such item is not a pattern.
+    log = logging.getLogger("slurmctl.test.undeclared")
+    throttled = {str(i): "throttle" for i in range(0, 100, 20)}
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        batch("counting", n=100, job_id="undeclared", logger=log, params={"fail": throttled})
+        [said] = [r.getMessage() for r in caplog.records]
+        assert "answered 10 of this batch's 110 calls with 429" in said and "declares no rate limit" in said, said
+        assert "rate_limits: {api: {per_second: R, burst: B}}" in said and 'ctx.limit("api")' in said
+        batch("counting", n=100, job_id="undeclared", store="again", logger=log, params={"fail": throttled})
+        assert len(caplog.records) == 1  # once per worker process and job
+        batch("counting", n=100, job_id="one-429", logger=log, params={"fail": {"3": "throttle"}})
+        batch("counting", n=100, job_id="declared", logger=log, params={"fail": throttled},
+              rate_limits={"api": {"per_second": 1000}})
+        assert len(caplog.records) == 1
+
+
 def test_auto_concurrency_stays_within_the_worker_memory_and_grows_again_when_answers_shrink(caplog):
     # 1,000/s declared, 1 s answers: 1,000 in flight wanted, max_concurrency 4,096. Each call in flight holds 2 MB of
     # a 1 GB worker's memory: at 0.6 of it (250 in flight) the gate grows no more, past 0.7 it shrinks. Dask pauses a
