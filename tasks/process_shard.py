@@ -30,6 +30,7 @@ from prefect import task
 from prefect.context import get_run_context
 from prefect.logging import get_run_logger
 
+from slurmctl.books import checkpoints
 from slurmctl.books.manifests import Keys
 from slurmctl.books.shards import Shard
 from slurmctl.config import JobConfig
@@ -297,14 +298,16 @@ def retry_unless_abandoned(task: Any, task_run: Any, state: Any) -> bool:
       retry_condition_fn=retry_unless_abandoned)
 def process_shard(cfg: JobConfig, store: Store, shard: dict[str, Any], handler_version: str = "",
                   check_commits: bool = False) -> list[dict[str, Any]]:
-    """``check_commits``: read each batch's commit first (set for a re-queued shard; always on a Prefect retry)."""
+    """``check_commits``: read each batch's commit first (set for a re-queued shard; always when this task run has
+    executed before: a Prefect retry, or Dask running it again after the worker holding its result died)."""
     ctx = get_run_context()
     ids = (str(ctx.task_run.flow_run_id), str(ctx.task_run.id))
     on_commit, wanted = dask_hooks(cfg.job_id)
     logger = get_run_logger()
     clock = clock_for(cfg)
     try:
-        return run_shard(cfg, store, Shard.specs_of(shard), check_commits=check_commits or ctx.task_run.run_count > 1,
+        again = ctx.task_run.run_count > 1 or checkpoints.ran_before(store, cfg.job_id, ids[1])  # Prefect or Dask
+        return run_shard(cfg, store, Shard.specs_of(shard), check_commits=check_commits or again,
                          on_commit=on_commit, wanted=wanted, stopped=lambda: pass_stopped(ids[0]), logger=logger,
                          run_ids=ids, clock=clock)
     except ShardRetiring:

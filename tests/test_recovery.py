@@ -315,3 +315,68 @@ def test_a_cancelled_pass_leaves_the_counts_of_the_commits_it_saw(tmp_path, pref
     assert not state.is_completed(), state  # the pass stopped
     done = load_job(store, "cancel-counts").counts
     assert done.batches_done >= 1 and done.items_succeeded == 10 * done.batches_done, (done, state)
+
+
+class _StoppedAfter:
+    """A Slurm worker's walltime clock (``slurmctl.walltime.WorkerClock``) whose SIGTERM comes once ``n`` calls ran."""
+
+    def __init__(self, calls_file: str, n: int) -> None:
+        self.calls_file, self.n, self.terminated = calls_file, n, False
+
+    def fits(self) -> bool:
+        return True
+
+    def halted(self) -> bool:
+        self.terminated = self.terminated or len(calls(self.calls_file)) >= self.n
+        return self.terminated
+
+    def grace_deadline(self) -> float | None:
+        return None
+
+    def record(self, seconds: float) -> None:
+        pass
+
+    def leave(self) -> bool:  # no Dask worker here to retire
+        return False
+
+
+def test_a_shard_dask_runs_again_after_its_result_was_lost_resumes_from_the_checkpoint(tmp_path, prefect_api,
+                                                                                       monkeypatch):
+    # A worker got SIGTERM mid-batch: its batch saved a checkpoint of 5 items and the shard ended; the SIGKILL that
+    # followed took the shard's result with the worker, so Dask ran the same task run again on another worker (lost
+    # data: allowed-failures does not apply, and Prefect counts a first run). The review saw the saved items called
+    # twice. The same task run id, executed twice in this process, as Dask's worker runs it (prefect_dask.client).
+    import uuid
+
+    from prefect.task_engine import run_task_sync
+
+    from slurmctl.books.shards import Shard
+    from slurmctl.tasks import process_shard as shard_task
+
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(20)])
+    calls_file, run_id = str(tmp_path / "calls"), uuid.uuid4()
+    job_id = f"relost-{run_id.hex[:8]}"  # the shard's cache record is kept in Prefect's home: a job of its own
+    cfg = parse_config({"job_id": job_id, "handler": "support.sample_handlers:counting",
+                        "input": {"uri": str(tmp_path / "in.jsonl")}, "batch_size": 20,
+                        "storage": {"uri": f"file://{tmp_path / 'store'}"}, "params": {"calls_file": calls_file}})
+    store = store_for(cfg.storage)
+    with open(tmp_path / "in.jsonl", "rb") as f:
+        [spec] = partition(f, "jsonl", 20).batches
+    parameters = {"cfg": cfg, "store": store, "shard": Shard((spec,)).to_dict(), "check_commits": False}
+
+    @flow(name="lost-result")
+    def run_twice() -> tuple[Any, list[int], Any]:
+        monkeypatch.setattr(shard_task, "clock_for", lambda cfg: _StoppedAfter(calls_file, 5))
+        first = run_task_sync(shard_task.process_shard, task_run_id=run_id, parameters=parameters,
+                              return_type="state")
+        called = sorted(item for _, item in calls(calls_file))
+        monkeypatch.setattr(shard_task, "clock_for", lambda cfg: None)
+        return first, called, run_task_sync(shard_task.process_shard, task_run_id=run_id, parameters=parameters,
+                                            return_type="state")
+
+    first, called, again = run_twice()
+    assert first.is_failed() and "SIGTERM" in str(first.message) and called == list(range(5)), (first, called)
+    assert again.is_completed(), again
+    assert sorted(item for _, item in calls(calls_file)) == list(range(20))  # each item's handler ran once
+    [task] = committed_tasks(tmp_path / "store", job_id).values()
+    assert task["items_resumed"] == 5 and task["checkpoint"], task

@@ -21,6 +21,9 @@ always, so the books, the aggregation and every reader stay as they were, and no
 from __future__ import annotations
 
 import io
+import os
+import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +57,24 @@ def checkpointed_batches(store: Store, job_id: str) -> set[str]:
     """Batches with a checkpoint (one listing): the attempts that run them read it first."""
     prefix = Keys(job_id).checkpoints_prefix
     return {key[len(prefix):].split("/", 1)[0] for key in store.list_keys(prefix) if key.endswith(".json")}
+
+
+def ran_before(store: Store, job_id: str, task_run_id: str | None) -> bool:
+    """Has this shard's task run executed before, anywhere? Noted at each start (one small object per shard run).
+
+    Dask runs a finished task again when the worker holding its result dies before the coordinator gathered it: a
+    worker stopped by SIGTERM hands its batch on with a checkpoint, and the SIGKILL that follows takes the shard's
+    result with it. That is lost data, not a failure (``allowed-failures`` does not apply), and Prefect counts the
+    new execution as a first run (``run_count`` 1): without this note it ran the checkpoint's items again, and
+    would have run a batch committed there again (the commit refused, its calls spent)."""
+    if not task_run_id:
+        return False
+    key = Keys(job_id).shard_run(task_run_id)
+    if store.get_json(key) is not None:
+        return True
+    store.put_json(key, {"task_run_id": task_run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                         "at": time.time()})
+    return False
 
 
 def latest(store: Store, job_id: str, batch_id: str, input_digest: str) -> Checkpoint | None:

@@ -24,7 +24,7 @@ from slurmctl.books.manifests import Keys, now
 from slurmctl.books.store import load_job
 from slurmctl.storage import Store
 
-INTERMEDIATE = ("outputs/", "rejects/", "commits/", "cache/", "aggregate/", "checkpoints/", "input/chunk-")
+INTERMEDIATE = ("outputs/", "rejects/", "commits/", "cache/", "aggregate/", "checkpoints/", "runs/", "input/chunk-")
 
 
 class GcRefused(ValueError):

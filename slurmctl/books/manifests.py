@@ -114,6 +114,10 @@ class Keys:
     def failed_task(self, batch_id: str) -> str:
         return f"{self.root}tasks/{_batch(batch_id)}.failed.json"
 
+    def shard_run(self, task_run_id: str) -> str:
+        """Noted when a shard's task run starts executing (``books.checkpoints.ran_before``)."""
+        return f"{self.root}runs/{task_run_id}.json"
+
     @staticmethod
     def committed_batch(key: str) -> str | None:
         """The batch id a key under tasks/ commits, or None for failure records."""
