@@ -37,7 +37,7 @@ def test_gc_removes_a_completed_jobs_intermediates_and_its_books_still_read_the_
     assert result.returncode == 0, result.stderr + log_tail(slurmctl_home, "collectable")
     root = tmp_path / "state" / "jobs" / "collectable"
     before = objects_under(root)
-    assert {"outputs", "commits", "cache", "rejects"} <= set(before), before  # what a run leaves behind
+    assert {"outputs", "commits", "cache", "rejects", "runs"} <= set(before), before  # what a run leaves behind
     views = {"status": status("collectable"), "scan": cli_status("collectable", "--scan"),
              "errors": slurmctl.job("collectable").errors(), "output": slurmctl.job("collectable").to_pandas()}
 
@@ -45,14 +45,14 @@ def test_gc_removes_a_completed_jobs_intermediates_and_its_books_still_read_the_
     assert dry.returncode == 0, dry.stderr
     [plan] = json.loads(dry.stdout)
     assert plan["removed"] is False and plan["objects"] == sum(before[f] for f in ("outputs", "commits", "cache",
-                                                                                   "rejects"))
+                                                                                   "rejects", "runs"))
     assert plan["bytes"] > 0 and objects_under(root) == before  # a dry run removes nothing
 
     done = run_cli("gc", "collectable")
     assert done.returncode == 0, done.stderr
     assert f"removed {plan['objects']} objects" in done.stdout
     after = objects_under(root)
-    assert not {"outputs", "commits", "cache", "rejects", "aggregate", "checkpoints"} & set(after), after
+    assert not {"outputs", "commits", "cache", "rejects", "aggregate", "checkpoints", "runs"} & set(after), after
     assert {"tasks", "output", "job.json", "result.json", "plan.jsonl", "rejects.jsonl", "gc.json"} <= set(after)
     # Every reader sees the same books: status (and its scan of the task manifests), the errors, the output.
     assert status("collectable") == views["status"]
