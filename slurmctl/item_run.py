@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from slurmctl import inflight
 from slurmctl.batch_metrics import BatchMeter, CpuShare
+from slurmctl.books.shards import SHARDS_PER_THREAD
 from slurmctl.config import JobConfig
 from slurmctl.errors import Backoff, CircuitBreaker, ErrorPolicy, ItemOutcome, acall_with_retries, call_with_retries
 from slurmctl.handler import BatchContext, Handler, is_async, is_async_spec, normalise_output
@@ -59,7 +60,6 @@ def shards_per_thread(cfg: JobConfig) -> int:
     return SHARDS_PER_THREAD if runs_concurrently(cfg) else 1
 
 
-SHARDS_PER_THREAD = 2
 FIXED_NEED_MIN_CALLS = 20  # calls a batch under a fixed concurrency measures before it says what a limit needs
 # ... unless its calls compute (``CpuShare``) this share of the time or more. Measured: urllib calls one at a time
 # 0.003-0.043 (the batch's thread), ``concurrency: 4`` in a Dask worker 0.022-0.036 (the item threads); a handler

@@ -30,6 +30,7 @@ from slurmctl.config import JobConfig, LocalClusterConfig
 from slurmctl.records import BatchSpec
 
 WAVES = 4
+SHARDS_PER_THREAD = 2  # shards a configured thread runs at once when items run concurrently (``item_run``)
 MAX_BATCHES_PER_SHARD = 500
 
 

@@ -99,8 +99,8 @@ def pace_view(job: dict[str, Any]) -> list[str]:
     batch_size, batches = 0, 0
     if (job.get("counts") or {}).get("concurrency_needed"):  # which bound held it: max_concurrency or batch_size
         try:
+            from slurmctl.books.shards import SHARDS_PER_THREAD  # items were in flight: two batches per thread
             from slurmctl.config import parse_config
-            from slurmctl.item_run import SHARDS_PER_THREAD  # items were in flight: two batches per thread
 
             cfg = parse_config(config)  # without importing the handler: status runs where its module may not
             batch_size, batches = cfg.batch_size, SHARDS_PER_THREAD * cfg.cluster.worker_threads
