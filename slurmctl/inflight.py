@@ -466,13 +466,13 @@ class AutoGate:
         return self.batch_size * self.batches if self.batch_size and self.batches else self.maximum
 
     def short_of(self) -> int:
-        """With a declared limit: the calls in flight that spend the rate it offers this process (at the lowest
-        latency measured, ``_probe_floor``) when ``max_concurrency`` or the items its batches hold (``supply``) are
-        below them, else 0. The process then holds fewer in flight and the limit's slots pass unused: 1 s answers at
-        1,000/s per process need 1,000 in flight, and 256 spend a quarter of the rate; batches of 50 on one thread
-        hold at most 100. Only the user can lift that (``slurmctl.pace_advice``). The rate is an equal
-        share of the limit (``even_offers``): held back, every process leaves lanes unused that the others are then
-        offered, and sizing on those overstated the need twice over."""
+        """With a declared limit: the calls in flight that spend an equal share of it (``even_offers``) at the lowest
+        latency measured, when ``max_concurrency`` or the items its batches hold (``supply``) are below them, else 0.
+        The process then holds fewer in flight and the limit's slots pass unused: 1 s answers at 1,000/s per process
+        need 1,000 in flight, and 256 spend a quarter of the rate; batches of 50 on one thread hold at most 100. Only
+        the user can lift that (``slurmctl.pace_advice``). An equal share, not the rate offered: held back, every
+        process leaves lanes unused that the others are then offered, and sizing on those overstated the need twice
+        over."""
         if not self.even_offers or self.base_latency is None:
             return 0
         need = math.ceil(self.least_offer(even=True)[1] * self.base_latency)

@@ -145,7 +145,8 @@ def suggested_batch_size(needed: int, batches: int) -> int:
 
 
 def warn_concurrency_cap(job_id: str, batch_id: str, gate: Any, logger: Any) -> None:
-    """Say so when ``concurrency: auto`` has held at ``max_concurrency`` for ``AutoGate.CAPPED_S`` while a declared
+    """Say so when ``concurrency: auto`` has held at ``max_concurrency``, or at the items the worker's batches hold
+    (``AutoGate.supply``: then the ``batch_size`` to set), for ``AutoGate.CAPPED_S`` while a declared
     limit needed more calls in flight (``capped_need``): with 1 s answers, 256 in flight spend 256/s, whatever the
     limit allows. A fixed gate (``concurrency: N``) has its own warning (``warn_fixed_concurrency``)."""
     needed = gate.capped_need() if isinstance(gate, AutoGate) else 0

@@ -306,8 +306,8 @@ def process_shard(cfg: JobConfig, store: Store, shard: dict[str, Any], handler_v
     logger = get_run_logger()
     clock = clock_for(cfg)
     try:
-        again = ctx.task_run.run_count > 1 or checkpoints.ran_before(store, cfg.job_id, ids[1])  # Prefect or Dask
-        return run_shard(cfg, store, Shard.specs_of(shard), check_commits=check_commits or again,
+        check = check_commits or ctx.task_run.run_count > 1 or checkpoints.ran_before(store, cfg.job_id, ids[1])
+        return run_shard(cfg, store, Shard.specs_of(shard), check_commits=check,
                          on_commit=on_commit, wanted=wanted, stopped=lambda: pass_stopped(ids[0]), logger=logger,
                          run_ids=ids, clock=clock)
     except ShardRetiring:
