@@ -374,7 +374,8 @@ def test_a_shard_dask_runs_again_after_its_result_was_lost_resumes_from_the_chec
         return first, called, run_task_sync(shard_task.process_shard, task_run_id=run_id, parameters=parameters,
                                             return_type="state")
 
-    first, called, again = run_twice()
+    with flows_reporting_to(prefect_api):
+        first, called, again = run_twice()
     assert first.is_failed() and "SIGTERM" in str(first.message) and called == list(range(5)), (first, called)
     assert again.is_completed(), again
     assert sorted(item for _, item in calls(calls_file)) == list(range(20))  # each item's handler ran once
