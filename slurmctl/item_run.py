@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from slurmctl import inflight
 from slurmctl.batch_metrics import BatchMeter, CpuShare
-from slurmctl.books.shards import SHARDS_PER_THREAD
+from slurmctl.books.shards import SHARDS_PER_THREAD, concurrent_batches
 from slurmctl.config import JobConfig
 from slurmctl.errors import Backoff, CircuitBreaker, ErrorPolicy, ItemOutcome, acall_with_retries, call_with_retries
 from slurmctl.handler import BatchContext, Handler, is_async, is_async_spec, normalise_output
@@ -170,7 +170,7 @@ class ItemRun:
         if self.concurrency == "auto":
             self.gate = inflight.auto_gate(self.cfg.job_id or "", self.cfg.max_concurrency)
             self.gate.batch_size = self.cfg.batch_size  # its items in flight are at most this x the batches at once
-            self.gate.batches = shards_per_thread(self.cfg) * self.cfg.cluster.worker_threads
+            self.gate.batches = concurrent_batches(self.cfg)
             pool_size = self.cfg.max_concurrency
         else:
             self.gate = inflight.fixed_gate(self.cfg.job_id or "", int(self.concurrency),

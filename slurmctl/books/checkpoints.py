@@ -60,7 +60,8 @@ def checkpointed_batches(store: Store, job_id: str) -> set[str]:
 
 
 def ran_before(store: Store, job_id: str, task_run_id: str | None) -> bool:
-    """Has this shard's task run executed before, anywhere? Noted at each start (one small object per shard run).
+    """Has this shard's task run executed before, anywhere? Noted at each start (one small object per shard run,
+    written only if absent: the write answers).
 
     Dask runs a finished task again when the worker holding its result dies before the coordinator gathered it: a
     worker stopped by SIGTERM hands its batch on with a checkpoint, and the SIGKILL that follows takes the shard's
@@ -69,12 +70,8 @@ def ran_before(store: Store, job_id: str, task_run_id: str | None) -> bool:
     would have run a batch committed there again (the commit refused, its calls spent)."""
     if not task_run_id:
         return False
-    key = Keys(job_id).shard_run(task_run_id)
-    if store.get_json(key) is not None:
-        return True
-    store.put_json(key, {"task_run_id": task_run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                         "at": time.time()})
-    return False
+    note = {"task_run_id": task_run_id, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
+    return not store.put_json(Keys(job_id).shard_run(task_run_id), note, if_absent=True)  # one create-if-absent
 
 
 def latest(store: Store, job_id: str, batch_id: str, input_digest: str) -> Checkpoint | None:

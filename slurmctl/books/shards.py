@@ -40,6 +40,12 @@ def waves_for(threads_per_slot: int) -> int:
     return max(1, WAVES // max(1, threads_per_slot))
 
 
+def concurrent_batches(cfg: JobConfig) -> int:
+    """Batches one worker process runs at once when its items run concurrently: ``SHARDS_PER_THREAD`` per configured
+    thread. Its items in flight are at most this times ``batch_size``, whatever ``concurrency: auto`` allows."""
+    return SHARDS_PER_THREAD * cfg.cluster.worker_threads
+
+
 def worker_slots(cfg: JobConfig) -> int:
     """Batches the job's cluster can run at once: worker processes x threads (the most it will ever have)."""
     c = cfg.cluster

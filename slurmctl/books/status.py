@@ -99,11 +99,11 @@ def pace_view(job: dict[str, Any]) -> list[str]:
     batch_size, batches = 0, 0
     if (job.get("counts") or {}).get("concurrency_needed"):  # which bound held it: max_concurrency or batch_size
         try:
-            from slurmctl.books.shards import SHARDS_PER_THREAD  # items were in flight: two batches per thread
+            from slurmctl.books.shards import concurrent_batches  # items were in flight
             from slurmctl.config import parse_config
 
             cfg = parse_config(config)  # without importing the handler: status runs where its module may not
-            batch_size, batches = cfg.batch_size, SHARDS_PER_THREAD * cfg.cluster.worker_threads
+            batch_size, batches = cfg.batch_size, concurrent_batches(cfg)
         except Exception:  # a config this release cannot read: the advice without that bound
             pass
     return job_advice(job.get("counts") or {}, int(cap), config.get("concurrency"), batch_size, batches)
