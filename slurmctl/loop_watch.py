@@ -10,11 +10,14 @@ So a watcher thread looks at the loop thread every ``BEAT_S``. A coroutine waiti
 only a running one is. So when the loop thread's stack holds a frame of the handler's source file, the handler is
 running, and it holds the loop when either:
 
-* **it waits**: looked at again ``PAUSE_S`` later, the thread is in the handler's code still, has barely run on a
-  CPU meanwhile, is not ready to run, and waits in a call (a sleep, a socket read), not on a futex. A running step
-  is on a CPU; one kept off a CPU by a busy machine is ready to run; one waiting for the GIL waits on a futex (the
-  GIL's holder, another thread, may sit preempted for tens of ms on a busy machine: that holds the loop, but not
-  through the handler). A handler blocking on a lock or a ``Future`` waits on a futex too, and is not counted; or
+* **it waits**: the thread waits in a call (a sleep, a socket read) just before and just after the look at its stack
+  (``_in_a_call``): not running, not ready to run, not waiting for the GIL on a futex, and not back in the loop's
+  own wait (epoll). A thread kept off a CPU by a busy machine is ready to run; the GIL's holder, another thread, may
+  sit preempted for tens of ms on a busy machine: that holds the loop, but not through the handler. A handler
+  blocking on a lock or a ``Future`` waits on a futex too, and is not counted. One look, not two a little apart:
+  a handler that blocks 4 ms at a time is seen in its waits whatever the machine's load, so the time counted
+  estimates the time it waited, where a second look had to find it waiting again and a busy machine, keeping the
+  thread ready to run between its waits, hid most of them; or
 * **it computes**: the same frame as at the last look, the loop's beat (a callback every ``BEAT_S``) ``HELD_S``
   late and not run since that look, and the loop thread on a CPU for ``OFF_CPU`` of the time since: one step
   computing for that long (not a coroutine's next step after the loop went round, nor a step left waiting for the
@@ -25,8 +28,7 @@ look, so it is not counted; nor are slurmctl's own stalls (a commit holding the 
 stack. Each look that finds the loop held counts the time since the last look: an estimate, from samples, of the
 time held; and where (``places``: the handler's line, and where it waited when that is deeper).
 
-Costs nothing per item: 20 looks and 20 beats a second per worker process, and a 10 ms second look when a handler
-is running. Plain Python; imports nothing of slurmctl.
+Costs nothing per item: 20 looks and 20 beats a second per worker process. Plain Python; imports nothing of slurmctl.
 """
 
 from __future__ import annotations
@@ -69,8 +71,7 @@ class LoopWatch:
 
     BEAT_S = 0.05  # the loop's beat, and how often the watcher looks
     HELD_S = 0.1  # a beat this late: the loop is held (a busy loop at 2,000 calls/s runs its beat within ~20 ms)
-    PAUSE_S = 0.01  # a handler's frame on the loop thread's stack: looked at again after this long ...
-    OFF_CPU = 0.1  # ... having run on a CPU less than this share of it: the loop thread waits in the handler
+    OFF_CPU = 0.1  # a step on a CPU this share of the time since the last look, and the beat late: it computes
 
     def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
         self.loop, self.thread = loop, thread
@@ -117,46 +118,44 @@ class LoopWatch:
     def _watch(self) -> None:
         last, seen, cpu_last, beat_last = time.monotonic(), None, self._cpu_s(), self.beat
         while not self._stop.wait(self.BEAT_S):
+            with self._lock:
+                files = frozenset().union(*(e.files for e in self._cells))  # the handlers on the loop now
+            waiting = bool(files) and self._in_a_call()  # read before the stack (reading a file lets go of the GIL)
+            # The clocks and the stack together, with nothing between that lets go of the GIL: the loop thread's CPU
+            # time since the last look is then the time between the two frames seen. (Read before the wait, a loop
+            # thread that ran 27 ms of that wait and was then left waiting for the GIL in one step looked like a
+            # step computing for the whole span, on a busy machine.)
             now, cpu, beat = time.monotonic(), self._cpu_s(), self.beat
+            found = self._handler_frame(files) if files else None
             span, last = now - last, now
             on_cpu, cpu_last = cpu - cpu_last, cpu
             came_round, beat_last = beat != beat_last, beat  # the beat ran since the last look: the loop went round
             with self._lock:
                 for job in {id(e.job): e.job for e in self._cells}.values():
                     job.watched_s += span
-                files = frozenset().union(*(e.files for e in self._cells))  # the handlers on the loop now
-            found = self._handler_frame(files) if files else None
             if found is None:
                 seen = None
                 continue
             frame, innermost = found
             place = describe(frame, innermost)  # now: the frame moves on if its call ends
+            waiting = waiting and self._in_a_call()  # ... and after: in a call all along, in the handler's code
             computing = (frame is seen and not came_round and now - beat >= self.HELD_S
                          and on_cpu >= self.OFF_CPU * span)
-            if computing or self._waiting(files):
+            if computing or waiting:
                 self._count(span, frame.f_code.co_filename, place)
             seen = frame
 
-    def _waiting(self, files: frozenset[str]) -> bool:
-        """Is the loop thread waiting in the handler (a sleep, a socket): in the handler's code still after
-        ``PAUSE_S``, having barely run on a CPU meanwhile, and waiting in a call (``_in_a_call``)?"""
-        cpu = self._cpu_s()
-        time.sleep(self.PAUSE_S)
-        if self._cpu_s() - cpu >= self.OFF_CPU * self.PAUSE_S or not self._in_a_call():
-            return False
-        return self._handler_frame(files) is not None  # the same call, or the next item's: it went straight on
-
     def _in_a_call(self) -> bool:
-        """Does the loop thread wait in a call (a sleep, a socket read)? Linux's ``/proc`` names the kernel function
-        a sleeping thread waits in (``wchan``), in one read: ``0`` while it runs or is ready to run (only kept off a
-        CPU by others: a busy machine), a futex while it waits for the GIL (held by another thread). Elsewhere: not
-        known, so no."""
+        """Does the loop thread wait in a call (a sleep, a socket read, a blocking ``poll``)? Linux's ``/proc``
+        names the kernel function a sleeping thread waits in (``wchan``), in one read: ``0`` while it runs or is
+        ready to run (only kept off a CPU by others: a busy machine), a futex while it waits for the GIL (held by
+        another thread) or a lock, epoll while the loop waits for its next event. Elsewhere: not known, so no."""
         try:
             with open(f"/proc/self/task/{self.thread.native_id}/wchan", "rb") as f:
                 wchan = f.read().strip()
         except OSError:
             return False
-        return wchan not in (b"", b"0") and b"futex" not in wchan
+        return wchan not in (b"", b"0") and not any(mark in wchan for mark in (b"futex", b"epoll", b"ep_poll"))
 
     def _handler_frame(self, files: frozenset[str]) -> tuple[Any, Any] | None:
         """The innermost frame of one of the handlers' ``files`` on the loop thread's stack, and the innermost
@@ -183,7 +182,7 @@ class LoopWatch:
         if self._cpu is not None:
             try:
                 return time.clock_gettime(self._cpu)
-            except OSError:  # EINVAL: the thread ended, perhaps while the watcher slept in ``_waiting``
+            except OSError:  # EINVAL: the thread ended (its loop stopped) since the last look
                 self._stop.set()
         return time.monotonic()
 

@@ -258,7 +258,8 @@ def counting_threads(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
 
 async def blocking_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """The mistake: an async handler that calls something blocking (``sleep_s`` of ``time.sleep``), holding the
-    worker's event loop and every other item on it; ``spin_s`` computes instead, for as long, in one step."""
+    worker's event loop and every other item on it; ``spin_s`` computes first, for as long, in the same step (a
+    blocking request, then parsing its answer)."""
     await asyncio.sleep(0)  # a coroutine, awaited as one
     # the call under the job's rate limit (``limit``), as a real handler's would be
     async with ctx.limit(ctx.params["limit"]) if ctx.params.get("limit") else contextlib.nullcontext():
@@ -266,8 +267,8 @@ async def blocking_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
             end = time.perf_counter() + float(ctx.params["spin_s"])
             while time.perf_counter() < end:
                 pass
-        else:
-            time.sleep(float(ctx.params.get("sleep_s") or 0))
+        if ctx.params.get("sleep_s"):
+            time.sleep(float(ctx.params["sleep_s"]))
     return {"id": item["id"]}
 
 
