@@ -42,6 +42,7 @@ from slurmctl.ratelimit.lanes import (
     Signal,
     SignalNotPublished,
     Wait,
+    booked_as,
     free_lanes,
     now_us,
     plan_lanes,
@@ -79,17 +80,17 @@ class RateLimiter(Block, ABC):
 
     def lease_lanes(self, key: str, spec: LimitSpec, n: int, *, renew: Mapping[int, int] | None = None,
                     hold: Iterable[int] = (), want: int = 1, must: int = 1, owner: str = "",
-                    share: bool = False) -> Grant | Wait:
+                    share: bool = False, need: int | None = None) -> Grant | Wait:
         """``n`` slots of each of the lanes ``plan_lanes`` picks, in one transaction; or how long to wait."""
         def change(state: LimitState) -> Grant | Wait:
             at = now_us()
             out = plan_lanes(state, n, at, spec.horizon_s, renew=renew, hold=hold, want=want, must=must,
-                             owner=owner, share=share)
+                             owner=owner, share=share, need=need)
             if isinstance(out, Wait):
                 return out
             for lease in out:
                 state.tats[lease.lane] = lease.end_us
-                state.own(lease.lane, owner)
+                state.own(lease.lane, booked_as(owner, lease))
             state.granted += n * len(out)
             return Grant(tuple(out), 1, len(free_lanes(state, at)), *share_of(state, at, owner))
         return self._update(key, spec, change)[0]
@@ -253,19 +254,21 @@ def _remember(cache_key: tuple[str, str], state: LimitState) -> LimitState:
     return state
 
 
-def _lane_swaps(changes: list[tuple[int, int, int]], values: dict[str, Any], owner: str = ""
+def _lane_swaps(changes: list[tuple[int, int, int]], values: dict[str, Any], owners: list[str] | None = None
                 ) -> tuple[list[str], list[str]]:
     """SET and condition clauses moving each lane's tat from ``old`` to ``new`` ((lane, old, new) triples), only if
     it is still ``old``: one ``UpdateItem`` changes several lanes, and lanes other workers change never conflict.
-    ``owner``: also note who booked them."""
+    ``owners``: also note who booked each of them (``booked_as``)."""
     sets, conds = [], []
+    tags: dict[str, str] = {}
     for i, (lane, old, new) in enumerate(changes):
         sets.append(f"t{lane} = :new{i}")
         conds.append(f"t{lane} = :old{i}")
         values[f":new{i}"], values[f":old{i}"] = {"N": str(new)}, {"N": str(old)}
-        if owner:
-            sets.append(f"o{lane} = :owner")
-            values[":owner"] = {"S": owner}
+        if owners:
+            tag = tags.setdefault(owners[i], f":owner{len(tags)}")
+            sets.append(f"o{lane} = {tag}")
+            values[tag] = {"S": owners[i]}
     return sets, conds
 
 # botocore's retry budget for signals, far shorter than the job store's (10 retries with backoff of up to 20 s: about
@@ -445,7 +448,7 @@ class DynamoDBRateLimiter(RateLimiter):
 
     def lease_lanes(self, key: str, spec: LimitSpec, n: int, *, renew: Mapping[int, int] | None = None,
                     hold: Iterable[int] = (), want: int = 1, must: int = 1, owner: str = "",
-                    share: bool = False) -> Grant | Wait:
+                    share: bool = False, need: int | None = None) -> Grant | Wait:
         """One conditional ``UpdateItem`` for all the lanes of a lease, planned from this process's last view of the
         item (every answer, success or not, returns the whole item and refreshes that view). Each lane's condition is
         its exact tat, so workers leasing other lanes never conflict; a conflict is planned again from the item the
@@ -463,7 +466,7 @@ class DynamoDBRateLimiter(RateLimiter):
         wanted = min(want, len(set(hold)) + len(renew or {})) if stale else want
         for _ in range(20 if must else 3):  # more lanes are opportunistic: a few tries
             at = now_us()
-            plan = dict(renew=renew, hold=hold, want=wanted, must=must, owner=owner, share=share)
+            plan = dict(renew=renew, hold=hold, want=wanted, must=must, owner=owner, share=share, need=need)
             out = plan_lanes(state, n, at, spec.horizon_s, **plan)  # type: ignore[arg-type]
             if isinstance(out, Wait) and out.paused:  # only a read tells when the pause ends
                 state, calls = _remember(cache_key, self._current(key, spec)), calls + 1
@@ -475,7 +478,7 @@ class DynamoDBRateLimiter(RateLimiter):
             values: dict[str, Any] = {":g": {"N": str(n * len(out))}, ":f": {"BOOL": False},
                                       ":e": {"N": str(state.epoch)}}
             sets, conds = _lane_swaps([(lease.lane, state.tats[lease.lane], lease.end_us) for lease in out], values,
-                                      owner)
+                                      [booked_as(owner, lease) for lease in out] if owner else None)
             calls += 1
             try:
                 resp = client.update_item(TableName=self.table_name, Key={"key": {"S": key}},

@@ -130,6 +130,26 @@ def test_lanes_go_to_whoever_asks_behind_those_holding_more_than_their_share(bac
     assert state.owners.count("c") == 2 and state.owners.count("a") + state.owners.count("b") == 30
 
 
+def test_lanes_held_beyond_a_need_are_spare_and_whoever_wants_its_share_books_behind_them_first(backend):
+    """A slow caller waits for its next slot less on more lanes than its pace needs: it may hold free ones beyond its
+    need, booked as spare. They are no claim: the fair share counts what each needs, and a process queueing for its
+    share books behind spare lanes before anyone's needed ones, so the spare holder cannot renew them."""
+    spec = LimitSpec(per_second=40, lease_size=4)  # 32 lanes of 1.25/s
+    slow = backend.lease_lanes("spare", spec, 4, want=12, need=2, must=1, owner="s", share=True)
+    assert len(slow.leases) == 12 and [lease.spare for lease in slow.leases].count(True) == 10
+    fast = backend.lease_lanes("spare", spec, 4, want=32, must=1, owner="f", share=True)
+    assert (fast.holders, fast.share) == (2, 30)  # s claims its 2 needed lanes only
+    spare = {lease.lane: lease.end_us for lease in slow.leases if lease.spare}
+    booked = {lease.lane: lease.start_us for lease in fast.leases}
+    assert len(fast.leases) == 30 and set(spare) <= set(booked), (sorted(spare), sorted(booked))
+    assert all(booked[lane] == end for lane, end in spare.items())  # right behind them, never overlapping
+    ends = {lease.lane: lease.end_us for lease in slow.leases}
+    renewed = backend.lease_lanes("spare", spec, 4, renew=ends, want=12, need=2, must=0, owner="s", share=True)
+    assert {lease.lane for lease in renewed.leases} == set(ends) - set(spare)  # its needed lanes only
+    state = backend.read("spare")
+    assert state.owners.count("s") == 2 and state.owners.count("f") == 30 and "s~" not in state.owners
+
+
 def test_time_shared_lanes_are_leased_twice_as_long(backend):
     """More processes than lanes: every hand-over costs the previous holder a refused renewal on DynamoDB, two calls
     per lease, so a lease is then twice as long (0.05-0.06 calls per token at 64 processes on 32 lanes; 0.03 so)."""
@@ -237,9 +257,9 @@ def spend_for(leaser: Leaser, seconds: float, work_s: float = 0.0,
     return stamps
 
 
-def lanes_in_use(leaser: Leaser) -> int:
-    """The lanes a leaser holds slots of, right now."""
-    return len({h.lease.lane for h in leaser.held if h.left})
+def lanes_in_use(leaser: Leaser, spare: bool = True) -> int:
+    """The lanes a leaser holds slots of, right now (``spare=False``: those it needs, not its spare ones)."""
+    return len({h.lease.lane for h in leaser.held if h.left and (spare or not h.lease.spare)})
 
 
 def test_a_worker_holds_as_many_lanes_as_its_caller_can_spend(backend):
@@ -252,11 +272,11 @@ def test_a_worker_holds_as_many_lanes_as_its_caller_can_spend(backend):
     assert len([t for t in stamps if t > stamps[0] + 1.0]) >= 0.8 * 20 * (stamps[-1] - stamps[0] - 1.0)
     slow = Leaser(backend, "speed-slow", spec)
     held: list[int] = []
-    spend_for(slow, 2.0, work_s=0.15, each=lambda: held.append(lanes_in_use(slow)))  # 150 ms per request
-    # it could not keep up with two lanes, and never held two: at every token, the slots of one lane only (how many
+    spend_for(slow, 2.0, work_s=0.15, each=lambda: held.append(lanes_in_use(slow, spare=False)))  # 150 ms each
+    # it could not keep up with two lanes, and never claimed two: at every token, the slots of one lane only (how many
     # of them passed unused, ``expired``, is no measure here: with a burst of 1 a slot may be handed out at most 2 ms
-    # late, and a loaded machine oversleeps that)
-    assert slow.wanted_lanes() == 1 and lanes_in_use(slow) == 1
+    # late, and a loaded machine oversleeps that). The other lanes, free, it holds as spare: no claim on them.
+    assert slow.wanted_lanes() == 1 and lanes_in_use(slow, spare=False) == 1
     assert held and max(held) == 1, held
 
 
@@ -273,6 +293,17 @@ def test_processes_held_back_are_each_offered_what_the_others_leave_but_can_coun
     for leaser in (a, b):
         assert leaser.holders == 2 and leaser.offer_per_s() > 30, (leaser.share, leaser.holders)
         assert leaser.even_offer_per_s() == pytest.approx(25.0)
+
+
+def test_a_slow_caller_holds_spare_lanes_while_nobody_else_wants_them(backend):
+    # One thread calling every 200 ms, a limit of 100/s (64 lanes, a slot of one lane every 0.64 s): the lanes its
+    # pace needs (2 at 80 %) put a slot every 0.32 s and it waited ~0.14 s for each. It now holds spare lanes up to
+    # 4 times its pace, so slots come every ~50 ms, and they go to whoever queues for a share.
+    leaser = Leaser(backend, "slow-spare", LimitSpec(per_second=100, burst=5))
+    spend_for(leaser, 3.0, work_s=0.2)
+    need = leaser.wanted_lanes()
+    assert need <= 4 and leaser.spare_lanes(need) >= 8, (need, leaser.spare_lanes(need))
+    assert lanes_in_use(leaser) >= 10 and any(h.lease.spare for h in leaser.held if h.left)
 
 
 def test_a_slot_missed_by_a_late_wake_up_is_not_read_as_demand(backend, monkeypatch):
@@ -294,7 +325,7 @@ def test_a_slot_missed_by_a_late_wake_up_is_not_read_as_demand(backend, monkeypa
     time.sleep((200_000 - now_us() % 200_000) / US + 0.155)
     spend_for(slow, 1.2, work_s=0.15)
     assert overslept and slow.claim_expired >= 1, overslept  # the first slot did pass unclaimed
-    assert slow.wanted_lanes() == 1 and lanes_in_use(slow) == 1
+    assert slow.wanted_lanes() == 1 and lanes_in_use(slow, spare=False) == 1  # its other lane, free, is spare
 
 
 def test_the_trace_tells_a_late_caller_from_slots_nobody_waited_for(backend, monkeypatch, tmp_path):
