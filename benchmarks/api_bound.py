@@ -85,6 +85,7 @@ def job_metrics(folder: Path, job_id: str) -> dict:
     store = store_from_uri(str(folder / "state"))
     out = {"in_flight_max": 0, "concurrency_max": 0, "batches": 0}
     tokens = calls = expired = late = 0
+    held = 0.0  # seconds an async handler held a worker's event loop (slurmctl.loop_watch): 0 for a handler that awaits
     for key in store.list_keys(f"jobs/{job_id}/tasks/"):
         m = (store.get_json(key) or {}).get("metrics") or {}
         out["batches"] += 1
@@ -96,6 +97,8 @@ def job_metrics(folder: Path, job_id: str) -> dict:
         calls += m.get("ratelimit_api_backend_calls") or 0
         expired += m.get("ratelimit_api_expired") or 0
         late += m.get("ratelimit_api_late") or 0
+        held += m.get("loop_held_s") or 0
+    out["loop_held_s"] = round(held, 3)
     if tokens:
         out["limiter_calls_per_token"] = round(calls / tokens, 4)
         out["limiter_expired_slots"] = expired
