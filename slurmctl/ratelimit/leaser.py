@@ -203,6 +203,12 @@ class Leaser:
         lanes = min(math.ceil(self.SPARE_PACE * capacity * self.lane_interval_us / US), self.fair_lanes() // 2)
         return max(0, lanes - need)
 
+    def _asked_lanes(self) -> tuple[int, int]:
+        """What to ask the backend for: the lanes our callers need (``wanted_lanes``), and those plus the spare ones
+        (``spare_lanes``), taken only while free and held as spare (``lanes.plan_lanes``)."""
+        need = self.wanted_lanes()
+        return need, need + self.spare_lanes(need)
+
     def _note_work(self, pace: _Pace, queued: bool = False) -> None:
         pace.seen_at = time.monotonic()
         if pace.returned_at is not None:
@@ -259,8 +265,7 @@ class Leaser:
         free, and queues for our fair share if we hold less); between renewals, take more lanes when the backend's
         last answer showed free ones, and now and then queue for our fair share if we hold less."""
         live = self._live()
-        need = self.wanted_lanes()
-        want = need + self.spare_lanes(need)  # the rest only while free, held as spare (``lanes.plan_lanes``)
+        need, want = self._asked_lanes()
         if live and self._renewal_due():
             renew = live  # all of them: one call per lease span, however the lanes' phases drift apart
             for h in renew:
@@ -345,8 +350,8 @@ class Leaser:
                 best[1].used += 1
                 return best[0], best[1].lease.lane
             self.held = [h for h in self.held if h.left > 0]
-            need = self.wanted_lanes()
-            got = self._lease(hold=(), want=need + self.spare_lanes(need), need=need, must=1)
+            need, want = self._asked_lanes()
+            got = self._lease(hold=(), want=want, need=need, must=1)
             if isinstance(got, Wait):
                 # Spread the retries of workers that were all told to wait: no thundering herd on the backend.
                 pause = got.seconds + random.uniform(0, self.spec.signal_s)
