@@ -46,7 +46,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
-from slurmctl.loop_watch import LoopWatch
+from slurmctl.loop_watch import LoopWatch, new_event_loop
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -60,10 +60,10 @@ class EventLoopThread:
     """An asyncio loop running in a daemon thread: other threads hand it coroutines and wait for their results."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop, rounds = new_event_loop()  # its rounds counted, for the watch
         self.thread = threading.Thread(target=self.loop.run_forever, name=ITEM_THREADS[0], daemon=True)
         self.thread.start()
-        self.watch = LoopWatch(self.loop, self.thread)  # an async handler that blocks the loop is named
+        self.watch = LoopWatch(self.thread, rounds)  # an async handler that blocks the loop is named
 
     def run(self, coro: Coroutine[Any, Any, R]) -> R:
         """Run ``coro`` on the loop and block this (other) thread until it is done."""

@@ -6,7 +6,7 @@ item starts or hears its answer meanwhile, so the worker runs one call at a time
 pass unused. Nothing fails and nothing is lost; the job is just slow, and its late slots would otherwise read as a
 worker too busy for its limit (``slurmctl.pace_advice``), with the wrong advice (more worker processes).
 
-So a watcher thread looks at the loop thread every ``BEAT_S``. A coroutine waiting for its answer is on no stack;
+So a watcher thread looks at the loop thread every ``LOOK_S``. A coroutine waiting for its answer is on no stack;
 only a running one is. So when the loop thread's stack holds a frame of the handler's source file, the handler is
 running, and it holds the loop when either:
 
@@ -18,17 +18,21 @@ running, and it holds the loop when either:
   a handler that blocks 4 ms at a time is seen in its waits whatever the machine's load, so the time counted
   estimates the time it waited, where a second look had to find it waiting again and a busy machine, keeping the
   thread ready to run between its waits, hid most of them; or
-* **it computes**: the same frame as at the last look, the loop's beat (a callback every ``BEAT_S``) ``HELD_S``
-  late and not run since that look, and the loop thread on a CPU for ``OFF_CPU`` of the time since: one step
-  computing for that long (not a coroutine's next step after the loop went round, nor a step left waiting for the
-  GIL all along).
+* **it computes**: one step, seen at looks ``HELD_S`` apart or more with the loop never round between them, and the
+  loop thread on a CPU for ``OFF_CPU`` of the time since the last look (not a step left waiting for the GIL). The
+  loop's rounds are counted at its selector (``RoundCounter``: the loop selects once a round, and a task takes at
+  most one step a round), so a coroutine's next step, one round later, is never taken for the same step. (A beat,
+  a callback every 50 ms, judged the rounds before: when a round takes longer than the beat's period, the beat runs
+  every other round only, so a loop of 400 items computing 0.2 ms each between yields sometimes met the same
+  item at two looks, one round apart, with no beat between: counted as held, once in a CI run.)
 
-A loop merely busy with many short steps (thousands of answers at once) is on a CPU and in another frame at each
-look, so it is not counted; nor are slurmctl's own stalls (a commit holding the GIL), with no handler frame on the
-stack. Each look that finds the loop held counts the time since the last look: an estimate, from samples, of the
+A loop merely busy with many short steps (thousands of answers at once) is in another frame at each look, or went
+round between, so it is not counted; nor are slurmctl's own stalls (a commit holding the GIL), with no handler frame
+on the stack. Each look that finds the loop held counts the time since the last look: an estimate, from samples, of the
 time held; and where (``places``: the handler's line, and where it waited when that is deeper).
 
-Costs nothing per item: 20 looks and 20 beats a second per worker process. Plain Python; imports nothing of slurmctl.
+Costs nothing per item: 20 looks a second per worker process, and one count per round of the loop. Plain Python;
+imports nothing of slurmctl.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import selectors
 import sys
 import threading
 import time
@@ -65,23 +70,41 @@ class Entry:
         self.job, self.files, self.held_s = job, files, 0.0
 
 
+class RoundCounter(selectors.DefaultSelector):
+    """An event loop's selector that counts the loop's rounds: a selector event loop selects once a round, then
+    runs the callbacks ready (each task's next step among them). Give it to ``asyncio.SelectorEventLoop``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds = 0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self.rounds += 1
+        return super().select(timeout)
+
+
+def new_event_loop() -> tuple[asyncio.AbstractEventLoop, RoundCounter]:
+    """An event loop a ``LoopWatch`` can watch, and the counter of its rounds."""
+    rounds = RoundCounter()
+    return asyncio.SelectorEventLoop(rounds), rounds
+
+
 class LoopWatch:
-    """The watcher of one event loop, running in ``thread``: ``join`` a batch of async items to have the time the
-    loop is held by its handler counted for it and its job (``held``), ``leave`` to read the batch's."""
+    """The watcher of one event loop (made by ``new_event_loop``), running in ``thread``: ``join`` a batch of async
+    items to have the time the loop is held by its handler counted for it and its job (``held``), ``leave`` to read
+    the batch's."""
 
-    BEAT_S = 0.05  # the loop's beat, and how often the watcher looks
-    HELD_S = 0.1  # a beat this late: the loop is held (a busy loop at 2,000 calls/s runs its beat within ~20 ms)
-    OFF_CPU = 0.1  # a step on a CPU this share of the time since the last look, and the beat late: it computes
+    LOOK_S = 0.05  # how often the watcher looks
+    HELD_S = 0.1  # one step seen running this long, the loop never round meanwhile: it holds the loop
+    OFF_CPU = 0.1  # ... and on a CPU this share of the time since the last look: it computes
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-        self.loop, self.thread = loop, thread
-        self.beat = time.monotonic()
+    def __init__(self, thread: threading.Thread, rounds: RoundCounter) -> None:
+        self.thread, self.rounds = thread, rounds
         self.jobs: dict[str, Held] = {}  # per job, in this worker process
         self._cells: list[Entry] = []  # the joined batches
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._cpu = _thread_cpu_clock(thread)  # None: no per-thread CPU clock here (then only computing is seen)
-        loop.call_soon_threadsafe(self._tick)
         self.watcher = threading.Thread(target=self._watch, name="slurmctl-loop-watch", daemon=True)
         self.watcher.start()
 
@@ -108,42 +131,37 @@ class LoopWatch:
     def stop(self) -> None:
         self._stop.set()
 
-    # --- the loop's side ---------------------------------------------------------------------------------------------
-    def _tick(self) -> None:
-        self.beat = time.monotonic()
-        if not self._stop.is_set():
-            self.loop.call_later(self.BEAT_S, self._tick)
-
     # --- the watcher's side ------------------------------------------------------------------------------------------
     def _watch(self) -> None:
-        last, seen, cpu_last, beat_last = time.monotonic(), None, self._cpu_s(), self.beat
-        while not self._stop.wait(self.BEAT_S):
+        last, cpu_last, rounds_last = time.monotonic(), self._cpu_s(), self.rounds.rounds
+        step, step_seen = None, 0.0  # the step running at the last look (its frame), and when a look first saw it
+        while not self._stop.wait(self.LOOK_S):
             with self._lock:
                 files = frozenset().union(*(e.files for e in self._cells))  # the handlers on the loop now
             waiting = bool(files) and self._in_a_call()  # read before the stack (reading a file lets go of the GIL)
-            # The clocks and the stack together, with nothing between that lets go of the GIL: the loop thread's CPU
-            # time since the last look is then the time between the two frames seen. (Read before the wait, a loop
-            # thread that ran 27 ms of that wait and was then left waiting for the GIL in one step looked like a
-            # step computing for the whole span, on a busy machine.)
-            now, cpu, beat = time.monotonic(), self._cpu_s(), self.beat
+            # The clocks, the rounds and the stack together, with nothing between that lets go of the GIL: the loop
+            # thread's CPU time and rounds since the last look are then those between the two frames seen. (Read
+            # before the wait, a loop thread that ran 27 ms of that wait and was then left waiting for the GIL in one
+            # step looked like a step computing for the whole span, on a busy machine.)
+            now, cpu, rounds = time.monotonic(), self._cpu_s(), self.rounds.rounds
             found = self._handler_frame(files) if files else None
             span, last = now - last, now
             on_cpu, cpu_last = cpu - cpu_last, cpu
-            came_round, beat_last = beat != beat_last, beat  # the beat ran since the last look: the loop went round
+            went_round, rounds_last = rounds != rounds_last, rounds
             with self._lock:
                 for job in {id(e.job): e.job for e in self._cells}.values():
                     job.watched_s += span
             if found is None:
-                seen = None
+                step = None
                 continue
             frame, innermost = found
             place = describe(frame, innermost)  # now: the frame moves on if its call ends
             waiting = waiting and self._in_a_call()  # ... and after: in a call all along, in the handler's code
-            computing = (frame is seen and not came_round and now - beat >= self.HELD_S
-                         and on_cpu >= self.OFF_CPU * span)
+            if frame is not step or went_round:  # another step (a coroutine's next one comes a round later)
+                step, step_seen = frame, now
+            computing = now - step_seen >= self.HELD_S and on_cpu >= self.OFF_CPU * span
             if computing or waiting:
                 self._count(span, frame.f_code.co_filename, place)
-            seen = frame
 
     def _in_a_call(self) -> bool:
         """Does the loop thread wait in a call (a sleep, a socket read, a blocking ``poll``)? Linux's ``/proc``

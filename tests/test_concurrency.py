@@ -49,7 +49,7 @@ from slurmctl.books.failures import committed_tasks as committed_in
 from slurmctl.books.failures import failure_state
 from slurmctl.config import ConfigError, parse_config
 from slurmctl.handler import BatchContext, HandlerError, call_once, handler_for, load_handler
-from slurmctl.loop_watch import LoopWatch
+from slurmctl.loop_watch import LoopWatch, new_event_loop
 from slurmctl.records import partition
 from slurmctl.tasks.process_batch import run_batch
 
@@ -357,14 +357,32 @@ def test_a_busy_async_handler_that_yields_is_not_said_to_hold_its_loop(batch, ca
     assert "loop_held_s" not in task["metrics"] and not caplog.records
 
 
+def test_a_loop_whose_rounds_outlast_the_watchers_look_is_not_said_to_be_held():
+    # Two items computing 30 ms at a time between yields: every step is well under the 0.1 s that holds the loop,
+    # but a round takes 60 ms, longer than the watcher's 50 ms between looks. The watch judged rounds by a beat (a
+    # callback every 50 ms), which then ran every other round only: it took an item's next step, a round later,
+    # for the same step going on, and counted ~0.2 s held here (the busy loop above, once in a CI run). It counts
+    # the loop's rounds now.
+    class Ctx:
+        params = {"steps": 40, "step_ms": 30}
+
+    async def items() -> None:
+        await asyncio.gather(*(sample_handlers.many_short_steps({"id": i}, Ctx()) for i in range(2)))
+
+    with watched_loop() as (loop, _, watch):
+        entry = watch.join("rounds", sample_handlers.many_short_steps)
+        asyncio.run_coroutine_threadsafe(items(), loop).result(timeout=300)
+    assert watch.leave(entry) == 0 and not watch.held("rounds").places
+
+
 @contextlib.contextmanager
 def watched_loop() -> Any:
     """An event loop in a thread of its own, with its ``LoopWatch``, as a worker process has (``inflight``); stopped
     and joined at the end."""
-    loop = asyncio.new_event_loop()
+    loop, rounds = new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    watch = LoopWatch(loop, thread)
+    watch = LoopWatch(thread, rounds)
     try:
         yield loop, thread, watch
     finally:
