@@ -19,13 +19,14 @@ running, and it holds the loop when either:
   estimates the time it waited, where a second look had to find it waiting again and a busy machine, keeping the
   thread ready to run between its waits, hid most of them; or
 * **it computes**: one step, seen at looks ``HELD_S`` apart or more with the loop never round between them; its
-  time since the first of those looks counts, but for spans where the loop thread was on a CPU less than ``OFF_CPU``
-  of the time (a step left waiting for the GIL). The loop's rounds are counted at its selector (``RoundCounter``:
-  the loop selects once a round, and a task takes at most one step a round), so a coroutine's next step, a round
-  later, is never taken for the same step. (A beat, a callback every 50 ms, judged the rounds before: when a round
-  takes longer than the beat's period, the beat runs every other round only, so a loop of 400 items computing
-  0.2 ms each between yields sometimes met the same item at two looks, a round apart, with no beat between:
-  counted as held, once in a CI run.)
+  time since the first of those looks counts once the loop thread has computed ``COMPUTED_S`` of it (a short step
+  that a busy machine keeps off a CPU is not the handler's doing), but for spans where the loop thread was on a CPU
+  less than ``OFF_CPU`` of the time (a step left waiting for the GIL). The loop's rounds are counted at its
+  selector (``RoundCounter``: the loop selects once a round, and a task takes at most one step a round), so a
+  coroutine's next step, a round later, is never taken for the same step. (A beat, a callback every 50 ms, judged
+  the rounds before: when a round takes longer than the beat's period, the beat runs every other round only, so a
+  loop of 400 items computing 0.2 ms each between yields sometimes met the same item at two looks, a round apart,
+  with no beat between: counted as held, once in a CI run.)
 
 A loop merely busy with many short steps (thousands of answers at once) is in another frame at each look, or went
 round between, so it is not counted; nor are slurmctl's own stalls (a commit holding the GIL), with no handler frame
@@ -97,7 +98,8 @@ class LoopWatch:
     the batch's."""
 
     LOOK_S = 0.05  # how often the watcher looks
-    HELD_S = 0.1  # one step seen running this long, the loop never round meanwhile: it holds the loop
+    HELD_S = 0.1  # one step seen running this long, the loop never round meanwhile: it holds the loop ...
+    COMPUTED_S = 0.05  # ... having computed this long (the loop thread's CPU time), not only stretched by the machine
     OFF_CPU = 0.1  # ... and a span of it counts if its thread was on a CPU this share of it (not waiting for the GIL)
 
     def __init__(self, thread: threading.Thread, rounds: RoundCounter) -> None:
@@ -136,8 +138,9 @@ class LoopWatch:
     # --- the watcher's side ------------------------------------------------------------------------------------------
     def _watch(self) -> None:
         last, cpu_last, rounds_last = time.monotonic(), self._cpu_s(), self.rounds.rounds
-        step, step_seen, unheld = None, 0.0, 0.0  # the step running at the last look (its frame), when a look first
-        # saw it, and the time it has computed since, not yet counted (not yet known to hold the loop)
+        step, step_seen, step_cpu, unheld = None, 0.0, 0.0, 0.0  # the step running at the last look (its frame),
+        # when a look first saw it, the loop thread's CPU clock then, and the time it has computed since, not yet
+        # counted (not yet known to hold the loop)
         while not self._stop.wait(self.LOOK_S):
             with self._lock:
                 files = frozenset().union(*(e.files for e in self._cells))  # the handlers on the loop now
@@ -161,11 +164,12 @@ class LoopWatch:
             place = describe(frame, innermost)  # now: the frame moves on if its call ends
             waiting = waiting and self._in_a_call()  # ... and after: in a call all along, in the handler's code
             if frame is not step or went_round:  # another step (a coroutine's next one comes a round later)
-                step, step_seen, unheld = frame, now, 0.0
+                step, step_seen, step_cpu, unheld = frame, now, cpu, 0.0
             elif not waiting and on_cpu >= self.OFF_CPU * span:  # the same step, computing since the last look
                 unheld += span
             held = span if waiting else 0.0
-            if now - step_seen >= self.HELD_S:  # it holds the loop: its computing counts since a look first saw it
+            if now - step_seen >= self.HELD_S and cpu - step_cpu >= self.COMPUTED_S:  # it holds the loop: its
+                # computing counts since a look first saw it
                 held, unheld = held + unheld, 0.0
             if held:
                 self._count(held, frame.f_code.co_filename, place)

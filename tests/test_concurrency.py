@@ -361,7 +361,7 @@ def test_a_loop_whose_rounds_outlast_the_watchers_look_is_not_said_to_be_held():
     # Two items computing 30 ms at a time between yields: every step is well under the 0.1 s that holds the loop,
     # but a round takes 60 ms, longer than the watcher's 50 ms between looks. The watch judged rounds by a beat (a
     # callback every 50 ms), which then ran every other round only: it took an item's next step, a round later,
-    # for the same step going on, and counted ~0.2 s held here (the busy loop above, once in a CI run). It counts
+    # for the same step going on, and counted 0.57 s held here (the busy loop above, once in a CI run). It counts
     # the loop's rounds now.
     class Ctx:
         params = {"steps": 40, "step_ms": 30}
