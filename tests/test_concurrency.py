@@ -852,18 +852,20 @@ def test_a_cancel_with_items_in_flight_keeps_and_counts_every_commit(tmp_path, p
     # Batches of an async handler are in flight on both workers when the job is cancelled. Those that commit while
     # the coordinator stops their workers are counted too (status used to say a batch or two fewer than the store
     # held, in 4 runs of 4; this test failed 1 run in 2 without it); resume runs only the batches that had not
-    # committed, each item of theirs once. The last item stalls on its first call, so the job cannot end before
-    # the cancel reaches it (on a loaded machine the cancel once came after all 30 batches had committed).
+    # committed, each item of theirs once. The first item stalls on its first call, so the job cannot end before
+    # the cancel reaches it (on a loaded machine the cancel once came after all 30 batches had committed); its call
+    # in the resume goes on at once.
     n, batch_size = 1500, 50
     write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
     cfg = write_config(tmp_path / "job.yaml", job_id="cancel-inflight", input={"uri": "in.jsonl"},
                        handler="support.sample_handlers:counting_async", batch_size=batch_size,
                        storage={"uri": "state"}, params={"calls_file": str(tmp_path / "calls"), "sleep_s": 0.1,
                                                          "jitter_s": 0.3, "stall_once": {
-                                                             "id": n - 1, "marker": str(tmp_path / "stalled"),
+                                                             "id": 0, "marker": str(tmp_path / "stalled"),
                                                              "seconds": 600}})
     assert run_cli("submit", str(cfg)).returncode == 0
-    wait_for(lambda: len(committed_tasks(tmp_path / "state", "cancel-inflight")) >= 4, 240, "4 committed batches")
+    wait_for(lambda: (tmp_path / "stalled").exists() and len(committed_tasks(tmp_path / "state", "cancel-inflight"))
+             >= 4, 240, "the first item stalled and 4 committed batches")
     out = run_cli("cancel", "cancel-inflight", timeout=180)
     assert out.returncode == 0, out.stderr + log_tail(slurmctl_home, "cancel-inflight")
     committed = committed_tasks(tmp_path / "state", "cancel-inflight")
