@@ -49,7 +49,6 @@ from slurmctl.books.failures import committed_tasks as committed_in
 from slurmctl.books.failures import failure_state
 from slurmctl.config import ConfigError, parse_config
 from slurmctl.handler import BatchContext, HandlerError, call_once, handler_for, load_handler
-from slurmctl.loop_watch import LoopWatch, new_event_loop
 from slurmctl.records import partition
 from slurmctl.tasks.process_batch import run_batch
 
@@ -377,18 +376,13 @@ def test_a_loop_whose_rounds_outlast_the_watchers_look_is_not_said_to_be_held():
 
 @contextlib.contextmanager
 def watched_loop() -> Any:
-    """An event loop in a thread of its own, with its ``LoopWatch``, as a worker process has (``inflight``); stopped
-    and joined at the end."""
-    loop, rounds = new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    watch = LoopWatch(thread, rounds)
+    """A worker process's event loop in its own thread, with its ``LoopWatch`` (``inflight.EventLoopThread``);
+    stopped and joined at the end."""
+    worker = inflight.EventLoopThread()
     try:
-        yield loop, thread, watch
+        yield worker.loop, worker.thread, worker.watch
     finally:
-        watch.stop()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
+        worker.stop()
 
 
 def test_the_loop_watch_ends_quietly_when_its_loop_thread_ends_between_its_looks(monkeypatch):
