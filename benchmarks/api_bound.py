@@ -117,9 +117,12 @@ def _limit_state(path: Path, key: str):
 
 
 def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: str, latency_ms: float,
-             rate: float | None) -> dict:
+             rate: float | None, cap: int = 0) -> dict:
+    """One job against the API answering after ``latency_ms`` through a bucket of ``rate``/s, declared as the job's
+    limit; or, with ``cap``, an API that takes at most ``cap`` calls at once and a job that declares no limit (the
+    most it can do: ``cap / latency`` calls a second)."""
     latency = latency_ms / 1000
-    reach = rate or args.ceiling_rate
+    reach = cap / latency if cap else rate or args.ceiling_rate
     if handler == "sync-1" and latency > 0:
         reach = min(reach, 2 / latency)
     items = int(max(20, min(args.max_items, reach * args.seconds)))
@@ -129,7 +132,7 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
         # rate x latency in flight between them, with room for each batch's tail (Little's law, x 2).
         batch = max(batch, min(1000, math.ceil(rate * latency)))
         items = max(items, 10 * batch)
-    job_id = f"api-{handler}-{int(latency_ms)}ms-{int(rate or 0)}-{os.urandom(2).hex()}"
+    job_id = f"api-{handler}-{int(latency_ms)}ms-{int(rate or 0)}{f'-cap{cap}' if cap else ''}-{os.urandom(2).hex()}"
     folder = tmp / job_id
     folder.mkdir()
     (folder / "in.jsonl").write_text("".join(f'{{"id": {i}}}\n' for i in range(items)))
@@ -144,7 +147,7 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
     if rate:
         params["limit"] = "api"
         fields["rate_limits"] = {"api": {"per_second": rate, "burst": args.burst}}
-    api_get_post(f"{api}/config?latency={latency}&rate={rate or 0}&burst={args.burst}")
+    api_get_post(f"{api}/config?latency={latency}&rate={rate or 0}&burst={args.burst}&cap={cap}")
     cfg = write_config(folder / "job.yaml", job_id=job_id, handler=spec, input={"uri": "in.jsonl"}, batch_size=batch,
                        params=params, storage={"uri": "state"}, errors={"max_attempts": 10}, **fields)
     started = time.monotonic()
@@ -152,7 +155,10 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
                           capture_output=True, text=True, timeout=3600)
     wall = time.monotonic() - started
     achieved, at_api = measured_at_api(api, rate)
-    out = {"handler": handler, "latency_ms": latency_ms, "rate": rate, "items": items, "batch_size": batch,
+    if cap:  # the share of what the cap allows
+        at_api["utilisation"] = round(achieved / reach, 3)
+    out = {"handler": handler, "latency_ms": latency_ms, "rate": rate, **({"cap": cap} if cap else {}),
+           "items": items, "batch_size": batch,
            "job_exit": done.returncode, "job_seconds": round(wall, 1), "expected_per_s": round(reach, 1),
            "of_expected": round(achieved / reach, 3), **at_api, **job_metrics(folder, job_id)}
     if done.returncode != 0:
@@ -366,6 +372,9 @@ def main() -> None:
     p.add_argument("--max-concurrency", type=int,
                    help="the jobs' max_concurrency (the default, 256, unless given): 1 s answers at 2000/s need "
                         "1,000 in flight per worker process")
+    p.add_argument("--cap", type=int, nargs="*", default=[],
+                   help="per latency, also a job that declares no limit against an API taking at most CAP calls at "
+                        "once (429 above it): utilisation is then of CAP / latency")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -393,6 +402,11 @@ def main() -> None:
                 shares = [] if args.bare_paced is None or not rate else args.bare_paced or [0.9]
                 for share in shares:
                     cell = bare_paced(api, latency, rate, share, args.seconds, burst=args.burst)
+                    cells.append(cell)
+                    print(json.dumps(cell), file=sys.stderr, flush=True)
+            for cap in args.cap:
+                for handler in args.handlers:
+                    cell = run_cell(args, env, tmp, api, handler, latency, None, cap)
                     cells.append(cell)
                     print(json.dumps(cell), file=sys.stderr, flush=True)
         ceiling = None

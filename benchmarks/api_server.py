@@ -1,10 +1,11 @@
 """The API the ``api_bound`` benchmark calls: a bare ASGI app under uvicorn, in its own process, so the API is not
 the bottleneck. ``GET /items/{id}`` answers ``{"id": id}`` after ``latency`` seconds, through a token bucket of
-``rate``/s with capacity ``burst`` (429 with ``Retry-After`` above it; ``rate`` 0: no bucket). ``POST /config?
-latency=&rate=&burst=`` sets them and clears the counters; ``GET /stats`` returns the counters and the arrival second of
-every admitted request (as counts per whole second of ``time.monotonic()``), how late the API's own event loop ran
-(``lag``: stalls over 2, 5 and 10 ms, the 429s answered within 20 ms of one, the garbage collector's pauses) and the
-priority it runs at.
+``rate``/s with capacity ``burst`` (429 with ``Retry-After`` above it; ``rate`` 0: no bucket), and at most ``cap``
+calls at once (429 without ``Retry-After`` above it, as APIs that cap concurrent calls answer; 0: no cap).
+``POST /config?latency=&rate=&burst=&cap=`` sets them and clears the counters; ``GET /stats`` returns the counters
+and the arrival second of every admitted request (as counts per whole second of ``time.monotonic()``), how late the
+API's own event loop ran (``lag``: stalls over 2, 5 and 10 ms, the 429s answered within 20 ms of one, the garbage
+collector's pauses) and the priority it runs at.
 
     python benchmarks/api_server.py PORT
 """
@@ -19,7 +20,7 @@ import time
 from collections import Counter
 from urllib.parse import parse_qs
 
-state = {"latency": 0.0, "rate": 0.0, "burst": 5.0, "tokens": 5.0, "at": time.monotonic()}
+state = {"latency": 0.0, "rate": 0.0, "burst": 5.0, "cap": 0, "tokens": 5.0, "at": time.monotonic()}
 counts: Counter = Counter()
 per_second: Counter = Counter()
 in_flight = {"now": 0, "max": 0}
@@ -84,8 +85,8 @@ async def _watch_loop() -> None:
             lag["last_stall"] = time.monotonic()
 
 
-def _reset(latency: float, rate: float, burst: float) -> None:
-    state.update(latency=latency, rate=rate, burst=burst, tokens=burst, at=time.monotonic())
+def _reset(latency: float, rate: float, burst: float, cap: int = 0) -> None:
+    state.update(latency=latency, rate=rate, burst=burst, cap=cap, tokens=burst, at=time.monotonic())
     counts.clear()
     per_second.clear()
     in_flight.update(now=0, max=0)
@@ -127,6 +128,11 @@ async def app(scope, receive, send) -> None:
     path = scope["path"]
     if path.startswith("/items/"):
         counts["requests"] += 1
+        if state["cap"] and in_flight["now"] >= state["cap"]:
+            counts["429"] += 1
+            counts["429_cap"] += 1
+            await _send(send, 429, {"error": "too many concurrent requests"})
+            return
         wait = _admit()
         if wait is not None:
             counts["429"] += 1
@@ -146,7 +152,7 @@ async def app(scope, receive, send) -> None:
         await _send(send, 200, {"id": path.rsplit("/", 1)[1]})
     elif path == "/config":
         q = {k: float(v[0]) for k, v in parse_qs(scope["query_string"].decode()).items()}
-        _reset(q.get("latency", 0.0), q.get("rate", 0.0), q.get("burst", 5.0))
+        _reset(q.get("latency", 0.0), q.get("rate", 0.0), q.get("burst", 5.0), int(q.get("cap", 0)))
         await _send(send, 200, {"ok": True})
     elif path == "/stats":
         await _send(send, 200, {**counts, "in_flight_max": in_flight["max"], "lag": lag, "priority": priority,

@@ -20,7 +20,10 @@ How many are in flight at once is a gate:
   many waiting, so the limiter never idles. Without a saturated limit it climbs while more in flight brings more
   done, steps back when it does not (the API queues our calls), and now and then probes lower, keeping the lower
   limit when the rate does not fall: so it follows an API that slows down. An answer of 429 (or any throttling
-  error) shrinks it by 30 % (with a declared rate limit, only when more than a sporadic few, ``SPORADIC``). With a
+  error) shrinks it by 30 %: with no declared limit at once, at most once per round trip, each further 429 of that
+  round trip keeping its own slot empty, and the slots it grows by open one per answer (a 429 then comes at once,
+  and every call past the API's capacity is one); with a declared rate limit, at the end of an interval with more
+  than a sporadic few (``SPORADIC``). With a
   declared rate limit neither throttling nor a probe takes it below the calls that spend the rate the limit offers
   this process (that rate x the latency: measured now, for throttling; the lowest measured, for a probe, so an API
   that queues our calls cannot talk it into more); it never exceeds ``max_concurrency``, and stops growing (then
@@ -196,6 +199,11 @@ class FixedGate:
         assert self._slots is not None
         self._slots.release()
 
+    @property
+    def in_flight(self) -> int:
+        """The process's items in flight for the job (all its batches'), as under ``auto``."""
+        return self.shared.in_flight
+
     def observe(self, latency_s: float) -> None:  # a fixed gate does not adapt
         pass
 
@@ -268,6 +276,9 @@ class AutoGate:
         self._last: tuple[int, float] | None = None  # (limit, rate) before the last step of the climb
         self._hold = 0
         self._probe_down = False
+        self._cut_until = 0.0  # throttling cut the gate: until then, each 429 keeps its slot empty ...
+        self._parked = 0  # ... these many
+        self._unopened = 0  # slots the limit grew by with no declared limit, opened one per answer (``observe``)
         self.token_waiters = 0  # items waiting in ctx.limit for a token right now
         self.offers: dict[str, float] = {}  # tokens/s each rate limit offers this process (ctx.limit tells us)
         self.even_offers: dict[str, float] = {}  # the same when every process spending it wants more (advice)
@@ -300,7 +311,7 @@ class AutoGate:
         all its items while the newer one still has items to start. Served side by side, a worker's two batches
         ran out of items to start at the same moment, and the rate limit's slots passed unused through both tails,
         commits and next starts (at 500/s, up to a tenth of a second's slots at a batch end)."""
-        while self.in_flight >= self.limit:
+        while self.in_flight >= self._open():
             waiter = asyncio.get_running_loop().create_future()
             heapq.heappush(self._waiters, (priority, next(self._arrivals), waiter))
             try:
@@ -323,11 +334,23 @@ class AutoGate:
         """One handler call ended after ``latency_s`` (its time waiting for rate-limit tokens not included)."""
         self.done += 1
         self.latency_sum += latency_s
+        if self._unopened:
+            self._unopened -= 1
         self._maybe_adjust()
         self._wake()
 
+    def _open(self) -> int:
+        """The slots open now: the limit, less those that 429s emptied in the round trip after a cut, and less those
+        it grew by that no answer has opened yet. With no declared limit, a 429 is the only sign of too many calls,
+        and it comes at once: a limit doubled from 64 to 128 sent 64 calls together, half of them answered 429 in
+        the same instant, and the batch's circuit breaker deferred its items to a retry round. Opened one per answer
+        (as TCP's window grows with each acknowledgement), the calls past the API's capacity are a few."""
+        if self._parked and self.clock() >= self._cut_until:
+            self._parked = 0
+        return max(1, self.limit - self._parked - self._unopened)
+
     def _wake(self) -> None:
-        free = self.limit - self.in_flight
+        free = self._open() - self.in_flight
         while free > 0 and self._waiters:
             waiter = heapq.heappop(self._waiters)[2]
             if not waiter.done():
@@ -340,7 +363,33 @@ class AutoGate:
         self.token_waiters += delta
 
     def throttled(self) -> None:
+        """An answer of 429 (or another throttling error). With no declared limit pacing the calls, too many are in
+        flight for the API: the gate shrinks now, by ``BACKOFF``, at most once per round trip (the answers to calls
+        sent before the cut say nothing new), and within that round trip each further 429 keeps its own slot empty
+        (its item backs off; ``_open``). Shrinking once an interval let a throttled item's slot go to the next item
+        at once, to be answered 429 at once in turn: against an API taking 20 calls at once the job got a storm of
+        them, the circuit breaker deferred a fifth of its items to a retry round, and it reached 0.33 of what the
+        API allows."""
         self.throttles += 1
+        now = self.clock()
+        if self.offers:
+            return
+        if now < self._cut_until:
+            slots = self._open()
+            if self.in_flight - 1 < slots and slots > 1:  # its slot would go to the next item: keep it empty
+                self._parked += 1
+            return
+        self.limit, self._parked, self._unopened = max(1, math.floor(self.limit * self.BACKOFF)), 0, 0
+        self.slow_start, self._last, self._hold = False, None, self.HOLD
+        self._cut_until = now + self._round_trip()
+        self.history.append((now, self.limit))
+
+    def _round_trip(self) -> float:
+        """How long the calls sent before a cut take to answer: the lowest mean latency of an interval, or this
+        interval's so far, at least ``MIN_INTERVAL_S``."""
+        latency = self.base_latency if self.base_latency is not None else (
+            self.latency_sum / self.done if self.done else 0.0)
+        return max(self.MIN_INTERVAL_S, latency)
 
     def expired(self, slots: int) -> None:
         self.starved += slots
@@ -385,7 +434,9 @@ class AutoGate:
         if need is not None:
             self.limit = need
             self.slow_start, self._last = False, None
-        elif self.throttles > (self.SPORADIC * self.done if self.offers else 0):
+        elif self.throttles and not self.offers:  # too many at once: ``throttled`` has cut the gate; hold
+            self.slow_start, self._last, self._hold = False, None, self.HOLD
+        elif self.throttles > self.SPORADIC * self.done and self.offers:
             self.limit = max(math.floor(self.limit * self.BACKOFF), min(self.limit, self._paced()))  # never up
             self.slow_start, self._last, self._hold = False, None, self.HOLD
         elif self.starved and waiters < self.limit / 2 and used >= 0.7 * self.limit:
@@ -408,6 +459,10 @@ class AutoGate:
             self._last = None
         self._within_memory(old)
         self.limit = max(1, min(self.maximum, self.limit))
+        if self.limit > old and not self.offers:  # a declared limit paces the calls: no need to open gradually
+            self._unopened = min(self._unopened + self.limit - old, self.limit - 1)
+        elif self.limit < old:
+            self._unopened = 0
         if (self.limit >= self.maximum or self.supply < self.maximum) and self.short_of():
             self.capped_s += elapsed
         if self.limit != old:
@@ -550,6 +605,9 @@ class SharedSlots(AutoGate):
         super().__init__(maximum=slots, start=slots)
 
     def _maybe_adjust(self) -> None:
+        pass
+
+    def throttled(self) -> None:
         pass
 
 

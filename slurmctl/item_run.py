@@ -198,12 +198,14 @@ class ItemRun:
     async def _run_all(self, items: Items, pool: Any) -> list[ItemOutcome | None]:
         gate, loop, breaker = self.gate, asyncio.get_running_loop(), self.breaker
         peak, priority = gate.watch(), inflight.batch_priority()
-        calling = [0]  # the batch's attempts in flight now: the breaker's window spans at least them
+        calling = [0]  # the batch's attempts in flight now: the breaker's window spans at least them, and at least
+        # the process's (its batches' answers to calls sent together are one moment at the API too: a gate cut by a
+        # 429 with 63 in flight saw 26 answered 429 at once, 26 of its batch's 30, and the breaker deferred the batch)
 
         async def attempt(item: dict[str, Any]) -> list[dict[str, Any]]:
             calling[0] += 1
             if breaker is not None:
-                breaker.in_flight(calling[0])
+                breaker.in_flight(max(calling[0], gate.in_flight))
             try:
                 with self.meter.call(self.ctx) as latency:
                     if pool is None:  # a decorated handler's sync wrapper may hand back rows, not a coroutine

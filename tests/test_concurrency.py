@@ -275,6 +275,20 @@ def test_a_bunch_of_429s_among_many_calls_in_flight_is_retried_not_deferred(batc
     assert [r["id"] for r in rows] == list(range(40)) and len(calls(str(tmp_path / "calls"))) == 54
 
 
+def test_with_no_limit_declared_auto_concurrency_finds_an_apis_cap_on_calls_at_once_with_few_429s(batch, tmp_path):
+    # An API that takes 10 calls at once and answers 429 at once above that; no limit declared. The gate grows until
+    # the 429s come, then shrinks. Before, a 429's slot went to the next item at once, answered 429 at once in turn:
+    # a storm of them, and the circuit breaker deferred most of the batch to a retry round.
+    sample_handlers.capped_async.peak = 0
+    summary, _, rows, _ = batch("capped_async", n=600, params={"cap": 10, "sleep_s": 0.05},
+                                errors={"max_attempts": 10})
+    assert (summary["status"], summary["items_deferred"], summary["items_succeeded"]) == ("succeeded", 0, 600)
+    assert [r["id"] for r in rows] == list(range(600))
+    throttled = len(calls(str(tmp_path / "calls"))) - 600  # every call is recorded, the ones answered 429 too
+    assert throttled <= 60, throttled  # under 10 % of the calls
+    assert sample_handlers.capped_async.peak == 10  # and the API's cap was reached: the gate did not stop short
+
+
 def test_a_class_handler_is_built_once_per_process_and_closed_once(batch, tmp_path):
     params = {"instances_file": str(tmp_path / "built"), "closes_file": str(tmp_path / "closed")}
     inflight.close_worker()  # start clean: no instance left by another test
@@ -499,10 +513,13 @@ def test_with_no_limit_declared_auto_concurrency_rises_against_an_api_of_constan
     gate, now = auto_gate()
 
     async def waves(seconds: float, latency: float = 0.5) -> None:
-        while now[0] < seconds:
-            started = gate.limit - gate.in_flight
-            for _ in range(started):
-                await gate.acquire()
+        while now[0] < seconds:  # as many calls as the gate lets through start; the others wait for the next wave
+            tries = [asyncio.ensure_future(gate.acquire()) for _ in range(gate.limit - gate.in_flight)]
+            await asyncio.sleep(0)
+            started = sum(t.done() for t in tries)
+            for t in tries:
+                t.cancel()
+            await asyncio.gather(*tries, return_exceptions=True)
             now[0] += latency
             for _ in range(started):
                 gate.observe(latency)
@@ -510,6 +527,31 @@ def test_with_no_limit_declared_auto_concurrency_rises_against_an_api_of_constan
 
     asyncio.run(waves(30))
     assert gate.limit == 256, gate.history
+
+
+def test_with_no_limit_declared_the_slots_a_gate_grows_by_open_one_per_answer():
+    # A 429 is then the only sign of too many calls, and it comes at once: a limit doubled from 64 to 128 sent 64
+    # calls together, half of them answered 429 in the same instant. Opened one per answer, a few go past the cap.
+    gate, now = auto_gate()
+
+    async def scenario() -> list[int]:
+        for _ in range(gate.limit):
+            await gate.acquire()
+        now[0] += inflight.AutoGate.MAX_INTERVAL_S  # an interval at 4 in flight, then an answer: slow start doubles
+        gate.observe(0.05)
+        gate.release()
+        assert gate.limit == 8 and gate.in_flight == 3, gate.history
+        waiting = [asyncio.ensure_future(gate.acquire()) for _ in range(5)]
+        started = []
+        for _ in range(4):
+            await asyncio.sleep(0)
+            started.append(sum(t.done() for t in waiting))
+            gate.observe(0.05)  # one more answer (its item's next call takes its own slot back)
+        for t in waiting:
+            t.cancel()
+        return started
+
+    assert asyncio.run(scenario()) == [1, 2, 3, 4]
 
 
 def test_auto_concurrency_rises_until_the_declared_rate_is_saturated_and_no_further():

@@ -343,6 +343,27 @@ def _api_session_class() -> type:
 ApiSession = _api_session_class()
 
 
+_at_capped_api = [0]  # calls ``capped_async``'s API is answering now (one per process: the tests run one batch)
+
+
+async def capped_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """An API that takes at most ``cap`` calls at once, as many APIs cap concurrent calls: above it, 429 at once (no
+    ``Retry-After``); else an answer after ``sleep_s``. ``capped_async.peak``: the most it answered at once."""
+    record_call(ctx, item)
+    if _at_capped_api[0] >= int(ctx.params["cap"]):
+        raise ItemError("429: too many concurrent requests", error_class="throttle")
+    _at_capped_api[0] += 1
+    capped_async.peak = max(capped_async.peak, _at_capped_api[0])
+    try:
+        await asyncio.sleep(float(ctx.params.get("sleep_s") or 0))
+    finally:
+        _at_capped_api[0] -= 1
+    return {"id": item["id"]}
+
+
+capped_async.peak = 0
+
+
 async def flaky_once_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """Fails the first call of each id listed in the JSON file ``fail_once`` (``{id: class}``), then succeeds.
     A failing call answers after ``fail_after_s``, the others after ``sleep_s`` (both default 0: at once)."""
