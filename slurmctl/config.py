@@ -263,8 +263,8 @@ ErrorClass = Annotated[str, Field(pattern=ERROR_CLASS_PATTERN)]
 
 
 class CircuitBreakerConfig(_Strict):
-    """Stop a batch when one transient class dominates its last ``window`` attempts (or as many as it had in flight
-    at once, when more: ``slurmctl.errors.CircuitBreaker``); defer the rest."""
+    """Stop a batch when one transient class dominates its last ``window`` attempts (or as many as it, or its worker
+    process, had in flight at once, when more: ``slurmctl.errors.CircuitBreaker``); defer the rest."""
 
     enabled: bool = True
     window: int = Field(default=20, gt=0)

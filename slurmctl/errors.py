@@ -227,12 +227,12 @@ class CircuitBreaker:
     Then the batch stops spending its items against a failing API: the rest are *deferred* to a later retry round
     instead of being marked failed.
 
-    "Recent" is the last ``window`` attempts, or, when more of the batch's calls were in flight at once
-    (``in_flight``), the last that many (``min_attempts`` growing in proportion). Answers to calls sent together
-    arrive together, and a bunch of them is one moment at the API, not a trend: with 128 calls in flight, 16 answers
-    of 429 in a row (the API's burst overrun for an instant, with a declared limit pacing the calls) tripped a window
-    of 20, deferring most of the batch to a retry round 10 s later. An API that is really down still trips it within
-    one round of the calls in flight, which were sent anyway.
+    "Recent" is the last ``window`` attempts, or, when more of the batch's calls (or of its worker process's, for
+    items in flight) were in flight at once (``in_flight``), the last that many (``min_attempts`` growing in
+    proportion). Answers to calls sent together arrive together, and a bunch of them is one moment at the API, not a
+    trend: with 128 calls in flight, 16 answers of 429 in a row (the API's burst overrun for an instant, with a
+    declared limit pacing the calls) tripped a window of 20, deferring most of the batch to a retry round 10 s later.
+    An API that is really down still trips it within one round of the calls in flight, which were sent anyway.
     """
 
     def __init__(self, window: int = 20, threshold: float = 0.8, min_attempts: int = 10,
