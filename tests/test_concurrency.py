@@ -56,15 +56,18 @@ from slurmctl.tasks.process_batch import run_batch
 @pytest.fixture
 def batch(tmp_path: Path):
     """A one-batch job of ``n`` items for ``handler``: returns (summary, task manifest, output ids in row order)."""
-    def run(handler: str, n: int = 60, errors: dict | None = None, store: str = "store", logger=None, **fields):
-        write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(n)])
+    def run(handler: str, n: int = 60, errors: dict | None = None, store: str = "store", logger=None,
+            folder: Path | None = None, **fields):
+        """``folder``: another folder for the batch's input and store (two batches of the job running at once)."""
+        folder = folder or tmp_path
+        write_jsonl(folder / "in.jsonl", [{"id": i} for i in range(n)])
         params = {"calls_file": str(tmp_path / "calls"), **fields.pop("params", {})}
         cfg = parse_config({"job_id": "unit", "handler": f"support.sample_handlers:{handler}",
-                            "input": {"uri": str(tmp_path / "in.jsonl")}, "batch_size": n,
-                            "storage": {"uri": f"file://{tmp_path / store}"}, "params": params,
+                            "input": {"uri": str(folder / "in.jsonl")}, "batch_size": n,
+                            "storage": {"uri": f"file://{folder / store}"}, "params": params,
                             "errors": {"backoff_base_s": 0.01, "backoff_max_s": 0.02, **(errors or {})}, **fields})
-        books = LocalManifestStore(root=str(tmp_path / store))
-        with open(tmp_path / "in.jsonl", "rb") as f:
+        books = LocalManifestStore(root=str(folder / store))
+        with open(folder / "in.jsonl", "rb") as f:
             [spec] = partition(f, "jsonl", n).batches
         summary = run_batch(cfg, books, spec, logger=logger)
         task = books.get_json(f"jobs/{cfg.job_id}/tasks/{spec.batch_id}.json")
@@ -273,6 +276,33 @@ def test_a_bunch_of_429s_among_many_calls_in_flight_is_retried_not_deferred(batc
                                         "sleep_s": 0.3})
     assert (summary["status"], summary["items_deferred"], summary["items_succeeded"]) == ("succeeded", 0, 40)
     assert [r["id"] for r in rows] == list(range(40)) and len(calls(str(tmp_path / "calls"))) == 54
+
+
+def test_a_bunch_of_429s_among_a_worker_processs_calls_in_flight_is_retried_not_deferred(batch, tmp_path):
+    # Two batches of one job in a worker process, 30 calls in flight each (concurrency: 30, 2 threads). 26 of the
+    # second batch's calls answer 429 together: a bunch among the process's 60 calls in flight. Judged against the
+    # batch's own 30 in flight, they were 87 % of its breaker's window, and the breaker deferred 26 items to a retry
+    # round. Its window now spans the process's 60: its 26 retries go on at once.
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    (second / "fail.json").write_text(json.dumps({str(i): "throttle" for i in range(26)}))
+    fields = {"concurrency": 30, "cluster": {"kind": "local", "threads_per_worker": 2}}
+    sample_handlers.in_flight.now = 0
+    running = threading.Thread(target=batch, args=("counting_async",),
+                               kwargs={"n": 30, "folder": first, "params": {"sleep_s": 3}, **fields})
+    running.start()
+    try:
+        wait_for(lambda: sample_handlers.in_flight.now >= 30 or not running.is_alive(), 60,
+                 "the first batch's 30 calls in flight", 0.01)
+        assert running.is_alive()
+        summary, _, rows, _ = batch("flaky_once_async", n=30, folder=second, **fields, params={
+            "fail_once": str(second / "fail.json"), "fail_after_s": 0.05, "sleep_s": 0.3})
+        assert sample_handlers.in_flight.now == 30  # the first batch's calls were in flight throughout
+    finally:
+        running.join()
+    assert (summary["items_deferred"], summary["items_succeeded"]) == (0, 30), summary
+    assert [r["id"] for r in rows] == list(range(30))
 
 
 def test_with_no_limit_declared_auto_concurrency_finds_an_apis_cap_on_calls_at_once_with_few_429s(batch, tmp_path):
