@@ -289,8 +289,9 @@ def test_a_bunch_of_429s_among_a_worker_processs_calls_in_flight_is_retried_not_
     (second / "fail.json").write_text(json.dumps({str(i): "throttle" for i in range(26)}))
     fields = {"concurrency": 30, "cluster": {"kind": "local", "threads_per_worker": 2}}
     sample_handlers.in_flight.now = 0
+    release = tmp_path / "release"  # the first batch's calls stay in flight until the second batch has committed
     running = threading.Thread(target=batch, args=("counting_async",),
-                               kwargs={"n": 30, "folder": first, "params": {"sleep_s": 3}, **fields})
+                               kwargs={"n": 30, "folder": first, "params": {"release": str(release)}, **fields})
     running.start()
     try:
         wait_for(lambda: sample_handlers.in_flight.now >= 30 or not running.is_alive(), 60,
@@ -300,6 +301,7 @@ def test_a_bunch_of_429s_among_a_worker_processs_calls_in_flight_is_retried_not_
             "fail_once": str(second / "fail.json"), "fail_after_s": 0.05, "sleep_s": 0.3})
         assert sample_handlers.in_flight.now == 30  # the first batch's calls were in flight throughout
     finally:
+        release.touch()
         running.join()
     assert (summary["items_deferred"], summary["items_succeeded"]) == (0, 30), summary
     assert [r["id"] for r in rows] == list(range(30))

@@ -197,8 +197,9 @@ in_flight = _InFlight()
 
 async def counting_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """``counting`` as a coroutine: ``sleep_s`` is an async sleep (``jitter_s`` adds a random part, so items finish
-    out of input order); ``fail`` injects errors; ``stall_once`` stalls one item (the others go on); ``limit``: the
-    sleep is a call under that declared rate limit."""
+    out of input order); ``fail`` injects errors; ``stall_once`` stalls one item (the others go on); ``release``:
+    every call then waits, in flight, until that file exists; ``limit``: the sleep is a call under that declared
+    rate limit."""
     import asyncio
     import random
 
@@ -209,6 +210,10 @@ async def counting_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
         with in_flight:
             await asyncio.sleep(float(ctx.params.get("sleep_s") or 0) + random.uniform(0, ctx.params.get("jitter_s", 0))
                                 + (float(stalled.get("seconds", 600)) if stalled else 0))
+            deadline = time.monotonic() + 600
+            while ctx.params.get("release") and not os.path.exists(ctx.params["release"]) \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
     _injected_failure(ctx, item)
     return {"id": item["id"], "doubled": item["id"] * 2}
 
