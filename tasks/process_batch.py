@@ -222,7 +222,9 @@ def run_batch(cfg: JobConfig, store: Store, spec: BatchSpec, *, logger: Any = No
     manifest = TaskManifest(
         job_id=cfg.job_id, batch_id=spec.batch_id, task_id=spec.batch_id.replace("batch", "task", 1),
         group=spec.group, phase="process" if spec.source == "input" else "retry",
-        status="throttled" if breaker is not None and breaker.open else "succeeded",
+        # ``throttled`` says the batch left items to a retry round: a breaker that opened after every item had
+        # started and succeeded (its window filled with 429s that were then retried) deferred nothing.
+        status="throttled" if breaker is not None and breaker.open and deferred else "succeeded",
         input_digest=sliced.digest, started_at=meter.started_at, finished_at=meter.started_at, items=spec.records,
         items_succeeded=succeeded, items_failed=len(failed), items_deferred=len(deferred),
         items_rejected=len(sliced.rejects), rows_written=table.num_rows if table is not None else len(rows),

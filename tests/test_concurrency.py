@@ -303,7 +303,9 @@ def test_a_bunch_of_429s_among_a_worker_processs_calls_in_flight_is_retried_not_
     finally:
         release.touch()
         running.join()
-    assert (summary["items_deferred"], summary["items_succeeded"]) == (0, 30), summary
+    # Its breaker may still open once 30 attempts are in, 26 of them 429s, but every item had started by then and
+    # nothing was deferred: the batch reads ``succeeded``, not ``throttled``.
+    assert (summary["status"], summary["items_deferred"], summary["items_succeeded"]) == ("succeeded", 0, 30), summary
     assert [r["id"] for r in rows] == list(range(30))
 
 
