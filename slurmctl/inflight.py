@@ -275,10 +275,12 @@ class AutoGate:
         self._watches: list[list[int]] = []
         self._last: tuple[int, float] | None = None  # (limit, rate) before the last step of the climb
         self._hold = 0
+        self._paid = 0  # steps up in a row that paid: each climbs further (``_grown``)
         self._probe_down = False
         self._cut_until = 0.0  # throttling cut the gate: until then, each 429 keeps its slot empty ...
         self._parked = 0  # ... these many
         self._unopened = 0  # slots the limit grew by with no declared limit, opened one per answer (``observe``)
+        self._ceiling = 0  # no declared limit: the slots open when a 429 last cut the gate (``_recover``)
         self.token_waiters = 0  # items waiting in ctx.limit for a token right now
         self.offers: dict[str, float] = {}  # tokens/s each rate limit offers this process (ctx.limit tells us)
         self.even_offers: dict[str, float] = {}  # the same when every process spending it wants more (advice)
@@ -379,8 +381,10 @@ class AutoGate:
             if self.in_flight - 1 < slots and slots > 1:  # its slot would go to the next item: keep it empty
                 self._parked += 1
             return
-        self.limit, self._parked, self._unopened = max(1, math.floor(self.limit * self.BACKOFF)), 0, 0
-        self.slow_start, self._last, self._hold = False, None, self.HOLD
+        opened = max(1, self.limit - self._unopened)
+        self._ceiling = max(1, min(opened, self.in_flight) - 1)  # the API said no to the last call in flight
+        self.limit, self._parked, self._unopened, self._paid = max(1, math.floor(opened * self.BACKOFF)), 0, 0, 0
+        self.slow_start, self._last, self._hold = False, None, 0
         self._cut_until = now + self._round_trip()
         self.history.append((now, self.limit))
 
@@ -423,8 +427,11 @@ class AutoGate:
         need = self._littles_law()
         if need is None and elapsed < max(self.MIN_INTERVAL_S, 1.5 * self.latency_sum / self.done):
             return
-        if need is None and self.done < self.MIN_DONE and elapsed < self.MAX_INTERVAL_S:
-            return  # too few completions to compare rates yet
+        # Back below the mark a 429 left (``_recover``): no rates to compare. A probe down is judged first.
+        recovering = self.limit < self._ceiling and not self.offers and self._last is None
+        if (need is None and self.done < min(self.MIN_DONE, 2 * self.limit) and elapsed < self.MAX_INTERVAL_S
+                and not recovering):
+            return  # too few completions to compare rates yet (a few rounds of the calls in flight at least)
         rate = self.done / elapsed
         mean = self.latency_sum / self.done
         self.base_latency = mean if self.base_latency is None else min(self.base_latency, mean)
@@ -435,7 +442,7 @@ class AutoGate:
             self.limit = need
             self.slow_start, self._last = False, None
         elif self.throttles and not self.offers:  # too many at once: ``throttled`` has cut the gate; hold
-            self.slow_start, self._last, self._hold = False, None, self.HOLD
+            self.slow_start, self._last = False, None
         elif self.throttles > self.SPORADIC * self.done and self.offers:
             self.limit = max(math.floor(self.limit * self.BACKOFF), min(self.limit, self._paced()))  # never up
             self.slow_start, self._last, self._hold = False, None, self.HOLD
@@ -453,8 +460,14 @@ class AutoGate:
             if waiters > keep:
                 self.limit = max(math.ceil(calling + keep), math.floor(self.limit * 0.9))
             self.slow_start, self._last = False, None
+        elif used >= 0.7 * self.limit and recovering:
+            self._recover()
         elif used >= 0.7 * self.limit:  # judge only a limit that is used
-            self._climb(rate)
+            # The rate the calls were served at, by Little's law: the calls in progress over their mean latency.
+            # Counting the answers instead judged a step by where its interval's last answer fell in a wave: calls
+            # that start together answer together, so 7 or 9 in flight both took three waves of 200 ms to bring 20
+            # answers, and a step up that raised the calls served by a quarter looked as if it brought nothing.
+            self._climb(max(0.0, used - waiters) / mean if mean > 0 else rate)
         else:
             self._last = None
         self._within_memory(old)
@@ -559,6 +572,17 @@ class AutoGate:
         need = math.ceil(self._offered_in_progress() * (1 + self.QUEUE_SHARE / 2))
         return need if need > self.limit else None
 
+    def _recover(self) -> None:
+        """No declared limit, an interval with no 429 below the slots that were open when a 429 last cut the gate:
+        halfway back there (at least one more), without weighing the rate. Below that mark the API took the calls
+        before, and the cut was for the moment it said no. Climbing back as from scratch (a hold of four intervals,
+        a probe down, then steps of a quarter, each weighed) kept the gate at 0.6-0.8 of an API's cap on calls at
+        once on average; TCP's congestion control, which meets the same sawtooth, regrows fast towards the window
+        where it lost a packet and probes carefully past it (BIC, CUBIC). Past the mark the climb weighs each step
+        as before, so an API that only queues more calls is not pushed."""
+        self.limit = min(self._ceiling, self.limit + max(1, math.ceil((self._ceiling - self.limit) / 2)))
+        self._last, self._hold = None, self.HOLD if self.limit == self._ceiling else 0  # there: hold, then probe
+
     def _climb(self, rate: float) -> None:
         """No limit saturated: find the concurrency past which more in flight brings no more done (hill climbing on
         the measured rate). A step up is kept when the rate rose with it (at least 30 % of the step), a step down
@@ -569,17 +593,20 @@ class AutoGate:
             before, before_rate = last
             step = self.limit / before - 1
             if rate < before_rate * (1 + self.PAYS * step):  # up: did not pay; down: cost too much. Step back.
-                self.limit, self._last, self._hold = before, None, self.HOLD
+                self.limit, self._last, self._hold, self._paid = before, None, self.HOLD, 0
                 self.slow_start = self.slow_start and step < 0
                 return
             self._last = (self.limit, rate)  # the step paid (up) or cost nothing (down): go on the same way
+            self._paid = self._paid + 1 if step > 0 else 0
+            if step < 0:  # the API took no more at the mark a 429 left: the mark comes down too
+                self._ceiling = min(self._ceiling, self.limit)
             self._step(down=step < 0)
             return
         if self._hold > 0:
             self._hold -= 1
             return
         self._probe_down = not self._probe_down and not self.slow_start
-        self._last = (self.limit, rate)
+        self._last, self._paid = (self.limit, rate), 0
         self._step(down=self._probe_down)
 
     def _step(self, down: bool) -> None:
@@ -587,12 +614,15 @@ class AutoGate:
         if down and self.limit > max(1, floor):
             self.limit = max(math.floor(self.limit * self.PROBE_DOWN), floor)
         elif not down and self.limit < self.maximum:
-            self.limit = self.limit * 2 if self.slow_start else self._grown()
+            self.limit = self.limit * 2 if self.slow_start else self._grown(self._paid)
         else:
             self._last = None  # nowhere to go
 
-    def _grown(self) -> int:
-        return max(self.limit + 1, math.ceil(self.limit * 1.25))
+    def _grown(self, paid: int = 0) -> int:
+        """A quarter more; after steps up that paid in a row, a half, then double (as TCP's BIC probes past the
+        window where it last lost a packet): a worker left alone under an API's cap when the other finished its
+        work climbed from 2 calls in flight back to the cap a quarter at a time, one interval per step."""
+        return max(self.limit + 1, math.ceil(self.limit * (1 + 0.25 * 2 ** min(paid, 2))))
 
 
 class SharedSlots(AutoGate):
