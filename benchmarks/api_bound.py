@@ -83,12 +83,15 @@ def job_metrics(folder: Path, job_id: str) -> dict:
     from slurmctl.blocks.manifest_store import store_from_uri
 
     store = store_from_uri(str(folder / "state"))
-    out = {"in_flight_max": 0, "concurrency_max": 0, "batches": 0}
+    out = {"in_flight_max": 0, "concurrency_max": 0, "batches": 0, "items_deferred": 0, "items_failed": 0}
     tokens = calls = expired = late = 0
     held = 0.0  # seconds an async handler held a worker's event loop (slurmctl.loop_watch): 0 for a handler that awaits
     for key in store.list_keys(f"jobs/{job_id}/tasks/"):
-        m = (store.get_json(key) or {}).get("metrics") or {}
-        out["batches"] += 1
+        task = store.get_json(key) or {}
+        m = task.get("metrics") or {}
+        out["batches"] += 1  # a retry round's batches too: items deferred or failed in a batch go to one
+        out["items_deferred"] += task.get("items_deferred") or 0
+        out["items_failed"] += task.get("items_failed") or 0
         out["in_flight_max"] = max(out["in_flight_max"], m.get("in_flight_max") or 1)
         out["concurrency_max"] = max(out["concurrency_max"], m.get("concurrency") or 1)
         if m.get("concurrency_needed"):  # max_concurrency held the worker below what the limit needs
@@ -149,7 +152,7 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
         fields["rate_limits"] = {"api": {"per_second": rate, "burst": args.burst}}
     api_get_post(f"{api}/config?latency={latency}&rate={rate or 0}&burst={args.burst}&cap={cap}")
     cfg = write_config(folder / "job.yaml", job_id=job_id, handler=spec, input={"uri": "in.jsonl"}, batch_size=batch,
-                       params=params, storage={"uri": "state"}, errors={"max_attempts": 10}, **fields)
+                       params=params, storage={"uri": "state"}, errors={"max_attempts": args.max_attempts}, **fields)
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "slurmctl.cli", "submit", str(cfg), "--wait"], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=3600)
@@ -356,6 +359,8 @@ def main() -> None:
     p.add_argument("--handlers", nargs="*", choices=list(HANDLERS), default=["async", "sync-auto", "sync-1"],
                    help="none: only the bare runs asked for")
     p.add_argument("--seconds", type=float, default=12, help="work per cell at the rate it can reach")
+    p.add_argument("--max-attempts", type=int, default=10,
+                   help="errors.max_attempts of each job (3 is the config's default): attempts per item in its batch")
     p.add_argument("--max-items", type=int, default=30000)
     p.add_argument("--ceiling", action="store_true", help="also R = inf, L = 0, beside a bare client loop")
     p.add_argument("--ceiling-rate", type=float, default=1500, help="items/s a ceiling cell is sized for")

@@ -11,22 +11,23 @@ items has an outcome.
 How many are in flight at once is a gate:
 
 * ``FixedGate``: ``concurrency: N``, at most N items of the batch at once.
-* ``AutoGate``: ``concurrency: auto``, one per worker process and job, shared by its batches. It starts low. When
-  a declared rate limit tells it the rate it offers this process (its fair share), it goes to that rate times the
-  latency of the first answers at once (Little's law), plus a queue. Otherwise it doubles while more in flight
-  brings more done (slow start), then climbs by a quarter. It stops growing when the
-  job's rate limits are saturated (items queue for tokens in ``ctx.limit`` and no slot passes unused); it then
-  holds, trimming only a long queue down to the calls in progress (Little's law: ``rate x latency``) plus half as
-  many waiting, so the limiter never idles. Without a saturated limit it climbs while more in flight brings more
-  done, steps back when it does not (the API queues our calls), and now and then probes lower, keeping the lower
-  limit when the rate does not fall: so it follows an API that slows down. An answer of 429 (or any throttling
-  error) shrinks it by 30 %: with no declared limit at once, at most once per round trip, each further 429 of that
-  round trip keeping its own slot empty, and the slots it grows by open one per answer (a 429 then comes at once,
-  and every call past the API's capacity is one); with a declared rate limit, at the end of an interval with more
-  than a sporadic few (``SPORADIC``). With a
-  declared rate limit neither throttling nor a probe takes it below the calls that spend the rate the limit offers
-  this process (that rate x the latency: measured now, for throttling; the lowest measured, for a probe, so an API
-  that queues our calls cannot talk it into more); it never exceeds ``max_concurrency``, and stops growing (then
+* ``AutoGate``: ``concurrency: auto``, one per worker process and job, shared by its batches. It starts low. When a
+  declared rate limit tells it the rate it offers this process (its fair share), it goes to that rate times the
+  latency of the first answers at once (Little's law), plus a queue. Otherwise it doubles while more in flight brings
+  more done (slow start), then climbs by a quarter (a half, then double, after steps that paid in a row), judging each
+  step by the rate the calls are served at (Little's law: calls in progress over their latency). It stops growing when
+  the job's rate limits are saturated (items queue for tokens in ``ctx.limit`` and no slot passes unused); it then
+  holds, trimming only a long queue down to the calls in progress (Little's law: ``rate x latency``) plus half as many
+  waiting, so the limiter never idles. Without a saturated limit it climbs while more in flight brings more done,
+  steps back when it does not (the API queues our calls), and now and then probes lower, keeping the lower limit when
+  the rate does not fall: so it follows an API that slows down. An answer of 429 (or any throttling error) shrinks it
+  by 30 %: with no declared limit at once, at most once per round trip, each further 429 of that round trip keeping
+  its own slot empty, and the slots it grows by open one per answer (a 429 then comes at once, and every call past the
+  API's capacity is one), after which it climbs back fast to just below where the 429 came and holds there before
+  probing past it; with a declared rate limit, at the end of an interval with more than a sporadic few (``SPORADIC``).
+  With a declared rate limit neither throttling nor a probe takes it below the calls that spend the rate the limit
+  offers this process (that rate x the latency: measured now, for throttling; the lowest measured, for a probe, so an
+  API that queues our calls cannot talk it into more); it never exceeds ``max_concurrency``, and stops growing (then
   shrinks, below what a limit needs if it must) as the worker process nears its Dask memory limit (``MEMORY_HOLD``,
   ``MEMORY_SHRINK``). Its free slots go to the batch that started first, so a worker's batches start their items one
   after another and their tails (the last answers, the commit, the next batch's start) do not fall together.
@@ -585,9 +586,10 @@ class AutoGate:
 
     def _climb(self, rate: float) -> None:
         """No limit saturated: find the concurrency past which more in flight brings no more done (hill climbing on
-        the measured rate). A step up is kept when the rate rose with it (at least 30 % of the step), a step down
-        when the rate did not fall with it; otherwise the previous limit comes back and holds a few intervals.
-        While holding, the next probe alternates up and down, so a limit follows an API that slows down too."""
+        ``rate``, the rate the calls are served at). A step up is kept when the rate rose with it (at least 30 % of
+        the step), a step down when the rate did not fall with it; otherwise the previous limit comes back and holds
+        a few intervals. While holding, the next probe alternates up and down, so a limit follows an API that slows
+        down too."""
         last = self._last
         if last is not None:
             before, before_rate = last
