@@ -281,7 +281,7 @@ class AutoGate:
         self._cut_until = 0.0  # throttling cut the gate: until then, each 429 keeps its slot empty ...
         self._parked = 0  # ... these many
         self._unopened = 0  # slots the limit grew by with no declared limit, opened one per answer (``observe``)
-        self._ceiling = 0  # no declared limit: the slots open when a 429 last cut the gate (``_recover``)
+        self._ceiling = 0  # no declared limit: the mark a 429 left, the calls in flight less the one it refused
         self.token_waiters = 0  # items waiting in ctx.limit for a token right now
         self.offers: dict[str, float] = {}  # tokens/s each rate limit offers this process (ctx.limit tells us)
         self.even_offers: dict[str, float] = {}  # the same when every process spending it wants more (advice)
@@ -574,13 +574,13 @@ class AutoGate:
         return need if need > self.limit else None
 
     def _recover(self) -> None:
-        """No declared limit, an interval with no 429 below the slots that were open when a 429 last cut the gate:
-        halfway back there (at least one more), without weighing the rate. Below that mark the API took the calls
-        before, and the cut was for the moment it said no. Climbing back as from scratch (a hold of four intervals,
-        a probe down, then steps of a quarter, each weighed) kept the gate at 0.6-0.8 of an API's cap on calls at
-        once on average; TCP's congestion control, which meets the same sawtooth, regrows fast towards the window
-        where it lost a packet and probes carefully past it (BIC, CUBIC). Past the mark the climb weighs each step
-        as before, so an API that only queues more calls is not pushed."""
+        """No declared limit, an interval with no 429 below the mark the last cut left (the calls in flight when the
+        429 came, less the one it refused): halfway back there (at least one more), without weighing the rate. Below
+        the mark the API took the calls before, and the cut was for the moment it said no. Climbing back as from
+        scratch (a hold of four intervals, a probe down, then steps of a quarter, each weighed) kept the gate at
+        0.6-0.8 of an API's cap on calls at once on average; TCP's congestion control, which meets the same
+        sawtooth, regrows fast towards the window where it lost a packet and probes carefully past it (BIC, CUBIC).
+        Past the mark the climb weighs each step as before, so an API that only queues more calls is not pushed."""
         self.limit = min(self._ceiling, self.limit + max(1, math.ceil((self._ceiling - self.limit) / 2)))
         self._last, self._hold = None, self.HOLD if self.limit == self._ceiling else 0  # there: hold, then probe
 
