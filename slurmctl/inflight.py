@@ -382,7 +382,7 @@ class AutoGate:
             if self.in_flight - 1 < slots and slots > 1:  # its slot would go to the next item: keep it empty
                 self._parked += 1
             return
-        opened = max(1, self.limit - self._unopened)
+        opened = self._open()  # past the last cut's round trip: the limit less the slots no answer has opened yet
         self._ceiling = max(1, min(opened, self.in_flight) - 1)  # the API said no to the last call in flight
         self.limit, self._parked, self._unopened, self._paid = max(1, math.floor(opened * self.BACKOFF)), 0, 0, 0
         self.slow_start, self._last, self._hold = False, None, 0

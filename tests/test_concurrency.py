@@ -551,13 +551,7 @@ class CappedApi:
         self.random = random.Random(seed)
 
     async def _start(self, gates: list[inflight.AutoGate], i: int, now: list[float]) -> None:
-        while True:  # as many calls as the gate lets through, until one is answered 429
-            attempt = asyncio.ensure_future(gates[i].acquire())
-            await asyncio.sleep(0)
-            if not attempt.done():
-                attempt.cancel()
-                await asyncio.gather(attempt, return_exceptions=True)
-                return
+        while await acquired_now(gates[i]):  # as many calls as the gate lets through, until one is answered 429
             if len(self.ends) >= self.cap:
                 self.throttled += 1
                 gates[i].throttled()
@@ -589,6 +583,17 @@ class CappedApi:
         asyncio.run(steps())
 
 
+async def acquired_now(gate: inflight.AutoGate) -> bool:
+    """Whether ``gate`` lets one more call through now, as a batch's next item asks it (without waiting)."""
+    attempt = asyncio.ensure_future(gate.acquire())
+    await asyncio.sleep(0)
+    if attempt.done():
+        return True
+    attempt.cancel()
+    await asyncio.gather(attempt, return_exceptions=True)
+    return False
+
+
 def auto_gate(maximum: int = 256) -> tuple[inflight.AutoGate, list[float]]:
     now = [0.0]
     return inflight.AutoGate(maximum, clock=lambda: now[0]), now
@@ -603,12 +608,9 @@ def test_with_no_limit_declared_auto_concurrency_rises_against_an_api_of_constan
 
     async def waves(seconds: float, latency: float = 0.5) -> None:
         while now[0] < seconds:  # as many calls as the gate lets through start; the others wait for the next wave
-            tries = [asyncio.ensure_future(gate.acquire()) for _ in range(gate.limit - gate.in_flight)]
-            await asyncio.sleep(0)
-            started = sum(t.done() for t in tries)
-            for t in tries:
-                t.cancel()
-            await asyncio.gather(*tries, return_exceptions=True)
+            started = 0
+            while await acquired_now(gate):
+                started += 1
             now[0] += latency
             for _ in range(started):
                 gate.observe(latency)
