@@ -337,16 +337,24 @@ class BatchContext:
         return out
 
     def _wait_begins(self) -> None:
+        """An item starts waiting for tokens: counted for the batch, and told to the concurrency control, which
+        judges the calls in progress at the API as those in flight less those waiting here."""
         with self._lock:
             if self._waiting == 0:
                 self._waiting_since = time.perf_counter()
             self._waiting += 1
+        if self.observer is not None:
+            self.observer.waiting(1)
 
-    def _wait_ends(self) -> None:
+    def _wait_ends(self, costs: Counter[str]) -> None:
         with self._lock:
             self._waiting -= 1
             if self._waiting == 0:
                 self.limiter_waiting_s += time.perf_counter() - self._waiting_since
+        if self.observer is not None:
+            self.observer.waiting(-1)
+            if costs.get("expired"):
+                self.observer.expired(int(costs["expired"]))  # slots passed with nobody ready for them
 
     def _acquired(self, name: str, tokens: int, waited: float, blocked_s: float, costs: Counter[str]) -> None:
         cell = call_blocked.get()
@@ -476,7 +484,7 @@ class _Limit:
         try:
             waited, got = self.leaser.acquire(self.tokens, tally=costs), self.tokens
         finally:
-            self.ctx._wait_ends()
+            self.ctx._wait_ends(costs)
             self.ctx._acquired(self.name, got, waited, time.perf_counter() - blocked, costs)
         self._offer()
 
@@ -491,19 +499,12 @@ class _Limit:
         costs: Counter[str] = Counter()
         blocked = time.perf_counter()
         waited, got = 0.0, 0
-        observer = self.ctx.observer
-        if observer is not None:
-            observer.waiting(1)
         self.ctx._wait_begins()
         try:
             waited = await self._tokens(costs)
             got = self.tokens
         finally:
-            self.ctx._wait_ends()
-            if observer is not None:
-                observer.waiting(-1)
-                if costs.get("expired"):
-                    observer.expired(int(costs["expired"]))  # slots passed with nobody ready for them
+            self.ctx._wait_ends(costs)
             self.ctx._acquired(self.name, got, waited, time.perf_counter() - blocked, costs)
         self._offer()
 

@@ -176,8 +176,8 @@ class ItemRun:
             self.gate = inflight.fixed_gate(self.cfg.job_id or "", int(self.concurrency),
                                            self.cfg.cluster.worker_threads)
             pool_size = self.gate.shared.maximum  # N per worker thread, shared by its two batches
-        self.ctx.observer = self.gate
         pool = None if self.is_async else inflight.thread_pool(pool_size)
+        self.ctx.observer = self.gate if pool is None else inflight.FromThreads(self.gate, loop.loop)
         if self.concurrency == "auto":
             return self._on_loop(loop, items, pool)
         # ``concurrency: N``: the calls run in the pool's threads or on the loop's, so theirs is the CPU that says
