@@ -301,7 +301,7 @@ class BatchContext:
         # the same as the sum when items run one at a time, at most the batch's duration when many are in flight)
         self.limiter_waiting_s = 0.0
         self._waiting, self._waiting_since = 0, 0.0
-        self.observer: Any = None  # the worker's concurrency control, told of token waits and throttling
+        self.observer: Any = None  # the worker's concurrency control, told of token waits and of slots passed unused
         self._lock = threading.Lock()  # items of a sync handler with ``concurrency: N`` count from N threads
         self.failed: dict[Any, tuple[BaseException | str, str | None]] = {}  # a batch handler's ``fail`` calls
 
@@ -375,9 +375,7 @@ class BatchContext:
         err = ErrorPolicy().classify(exc)
         if err.error_class != "throttle":
             return None
-        self.count(f"ratelimit_{name}_throttled")
-        if self.observer is not None:
-            self.observer.throttled()
+        self.count(f"ratelimit_{name}_throttled")  # the concurrency control hears of it from the item's retries
         return err
 
     def _add_costs(self, name: str, costs: Counter[str]) -> None:

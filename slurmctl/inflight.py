@@ -629,7 +629,7 @@ class AutoGate:
 
 class FromThreads:
     """What ``ctx.limit`` tells a gate from a sync handler's threads (an item waiting for tokens, slots that passed
-    unused, a 429), handed to the gate on its event loop, the one thread that touches it. Unseen, the items waiting
+    unused), handed to the gate on its event loop, the one thread that touches it. Unseen, the items waiting
     for tokens in those threads counted as calls at the API: the climb judged each step by the calls in flight over
     their latency, so every step up paid, and a sync handler under a declared limit went to ``max_concurrency``
     (256 threads a process where 50 spend the rate) and lost a tenth of the rate to them on 2 cores."""
@@ -642,9 +642,6 @@ class FromThreads:
 
     def expired(self, slots: int) -> None:
         self.loop.call_soon_threadsafe(self.gate.expired, slots)
-
-    def throttled(self) -> None:
-        self.loop.call_soon_threadsafe(self.gate.throttled)
 
     def offered(self, name: str, per_second: float, even_per_s: float | None = None) -> None:
         self.gate.offered(name, per_second, even_per_s)  # two dict writes: safe from any thread, needed at once

@@ -371,7 +371,8 @@ capped_async.peak = 0
 
 async def flaky_once_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """Fails the first call of each id listed in the JSON file ``fail_once`` (``{id: class}``), then succeeds.
-    A failing call answers after ``fail_after_s``, the others after ``sleep_s`` (both default 0: at once)."""
+    A failing call answers after ``fail_after_s``, the others after ``sleep_s`` (both default 0: at once);
+    ``limit``: each call, its error included, is made under that declared rate limit."""
     import asyncio
 
     record_call(ctx, item)
@@ -382,9 +383,10 @@ async def flaky_once_async(item: dict[str, Any], ctx: Any) -> dict[str, Any]:
     if cls:
         with open(path, "w") as f:
             json.dump(pending, f)
-    await asyncio.sleep(float(ctx.params.get("fail_after_s" if cls else "sleep_s") or 0))
-    if cls:
-        raise ItemError(f"injected {cls} error, once", error_class=cls)
+    async with ctx.limit(ctx.params["limit"]) if ctx.params.get("limit") else contextlib.nullcontext():
+        await asyncio.sleep(float(ctx.params.get("fail_after_s" if cls else "sleep_s") or 0))
+        if cls:
+            raise ItemError(f"injected {cls} error, once", error_class=cls)
     return {"id": item["id"]}
 
 
