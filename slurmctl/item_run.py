@@ -177,7 +177,9 @@ class ItemRun:
                                            self.cfg.cluster.worker_threads)
             pool_size = self.gate.shared.maximum  # N per worker thread, shared by its two batches
         pool = None if self.is_async else inflight.thread_pool(pool_size)
-        self.ctx.observer = self.gate if pool is None else inflight.FromThreads(self.gate, loop.loop)
+        # a sync handler's threads tell an adapting gate on its loop; a fixed gate hears nothing it would use
+        adapts = pool is not None and self.concurrency == "auto"
+        self.ctx.observer = inflight.FromThreads(self.gate, loop.loop) if adapts else self.gate
         if self.concurrency == "auto":
             return self._on_loop(loop, items, pool)
         # ``concurrency: N``: the calls run in the pool's threads or on the loop's, so theirs is the CPU that says
