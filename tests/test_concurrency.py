@@ -676,7 +676,7 @@ def test_with_no_limit_declared_the_slots_a_gate_grows_by_open_one_per_answer():
 
 @pytest.mark.parametrize("processes, cap, latency_s", [(1, 10, 0.2), (2, 20, 0.2), (2, 100, 1.0)])
 def test_with_no_limit_declared_auto_concurrency_keeps_near_an_apis_cap_on_calls_at_once(processes, cap, latency_s):
-    # After a 429 the gate climbs back fast to just below the slots that were open when it came (halfway there each
+    # After a 429 the gate climbs back fast to just below the calls in flight when it came (halfway there each
     # round trip), holds there, and only then probes past it, a step at a time weighed by the rate. Climbing back as
     # from scratch (a hold, a probe down, steps of a quarter each weighed) spent most of its time well below the cap:
     # 0.75-0.85 of what it allows here (0.91-0.94 now, at six seeds), 0.64-0.81 in the benchmark.
