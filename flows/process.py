@@ -233,7 +233,7 @@ def plan_pass(cfg: JobConfig, specs: list[BatchSpec], cap: int) -> tuple[int, li
     the shards ``specs`` are cut into: waves counted over the configured threads (``books.shards.waves_for``)."""
     per_thread = shards_per_thread(cfg)
     slots = worker_slots(cfg) * per_thread
-    return slots, plan_shards(specs, slots, cap, waves_for(per_thread))
+    return slots, plan_shards(specs, slots, cap, waves_for(cfg, per_thread))
 
 
 def run_batches(cfg: JobConfig, store: Store, job: JobManifest, specs: list[BatchSpec],

@@ -52,15 +52,26 @@ def test_shards_are_bounded_spread_and_cover_every_batch_once(batches, slots):
 
 
 @pytest.mark.parametrize("concurrency", [None, 2])
-def test_waves_are_counted_over_the_configured_threads_when_items_run_concurrently(job, concurrency):
-    # 2 workers x 1 thread. Items in flight together run two shards per thread (4 Dask threads), so one keeps the
-    # calls going while the other changes shards; the job still gets 4 waves over its 2 threads: 8 task runs, not 16
-    # (each task run's start costs the worker CPU its calls in flight are waiting for).
-    cfg, _, _, _ = job()
-    cfg = cfg.model_copy(update={"concurrency": concurrency})
+def test_waves_are_counted_over_the_configured_threads_when_items_run_concurrently(concurrency):
+    # 2 Slurm workers x 1 thread. Items in flight together run two shards per thread (4 Dask threads), so one keeps
+    # the calls going while the other changes shards; the job still gets 4 waves over its 2 threads: 8 task runs, not
+    # 16 (each task run's start costs the worker CPU its calls in flight are waiting for).
+    cfg = parse_config({"handler": "support.sample_handlers:counting", "input": {"uri": "in.jsonl"},
+                        "cluster": {"kind": "slurm", "cores": 1, "processes": 1, "max_jobs": 2},
+                        "concurrency": concurrency})
     slots, shards = plan_pass(cfg, specs_of(40), Budget.of(cfg).process)
     assert slots == (4 if concurrency else 2)
     assert len(shards) == 8 and [len(s.specs) for s in shards] == [5] * 8
+
+
+@pytest.mark.parametrize("concurrency", [None, 2])
+def test_the_embedded_cluster_runs_one_wave_when_items_run_concurrently(job, concurrency):
+    # 2 local workers x 1 thread, all started together. Items in flight: one shard per Dask thread (4 of 10), as no
+    # worker comes late and every shard change costs the calls in flight some CPU. One at a time: 4 waves as before.
+    cfg, _, _, _ = job()
+    cfg = cfg.model_copy(update={"concurrency": concurrency})
+    slots, shards = plan_pass(cfg, specs_of(40), Budget.of(cfg).process)
+    assert (slots, [len(s.specs) for s in shards]) == ((4, [10] * 4) if concurrency else (2, [5] * 8))
 
 
 def test_a_job_run_stays_within_its_task_run_budget():
