@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/api_bound.py --latency-ms 200 --rate 500 --handlers async --json   # one cell
     .venv/bin/python benchmarks/api_bound.py --rate --ceiling --json                                  # the ceiling only
     .venv/bin/python benchmarks/api_bound.py --latency-ms 200 --rate 500 --handlers async sync-auto --slurm --json
+    .venv/bin/python benchmarks/api_bound.py --latency-ms 200 --rate 500 --handlers async --seconds 30 \
+        --kill-worker-at 0.85 --json                                    # the tail a worker lost late in a job leaves
 
 A local API (``api_server.py``: an ASGI app under uvicorn, in its own process) answers each ``GET /items/{id}`` after
 L with its own token bucket of R/s, burst 5 (``--burst``; 429 above it). Per cell one job runs on the embedded
@@ -27,6 +29,8 @@ process reaches) beside a bare httpx/asyncio client loop against the same server
 ``--bare-paced [SHARE ...]`` adds, per cell, 2 bare processes sending plain httpx requests at exact, evenly spaced
 times (SHARE of R in all, 0.9 by default) with no limiter at all: how many of them the API answers 429 when nothing
 but the machine's own timing decides when they leave, and the CPU a request costs a process sending at a steady pace.
+``--kill-worker-at SHARE`` SIGKILLs one worker process of each cell's job once the API has answered SHARE of its items
+(embedded default only) and prints the API's counts from then on (``after_kill_per_s``).
 
 The API runs at real-time priority where the machine allows it (``api_priority`` in the output; else the highest
 nice level allowed): its bucket judges a request by when the API's process reads it, and on 2 cores shared with the
@@ -119,6 +123,57 @@ def _limit_state(path: Path, key: str):
     return limiter_from_config("local", path=str(path)).read(key) if path.exists() else None
 
 
+class WorkerKiller:
+    """``--kill-worker-at SHARE``: SIGKILL one of the embedded default's worker processes (a child of the job's
+    forkserver, ``slurmctl.flows.local_workers``) once the API has answered SHARE of the cell's items, and afterwards
+    the API's per-second counts from that second on: the tail a lost worker leaves."""
+
+    def __init__(self, api: str, items: int, share: float) -> None:
+        import threading
+
+        self.api, self.threshold = api, share * items
+        self.pid: int | None = None
+        self.second: int | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _worker() -> int | None:
+        import psutil
+
+        for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
+            try:
+                if "multiprocessing.forkserver" in " ".join(psutil.Process(proc.info["ppid"]).cmdline()):
+                    return proc.info["pid"]
+            except (psutil.Error, OSError):
+                continue
+        return None
+
+    def _watch(self) -> None:
+        import signal
+
+        while not self._done.wait(0.1):
+            try:
+                if api_get(f"{self.api}/stats").get("ok", 0) < self.threshold:
+                    continue
+            except OSError:
+                continue
+            self.pid = self._worker()
+            if self.pid is not None:
+                os.kill(self.pid, signal.SIGKILL)
+                self.second = int(time.monotonic())  # the API's buckets are its process's monotonic seconds
+            return
+
+    def result(self, api: str) -> dict:
+        self._done.set()
+        self._thread.join()
+        if self.second is None:
+            return {"killed_worker": None}
+        tail = [n for s, n in api_get(f"{api}/stats").get("per_second") or [] if s >= self.second]
+        return {"killed_worker": self.pid, "after_kill_s": len(tail), "after_kill_per_s": tail}
+
+
 def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: str, latency_ms: float,
              rate: float | None, cap: int = 0) -> dict:
     """One job against the API answering after ``latency_ms`` through a bucket of ``rate``/s, declared as the job's
@@ -153,11 +208,14 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
     api_get_post(f"{api}/config?latency={latency}&rate={rate or 0}&burst={args.burst}&cap={cap}")
     cfg = write_config(folder / "job.yaml", job_id=job_id, handler=spec, input={"uri": "in.jsonl"}, batch_size=batch,
                        params=params, storage={"uri": "state"}, errors={"max_attempts": args.max_attempts}, **fields)
+    killer = WorkerKiller(api, items, args.kill_worker_at) if args.kill_worker_at else None
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "slurmctl.cli", "submit", str(cfg), "--wait"], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=3600)
     wall = time.monotonic() - started
     achieved, at_api = measured_at_api(api, rate)
+    if killer is not None:
+        at_api.update(killer.result(api))
     if cap:  # the share of what the cap allows
         at_api["utilisation"] = round(achieved / reach, 3)
     out = {"handler": handler, "latency_ms": latency_ms, "rate": rate, **({"cap": cap} if cap else {}),
@@ -380,6 +438,8 @@ def main() -> None:
     p.add_argument("--cap", type=int, nargs="*", default=[],
                    help="per latency, also a job that declares no limit against an API taking at most CAP calls at "
                         "once (429 above it): utilisation is then of CAP / latency")
+    p.add_argument("--kill-worker-at", type=float, metavar="SHARE",
+                   help="SIGKILL one embedded worker process once the API has answered SHARE of a cell's items")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
