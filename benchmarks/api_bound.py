@@ -239,7 +239,8 @@ def measured_at_api(api: str, rate: float | None) -> tuple[float, dict]:
                       "steady_seconds": len(buckets), "steady_per_s": buckets,
                       "requests": stats.get("requests", 0), "responses_429": stats.get("429", 0),
                       "share_429": round(stats.get("429", 0) / max(1, stats.get("requests", 0)), 5),
-                      "api_in_flight_max": stats.get("in_flight_max"), "api_lag": stats.get("lag")}
+                      "api_in_flight_max": stats.get("in_flight_max"), "api_lag": stats.get("lag"),
+                      "api_rss_max_mb": stats.get("rss_max_mb")}
 
 
 def client_pools(in_flight: int, pool: int = 1) -> list:
