@@ -36,7 +36,8 @@ The API runs at real-time priority where the machine allows it (``api_priority``
 nice level allowed): its bucket judges a request by when the API's process reads it, and on 2 cores shared with the
 job an API descheduled for a few ms reads the requests sent meanwhile together and answers the bucket's overflow 429
 (at 2000/s, burst 5 absorbs 2 ms). An API on its own servers does not stall with its clients' load. Each cell also
-prints the API's own stalls (``api_lag``) and the 429s answered within 20 ms of one.
+prints the API's own stalls (``api_lag``) and the 429s answered within 20 ms of one. For the same reason the API
+collects its garbage only between cells (its peak memory: ``api_rss_max_mb``).
 """
 
 from __future__ import annotations
