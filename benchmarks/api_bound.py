@@ -166,12 +166,12 @@ class WorkerKiller:
                 self.second = int(time.monotonic())  # the API's buckets are its process's monotonic seconds
             return
 
-    def result(self, api: str) -> dict:
+    def result(self) -> dict:
         self._done.set()
         self._thread.join()
         if self.second is None:
             return {"killed_worker": None}
-        tail = [n for s, n in api_get(f"{api}/stats").get("per_second") or [] if s >= self.second]
+        tail = [n for s, n in api_get(f"{self.api}/stats").get("per_second") or [] if s >= self.second]
         return {"killed_worker": self.pid, "after_kill_s": len(tail), "after_kill_per_s": tail}
 
 
@@ -216,7 +216,7 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
     wall = time.monotonic() - started
     achieved, at_api = measured_at_api(api, rate)
     if killer is not None:
-        at_api.update(killer.result(api))
+        at_api.update(killer.result())
     if cap:  # the share of what the cap allows
         at_api["utilisation"] = round(achieved / reach, 3)
     out = {"handler": handler, "latency_ms": latency_ms, "rate": rate, **({"cap": cap} if cap else {}),
