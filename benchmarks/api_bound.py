@@ -6,6 +6,8 @@
     .venv/bin/python benchmarks/api_bound.py --latency-ms 200 --rate 500 --handlers async sync-auto --slurm --json
     .venv/bin/python benchmarks/api_bound.py --latency-ms 200 --rate 500 --handlers async --seconds 30 \
         --kill-worker-at 0.85 --json                                    # the tail a worker lost late in a job leaves
+    .venv/bin/python benchmarks/api_bound.py --latency-ms 1000 --rate 500 --handlers async --seconds 30 --slurm \
+        --late-worker-s 15 --json                                       # a Slurm worker that starts 15 s late
 
 A local API (``api_server.py``: an ASGI app under uvicorn, in its own process) answers each ``GET /items/{id}`` after
 L with its own token bucket of R/s, burst 5 (``--burst``; 429 above it). Per cell one job runs on the embedded
@@ -31,6 +33,8 @@ times (SHARE of R in all, 0.9 by default) with no limiter at all: how many of th
 but the machine's own timing decides when they leave, and the CPU a request costs a process sending at a steady pace.
 ``--kill-worker-at SHARE`` SIGKILLs one worker process of each cell's job once the API has answered SHARE of its items
 (embedded default only) and prints the API's counts from then on (``after_kill_per_s``).
+``--late-worker-s SECONDS`` (with ``--slurm``) holds the second worker job pending until SECONDS after the first runs:
+a blocker job keeps the node's memory but room for one worker job (``LateWorker``).
 
 The API runs at real-time priority where the machine allows it (``api_priority`` in the output; else the highest
 nice level allowed): its bucket judges a request by when the API's process reads it, and on 2 cores shared with the
@@ -175,6 +179,56 @@ class WorkerKiller:
         return {"killed_worker": self.pid, "after_kill_s": len(tail), "after_kill_per_s": tail}
 
 
+class LateWorker:
+    """``--late-worker-s SECONDS`` (with ``--slurm``): the cell's second worker job starts SECONDS after its first.
+
+    Before the job, a blocker job holds the node's free memory but room for one worker job (``memory: 1GB``, which
+    dask-jobqueue asks as ``--mem=954M``), so Slurm starts the first worker job and leaves the second pending on
+    Resources; SECONDS after the first runs, the blocker is cancelled and Slurm starts the second (within its
+    scheduler's next pass). What a worker that arrives late on a busy cluster leaves to balance."""
+
+    WORKER_MB = math.ceil(1e9 / 2**20)
+
+    def __init__(self, job_id: str, seconds: float) -> None:
+        import threading
+
+        node = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, check=True).stdout
+        fields = dict(f.split("=", 1) for f in node.split() if "=" in f)
+        free = int(fields["RealMemory"]) - int(fields.get("AllocMem", 0))
+        hold = free - self.WORKER_MB * 3 // 2
+        self.blocker = subprocess.run(["sbatch", "--parsable", f"--mem={hold}M", "-c", "1", "-o", "/dev/null",
+                                       "-J", "bench-blocker", "--wrap", "sleep 3600"],
+                                      capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+        self.name, self.seconds = f"slurmctl-{job_id}", seconds
+        self.started: list[float] = []  # monotonic times at which each worker job was first seen running
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _running(self) -> set[str]:
+        out = subprocess.run(["squeue", "-h", "-n", self.name, "-t", "RUNNING", "-o", "%i"], capture_output=True,
+                             text=True).stdout
+        return set(out.split())
+
+    def _watch(self) -> None:
+        seen: set[str] = set()
+        released = False
+        while not self._done.wait(0.2) and len(seen) < 2:
+            new = self._running() - seen
+            self.started += [time.monotonic()] * len(new)
+            seen |= new
+            if self.started and not released and time.monotonic() - self.started[0] >= self.seconds:
+                subprocess.run(["scancel", self.blocker], capture_output=True)
+                released = True
+
+    def result(self) -> dict:
+        self._done.set()
+        self._thread.join()
+        subprocess.run(["scancel", self.blocker], capture_output=True)
+        gap = round(self.started[1] - self.started[0], 1) if len(self.started) > 1 else None
+        return {"late_worker_s": self.seconds, "second_worker_after_s": gap}
+
+
 def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: str, latency_ms: float,
              rate: float | None, cap: int = 0) -> dict:
     """One job against the API answering after ``latency_ms`` through a bucket of ``rate``/s, declared as the job's
@@ -210,6 +264,7 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
     cfg = write_config(folder / "job.yaml", job_id=job_id, handler=spec, input={"uri": "in.jsonl"}, batch_size=batch,
                        params=params, storage={"uri": "state"}, errors={"max_attempts": args.max_attempts}, **fields)
     killer = WorkerKiller(api, items, args.kill_worker_at) if args.kill_worker_at else None
+    late = LateWorker(job_id, args.late_worker_s) if args.slurm and args.late_worker_s else None
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "slurmctl.cli", "submit", str(cfg), "--wait"], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=3600)
@@ -217,6 +272,8 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
     achieved, at_api = measured_at_api(api, rate)
     if killer is not None:
         at_api.update(killer.result())
+    if late is not None:
+        at_api.update(late.result())
     if cap:  # the share of what the cap allows
         at_api["utilisation"] = round(achieved / reach, 3)
     out = {"handler": handler, "latency_ms": latency_ms, "rate": rate, **({"cap": cap} if cap else {}),
@@ -442,6 +499,9 @@ def main() -> None:
                         "once (429 above it): utilisation is then of CAP / latency")
     p.add_argument("--kill-worker-at", type=float, metavar="SHARE",
                    help="SIGKILL one embedded worker process once the API has answered SHARE of a cell's items")
+    p.add_argument("--late-worker-s", type=float, metavar="SECONDS",
+                   help="with --slurm: the second worker job starts SECONDS after the first (a blocker job holds "
+                        "the node's memory until then)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
