@@ -266,14 +266,16 @@ def run_cell(args: argparse.Namespace, env: dict, tmp: Path, api: str, handler: 
     killer = WorkerKiller(api, items, args.kill_worker_at) if args.kill_worker_at else None
     late = LateWorker(job_id, args.late_worker_s) if args.slurm and args.late_worker_s else None
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "slurmctl.cli", "submit", str(cfg), "--wait"], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=3600)
-    wall = time.monotonic() - started
+    try:
+        done = subprocess.run([sys.executable, "-m", "slurmctl.cli", "submit", str(cfg), "--wait"], cwd=folder,
+                              env=env, capture_output=True, text=True, timeout=3600)
+        wall = time.monotonic() - started
+    finally:
+        late_result = late.result() if late is not None else {}  # the blocker job goes, whatever happened
     achieved, at_api = measured_at_api(api, rate)
     if killer is not None:
         at_api.update(killer.result())
-    if late is not None:
-        at_api.update(late.result())
+    at_api.update(late_result)
     if cap:  # the share of what the cap allows
         at_api["utilisation"] = round(achieved / reach, 3)
     out = {"handler": handler, "latency_ms": latency_ms, "rate": rate, **({"cap": cap} if cap else {}),
@@ -504,6 +506,8 @@ def main() -> None:
                         "the node's memory until then)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.late_worker_s and not args.slurm:
+        p.error("--late-worker-s holds a Slurm worker job back: it needs --slurm")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-api-bound-"))
     env = benchmark_env(tmp, ROOT)
