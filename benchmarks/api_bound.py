@@ -182,33 +182,38 @@ class WorkerKiller:
 class LateWorker:
     """``--late-worker-s SECONDS`` (with ``--slurm``): the cell's second worker job starts SECONDS after its first.
 
-    Before the job, a blocker job holds the node's free memory but room for one worker job (``memory: 1GB``, which
-    dask-jobqueue asks as ``--mem=954M``), so Slurm starts the first worker job and leaves the second pending on
-    Resources; SECONDS after the first runs, the blocker is cancelled and Slurm starts the second (within its
-    scheduler's next pass). What a worker that arrives late on a busy cluster leaves to balance."""
-
-    WORKER_MB = math.ceil(1e9 / 2**20)
+    Before the job, a blocker job holds the node's free memory but room for one worker job (the config's default
+    ``memory``, which dask-jobqueue asks in MiB: ``--mem=954M`` for 1GB), so Slurm starts the first worker job and
+    leaves the second pending on Resources; SECONDS after the first runs, the blocker is cancelled and Slurm starts
+    the second (within its scheduler's next pass). What a worker that arrives late on a busy cluster leaves to
+    balance."""
 
     def __init__(self, job_id: str, seconds: float) -> None:
         import threading
 
+        from dask.utils import parse_bytes
+
+        from slurmctl.config import SlurmClusterConfig
+        from slurmctl.slurm import slurm_job_name
+
         node = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, check=True).stdout
         fields = dict(f.split("=", 1) for f in node.split() if "=" in f)
         free = int(fields["RealMemory"]) - int(fields.get("AllocMem", 0))
-        hold = free - self.WORKER_MB * 3 // 2
+        worker_mb = math.ceil(parse_bytes(SlurmClusterConfig.model_fields["memory"].default) / 2**20)
+        hold = free - worker_mb * 3 // 2
         self.blocker = subprocess.run(["sbatch", "--parsable", f"--mem={hold}M", "-c", "1", "-o", "/dev/null",
                                        "-J", "bench-blocker", "--wrap", "sleep 3600"],
                                       capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
-        self.name, self.seconds = f"slurmctl-{job_id}", seconds
+        self.name, self.seconds = slurm_job_name(job_id), seconds
         self.started: list[float] = []  # monotonic times at which each worker job was first seen running
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
     def _running(self) -> set[str]:
-        out = subprocess.run(["squeue", "-h", "-n", self.name, "-t", "RUNNING", "-o", "%i"], capture_output=True,
-                             text=True).stdout
-        return set(out.split())
+        from slurmctl.slurm import jobs_named
+
+        return {row[0] for row in jobs_named(self.name, running=True)}
 
     def _watch(self) -> None:
         seen: set[str] = set()
