@@ -29,7 +29,7 @@ from uuid import UUID
 from slurmctl.books.heartbeat import HEARTBEAT_S
 from slurmctl.books.manifests import TERMINAL_STATUSES, Keys, now, parse_time
 from slurmctl.books.store import load_job, store_for, update_job
-from slurmctl.flows import stop
+from slurmctl.flows import local_workers, stop
 from slurmctl.slurm import cancel_worker_jobs
 
 log = logging.getLogger("slurmctl.flows.cancel")
@@ -91,7 +91,11 @@ class CancelWatch:
 
     def _last_words(self, request: stop.StopRequest) -> None:
         """A second signal, or a stop that overran its bound: record the stop before the process exits (in a thread,
-        bounded by the caller)."""
+        bounded by the caller). The process ends its local workers first: nothing commits after its ``stopped``."""
+        if stop.exit_on_second:  # the coordinator process, about to exit (a notebook's flow closes its cluster)
+            ended = local_workers.end_workers()
+            if ended:
+                log.warning("job %s: ended its %d local worker(s) with it", self.job_id, len(ended))
         try:
             mark_cancelled(self.store, self.job_id, f"{request.reason}, then exited at once {request.how}",
                            self.kind, status="stopped")

@@ -14,8 +14,9 @@ waited for someone to type ``resume``. So while the job flow runs, these three s
    In the coordinator process the stop is bounded: ``CLOSE_S`` after the grace, a flow that has not ended (an
    unreachable Prefect API holds it in the client's retries) records the stop and exits as on a second signal.
 2. A second one exits at once (``os._exit``), after at most ``HARD_EXIT_S`` for the books (the manifest's
-   ``stopped`` and the Slurm jobs cancelled by name); in a notebook (not the coordinator process) a second Ctrl-C
-   raises ``KeyboardInterrupt`` instead of ending the kernel. The commits are consistent either way.
+   ``stopped``, once its local workers are killed or its Slurm jobs cancelled by name: ``flows/cancel.py``); in a
+   notebook (not the coordinator process) a second Ctrl-C raises ``KeyboardInterrupt`` instead of ending the kernel.
+   The commits are consistent either way.
 
 A SIGTERM that a deployment's runner sends to cancel the run (a Cancel in the Prefect UI: the runner announces its
 intent first) is Prefect's: it goes to Prefect's own handler, which ends the run Cancelled (``flows/cancel.py``).

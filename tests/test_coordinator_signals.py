@@ -5,6 +5,7 @@ signal exits at once and the books stay consistent."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -154,12 +155,19 @@ def test_sigterm_lets_the_running_batch_commit_then_the_job_is_stopped_and_resum
     assert not any(i < 30 for _, i in calls(str(tmp_path / "calls"))[30:])  # committed batches never ran again
 
 
-def test_a_second_signal_exits_at_once_with_consistent_books(tmp_path, prefect_api, slurmctl_home):
+def test_a_second_signal_exits_at_once_with_its_workers_and_consistent_books(tmp_path, prefect_api, slurmctl_home):
     pid, release = held_and_signalled(tmp_path, "stop-twice", slurmctl_home)
+    worker = int((tmp_path / "held").read_text())  # the worker process holding batch 2
+    # Frozen, the worker cannot notice by itself that its coordinator is gone (Dask's watch on its nanny's pipe): only
+    # the coordinator's kill ends it. Left alive, it would commit the held batch once released, after the `stopped`.
+    os.kill(worker, signal.SIGSTOP)
     os.kill(pid, signal.SIGINT)  # the held batch never finishes: only the second signal ends the coordinator
     try:
         wait_for(lambda: not pid_alive(pid), 30, "the coordinator to exit on the second signal")
+        assert not pid_alive(worker), "the coordinator exited and left its local worker behind"
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
         release.touch()
     view = status("stop-twice")
     assert view["status"] == "stopped" and "exited at once on a second signal" in view["error"], view
