@@ -21,3 +21,4 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -c "import prefect, prefect_aws, prefect_dask, dask_jobqueue, moto, pyarrow, slurmctl.flows.job"
   echo "$want" > "$stamp"
 fi
+bash scripts/compile.sh .venv/bin/python
