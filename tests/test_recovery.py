@@ -159,6 +159,11 @@ def test_worker_sigkill_mid_shard_loses_only_its_uncommitted_batches(tmp_path, p
     assert victim != coordinator and coordinator in {p.pid for p in psutil.Process(victim).parents()}
     committed = committed_tasks(store, "kill-worker")
     assert victim_batch not in committed and {"batch-000005", "batch-000006"} <= set(committed)
+    # And Prefect shows its shard Running: the worker's events about it have reached the server. Killed before they
+    # do (the shard started a moment ago), it would leave no task run to end in Prefect at all.
+    shard_run = committed["batch-000005"]["task_run_id"]
+    wait_for(lambda: task_run_state(prefect_api, shard_run, missing_ok=True) == "RUNNING", 60,
+             "Prefect to show the stalled shard's task run Running")
     os.kill(victim, signal.SIGKILL)
 
     view = wait_until_ended("kill-worker")

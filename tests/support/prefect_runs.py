@@ -123,13 +123,20 @@ def job_flow_run_states(api_url: str, flow_run_id: str) -> dict[str, str]:
     return _with_api(api_url, read)
 
 
-def task_run_state(api_url: str, task_run_id: str) -> str:
-    """The task run's state type, e.g. ``"CRASHED"``."""
+def task_run_state(api_url: str, task_run_id: str, missing_ok: bool = False) -> str | None:
+    """The task run's state type, e.g. ``"CRASHED"``. ``missing_ok``: None while Prefect has not recorded the run (a
+    worker's task runs exist in Prefect once its events have reached the server and been processed)."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
-    async def read() -> str:
+    async def read() -> str | None:
         async with get_client() as client:
-            return (await client.read_task_run(UUID(str(task_run_id)))).state.type.value
+            try:
+                return (await client.read_task_run(UUID(str(task_run_id)))).state.type.value
+            except ObjectNotFound:
+                if missing_ok:
+                    return None
+                raise
 
     return _with_api(api_url, read)
 
