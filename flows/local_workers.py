@@ -25,6 +25,8 @@ import sys
 import threading
 from typing import Any
 
+from slurmctl.procs import pid_alive
+
 # What a worker imports before its first shard: Dask's worker, Prefect, the shard task (pyarrow) and the store
 # blocks its arguments carry (prefect-aws: ~0.3 s of block schema registration when the first shard is unpickled),
 # and pandas: pyarrow imports it the first time it converts a Python list (``pa.array``), ~0.25 s into the first
@@ -256,15 +258,6 @@ def end_workers(wait_s: float = 1.0) -> list[int]:
             except OSError:  # gone already
                 pass
     deadline = time.monotonic() + wait_s
-    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.005)
     return pids
-
-
-def _running(pid: int) -> bool:
-    """Is ``pid`` a process that has not exited (a zombie only waits for its parent to reap it)?"""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
