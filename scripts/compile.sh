@@ -6,5 +6,5 @@
 # as before: its cached file no longer matches it. Called by scripts/setup.sh and scripts/matrix.sh. A speed-up only:
 # never a failure.
 cd "$(dirname "$0")/.."
-"${1:-.venv/bin/python}" -m compileall -q -j0 slurmctl flows tasks blocks handlers deployments tests benchmarks \
+"${1:-.venv/bin/python}" -m compileall -q slurmctl flows tasks blocks handlers deployments tests benchmarks \
   examples >/dev/null 2>&1 || true
